@@ -1,0 +1,133 @@
+//! Stage 1, accept: work out where a request is going from its request target.
+//!
+//! - absolute-form `http://host/path` (the app set `HTTP_PROXY`);
+//! - origin-form `/path` with `Host` (reverse mode: the app's base URL or DNS points here);
+//! - authority-form `host:port` (CONNECT), see [`connect_target`].
+
+use http::header::HOST;
+use http::request::Parts;
+use http::uri::Authority;
+
+use crate::error::{ErrorCode, Rejection};
+use crate::route::Target;
+
+fn bad(reason: impl Into<String>) -> Rejection {
+    Rejection::new(ErrorCode::BadRequest, reason)
+}
+
+fn normalize_host(h: &str) -> String {
+    h.trim_start_matches('[')
+        .trim_end_matches(']')
+        .trim_end_matches('.')
+        .to_ascii_lowercase()
+}
+
+/// The destination of a non-CONNECT request, and the URL userinfo if the app put one there.
+pub fn target(parts: &Parts) -> Result<(Target, Option<String>), Rejection> {
+    let uri = &parts.uri;
+    let (authority, userinfo) = match uri.scheme_str() {
+        Some("http") => {
+            let a = uri
+                .authority()
+                .ok_or_else(|| bad("absolute URL without a host"))?;
+            let userinfo = a.as_str().rsplit_once('@').map(|(u, _)| u.to_string());
+            (a.clone(), userinfo)
+        }
+        Some("https") => {
+            return Err(bad(
+                "https:// URLs go through CONNECT: set HTTPS_PROXY and let the client tunnel",
+            ));
+        }
+        Some(other) => return Err(bad(format!("unsupported scheme `{other}`"))),
+        None => {
+            let host = parts
+                .headers
+                .get(HOST)
+                .and_then(|h| h.to_str().ok())
+                .ok_or_else(|| bad("origin-form request without a Host header"))?;
+            let a: Authority = host.parse().map_err(|_| bad("malformed Host header"))?;
+            if a.as_str().contains('@') {
+                return Err(bad("malformed Host header"));
+            }
+            (a, None)
+        }
+    };
+    let host = normalize_host(authority.host());
+    if host.is_empty() {
+        return Err(bad("empty host"));
+    }
+    Ok((
+        Target {
+            scheme: "http",
+            host,
+            port: authority.port_u16().unwrap_or(80),
+            path: if uri.path().is_empty() {
+                "/".into()
+            } else {
+                uri.path().to_string()
+            },
+            query: uri.query().map(str::to_owned),
+        },
+        userinfo,
+    ))
+}
+
+/// The destination of a CONNECT request (`host:port`, port required).
+pub fn connect_target(parts: &Parts) -> Result<Target, Rejection> {
+    let a = parts
+        .uri
+        .authority()
+        .ok_or_else(|| bad("CONNECT needs host:port"))?;
+    let port = a
+        .port_u16()
+        .ok_or_else(|| bad("CONNECT needs an explicit port"))?;
+    if a.as_str().contains('@') {
+        return Err(bad("CONNECT target must not carry userinfo"));
+    }
+    Ok(Target {
+        scheme: if port == 443 { "https" } else { "tcp" },
+        host: normalize_host(a.host()),
+        port,
+        path: String::new(),
+        query: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(uri: &str, host: Option<&str>) -> Parts {
+        let mut b = http::Request::builder().uri(uri);
+        if let Some(h) = host {
+            b = b.header("host", h);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn absolute_form() {
+        let (t, ui) = target(&parts("http://user:pw@API.Example.org:8080/v1/x?a=1", None)).unwrap();
+        assert_eq!(t.host, "api.example.org");
+        assert_eq!(t.port, 8080);
+        assert_eq!(t.path, "/v1/x");
+        assert_eq!(t.query.as_deref(), Some("a=1"));
+        assert_eq!(ui.as_deref(), Some("user:pw"));
+    }
+
+    #[test]
+    fn origin_form_uses_host() {
+        let (t, ui) = target(&parts("/v1/x", Some("[::1]:9000"))).unwrap();
+        assert_eq!((t.host.as_str(), t.port), ("::1", 9000));
+        assert!(ui.is_none());
+        assert!(target(&parts("/v1/x", None)).is_err());
+    }
+
+    #[test]
+    fn https_absolute_form_is_refused() {
+        assert_eq!(
+            target(&parts("https://a.test/", None)).unwrap_err().code,
+            ErrorCode::BadRequest
+        );
+    }
+}

@@ -1,0 +1,937 @@
+//! Configuration: parse YAML with positions, validate every key, build runtime settings.
+//!
+//! Loading is all-or-nothing and happens before any listener binds. Syntax and schema errors
+//! (unknown keys, wrong types) stop the parse at the first one, since serde cannot continue
+//! past them; every semantic error after that (bad addresses, dangling references, unreadable
+//! files, policy that does not parse) is collected and reported together, each as
+//! `FILE:LINE:COL: key: message`.
+
+mod schema;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use marked_yaml::{LoaderOptions, Marker, Node};
+
+pub use schema::*;
+
+use crate::credentials::{CredentialSpec, JwtSpec, StaticSource};
+use crate::route::{HostMatch, InjectSpec, Route};
+
+/// Default proxy listener.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:15001";
+/// Default admin listener.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
+/// Default inspected body size for embedded secrets.
+pub const DEFAULT_BODY_MAX_BYTES: u64 = 64 * 1024;
+/// Longest lifetime a locally minted per-call token may have.
+pub const MAX_JWT_TTL: Duration = Duration::from_secs(300);
+
+/// One configuration problem, located in the source file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file the problem is in.
+    pub file: String,
+    /// 1-based line, 0 when unknown.
+    pub line: usize,
+    /// 1-based column, 0 when unknown.
+    pub column: usize,
+    /// Dotted path of the key, e.g. `routes[0].credential`.
+    pub key: String,
+    /// What is wrong, in words a user can act on.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let key = if self.key.is_empty() {
+            "(root)"
+        } else {
+            &self.key
+        };
+        write!(
+            f,
+            "{}:{}:{}: {}: {}",
+            self.file, self.line, self.column, key, self.message
+        )
+    }
+}
+
+/// Every problem found in one configuration.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Identity of one listener: who the sidecar speaks for on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// SPIFFE ID or service account.
+    pub id: String,
+    /// Workload name.
+    pub workload: String,
+    /// Stage served by the listener.
+    pub stage: String,
+    /// Deployment environment.
+    pub environment: String,
+}
+
+/// One proxy listener and the identity it serves.
+#[derive(Debug, Clone)]
+pub struct ListenerSpec {
+    /// Bind address.
+    pub addr: SocketAddr,
+    /// Identity of callers on this listener.
+    pub identity: Identity,
+}
+
+/// Validated timeouts.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Upstream connect.
+    pub connect: Duration,
+    /// Upstream response head.
+    pub request: Duration,
+    /// Client request head, and idle keep-alive client connections.
+    pub header_read: Duration,
+    /// Idle tunnel.
+    pub idle: Duration,
+    /// Drain deadline on SIGTERM.
+    pub shutdown_grace: Duration,
+}
+
+/// Validated strip settings.
+#[derive(Debug, Clone)]
+pub struct StripSettings {
+    /// Global mode.
+    pub mode: StripMode,
+    /// Largest body inspected.
+    pub body_max_bytes: u64,
+    /// Fingerprint key file, if any.
+    pub fingerprint_key_file: Option<PathBuf>,
+}
+
+/// Purpose-log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// One human-readable line.
+    Pretty,
+}
+
+/// Where purpose-log lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogOutput {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+    /// A file, appended to.
+    File(PathBuf),
+}
+
+/// Policy text, already read and checked to compile.
+#[derive(Debug, Clone)]
+pub struct PolicySource {
+    /// Where the policies came from (file path or `<embedded>`).
+    pub origin: String,
+    /// Cedar policy text.
+    pub text: String,
+    /// Cedar schema text, if validation is wanted.
+    pub schema: Option<String>,
+}
+
+/// The validated runtime configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file the configuration came from, or `<embedded defaults>`.
+    pub source: String,
+    /// True when running on embedded defaults: proxy and report, inject nothing.
+    pub observe_mode: bool,
+    /// The main listener and then one per stage.
+    pub listeners: Vec<ListenerSpec>,
+    /// Admin server address.
+    pub admin: SocketAddr,
+    /// Credential sources by name.
+    pub credentials: BTreeMap<String, CredentialSpec>,
+    /// Routes in match order.
+    pub routes: Vec<Route>,
+    /// Embedded-secret handling.
+    pub strip: StripSettings,
+    /// Authorization policy.
+    pub policy: PolicySource,
+    /// Purpose-log format.
+    pub log_format: LogFormat,
+    /// Purpose-log output.
+    pub log_output: LogOutput,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+    /// Subject token file for token exchange.
+    pub subject_token_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// Load and validate a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: file.clone(),
+                line: 0,
+                column: 0,
+                key: String::new(),
+                message: format!("cannot read the file: {e}"),
+            }])
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_yaml(&file, &text, base, false)
+    }
+
+    /// The embedded defaults: observe mode, everything proxied and reported, nothing injected.
+    pub fn embedded_default() -> Config {
+        let mut cfg = Self::from_yaml(
+            "<embedded defaults>",
+            EMBEDDED_DEFAULTS,
+            Path::new("."),
+            true,
+        )
+        .expect("embedded defaults are valid");
+        cfg.observe_mode = true;
+        cfg
+    }
+
+    /// Parse and validate YAML text; relative paths resolve against `base`.
+    pub fn from_yaml(
+        file: &str,
+        text: &str,
+        base: &Path,
+        embedded: bool,
+    ) -> Result<Config, ConfigErrors> {
+        let opts = LoaderOptions::default().error_on_duplicate_keys(true);
+        let node = marked_yaml::parse_yaml_with_options(0, text, opts)
+            .map_err(|e| ConfigErrors(vec![load_error(file, &e)]))?;
+        let raw: FileConfig = marked_yaml::from_node(&node).map_err(|e| {
+            let mark = e.start_mark();
+            let key = e.path().unwrap_or("").trim_start_matches('.').to_string();
+            let (line, column) = mark.map(|m| (m.line(), m.column())).unwrap_or((0, 0));
+            ConfigErrors(vec![ConfigError {
+                file: file.to_string(),
+                line,
+                column,
+                key,
+                message: e.into_inner().to_string(),
+            }])
+        })?;
+        let mut v = Validator {
+            file,
+            root: &node,
+            base,
+            errors: Vec::new(),
+        };
+        let cfg = v.build(raw, embedded);
+        match cfg {
+            Some(cfg) if v.errors.is_empty() => Ok(cfg),
+            _ => Err(ConfigErrors(v.errors)),
+        }
+    }
+}
+
+/// Observe mode (DESIGN §3): proxy everything but the guardrail addresses, report embedded
+/// secrets without touching them, inject nothing, log every request.
+const EMBEDDED_DEFAULTS: &str = r#"
+listen: 127.0.0.1:15001
+admin: 127.0.0.1:15000
+identity:
+  id: spiffe://chaperone.local/observe
+  workload: unknown
+  environment: unknown
+strip:
+  mode: report
+log:
+  format: json
+  output: stdout
+"#;
+
+/// Observe mode permits everything that passes the guardrails.
+pub const OBSERVE_POLICY: &str =
+    "@id(\"observe-mode-permit-all\")\npermit(principal, action, resource);\n";
+
+fn load_error(file: &str, e: &marked_yaml::LoadError) -> ConfigError {
+    use marked_yaml::LoadError as L;
+    let (mark, message): (Option<&Marker>, String) = match e {
+        L::TopLevelMustBeMapping(m) => (Some(m), "the top level must be a mapping".into()),
+        L::TopLevelMustBeSequence(m) => (Some(m), "the top level must be a sequence".into()),
+        L::UnexpectedAnchor(m) => (Some(m), "YAML anchors are not supported".into()),
+        L::MappingKeyMustBeScalar(m) => (Some(m), "mapping keys must be plain strings".into()),
+        L::UnexpectedTag(m) => (Some(m), "YAML tags are not supported".into()),
+        L::ScanError(m, s) => (Some(m), format!("YAML syntax error: {s}")),
+        L::DuplicateKey(d) => (
+            d.key.span().start(),
+            format!("duplicate key `{}`", d.key.as_str()),
+        ),
+        #[allow(unreachable_patterns)]
+        other => (None, other.to_string()),
+    };
+    let (line, column) = mark.map(|m| (m.line(), m.column())).unwrap_or((0, 0));
+    ConfigError {
+        file: file.to_string(),
+        line,
+        column,
+        key: String::new(),
+        message,
+    }
+}
+
+/// One step of a key path.
+#[derive(Clone, Copy)]
+enum Seg<'a> {
+    Key(&'a str),
+    Idx(usize),
+}
+
+/// Semantic validation with positions.
+struct Validator<'a> {
+    file: &'a str,
+    root: &'a Node,
+    base: &'a Path,
+    errors: Vec<ConfigError>,
+}
+
+impl Validator<'_> {
+    /// Record an error at a key path; the position is that of the deepest node that exists.
+    fn err(&mut self, path: &[Seg<'_>], message: impl Into<String>) {
+        let mut node = Some(self.root);
+        let mut mark = self.root.span().start().copied();
+        for seg in path {
+            node = match (node, seg) {
+                (Some(Node::Mapping(m)), Seg::Key(k)) => {
+                    // Point at the key itself: that is where the user looks.
+                    if let Some((key, _)) = m.iter().find(|(key, _)| key.as_str() == *k) {
+                        mark = key.span().start().copied().or(mark);
+                    }
+                    m.get_node(k)
+                }
+                (Some(Node::Sequence(s)), Seg::Idx(i)) => s.get_node(*i),
+                _ => None,
+            };
+            if let (Some(n), Seg::Idx(_)) = (node, seg) {
+                mark = n.span().start().copied().or(mark);
+            }
+        }
+        let (line, column) = mark.map(|m| (m.line(), m.column())).unwrap_or((0, 0));
+        let mut key = String::new();
+        for seg in path {
+            match seg {
+                Seg::Key(k) => {
+                    if !key.is_empty() {
+                        key.push('.');
+                    }
+                    key.push_str(k);
+                }
+                Seg::Idx(i) => key.push_str(&format!("[{i}]")),
+            }
+        }
+        self.errors.push(ConfigError {
+            file: self.file.to_string(),
+            line,
+            column,
+            key,
+            message: message.into(),
+        });
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn addr(&mut self, path: &[Seg<'_>], value: Option<&str>, default: &str) -> SocketAddr {
+        let s = value.unwrap_or(default);
+        match s.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                self.err(
+                    path,
+                    format!("`{s}` is not an IP:port address (e.g. 127.0.0.1:15001)"),
+                );
+                default.parse().expect("default address")
+            }
+        }
+    }
+
+    fn duration(&mut self, path: &[Seg<'_>], value: Option<&str>, default: Duration) -> Duration {
+        match value {
+            None => default,
+            Some(s) => match humantime::parse_duration(s) {
+                Ok(d) if !d.is_zero() => d,
+                Ok(_) => {
+                    self.err(path, "must be longer than zero");
+                    default
+                }
+                Err(e) => {
+                    self.err(
+                        path,
+                        format!("`{s}` is not a duration with units (e.g. 30s, 500ms): {e}"),
+                    );
+                    default
+                }
+            },
+        }
+    }
+
+    fn nonempty(&mut self, path: &[Seg<'_>], value: &str) {
+        if value.trim().is_empty() {
+            self.err(path, "must not be empty");
+        }
+    }
+
+    fn build(&mut self, raw: FileConfig, embedded: bool) -> Option<Config> {
+        use Seg::*;
+        let listen = self.addr(&[Key("listen")], raw.listen.as_deref(), DEFAULT_LISTEN);
+        let admin = self.addr(&[Key("admin")], raw.admin.as_deref(), DEFAULT_ADMIN);
+
+        let id = &raw.identity;
+        self.nonempty(&[Key("identity"), Key("id")], &id.id);
+        if id.id.starts_with("spiffe://") && !valid_spiffe_id(&id.id) {
+            self.err(
+                &[Key("identity"), Key("id")],
+                "not a valid SPIFFE ID (spiffe://trust-domain/path, lowercase trust domain)",
+            );
+        }
+        self.nonempty(&[Key("identity"), Key("workload")], &id.workload);
+        self.nonempty(&[Key("identity"), Key("environment")], &id.environment);
+        let identity = Identity {
+            id: id.id.clone(),
+            workload: id.workload.clone(),
+            stage: id.stage.clone().unwrap_or_else(|| "main".into()),
+            environment: id.environment.clone(),
+        };
+
+        let mut listeners = vec![ListenerSpec {
+            addr: listen,
+            identity: identity.clone(),
+        }];
+        let mut seen_addrs = HashSet::from([listen, admin]);
+        if listen == admin && listen.port() != 0 {
+            self.err(
+                &[Key("admin")],
+                "the admin address must differ from `listen`",
+            );
+        }
+        let mut stage_names = HashSet::from([identity.stage.clone()]);
+        for (i, st) in raw.stages.iter().enumerate() {
+            self.nonempty(&[Key("stages"), Idx(i), Key("name")], &st.name);
+            if !stage_names.insert(st.name.clone()) {
+                self.err(
+                    &[Key("stages"), Idx(i), Key("name")],
+                    format!("stage `{}` is defined twice", st.name),
+                );
+            }
+            let addr = self.addr(
+                &[Key("stages"), Idx(i), Key("listen")],
+                Some(&st.listen),
+                DEFAULT_LISTEN,
+            );
+            if !seen_addrs.insert(addr) && addr.port() != 0 {
+                self.err(
+                    &[Key("stages"), Idx(i), Key("listen")],
+                    format!("{addr} is already used by another listener"),
+                );
+            }
+            listeners.push(ListenerSpec {
+                addr,
+                identity: Identity {
+                    id: st.id.clone().unwrap_or_else(|| identity.id.clone()),
+                    workload: identity.workload.clone(),
+                    stage: st.name.clone(),
+                    environment: identity.environment.clone(),
+                },
+            });
+        }
+
+        let mut credentials = BTreeMap::new();
+        for (name, c) in &raw.credentials {
+            let p = [Key("credentials"), Key(name.as_str())];
+            if let Some(spec) = self.credential(&p, name, c, &identity) {
+                credentials.insert(name.clone(), spec);
+            }
+        }
+
+        let mut routes = Vec::new();
+        let mut route_names = HashSet::new();
+        for (i, r) in raw.routes.iter().enumerate() {
+            if !route_names.insert(r.name.clone()) {
+                self.err(
+                    &[Key("routes"), Idx(i), Key("name")],
+                    format!("route `{}` is defined twice", r.name),
+                );
+            }
+            if let Some(route) = self.route(i, r, &credentials) {
+                routes.push(route);
+            }
+        }
+
+        let body_max_bytes = raw.strip.body_max_bytes.unwrap_or(DEFAULT_BODY_MAX_BYTES);
+        if body_max_bytes > 16 * 1024 * 1024 {
+            self.err(
+                &[Key("strip"), Key("body_max_bytes")],
+                "at most 16 MiB (bodies this size are buffered)",
+            );
+        }
+        let fingerprint_key_file = raw.strip.fingerprint_key_file.as_deref().map(|f| {
+            let p = self.path(f);
+            if let Err(e) = std::fs::metadata(&p) {
+                self.err(
+                    &[Key("strip"), Key("fingerprint_key_file")],
+                    format!("cannot read {}: {e}", p.display()),
+                );
+            }
+            p
+        });
+        let strip = StripSettings {
+            mode: raw.strip.mode,
+            body_max_bytes,
+            fingerprint_key_file,
+        };
+
+        let policy = match (&raw.policy, embedded) {
+            (None, true) => PolicySource {
+                origin: "<embedded>".into(),
+                text: OBSERVE_POLICY.into(),
+                schema: None,
+            },
+            (None, false) => {
+                self.err(&[Key("policy")], "a policy file is required (`policy: { file: policy.cedar }`); without one every request is denied");
+                PolicySource {
+                    origin: String::new(),
+                    text: String::new(),
+                    schema: None,
+                }
+            }
+            (Some(p), _) => self.policy(p),
+        };
+
+        let log_format = match raw.log.format.as_deref() {
+            None | Some("json") => LogFormat::Json,
+            Some("pretty") => LogFormat::Pretty,
+            Some(other) => {
+                self.err(
+                    &[Key("log"), Key("format")],
+                    format!("`{other}` is not a log format: use json or pretty"),
+                );
+                LogFormat::Json
+            }
+        };
+        let log_output = match raw.log.output.as_deref() {
+            None | Some("stdout") => LogOutput::Stdout,
+            Some("stderr") => LogOutput::Stderr,
+            Some(path) => {
+                let p = self.path(path);
+                match p.parent() {
+                    Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
+                        self.err(
+                            &[Key("log"), Key("output")],
+                            format!("directory {} does not exist", dir.display()),
+                        );
+                    }
+                    _ => {}
+                }
+                LogOutput::File(p)
+            }
+        };
+
+        let t = &raw.timeouts;
+        let k = |name| [Key("timeouts"), Key(name)];
+        let timeouts = Timeouts {
+            connect: self.duration(&k("connect"), t.connect.as_deref(), Duration::from_secs(5)),
+            request: self.duration(&k("request"), t.request.as_deref(), Duration::from_secs(30)),
+            header_read: self.duration(
+                &k("header_read"),
+                t.header_read.as_deref(),
+                Duration::from_secs(30),
+            ),
+            idle: self.duration(&k("idle"), t.idle.as_deref(), Duration::from_secs(300)),
+            shutdown_grace: self.duration(
+                &k("shutdown_grace"),
+                t.shutdown_grace.as_deref(),
+                Duration::from_secs(10),
+            ),
+        };
+
+        let subject_token_file = id.subject_token_file.as_deref().map(|f| self.path(f));
+
+        Some(Config {
+            source: self.file.to_string(),
+            observe_mode: false,
+            listeners,
+            admin,
+            credentials,
+            routes,
+            strip,
+            policy,
+            log_format,
+            log_output,
+            timeouts,
+            subject_token_file,
+        })
+    }
+
+    fn credential(
+        &mut self,
+        p: &[Seg<'_>],
+        name: &str,
+        c: &CredentialConfig,
+        identity: &Identity,
+    ) -> Option<CredentialSpec> {
+        let at = |k: &'static str| -> Vec<Seg<'_>> {
+            let mut v = p.to_vec();
+            v.push(Seg::Key(k));
+            v
+        };
+        match c {
+            CredentialConfig::Jwt {
+                ttl,
+                signing_key,
+                issuer,
+            } => {
+                let ttl = self.duration(&at("ttl"), ttl.as_deref(), Duration::from_secs(60));
+                if ttl > MAX_JWT_TTL {
+                    self.err(&at("ttl"), "per-call tokens live at most 300s");
+                }
+                let key_pem = match signing_key {
+                    None => None,
+                    Some(f) => {
+                        let path = self.path(f);
+                        match std::fs::read_to_string(&path) {
+                            Ok(pem) => Some(pem),
+                            Err(e) => {
+                                self.err(
+                                    &at("signing_key"),
+                                    format!("cannot read {}: {e}", path.display()),
+                                );
+                                return None;
+                            }
+                        }
+                    }
+                };
+                let spec = JwtSpec {
+                    name: name.to_string(),
+                    ttl,
+                    issuer: issuer.clone().unwrap_or_else(|| identity.id.clone()),
+                    key_pem: key_pem.map(secrecy::SecretString::from),
+                };
+                // Parse the key now so a bad key is a config error, not a failure per request.
+                if let Err(e) = crate::credentials::JwtMinter::new(&spec) {
+                    self.err(&at("signing_key"), e.to_string());
+                    return None;
+                }
+                Some(CredentialSpec::Jwt(spec))
+            }
+            CredentialConfig::Static {
+                from_env,
+                from_file,
+            } => {
+                let source = match (from_env, from_file) {
+                    (Some(var), None) => {
+                        if std::env::var_os(var).is_none_or(|v| v.is_empty()) {
+                            self.err(
+                                &at("from_env"),
+                                format!("environment variable {var} is not set or empty"),
+                            );
+                        }
+                        StaticSource::Env(var.clone())
+                    }
+                    (None, Some(f)) => {
+                        let path = self.path(f);
+                        if let Err(e) = std::fs::read(&path) {
+                            self.err(
+                                &at("from_file"),
+                                format!("cannot read {}: {e}", path.display()),
+                            );
+                        }
+                        StaticSource::File(path)
+                    }
+                    _ => {
+                        self.err(p, "a static credential takes exactly one of from_env or from_file (secrets are never inline)");
+                        return None;
+                    }
+                };
+                Some(CredentialSpec::Static {
+                    name: name.to_string(),
+                    source,
+                })
+            }
+        }
+    }
+
+    fn route(
+        &mut self,
+        i: usize,
+        r: &RouteConfig,
+        credentials: &BTreeMap<String, CredentialSpec>,
+    ) -> Option<Route> {
+        use Seg::*;
+        let m = &r.match_;
+        let mp = |k: &'static str| [Key("routes"), Idx(i), Key("match"), Key(k)];
+        self.nonempty(&[Key("routes"), Idx(i), Key("name")], &r.name);
+        let host = match HostMatch::parse(&m.host) {
+            Ok(h) => h,
+            Err(e) => {
+                self.err(&mp("host"), e);
+                return None;
+            }
+        };
+        let scheme = match m.scheme.as_deref() {
+            None => None,
+            Some(s @ ("http" | "https")) => Some(s.to_string()),
+            Some(s) => {
+                self.err(&mp("scheme"), format!("`{s}` is not http or https"));
+                None
+            }
+        };
+        if let Some(pp) = &m.path_prefix
+            && !pp.starts_with('/')
+        {
+            self.err(&mp("path_prefix"), "must start with /");
+        }
+        let mut methods = Vec::new();
+        for meth in &m.methods {
+            match http::Method::from_bytes(meth.to_ascii_uppercase().as_bytes()) {
+                Ok(x) => methods.push(x),
+                Err(_) => self.err(&mp("methods"), format!("`{meth}` is not an HTTP method")),
+            }
+        }
+        if let Some(c) = &r.credential
+            && !credentials.contains_key(c)
+        {
+            let known: Vec<_> = credentials.keys().map(String::as_str).collect();
+            self.err(
+                &[Key("routes"), Idx(i), Key("credential")],
+                format!(
+                    "no credential named `{c}` (defined: {})",
+                    if known.is_empty() {
+                        "none".into()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            );
+        }
+        let inject = match &r.inject {
+            None => InjectSpec::default_bearer(),
+            Some(inj) => {
+                match InjectSpec::parse(&inj.header, inj.value.as_deref().unwrap_or("{token}")) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        self.err(&[Key("routes"), Idx(i), Key("inject")], e);
+                        InjectSpec::default_bearer()
+                    }
+                }
+            }
+        };
+        if r.inject.is_some() && r.credential.is_none() {
+            self.err(
+                &[Key("routes"), Idx(i), Key("inject")],
+                "`inject` needs a `credential` to inject",
+            );
+        }
+        for (j, s) in r.scopes.iter().enumerate() {
+            if s.is_empty() || s.contains(char::is_whitespace) {
+                self.err(
+                    &[Key("routes"), Idx(i), Key("scopes"), Idx(j)],
+                    "a scope is one non-empty token without spaces",
+                );
+            }
+        }
+        if let Some(p) = &r.purpose_default {
+            if let Err(e) = crate::identify::validate_purpose(p) {
+                self.err(&[Key("routes"), Idx(i), Key("purpose_default")], e);
+            }
+        }
+        Some(Route {
+            name: r.name.clone(),
+            host,
+            scheme,
+            port: m.port,
+            path_prefix: m.path_prefix.clone(),
+            methods,
+            credential: r.credential.clone(),
+            inject,
+            purpose_default: r.purpose_default.clone(),
+            labels: r.labels.clone(),
+            audience: r.audience.clone(),
+            scopes: r.scopes.clone(),
+            strip: r.strip,
+        })
+    }
+
+    fn policy(&mut self, p: &PolicyConfig) -> PolicySource {
+        use Seg::*;
+        let path = self.path(&p.file);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) => {
+                self.err(
+                    &[Key("policy"), Key("file")],
+                    format!("cannot read {}: {e}", path.display()),
+                );
+                String::new()
+            }
+        };
+        let schema = p.schema.as_deref().and_then(|s| {
+            let sp = self.path(s);
+            match std::fs::read_to_string(&sp) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    self.err(
+                        &[Key("policy"), Key("schema")],
+                        format!("cannot read {}: {e}", sp.display()),
+                    );
+                    None
+                }
+            }
+        });
+        let src = PolicySource {
+            origin: path.display().to_string(),
+            text,
+            schema,
+        };
+        if !src.text.is_empty()
+            && let Err(e) = crate::policy::PolicyEngine::compile(&src)
+        {
+            self.err(&[Key("policy"), Key("file")], e.to_string());
+        }
+        src
+    }
+}
+
+/// A SPIFFE ID: `spiffe://` + lowercase trust domain + optional path of non-empty segments.
+fn valid_spiffe_id(id: &str) -> bool {
+    let Some(rest) = id.strip_prefix("spiffe://") else {
+        return false;
+    };
+    let (td, path) = rest.split_once('/').map_or((rest, ""), |(a, b)| (a, b));
+    let td_ok = !td.is_empty()
+        && td
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
+    let path_ok = path.is_empty()
+        || path.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        });
+    td_ok && path_ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigErrors> {
+        Config::from_yaml("test.yaml", text, Path::new("."), true)
+    }
+
+    #[test]
+    fn embedded_defaults_are_observe_mode() {
+        let c = Config::embedded_default();
+        assert!(c.observe_mode);
+        assert_eq!(c.strip.mode, StripMode::Report);
+        assert_eq!(c.listeners[0].addr, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(c.admin, DEFAULT_ADMIN.parse().unwrap());
+        assert!(c.routes.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_is_located() {
+        let err = load("identity:\n  id: a\n  workload: w\n  environment: e\n  colour: blue\n")
+            .unwrap_err();
+        let e = &err.0[0];
+        assert_eq!((e.line, e.column), (5, 3), "{e}");
+        assert!(e.message.contains("colour"), "{e}");
+        assert!(e.to_string().starts_with("test.yaml:5:3: identity"), "{e}");
+    }
+
+    #[test]
+    fn syntax_error_is_located() {
+        let err = load("listen: 127.0.0.1:1\nadmin: [oops\n").unwrap_err();
+        assert!(err.0[0].line >= 2, "{}", err);
+        assert!(err.to_string().starts_with("test.yaml:"), "{err}");
+    }
+
+    #[test]
+    fn every_semantic_error_is_reported_at_once() {
+        let text = "\
+listen: nope
+identity: { id: 'spiffe://Bad/x', workload: w, environment: e }
+credentials:
+  k: { kind: static }
+routes:
+  - name: r
+    match: { host: api.example.org, scheme: ftp }
+    credential: missing
+timeouts:
+  request: fast
+";
+        let err = load(text).unwrap_err();
+        let keys: Vec<_> = err.0.iter().map(|e| e.key.as_str()).collect();
+        for want in [
+            "listen",
+            "identity.id",
+            "credentials.k",
+            "routes[0].match.scheme",
+            "routes[0].credential",
+            "timeouts.request",
+        ] {
+            assert!(keys.contains(&want), "missing {want} in {err}");
+        }
+        let cred = err
+            .0
+            .iter()
+            .find(|e| e.key == "routes[0].credential")
+            .unwrap();
+        assert_eq!(cred.line, 8, "{cred}");
+    }
+
+    #[test]
+    fn jwt_ttl_is_capped() {
+        let err = load(
+            "identity: { id: a, workload: w, environment: e }\ncredentials:\n  t: { kind: jwt, ttl: 10m }\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.0[0].key, "credentials.t.ttl", "{err}");
+        assert_eq!(err.0[0].line, 3);
+    }
+
+    #[test]
+    fn spiffe_ids() {
+        assert!(valid_spiffe_id("spiffe://example.org/ns/ml/sa/inference"));
+        assert!(valid_spiffe_id("spiffe://example.org"));
+        assert!(!valid_spiffe_id("spiffe://Example.org/x"));
+        assert!(!valid_spiffe_id("spiffe://example.org//x"));
+        assert!(!valid_spiffe_id("spiffe:///x"));
+    }
+}

@@ -1,0 +1,240 @@
+//! The configuration file as written by users (DESIGN §3).
+//!
+//! Every struct rejects unknown keys so a typo never silently turns a guard off. Values are
+//! kept as users wrote them (strings for addresses and durations); [`super::validate`] turns
+//! them into typed runtime settings and reports every problem with its file, line and key.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// The root of `chaperone.yaml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Address of the proxy listener the app's `HTTP_PROXY` points at.
+    /// Default `127.0.0.1:15001`.
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// Address of the admin server (`/healthz`, `/readyz`, `/metrics`, JWKS).
+    /// Default `127.0.0.1:15000`.
+    #[serde(default)]
+    pub admin: Option<String>,
+    /// The workload identity this sidecar serves.
+    pub identity: IdentityConfig,
+    /// Optional extra listeners, one per pipeline stage, each with its own identity.
+    #[serde(default)]
+    pub stages: Vec<StageConfig>,
+    /// Named credential sources that routes refer to.
+    #[serde(default)]
+    pub credentials: BTreeMap<String, CredentialConfig>,
+    /// Routes, matched in order; the first match wins.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// What to do with secrets the app embedded in its requests.
+    #[serde(default)]
+    pub strip: StripConfig,
+    /// The Cedar policy that authorizes every request.
+    pub policy: Option<PolicyConfig>,
+    /// Where and how the purpose log is written.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Timeouts on both sides of the proxy.
+    #[serde(default)]
+    pub timeouts: TimeoutsConfig,
+}
+
+/// Who the sidecar speaks for.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// The workload identity: a SPIFFE ID (`spiffe://trust-domain/path`) or a service account.
+    pub id: String,
+    /// The workload's name as SREs know it (e.g. `inference-api`).
+    pub workload: String,
+    /// Deployment environment (`prod`, `staging`, `dev`, ...).
+    pub environment: String,
+    /// The stage name of the main listener. Default `main`.
+    #[serde(default)]
+    pub stage: Option<String>,
+    /// File holding the workload's subject token (for token exchange); re-read when it changes.
+    #[serde(default)]
+    pub subject_token_file: Option<String>,
+}
+
+/// An extra listener that serves one pipeline stage under its own identity.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageConfig {
+    /// Stage name, e.g. `training`; it is handed to policy and logged.
+    pub name: String,
+    /// Address this stage's listener binds.
+    pub listen: String,
+    /// The identity of this stage. Default: the main identity's id.
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+/// A credential source. The secret material itself never appears in the config.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum CredentialConfig {
+    /// A token minted locally for each call (Transaction-Token shaped JWT).
+    Jwt {
+        /// Token lifetime, e.g. `60s`; at most 300s. Default `60s`.
+        #[serde(default)]
+        ttl: Option<String>,
+        /// PEM PKCS#8 private key (Ed25519 or P-256). Absent: an Ed25519 key generated at start.
+        #[serde(default)]
+        signing_key: Option<String>,
+        /// The `iss` claim. Default: the identity id.
+        #[serde(default)]
+        issuer: Option<String>,
+    },
+    /// A secret that only the sidecar holds, read from the environment or a file.
+    Static {
+        /// Environment variable holding the secret.
+        #[serde(default)]
+        from_env: Option<String>,
+        /// File holding the secret (trailing newline trimmed); re-read when it changes.
+        #[serde(default)]
+        from_file: Option<String>,
+    },
+}
+
+/// One route: which requests it matches and what the sidecar does for them.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Unique route name; it appears in logs, metrics and policy context.
+    pub name: String,
+    /// Which requests this route takes.
+    #[serde(rename = "match")]
+    pub match_: MatchConfig,
+    /// Name of the credential (under `credentials:`) injected on this route.
+    #[serde(default)]
+    pub credential: Option<String>,
+    /// Where the credential goes. Default `authorization: Bearer {token}`.
+    #[serde(default)]
+    pub inject: Option<InjectConfig>,
+    /// Purpose used when the request carries no `chaperone-purpose` header.
+    #[serde(default)]
+    pub purpose_default: Option<String>,
+    /// Free-form labels handed to policy as `resource.labels`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// `aud` of minted tokens. Default: the destination origin.
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// Scopes requested or minted for this route.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Overrides the global strip mode on this route.
+    #[serde(default)]
+    pub strip: Option<StripMode>,
+}
+
+/// Request matcher; every given field must match.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchConfig {
+    /// Host name or IP literal; `*.example.org` matches any subdomain.
+    pub host: String,
+    /// `http` or `https`. Default: either.
+    #[serde(default)]
+    pub scheme: Option<String>,
+    /// Destination port. Default: any.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Path prefix, e.g. `/v1/`. Default: any path.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// Allowed methods. Default: any method.
+    #[serde(default)]
+    pub methods: Vec<String>,
+}
+
+/// How a credential is placed into the forwarded request.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InjectConfig {
+    /// Header name, e.g. `authorization` or `x-api-key`.
+    pub header: String,
+    /// Header value template; `{token}` is replaced by the credential. Default `{token}`.
+    #[serde(default)]
+    pub value: Option<String>,
+}
+
+/// What happens to a secret the app embedded in a request.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StripMode {
+    /// Remove it; the route's credential (if any) is injected in its place.
+    #[default]
+    Strip,
+    /// Refuse the request with 403 `embedded_secret`.
+    Block,
+    /// Forward unchanged and log it (observe mode).
+    Report,
+}
+
+/// Embedded-secret handling.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StripConfig {
+    /// `strip`, `block` or `report`. Default `strip`.
+    #[serde(default)]
+    pub mode: StripMode,
+    /// Largest request body inspected for secrets. Default 65536.
+    #[serde(default)]
+    pub body_max_bytes: Option<u64>,
+    /// File with the key for secret fingerprints (HMAC). Absent: a random key per process,
+    /// so fingerprints match within one run only.
+    #[serde(default)]
+    pub fingerprint_key_file: Option<String>,
+}
+
+/// Policy files.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Cedar policy file.
+    pub file: String,
+    /// Optional Cedar schema the policies are validated against.
+    #[serde(default)]
+    pub schema: Option<String>,
+}
+
+/// Purpose-log output.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `json` (one object per line) or `pretty` (one readable line). Default `json`.
+    #[serde(default)]
+    pub format: Option<String>,
+    /// `stdout`, `stderr` or a file path (appended). Default `stdout`.
+    #[serde(default)]
+    pub output: Option<String>,
+}
+
+/// Timeouts; durations are strings with units (`500ms`, `30s`, `2m`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsConfig {
+    /// Connecting to an upstream. Default `5s`.
+    #[serde(default)]
+    pub connect: Option<String>,
+    /// From sending a request upstream to its response head. Default `30s`.
+    #[serde(default)]
+    pub request: Option<String>,
+    /// Reading a client's request head; also how long an idle keep-alive client connection
+    /// waits for its next request. Default `30s`.
+    #[serde(default)]
+    pub header_read: Option<String>,
+    /// A CONNECT tunnel with no traffic either way is closed after this. Default `5m`.
+    #[serde(default)]
+    pub idle: Option<String>,
+    /// On SIGTERM, how long in-flight requests may take to finish. Default `10s`.
+    #[serde(default)]
+    pub shutdown_grace: Option<String>,
+}

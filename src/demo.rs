@@ -1,0 +1,5 @@
+//! The demo.
+/// Run the demo.
+pub async fn run() -> std::process::ExitCode {
+    std::process::ExitCode::SUCCESS
+}

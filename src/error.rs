@@ -1,0 +1,131 @@
+//! What the app sees when the proxy refuses or fails a request (DESIGN §8): a JSON body with
+//! `error`, `reason` and `request_id`, and the `chaperone-request-id` header.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use serde::Serialize;
+
+use crate::identify::REQUEST_ID_HEADER;
+
+/// Boxed error for bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Body type of every response the proxy sends and every request it forwards.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A body from bytes.
+pub fn full(b: impl Into<Bytes>) -> ProxyBody {
+    Full::new(b.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// The error codes of DESIGN §8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// 403: policy or a guardrail refused the request.
+    PolicyDenied,
+    /// 403: an embedded secret was found in block mode.
+    EmbeddedSecret,
+    /// 503: the route's credential could not be obtained.
+    CredentialUnavailable,
+    /// 502: the upstream could not be reached or answered badly.
+    UpstreamUnreachable,
+    /// 504: the upstream did not answer in time.
+    UpstreamTimeout,
+    /// 400: the request was malformed.
+    BadRequest,
+    /// 508: the request has already passed through this proxy.
+    LoopDetected,
+}
+
+impl ErrorCode {
+    /// The `error` string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::PolicyDenied => "policy_denied",
+            ErrorCode::EmbeddedSecret => "embedded_secret",
+            ErrorCode::CredentialUnavailable => "credential_unavailable",
+            ErrorCode::UpstreamUnreachable => "upstream_unreachable",
+            ErrorCode::UpstreamTimeout => "upstream_timeout",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::LoopDetected => "loop_detected",
+        }
+    }
+
+    /// The status code.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorCode::PolicyDenied | ErrorCode::EmbeddedSecret => StatusCode::FORBIDDEN,
+            ErrorCode::CredentialUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            ErrorCode::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorCode::LoopDetected => StatusCode::LOOP_DETECTED,
+        }
+    }
+
+    /// Whether the request was refused (deny) rather than failed after being allowed.
+    pub fn is_denial(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::PolicyDenied
+                | ErrorCode::EmbeddedSecret
+                | ErrorCode::BadRequest
+                | ErrorCode::LoopDetected
+        )
+    }
+}
+
+/// A refusal or failure, before any upstream response exists.
+#[derive(Debug, Clone)]
+pub struct Rejection {
+    /// Which error.
+    pub code: ErrorCode,
+    /// Why, in words; must never contain a secret.
+    pub reason: String,
+    /// Deciding policies, for policy denials.
+    pub policy_ids: Vec<String>,
+}
+
+impl Rejection {
+    /// A rejection with a reason.
+    pub fn new(code: ErrorCode, reason: impl Into<String>) -> Self {
+        Rejection {
+            code,
+            reason: reason.into(),
+            policy_ids: Vec::new(),
+        }
+    }
+
+    /// The response the app gets.
+    pub fn to_response(&self, request_id: &str) -> Response<ProxyBody> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            error: &'a str,
+            reason: &'a str,
+            request_id: &'a str,
+            #[serde(skip_serializing_if = "<[String]>::is_empty")]
+            policy_ids: &'a [String],
+        }
+        let body = serde_json::to_vec(&Body {
+            error: self.code.as_str(),
+            reason: &self.reason,
+            request_id,
+            policy_ids: &self.policy_ids,
+        })
+        .unwrap_or_default();
+        let mut resp = Response::new(full(body));
+        *resp.status_mut() = self.code.status();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Ok(v) = HeaderValue::from_str(request_id) {
+            h.insert(REQUEST_ID_HEADER.clone(), v);
+        }
+        resp
+    }
+}

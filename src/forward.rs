@@ -1,0 +1,211 @@
+//! Stage 7, forward: send the request upstream over pooled keep-alive connections and stream
+//! both bodies; handle hop-by-hop headers (RFC 9110 §7.6.1) and `Via` (§7.6.3).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue, Request, Response};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::dns::Name;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::Timeouts;
+use crate::error::{ErrorCode, ProxyBody, Rejection};
+use crate::policy::Guardrails;
+
+/// Headers that describe one connection, never the message: removed in both directions.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "http2-settings",
+];
+
+/// Remove hop-by-hop headers: the fixed set and every header the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .chain(headers.get_all("proxy-connection").iter())
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        headers.remove(n);
+    }
+}
+
+/// Append our `Via` entry, keeping any the message already had.
+pub fn append_via(headers: &mut HeaderMap, via: &HeaderValue) {
+    headers.append(header::VIA, via.clone());
+}
+
+/// Has this message already passed through this proxy instance?
+pub fn is_loop(headers: &HeaderMap, pseudonym: &str) -> bool {
+    headers
+        .get_all(header::VIA)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|entry| entry.split_whitespace().nth(1) == Some(pseudonym))
+}
+
+/// A DNS resolver that drops guarded addresses (metadata, link-local) from every answer, so
+/// the address that is checked is the address connected to: no DNS-rebinding bypass.
+#[derive(Clone, Debug, Default)]
+pub struct GuardedResolver;
+
+impl tower::Service<Name> for GuardedResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
+            let mut refused = None;
+            let allowed: Vec<SocketAddr> = addrs
+                .into_iter()
+                .filter(|a| match Guardrails::check_ip(a.ip()) {
+                    Some(why) => {
+                        refused = Some(why);
+                        false
+                    }
+                    None => true,
+                })
+                .collect();
+            match (allowed.is_empty(), refused) {
+                (true, Some(why)) => Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!("guardrail: {name} resolves to a refused address: {why}"),
+                )),
+                _ => Ok(allowed.into_iter()),
+            }
+        })
+    }
+}
+
+/// Pooled HTTP/1.1 client to upstreams.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpConnector<GuardedResolver>, ProxyBody>,
+    request_timeout: Duration,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Upstream")
+    }
+}
+
+impl Upstream {
+    /// A client with the configured timeouts.
+    pub fn new(t: &Timeouts) -> Self {
+        let mut http = HttpConnector::new_with_resolver(GuardedResolver);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(t.connect));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        http.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .build(http);
+        Upstream {
+            client,
+            request_timeout: t.request,
+        }
+    }
+
+    /// Send a request; the response head must arrive within the request timeout.
+    /// Returns the response and the time it took.
+    pub async fn send(
+        &self,
+        req: Request<ProxyBody>,
+    ) -> Result<(Response<Incoming>, Duration), Rejection> {
+        let start = Instant::now();
+        match tokio::time::timeout(self.request_timeout, self.client.request(req)).await {
+            Ok(Ok(resp)) => Ok((resp, start.elapsed())),
+            Ok(Err(e)) => Err(Rejection::new(ErrorCode::UpstreamUnreachable, describe(&e))),
+            Err(_) => Err(Rejection::new(
+                ErrorCode::UpstreamTimeout,
+                format!(
+                    "the upstream did not answer within {:?}",
+                    self.request_timeout
+                ),
+            )),
+        }
+    }
+}
+
+/// A reason for a failed upstream call, from the innermost cause.
+fn describe(e: &hyper_util::client::legacy::Error) -> String {
+    let mut cause: &dyn std::error::Error = e;
+    while let Some(inner) = cause.source() {
+        cause = inner;
+    }
+    if e.is_connect() {
+        format!("cannot connect to the upstream: {cause}")
+    } else {
+        format!("the upstream connection failed: {cause}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert(
+            "proxy-authorization",
+            HeaderValue::from_static("Basic Zm9vOmJhcg=="),
+        );
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("accept"));
+    }
+
+    #[test]
+    fn loop_detection() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "via",
+            HeaderValue::from_static("1.1 squid, 1.1 chaperone-abc"),
+        );
+        assert!(is_loop(&h, "chaperone-abc"));
+        assert!(!is_loop(&h, "chaperone-def"));
+    }
+}

@@ -1,0 +1,185 @@
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use chaperone::config::Config;
+
+/// Chaperone: just-in-time, scoped credentials for AI workloads, as a sidecar proxy.
+#[derive(Parser)]
+#[command(name = "chaperone", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the sidecar. Without --config it starts on embedded defaults in observe mode.
+    Run {
+        /// Configuration file (YAML).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Override the proxy listener address.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Override the admin server address.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+    },
+    /// Validate a configuration without starting; lists every error as FILE:LINE:COL: key: message.
+    Check {
+        /// Configuration file (YAML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the whole job end to end on loopback: a model API, the sidecar and a scripted agent.
+    Demo,
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_env("CHAPERONE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("CHAPERONE_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.compact().init();
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("chaperone")
+        .build()
+        .expect("tokio runtime")
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Check { config } => match Config::load(&config) {
+            Ok(cfg) => {
+                println!(
+                    "{}: ok ({} listener(s), {} route(s), {} credential(s))",
+                    cfg.source,
+                    cfg.listeners.len(),
+                    cfg.routes.len(),
+                    cfg.credentials.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(errs) => {
+                for e in &errs.0 {
+                    eprintln!("{e}");
+                }
+                eprintln!("{} error(s)", errs.0.len());
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Run {
+            config,
+            listen,
+            admin,
+        } => {
+            init_tracing();
+            let mut cfg = match config {
+                Some(path) => match Config::load(&path) {
+                    Ok(c) => c,
+                    Err(errs) => {
+                        for e in &errs.0 {
+                            eprintln!("{e}");
+                        }
+                        eprintln!(
+                            "chaperone: not started: {} configuration error(s)",
+                            errs.0.len()
+                        );
+                        return ExitCode::from(2);
+                    }
+                },
+                None => Config::embedded_default(),
+            };
+            if let Some(l) = listen {
+                cfg.listeners[0].addr = l;
+            }
+            if let Some(a) = admin {
+                cfg.admin = a;
+            }
+            runtime().block_on(run(cfg))
+        }
+        Cmd::Demo => {
+            init_demo_tracing();
+            runtime().block_on(chaperone::demo::run())
+        }
+    }
+}
+
+fn init_demo_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_env("CHAPERONE_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .compact()
+        .init();
+}
+
+async fn run(cfg: Config) -> ExitCode {
+    let observe = cfg.observe_mode;
+    let source = cfg.source.clone();
+    let log_to = match &cfg.log_output {
+        chaperone::config::LogOutput::Stdout => "stdout".to_string(),
+        chaperone::config::LogOutput::Stderr => "stderr".to_string(),
+        chaperone::config::LogOutput::File(p) => p.display().to_string(),
+    };
+    let identities: Vec<String> = cfg
+        .listeners
+        .iter()
+        .map(|l| format!("{} (stage {})", l.identity.id, l.identity.stage))
+        .collect();
+    let running = match chaperone::server::start(cfg).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("chaperone: not started: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    for (addr, id) in running.proxy_addrs.iter().zip(&identities) {
+        eprintln!("chaperone: proxy listening on http://{addr} for {id}");
+    }
+    eprintln!(
+        "chaperone: admin on http://{} (/healthz /readyz /metrics /.well-known/jwks.json); purpose log to {log_to}; config {source}",
+        running.admin_addr
+    );
+    if observe {
+        eprintln!(
+            "chaperone: OBSERVE MODE (no --config): every request is proxied and logged except guardrail \
+             addresses (cloud metadata, link-local, the sidecar's own ports); embedded secrets are \
+             reported, not removed; no credential is injected. Point the app at it with \
+             HTTP_PROXY=http://{}, then enforce with `chaperone run --config FILE`.",
+            running.proxy_addrs[0]
+        );
+    }
+    wait_for_signal().await;
+    eprintln!("chaperone: shutting down, draining in-flight requests");
+    running.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

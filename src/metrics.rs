@@ -1,0 +1,143 @@
+//! Prometheus metrics, served as text on the admin port at `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Labels of `chaperone_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Matched route, or `none`.
+    pub route: String,
+    /// `allow` or `deny`.
+    pub decision: &'static str,
+    /// Status sent to the app.
+    pub status: u16,
+}
+
+/// Labels of the latency histogram.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// Matched route, or `none`.
+    pub route: String,
+}
+
+/// Labels of `chaperone_stripped_secrets_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StrippedLabels {
+    /// Credential type.
+    pub r#type: &'static str,
+    /// Location kind (`header`, `query`, `userinfo`).
+    pub location: String,
+}
+
+/// Labels of `chaperone_credential_fetches_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CredentialLabels {
+    /// Credential name.
+    pub credential: String,
+    /// Credential kind.
+    pub kind: &'static str,
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
+/// Every metric the proxy exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by route, decision and status.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Request latency (arrival to end of response body), by route.
+    pub duration: Family<RouteLabels, Histogram>,
+    /// Embedded secrets found, by type and location.
+    pub stripped: Family<StrippedLabels, Counter>,
+    /// Credentials obtained (minted, read, fetched), by result.
+    pub credential_fetches: Family<CredentialLabels, Counter>,
+    /// CONNECT tunnels open now.
+    pub tunnels_open: Gauge,
+    /// Purpose-log lines dropped because the writer fell behind.
+    pub log_dropped: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ])
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Register every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("chaperone");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let duration = Family::<RouteLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        let stripped = Family::<StrippedLabels, Counter>::default();
+        let credential_fetches = Family::<CredentialLabels, Counter>::default();
+        let tunnels_open = Gauge::default();
+        let log_dropped = Counter::default();
+        registry.register(
+            "requests",
+            "Requests by route, decision and status",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request arrival to the end of the response body",
+            duration.clone(),
+        );
+        registry.register(
+            "stripped_secrets",
+            "Embedded secrets found in requests, by type and location",
+            stripped.clone(),
+        );
+        registry.register(
+            "credential_fetches",
+            "Credentials obtained for calls, by credential and result",
+            credential_fetches.clone(),
+        );
+        registry.register(
+            "tunnels_open",
+            "CONNECT tunnels open now",
+            tunnels_open.clone(),
+        );
+        registry.register(
+            "log_dropped",
+            "Purpose-log lines dropped because the writer fell behind",
+            log_dropped.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            duration,
+            stripped,
+            credential_fetches,
+            tunnels_open,
+            log_dropped,
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut s = String::new();
+        prometheus_client::encoding::text::encode(&mut s, &self.registry)
+            .expect("writing to a String");
+        s
+    }
+}

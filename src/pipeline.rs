@@ -1,0 +1,573 @@
+//! The request pipeline, read top to bottom: one call per stage, data flowing one way.
+//!
+//! ```text
+//! identify -> accept -> route -> strip -> authorize -> credential -> forward -> log
+//! ```
+//!
+//! Order matters and is deliberate:
+//! - identify runs first so even a malformed request gets a request id and a log line;
+//! - strip runs before authorize so policy can see what was embedded (`stripped_types`), and
+//!   before credential so the app's secret is gone before ours is injected in its place;
+//! - guardrails run before policy so no policy mistake can open the metadata endpoint or the
+//!   admin port;
+//! - credential runs after authorize so a denied request never causes a token to be minted;
+//! - log runs last, when the response body has ended, so duration and bytes are final.
+//!
+//! Stages are plain functions in their own modules; only this file builds the log record.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{HOST, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use secrecy::ExposeSecret;
+
+use crate::config::{Identity, StripMode, Timeouts};
+use crate::credentials::{Credentials, MintRequest};
+use crate::error::{BoxError, ErrorCode, ProxyBody, Rejection, full};
+use crate::fingerprint::Fingerprinter;
+use crate::forward::{self, Upstream};
+use crate::identify::{self, Caller, REQUEST_ID_HEADER, UNSPECIFIED_PURPOSE};
+use crate::metrics::{CredentialLabels, Metrics, RequestLabels, RouteLabels, StrippedLabels};
+use crate::policy::{Guardrails, PolicyEngine, PolicyInput};
+use crate::purpose_log::{CredentialLog, PurposeLog, Record};
+use crate::route::{RouteTable, Target};
+use crate::{accept, strip, tunnel};
+
+/// Everything the stages need, built once from the configuration.
+pub struct Pipeline {
+    /// Routes in match order.
+    pub routes: RouteTable,
+    /// Compiled policy.
+    pub policy: PolicyEngine,
+    /// Addresses refused before policy.
+    pub guardrails: Guardrails,
+    /// Credential sources.
+    pub credentials: Arc<Credentials>,
+    /// Fingerprints for embedded secrets.
+    pub fingerprinter: Fingerprinter,
+    /// Global strip mode.
+    pub strip_mode: StripMode,
+    /// Purpose log.
+    pub log: PurposeLog,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Upstream client.
+    pub upstream: Upstream,
+    /// Our `Via` entry.
+    pub via: HeaderValue,
+    /// Our `Via` pseudonym, unique per process, for loop detection.
+    pub pseudonym: String,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("pseudonym", &self.pseudonym)
+            .finish_non_exhaustive()
+    }
+}
+
+fn strip_mode_name(m: StripMode) -> &'static str {
+    match m {
+        StripMode::Strip => "strip",
+        StripMode::Block => "block",
+        StripMode::Report => "report",
+    }
+}
+
+impl Pipeline {
+    /// Handle one request from a client of the listener that serves `identity`.
+    pub async fn handle(
+        self: Arc<Self>,
+        identity: Arc<Identity>,
+        client: SocketAddr,
+        req: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let mut rec = Record::new(SystemTime::now());
+        rec.client = client.to_string();
+        rec.method = req.method().to_string();
+        rec.strip_mode = strip_mode_name(self.strip_mode);
+
+        let (mut parts, body) = req.into_parts();
+        // Stage 2 (first, see the module docs): identify.
+        let (caller, purpose_ok) = identify::identify(&identity, &mut parts.headers, client);
+        rec.request_id = caller.request_id.clone();
+        rec.trace_id = caller.trace_id.clone();
+        rec.identity = caller.identity.id.clone();
+        rec.workload = caller.identity.workload.clone();
+        rec.stage = caller.identity.stage.clone();
+        rec.environment = caller.identity.environment.clone();
+        rec.purpose = caller
+            .purpose
+            .clone()
+            .unwrap_or_else(|| UNSPECIFIED_PURPOSE.into());
+
+        let result = match purpose_ok {
+            Err(reason) => Err(Rejection::new(ErrorCode::BadRequest, reason)),
+            Ok(()) if parts.method == Method::CONNECT => {
+                let req = Request::from_parts(parts, body);
+                return self.connect(&caller, req, rec, start).await;
+            }
+            Ok(()) => self.run(&caller, parts, body, &mut rec).await,
+        };
+        match result {
+            Ok(resp) => {
+                let (mut head, body) = resp.into_parts();
+                forward::strip_hop_by_hop(&mut head.headers);
+                forward::append_via(&mut head.headers, &self.via);
+                if let Ok(v) = HeaderValue::from_str(&caller.request_id) {
+                    head.headers.insert(REQUEST_ID_HEADER.clone(), v);
+                }
+                rec.status = head.status.as_u16();
+                let body = LoggedBody {
+                    inner: body,
+                    done: Some(Completion {
+                        rec,
+                        start,
+                        pipeline: self.clone(),
+                    }),
+                    ended: false,
+                };
+                Response::from_parts(head, body.boxed_unsync())
+            }
+            Err(rej) => {
+                let resp = rej.to_response(&caller.request_id);
+                self.finish_rejected(rec, &rej, start);
+                resp
+            }
+        }
+    }
+
+    /// Stages 1 and 3 to 7 for an HTTP request; fills `rec` as it goes.
+    async fn run(
+        &self,
+        caller: &Caller,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        rec: &mut Record,
+    ) -> Result<Response<Incoming>, Rejection> {
+        // Stage 1: accept.
+        let (target, userinfo) = accept::target(&parts)?;
+        describe_target(rec, &target);
+        if forward::is_loop(&parts.headers, &self.pseudonym) {
+            return Err(Rejection::new(
+                ErrorCode::LoopDetected,
+                "this request has already passed through this proxy",
+            ));
+        }
+
+        // Stage 3: route.
+        let route = self.routes.find(&parts.method, &target);
+        rec.route = route.map(|r| r.name.clone());
+        let purpose = caller
+            .purpose
+            .as_deref()
+            .or(route.and_then(|r| r.purpose_default.as_deref()))
+            .unwrap_or(UNSPECIFIED_PURPOSE);
+        rec.purpose = purpose.to_string();
+
+        // Stage 4: strip.
+        let mode = route.and_then(|r| r.strip).unwrap_or(self.strip_mode);
+        rec.strip_mode = strip_mode_name(mode);
+        let report = strip::inspect(
+            &self.fingerprinter,
+            mode,
+            &mut parts.headers,
+            target.query.as_deref(),
+            userinfo.as_deref(),
+        );
+        self.count_findings(&report.findings);
+        rec.stripped = report.findings.clone();
+        if mode == StripMode::Block && !report.findings.is_empty() {
+            let places: Vec<String> = report
+                .findings
+                .iter()
+                .map(|f| format!("{} in {}", f.kind, f.location))
+                .collect();
+            return Err(Rejection::new(
+                ErrorCode::EmbeddedSecret,
+                format!(
+                    "the request carries embedded secrets ({}); remove them and let the sidecar inject credentials",
+                    places.join(", ")
+                ),
+            ));
+        }
+        let stripped_types: Vec<&'static str> = report.findings.iter().map(|f| f.kind).collect();
+
+        // Stage 5: authorize (guardrails, then policy).
+        if let Some(why) = self.guardrails.check(&target.host, target.port) {
+            rec.reason = Some(format!("guardrail: {why}"));
+            return Err(Rejection::new(
+                ErrorCode::PolicyDenied,
+                format!("guardrail: {why}"),
+            ));
+        }
+        let decision = self.policy.decide(&PolicyInput {
+            identity: &caller.identity,
+            action: parts.method.as_str(),
+            host: &target.host,
+            scheme: target.scheme,
+            port: target.port,
+            path: &target.path,
+            purpose,
+            route: route.map_or("", |r| r.name.as_str()),
+            labels: route.map(|r| &r.labels),
+            stripped_types: &stripped_types,
+            credential: route.and_then(|r| r.credential.as_deref()).unwrap_or(""),
+        });
+        rec.policy_ids = decision.policy_ids.clone();
+        rec.reason = Some(decision.reason.clone());
+        if !decision.allow {
+            let mut rej = Rejection::new(ErrorCode::PolicyDenied, decision.reason);
+            rej.policy_ids = decision.policy_ids;
+            return Err(rej);
+        }
+        rec.decision = "allow";
+
+        // Stage 6: credential. Fail closed: no credential, no forwarding.
+        if let Some(route) = route
+            && let Some(name) = &route.credential
+        {
+            let audience = route.audience.clone().unwrap_or_else(|| target.origin());
+            let obtained = self.credentials.obtain(
+                name,
+                &MintRequest {
+                    subject: &caller.identity.id,
+                    audience: &audience,
+                    txn: &caller.request_id,
+                    scopes: &route.scopes,
+                    workload: &caller.identity.workload,
+                    stage: &caller.identity.stage,
+                    environment: &caller.identity.environment,
+                    purpose,
+                    method: parts.method.as_str(),
+                    host: &target.host,
+                    path: &target.path,
+                },
+            );
+            let issued = match obtained {
+                Ok(i) => i,
+                Err(e) => {
+                    self.metrics
+                        .credential_fetches
+                        .get_or_create(&CredentialLabels {
+                            credential: name.clone(),
+                            kind: "unknown",
+                            result: "error",
+                        })
+                        .inc();
+                    return Err(Rejection::new(
+                        ErrorCode::CredentialUnavailable,
+                        format!("credential `{name}`: {e}"),
+                    ));
+                }
+            };
+            self.metrics
+                .credential_fetches
+                .get_or_create(&CredentialLabels {
+                    credential: name.clone(),
+                    kind: issued.kind,
+                    result: "ok",
+                })
+                .inc();
+            let inj = &route.inject;
+            let value = format!(
+                "{}{}{}",
+                inj.prefix,
+                issued.value.expose_secret(),
+                inj.suffix
+            );
+            let mut hv = HeaderValue::from_str(&value).map_err(|_| {
+                Rejection::new(
+                    ErrorCode::CredentialUnavailable,
+                    format!("credential `{name}` is not a valid header value"),
+                )
+            })?;
+            hv.set_sensitive(true);
+            parts.headers.insert(inj.header.clone(), hv);
+            rec.credential = Some(CredentialLog {
+                name: issued.name,
+                kind: issued.kind,
+                id: issued.id,
+                expires_at: issued.expires_at,
+                scopes: issued.scopes,
+            });
+        }
+
+        // Stage 7: forward.
+        let path_and_query = match (&report.new_path_and_query, &target.query) {
+            (Some(q), _) if q.is_empty() => target.path.clone(),
+            (Some(q), _) => format!("{}?{}", target.path, q),
+            (None, Some(q)) => format!("{}?{}", target.path, q),
+            (None, None) => target.path.clone(),
+        };
+        let authority = authority_of(&target);
+        parts.uri = Uri::builder()
+            .scheme("http")
+            .authority(authority.as_str())
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|e| {
+                Rejection::new(
+                    ErrorCode::BadRequest,
+                    format!("cannot build the upstream URL: {e}"),
+                )
+            })?;
+        forward::strip_hop_by_hop(&mut parts.headers);
+        parts.headers.insert(
+            HOST,
+            HeaderValue::from_str(&authority)
+                .map_err(|_| Rejection::new(ErrorCode::BadRequest, "bad host"))?,
+        );
+        forward::append_via(&mut parts.headers, &self.via);
+        parts.version = http::Version::HTTP_11;
+        let req = Request::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
+        let (resp, took) = self.upstream.send(req).await?;
+        rec.upstream_ms = Some(took.as_secs_f64() * 1000.0);
+        Ok(resp)
+    }
+
+    /// CONNECT: stages 1, 3 (tunnels carry no route) and 5, then a blind tunnel.
+    async fn connect(
+        self: Arc<Self>,
+        caller: &Caller,
+        req: Request<Incoming>,
+        mut rec: Record,
+        start: Instant,
+    ) -> Response<ProxyBody> {
+        rec.kind = "tunnel";
+        let (parts, body) = req.into_parts();
+        let decided = (|| {
+            let target = accept::connect_target(&parts)?;
+            describe_target(&mut rec, &target);
+            if let Some(why) = self.guardrails.check(&target.host, target.port) {
+                rec.reason = Some(format!("guardrail: {why}"));
+                return Err(Rejection::new(
+                    ErrorCode::PolicyDenied,
+                    format!("guardrail: {why}"),
+                ));
+            }
+            // A route that injects a credential cannot be served through a blind tunnel: the
+            // app's requests would go out without it (and perhaps with its own secret).
+            if let Some(route) = self.routes.find_for_tunnel(&target.host, target.port) {
+                let reason = format!(
+                    "route `{}` injects a credential into requests to {}; a blind tunnel cannot do that (TLS interception is needed)",
+                    route.name, target.host
+                );
+                rec.route = Some(route.name.clone());
+                rec.reason = Some(reason.clone());
+                return Err(Rejection::new(ErrorCode::PolicyDenied, reason));
+            }
+            let decision = self.policy.decide(&PolicyInput {
+                identity: &caller.identity,
+                action: "CONNECT",
+                host: &target.host,
+                scheme: target.scheme,
+                port: target.port,
+                path: "",
+                purpose: &rec.purpose,
+                route: "",
+                labels: None,
+                stripped_types: &[],
+                credential: "",
+            });
+            rec.policy_ids = decision.policy_ids.clone();
+            rec.reason = Some(decision.reason.clone());
+            if !decision.allow {
+                let mut rej = Rejection::new(ErrorCode::PolicyDenied, decision.reason);
+                rej.policy_ids = decision.policy_ids;
+                return Err(rej);
+            }
+            Ok(target)
+        })();
+        let target = match decided {
+            Ok(t) => t,
+            Err(rej) => {
+                let resp = rej.to_response(&caller.request_id);
+                self.finish_rejected(rec, &rej, start);
+                return resp;
+            }
+        };
+        rec.decision = "allow";
+        let upstream = match tunnel::connect(&target, &self.guardrails, self.timeouts.connect).await
+        {
+            Ok(s) => s,
+            Err(rej) => {
+                let resp = rej.to_response(&caller.request_id);
+                self.finish_rejected(rec, &rej, start);
+                return resp;
+            }
+        };
+        rec.upstream_ms = Some(start.elapsed().as_secs_f64() * 1000.0);
+        rec.status = 200;
+        let me = self.clone();
+        let req = Request::from_parts(parts, body);
+        tokio::spawn(async move {
+            me.metrics.tunnels_open.inc();
+            let outcome = tunnel::splice(req, upstream, me.timeouts.idle).await;
+            me.metrics.tunnels_open.dec();
+            match outcome {
+                Ok((up, down)) => {
+                    rec.bytes_in = Some(up);
+                    rec.bytes_out = down;
+                }
+                Err((up, down, e)) => {
+                    rec.bytes_in = Some(up);
+                    rec.bytes_out = down;
+                    rec.error = Some(e);
+                }
+            }
+            me.finish(rec, start);
+        });
+        let mut resp = Response::new(full(Bytes::new()));
+        *resp.status_mut() = StatusCode::OK;
+        if let Ok(v) = HeaderValue::from_str(&caller.request_id) {
+            resp.headers_mut().insert(REQUEST_ID_HEADER.clone(), v);
+        }
+        resp
+    }
+
+    fn count_findings(&self, findings: &[strip::Finding]) {
+        for f in findings {
+            let location = f.location.split(':').next().unwrap_or("").to_string();
+            self.metrics
+                .stripped
+                .get_or_create(&StrippedLabels {
+                    r#type: f.kind,
+                    location,
+                })
+                .inc();
+        }
+    }
+
+    fn finish_rejected(&self, mut rec: Record, rej: &Rejection, start: Instant) {
+        rec.status = rej.code.status().as_u16();
+        rec.error = Some(rej.code.as_str().to_string());
+        if rej.code.is_denial() {
+            rec.decision = "deny";
+        }
+        if rec.reason.is_none() || !rej.code.is_denial() {
+            rec.reason = Some(rej.reason.clone());
+        }
+        if !rej.policy_ids.is_empty() {
+            rec.policy_ids = rej.policy_ids.clone();
+        }
+        self.finish(rec, start);
+    }
+
+    /// Stage 8: log, and count.
+    fn finish(&self, mut rec: Record, start: Instant) {
+        let elapsed = start.elapsed();
+        rec.duration_ms = (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0;
+        let route = rec.route.clone().unwrap_or_else(|| "none".into());
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                route: route.clone(),
+                decision: rec.decision,
+                status: rec.status,
+            })
+            .inc();
+        self.metrics
+            .duration
+            .get_or_create(&RouteLabels { route })
+            .observe(elapsed.as_secs_f64());
+        self.log.emit(&rec);
+    }
+}
+
+fn describe_target(rec: &mut Record, t: &Target) {
+    rec.scheme = t.scheme.to_string();
+    rec.host = t.host.clone();
+    rec.port = t.port;
+    rec.path = t.path.clone();
+    rec.query = t.query.as_deref().map(strip::redact_query);
+}
+
+fn authority_of(t: &Target) -> String {
+    let host = if t.host.contains(':') {
+        format!("[{}]", t.host)
+    } else {
+        t.host.clone()
+    };
+    if t.port == 80 {
+        host
+    } else {
+        format!("{host}:{}", t.port)
+    }
+}
+
+struct Completion {
+    rec: Record,
+    start: Instant,
+    pipeline: Arc<Pipeline>,
+}
+
+/// The upstream response body, streamed to the app; logs the request when it ends or is
+/// dropped (client gone), so the log line has the real duration and byte count.
+struct LoggedBody {
+    inner: Incoming,
+    done: Option<Completion>,
+    ended: bool,
+}
+
+impl Body for LoggedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(done)) = (frame.data_ref(), this.done.as_mut()) {
+                    done.rec.bytes_out += data.len() as u64;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(done) = this.done.as_mut() {
+                    done.rec.error = Some(format!("upstream body: {e}"));
+                }
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                this.ended = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        if let Some(mut done) = self.done.take() {
+            if !self.ended && !self.inner.is_end_stream() && done.rec.error.is_none() {
+                done.rec.error = Some("response_incomplete".into());
+            }
+            done.pipeline.finish(done.rec, done.start);
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! Stage 3, route: match a request's destination to the first route that takes it.
+
+use std::collections::BTreeMap;
+
+use http::{HeaderName, Method};
+
+use crate::config::StripMode;
+
+/// Where a request is going, as the proxy understood it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// `http` or `https`.
+    pub scheme: &'static str,
+    /// Lowercase host name or IP literal (no brackets).
+    pub host: String,
+    /// Destination port.
+    pub port: u16,
+    /// Path without the query.
+    pub path: String,
+    /// Raw query, if any.
+    pub query: Option<String>,
+}
+
+impl Target {
+    /// The origin (`scheme://host[:port]`), default ports omitted; the default token audience.
+    pub fn origin(&self) -> String {
+        let default = matches!((self.scheme, self.port), ("http", 80) | ("https", 443));
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        if default {
+            format!("{}://{}", self.scheme, host)
+        } else {
+            format!("{}://{}:{}", self.scheme, host, self.port)
+        }
+    }
+}
+
+/// A host matcher: exact, or `*.suffix` for any subdomain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    /// Exact host, lowercase.
+    Exact(String),
+    /// Any host ending in `.suffix` (the suffix itself excluded).
+    Subdomains(String),
+}
+
+impl HostMatch {
+    /// Parse a configured host pattern.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim().trim_end_matches('.').to_ascii_lowercase();
+        let s = s.trim_start_matches('[').trim_end_matches(']').to_string();
+        if s.is_empty() {
+            return Err("host must not be empty".into());
+        }
+        if let Some(suffix) = s.strip_prefix("*.") {
+            if suffix.is_empty() || suffix.contains('*') {
+                return Err(format!("`{s}` is not a valid wildcard (use *.example.org)"));
+            }
+            return Ok(HostMatch::Subdomains(suffix.to_string()));
+        }
+        if s.contains('*') || s.contains('/') || s.contains(' ') {
+            return Err(format!(
+                "`{s}` is not a host name (a wildcard goes first: *.example.org)"
+            ));
+        }
+        Ok(HostMatch::Exact(s))
+    }
+
+    fn matches(&self, host: &str) -> bool {
+        match self {
+            HostMatch::Exact(h) => h == host,
+            HostMatch::Subdomains(suffix) => {
+                host.len() > suffix.len() + 1
+                    && host.ends_with(suffix.as_str())
+                    && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+            }
+        }
+    }
+}
+
+/// How a route's credential is placed into the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InjectSpec {
+    /// Header that carries the credential.
+    pub header: HeaderName,
+    /// Text before `{token}`.
+    pub prefix: String,
+    /// Text after `{token}`.
+    pub suffix: String,
+}
+
+impl InjectSpec {
+    /// `authorization: Bearer {token}`.
+    pub fn default_bearer() -> Self {
+        InjectSpec {
+            header: http::header::AUTHORIZATION,
+            prefix: "Bearer ".into(),
+            suffix: String::new(),
+        }
+    }
+
+    /// Parse a header name and a value template holding `{token}` once.
+    pub fn parse(header: &str, template: &str) -> Result<Self, String> {
+        let header = HeaderName::from_bytes(header.as_bytes())
+            .map_err(|_| format!("`{header}` is not a valid header name"))?;
+        let Some((prefix, suffix)) = template.split_once("{token}") else {
+            return Err("the value template must contain {token}".into());
+        };
+        if suffix.contains("{token}") {
+            return Err("the value template must contain {token} once".into());
+        }
+        if template.bytes().any(|b| b < 0x20 || b == 0x7f) {
+            return Err("the value template has control characters".into());
+        }
+        Ok(InjectSpec {
+            header,
+            prefix: prefix.into(),
+            suffix: suffix.into(),
+        })
+    }
+}
+
+/// A validated route.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Route name.
+    pub name: String,
+    /// Host matcher.
+    pub host: HostMatch,
+    /// Required scheme, if any.
+    pub scheme: Option<String>,
+    /// Required port, if any.
+    pub port: Option<u16>,
+    /// Required path prefix, if any.
+    pub path_prefix: Option<String>,
+    /// Allowed methods; empty means any.
+    pub methods: Vec<Method>,
+    /// Credential injected on this route.
+    pub credential: Option<String>,
+    /// Where the credential goes.
+    pub inject: InjectSpec,
+    /// Purpose when the request names none.
+    pub purpose_default: Option<String>,
+    /// Labels handed to policy.
+    pub labels: BTreeMap<String, String>,
+    /// Token audience; default the destination origin.
+    pub audience: Option<String>,
+    /// Scopes for this route.
+    pub scopes: Vec<String>,
+    /// Strip mode override.
+    pub strip: Option<StripMode>,
+}
+
+impl Route {
+    fn matches(&self, method: &Method, t: &Target) -> bool {
+        self.host.matches(&t.host)
+            && self.scheme.as_deref().is_none_or(|s| s == t.scheme)
+            && self.port.is_none_or(|p| p == t.port)
+            && self
+                .path_prefix
+                .as_deref()
+                .is_none_or(|p| t.path.starts_with(p))
+            && (self.methods.is_empty() || self.methods.contains(method))
+    }
+}
+
+/// The routes, in match order.
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+}
+
+impl RouteTable {
+    /// Build from validated routes.
+    pub fn new(routes: Vec<Route>) -> Self {
+        RouteTable { routes }
+    }
+
+    /// The first route that takes this request.
+    pub fn find(&self, method: &Method, target: &Target) -> Option<&Route> {
+        self.routes.iter().find(|r| r.matches(method, target))
+    }
+
+    /// The first route that would inject a credential into HTTPS requests to this host and
+    /// port: a CONNECT to it cannot be a blind tunnel.
+    pub fn find_for_tunnel(&self, host: &str, port: u16) -> Option<&Route> {
+        self.routes.iter().find(|r| {
+            r.credential.is_some()
+                && r.host.matches(host)
+                && r.port.is_none_or(|p| p == port)
+                && r.scheme.as_deref().is_none_or(|s| s == "https")
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(host: &str) -> Route {
+        Route {
+            name: "r".into(),
+            host: HostMatch::parse(host).unwrap(),
+            scheme: None,
+            port: None,
+            path_prefix: Some("/v1/".into()),
+            methods: vec![Method::POST],
+            credential: None,
+            inject: InjectSpec::default_bearer(),
+            purpose_default: None,
+            labels: BTreeMap::new(),
+            audience: None,
+            scopes: vec![],
+            strip: None,
+        }
+    }
+
+    fn target(host: &str, path: &str) -> Target {
+        Target {
+            scheme: "http",
+            host: host.into(),
+            port: 80,
+            path: path.into(),
+            query: None,
+        }
+    }
+
+    #[test]
+    fn matching() {
+        let t = RouteTable::new(vec![route("*.example.org")]);
+        assert!(
+            t.find(&Method::POST, &target("api.example.org", "/v1/x"))
+                .is_some()
+        );
+        assert!(
+            t.find(&Method::POST, &target("example.org", "/v1/x"))
+                .is_none()
+        );
+        assert!(
+            t.find(&Method::POST, &target("evilexample.org", "/v1/x"))
+                .is_none()
+        );
+        assert!(
+            t.find(&Method::GET, &target("api.example.org", "/v1/x"))
+                .is_none()
+        );
+        assert!(
+            t.find(&Method::POST, &target("api.example.org", "/v2/x"))
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn inject_template() {
+        let s = InjectSpec::parse("x-api-key", "{token}").unwrap();
+        assert_eq!((s.prefix.as_str(), s.suffix.as_str()), ("", ""));
+        assert!(InjectSpec::parse("authorization", "Bearer").is_err());
+        assert!(InjectSpec::parse("bad header", "{token}").is_err());
+    }
+
+    #[test]
+    fn origin() {
+        let mut t = target("api.example.org", "/");
+        assert_eq!(t.origin(), "http://api.example.org");
+        t.port = 8080;
+        assert_eq!(t.origin(), "http://api.example.org:8080");
+        t.host = "::1".into();
+        assert_eq!(t.origin(), "http://[::1]:8080");
+    }
+}
