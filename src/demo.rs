@@ -1,5 +1,453 @@
-//! The demo.
-/// Run the demo.
-pub async fn run() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+//! `chaperone demo`: the main job end to end on loopback, with nothing else installed.
+//!
+//! A "model API" upstream verifies every bearer token against the sidecar's JWKS (fetched over
+//! HTTP from the admin port, as a real API would) and reports what it received. The sidecar
+//! runs on ephemeral ports with an embedded demo config. A scripted agent then calls through
+//! it: once with a hard-coded key, under two purposes, once for a purpose policy forbids, once
+//! at the cloud metadata endpoint. The demo checks every outcome and exits non-zero if the
+//! product did not do its job.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::config::Config;
+
+const IDENTITY: &str = "spiffe://demo.local/ns/agents/sa/support-agent";
+
+/// A hard-coded key, as apps paste them: it has a real OpenAI project-key shape.
+fn hard_coded_key() -> String {
+    format!("sk-proj-{}", "DemoKey0nlyForChaperone_".repeat(2))
+}
+
+const POLICY: &str = r#"// Demo policy: the support agent may call the model API to answer questions and
+// summarize tickets; bulk export is forbidden whatever else permits it.
+@id("support-agent-may-use-model-api")
+permit (principal, action == Action::"POST", resource)
+when {
+  context.route == "model-api" &&
+  principal.workload == "support-agent" &&
+  ["answer-question", "summarize-ticket"].contains(context.purpose)
+};
+
+@id("no-bulk-export")
+forbid (principal, action, resource)
+when { context.purpose == "export-data" };
+"#;
+
+fn config_yaml(upstream: SocketAddr, policy: &std::path::Path, log: &std::path::Path) -> String {
+    format!(
+        r#"listen: 127.0.0.1:0
+admin: 127.0.0.1:0
+identity:
+  id: {IDENTITY}
+  workload: support-agent
+  environment: demo
+credentials:
+  per-call:
+    kind: jwt
+    ttl: 60s
+routes:
+  - name: model-api
+    match: {{ host: 127.0.0.1, port: {port}, path_prefix: /v1/ }}
+    credential: per-call
+    inject: {{ header: authorization, value: "Bearer {{token}}" }}
+    scopes: [model.invoke]
+    labels: {{ data: customer-tickets, sensitivity: high }}
+strip:
+  mode: strip
+policy:
+  file: {policy}
+log:
+  format: json
+  output: {log}
+"#,
+        port = upstream.port(),
+        policy = policy.display(),
+        log = log.display(),
+    )
+}
+
+/// What the model API saw on one request.
+#[derive(Debug, Clone, Default)]
+struct Seen {
+    verified: bool,
+    error: Option<String>,
+    claims: Value,
+    app_key_seen: bool,
+}
+
+struct ModelApi {
+    jwks_url: Mutex<Option<String>>,
+    jwks: tokio::sync::Mutex<Option<JwkSet>>,
+    seen: Mutex<Vec<Seen>>,
+    origin: String,
+}
+
+impl ModelApi {
+    async fn jwks(&self) -> Result<JwkSet, String> {
+        let mut cached = self.jwks.lock().await;
+        if let Some(j) = cached.as_ref() {
+            return Ok(j.clone());
+        }
+        let url = self
+            .jwks_url
+            .lock()
+            .expect("lock")
+            .clone()
+            .ok_or("no JWKS URL yet")?;
+        let (status, body) = http_get(&url).await?;
+        if status != StatusCode::OK {
+            return Err(format!("JWKS fetch gave {status}"));
+        }
+        let set: JwkSet = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        *cached = Some(set.clone());
+        Ok(set)
+    }
+
+    async fn verify(&self, token: &str) -> Result<Value, String> {
+        let header = jsonwebtoken::decode_header(token).map_err(|e| e.to_string())?;
+        if header.typ.as_deref() != Some("txntoken+jwt") {
+            return Err("not a transaction token".into());
+        }
+        let kid = header.kid.ok_or("token has no kid")?;
+        let set = self.jwks().await?;
+        let jwk = set.find(&kid).ok_or("kid not in the JWKS")?;
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| e.to_string())?;
+        let mut v = Validation::new(Algorithm::EdDSA);
+        v.set_audience(&[&self.origin]);
+        v.set_issuer(&[IDENTITY]);
+        v.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
+        jsonwebtoken::decode::<Value>(token, &key, &v)
+            .map(|d| d.claims)
+            .map_err(|e| e.to_string())
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let app_key = hard_coded_key();
+        let app_key_seen = req
+            .headers()
+            .values()
+            .any(|v| v.to_str().is_ok_and(|s| s.contains(&app_key)));
+        let token = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_owned);
+        let mut seen = Seen {
+            app_key_seen,
+            ..Seen::default()
+        };
+        match token {
+            None => seen.error = Some("no bearer token".into()),
+            Some(t) => match self.verify(&t).await {
+                Ok(claims) => {
+                    seen.verified = true;
+                    seen.claims = claims;
+                }
+                Err(e) => seen.error = Some(e),
+            },
+        }
+        let status = if seen.verified {
+            StatusCode::OK
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
+        let body = json!({
+            "verified": seen.verified,
+            "error": seen.error,
+            "purpose": seen.claims.pointer("/tctx/purpose"),
+            "jti": seen.claims.get("jti"),
+            "choices": [{"message": {"role": "assistant", "content": "Here is your answer."}}],
+        });
+        self.seen.lock().expect("lock").push(seen);
+        let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+        *resp.status_mut() = status;
+        resp.headers_mut().insert(
+            "content-type",
+            http::HeaderValue::from_static("application/json"),
+        );
+        resp
+    }
+}
+
+async fn http_get(url: &str) -> Result<(StatusCode, Bytes), String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| e.to_string())?;
+    let addr = uri.authority().ok_or("no authority")?.as_str().to_string();
+    let req = Request::get(uri.path())
+        .header("host", &addr)
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    send(&addr, req).await
+}
+
+/// One request on a fresh connection to `addr` (a proxy, for absolute-form requests).
+async fn send(addr: &str, req: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let resp = tx.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, body))
+}
+
+struct Step {
+    title: &'static str,
+    purpose: Option<&'static str>,
+    url: String,
+    app_key: bool,
+    expect: StatusCode,
+}
+
+/// Run the demo; prints a summary and where the purpose log is.
+pub async fn run() -> ExitCode {
+    match run_inner().await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("demo failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_inner() -> Result<bool, String> {
+    let dir = std::env::temp_dir().join(format!("chaperone-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let policy_path = dir.join("policy.cedar");
+    let log_path = dir.join("purpose-log.jsonl");
+    std::fs::write(&policy_path, POLICY).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_file(&log_path);
+
+    // The model API.
+    let api_listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let api_addr = api_listener.local_addr().map_err(|e| e.to_string())?;
+    let api = Arc::new(ModelApi {
+        jwks_url: Mutex::new(None),
+        jwks: tokio::sync::Mutex::new(None),
+        seen: Mutex::new(Vec::new()),
+        origin: format!("http://{api_addr}"),
+    });
+    let api2 = api.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = api_listener.accept().await {
+            let api = api2.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let api = api.clone();
+                    async move { Ok::<_, Infallible>(api.handle(req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+
+    // The sidecar, on the same config loader users run.
+    let yaml = config_yaml(api_addr, &policy_path, &log_path);
+    let cfg = Config::from_yaml("<demo config>", &yaml, &dir, false).map_err(|e| e.to_string())?;
+    let running = crate::server::start(cfg).await.map_err(|e| e.to_string())?;
+    let proxy = running.proxy_addrs[0].to_string();
+    *api.jwks_url.lock().expect("lock") = Some(format!(
+        "http://{}/.well-known/jwks.json",
+        running.admin_addr
+    ));
+
+    println!(
+        "Chaperone demo: an AI agent calls a model API through the sidecar (all on 127.0.0.1).\n"
+    );
+    println!("  model API  http://{api_addr}  verifies every token against the sidecar's JWKS");
+    println!("  sidecar    http://{proxy}  identity {IDENTITY}");
+    println!(
+        "  admin      http://{}  /healthz /readyz /metrics /.well-known/jwks.json\n",
+        running.admin_addr
+    );
+
+    let steps = [
+        Step {
+            title: "answer a question (the app has a hard-coded OpenAI key)",
+            purpose: Some("answer-question"),
+            url: format!("http://{api_addr}/v1/chat/completions"),
+            app_key: true,
+            expect: StatusCode::OK,
+        },
+        Step {
+            title: "summarize a support ticket",
+            purpose: Some("summarize-ticket"),
+            url: format!("http://{api_addr}/v1/chat/completions"),
+            app_key: false,
+            expect: StatusCode::OK,
+        },
+        Step {
+            title: "export all customer tickets",
+            purpose: Some("export-data"),
+            url: format!("http://{api_addr}/v1/files"),
+            app_key: false,
+            expect: StatusCode::FORBIDDEN,
+        },
+        Step {
+            title: "read the cloud metadata endpoint",
+            purpose: None,
+            url: "http://169.254.169.254/latest/meta-data/iam/security-credentials/".into(),
+            app_key: false,
+            expect: StatusCode::FORBIDDEN,
+        },
+    ];
+
+    let mut ok = true;
+    let mut allowed = 0;
+    let mut denied = 0;
+    for (i, step) in steps.iter().enumerate() {
+        let mut b = Request::post(step.url.as_str()).header("content-type", "application/json");
+        if let Some(p) = step.purpose {
+            b = b.header("chaperone-purpose", p);
+        }
+        if step.app_key {
+            b = b.header("authorization", format!("Bearer {}", hard_coded_key()));
+        }
+        let req = b
+            .body(Full::new(Bytes::from_static(
+                br#"{"model":"demo","messages":[{"role":"user","content":"hello"}]}"#,
+            )))
+            .map_err(|e| e.to_string())?;
+        let seen_before = api.seen.lock().expect("lock").len();
+        let (status, body) = send(&proxy, req).await?;
+        let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        println!("{}. {}", i + 1, step.title);
+        if status != step.expect {
+            ok = false;
+            println!("   FAIL: expected {}, got {status}: {body}", step.expect);
+            continue;
+        }
+        if status == StatusCode::OK {
+            allowed += 1;
+            let seen = api
+                .seen
+                .lock()
+                .expect("lock")
+                .get(seen_before)
+                .cloned()
+                .unwrap_or_default();
+            if !seen.verified || seen.app_key_seen {
+                ok = false;
+            }
+            println!(
+                "   -> {status}: the model API verified a per-call token (jti {}, purpose {}, scope \"{}\", expires in {}s)",
+                seen.claims["jti"].as_str().unwrap_or("?"),
+                seen.claims
+                    .pointer("/tctx/purpose")
+                    .and_then(Value::as_str)
+                    .unwrap_or("?"),
+                seen.claims["scope"].as_str().unwrap_or(""),
+                seen.claims["exp"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    .saturating_sub(seen.claims["iat"].as_u64().unwrap_or(0)),
+            );
+            if step.app_key {
+                println!(
+                    "      the hard-coded key was stripped before forwarding; the model API {} it",
+                    if seen.app_key_seen {
+                        "SAW"
+                    } else {
+                        "never saw"
+                    }
+                );
+            }
+        } else {
+            denied += 1;
+            println!(
+                "   -> {status} {}: {}",
+                body["error"].as_str().unwrap_or("?"),
+                body["reason"].as_str().unwrap_or("?")
+            );
+        }
+    }
+
+    running.shutdown().await;
+    let log =
+        std::fs::read_to_string(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
+    let lines: Vec<Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let stripped: Vec<String> = lines
+        .iter()
+        .flat_map(|l| l["stripped"].as_array().cloned().unwrap_or_default())
+        .map(|f| {
+            format!(
+                "{} in {} (fingerprint {})",
+                f["type"].as_str().unwrap_or("?"),
+                f["location"].as_str().unwrap_or("?"),
+                f["fingerprint"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    let leaked = log.contains(&hard_coded_key());
+    if leaked || stripped.is_empty() || lines.len() != steps.len() {
+        ok = false;
+    }
+
+    println!(
+        "\nSummary: {} calls, {allowed} allowed with a fresh per-call token each, {denied} denied.",
+        steps.len()
+    );
+    for s in &stripped {
+        println!("  stripped: {s}");
+    }
+    println!(
+        "  the hard-coded key appears in the purpose log: {}",
+        if leaked {
+            "YES (bug)"
+        } else {
+            "no (only its fingerprint)"
+        }
+    );
+    println!(
+        "\nPurpose log, one JSON line per request: {}",
+        log_path.display()
+    );
+    if let Some(first) = lines.first() {
+        let show = json!({
+            "identity": first["identity"], "workload": first["workload"], "purpose": first["purpose"],
+            "route": first["route"], "decision": first["decision"], "policy_ids": first["policy_ids"],
+            "credential": first["credential"], "stripped": first["stripped"], "status": first["status"],
+        });
+        println!("  first line, abridged: {show}");
+    }
+    println!(
+        "\n{}",
+        if ok {
+            "demo: every check held"
+        } else {
+            "demo: FAILED, see above"
+        }
+    );
+    Ok(ok)
 }

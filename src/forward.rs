@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body::Body;
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -16,7 +18,7 @@ use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::Timeouts;
-use crate::error::{ErrorCode, ProxyBody, Rejection};
+use crate::error::{BoxError, ErrorCode, ProxyBody, Rejection, full};
 use crate::policy::Guardrails;
 
 /// Headers that describe one connection, never the message: removed in both directions.
@@ -140,23 +142,82 @@ impl Upstream {
 
     /// Send a request; the response head must arrive within the request timeout.
     /// Returns the response and the time it took.
+    ///
+    /// A request whose body is small and of known length (at most [`REPLAY_MAX_BYTES`]) is
+    /// buffered so it can be sent again when the connection to the upstream cannot be made
+    /// (nothing reached the upstream, so this is safe for any method). Larger or streaming
+    /// bodies are streamed and not retried.
     pub async fn send(
         &self,
-        req: Request<ProxyBody>,
+        parts: http::request::Parts,
+        body: Incoming,
     ) -> Result<(Response<Incoming>, Duration), Rejection> {
         let start = Instant::now();
-        match tokio::time::timeout(self.request_timeout, self.client.request(req)).await {
-            Ok(Ok(resp)) => Ok((resp, start.elapsed())),
-            Ok(Err(e)) => Err(Rejection::new(ErrorCode::UpstreamUnreachable, describe(&e))),
-            Err(_) => Err(Rejection::new(
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        let timed_out = || {
+            Rejection::new(
                 ErrorCode::UpstreamTimeout,
                 format!(
                     "the upstream did not answer within {:?}",
                     self.request_timeout
                 ),
-            )),
+            )
+        };
+        let replayable = body
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= REPLAY_MAX_BYTES);
+        if !replayable {
+            let req = Request::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
+            return match tokio::time::timeout_at(deadline, self.client.request(req)).await {
+                Ok(Ok(resp)) => Ok((resp, start.elapsed())),
+                Ok(Err(e)) => Err(Rejection::new(ErrorCode::UpstreamUnreachable, describe(&e))),
+                Err(_) => Err(timed_out()),
+            };
+        }
+        let bytes = match tokio::time::timeout_at(deadline, body.collect()).await {
+            Ok(Ok(c)) => c.to_bytes(),
+            Ok(Err(e)) => {
+                return Err(Rejection::new(
+                    ErrorCode::BadRequest,
+                    format!("reading the request body failed: {e}"),
+                ));
+            }
+            Err(_) => return Err(timed_out()),
+        };
+        let mut attempt = 0;
+        loop {
+            let mut req = Request::new(full(bytes.clone()));
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = parts.uri.clone();
+            *req.version_mut() = parts.version;
+            *req.headers_mut() = parts.headers.clone();
+            match tokio::time::timeout_at(deadline, self.client.request(req)).await {
+                Ok(Ok(resp)) => return Ok((resp, start.elapsed())),
+                Ok(Err(e))
+                    if e.is_connect() && attempt < CONNECT_RETRIES.len() && !is_guardrail(&e) =>
+                {
+                    tracing::debug!(error = %describe(&e), attempt, "upstream connect failed; retrying");
+                    tokio::time::sleep(CONNECT_RETRIES[attempt]).await;
+                    attempt += 1;
+                }
+                Ok(Err(e)) => {
+                    return Err(Rejection::new(ErrorCode::UpstreamUnreachable, describe(&e)));
+                }
+                Err(_) => return Err(timed_out()),
+            }
         }
     }
+}
+
+/// Bodies up to this size with a known length are buffered so a failed connect can be retried.
+pub const REPLAY_MAX_BYTES: u64 = 64 * 1024;
+
+/// Waits before each retry of a connect that failed (connection refused, reset, timed out).
+const CONNECT_RETRIES: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(400)];
+
+fn is_guardrail(e: &hyper_util::client::legacy::Error) -> bool {
+    describe(e).contains("guardrail:")
 }
 
 /// A reason for a failed upstream call, from the innermost cause.

@@ -332,9 +332,8 @@ impl Pipeline {
         );
         forward::append_via(&mut parts.headers, &self.via);
         parts.version = http::Version::HTTP_11;
-        let req = Request::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
-        let (resp, took) = self.upstream.send(req).await?;
-        rec.upstream_ms = Some(took.as_secs_f64() * 1000.0);
+        let (resp, took) = self.upstream.send(parts, body).await?;
+        rec.upstream_ms = Some(ms(took));
         Ok(resp)
     }
 
@@ -409,7 +408,7 @@ impl Pipeline {
                 return resp;
             }
         };
-        rec.upstream_ms = Some(start.elapsed().as_secs_f64() * 1000.0);
+        rec.upstream_ms = Some(ms(start.elapsed()));
         rec.status = 200;
         let me = self.clone();
         let req = Request::from_parts(parts, body);
@@ -469,7 +468,7 @@ impl Pipeline {
     /// Stage 8: log, and count.
     fn finish(&self, mut rec: Record, start: Instant) {
         let elapsed = start.elapsed();
-        rec.duration_ms = (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0;
+        rec.duration_ms = ms(elapsed);
         let route = rec.route.clone().unwrap_or_else(|| "none".into());
         self.metrics
             .requests
@@ -485,6 +484,11 @@ impl Pipeline {
             .observe(elapsed.as_secs_f64());
         self.log.emit(&rec);
     }
+}
+
+/// Milliseconds with microsecond precision, for the log.
+fn ms(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
 
 fn describe_target(rec: &mut Record, t: &Target) {

@@ -763,10 +763,10 @@ impl Validator<'_> {
                 );
             }
         }
-        if let Some(p) = &r.purpose_default {
-            if let Err(e) = crate::identify::validate_purpose(p) {
-                self.err(&[Key("routes"), Idx(i), Key("purpose_default")], e);
-            }
+        if let Some(p) = &r.purpose_default
+            && let Err(e) = crate::identify::validate_purpose(p)
+        {
+            self.err(&[Key("routes"), Idx(i), Key("purpose_default")], e);
         }
         Some(Route {
             name: r.name.clone(),
