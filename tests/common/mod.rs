@@ -1,0 +1,367 @@
+//! Test harness: the real `chaperone` binary, real upstreams on 127.0.0.1 port 0.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+/// A request as the upstream received it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub uri: String,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+    /// Everything the upstream saw, as one string, for "never contains" checks.
+    pub fn all_text(&self) -> String {
+        format!(
+            "{} {} {:?} {}",
+            self.method, self.uri, self.headers, self.body
+        )
+    }
+}
+
+/// A loopback upstream that records every request and answers 200 JSON.
+/// `/slow` waits 600 ms before answering.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Recorded>>>,
+    pub connections: Arc<AtomicUsize>,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (s2, c2) = (seen.clone(), connections.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                c2.fetch_add(1, Ordering::SeqCst);
+                let seen = s2.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let seen = seen.clone();
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|c| c.to_bytes())
+                                .unwrap_or_default();
+                            let rec = Recorded {
+                                method: parts.method.to_string(),
+                                uri: parts.uri.to_string(),
+                                headers: parts
+                                    .headers
+                                    .iter()
+                                    .map(|(k, v)| {
+                                        (
+                                            k.to_string(),
+                                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                                        )
+                                    })
+                                    .collect(),
+                                body: String::from_utf8_lossy(&body).into_owned(),
+                            };
+                            seen.lock().unwrap().push(rec);
+                            if parts.uri.path() == "/slow" {
+                                tokio::time::sleep(Duration::from_millis(600)).await;
+                            }
+                            let mut resp =
+                                Response::new(Full::new(Bytes::from_static(br#"{"ok":true}"#)));
+                            resp.headers_mut()
+                                .insert("content-type", "application/json".parse().unwrap());
+                            resp.headers_mut().insert(
+                                "connection",
+                                "keep-alive, x-upstream-hop".parse().unwrap(),
+                            );
+                            resp.headers_mut()
+                                .insert("x-upstream-hop", "1".parse().unwrap());
+                            Ok::<_, Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            addr,
+            seen,
+            connections,
+        }
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// A running `chaperone` process with its own temp dir; killed on drop.
+pub struct Sidecar {
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_chaperone")
+}
+
+/// A config whose policy permits everything except the purpose `exfiltrate` and the path
+/// prefix `/forbidden`.
+pub const PERMISSIVE_POLICY: &str = r#"@id("allow-all")
+permit(principal, action, resource);
+@id("no-exfiltration")
+forbid(principal, action, resource) when { context.purpose == "exfiltrate" };
+@id("no-forbidden-path")
+forbid(principal, action, resource) when { context.path like "/forbidden*" };
+"#;
+
+impl Sidecar {
+    /// Start with a config; `{dir}` in the YAML is replaced by the temp dir. Listen and admin
+    /// must be 127.0.0.1:0; the bound addresses are read from the start-up banner.
+    pub fn start(yaml: &str, policy: &str, env: &[(&str, &str)]) -> Sidecar {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("policy.cedar"), policy).unwrap();
+        let cfg = dir.path().join("config.yaml");
+        std::fs::write(&cfg, yaml.replace("{dir}", dir.path().to_str().unwrap())).unwrap();
+        Self::spawn(dir, &["run", "--config", cfg.to_str().unwrap()], env)
+    }
+
+    /// Start on embedded defaults (observe mode) on ephemeral ports.
+    pub fn start_observe() -> Sidecar {
+        let dir = tempfile::tempdir().unwrap();
+        Self::spawn(
+            dir,
+            &["run", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"],
+            &[],
+        )
+    }
+
+    fn spawn(dir: tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Sidecar {
+        let stdout = dir.path().join("stdout.log");
+        let stderr = dir.path().join("stderr.log");
+        let mut cmd = Command::new(bin());
+        cmd.args(args)
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .stdin(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        let mut sc = Sidecar {
+            proxy: "0.0.0.0:0".parse().unwrap(),
+            admin: "0.0.0.0:0".parse().unwrap(),
+            child: Some(child),
+            dir,
+            stdout,
+            stderr,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(&sc.stderr).unwrap_or_default();
+            let find = |marker: &str| {
+                text.lines().find_map(|l| {
+                    l.split_once(marker)
+                        .map(|(_, rest)| rest.split_whitespace().next().unwrap().to_string())
+                })
+            };
+            if let (Some(p), Some(a)) =
+                (find("proxy listening on http://"), find("admin on http://"))
+            {
+                sc.proxy = p.parse().unwrap();
+                sc.admin = a.parse().unwrap();
+                break;
+            }
+            if let Some(status) = sc.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("chaperone exited with {status}: {text}");
+            }
+            assert!(Instant::now() < deadline, "chaperone did not start: {text}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        sc
+    }
+
+    pub fn proxy_url(&self) -> String {
+        format!("http://{}", self.proxy)
+    }
+
+    /// Purpose-log lines written to stdout so far (waits briefly for the writer thread).
+    pub fn log_lines(&self, at_least: usize) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let lines: Vec<serde_json::Value> = std::fs::read_to_string(&self.stdout)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            if lines.len() >= at_least || Instant::now() > deadline {
+                return lines;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything the process printed.
+    pub fn output(&self) -> String {
+        format!(
+            "{}\n{}",
+            std::fs::read_to_string(&self.stdout).unwrap_or_default(),
+            std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        )
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Send SIGTERM and wait for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "chaperone did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A plain HTTP/1.1 GET to the admin server.
+pub fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
+    raw_request(
+        admin,
+        &format!("GET {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"),
+    )
+}
+
+/// Write raw bytes to an address and read one response (head, then `content-length` bytes
+/// of body, or until the server closes); returns (status, text).
+pub fn raw_request(addr: SocketAddr, request: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let text = String::from_utf8_lossy(&out).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head.lines().find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse::<usize>().unwrap())
+            });
+            if len.is_some_and(|n| body.len() >= n) {
+                break;
+            }
+        }
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+/// Read the first response head from a buffered reader; returns the status.
+pub fn read_status(r: &mut impl BufRead) -> u16 {
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+pub fn reader(s: std::net::TcpStream) -> BufReader<std::net::TcpStream> {
+    BufReader::new(s)
+}
+
+/// A hard-coded key with a real OpenAI project-key shape, unique per call.
+pub fn fake_openai_key() -> String {
+    let n: u64 = rand_u64();
+    format!(
+        "sk-proj-{:016x}{}",
+        n,
+        "Qw3_rTy7-uIo9pAs1dFg2hJk4lZx6cVb8nM0".to_string()
+    )
+}
+
+pub fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
+    h.finish()
+}
+
+/// Run a command and return (success, stdout, stderr).
+pub fn run(cmd: &mut Command) -> (bool, String, String) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (install it: see .ci/run)"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

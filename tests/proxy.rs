@@ -1,0 +1,791 @@
+//! End-to-end tests: the real binary, real upstreams on loopback, real clients (curl, Python
+//! `requests`, a hyper client, raw sockets).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::process::Command;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Full};
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::Value;
+
+const STATIC_ENV: &str = "TEST_STATIC_KEY";
+
+fn config(upstream_port: u16, mode: &str) -> String {
+    format!(
+        r#"listen: 127.0.0.1:0
+admin: 127.0.0.1:0
+identity:
+  id: spiffe://test.local/ns/ml/sa/inference
+  workload: test-inference
+  environment: test
+credentials:
+  app-key:
+    kind: static
+    from_env: {STATIC_ENV}
+  per-call:
+    kind: jwt
+    ttl: 90s
+routes:
+  - name: static-route
+    match: {{ host: 127.0.0.1, port: {upstream_port}, path_prefix: /static/ }}
+    credential: app-key
+    inject: {{ header: x-api-key, value: "{{token}}" }}
+  - name: jwt-route
+    match: {{ host: 127.0.0.1, port: {upstream_port}, path_prefix: /v1/ }}
+    credential: per-call
+    purpose_default: inference
+    scopes: [model.invoke]
+    labels: {{ sensitivity: high }}
+strip:
+  mode: {mode}
+policy:
+  file: {{dir}}/policy.cedar
+log:
+  format: json
+  output: stdout
+timeouts:
+  shutdown_grace: 5s
+"#
+    )
+}
+
+fn static_value() -> String {
+    format!("static-sidecar-secret-{:x}", rand_u64())
+}
+
+fn curl(args: &[&str]) -> (u16, String) {
+    let (ok, out, err) = run(Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}"])
+        .args(args));
+    assert!(ok, "curl failed: {err}");
+    let (body, code) = out.rsplit_once('\n').unwrap();
+    (code.trim().parse().unwrap(), body.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_request_has_secret_stripped_credential_injected_and_one_log_line() {
+    let up = Upstream::start().await;
+    let value = static_value();
+    let sc = Sidecar::start(
+        &config(up.addr.port(), "strip"),
+        PERMISSIVE_POLICY,
+        &[(STATIC_ENV, &value)],
+    );
+    let key = fake_openai_key();
+    let key2 = fake_openai_key();
+    let url = format!(
+        "http://127.0.0.1:{}/static/chat?model=m1&api_key={key2}",
+        up.addr.port()
+    );
+    let (code, body) = curl(&[
+        "-x",
+        &sc.proxy_url(),
+        "-H",
+        &format!("Authorization: Bearer {key}"),
+        "-H",
+        "chaperone-purpose: answer-question",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        r#"{"q":"hi"}"#,
+        &url,
+    ]);
+    assert_eq!(code, 200, "{body}");
+
+    let reqs = up.requests();
+    assert_eq!(reqs.len(), 1);
+    let r = &reqs[0];
+    assert_eq!(
+        r.header("x-api-key"),
+        Some(value.as_str()),
+        "injected credential"
+    );
+    assert!(
+        r.header("authorization").is_none(),
+        "app's authorization header must be gone"
+    );
+    assert!(
+        r.header("chaperone-purpose").is_none(),
+        "purpose header must not be forwarded"
+    );
+    assert!(
+        !r.all_text().contains(&key) && !r.all_text().contains(&key2),
+        "embedded secret reached upstream: {r:?}"
+    );
+    assert_eq!(
+        r.uri, "/static/chat?model=m1",
+        "credential query parameter removed, others kept"
+    );
+    assert!(
+        r.header("via")
+            .is_some_and(|v| v.starts_with("1.1 chaperone-"))
+    );
+    assert_eq!(r.body, r#"{"q":"hi"}"#);
+
+    let lines = sc.log_lines(1);
+    assert_eq!(lines.len(), 1);
+    let l = &lines[0];
+    for k in [
+        "ts",
+        "request_id",
+        "trace_id",
+        "identity",
+        "workload",
+        "stage",
+        "environment",
+        "purpose",
+        "method",
+        "scheme",
+        "host",
+        "port",
+        "path",
+        "route",
+        "decision",
+        "policy_ids",
+        "credential",
+        "stripped",
+        "status",
+        "duration_ms",
+        "upstream_ms",
+        "error",
+    ] {
+        assert!(l.get(k).is_some(), "log line lacks {k}: {l}");
+    }
+    assert_eq!(l["identity"], "spiffe://test.local/ns/ml/sa/inference");
+    assert_eq!(l["workload"], "test-inference");
+    assert_eq!(l["purpose"], "answer-question");
+    assert_eq!(l["route"], "static-route");
+    assert_eq!(l["decision"], "allow");
+    assert_eq!(l["status"], 200);
+    assert_eq!(l["policy_ids"], serde_json::json!(["allow-all"]));
+    assert_eq!(l["credential"]["name"], "app-key");
+    assert_eq!(l["credential"]["kind"], "static");
+    assert!(l["credential"]["id"].as_str().unwrap().starts_with("fp:"));
+    assert_eq!(l["query"], "model=<redacted>&api_key=<redacted>");
+    assert_eq!(l["request_id"].as_str(), r.header("chaperone-request-id"));
+    let stripped: Vec<(String, String)> = l["stripped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["type"].as_str().unwrap().to_string(),
+                f["location"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        stripped.contains(&("openai_project_key".into(), "header:authorization".into())),
+        "{stripped:?}"
+    );
+    assert!(
+        stripped.contains(&("openai_project_key".into(), "query:api_key".into())),
+        "{stripped:?}"
+    );
+
+    let out = sc.output();
+    for secret in [&key, &key2, &value] {
+        assert!(
+            !out.contains(secret.as_str()),
+            "a secret reached the proxy's output"
+        );
+    }
+    let (_, metrics) = admin_get(sc.admin, "/metrics");
+    assert!(
+        metrics.contains(
+            r#"chaperone_stripped_secrets_total{type="openai_project_key",location="header"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"route="static-route",decision="allow",status="200""#),
+        "{metrics}"
+    );
+    for secret in [&key, &key2, &value] {
+        assert!(!metrics.contains(secret.as_str()));
+    }
+}
+
+async fn jwks(sc: &Sidecar) -> JwkSet {
+    let (code, body) = admin_get(sc.admin, "/.well-known/jwks.json");
+    assert_eq!(code, 200);
+    let body = body.split_once("\r\n\r\n").unwrap().1;
+    serde_json::from_str(body).unwrap()
+}
+
+fn verify(jwks: &JwkSet, token: &str, aud: &str) -> Value {
+    let header = jsonwebtoken::decode_header(token).unwrap();
+    assert_eq!(header.typ.as_deref(), Some("txntoken+jwt"));
+    let jwk = jwks
+        .find(header.kid.as_deref().unwrap())
+        .expect("kid in JWKS");
+    let mut v = Validation::new(Algorithm::EdDSA);
+    v.set_audience(&[aud]);
+    v.set_issuer(&["spiffe://test.local/ns/ml/sa/inference"]);
+    jsonwebtoken::decode::<Value>(token, &DecodingKey::from_jwk(jwk).unwrap(), &v)
+        .unwrap()
+        .claims
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_requests_via_http_proxy_gets_a_fresh_verified_token_per_call() {
+    let up = Upstream::start().await;
+    let sc = Sidecar::start(
+        &config(up.addr.port(), "strip"),
+        PERMISSIVE_POLICY,
+        &[(STATIC_ENV, "unused-static-value")],
+    );
+    let script = format!(
+        r#"
+import requests
+for purpose in ["summarize-ticket", "answer-question"]:
+    r = requests.post("http://127.0.0.1:{port}/v1/chat/completions", json={{"q": 1}},
+                      headers={{"chaperone-purpose": purpose, "X-Api-Key": "sk-proj-a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8s9T0"}})
+    print(r.status_code, r.headers.get("chaperone-request-id"))
+"#,
+        port = up.addr.port()
+    );
+    let (ok, out, err) = run(Command::new("python3")
+        .args(["-c", &script])
+        .env("HTTP_PROXY", sc.proxy_url())
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy"));
+    assert!(ok, "python failed: {err}");
+    let statuses: Vec<&str> = out
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(statuses, ["200", "200"], "{out}");
+
+    let set = jwks(&sc).await;
+    let reqs = up.requests();
+    assert_eq!(reqs.len(), 2);
+    let aud = format!("http://127.0.0.1:{}", up.addr.port());
+    let lines = sc.log_lines(2);
+    let mut jtis = Vec::new();
+    for (r, purpose) in reqs.iter().zip(["summarize-ticket", "answer-question"]) {
+        assert!(
+            r.header("x-api-key").is_none(),
+            "embedded key header stripped"
+        );
+        let token = r
+            .header("authorization")
+            .unwrap()
+            .strip_prefix("Bearer ")
+            .unwrap();
+        let claims = verify(&set, token, &aud);
+        assert_eq!(claims["sub"], "spiffe://test.local/ns/ml/sa/inference");
+        assert_eq!(claims["tctx"]["purpose"], purpose);
+        assert_eq!(claims["tctx"]["workload"], "test-inference");
+        assert_eq!(claims["rctx"]["method"], "POST");
+        assert_eq!(claims["scope"], format!("model.invoke purpose:{purpose}"));
+        assert_eq!(claims["txn"].as_str(), r.header("chaperone-request-id"));
+        assert_eq!(
+            claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(),
+            90
+        );
+        let line = lines
+            .iter()
+            .find(|l| l["request_id"] == claims["txn"])
+            .expect("log line for the call");
+        assert_eq!(
+            line["credential"]["id"], claims["jti"],
+            "the log names the token by its jti"
+        );
+        assert!(
+            !line.to_string().contains(token),
+            "the token itself is never logged"
+        );
+        jtis.push(claims["jti"].as_str().unwrap().to_string());
+    }
+    assert_ne!(jtis[0], jtis[1], "each call gets its own token");
+    assert!(
+        !sc.output()
+            .contains("sk-proj-a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8s9T0")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_denial_is_a_403_json_error_logged_as_deny() {
+    let up = Upstream::start().await;
+    let sc = Sidecar::start(
+        &config(up.addr.port(), "strip"),
+        PERMISSIVE_POLICY,
+        &[(STATIC_ENV, "v-static-value")],
+    );
+    let url = format!("http://127.0.0.1:{}/v1/files", up.addr.port());
+    let (code, body) = curl(&[
+        "-x",
+        &sc.proxy_url(),
+        "-H",
+        "chaperone-purpose: exfiltrate",
+        &url,
+    ]);
+    assert_eq!(code, 403);
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"], "policy_denied");
+    assert_eq!(body["policy_ids"], serde_json::json!(["no-exfiltration"]));
+    assert!(body["reason"].as_str().unwrap().contains("no-exfiltration"));
+    assert!(
+        up.requests().is_empty(),
+        "a denied request never reaches the upstream"
+    );
+    let l = &sc.log_lines(1)[0];
+    assert_eq!(l["decision"], "deny");
+    assert_eq!(l["purpose"], "exfiltrate");
+    assert_eq!(l["error"], "policy_denied");
+    assert_eq!(l["request_id"], body["request_id"]);
+    assert!(
+        l["credential"].is_null(),
+        "no credential is obtained for a denied request"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_deny_when_no_policy_permits() {
+    let up = Upstream::start().await;
+    let sc = Sidecar::start(
+        &config(up.addr.port(), "strip"),
+        "forbid(principal, action, resource) when { context.purpose == \"x\" };",
+        &[(STATIC_ENV, "v-static-value")],
+    );
+    let (code, body) = curl(&[
+        "-x",
+        &sc.proxy_url(),
+        &format!("http://127.0.0.1:{}/anything", up.addr.port()),
+    ]);
+    assert_eq!(code, 403);
+    assert!(body.contains("no policy permits this request"), "{body}");
+    assert!(up.requests().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_mode_refuses_embedded_secrets_without_echoing_them() {
+    let up = Upstream::start().await;
+    let sc = Sidecar::start(
+        &config(up.addr.port(), "block"),
+        PERMISSIVE_POLICY,
+        &[(STATIC_ENV, "v-static-value")],
+    );
+    let key = fake_openai_key();
+    let (code, body) = curl(&[
+        "-x",
+        &sc.proxy_url(),
+        "-H",
+        &format!("x-api-key: {key}"),
+        &format!("http://127.0.0.1:{}/v1/x", up.addr.port()),
+    ]);
+    assert_eq!(code, 403);
+    assert!(
+        body.contains("embedded_secret") && body.contains("header:x-api-key"),
+        "{body}"
+    );
+    assert!(!body.contains(&key));
+    assert!(up.requests().is_empty());
+    assert!(!sc.output().contains(&key));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn observe_mode_proxies_reports_and_injects_nothing() {
+    let up = Upstream::start().await;
+    let sc = Sidecar::start_observe();
+    assert!(sc.output().contains("OBSERVE MODE"));
+    let key = fake_openai_key();
+    let (code, _) = curl(&[
+        "-x",
+        &sc.proxy_url(),
+        "-H",
+        &format!("Authorization: Bearer {key}"),
+        &format!("http://127.0.0.1:{}/v1/x", up.addr.port()),
+    ]);
+    assert_eq!(code, 200);
+    let r = &up.requests()[0];
+    assert_eq!(
+        r.header("authorization"),
+        Some(format!("Bearer {key}").as_str()),
+        "report mode leaves it"
+    );
+    let l = &sc.log_lines(1)[0];
+    assert_eq!(l["strip_mode"], "report");
+    assert_eq!(l["stripped"][0]["type"], "openai_project_key");
+    assert!(l["credential"].is_null());
+    assert!(!sc.output().contains(&key));
+    // Guardrails hold even in observe mode.
+    let (code, body) = curl(&[
+        "-x",
+        &sc.proxy_url(),
+        "http://169.254.169.254/latest/meta-data/",
+    ]);
+    assert_eq!(code, 403, "{body}");
+    let (code, _) = curl(&[
+        "-x",
+        &sc.proxy_url(),
+        &format!("http://{}/metrics", sc.admin),
+    ]);
+    assert_eq!(
+        code, 403,
+        "the admin port is not reachable through the proxy"
+    );
+}
+
+#[test]
+fn check_lists_every_error_with_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "listen: 127.0.0.1:15001\nidentity:\n  id: spiffe://t/x\n  workload: w\n  environment: e\ncredentials:\n  k:\n    kind: static\n    from_env: SURELY_UNSET_VAR_FOR_TEST\nroutes:\n  - name: r\n    match: { host: api.test }\n    credential: nope\npolicy:\n  file: missing.cedar\n",
+    )
+    .unwrap();
+    let (ok, _, err) = run(Command::new(bin()).args(["check", "--config", bad.to_str().unwrap()]));
+    assert!(!ok);
+    let file = bad.display().to_string();
+    for want in [
+        format!(
+            "{file}:9:5: credentials.k.from_env: environment variable SURELY_UNSET_VAR_FOR_TEST"
+        ),
+        format!("{file}:13:5: routes[0].credential: no credential named `nope`"),
+        format!("{file}:15:3: policy.file: cannot read"),
+    ] {
+        assert!(err.contains(&want), "missing `{want}` in:\n{err}");
+    }
+
+    std::fs::write(&bad, "listen: 127.0.0.1:1\nadmin: [oops\n").unwrap();
+    let (ok, _, err) = run(Command::new(bin()).args(["check", "--config", bad.to_str().unwrap()]));
+    assert!(!ok);
+    assert!(err.starts_with(&format!("{file}:")), "{err}");
+
+    std::fs::write(&bad, "identity:\n  id: a\n  workload: w\n  environment: e\n  colour: blue\npolicy: { file: p }\n").unwrap();
+    let (ok, _, err) = run(Command::new(bin()).args(["check", "--config", bad.to_str().unwrap()]));
+    assert!(!ok);
+    assert!(
+        err.contains(&format!("{file}:5:3: identity")) && err.contains("colour"),
+        "{err}"
+    );
+
+    // `run` refuses the same config before binding anything.
+    let (ok, _, err) = run(Command::new(bin()).args(["run", "--config", bad.to_str().unwrap()]));
+    assert!(!ok);
+    assert!(err.contains("not started"), "{err}");
+}
+
+#[test]
+fn examples_quickstart_passes_check() {
+    let (ok, out, err) =
+        run(Command::new(bin()).args(["check", "--config", "examples/quickstart.yaml"]));
+    assert!(ok, "{err}");
+    assert!(out.contains("ok"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_oversized_requests_get_4xx_and_the_proxy_keeps_serving() {
+    let up = Upstream::start().await;
+    let sc = Sidecar::start(
+        &config(up.addr.port(), "strip"),
+        PERMISSIVE_POLICY,
+        &[(STATIC_ENV, "v-static-value")],
+    );
+    let (code, _) = raw_request(sc.proxy, "THIS IS NOT HTTP\r\n\r\n");
+    assert_eq!(code, 400);
+    let (code, _) = raw_request(
+        sc.proxy,
+        "GET http://127.0.0.1:1/\x01\x02 HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert_eq!(code, 400);
+    let huge = "a".repeat(100 * 1024);
+    let (code, _) = raw_request(
+        sc.proxy,
+        &format!(
+            "GET http://127.0.0.1:{}/ HTTP/1.1\r\nHost: x\r\nX-Big: {huge}\r\n\r\n",
+            up.addr.port()
+        ),
+    );
+    assert_eq!(code, 431, "oversized headers");
+    let (code, _) = raw_request(sc.proxy, "GET /no-host HTTP/1.1\r\n\r\n");
+    assert!((400..500).contains(&code), "{code}");
+    let (code, body) = raw_request(
+        sc.proxy,
+        "GET https://127.0.0.1:1/ HTTP/1.1\r\nHost: 127.0.0.1:1\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(code, 400);
+    assert!(body.contains("bad_request") && body.contains("CONNECT"));
+    let (code, body) = raw_request(
+        sc.proxy,
+        "GET http://127.0.0.1:1/ HTTP/1.1\r\nHost: x\r\nchaperone-purpose: has spaces\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(code, 400, "{body}");
+    // Still serving.
+    let (code, _) = curl(&[
+        "-x",
+        &sc.proxy_url(),
+        &format!("http://127.0.0.1:{}/ok", up.addr.port()),
+    ]);
+    assert_eq!(code, 200);
+    assert!(sc.output().lines().all(|l| !l.contains("panicked")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_client_and_pooled_upstream_connections() {
+    let up = Upstream::start().await;
+    let sc = Sidecar::start(
+        &config(up.addr.port(), "strip"),
+        PERMISSIVE_POLICY,
+        &[(STATIC_ENV, "v-static-value")],
+    );
+    let stream = tokio::net::TcpStream::connect(sc.proxy).await.unwrap();
+    let (mut tx, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for i in 0..25 {
+        let req = http::Request::get(format!("http://127.0.0.1:{}/item/{i}", up.addr.port()))
+            .header("host", format!("127.0.0.1:{}", up.addr.port()))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        tx.ready().await.expect("same client connection stays open");
+        let resp = tx
+            .send_request(req)
+            .await
+            .expect("request on the kept-alive connection");
+        assert_eq!(resp.status(), 200);
+        assert!(resp.headers().get("chaperone-request-id").is_some());
+        assert!(
+            resp.headers().get("x-upstream-hop").is_none(),
+            "response hop-by-hop header removed"
+        );
+        assert!(resp.headers().get("via").is_some());
+        resp.into_body().collect().await.unwrap();
+    }
+    assert_eq!(up.requests().len(), 25);
+    assert!(
+        up.connections.load(std::sync::atomic::Ordering::SeqCst) <= 2,
+        "upstream connections are pooled"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_are_dropped_and_loops_detected() {
+    let up = Upstream::start().await;
+    let sc = Sidecar::start(
+        &config(up.addr.port(), "strip"),
+        PERMISSIVE_POLICY,
+        &[(STATIC_ENV, "v-static-value")],
+    );
+    let url = format!("http://127.0.0.1:{}/hop", up.addr.port());
+    let (code, _) = curl(&[
+        "-x",
+        &sc.proxy_url(),
+        "-H",
+        "Connection: x-drop-me",
+        "-H",
+        "x-drop-me: 1",
+        "-H",
+        "Keep-Alive: timeout=5",
+        "-H",
+        "TE: trailers",
+        "-H",
+        "Proxy-Authorization: Basic dXNlcjpodW50ZXIy",
+        "-H",
+        "x-keep-me: 1",
+        &url,
+    ]);
+    assert_eq!(code, 200);
+    let r = &up.requests()[0];
+    for gone in [
+        "x-drop-me",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+        "connection",
+    ] {
+        assert!(
+            r.header(gone).is_none()
+                || (gone == "connection" && r.header(gone) == Some("keep-alive")),
+            "{gone} forwarded: {r:?}"
+        );
+    }
+    assert_eq!(r.header("x-keep-me"), Some("1"));
+    let via = r.header("via").unwrap().to_string();
+    let (code, body) = curl(&["-x", &sc.proxy_url(), "-H", &format!("Via: {via}"), &url]);
+    assert_eq!(code, 508, "{body}");
+    assert!(body.contains("loop_detected"));
+    assert_eq!(up.requests().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_tunnels_are_policy_checked_and_logged() {
+    let up = Upstream::start().await;
+    // An echo server to tunnel to.
+    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in echo.incoming() {
+            let mut s = s.unwrap();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let sc = Sidecar::start(
+        &config(up.addr.port(), "strip"),
+        PERMISSIVE_POLICY,
+        &[(STATIC_ENV, "v-static-value")],
+    );
+
+    let mut s = std::net::TcpStream::connect(sc.proxy).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "CONNECT {echo_addr} HTTP/1.1\r\nHost: {echo_addr}\r\nchaperone-purpose: tool-call\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = [0u8; 512];
+    let n = s.read(&mut head).unwrap();
+    let head = String::from_utf8_lossy(&head[..n]).to_string();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s.write_all(b"ping through the tunnel").unwrap();
+    let mut back = [0u8; 23];
+    s.read_exact(&mut back).unwrap();
+    assert_eq!(
+        &back, b"ping through the tunnel",
+        "tunnel passes bytes untouched"
+    );
+    drop(s);
+
+    let (code, body) = raw_request(
+        sc.proxy,
+        &format!(
+            "CONNECT {echo_addr} HTTP/1.1\r\nHost: {echo_addr}\r\nchaperone-purpose: exfiltrate\r\n\r\n"
+        ),
+    );
+    assert_eq!(code, 403);
+    assert!(body.contains("policy_denied"));
+    // A host whose route injects a credential cannot be blindly tunnelled.
+    let (code, body) = raw_request(
+        sc.proxy,
+        &format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", up.addr),
+    );
+    assert_eq!(code, 403);
+    assert!(body.contains("TLS interception"), "{body}");
+
+    let lines = sc.log_lines(3);
+    let tunnel = lines
+        .iter()
+        .find(|l| l["kind"] == "tunnel" && l["decision"] == "allow")
+        .expect("tunnel logged");
+    assert_eq!(tunnel["method"], "CONNECT");
+    assert_eq!(tunnel["purpose"], "tool-call");
+    assert_eq!(tunnel["bytes_in"], 23);
+    assert_eq!(tunnel["bytes_out"], 23);
+    assert!(
+        lines.iter().any(|l| l["kind"] == "tunnel"
+            && l["decision"] == "deny"
+            && l["purpose"] == "exfiltrate")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests() {
+    let up = Upstream::start().await;
+    let mut sc = Sidecar::start(
+        &config(up.addr.port(), "strip"),
+        PERMISSIVE_POLICY,
+        &[(STATIC_ENV, "v-static-value")],
+    );
+    let proxy = sc.proxy_url();
+    let url = format!("http://127.0.0.1:{}/slow", up.addr.port());
+    let in_flight = std::thread::spawn(move || curl(&["-x", &proxy, &url]));
+    // Wait until the upstream has the request, then ask the sidecar to stop.
+    for _ in 0..200 {
+        if !up.requests().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let status = sc.terminate();
+    let (code, _) = in_flight.join().unwrap();
+    assert_eq!(
+        code, 200,
+        "the in-flight request completed during the drain"
+    );
+    assert!(status.success(), "{status:?}");
+    let lines = sc.log_lines(1);
+    assert_eq!(lines.len(), 1, "its log line was flushed before exit");
+    assert_eq!(lines[0]["path"], "/slow");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_upstream_is_a_502_json_error() {
+    let sc = Sidecar::start_observe();
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (code, body) = curl(&["-x", &sc.proxy_url(), &format!("http://127.0.0.1:{port}/")]);
+    assert_eq!(code, 502);
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"], "upstream_unreachable");
+    let l = &sc.log_lines(1)[0];
+    assert_eq!(l["status"], 502);
+    assert_eq!(l["error"], "upstream_unreachable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints() {
+    let up = Upstream::start().await;
+    let sc = Sidecar::start(
+        &config(up.addr.port(), "strip"),
+        PERMISSIVE_POLICY,
+        &[(STATIC_ENV, "v-static-value")],
+    );
+    assert_eq!(admin_get(sc.admin, "/healthz").0, 200);
+    assert_eq!(admin_get(sc.admin, "/readyz").0, 200);
+    assert_eq!(admin_get(sc.admin, "/nope").0, 404);
+    let set = jwks(&sc).await;
+    assert_eq!(set.keys.len(), 1);
+    let key = fake_openai_key();
+    let (code, _) = curl(&[
+        "-x",
+        &sc.proxy_url(),
+        "-H",
+        &format!("x-api-key: {key}"),
+        &format!("http://127.0.0.1:{}/v1/m", up.addr.port()),
+    ]);
+    assert_eq!(code, 200);
+    let (code, metrics) = admin_get(sc.admin, "/metrics");
+    assert_eq!(code, 200);
+    for name in [
+        "chaperone_requests_total",
+        "chaperone_request_duration_seconds",
+        "chaperone_stripped_secrets_total",
+        "chaperone_credential_fetches_total",
+        "chaperone_tunnels_open",
+    ] {
+        let family = name.trim_end_matches("_total");
+        assert!(
+            metrics.contains(&format!("# TYPE {family} ")),
+            "{name} missing:\n{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains(
+            r#"chaperone_credential_fetches_total{credential="per-call",kind="jwt",result="ok"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(!metrics.contains(&key));
+}
