@@ -337,8 +337,7 @@ pub fn fake_openai_key() -> String {
     let n: u64 = rand_u64();
     format!(
         "sk-proj-{:016x}{}",
-        n,
-        "Qw3_rTy7-uIo9pAs1dFg2hJk4lZx6cVb8nM0".to_string()
+        n, "Qw3_rTy7-uIo9pAs1dFg2hJk4lZx6cVb8nM0"
     )
 }
 
