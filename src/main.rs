@@ -55,8 +55,11 @@ fn init_tracing() {
     }
 }
 
+/// The control runtime: acceptors, admin, file watches. Proxy traffic runs on the server's own
+/// worker threads, so one thread is enough here.
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .thread_name("chaperone")
         .build()

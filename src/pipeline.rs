@@ -41,12 +41,14 @@ use crate::purpose_log::{CredentialLog, PurposeLog, Record};
 use crate::route::{RouteTable, Target};
 use crate::{accept, strip, tunnel};
 
-/// Everything the stages need, built once from the configuration.
+/// Everything the stages need, built once from the configuration. Each worker thread has its
+/// own clone (sharing everything but the upstream connection pool, see [`Pipeline::for_worker`]).
+#[derive(Clone)]
 pub struct Pipeline {
     /// Routes in match order.
-    pub routes: RouteTable,
+    pub routes: Arc<RouteTable>,
     /// Compiled policy.
-    pub policy: PolicyEngine,
+    pub policy: Arc<PolicyEngine>,
     /// Addresses refused before policy.
     pub guardrails: Guardrails,
     /// Credential sources.
@@ -86,6 +88,14 @@ fn strip_mode_name(m: StripMode) -> &'static str {
 }
 
 impl Pipeline {
+    /// A copy for one worker thread: shared stages, its own upstream pool, so a request and
+    /// the upstream connection it uses live on the same thread (no cross-thread wakeups).
+    pub fn for_worker(&self) -> Pipeline {
+        let mut p = self.clone();
+        p.upstream = Upstream::new(&self.timeouts);
+        p
+    }
+
     /// Handle one request from a client of the listener that serves `identity`.
     pub async fn handle(
         self: Arc<Self>,

@@ -1,14 +1,15 @@
 //! Stage 8, log: one purpose-log line per request (DESIGN §7), also on denial and error.
 //!
-//! Lines are serialized on the request path and handed to a writer thread through a bounded
-//! channel, so a slow disk never stalls a request. If the channel is full the line is dropped
-//! and counted (`chaperone_log_dropped_total`) rather than blocking the proxy.
+//! Lines are serialized on the request path and appended to a shared buffer; a writer thread
+//! swaps the buffer out and writes it every [`FLUSH_EVERY`] (sooner when it fills), so a
+//! request never waits on the disk and never wakes a thread per line. If the writer falls
+//! behind by more than [`MAX_PENDING_BYTES`], lines are dropped and counted
+//! (`chaperone_log_dropped_total`) rather than stalling the proxy or growing without bound.
 
 use std::io::Write;
-use std::sync::Arc;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
@@ -165,21 +166,44 @@ impl Record {
     }
 }
 
+/// Longest a line waits in memory before it is written.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
+/// The writer is woken early once this much is pending.
+const WAKE_AT_BYTES: usize = 256 * 1024;
+/// Beyond this much pending output, new lines are dropped and counted.
+pub const MAX_PENDING_BYTES: usize = 16 * 1024 * 1024;
+
+#[derive(Default)]
+struct Pending {
+    buf: Vec<u8>,
+    closed: bool,
+}
+
+struct Shared {
+    pending: Mutex<Pending>,
+    wake: Condvar,
+}
+
 /// Handle to the purpose-log writer; cheap to clone.
 #[derive(Clone)]
 pub struct PurposeLog {
-    tx: SyncSender<Vec<u8>>,
+    shared: Arc<Shared>,
     format: LogFormat,
     metrics: Arc<Metrics>,
 }
 
-/// Joins the writer thread once every handle is gone, so nothing is lost at exit.
-pub struct LogWriterGuard(Option<JoinHandle<()>>);
+/// Stops the writer and waits for it to write everything pending, so nothing is lost at exit.
+pub struct LogWriterGuard {
+    shared: Arc<Shared>,
+    handle: Option<JoinHandle<()>>,
+}
 
 impl LogWriterGuard {
-    /// Wait for the writer to drain (all `PurposeLog` handles must be dropped first).
+    /// Write what is pending and stop the writer.
     pub fn finish(mut self) {
-        if let Some(h) = self.0.take() {
+        self.shared.pending.lock().expect("log lock").closed = true;
+        self.shared.wake.notify_one();
+        if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
     }
@@ -202,17 +226,24 @@ impl PurposeLog {
                     .open(p)?,
             ),
         };
-        let (tx, rx) = sync_channel::<Vec<u8>>(65_536);
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Pending::default()),
+            wake: Condvar::new(),
+        });
+        let s2 = shared.clone();
         let handle = std::thread::Builder::new()
             .name("purpose-log".into())
-            .spawn(move || writer(rx, sink))?;
+            .spawn(move || writer(&s2, sink))?;
         Ok((
             PurposeLog {
-                tx,
+                shared: shared.clone(),
                 format,
                 metrics,
             },
-            LogWriterGuard(Some(handle)),
+            LogWriterGuard {
+                shared,
+                handle: Some(handle),
+            },
         ))
     }
 
@@ -223,24 +254,49 @@ impl PurposeLog {
             LogFormat::Pretty => rec.pretty().into_bytes(),
         };
         line.push(b'\n');
-        match self.tx.try_send(line) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.metrics.log_dropped.inc();
-            }
+        let mut p = self.shared.pending.lock().expect("log lock");
+        if p.buf.len() + line.len() > MAX_PENDING_BYTES {
+            drop(p);
+            self.metrics.log_dropped.inc();
+            return;
+        }
+        let was_small = p.buf.len() < WAKE_AT_BYTES;
+        p.buf.extend_from_slice(&line);
+        let wake = was_small && p.buf.len() >= WAKE_AT_BYTES;
+        drop(p);
+        if wake {
+            self.shared.wake.notify_one();
         }
     }
 }
 
-fn writer(rx: Receiver<Vec<u8>>, sink: Box<dyn Write + Send>) {
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, sink);
-    while let Ok(line) = rx.recv() {
-        let _ = out.write_all(&line);
-        // Batch whatever else is queued, then flush so lines show up promptly.
-        while let Ok(more) = rx.try_recv() {
-            let _ = out.write_all(&more);
+fn writer(shared: &Shared, sink: Box<dyn Write + Send>) {
+    let mut out = sink;
+    let mut spare = Vec::new();
+    loop {
+        let closed = {
+            let mut p = shared.pending.lock().expect("log lock");
+            if !p.closed && p.buf.len() < WAKE_AT_BYTES {
+                p = shared
+                    .wake
+                    .wait_timeout(p, FLUSH_EVERY)
+                    .expect("log lock")
+                    .0;
+            }
+            std::mem::swap(&mut p.buf, &mut spare);
+            p.closed
+        };
+        if !spare.is_empty() {
+            let _ = out.write_all(&spare);
+            let _ = out.flush();
+            spare.clear();
         }
-        let _ = out.flush();
+        if closed {
+            // One more swap: lines emitted between the swap above and `closed` being set.
+            let rest = std::mem::take(&mut shared.pending.lock().expect("log lock").buf);
+            let _ = out.write_all(&rest);
+            let _ = out.flush();
+            return;
+        }
     }
-    let _ = out.flush();
 }

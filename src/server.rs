@@ -1,5 +1,11 @@
 //! Start-up and shutdown: build every stage from the configuration, bind the listeners, serve
 //! until told to stop, then drain in-flight requests within the grace deadline.
+//!
+//! Threading: an acceptor task hands each client connection to one of N worker threads, each
+//! running a single-threaded event loop with its own upstream pool. A request, the upstream
+//! connection it rides and the tasks between them then share a thread, so a proxied request
+//! costs no cross-thread wakeups (measured: they were most of the added latency on the shared
+//! multi-threaded runtime; see BENCHMARKS.md).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -57,6 +63,7 @@ pub struct Running {
     log_guard: LogWriterGuard,
     pipeline: Arc<Pipeline>,
     grace: Duration,
+    workers: Workers,
 }
 
 impl Running {
@@ -76,11 +83,57 @@ impl Running {
             tracing::warn!("listeners did not stop in time");
         }
         drop(self.pipeline);
-        // Every PurposeLog handle lives in the pipeline, which the tasks held; with those
-        // gone the writer drains its queue and exits.
-        tokio::task::spawn_blocking(move || self.log_guard.finish())
-            .await
-            .ok();
+        let workers = self.workers;
+        let guard = self.log_guard;
+        tokio::task::spawn_blocking(move || {
+            workers.stop();
+            guard.finish();
+        })
+        .await
+        .ok();
+    }
+}
+
+/// Worker threads, each running a current-thread runtime until stopped.
+struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Workers {
+    fn spawn(n: usize) -> std::io::Result<Workers> {
+        let mut w = Workers {
+            handles: Vec::new(),
+            stops: Vec::new(),
+            threads: Vec::new(),
+        };
+        for i in 0..n {
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            w.handles.push(rt.handle().clone());
+            w.stops.push(stop_tx);
+            w.threads.push(
+                std::thread::Builder::new()
+                    .name(format!("chaperone-w{i}"))
+                    .spawn(move || {
+                        rt.block_on(async {
+                            let _ = stop_rx.await;
+                        });
+                    })?,
+            );
+        }
+        Ok(w)
+    }
+
+    /// Stop every worker (tasks still running are dropped) and join the threads.
+    fn stop(self) {
+        drop(self.stops);
+        for t in self.threads {
+            let _ = t.join();
+        }
     }
 }
 
@@ -136,8 +189,8 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
     let pipeline = Arc::new(Pipeline {
-        routes: RouteTable::new(cfg.routes.clone()),
-        policy,
+        routes: Arc::new(RouteTable::new(cfg.routes.clone())),
+        policy: Arc::new(policy),
         guardrails: Guardrails::new(own),
         credentials: credentials.clone(),
         fingerprinter,
@@ -153,14 +206,23 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let ready = Arc::new(AtomicBool::new(false));
+    let workers = Workers::spawn(cfg.workers).map_err(|e| build(format!("worker threads: {e}")))?;
+    let per_worker: Arc<Vec<(tokio::runtime::Handle, Arc<Pipeline>)>> = Arc::new(
+        workers
+            .handles
+            .iter()
+            .map(|h| (h.clone(), Arc::new(pipeline.for_worker())))
+            .collect(),
+    );
     let mut tasks = Vec::new();
     for (sock, identity) in listeners {
         tasks.push(tokio::spawn(serve_proxy(
             sock,
             identity,
-            pipeline.clone(),
+            per_worker.clone(),
             shutdown_rx.clone(),
             cfg.timeouts.shutdown_grace,
+            cfg.timeouts.header_read,
         )));
     }
     tasks.push(tokio::spawn(admin::serve(
@@ -181,6 +243,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         log_guard,
         pipeline,
         grace: cfg.timeouts.shutdown_grace,
+        workers,
     })
 }
 
@@ -198,12 +261,14 @@ fn http_builder(header_read: Duration) -> auto::Builder<TokioExecutor> {
 async fn serve_proxy(
     listener: TcpListener,
     identity: Arc<Identity>,
-    pipeline: Arc<Pipeline>,
+    workers: Arc<Vec<(tokio::runtime::Handle, Arc<Pipeline>)>>,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
+    header_read: Duration,
 ) {
     let graceful = GracefulShutdown::new();
-    let builder = Arc::new(http_builder(pipeline.timeouts.header_read));
+    let builder = Arc::new(http_builder(header_read));
+    let mut next = 0usize;
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -216,13 +281,21 @@ async fn serve_proxy(
                         continue;
                     }
                 };
-                serve_conn(stream, peer, &identity, &pipeline, &builder, &graceful);
+                // Round-robin over the workers; the socket moves to the worker's event loop.
+                let (handle, pipeline) = &workers[next % workers.len()];
+                next = next.wrapping_add(1);
+                let Ok(stream) = stream.into_std() else { continue };
+                let (identity, pipeline, builder, watcher) = (identity.clone(), pipeline.clone(), builder.clone(), graceful.watcher());
+                handle.spawn(async move {
+                    let Ok(stream) = TcpStream::from_std(stream) else { return };
+                    serve_conn(stream, peer, identity, pipeline, &builder, watcher).await;
+                });
             }
             _ = shutdown.changed() => break,
         }
     }
     drop(listener);
-    drop(pipeline);
+    drop(workers);
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()
@@ -231,30 +304,22 @@ async fn serve_proxy(
     }
 }
 
-fn serve_conn(
+async fn serve_conn(
     stream: TcpStream,
     peer: SocketAddr,
-    identity: &Arc<Identity>,
-    pipeline: &Arc<Pipeline>,
-    builder: &Arc<auto::Builder<TokioExecutor>>,
-    graceful: &GracefulShutdown,
+    identity: Arc<Identity>,
+    pipeline: Arc<Pipeline>,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
 ) {
     let _ = stream.set_nodelay(true);
-    let identity = identity.clone();
-    let pipeline = pipeline.clone();
     let svc = service_fn(move |req| {
         let p = pipeline.clone();
         let id = identity.clone();
         async move { Ok::<_, Infallible>(p.handle(id, peer, req).await) }
     });
-    let builder = builder.clone();
-    let conn = builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-        .into_owned();
-    let conn = graceful.watch(conn);
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(client = %peer, error = %e, "client connection ended with an error");
-        }
-    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(client = %peer, error = %e, "client connection ended with an error");
+    }
 }

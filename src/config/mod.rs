@@ -184,6 +184,8 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// Subject token file for token exchange.
     pub subject_token_file: Option<PathBuf>,
+    /// Proxy worker threads.
+    pub workers: usize,
 }
 
 impl Config {
@@ -579,6 +581,16 @@ impl Validator<'_> {
         };
 
         let subject_token_file = id.subject_token_file.as_deref().map(|f| self.path(f));
+        let workers = match raw.workers {
+            None => std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(64),
+            Some(n @ 1..=256) => n,
+            Some(_) => {
+                self.err(&[Key("workers")], "between 1 and 256");
+                1
+            }
+        };
 
         Some(Config {
             source: self.file.to_string(),
@@ -593,6 +605,7 @@ impl Validator<'_> {
             log_output,
             timeouts,
             subject_token_file,
+            workers,
         })
     }
 

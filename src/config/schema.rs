@@ -42,6 +42,10 @@ pub struct FileConfig {
     /// Timeouts on both sides of the proxy.
     #[serde(default)]
     pub timeouts: TimeoutsConfig,
+    /// Worker threads serving proxy connections, each with its own event loop and upstream
+    /// pool. Default: the number of CPUs available to the process.
+    #[serde(default)]
+    pub workers: Option<usize>,
 }
 
 /// Who the sidecar speaks for.

@@ -1,0 +1,208 @@
+#!/usr/bin/env bash
+# Load comparison on loopback, one run, same machine: the same wrk load sent
+#   direct to the upstream, through Chaperone (forward-proxy mode, whole pipeline on: strip,
+#   policy, credential, purpose log to a file), and through haproxy, nginx and squid where
+#   installed (each rewriting one header, as Chaperone injects one).
+# Prints requests/s and p50/p99 side by side with ratios to direct, and Chaperone's idle RSS.
+#
+# Usage: bash benches/load.sh [--install] [--duration SECONDS]
+#   --install   apt-get install wrk nginx-light haproxy squid first (Debian packages)
+# Not part of CI (it takes minutes); results go into BENCHMARKS.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DUR=10
+INSTALL=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --install) INSTALL=1 ;;
+    --duration) DUR=$2; shift ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+if [ "$INSTALL" = 1 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light haproxy squid >/dev/null
+fi
+command -v wrk >/dev/null || { echo "wrk is needed: bash benches/load.sh --install" >&2; exit 2; }
+command -v nginx >/dev/null || { echo "nginx is needed as the upstream: bash benches/load.sh --install" >&2; exit 2; }
+
+cargo build --release -q --bin chaperone
+BIN=${CARGO_TARGET_DIR:-target}/release/chaperone
+W=$(mktemp -d /tmp/chaperone-load.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$W"; }
+trap cleanup EXIT
+
+UP=18300; CH_STATIC=18301; CH_JWT=18302; HAP=18303; NGX=18304; SQD=18305
+
+# Upstream: nginx answering a small JSON body from memory, one worker.
+cat > "$W/upstream.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $W/upstream.pid;
+error_log $W/upstream-error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$UP;
+    location / { default_type application/json; return 200 '{"ok":true,"model":"bench"}'; }
+  }
+}
+EOF
+nginx -c "$W/upstream.conf" -e "$W/upstream-error.log" & PIDS+=($!)
+
+# Chaperone: one config with a static credential, one minting a JWT per call.
+cat > "$W/policy.cedar" <<'EOF'
+@id("bench-permit")
+permit(principal, action, resource) when { context.purpose == "bench" && principal.environment == "bench" };
+@id("no-export")
+forbid(principal, action, resource) when { context.purpose == "export-data" };
+EOF
+chaperone_config() { # port admin credential
+  cat <<EOF
+listen: 127.0.0.1:$1
+admin: 127.0.0.1:$2
+identity: { id: spiffe://bench.local/ns/ml/sa/inference, workload: bench, environment: bench }
+credentials:
+  static-key: { kind: static, from_env: BENCH_STATIC_KEY }
+  per-call: { kind: jwt, ttl: 60s }
+routes:
+  - name: upstream
+    match: { host: 127.0.0.1, port: $UP }
+    credential: $3
+    scopes: [model.invoke]
+strip: { mode: strip }
+policy: { file: $W/policy.cedar }
+log: { format: json, output: $W/purpose-$1.jsonl }
+EOF
+}
+chaperone_config $CH_STATIC 18311 static-key > "$W/ch-static.yaml"
+chaperone_config $CH_JWT 18312 per-call > "$W/ch-jwt.yaml"
+export BENCH_STATIC_KEY=bench-static-secret-value
+"$BIN" run --config "$W/ch-static.yaml" 2>"$W/ch-static.err" & CH_STATIC_PID=$!; PIDS+=($CH_STATIC_PID)
+"$BIN" run --config "$W/ch-jwt.yaml" 2>"$W/ch-jwt.err" & PIDS+=($!)
+
+TARGETS="direct:$UP chaperone-static:$CH_STATIC chaperone-jwt:$CH_JWT"
+if command -v haproxy >/dev/null; then
+  cat > "$W/haproxy.cfg" <<EOF
+global
+  nbthread 2
+  maxconn 4000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:$HAP
+  http-request set-header Authorization "Bearer injected-by-haproxy"
+  default_backend be
+backend be
+  server up 127.0.0.1:$UP
+EOF
+  haproxy -f "$W/haproxy.cfg" -db >/dev/null 2>&1 & PIDS+=($!)
+  TARGETS="$TARGETS haproxy:$HAP"
+fi
+if command -v nginx >/dev/null; then
+  cat > "$W/nginx-proxy.conf" <<EOF
+worker_processes 2;
+daemon off;
+pid $W/nginx-proxy.pid;
+error_log $W/nginx-proxy-error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream up { server 127.0.0.1:$UP; keepalive 128; }
+  server {
+    listen 127.0.0.1:$NGX;
+    location / {
+      proxy_pass http://up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer injected-by-nginx";
+    }
+  }
+}
+EOF
+  nginx -c "$W/nginx-proxy.conf" -e "$W/nginx-proxy-error.log" & PIDS+=($!)
+  TARGETS="$TARGETS nginx:$NGX"
+fi
+if command -v squid >/dev/null; then
+  cat > "$W/squid.conf" <<EOF
+http_port 127.0.0.1:$SQD
+http_access allow all
+cache deny all
+access_log none
+cache_log $W/squid-cache.log
+pid_filename $W/squid.pid
+coredump_dir $W
+request_header_add Authorization "Bearer injected-by-squid" all
+EOF
+  squid -f "$W/squid.conf" -N >/dev/null 2>&1 & PIDS+=($!)
+  TARGETS="$TARGETS squid:$SQD"
+fi
+
+# Every target gets the same absolute-form request (as an app with HTTP_PROXY sends) carrying
+# a hard-coded key and a purpose; Chaperone strips the key and injects its credential.
+cat > "$W/req.lua" <<EOF
+wrk.method = "GET"
+wrk.path = "http://127.0.0.1:$UP/v1/models?stream=false"
+wrk.headers["Host"] = "127.0.0.1:$UP"
+wrk.headers["Authorization"] = "Bearer sk-proj-Ab1_Cd2-Ef3_Gh4-Ab1_Cd2-Ef3_Gh4-Ab1_Cd2-Ef3_Gh4-"
+wrk.headers["chaperone-purpose"] = "bench"
+wrk.headers["Accept"] = "application/json"
+EOF
+
+for port in 18311 18312 $(for t in $TARGETS; do echo "${t##*:}"; done); do
+  for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.05; done
+done
+sleep 0.5
+rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+IDLE_RSS=$(rss_kib $CH_STATIC_PID)
+
+# Sanity: each target answers 200 through its proxy.
+for t in $TARGETS; do
+  name=${t%%:*}; port=${t##*:}
+  code=$(curl -s -o /dev/null -w '%{http_code}' -x "http://127.0.0.1:$port" -H 'chaperone-purpose: bench' "http://127.0.0.1:$UP/v1/models" || true)
+  [ "$code" = 200 ] || { echo "$name answered $code; not measuring it" >&2; TARGETS=${TARGETS/$t/}; }
+done
+
+run_wrk() { # port threads conns -> "rps p50_us p99_us"
+  wrk -t"$2" -c"$3" -d"${DUR}s" --latency -s "$W/req.lua" "http://127.0.0.1:$1" 2>/dev/null | awk '
+    function us(v) { if (v ~ /us$/) return v+0; if (v ~ /ms$/) return (v+0)*1000; if (v ~ /s$/) return (v+0)*1000000; return v+0 }
+    /Requests\/sec/ { rps=$2 }
+    /^ +50%/ { p50=us($2) }
+    /^ +99%/ { p99=us($2) }
+    END { printf "%s %s %s\n", rps, p50, p99 }'
+}
+
+echo "duration ${DUR}s per run; serial = wrk -t1 -c1, concurrent = wrk -t2 -c64; $(nproc) cores"
+RESULTS="$W/results.txt"
+: > "$RESULTS"
+for t in $TARGETS; do
+  name=${t%%:*}; port=${t##*:}
+  s=$(run_wrk "$port" 1 1)
+  c=$(run_wrk "$port" 2 64)
+  echo "$name $s $c" | tee -a "$RESULTS" >&2
+done
+LOADED_RSS=$(rss_kib $CH_STATIC_PID)
+
+python3 - "$RESULTS" "$IDLE_RSS" "$LOADED_RSS" <<'PY'
+import sys
+rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+d = next(r for r in rows if r[0] == "direct")
+d_s_rps, d_s_p50, d_s_p99, d_c_rps = float(d[1]), float(d[2]), float(d[3]), float(d[4])
+print()
+print("| target | serial req/s | serial p50 µs | added p50 µs | serial p99 µs | c64 req/s | c64 ratio to direct | c64 p50 µs | c64 p99 µs |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+for r in rows:
+    name = r[0]; s_rps, s_p50, s_p99, c_rps, c_p50, c_p99 = map(float, r[1:7])
+    print(f"| {name} | {s_rps:,.0f} | {s_p50:.0f} | {s_p50 - d_s_p50:+.0f} | {s_p99:.0f} | {c_rps:,.0f} | {c_rps / d_c_rps:.2f}x | {c_p50:.0f} | {c_p99:.0f} |")
+print()
+print(f"Chaperone RSS: idle {int(sys.argv[2]) / 1024:.1f} MiB, after the load {int(sys.argv[3]) / 1024:.1f} MiB")
+PY
