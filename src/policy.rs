@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use cedar_policy::{
     Authorizer, Context, Decision, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId,
@@ -63,6 +64,10 @@ pub struct PolicyError(String);
 pub struct PolicyEngine {
     set: PolicySet,
     authorizer: Authorizer,
+    /// Principal and resource entities, which are the same for every request from one
+    /// identity to one destination on one route. Building them dominated a decision's cost
+    /// (see BENCHMARKS.md); the key is the exact attribute text, so a hit is always exact.
+    entities: moka::sync::Cache<String, Arc<Entities>>,
     workload_type: EntityTypeName,
     destination_type: EntityTypeName,
     action_type: EntityTypeName,
@@ -121,6 +126,7 @@ impl PolicyEngine {
         Ok(PolicyEngine {
             set,
             authorizer: Authorizer::new(),
+            entities: moka::sync::Cache::new(4096),
             workload_type: ty("Workload"),
             destination_type: ty("Destination"),
             action_type: ty("Action"),
@@ -160,39 +166,7 @@ impl PolicyEngine {
         );
         let action =
             EntityUid::from_type_name_and_id(self.action_type.clone(), EntityId::new(input.action));
-
-        let principal_entity = Entity::new(
-            principal.clone(),
-            HashMap::from([
-                ("workload".to_string(), s(&id.workload)),
-                ("stage".to_string(), s(&id.stage)),
-                ("environment".to_string(), s(&id.environment)),
-            ]),
-            HashSet::new(),
-        )
-        .map_err(|e| e.to_string())?;
-        let labels = input
-            .labels
-            .map(|l| l.iter().map(|(k, v)| (k.clone(), s(v))).collect::<Vec<_>>())
-            .unwrap_or_default();
-        let resource_entity = Entity::new(
-            resource.clone(),
-            HashMap::from([
-                ("scheme".to_string(), s(input.scheme)),
-                (
-                    "port".to_string(),
-                    RestrictedExpression::new_long(i64::from(input.port)),
-                ),
-                (
-                    "labels".to_string(),
-                    RestrictedExpression::new_record(labels).map_err(|e| e.to_string())?,
-                ),
-            ]),
-            HashSet::new(),
-        )
-        .map_err(|e| e.to_string())?;
-        let entities = Entities::from_entities([principal_entity, resource_entity], None)
-            .map_err(|e| e.to_string())?;
+        let entities = self.entities_for(input, &principal, &resource)?;
         let context = Context::from_pairs([
             ("path".to_string(), s(input.path)),
             ("purpose".to_string(), s(input.purpose)),
@@ -246,6 +220,79 @@ impl PolicyEngine {
                 },
             },
         })
+    }
+}
+
+impl PolicyEngine {
+    /// The principal and resource entities for this request, built once per distinct
+    /// (identity, destination, route) and then shared.
+    fn entities_for(
+        &self,
+        input: &PolicyInput<'_>,
+        principal: &EntityUid,
+        resource: &EntityUid,
+    ) -> Result<Arc<Entities>, String> {
+        use std::fmt::Write;
+        let id = input.identity;
+        let mut key = String::with_capacity(128);
+        // NUL cannot occur in any of these fields' values as configured or parsed.
+        let _ = write!(
+            key,
+            "{}\0{}\0{}\0{}\0{}\0{}\0{}\0{}",
+            id.id,
+            id.workload,
+            id.stage,
+            id.environment,
+            input.host,
+            input.scheme,
+            input.port,
+            input.route
+        );
+        if let Some(labels) = input.labels {
+            for (k, v) in labels {
+                let _ = write!(key, "\0{k}={v}");
+            }
+        }
+        if let Some(hit) = self.entities.get(&key) {
+            return Ok(hit);
+        }
+        let s = |v: &str| RestrictedExpression::new_string(v.to_string());
+        let principal_entity = Entity::new(
+            principal.clone(),
+            HashMap::from([
+                ("workload".to_string(), s(&id.workload)),
+                ("stage".to_string(), s(&id.stage)),
+                ("environment".to_string(), s(&id.environment)),
+            ]),
+            HashSet::new(),
+        )
+        .map_err(|e| e.to_string())?;
+        let labels = input
+            .labels
+            .map(|l| l.iter().map(|(k, v)| (k.clone(), s(v))).collect::<Vec<_>>())
+            .unwrap_or_default();
+        let resource_entity = Entity::new(
+            resource.clone(),
+            HashMap::from([
+                ("scheme".to_string(), s(input.scheme)),
+                (
+                    "port".to_string(),
+                    RestrictedExpression::new_long(i64::from(input.port)),
+                ),
+                (
+                    "labels".to_string(),
+                    RestrictedExpression::new_record(labels).map_err(|e| e.to_string())?,
+                ),
+            ]),
+            HashSet::new(),
+        )
+        .map_err(|e| e.to_string())?;
+        let entities = Arc::new(
+            Entities::from_entities([principal_entity, resource_entity], None)
+                .map_err(|e| e.to_string())?,
+        );
+        self.entities.insert(key, entities.clone());
+        Ok(entities)
     }
 }
 

@@ -789,3 +789,49 @@ async fn admin_endpoints() {
     );
     assert!(!metrics.contains(&key));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_stage_listener_speaks_for_its_own_identity() {
+    let up = Upstream::start().await;
+    let yaml = config(up.addr.port(), "strip").replace(
+        "credentials:",
+        "stages:\n  - name: training\n    listen: 127.0.0.1:0\n    id: spiffe://test.local/ns/ml/sa/training\ncredentials:",
+    );
+    let policy = r#"@id("training-reads-datasets")
+permit(principal, action == Action::"GET", resource) when { principal.stage == "training" && context.path like "/datasets/*" };
+@id("main-may-infer")
+permit(principal, action, resource) when { principal.stage == "main" };
+"#;
+    let sc = Sidecar::start(&yaml, policy, &[(STATIC_ENV, "v-static-value")]);
+    assert_eq!(sc.proxies.len(), 2, "main and training listeners");
+    let training = format!("http://{}", sc.proxies[1]);
+    let base = format!("http://127.0.0.1:{}", up.addr.port());
+    let (code, _) = curl(&["-x", &training, &format!("{base}/datasets/a.parquet")]);
+    assert_eq!(code, 200);
+    let (code, body) = curl(&["-x", &training, &format!("{base}/v1/chat/completions")]);
+    assert_eq!(
+        code, 403,
+        "the training stage cannot call the inference API: {body}"
+    );
+    let (code, _) = curl(&[
+        "-x",
+        &sc.proxy_url(),
+        &format!("{base}/v1/chat/completions"),
+    ]);
+    assert_eq!(code, 200, "the main stage can");
+    let lines = sc.log_lines(3);
+    let by_stage = |stage: &str| {
+        lines
+            .iter()
+            .filter(|l| l["stage"] == stage)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(by_stage("training").len(), 2);
+    for l in by_stage("training") {
+        assert_eq!(l["identity"], "spiffe://test.local/ns/ml/sa/training");
+    }
+    assert_eq!(
+        by_stage("main")[0]["identity"],
+        "spiffe://test.local/ns/ml/sa/inference"
+    );
+}

@@ -125,6 +125,8 @@ impl Upstream {
 /// A running `chaperone` process with its own temp dir; killed on drop.
 pub struct Sidecar {
     pub proxy: SocketAddr,
+    /// Every proxy listener, main first, then stages in config order.
+    pub proxies: Vec<SocketAddr>,
     pub admin: SocketAddr,
     pub child: Option<Child>,
     pub dir: tempfile::TempDir,
@@ -181,6 +183,7 @@ impl Sidecar {
         let child = cmd.spawn().unwrap();
         let mut sc = Sidecar {
             proxy: "0.0.0.0:0".parse().unwrap(),
+            proxies: Vec::new(),
             admin: "0.0.0.0:0".parse().unwrap(),
             child: Some(child),
             dir,
@@ -201,6 +204,11 @@ impl Sidecar {
             {
                 sc.proxy = p.parse().unwrap();
                 sc.admin = a.parse().unwrap();
+                sc.proxies = text
+                    .lines()
+                    .filter_map(|l| l.split_once("proxy listening on http://"))
+                    .map(|(_, rest)| rest.split_whitespace().next().unwrap().parse().unwrap())
+                    .collect();
                 break;
             }
             if let Some(status) = sc.child.as_mut().unwrap().try_wait().unwrap() {
