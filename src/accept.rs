@@ -72,6 +72,40 @@ pub fn target(parts: &Parts) -> Result<(Target, Option<String>), Rejection> {
     ))
 }
 
+/// The destination of a request decrypted from an intercepted CONNECT to `origin`: always
+/// that host and port over https. A request naming another host is refused, so one CONNECT
+/// authorization cannot carry requests for a different destination.
+pub fn intercepted_target(parts: &Parts, origin: &Target) -> Result<Target, Rejection> {
+    let named = match parts.uri.authority() {
+        Some(a) => Some(a.host().to_string()),
+        None => parts
+            .headers
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.parse::<Authority>().ok())
+            .map(|a| a.host().to_string()),
+    };
+    if let Some(h) = named
+        && normalize_host(&h) != origin.host
+    {
+        return Err(bad(format!(
+            "the request names host `{h}`, but the tunnel was opened to `{}`",
+            origin.host
+        )));
+    }
+    Ok(Target {
+        scheme: "https",
+        host: origin.host.clone(),
+        port: origin.port,
+        path: if parts.uri.path().is_empty() {
+            "/".into()
+        } else {
+            parts.uri.path().to_string()
+        },
+        query: parts.uri.query().map(str::to_owned),
+    })
+}
+
 /// The destination of a CONNECT request (`host:port`, port required).
 pub fn connect_target(parts: &Parts) -> Result<Target, Rejection> {
     let a = parts

@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -107,10 +108,13 @@ impl tower::Service<Name> for GuardedResolver {
     }
 }
 
-/// Pooled HTTP/1.1 client to upstreams.
+type Connector = hyper_rustls::HttpsConnector<HttpConnector<GuardedResolver>>;
+
+/// Pooled client to upstreams: HTTP/1.1, and for `https` HTTP/2 or HTTP/1.1 by ALPN, with the
+/// upstream's certificate and host name always verified.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpConnector<GuardedResolver>, ProxyBody>,
+    client: Client<Connector, ProxyBody>,
     request_timeout: Duration,
 }
 
@@ -121,13 +125,19 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    /// A client with the configured timeouts.
-    pub fn new(t: &Timeouts) -> Self {
+    /// A client with the configured timeouts and upstream TLS settings.
+    pub fn new(t: &Timeouts, tls: Arc<rustls::ClientConfig>) -> Self {
         let mut http = HttpConnector::new_with_resolver(GuardedResolver);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(t.connect));
         http.set_keepalive(Some(Duration::from_secs(60)));
-        http.enforce_http(true);
+        http.enforce_http(false);
+        let http = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*tls).clone())
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())

@@ -43,6 +43,27 @@ enum Cmd {
     },
     /// Run the whole job end to end on loopback: a model API, the sidecar and a scripted agent.
     Demo,
+    /// The local CA that signs intercepted HTTPS connections.
+    Ca {
+        #[command(subcommand)]
+        cmd: CaCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Create a CA (ECDSA P-256): DIR/ca.pem, and DIR/ca-key.pem with mode 0600.
+    Init {
+        /// Directory for the files.
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity in days (short, so a leaked key ages out).
+        #[arg(long, default_value_t = chaperone::tls::DEFAULT_CA_DAYS)]
+        days: u32,
+        /// Replace an existing CA in DIR.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn init_tracing() {
@@ -123,6 +144,28 @@ fn main() -> ExitCode {
             }
             runtime().block_on(run(cfg))
         }
+        Cmd::Ca {
+            cmd: CaCmd::Init { out, days, force },
+        } => match chaperone::tls::init_ca(&out, days, force) {
+            Ok((cert, key)) => {
+                println!("CA certificate: {} (valid {days} days)", cert.display());
+                println!(
+                    "CA key:         {} (mode 0600; keep it secret)",
+                    key.display()
+                );
+                println!(
+                    "Use it:  tls: {{ ca_cert: {}, ca_key: {} }}",
+                    cert.display(),
+                    key.display()
+                );
+                println!("Trust it in the app: see README.md, \"Trusting the local CA\".");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("chaperone ca init: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Demo => {
             init_demo_tracing();
             runtime().block_on(chaperone::demo::run())

@@ -63,6 +63,10 @@ pub struct Pipeline {
     pub metrics: Arc<Metrics>,
     /// Upstream client.
     pub upstream: Upstream,
+    /// Upstream TLS settings (each worker's client is built from them).
+    pub upstream_tls: Arc<rustls::ClientConfig>,
+    /// TLS interception, when a local CA is configured.
+    pub intercept: Option<Arc<crate::intercept::Interceptor>>,
     /// Our `Via` entry.
     pub via: HeaderValue,
     /// Our `Via` pseudonym, unique per process, for loop detection.
@@ -92,15 +96,17 @@ impl Pipeline {
     /// the upstream connection it uses live on the same thread (no cross-thread wakeups).
     pub fn for_worker(&self) -> Pipeline {
         let mut p = self.clone();
-        p.upstream = Upstream::new(&self.timeouts);
+        p.upstream = Upstream::new(&self.timeouts, self.upstream_tls.clone());
         p
     }
 
-    /// Handle one request from a client of the listener that serves `identity`.
+    /// Handle one request from a client of the listener that serves `identity`; `origin` is
+    /// the CONNECT target when the request was decrypted from an intercepted tunnel.
     pub async fn handle(
         self: Arc<Self>,
         identity: Arc<Identity>,
         client: SocketAddr,
+        origin: Option<Arc<Target>>,
         req: Request<Incoming>,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
@@ -125,11 +131,14 @@ impl Pipeline {
 
         let result = match purpose_ok {
             Err(reason) => Err(Rejection::new(ErrorCode::BadRequest, reason)),
-            Ok(()) if parts.method == Method::CONNECT => {
+            Ok(()) if parts.method == Method::CONNECT && origin.is_none() => {
                 let req = Request::from_parts(parts, body);
                 return self.connect(&caller, req, rec, start).await;
             }
-            Ok(()) => self.run(&caller, parts, body, &mut rec).await,
+            Ok(()) => {
+                self.run(&caller, origin.as_deref(), parts, body, &mut rec)
+                    .await
+            }
         };
         match result {
             Ok(resp) => {
@@ -163,12 +172,16 @@ impl Pipeline {
     async fn run(
         &self,
         caller: &Caller,
+        origin: Option<&Target>,
         mut parts: http::request::Parts,
         body: Incoming,
         rec: &mut Record,
     ) -> Result<Response<Incoming>, Rejection> {
         // Stage 1: accept.
-        let (target, userinfo) = accept::target(&parts)?;
+        let (target, userinfo) = match origin {
+            Some(o) => (accept::intercepted_target(&parts, o)?, None),
+            None => accept::target(&parts)?,
+        };
         describe_target(rec, &target);
         if forward::is_loop(&parts.headers, &self.pseudonym) {
             return Err(Rejection::new(
@@ -324,7 +337,7 @@ impl Pipeline {
         };
         let authority = authority_of(&target);
         parts.uri = Uri::builder()
-            .scheme("http")
+            .scheme(target.scheme)
             .authority(authority.as_str())
             .path_and_query(path_and_query)
             .build()
@@ -347,7 +360,10 @@ impl Pipeline {
         Ok(resp)
     }
 
-    /// CONNECT: stages 1, 3 (tunnels carry no route) and 5, then a blind tunnel.
+    /// CONNECT: decide before answering 200. Intercept (a CA is configured and a route or the
+    /// strip rules want to see the requests; each decrypted request then goes through the
+    /// whole pipeline), tunnel blind (nothing to inject, or a passthrough host; decided by
+    /// `Action::"CONNECT"` policy), or deny.
     async fn connect(
         self: Arc<Self>,
         caller: &Caller,
@@ -366,6 +382,13 @@ impl Pipeline {
                     ErrorCode::PolicyDenied,
                     format!("guardrail: {why}"),
                 ));
+            }
+            if let Some(icpt) = &self.intercept
+                && !icpt.is_passthrough(&target.host)
+                && (self.routes.any_for(&target.host, target.port)
+                    || self.strip_mode != StripMode::Report)
+            {
+                return Ok((target, Some(icpt.clone())));
             }
             // A route that injects a credential cannot be served through a blind tunnel: the
             // app's requests would go out without it (and perhaps with its own secret).
@@ -398,9 +421,9 @@ impl Pipeline {
                 rej.policy_ids = decision.policy_ids;
                 return Err(rej);
             }
-            Ok(target)
+            Ok((target, None))
         })();
-        let target = match decided {
+        let (target, intercept) = match decided {
             Ok(t) => t,
             Err(rej) => {
                 let resp = rej.to_response(&caller.request_id);
@@ -409,6 +432,16 @@ impl Pipeline {
             }
         };
         rec.decision = "allow";
+        if let Some(icpt) = intercept {
+            return self.intercept(
+                caller,
+                icpt,
+                target,
+                Request::from_parts(parts, body),
+                rec,
+                start,
+            );
+        }
         let upstream = match tunnel::connect(&target, &self.guardrails, self.timeouts.connect).await
         {
             Ok(s) => s,
@@ -441,6 +474,59 @@ impl Pipeline {
         });
         let mut resp = Response::new(full(Bytes::new()));
         *resp.status_mut() = StatusCode::OK;
+        if let Ok(v) = HeaderValue::from_str(&caller.request_id) {
+            resp.headers_mut().insert(REQUEST_ID_HEADER.clone(), v);
+        }
+        resp
+    }
+
+    /// Answer 200 and serve the tunnel's decrypted requests; the CONNECT itself is logged
+    /// when the connection ends (kind `intercept`), with any handshake failure.
+    fn intercept(
+        self: Arc<Self>,
+        caller: &Caller,
+        icpt: Arc<crate::intercept::Interceptor>,
+        target: Target,
+        req: Request<Incoming>,
+        mut rec: Record,
+        start: Instant,
+    ) -> Response<ProxyBody> {
+        rec.kind = "intercept";
+        rec.scheme = "https".into();
+        rec.status = 200;
+        rec.reason = Some("intercepted: each request inside is authorized on its own".into());
+        let me = self.clone();
+        let (identity, client) = (caller.identity.clone(), caller.client);
+        tokio::spawn(async move {
+            let upgraded = match hyper::upgrade::on(req).await {
+                Ok(u) => u,
+                Err(e) => {
+                    rec.error = Some(format!("upgrade failed: {e}"));
+                    me.finish(rec, start);
+                    return;
+                }
+            };
+            let timeout = me.timeouts.header_read;
+            match crate::intercept::serve(
+                me.clone(),
+                icpt,
+                identity,
+                client,
+                target,
+                upgraded,
+                timeout,
+            )
+            .await
+            {
+                Ok(n) => rec.bytes_in = Some(n),
+                Err(e) => {
+                    tracing::warn!(client = %client, host = %rec.host, error = %e, "intercepted TLS handshake failed");
+                    rec.error = Some(format!("tls_handshake_failed: {e}"));
+                }
+            }
+            me.finish(rec, start);
+        });
+        let mut resp = Response::new(full(Bytes::new()));
         if let Ok(v) = HeaderValue::from_str(&caller.request_id) {
             resp.headers_mut().insert(REQUEST_ID_HEADER.clone(), v);
         }

@@ -69,7 +69,8 @@ impl HostMatch {
         Ok(HostMatch::Exact(s))
     }
 
-    fn matches(&self, host: &str) -> bool {
+    /// Does this pattern match the host (lowercase)?
+    pub fn matches(&self, host: &str) -> bool {
         match self {
             HostMatch::Exact(h) => h == host,
             HostMatch::Subdomains(suffix) => {
@@ -182,6 +183,15 @@ impl RouteTable {
     /// The first route that takes this request.
     pub fn find(&self, method: &Method, target: &Target) -> Option<&Route> {
         self.routes.iter().find(|r| r.matches(method, target))
+    }
+
+    /// Does any route take requests for this host and port?
+    pub fn any_for(&self, host: &str, port: u16) -> bool {
+        self.routes.iter().any(|r| {
+            r.host.matches(host)
+                && r.port.is_none_or(|p| p == port)
+                && r.scheme.as_deref() != Some("http")
+        })
     }
 
     /// The first route that would inject a credential into HTTPS requests to this host and

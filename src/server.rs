@@ -182,6 +182,18 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let mut own = proxy_addrs.clone();
     own.push(admin_addr);
 
+    // Upstream TLS matters only for intercepted requests; without a CA, https is never
+    // forwarded by the proxy itself, so a machine without system roots still runs.
+    let upstream_tls = Arc::new(if cfg.tls.ca.is_some() {
+        crate::tls::client_config(&cfg.tls.upstream_roots).map_err(|e| build(e.to_string()))?
+    } else {
+        rustls::ClientConfig::builder()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth()
+    });
+    let intercept = crate::intercept::Interceptor::new(&cfg.tls)
+        .map_err(|e| build(format!("tls: {e}")))?
+        .map(Arc::new);
     let (log, log_guard) = PurposeLog::start(cfg.log_format, &cfg.log_output, metrics.clone())
         .map_err(|e| build(format!("purpose log: {e}")))?;
     let pseudonym = format!(
@@ -197,7 +209,9 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         strip_mode: cfg.strip.mode,
         log,
         metrics: metrics.clone(),
-        upstream: Upstream::new(&cfg.timeouts),
+        upstream: Upstream::new(&cfg.timeouts, upstream_tls.clone()),
+        upstream_tls,
+        intercept,
         via: HeaderValue::from_str(&format!("1.1 {pseudonym}")).expect("ascii"),
         pseudonym,
         timeouts: cfg.timeouts,
@@ -316,7 +330,7 @@ async fn serve_conn(
     let svc = service_fn(move |req| {
         let p = pipeline.clone();
         let id = identity.clone();
-        async move { Ok::<_, Infallible>(p.handle(id, peer, req).await) }
+        async move { Ok::<_, Infallible>(p.handle(id, peer, None, req).await) }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
     if let Err(e) = watcher.watch(conn).await {

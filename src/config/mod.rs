@@ -157,6 +157,27 @@ pub struct PolicySource {
     pub schema: Option<String>,
 }
 
+/// Validated TLS settings.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    /// Local CA (certificate PEM, key PEM) when interception is on.
+    pub ca: Option<(String, secrecy::SecretString)>,
+    /// Roots for upstream verification.
+    pub upstream_roots: crate::tls::UpstreamRoots,
+    /// Hosts never intercepted.
+    pub passthrough: Vec<HostMatch>,
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        TlsSettings {
+            ca: None,
+            upstream_roots: crate::tls::UpstreamRoots::System,
+            passthrough: Vec::new(),
+        }
+    }
+}
+
 /// The validated runtime configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -168,6 +189,8 @@ pub struct Config {
     pub listeners: Vec<ListenerSpec>,
     /// Admin server address.
     pub admin: SocketAddr,
+    /// TLS interception and upstream TLS.
+    pub tls: TlsSettings,
     /// Credential sources by name.
     pub credentials: BTreeMap<String, CredentialSpec>,
     /// Routes in match order.
@@ -471,6 +494,11 @@ impl Validator<'_> {
             });
         }
 
+        let tls = match &raw.tls {
+            None => TlsSettings::default(),
+            Some(t) => self.tls(t),
+        };
+
         let mut credentials = BTreeMap::new();
         for (name, c) in &raw.credentials {
             let p = [Key("credentials"), Key(name.as_str())];
@@ -597,6 +625,7 @@ impl Validator<'_> {
             observe_mode: false,
             listeners,
             admin,
+            tls,
             credentials,
             routes,
             strip,
@@ -607,6 +636,60 @@ impl Validator<'_> {
             subject_token_file,
             workers,
         })
+    }
+
+    fn tls(&mut self, t: &TlsConfig) -> TlsSettings {
+        use Seg::*;
+        let mut out = TlsSettings::default();
+        let read = |v: &mut Self, key: &'static str, f: &str| -> Option<String> {
+            let p = v.path(f);
+            match std::fs::read_to_string(&p) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    v.err(
+                        &[Key("tls"), Key(key)],
+                        format!("cannot read {}: {e}", p.display()),
+                    );
+                    None
+                }
+            }
+        };
+        match (&t.ca_cert, &t.ca_key) {
+            (Some(c), Some(k)) => {
+                let cert = read(self, "ca_cert", c);
+                let key = read(self, "ca_key", k);
+                if let (Some(cert), Some(key)) = (cert, key) {
+                    match crate::tls::LeafIssuer::from_pem(&cert, &key) {
+                        Ok(_) => out.ca = Some((cert, secrecy::SecretString::from(key))),
+                        Err(e) => self.err(
+                            &[Key("tls"), Key("ca_cert")],
+                            format!("cannot use the CA: {e}"),
+                        ),
+                    }
+                }
+            }
+            (None, None) => {}
+            _ => self.err(
+                &[Key("tls")],
+                "ca_cert and ca_key go together (create them with `chaperone ca init --out DIR`)",
+            ),
+        }
+        out.upstream_roots = match t.upstream_roots.as_deref() {
+            None | Some("system") => crate::tls::UpstreamRoots::System,
+            Some(path) => crate::tls::UpstreamRoots::Bundle(self.path(path)),
+        };
+        if out.ca.is_some()
+            && let Err(e) = crate::tls::client_config(&out.upstream_roots)
+        {
+            self.err(&[Key("tls"), Key("upstream_roots")], e.to_string());
+        }
+        for (i, h) in t.passthrough.iter().enumerate() {
+            match HostMatch::parse(h) {
+                Ok(m) => out.passthrough.push(m),
+                Err(e) => self.err(&[Key("tls"), Key("passthrough"), Idx(i)], e),
+            }
+        }
+        out
     }
 
     fn credential(

@@ -25,6 +25,9 @@ pub struct FileConfig {
     /// Optional extra listeners, one per pipeline stage, each with its own identity.
     #[serde(default)]
     pub stages: Vec<StageConfig>,
+    /// TLS interception (local CA) and upstream TLS.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
     /// Named credential sources that routes refer to.
     #[serde(default)]
     pub credentials: BTreeMap<String, CredentialConfig>,
@@ -77,6 +80,26 @@ pub struct StageConfig {
     /// The identity of this stage. Default: the main identity's id.
     #[serde(default)]
     pub id: Option<String>,
+}
+
+/// TLS settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Local CA certificate (PEM) that signs intercepted connections (`chaperone ca init`).
+    /// Without `ca_cert` and `ca_key`, CONNECT is never intercepted.
+    #[serde(default)]
+    pub ca_cert: Option<String>,
+    /// The CA's private key (PEM, keep it mode 0600).
+    #[serde(default)]
+    pub ca_key: Option<String>,
+    /// Roots that verify upstream certificates: `system` or a PEM bundle path. Default `system`.
+    #[serde(default)]
+    pub upstream_roots: Option<String>,
+    /// Hosts never intercepted (pinned certificates, mTLS): CONNECT to them is a blind tunnel
+    /// after a policy check. `*.example.org` wildcards allowed.
+    #[serde(default)]
+    pub passthrough: Vec<String>,
 }
 
 /// A credential source. The secret material itself never appears in the config.

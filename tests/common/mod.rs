@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 /// A request as the upstream received it.
 #[derive(Debug, Clone)]
 pub struct Recorded {
+    pub version: String,
     pub method: String,
     pub uri: String,
     pub headers: Vec<(String, String)>,
@@ -51,8 +52,53 @@ pub struct Upstream {
     pub connections: Arc<AtomicUsize>,
 }
 
+/// A test CA and a server certificate for `localhost` and 127.0.0.1 signed by it.
+pub struct TestPki {
+    pub ca_pem: String,
+    pub server: Arc<rustls::ServerConfig>,
+}
+
+impl TestPki {
+    pub fn new() -> TestPki {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "test upstream CA");
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let mut server = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key_der)
+            .unwrap();
+        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        TestPki {
+            ca_pem: ca_cert.pem(),
+            server: Arc::new(server),
+        }
+    }
+}
+
 impl Upstream {
     pub async fn start() -> Upstream {
+        Self::start_inner(None).await
+    }
+
+    /// An HTTPS upstream (HTTP/2 and HTTP/1.1 by ALPN) with the given PKI.
+    pub async fn start_tls(pki: &TestPki) -> Upstream {
+        Self::start_inner(Some(tokio_rustls::TlsAcceptor::from(pki.server.clone()))).await
+    }
+
+    async fn start_inner(tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -62,6 +108,7 @@ impl Upstream {
             while let Ok((stream, _)) = listener.accept().await {
                 c2.fetch_add(1, Ordering::SeqCst);
                 let seen = s2.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let seen = seen.clone();
@@ -73,6 +120,7 @@ impl Upstream {
                                 .map(|c| c.to_bytes())
                                 .unwrap_or_default();
                             let rec = Recorded {
+                                version: format!("{:?}", parts.version),
                                 method: parts.method.to_string(),
                                 uri: parts.uri.to_string(),
                                 headers: parts
@@ -104,9 +152,20 @@ impl Upstream {
                             Ok::<_, Infallible>(resp)
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let builder = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    );
+                    match tls {
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                        Some(acceptor) => {
+                            let Ok(stream) = acceptor.accept(stream).await else {
+                                return;
+                            };
+                            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                    }
                 });
             }
         });
@@ -152,7 +211,19 @@ impl Sidecar {
     /// Start with a config; `{dir}` in the YAML is replaced by the temp dir. Listen and admin
     /// must be 127.0.0.1:0; the bound addresses are read from the start-up banner.
     pub fn start(yaml: &str, policy: &str, env: &[(&str, &str)]) -> Sidecar {
+        Self::start_with(yaml, policy, env, |_| {})
+    }
+
+    /// Like [`Sidecar::start`], with `prepare` run on the temp dir first (to create files the
+    /// config names).
+    pub fn start_with(
+        yaml: &str,
+        policy: &str,
+        env: &[(&str, &str)],
+        prepare: impl FnOnce(&Path),
+    ) -> Sidecar {
         let dir = tempfile::tempdir().unwrap();
+        prepare(dir.path());
         std::fs::write(dir.path().join("policy.cedar"), policy).unwrap();
         let cfg = dir.path().join("config.yaml");
         std::fs::write(&cfg, yaml.replace("{dir}", dir.path().to_str().unwrap())).unwrap();

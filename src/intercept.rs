@@ -1,0 +1,141 @@
+//! TLS interception of CONNECT tunnels: answer 200, read the app's ClientHello, present a
+//! leaf certificate for the requested name signed by the local CA, then serve the decrypted
+//! HTTP/1.1 or HTTP/2 requests through the same pipeline as plain ones (scheme `https`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use rustls::ServerConfig;
+use rustls::server::{Acceptor, ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
+use rustls::sign::CertifiedKey;
+use tokio_rustls::LazyConfigAcceptor;
+
+use crate::config::{Identity, TlsSettings};
+use crate::pipeline::Pipeline;
+use crate::route::{HostMatch, Target};
+use crate::tls::{LeafIssuer, TlsError};
+
+/// Everything interception needs, shared by all connections.
+pub struct Interceptor {
+    issuer: Arc<LeafIssuer>,
+    passthrough: Vec<HostMatch>,
+    sessions: Arc<ServerSessionMemoryCache>,
+    ticketer: Arc<dyn rustls::server::ProducesTickets>,
+}
+
+impl std::fmt::Debug for Interceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Interceptor").finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct Fixed(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for Fixed {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+impl Interceptor {
+    /// Build from validated settings; `None` when no CA is configured.
+    pub fn new(settings: &TlsSettings) -> Result<Option<Self>, TlsError> {
+        use secrecy::ExposeSecret;
+        let Some((cert, key)) = &settings.ca else {
+            return Ok(None);
+        };
+        Ok(Some(Interceptor {
+            issuer: Arc::new(LeafIssuer::from_pem(cert, key.expose_secret())?),
+            passthrough: settings.passthrough.clone(),
+            // Shared across connections so returning clients resume their TLS sessions.
+            sessions: ServerSessionMemoryCache::new(4096),
+            ticketer: rustls::crypto::aws_lc_rs::Ticketer::new()
+                .map_err(|e| TlsError(e.to_string()))?,
+        }))
+    }
+
+    /// Is this host configured never to be intercepted?
+    pub fn is_passthrough(&self, host: &str) -> bool {
+        self.passthrough.iter().any(|m| m.matches(host))
+    }
+
+    /// Issue (or fetch) the leaf for `host` now, e.g. to measure issuance.
+    pub async fn leaf(&self, host: &str) -> Result<Arc<CertifiedKey>, TlsError> {
+        self.issuer.get(host).await
+    }
+
+    async fn server_config(&self, name: &str) -> Result<Arc<ServerConfig>, TlsError> {
+        let cert = self.issuer.get(name).await?;
+        let mut cfg = ServerConfig::builder()
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(Fixed(cert)));
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        cfg.session_storage = self.sessions.clone();
+        cfg.ticketer = self.ticketer.clone();
+        Ok(Arc::new(cfg))
+    }
+}
+
+/// Terminate the app's TLS on an upgraded CONNECT stream and serve its requests.
+/// Returns how many requests were served, or why the handshake failed.
+pub async fn serve(
+    pipeline: Arc<Pipeline>,
+    interceptor: Arc<Interceptor>,
+    identity: Arc<Identity>,
+    client: SocketAddr,
+    origin: Target,
+    upgraded: Upgraded,
+    handshake_timeout: Duration,
+) -> Result<u64, String> {
+    let handshake = async {
+        let start = LazyConfigAcceptor::new(Acceptor::default(), TokioIo::new(upgraded))
+            .await
+            .map_err(|e| format!("reading the ClientHello failed: {e}"))?;
+        // The certificate names what the app asked for (SNI), else the CONNECT host.
+        let name = start
+            .client_hello()
+            .server_name()
+            .map(str::to_ascii_lowercase)
+            .unwrap_or_else(|| origin.host.clone());
+        let config = interceptor
+            .server_config(&name)
+            .await
+            .map_err(|e| e.to_string())?;
+        start
+            .into_stream(config)
+            .await
+            .map_err(|e| format!("TLS handshake with the app failed: {e}"))
+    };
+    let tls = match tokio::time::timeout(handshake_timeout, handshake).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(format!(
+                "TLS handshake with the app did not finish within {handshake_timeout:?}"
+            ));
+        }
+    };
+    let served = Arc::new(AtomicU64::new(0));
+    let counter = served.clone();
+    let origin = Arc::new(origin);
+    let svc = service_fn(move |req| {
+        counter.fetch_add(1, Ordering::Relaxed);
+        let (p, id, o) = (pipeline.clone(), identity.clone(), origin.clone());
+        async move { Ok::<_, std::convert::Infallible>(p.handle(id, client, Some(o), req).await) }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(handshake_timeout);
+    if let Err(e) = builder.serve_connection(TokioIo::new(tls), svc).await {
+        tracing::debug!(client = %client, error = %e, "intercepted connection ended with an error");
+    }
+    Ok(served.load(Ordering::Relaxed))
+}

@@ -1,0 +1,250 @@
+//! TLS: the local CA that intercepted connections are signed by, per-host leaf certificates,
+//! and the client configuration for upstream TLS.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore};
+use time::OffsetDateTime;
+
+/// How long a new local CA is valid by default: short, so a leaked CA key ages out.
+pub const DEFAULT_CA_DAYS: u32 = 90;
+/// Validity of issued leaf certificates; they are cached for half of it.
+pub const LEAF_VALIDITY: Duration = Duration::from_secs(24 * 3600);
+
+/// Errors in TLS set-up.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TlsError(pub String);
+
+fn err(m: impl Into<String>) -> TlsError {
+    TlsError(m.into())
+}
+
+/// Create a local CA (ECDSA P-256): `ca.pem` and `ca-key.pem` (mode 0600) in `dir`.
+/// Refuses to overwrite an existing key unless `force`.
+pub fn init_ca(dir: &Path, days: u32, force: bool) -> Result<(PathBuf, PathBuf), TlsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
+    let cert_path = dir.join("ca.pem");
+    let key_path = dir.join("ca-key.pem");
+    if !force && key_path.exists() {
+        return Err(err(format!(
+            "{} exists; pass --force to replace the CA",
+            key_path.display()
+        )));
+    }
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| err(e.to_string()))?;
+    let mut params = CertificateParams::default();
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let mut dn = DistinguishedName::new();
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    dn.push(DnType::CommonName, format!("Chaperone local CA {suffix}"));
+    dn.push(DnType::OrganizationName, "Chaperone sidecar");
+    params.distinguished_name = dn;
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(i64::from(days));
+    let cert = params.self_signed(&key).map_err(|e| err(e.to_string()))?;
+
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true).mode(0o600);
+    let mut f = opts
+        .open(&key_path)
+        .map_err(|e| err(format!("{}: {e}", key_path.display())))?;
+    // Re-assert the mode: an existing file keeps its old permissions on open.
+    std::fs::set_permissions(
+        &key_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .map_err(|e| err(format!("{}: {e}", key_path.display())))?;
+    f.write_all(key.serialize_pem().as_bytes())
+        .map_err(|e| err(format!("{}: {e}", key_path.display())))?;
+    std::fs::write(&cert_path, cert.pem())
+        .map_err(|e| err(format!("{}: {e}", cert_path.display())))?;
+    Ok((cert_path, key_path))
+}
+
+/// Issues and caches leaf certificates signed by the local CA.
+pub struct LeafIssuer {
+    issuer: Issuer<'static, KeyPair>,
+    ca_der: CertificateDer<'static>,
+    cache: moka::future::Cache<String, Arc<CertifiedKey>>,
+}
+
+impl std::fmt::Debug for LeafIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LeafIssuer([CA key redacted])")
+    }
+}
+
+impl LeafIssuer {
+    /// Load the CA from PEM files.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
+        let key = KeyPair::from_pem(key_pem).map_err(|e| err(format!("CA key: {e}")))?;
+        let ca_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| err(format!("CA certificate: {e}")))?
+            .into_owned();
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)
+            .map_err(|e| err(format!("CA certificate: {e}")))?;
+        Ok(LeafIssuer {
+            issuer,
+            ca_der,
+            cache: moka::future::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(LEAF_VALIDITY / 2)
+                .build(),
+        })
+    }
+
+    /// The certificate for `host` (DNS name or IP literal): from the cache, or issued off the
+    /// runtime's threads. Concurrent misses for one host issue once.
+    pub async fn get(self: &Arc<Self>, host: &str) -> Result<Arc<CertifiedKey>, TlsError> {
+        let me = self.clone();
+        let h = host.to_string();
+        self.cache
+            .try_get_with(host.to_string(), async move {
+                tokio::task::spawn_blocking(move || me.issue(&h))
+                    .await
+                    .map_err(|e| err(e.to_string()))?
+            })
+            .await
+            .map_err(|e: Arc<TlsError>| err(e.to_string()))
+    }
+
+    /// Issue a leaf now (blocking: key generation and signing, about a millisecond).
+    pub fn issue(&self, host: &str) -> Result<Arc<CertifiedKey>, TlsError> {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![match host.parse::<IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => {
+                // rustls' own DNS-name rules (rcgen accepts any IA5 string).
+                rustls::pki_types::DnsName::try_from(host)
+                    .map_err(|_| err(format!("`{host}` is not a DNS name")))?;
+                SanType::DnsName(
+                    host.to_string()
+                        .try_into()
+                        .map_err(|_| err(format!("`{host}` is not a DNS name")))?,
+                )
+            }
+        }];
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, host);
+        params.distinguished_name = dn;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after =
+            now + time::Duration::try_from(LEAF_VALIDITY).map_err(|e| err(e.to_string()))?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| err(e.to_string()))?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| err(e.to_string()))?;
+        let key_der = PrivateKeyDer::from(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let signing = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key_der)
+            .map_err(|e| err(e.to_string()))?;
+        Ok(Arc::new(CertifiedKey::new(
+            vec![cert.der().clone(), self.ca_der.clone()],
+            signing,
+        )))
+    }
+}
+
+/// Which roots verify upstream certificates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamRoots {
+    /// The operating system's trust store.
+    System,
+    /// A PEM bundle.
+    Bundle(PathBuf),
+}
+
+/// Client TLS for upstreams: hostname always verified against the roots; ALPN and session
+/// resumption are set by the connector and rustls' defaults.
+pub fn client_config(roots: &UpstreamRoots) -> Result<ClientConfig, TlsError> {
+    let mut store = RootCertStore::empty();
+    match roots {
+        UpstreamRoots::System => {
+            let found = rustls_native_certs::load_native_certs();
+            for c in found.certs {
+                let _ = store.add(c);
+            }
+            if store.is_empty() {
+                return Err(err(format!(
+                    "no system root certificates found ({}); set tls.upstream_roots to a PEM bundle",
+                    found
+                        .errors
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )));
+            }
+        }
+        UpstreamRoots::Bundle(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| err(format!("{}: {e}", path.display())))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| err(format!("{}: {e}", path.display())))?;
+            if certs.is_empty() {
+                return Err(err(format!(
+                    "{}: no certificates in the bundle",
+                    path.display()
+                )));
+            }
+            for c in certs {
+                store
+                    .add(c)
+                    .map_err(|e| err(format!("{}: {e}", path.display())))?;
+            }
+        }
+    }
+    Ok(ClientConfig::builder()
+        .with_root_certificates(store)
+        .with_no_client_auth())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ca_init_and_leaf_issuance() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = init_ca(dir.path(), 30, false).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(
+            init_ca(dir.path(), 30, false).is_err(),
+            "no silent overwrite"
+        );
+        let issuer = LeafIssuer::from_pem(
+            &std::fs::read_to_string(&cert).unwrap(),
+            &std::fs::read_to_string(&key).unwrap(),
+        )
+        .unwrap();
+        let dns = issuer.issue("api.example.org").unwrap();
+        assert_eq!(dns.cert.len(), 2, "leaf and CA");
+        issuer.issue("127.0.0.1").unwrap();
+        assert!(issuer.issue("bad host name!").is_err());
+    }
+}

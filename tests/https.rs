@@ -1,0 +1,288 @@
+//! HTTPS through CONNECT: interception with the local CA, upstream TLS, HTTP/2, tunnels.
+//! Real clients (curl, Python requests and httpx) and a loopback HTTPS upstream with its own
+//! test CA.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use serde_json::Value;
+
+const STATIC_ENV: &str = "TLS_TEST_STATIC_KEY";
+const STATIC_VALUE: &str = "tls-static-sidecar-value-0123";
+
+/// Routes to `localhost` are intercepted (a credential is injected); `127.0.0.1` is passthrough.
+fn config(port: u16) -> String {
+    format!(
+        r#"listen: 127.0.0.1:0
+admin: 127.0.0.1:0
+identity:
+  id: spiffe://test.local/ns/ml/sa/inference
+  workload: test-inference
+  environment: test
+tls:
+  ca_cert: {{dir}}/ca.pem
+  ca_key: {{dir}}/ca-key.pem
+  upstream_roots: {{dir}}/upstream-ca.pem
+  passthrough: [127.0.0.1]
+credentials:
+  app-key:
+    kind: static
+    from_env: {STATIC_ENV}
+routes:
+  - name: tls-api
+    match: {{ host: localhost, port: {port}, scheme: https }}
+    credential: app-key
+    inject: {{ header: x-api-key, value: "{{token}}" }}
+strip:
+  mode: strip
+policy:
+  file: {{dir}}/policy.cedar
+log:
+  format: json
+  output: stdout
+"#
+    )
+}
+
+fn start(up: &Upstream, upstream_ca: &str) -> Sidecar {
+    let ca = upstream_ca.to_string();
+    Sidecar::start_with(
+        &config(up.addr.port()),
+        PERMISSIVE_POLICY,
+        &[(STATIC_ENV, STATIC_VALUE)],
+        move |dir: &Path| {
+            std::fs::write(dir.join("upstream-ca.pem"), &ca).unwrap();
+            let (ok, _, err) =
+                run(Command::new(bin()).args(["ca", "init", "--out", dir.to_str().unwrap()]));
+            assert!(ok, "{err}");
+        },
+    )
+}
+
+fn curl(args: &[&str]) -> (i32, u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (
+        out.status.code().unwrap_or(-1),
+        code.trim().parse().unwrap_or(0),
+        body.to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_over_intercepted_https_http1_and_http2() {
+    let pki = TestPki::new();
+    let up = Upstream::start_tls(&pki).await;
+    let sc = start(&up, &pki.ca_pem);
+    let ca = sc.dir().join("ca.pem");
+    let key = fake_openai_key();
+    let url = format!("https://localhost:{}/v1/chat?model=x", up.addr.port());
+    for version in ["--http1.1", "--http2"] {
+        let (rc, code, body) = curl(&[
+            version,
+            "--proxy",
+            &sc.proxy_url(),
+            "--cacert",
+            ca.to_str().unwrap(),
+            "-H",
+            &format!("Authorization: Bearer {key}"),
+            "-H",
+            "chaperone-purpose: answer-question",
+            &url,
+        ]);
+        assert_eq!((rc, code), (0, 200), "{version}: {body}");
+    }
+    let reqs = up.requests();
+    assert_eq!(reqs.len(), 2);
+    for r in &reqs {
+        assert_eq!(
+            r.header("x-api-key"),
+            Some(STATIC_VALUE),
+            "credential injected over TLS"
+        );
+        assert!(r.header("authorization").is_none());
+        assert!(r.header("chaperone-purpose").is_none());
+        assert!(!r.all_text().contains(&key));
+        assert_eq!(r.version, "HTTP/2.0", "upstream speaks HTTP/2 by ALPN");
+    }
+    // Each call logs its CONNECT (kind intercept) and the request inside (kind http).
+    let lines = sc.log_lines(4);
+    let http: Vec<&Value> = lines.iter().filter(|l| l["kind"] == "http").collect();
+    assert_eq!(http.len(), 2, "{lines:?}");
+    for l in http {
+        assert_eq!(l["scheme"], "https");
+        assert_eq!(l["route"], "tls-api");
+        assert_eq!(l["purpose"], "answer-question");
+        assert_eq!(l["stripped"][0]["type"], "openai_project_key");
+        assert_eq!(l["status"], 200);
+    }
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l["kind"] == "intercept" && l["scheme"] == "https")
+            .count(),
+        2
+    );
+    assert!(!sc.output().contains(&key) && !sc.output().contains(STATIC_VALUE));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_requests_and_httpx_through_https_proxy() {
+    let pki = TestPki::new();
+    let up = Upstream::start_tls(&pki).await;
+    let sc = start(&up, &pki.ca_pem);
+    let ca = sc.dir().join("ca.pem");
+    let script = format!(
+        r#"
+import requests, httpx
+url = "https://localhost:{port}/v1/embeddings"
+r = requests.post(url, json={{"input": "x"}}, headers={{"chaperone-purpose": "embed", "x-api-key": "sk-proj-a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8s9T0"}})
+print("requests", r.status_code)
+with httpx.Client(proxy="{proxy}", verify="{ca}") as c:
+    r = c.get(url, headers={{"chaperone-purpose": "embed"}})
+    print("httpx", r.status_code)
+"#,
+        port = up.addr.port(),
+        proxy = sc.proxy_url(),
+        ca = ca.display()
+    );
+    let (ok, out, err) = run(Command::new("python3")
+        .args(["-c", &script])
+        .env("HTTPS_PROXY", sc.proxy_url())
+        .env("REQUESTS_CA_BUNDLE", &ca)
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy"));
+    assert!(ok, "python failed: {err}");
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["requests 200", "httpx 200"]
+    );
+    let reqs = up.requests();
+    assert_eq!(reqs.len(), 2);
+    assert!(
+        reqs.iter()
+            .all(|r| r.header("x-api-key") == Some(STATIC_VALUE))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_hosts_are_tunnelled_untouched() {
+    let pki = TestPki::new();
+    let up = Upstream::start_tls(&pki).await;
+    let sc = start(&up, &pki.ca_pem);
+    // The app trusts the upstream's own CA: the TLS session is end to end.
+    let dir = tempfile::tempdir().unwrap();
+    let upstream_ca = dir.path().join("up.pem");
+    std::fs::write(&upstream_ca, &pki.ca_pem).unwrap();
+    let (rc, code, body) = curl(&[
+        "--proxy",
+        &sc.proxy_url(),
+        "--cacert",
+        upstream_ca.to_str().unwrap(),
+        "-H",
+        "Authorization: Bearer app-own-token-kept-as-is",
+        &format!("https://127.0.0.1:{}/direct", up.addr.port()),
+    ]);
+    assert_eq!((rc, code), (0, 200), "{body}");
+    let r = &up.requests()[0];
+    assert_eq!(
+        r.header("authorization"),
+        Some("Bearer app-own-token-kept-as-is"),
+        "a tunnel does not touch bytes"
+    );
+    assert!(r.header("x-api-key").is_none());
+    let lines = sc.log_lines(1);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["kind"] == "tunnel" && l["decision"] == "allow")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_with_an_untrusted_certificate_is_a_502() {
+    let pki = TestPki::new();
+    let up = Upstream::start_tls(&pki).await;
+    // Chaperone trusts a different CA than the one that signed the upstream.
+    let other = TestPki::new();
+    let sc = start(&up, &other.ca_pem);
+    let ca = sc.dir().join("ca.pem");
+    let (rc, code, body) = curl(&[
+        "--proxy",
+        &sc.proxy_url(),
+        "--cacert",
+        ca.to_str().unwrap(),
+        &format!("https://localhost:{}/v1/x", up.addr.port()),
+    ]);
+    assert_eq!((rc, code), (0, 502), "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"], "upstream_unreachable");
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("certificate"),
+        "{body}"
+    );
+    assert!(up.requests().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_trust_the_ca_fails_and_the_proxy_keeps_serving() {
+    let pki = TestPki::new();
+    let up = Upstream::start_tls(&pki).await;
+    let sc = start(&up, &pki.ca_pem);
+    let url = format!("https://localhost:{}/v1/x", up.addr.port());
+    // No --cacert: curl checks against the system store, which does not hold our CA.
+    let (rc, _, _) = curl(&["--proxy", &sc.proxy_url(), &url]);
+    assert_eq!(rc, 60, "curl must refuse the unknown CA (exit 60)");
+    let ca = sc.dir().join("ca.pem");
+    let (rc, code, _) = curl(&[
+        "--proxy",
+        &sc.proxy_url(),
+        "--cacert",
+        ca.to_str().unwrap(),
+        &url,
+    ]);
+    assert_eq!((rc, code), (0, 200), "still serving");
+    let lines = sc.log_lines(3);
+    let failed = lines
+        .iter()
+        .find(|l| {
+            l["kind"] == "intercept"
+                && l["error"]
+                    .as_str()
+                    .is_some_and(|e| e.starts_with("tls_handshake_failed"))
+        })
+        .unwrap_or_else(|| panic!("handshake failure logged: {lines:?}"));
+    assert_eq!(failed["host"], "localhost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_for_another_host_inside_a_tunnel_is_refused() {
+    let pki = TestPki::new();
+    let up = Upstream::start_tls(&pki).await;
+    let sc = start(&up, &pki.ca_pem);
+    let ca = sc.dir().join("ca.pem");
+    let (rc, code, body) = curl(&[
+        "--proxy",
+        &sc.proxy_url(),
+        "--cacert",
+        ca.to_str().unwrap(),
+        "-H",
+        "Host: evil.example",
+        &format!("https://localhost:{}/v1/x", up.addr.port()),
+    ]);
+    assert_eq!((rc, code), (0, 400), "{body}");
+    assert!(body.contains("tunnel was opened to"));
+    assert!(up.requests().is_empty());
+}
