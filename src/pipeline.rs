@@ -347,7 +347,7 @@ impl Pipeline {
                     format!("cannot build the upstream URL: {e}"),
                 )
             })?;
-        forward::strip_hop_by_hop(&mut parts.headers);
+        forward::strip_request_hop_by_hop(&mut parts.headers);
         parts.headers.insert(
             HOST,
             HeaderValue::from_str(&authority)

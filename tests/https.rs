@@ -286,3 +286,79 @@ async fn a_request_for_another_host_inside_a_tunnel_is_refused() {
     assert!(body.contains("tunnel was opened to"));
     assert!(up.requests().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_with_trailers_passes_through_an_intercepted_tunnel() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let pki = TestPki::new();
+    let up = Upstream::start_tls(&pki).await;
+    let sc = start(&up, &pki.ca_pem);
+    let port = up.addr.port();
+
+    // CONNECT by hand, then TLS trusting the sidecar's CA, then HTTP/2 (as a gRPC client does).
+    let mut tcp = tokio::net::TcpStream::connect(sc.proxy).await.unwrap();
+    tcp.write_all(
+        format!("CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(tcp.read_u8().await.unwrap());
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let ca = std::fs::read(sc.dir().join("ca.pem")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .expect("TLS with the sidecar's leaf for localhost");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("https://localhost:{port}/grpc"))
+        .header("te", "trailers")
+        .header("content-type", "application/grpc")
+        .header("chaperone-purpose", "tool-call")
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02yo")))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected
+        .trailers()
+        .cloned()
+        .expect("trailers reach the client");
+    assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+    assert_eq!(trailers.get("grpc-message").unwrap(), "ok");
+    assert_eq!(&collected.to_bytes()[..], b"\0\0\0\0\x02hi");
+    let r = &up.requests()[0];
+    assert_eq!(
+        r.header("te"),
+        Some("trailers"),
+        "gRPC servers require TE: trailers"
+    );
+    assert_eq!(r.header("x-api-key"), Some(STATIC_VALUE));
+    assert_eq!(r.body.as_bytes(), b"\0\0\0\0\x02yo");
+}

@@ -589,7 +589,7 @@ async fn hop_by_hop_headers_are_dropped_and_loops_detected() {
         "-H",
         "Keep-Alive: timeout=5",
         "-H",
-        "TE: trailers",
+        "TE: gzip",
         "-H",
         "Proxy-Authorization: Basic dXNlcjpodW50ZXIy",
         "-H",

@@ -139,8 +139,22 @@ impl Upstream {
                             if parts.uri.path() == "/slow" {
                                 tokio::time::sleep(Duration::from_millis(600)).await;
                             }
-                            let mut resp =
-                                Response::new(Full::new(Bytes::from_static(br#"{"ok":true}"#)));
+                            if parts.uri.path() == "/grpc" {
+                                // A gRPC-shaped answer: data, then trailers.
+                                let mut trailers = http::HeaderMap::new();
+                                trailers.insert("grpc-status", "0".parse().unwrap());
+                                trailers.insert("grpc-message", "ok".parse().unwrap());
+                                let body = Full::new(Bytes::from_static(b"\0\0\0\0\x02hi"))
+                                    .with_trailers(async move { Some(Ok(trailers)) })
+                                    .boxed_unsync();
+                                let mut resp = Response::new(body);
+                                resp.headers_mut()
+                                    .insert("content-type", "application/grpc".parse().unwrap());
+                                return Ok::<_, Infallible>(resp);
+                            }
+                            let mut resp = Response::new(
+                                Full::new(Bytes::from_static(br#"{"ok":true}"#)).boxed_unsync(),
+                            );
                             resp.headers_mut()
                                 .insert("content-type", "application/json".parse().unwrap());
                             resp.headers_mut().insert(
