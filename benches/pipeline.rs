@@ -166,5 +166,19 @@ fn bench_mint(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, bench_strip, bench_policy, bench_mint);
+fn bench_leaf(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = chaperone::tls::init_ca(dir.path(), 2, false).unwrap();
+    let issuer = chaperone::tls::LeafIssuer::from_pem(
+        &std::fs::read_to_string(cert).unwrap(),
+        &std::fs::read_to_string(key).unwrap(),
+    )
+    .unwrap();
+    // A new host: key generation and signing, what the first CONNECT to a host pays.
+    c.bench_function("tls/issue_leaf_new_host", |b| {
+        b.iter(|| black_box(issuer.issue("api.example.org").unwrap()))
+    });
+}
+
+criterion_group!(benches, bench_strip, bench_policy, bench_mint, bench_leaf);
 criterion_main!(benches);
