@@ -93,7 +93,9 @@ pub async fn serve(
     origin: Target,
     upgraded: Upgraded,
     handshake_timeout: Duration,
+    drain: Arc<crate::drain::Drain>,
 ) -> Result<u64, String> {
+    let _guard = drain.enter();
     let handshake = async {
         let start = LazyConfigAcceptor::new(Acceptor::default(), TokioIo::new(upgraded))
             .await
@@ -134,7 +136,17 @@ pub async fn serve(
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(handshake_timeout);
-    if let Err(e) = builder.serve_connection(TokioIo::new(tls), svc).await {
+    let conn = builder.serve_connection(TokioIo::new(tls), svc);
+    tokio::pin!(conn);
+    // On shutdown: finish the requests in flight, take no new ones.
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = drain.signalled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!(client = %client, error = %e, "intercepted connection ended with an error");
     }
     Ok(served.load(Ordering::Relaxed))

@@ -16,6 +16,7 @@ pub mod admin;
 pub mod config;
 pub mod credentials;
 pub mod demo;
+pub mod drain;
 pub mod error;
 pub mod fingerprint;
 pub mod forward;

@@ -67,6 +67,8 @@ pub struct Pipeline {
     pub upstream_tls: Arc<rustls::ClientConfig>,
     /// TLS interception, when a local CA is configured.
     pub intercept: Option<Arc<crate::intercept::Interceptor>>,
+    /// Shutdown draining for intercepted connections.
+    pub drain: Arc<crate::drain::Drain>,
     /// Our `Via` entry.
     pub via: HeaderValue,
     /// Our `Via` pseudonym, unique per process, for loop detection.
@@ -515,6 +517,7 @@ impl Pipeline {
                 target,
                 upgraded,
                 timeout,
+                me.drain.clone(),
             )
             .await
             {

@@ -64,6 +64,7 @@ pub struct Running {
     pipeline: Arc<Pipeline>,
     grace: Duration,
     workers: Workers,
+    drain: Arc<crate::drain::Drain>,
 }
 
 impl Running {
@@ -81,6 +82,12 @@ impl Running {
             .is_err()
         {
             tracing::warn!("listeners did not stop in time");
+        }
+        // Intercepted connections were told by the same signal; give them the same grace.
+        if !self.drain.wait_idle(self.grace).await {
+            tracing::warn!(
+                "intercepted connections still open at the shutdown deadline; closing them"
+            );
         }
         drop(self.pipeline);
         let workers = self.workers;
@@ -194,6 +201,8 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let intercept = crate::intercept::Interceptor::new(&cfg.tls)
         .map_err(|e| build(format!("tls: {e}")))?
         .map(Arc::new);
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let drain = crate::drain::Drain::new(shutdown_rx.clone());
     let (log, log_guard) = PurposeLog::start(cfg.log_format, &cfg.log_output, metrics.clone())
         .map_err(|e| build(format!("purpose log: {e}")))?;
     let pseudonym = format!(
@@ -212,13 +221,13 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         upstream: Upstream::new(&cfg.timeouts, upstream_tls.clone()),
         upstream_tls,
         intercept,
+        drain: drain.clone(),
         via: HeaderValue::from_str(&format!("1.1 {pseudonym}")).expect("ascii"),
         pseudonym,
         timeouts: cfg.timeouts,
     });
     credentials.spawn_file_watch(Duration::from_secs(2));
 
-    let (shutdown, shutdown_rx) = watch::channel(false);
     let ready = Arc::new(AtomicBool::new(false));
     let workers = Workers::spawn(cfg.workers).map_err(|e| build(format!("worker threads: {e}")))?;
     let per_worker: Arc<Vec<(tokio::runtime::Handle, Arc<Pipeline>)>> = Arc::new(
@@ -258,6 +267,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         pipeline,
         grace: cfg.timeouts.shutdown_grace,
         workers,
+        drain,
     })
 }
 

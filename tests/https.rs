@@ -362,3 +362,32 @@ async fn http2_with_trailers_passes_through_an_intercepted_tunnel() {
     assert_eq!(r.header("x-api-key"), Some(STATIC_VALUE));
     assert_eq!(r.body.as_bytes(), b"\0\0\0\0\x02yo");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_intercepted_requests() {
+    let pki = TestPki::new();
+    let up = Upstream::start_tls(&pki).await;
+    let mut sc = start(&up, &pki.ca_pem);
+    let ca = sc.dir().join("ca.pem").to_str().unwrap().to_string();
+    let proxy = sc.proxy_url();
+    let url = format!("https://localhost:{}/slow", up.addr.port());
+    let in_flight = std::thread::spawn(move || curl(&["--proxy", &proxy, "--cacert", &ca, &url]));
+    for _ in 0..300 {
+        if !up.requests().is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(
+        !up.requests().is_empty(),
+        "the request reached the upstream"
+    );
+    let status = sc.terminate();
+    let (rc, code, _) = in_flight.join().unwrap();
+    assert_eq!(
+        (rc, code),
+        (0, 200),
+        "the intercepted request finished during the drain"
+    );
+    assert!(status.success(), "{status:?}");
+}
