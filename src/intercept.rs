@@ -5,7 +5,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper::upgrade::Upgraded;
@@ -92,10 +91,10 @@ pub async fn serve(
     client: SocketAddr,
     origin: Target,
     upgraded: Upgraded,
-    handshake_timeout: Duration,
-    drain: Arc<crate::drain::Drain>,
 ) -> Result<u64, String> {
+    let drain = pipeline.drain.clone();
     let _guard = drain.enter();
+    let handshake_timeout = pipeline.timeouts.header_read;
     let handshake = async {
         let start = LazyConfigAcceptor::new(Acceptor::default(), TokioIo::new(upgraded))
             .await

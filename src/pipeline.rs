@@ -508,18 +508,8 @@ impl Pipeline {
                     return;
                 }
             };
-            let timeout = me.timeouts.header_read;
-            match crate::intercept::serve(
-                me.clone(),
-                icpt,
-                identity,
-                client,
-                target,
-                upgraded,
-                timeout,
-                me.drain.clone(),
-            )
-            .await
+            match crate::intercept::serve(me.clone(), icpt, identity, client, target, upgraded)
+                .await
             {
                 Ok(n) => rec.bytes_in = Some(n),
                 Err(e) => {
