@@ -141,6 +141,7 @@ fn bench_mint(c: &mut Criterion) {
     let req = MintRequest {
         subject: "spiffe://example.org/ns/ml/sa/inference",
         audience: "https://api.openai.com",
+        resource: None,
         txn: "550e8400-e29b-41d4-a716-446655440000",
         scopes: &scopes,
         workload: "inference-api",

@@ -45,6 +45,15 @@ pub struct CredentialLabels {
     pub result: &'static str,
 }
 
+/// Labels of `chaperone_token_cache_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    /// Credential name.
+    pub credential: String,
+    /// `hit` or `miss`.
+    pub result: &'static str,
+}
+
 /// Every metric the proxy exports.
 pub struct Metrics {
     registry: Registry,
@@ -56,6 +65,8 @@ pub struct Metrics {
     pub stripped: Family<StrippedLabels, Counter>,
     /// Credentials obtained (minted, read, fetched), by result.
     pub credential_fetches: Family<CredentialLabels, Counter>,
+    /// Token cache lookups by credential and result.
+    pub token_cache: Family<CacheLabels, Counter>,
     /// CONNECT tunnels open now.
     pub tunnels_open: Gauge,
     /// Purpose-log lines dropped because the writer fell behind.
@@ -91,6 +102,12 @@ impl Metrics {
         let stripped = Family::<StrippedLabels, Counter>::default();
         let credential_fetches = Family::<CredentialLabels, Counter>::default();
         let tunnels_open = Gauge::default();
+        let token_cache = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "token_cache",
+            "Token cache lookups by credential and result (hit, miss)",
+            token_cache.clone(),
+        );
         let log_dropped = Counter::default();
         registry.register(
             "requests",
@@ -128,6 +145,7 @@ impl Metrics {
             duration,
             stripped,
             credential_fetches,
+            token_cache,
             tunnels_open,
             log_dropped,
         }

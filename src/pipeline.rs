@@ -265,22 +265,26 @@ impl Pipeline {
             && let Some(name) = &route.credential
         {
             let audience = route.audience.clone().unwrap_or_else(|| target.origin());
-            let obtained = self.credentials.obtain(
-                name,
-                &MintRequest {
-                    subject: &caller.identity.id,
-                    audience: &audience,
-                    txn: &caller.request_id,
-                    scopes: &route.scopes,
-                    workload: &caller.identity.workload,
-                    stage: &caller.identity.stage,
-                    environment: &caller.identity.environment,
-                    purpose,
-                    method: parts.method.as_str(),
-                    host: &target.host,
-                    path: &target.path,
-                },
-            );
+            let obtained = self
+                .credentials
+                .obtain(
+                    name,
+                    &MintRequest {
+                        subject: &caller.identity.id,
+                        audience: &audience,
+                        resource: route.audience.as_deref(),
+                        txn: &caller.request_id,
+                        scopes: &route.scopes,
+                        workload: &caller.identity.workload,
+                        stage: &caller.identity.stage,
+                        environment: &caller.identity.environment,
+                        purpose,
+                        method: parts.method.as_str(),
+                        host: &target.host,
+                        path: &target.path,
+                    },
+                )
+                .await;
             let issued = match obtained {
                 Ok(i) => i,
                 Err(e) => {

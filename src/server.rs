@@ -157,9 +157,27 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let fingerprinter =
         Fingerprinter::from_file_or_random(cfg.strip.fingerprint_key_file.as_deref())
             .map_err(|e| build(format!("fingerprint key: {e}")))?;
+    // Roots for upstream TLS and token endpoints. Required when interception is on (the
+    // proxy then originates TLS itself); otherwise a machine without a system store still
+    // runs, and an https token endpoint fails closed with a certificate error.
+    let upstream_tls = Arc::new(match crate::tls::client_config(&cfg.tls.upstream_roots) {
+        Ok(c) => c,
+        Err(e) if cfg.tls.ca.is_some() => return Err(build(e.to_string())),
+        Err(e) => {
+            tracing::warn!(error = %e, "no roots for upstream TLS; https token endpoints will fail");
+            rustls::ClientConfig::builder()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        }
+    });
     let credentials = Arc::new(
-        Credentials::new(&cfg.credentials, fingerprinter.clone())
-            .map_err(|e| build(e.to_string()))?,
+        Credentials::new(
+            &cfg.credentials,
+            fingerprinter.clone(),
+            upstream_tls.clone(),
+            metrics.clone(),
+        )
+        .map_err(|e| build(e.to_string()))?,
     );
     let policy = PolicyEngine::compile(&cfg.policy).map_err(|e| build(e.to_string()))?;
 
@@ -189,15 +207,6 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let mut own = proxy_addrs.clone();
     own.push(admin_addr);
 
-    // Upstream TLS matters only for intercepted requests; without a CA, https is never
-    // forwarded by the proxy itself, so a machine without system roots still runs.
-    let upstream_tls = Arc::new(if cfg.tls.ca.is_some() {
-        crate::tls::client_config(&cfg.tls.upstream_roots).map_err(|e| build(e.to_string()))?
-    } else {
-        rustls::ClientConfig::builder()
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth()
-    });
     let intercept = crate::intercept::Interceptor::new(&cfg.tls)
         .map_err(|e| build(format!("tls: {e}")))?
         .map(Arc::new);

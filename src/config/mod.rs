@@ -743,6 +743,66 @@ impl Validator<'_> {
                 }
                 Some(CredentialSpec::Jwt(spec))
             }
+            CredentialConfig::ClientCredentials {
+                token_url,
+                client_id,
+                client_secret_file,
+                auth_method,
+                timeout,
+            } => {
+                let url = match token_url.parse::<http::Uri>() {
+                    Ok(u) if u.scheme_str() == Some("https") && u.host().is_some() => Some(u),
+                    Ok(u)
+                        if u.scheme_str() == Some("http")
+                            && u.host().is_some_and(is_loopback_host) =>
+                    {
+                        Some(u)
+                    }
+                    Ok(u) if u.scheme_str() == Some("http") => {
+                        self.err(&at("token_url"), "use https (http is allowed on loopback addresses only: client secrets would cross the network in the clear)");
+                        let _ = u;
+                        None
+                    }
+                    _ => {
+                        self.err(
+                            &at("token_url"),
+                            format!("`{token_url}` is not an absolute https URL"),
+                        );
+                        None
+                    }
+                };
+                self.nonempty(&at("client_id"), client_id);
+                let secret_path = self.path(client_secret_file);
+                if let Err(e) = std::fs::read(&secret_path) {
+                    self.err(
+                        &at("client_secret_file"),
+                        format!("cannot read {}: {e}", secret_path.display()),
+                    );
+                }
+                let auth = match auth_method.as_deref() {
+                    None | Some("client_secret_basic") => crate::credentials::ClientAuth::Basic,
+                    Some("client_secret_post") => crate::credentials::ClientAuth::Post,
+                    Some(other) => {
+                        self.err(
+                            &at("auth_method"),
+                            format!("`{other}` is not client_secret_basic or client_secret_post"),
+                        );
+                        crate::credentials::ClientAuth::Basic
+                    }
+                };
+                let timeout =
+                    self.duration(&at("timeout"), timeout.as_deref(), Duration::from_secs(2));
+                Some(CredentialSpec::ClientCredentials(
+                    crate::credentials::OAuthSpec {
+                        name: name.to_string(),
+                        token_url: url?,
+                        client_id: client_id.clone(),
+                        client_secret_file: secret_path,
+                        auth,
+                        timeout,
+                    },
+                ))
+            }
             CredentialConfig::Static {
                 from_env,
                 from_file,
@@ -919,6 +979,14 @@ impl Validator<'_> {
         }
         src
     }
+}
+
+/// `localhost` or a loopback IP literal.
+fn is_loopback_host(h: &str) -> bool {
+    let h = h.trim_start_matches('[').trim_end_matches(']');
+    h == "localhost"
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A SPIFFE ID: `spiffe://` + lowercase trust domain + optional path of non-empty segments.

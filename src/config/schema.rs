@@ -118,6 +118,22 @@ pub enum CredentialConfig {
         #[serde(default)]
         issuer: Option<String>,
     },
+    /// OAuth 2.0 client credentials (RFC 6749 §4.4): a token fetched from an authorization
+    /// server, cached until shortly before it expires.
+    ClientCredentials {
+        /// Token endpoint; `https`, or `http` on a loopback address only.
+        token_url: String,
+        /// Client id.
+        client_id: String,
+        /// File holding the client secret (read on every fetch).
+        client_secret_file: String,
+        /// `client_secret_basic` (default) or `client_secret_post`.
+        #[serde(default)]
+        auth_method: Option<String>,
+        /// Bound on one token fetch. Default `2s`.
+        #[serde(default)]
+        timeout: Option<String>,
+    },
     /// A secret that only the sidecar holds, read from the environment or a file.
     Static {
         /// Environment variable holding the secret.

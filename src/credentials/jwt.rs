@@ -47,6 +47,8 @@ pub struct MintRequest<'a> {
     pub subject: &'a str,
     /// `aud`: route audience or destination origin.
     pub audience: &'a str,
+    /// The route's explicit audience, sent as `resource` (RFC 8707) to token endpoints.
+    pub resource: Option<&'a str>,
     /// `txn`: the request id.
     pub txn: &'a str,
     /// Route scopes; the purpose is added.
@@ -305,6 +307,7 @@ mod tests {
         MintRequest {
             subject: "spiffe://t/ns/ml/sa/inference",
             audience: "http://api.test",
+            resource: None,
             txn: "req-1",
             scopes,
             workload: "inference",

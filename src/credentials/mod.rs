@@ -2,6 +2,7 @@
 //! injected. Failure is closed: the pipeline forwards nothing without its credential.
 
 mod jwt;
+mod oauth;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -11,6 +12,7 @@ use std::time::{Duration, SystemTime};
 use secrecy::{ExposeSecret, SecretString};
 
 pub use jwt::{JwtMinter, JwtSpec, MintRequest, Minted};
+pub use oauth::{ClientAuth, OAuthSpec, skew};
 
 use crate::fingerprint::Fingerprinter;
 
@@ -28,6 +30,8 @@ pub enum StaticSource {
 pub enum CredentialSpec {
     /// Per-call minted JWT.
     Jwt(JwtSpec),
+    /// OAuth 2.0 client credentials.
+    ClientCredentials(OAuthSpec),
     /// Secret held only by the sidecar.
     Static {
         /// Credential name.
@@ -96,12 +100,32 @@ struct StaticCred {
 enum Provider {
     Jwt(JwtMinter),
     Static(StaticCred),
+    OAuth {
+        spec: OAuthSpec,
+        cache: moka::future::Cache<String, Arc<oauth::Token>>,
+    },
+}
+
+/// Each cached token expires at its own `cache_until` (before `exp`, with skew).
+struct TokenExpiry;
+
+impl moka::Expiry<String, Arc<oauth::Token>> for TokenExpiry {
+    fn expire_after_create(
+        &self,
+        _: &String,
+        token: &Arc<oauth::Token>,
+        created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(token.cache_until.saturating_duration_since(created_at))
+    }
 }
 
 /// All credential sources, by name.
 pub struct Credentials {
     providers: BTreeMap<String, Provider>,
     fingerprinter: Fingerprinter,
+    token_client: oauth::TokenClient,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -152,11 +176,20 @@ impl Credentials {
     pub fn new(
         specs: &BTreeMap<String, CredentialSpec>,
         fingerprinter: Fingerprinter,
+        tls: Arc<rustls::ClientConfig>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<Self, CredentialError> {
         let mut providers = BTreeMap::new();
         for (name, spec) in specs {
             let p = match spec {
                 CredentialSpec::Jwt(j) => Provider::Jwt(JwtMinter::new(j)?),
+                CredentialSpec::ClientCredentials(o) => Provider::OAuth {
+                    spec: o.clone(),
+                    cache: moka::future::Cache::builder()
+                        .max_capacity(10_000)
+                        .expire_after(TokenExpiry)
+                        .build(),
+                },
                 CredentialSpec::Static { source, .. } => {
                     let v = read_static(source, &fingerprinter).map_err(|e| {
                         CredentialError::Config(format!("credential `{name}`: {e}"))
@@ -172,6 +205,8 @@ impl Credentials {
         Ok(Credentials {
             providers,
             fingerprinter,
+            token_client: oauth::token_client(tls),
+            metrics,
         })
     }
 
@@ -182,15 +217,70 @@ impl Credentials {
             .values()
             .filter_map(|p| match p {
                 Provider::Jwt(m) => Some(m.jwk().clone()),
-                Provider::Static(_) => None,
+                Provider::Static(_) | Provider::OAuth { .. } => None,
             })
             .collect();
         serde_json::json!({ "keys": keys })
     }
 
     /// Obtain the named credential for one call.
-    pub fn obtain(&self, name: &str, call: &MintRequest<'_>) -> Result<Issued, CredentialError> {
+    pub async fn obtain(
+        &self,
+        name: &str,
+        call: &MintRequest<'_>,
+    ) -> Result<Issued, CredentialError> {
         match self.providers.get(name) {
+            Some(Provider::OAuth { spec, cache }) => {
+                // Keyed by everything the token is scoped to, so one route's token is never
+                // handed to a request it was not issued for.
+                let key = format!(
+                    "{}\0{}\0{}",
+                    call.resource.unwrap_or(""),
+                    call.scopes.join(" "),
+                    name
+                );
+                let labels = |result| crate::metrics::CacheLabels {
+                    credential: name.to_string(),
+                    result,
+                };
+                let token = match cache.get(&key).await {
+                    Some(t) => {
+                        self.metrics.token_cache.get_or_create(&labels("hit")).inc();
+                        t
+                    }
+                    None => {
+                        self.metrics
+                            .token_cache
+                            .get_or_create(&labels("miss"))
+                            .inc();
+                        // Concurrent misses for one key share a single fetch.
+                        cache
+                            .try_get_with(key, async {
+                                oauth::fetch(&self.token_client, spec, call.resource, call.scopes)
+                                    .await
+                                    .map(Arc::new)
+                            })
+                            .await
+                            .map_err(|e: Arc<CredentialError>| {
+                                CredentialError::Unavailable(e.to_string())
+                            })?
+                    }
+                };
+                Ok(Issued {
+                    name: name.to_string(),
+                    kind: "client_credentials",
+                    value: token.value.clone(),
+                    id: token.jti.clone().unwrap_or_else(|| {
+                        format!(
+                            "fp:{}",
+                            self.fingerprinter
+                                .fingerprint(token.value.expose_secret().as_bytes())
+                        )
+                    }),
+                    expires_at: Some(token.expires_at),
+                    scopes: token.scopes.clone(),
+                })
+            }
             None => Err(CredentialError::Unknown(name.to_string())),
             Some(Provider::Jwt(m)) => {
                 let t = m.mint(call)?;
@@ -273,10 +363,24 @@ impl Credentials {
 mod tests {
     use super::*;
 
+    fn credentials(specs: &BTreeMap<String, CredentialSpec>) -> Credentials {
+        let tls = rustls::ClientConfig::builder()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        Credentials::new(
+            specs,
+            Fingerprinter::random(),
+            Arc::new(tls),
+            Arc::new(crate::metrics::Metrics::new()),
+        )
+        .unwrap()
+    }
+
     fn call() -> MintRequest<'static> {
         MintRequest {
             subject: "s",
             audience: "a",
+            resource: None,
             txn: "t",
             scopes: &[],
             workload: "w",
@@ -289,8 +393,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn static_file_is_reread_on_change() {
+    #[tokio::test]
+    async fn static_file_is_reread_on_change() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("secret");
         std::fs::write(&path, "first-secret-value\n").unwrap();
@@ -301,28 +405,28 @@ mod tests {
                 source: StaticSource::File(path.clone()),
             },
         )]);
-        let c = Credentials::new(&specs, Fingerprinter::random()).unwrap();
-        let a = c.obtain("k", &call()).unwrap();
+        let c = credentials(&specs);
+        let a = c.obtain("k", &call()).await.unwrap();
         assert_eq!(a.value.expose_secret(), "first-secret-value");
         assert!(!format!("{a:?}").contains("first-secret-value"));
         std::fs::write(&path, "second-secret-value-longer\n").unwrap();
         c.refresh_files();
-        let b = c.obtain("k", &call()).unwrap();
+        let b = c.obtain("k", &call()).await.unwrap();
         assert_eq!(b.value.expose_secret(), "second-secret-value-longer");
         assert_ne!(a.id, b.id);
         std::fs::remove_file(&path).unwrap();
         c.refresh_files();
         assert_eq!(
-            c.obtain("k", &call()).unwrap().value.expose_secret(),
+            c.obtain("k", &call()).await.unwrap().value.expose_secret(),
             "second-secret-value-longer"
         );
     }
 
-    #[test]
-    fn unknown_credential_fails_closed() {
-        let c = Credentials::new(&BTreeMap::new(), Fingerprinter::random()).unwrap();
+    #[tokio::test]
+    async fn unknown_credential_fails_closed() {
+        let c = credentials(&BTreeMap::new());
         assert!(matches!(
-            c.obtain("nope", &call()),
+            c.obtain("nope", &call()).await,
             Err(CredentialError::Unknown(_))
         ));
     }
