@@ -62,21 +62,6 @@ fn start(up: &Upstream, upstream_ca: &str) -> Sidecar {
     )
 }
 
-fn curl(args: &[&str]) -> (i32, u16, String) {
-    let out = Command::new("curl")
-        .args(["-s", "-w", "\n%{http_code}"])
-        .args(args)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (
-        out.status.code().unwrap_or(-1),
-        code.trim().parse().unwrap_or(0),
-        body.to_string(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_over_intercepted_https_http1_and_http2() {
     let pki = TestPki::new();
@@ -86,7 +71,7 @@ async fn curl_over_intercepted_https_http1_and_http2() {
     let key = fake_openai_key();
     let url = format!("https://localhost:{}/v1/chat?model=x", up.addr.port());
     for version in ["--http1.1", "--http2"] {
-        let (rc, code, body) = curl(&[
+        let (rc, code, body) = curl_raw(&[
             version,
             "--proxy",
             &sc.proxy_url(),
@@ -182,7 +167,7 @@ async fn passthrough_hosts_are_tunnelled_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let upstream_ca = dir.path().join("up.pem");
     std::fs::write(&upstream_ca, &pki.ca_pem).unwrap();
-    let (rc, code, body) = curl(&[
+    let (rc, code, body) = curl_raw(&[
         "--proxy",
         &sc.proxy_url(),
         "--cacert",
@@ -215,7 +200,7 @@ async fn upstream_with_an_untrusted_certificate_is_a_502() {
     let other = TestPki::new();
     let sc = start(&up, &other.ca_pem);
     let ca = sc.dir().join("ca.pem");
-    let (rc, code, body) = curl(&[
+    let (rc, code, body) = curl_raw(&[
         "--proxy",
         &sc.proxy_url(),
         "--cacert",
@@ -243,10 +228,10 @@ async fn a_client_that_does_not_trust_the_ca_fails_and_the_proxy_keeps_serving()
     let sc = start(&up, &pki.ca_pem);
     let url = format!("https://localhost:{}/v1/x", up.addr.port());
     // No --cacert: curl checks against the system store, which does not hold our CA.
-    let (rc, _, _) = curl(&["--proxy", &sc.proxy_url(), &url]);
+    let (rc, _, _) = curl_raw(&["--proxy", &sc.proxy_url(), &url]);
     assert_eq!(rc, 60, "curl must refuse the unknown CA (exit 60)");
     let ca = sc.dir().join("ca.pem");
-    let (rc, code, _) = curl(&[
+    let (rc, code, _) = curl_raw(&[
         "--proxy",
         &sc.proxy_url(),
         "--cacert",
@@ -273,7 +258,7 @@ async fn a_request_for_another_host_inside_a_tunnel_is_refused() {
     let up = Upstream::start_tls(&pki).await;
     let sc = start(&up, &pki.ca_pem);
     let ca = sc.dir().join("ca.pem");
-    let (rc, code, body) = curl(&[
+    let (rc, code, body) = curl_raw(&[
         "--proxy",
         &sc.proxy_url(),
         "--cacert",
@@ -371,7 +356,8 @@ async fn sigterm_drains_in_flight_intercepted_requests() {
     let ca = sc.dir().join("ca.pem").to_str().unwrap().to_string();
     let proxy = sc.proxy_url();
     let url = format!("https://localhost:{}/slow", up.addr.port());
-    let in_flight = std::thread::spawn(move || curl(&["--proxy", &proxy, "--cacert", &ca, &url]));
+    let in_flight =
+        std::thread::spawn(move || curl_raw(&["--proxy", &proxy, "--cacert", &ca, &url]));
     for _ in 0..300 {
         if !up.requests().is_empty() {
             break;

@@ -149,12 +149,8 @@ fn start_sidecar(upstream: u16, auth_port: u16) -> Sidecar {
     )
 }
 
-fn curl(proxy: &str, url: &str) -> (u16, String) {
-    let (ok, out, err) =
-        run(Command::new("curl").args(["-s", "-w", "\n%{http_code}", "-x", proxy, url]));
-    assert!(ok, "{err}");
-    let (body, code) = out.rsplit_once('\n').unwrap();
-    (code.trim().parse().unwrap(), body.to_string())
+fn curl_via(proxy: &str, url: &str) -> (u16, String) {
+    curl(&["-x", proxy, url])
 }
 
 fn bearer(r: &Recorded) -> String {
@@ -172,7 +168,7 @@ async fn client_credentials_tokens_are_verified_cached_and_fetched_once() {
     let base = format!("http://127.0.0.1:{}", up.addr.port());
 
     for i in 0..5 {
-        let (code, body) = curl(&sc.proxy_url(), &format!("{base}/read/item/{i}"));
+        let (code, body) = curl_via(&sc.proxy_url(), &format!("{base}/read/item/{i}"));
         assert_eq!(code, 200, "{body}");
     }
     assert_eq!(auth.token_requests(), 1, "five calls, one token fetch");
@@ -202,7 +198,7 @@ async fn client_credentials_tokens_are_verified_cached_and_fetched_once() {
     let handles: Vec<_> = (0..8)
         .map(|i| {
             let (p, u) = (proxy.clone(), format!("{base}/write/doc/{i}"));
-            std::thread::spawn(move || curl(&p, &u).0)
+            std::thread::spawn(move || curl_via(&p, &u).0)
         })
         .collect();
     for h in handles {
@@ -267,7 +263,7 @@ async fn an_outage_fails_closed_then_recovers() {
     let sc = start_sidecar(up.addr.port(), port);
     let url = format!("http://127.0.0.1:{}/read/x", up.addr.port());
     let t = Instant::now();
-    let (code, body) = curl(&sc.proxy_url(), &url);
+    let (code, body) = curl_via(&sc.proxy_url(), &url);
     assert_eq!(code, 503, "{body}");
     assert!(
         t.elapsed() < Duration::from_secs(5),
@@ -286,7 +282,7 @@ async fn an_outage_fails_closed_then_recovers() {
 
     // The server comes up: the next call succeeds, nothing to restart.
     let auth = AuthServer::start(port);
-    let (code, body) = curl(&sc.proxy_url(), &url);
+    let (code, body) = curl_via(&sc.proxy_url(), &url);
     assert_eq!(code, 200, "{body}");
     assert_eq!(auth.token_requests(), 1);
     assert!(!sc.output().contains(CLIENT_SECRET));

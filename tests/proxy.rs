@@ -59,15 +59,6 @@ fn static_value() -> String {
     format!("static-sidecar-secret-{:x}", rand_u64())
 }
 
-fn curl(args: &[&str]) -> (u16, String) {
-    let (ok, out, err) = run(Command::new("curl")
-        .args(["-s", "-w", "\n%{http_code}"])
-        .args(args));
-    assert!(ok, "curl failed: {err}");
-    let (body, code) = out.rsplit_once('\n').unwrap();
-    (code.trim().parse().unwrap(), body.to_string())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_request_has_secret_stripped_credential_injected_and_one_log_line() {
     let up = Upstream::start().await;

@@ -457,3 +457,26 @@ pub fn run(cmd: &mut Command) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Run curl (silent) and return (exit code, HTTP status, body).
+pub fn curl_raw(args: &[&str]) -> (i32, u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run curl: {e} (install it: see .ci/run)"));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (
+        out.status.code().unwrap_or(-1),
+        code.trim().parse().unwrap_or(0),
+        body.to_string(),
+    )
+}
+
+/// curl that must succeed at the transport level; returns (HTTP status, body).
+pub fn curl(args: &[&str]) -> (u16, String) {
+    let (rc, code, body) = curl_raw(args);
+    assert_eq!(rc, 0, "curl failed with exit code {rc}");
+    (code, body)
+}
