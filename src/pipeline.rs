@@ -515,7 +515,11 @@ impl Pipeline {
             match crate::intercept::serve(me.clone(), icpt, identity, client, target, upgraded)
                 .await
             {
-                Ok(n) => rec.bytes_in = Some(n),
+                Ok(n) => {
+                    rec.reason = Some(format!(
+                        "intercepted: {n} request(s), each authorized and logged on its own"
+                    ));
+                }
                 Err(e) => {
                     tracing::warn!(client = %client, host = %rec.host, error = %e, "intercepted TLS handshake failed");
                     rec.error = Some(format!("tls_handshake_failed: {e}"));

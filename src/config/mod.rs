@@ -760,7 +760,6 @@ impl Validator<'_> {
                     }
                     Ok(u) if u.scheme_str() == Some("http") => {
                         self.err(&at("token_url"), "use https (http is allowed on loopback addresses only: client secrets would cross the network in the clear)");
-                        let _ = u;
                         None
                     }
                     _ => {
