@@ -27,10 +27,7 @@ struct AuthServer {
 impl AuthServer {
     fn start(port: u16) -> AuthServer {
         let support = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support");
-        assert!(
-            support.join("node_modules/oidc-provider").is_dir(),
-            "install the test authorization server: npm ci --prefix tests/support"
-        );
+        install_once(&support);
         let mut child = Command::new("node")
             .arg(support.join("oidc-provider.mjs"))
             .args([port.to_string(), CLIENT_SECRET.to_string()])
@@ -85,6 +82,26 @@ impl Drop for AuthServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `npm ci` the pinned oidc-provider if it is not installed yet (once, however many tests
+/// start at the same time), so `cargo test` works on a fresh clone.
+fn install_once(support: &Path) {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _held = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    if support.join("node_modules/oidc-provider").is_dir() {
+        return;
+    }
+    let (ok, _, err) = run(Command::new("npm")
+        .args([
+            "ci",
+            "--no-audit",
+            "--no-fund",
+            "--loglevel=error",
+            "--prefix",
+        ])
+        .arg(support));
+    assert!(ok, "npm ci --prefix tests/support failed: {err}");
 }
 
 fn free_port() -> u16 {
