@@ -242,16 +242,16 @@ pub const REPLAY_MAX_BYTES: u64 = 64 * 1024;
 /// Waits before each retry of a connect that failed (connection refused, reset, timed out).
 const CONNECT_RETRIES: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(400)];
 
+/// [`GuardedResolver`] refuses with `PermissionDenied`: no retry can change that answer.
 fn is_guardrail(e: &hyper_util::client::legacy::Error) -> bool {
-    describe(e).contains("guardrail:")
+    crate::error::innermost(e)
+        .downcast_ref::<std::io::Error>()
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
 }
 
 /// A reason for a failed upstream call, from the innermost cause.
 fn describe(e: &hyper_util::client::legacy::Error) -> String {
-    let mut cause: &dyn std::error::Error = e;
-    while let Some(inner) = cause.source() {
-        cause = inner;
-    }
+    let cause = crate::error::innermost(e);
     if e.is_connect() {
         format!("cannot connect to the upstream: {cause}")
     } else {
@@ -295,6 +295,25 @@ mod tests {
         h.insert("te", HeaderValue::from_static("gzip"));
         strip_request_hop_by_hop(&mut h);
         assert!(h.get("te").is_none());
+    }
+
+    #[tokio::test]
+    async fn resolver_refuses_guarded_addresses_with_permission_denied() {
+        use std::str::FromStr;
+        use tower::Service;
+        // is_guardrail relies on this kind to skip connect retries.
+        let err = GuardedResolver
+            .call(Name::from_str("169.254.169.254").unwrap())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied);
+        assert!(err.to_string().starts_with("guardrail:"), "{err}");
+        let ok: Vec<_> = GuardedResolver
+            .call(Name::from_str("127.0.0.1").unwrap())
+            .await
+            .unwrap()
+            .collect();
+        assert_eq!(ok.len(), 1);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{HOST, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri};
+use http::{Method, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -162,11 +162,7 @@ impl Pipeline {
                 };
                 Response::from_parts(head, body.boxed_unsync())
             }
-            Err(rej) => {
-                let resp = rej.to_response(&caller.request_id);
-                self.finish_rejected(rec, &rej, start);
-                resp
-            }
+            Err(rej) => self.reject(rec, rej, start, &caller.request_id),
         }
     }
 
@@ -431,11 +427,7 @@ impl Pipeline {
         })();
         let (target, intercept) = match decided {
             Ok(t) => t,
-            Err(rej) => {
-                let resp = rej.to_response(&caller.request_id);
-                self.finish_rejected(rec, &rej, start);
-                return resp;
-            }
+            Err(rej) => return self.reject(rec, rej, start, &caller.request_id),
         };
         rec.decision = "allow";
         if let Some(icpt) = intercept {
@@ -451,11 +443,7 @@ impl Pipeline {
         let upstream = match tunnel::connect(&target, &self.guardrails, self.timeouts.connect).await
         {
             Ok(s) => s,
-            Err(rej) => {
-                let resp = rej.to_response(&caller.request_id);
-                self.finish_rejected(rec, &rej, start);
-                return resp;
-            }
+            Err(rej) => return self.reject(rec, rej, start, &caller.request_id),
         };
         rec.upstream_ms = Some(ms(start.elapsed()));
         rec.status = 200;
@@ -478,12 +466,7 @@ impl Pipeline {
             }
             me.finish(rec, start);
         });
-        let mut resp = Response::new(full(Bytes::new()));
-        *resp.status_mut() = StatusCode::OK;
-        if let Ok(v) = HeaderValue::from_str(&caller.request_id) {
-            resp.headers_mut().insert(REQUEST_ID_HEADER.clone(), v);
-        }
-        resp
+        tunnel_established(&caller.request_id)
     }
 
     /// Answer 200 and serve the tunnel's decrypted requests; the CONNECT itself is logged
@@ -527,11 +510,7 @@ impl Pipeline {
             }
             me.finish(rec, start);
         });
-        let mut resp = Response::new(full(Bytes::new()));
-        if let Ok(v) = HeaderValue::from_str(&caller.request_id) {
-            resp.headers_mut().insert(REQUEST_ID_HEADER.clone(), v);
-        }
-        resp
+        tunnel_established(&caller.request_id)
     }
 
     fn count_findings(&self, findings: &[strip::Finding]) {
@@ -545,6 +524,19 @@ impl Pipeline {
                 })
                 .inc();
         }
+    }
+
+    /// Answer a refusal or failure with its JSON body, and log it.
+    fn reject(
+        &self,
+        rec: Record,
+        rej: Rejection,
+        start: Instant,
+        request_id: &str,
+    ) -> Response<ProxyBody> {
+        let resp = rej.to_response(request_id);
+        self.finish_rejected(rec, &rej, start);
+        resp
     }
 
     fn finish_rejected(&self, mut rec: Record, rej: &Rejection, start: Instant) {
@@ -586,6 +578,15 @@ impl Pipeline {
 /// Milliseconds with microsecond precision, for the log.
 fn ms(d: std::time::Duration) -> f64 {
     (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
+}
+
+/// The empty 200 that opens a CONNECT tunnel (blind or intercepted).
+fn tunnel_established(request_id: &str) -> Response<ProxyBody> {
+    let mut resp = Response::new(full(Bytes::new()));
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        resp.headers_mut().insert(REQUEST_ID_HEADER.clone(), v);
+    }
+    resp
 }
 
 fn describe_target(rec: &mut Record, t: &Target) {

@@ -736,8 +736,11 @@ impl Validator<'_> {
                     issuer: issuer.clone().unwrap_or_else(|| identity.id.clone()),
                     key_pem: key_pem.map(secrecy::SecretString::from),
                 };
-                // Parse the key now so a bad key is a config error, not a failure per request.
-                if let Err(e) = crate::credentials::JwtMinter::new(&spec) {
+                // Parse a configured key now so a bad key is a config error, not a failure per
+                // request. (A generated key cannot be bad: nothing to check, no throwaway key.)
+                if spec.key_pem.is_some()
+                    && let Err(e) = crate::credentials::JwtMinter::new(&spec)
+                {
                     self.err(&at("signing_key"), e.to_string());
                     return None;
                 }

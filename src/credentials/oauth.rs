@@ -149,11 +149,10 @@ pub async fn fetch(
     let started = Instant::now();
     let resp = tokio::time::timeout(spec.timeout, async {
         let resp = client.request(req).await.map_err(|e| {
-            let mut cause: &dyn std::error::Error = &e;
-            while let Some(inner) = cause.source() {
-                cause = inner;
-            }
-            unavailable(format!("token endpoint unreachable: {cause}"))
+            unavailable(format!(
+                "token endpoint unreachable: {}",
+                crate::error::innermost(&e)
+            ))
         })?;
         let status = resp.status();
         let body = resp
