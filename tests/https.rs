@@ -47,6 +47,14 @@ log:
     )
 }
 
+/// curl through the sidecar's CONNECT, trusting `ca` for the TLS it sees.
+fn through(sc: &Sidecar, ca: &Path, args: &[&str]) -> (i32, u16, String) {
+    let proxy = sc.proxy_url();
+    let mut all = vec!["--proxy", proxy.as_str(), "--cacert", ca.to_str().unwrap()];
+    all.extend_from_slice(args);
+    curl_raw(&all)
+}
+
 fn start(up: &Upstream, upstream_ca: &str) -> Sidecar {
     let ca = upstream_ca.to_string();
     Sidecar::start_with(
@@ -71,18 +79,18 @@ async fn curl_over_intercepted_https_http1_and_http2() {
     let key = fake_openai_key();
     let url = format!("https://localhost:{}/v1/chat?model=x", up.addr.port());
     for version in ["--http1.1", "--http2"] {
-        let (rc, code, body) = curl_raw(&[
-            version,
-            "--proxy",
-            &sc.proxy_url(),
-            "--cacert",
-            ca.to_str().unwrap(),
-            "-H",
-            &format!("Authorization: Bearer {key}"),
-            "-H",
-            "chaperone-purpose: answer-question",
-            &url,
-        ]);
+        let (rc, code, body) = through(
+            &sc,
+            &ca,
+            &[
+                version,
+                "-H",
+                &format!("Authorization: Bearer {key}"),
+                "-H",
+                "chaperone-purpose: answer-question",
+                &url,
+            ],
+        );
         assert_eq!((rc, code), (0, 200), "{version}: {body}");
     }
     let reqs = up.requests();
@@ -167,15 +175,15 @@ async fn passthrough_hosts_are_tunnelled_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let upstream_ca = dir.path().join("up.pem");
     std::fs::write(&upstream_ca, &pki.ca_pem).unwrap();
-    let (rc, code, body) = curl_raw(&[
-        "--proxy",
-        &sc.proxy_url(),
-        "--cacert",
-        upstream_ca.to_str().unwrap(),
-        "-H",
-        "Authorization: Bearer app-own-token-kept-as-is",
-        &format!("https://127.0.0.1:{}/direct", up.addr.port()),
-    ]);
+    let (rc, code, body) = through(
+        &sc,
+        &upstream_ca,
+        &[
+            "-H",
+            "Authorization: Bearer app-own-token-kept-as-is",
+            &format!("https://127.0.0.1:{}/direct", up.addr.port()),
+        ],
+    );
     assert_eq!((rc, code), (0, 200), "{body}");
     let r = &up.requests()[0];
     assert_eq!(
@@ -200,13 +208,11 @@ async fn upstream_with_an_untrusted_certificate_is_a_502() {
     let other = TestPki::new();
     let sc = start(&up, &other.ca_pem);
     let ca = sc.dir().join("ca.pem");
-    let (rc, code, body) = curl_raw(&[
-        "--proxy",
-        &sc.proxy_url(),
-        "--cacert",
-        ca.to_str().unwrap(),
-        &format!("https://localhost:{}/v1/x", up.addr.port()),
-    ]);
+    let (rc, code, body) = through(
+        &sc,
+        &ca,
+        &[&format!("https://localhost:{}/v1/x", up.addr.port())],
+    );
     assert_eq!((rc, code), (0, 502), "{body}");
     let body: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(body["error"], "upstream_unreachable");
@@ -231,13 +237,7 @@ async fn a_client_that_does_not_trust_the_ca_fails_and_the_proxy_keeps_serving()
     let (rc, _, _) = curl_raw(&["--proxy", &sc.proxy_url(), &url]);
     assert_eq!(rc, 60, "curl must refuse the unknown CA (exit 60)");
     let ca = sc.dir().join("ca.pem");
-    let (rc, code, _) = curl_raw(&[
-        "--proxy",
-        &sc.proxy_url(),
-        "--cacert",
-        ca.to_str().unwrap(),
-        &url,
-    ]);
+    let (rc, code, _) = through(&sc, &ca, &[&url]);
     assert_eq!((rc, code), (0, 200), "still serving");
     let lines = sc.log_lines(3);
     let failed = lines
@@ -258,15 +258,15 @@ async fn a_request_for_another_host_inside_a_tunnel_is_refused() {
     let up = Upstream::start_tls(&pki).await;
     let sc = start(&up, &pki.ca_pem);
     let ca = sc.dir().join("ca.pem");
-    let (rc, code, body) = curl_raw(&[
-        "--proxy",
-        &sc.proxy_url(),
-        "--cacert",
-        ca.to_str().unwrap(),
-        "-H",
-        "Host: evil.example",
-        &format!("https://localhost:{}/v1/x", up.addr.port()),
-    ]);
+    let (rc, code, body) = through(
+        &sc,
+        &ca,
+        &[
+            "-H",
+            "Host: evil.example",
+            &format!("https://localhost:{}/v1/x", up.addr.port()),
+        ],
+    );
     assert_eq!((rc, code), (0, 400), "{body}");
     assert!(body.contains("tunnel was opened to"));
     assert!(up.requests().is_empty());
