@@ -1,4 +1,5 @@
-//! Micro-benchmarks of the per-request stages: strip, policy decision, per-call mint.
+//! Micro-benchmarks of the per-request stages: strip, policy decision, per-call mint, token
+//! cache hit.
 //! Run: `cargo bench --bench pipeline`.
 
 use std::collections::BTreeMap;
@@ -9,7 +10,10 @@ use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue};
 
 use chaperone::config::{Identity, PolicySource, StripMode};
-use chaperone::credentials::{JwtMinter, JwtSpec, MintRequest};
+use chaperone::credentials::{
+    ClientAuth, CredentialSpec, Credentials, Grant, JwtMinter, JwtSpec, KeySource, MintRequest,
+    OAuthSpec,
+};
 use chaperone::fingerprint::Fingerprinter;
 use chaperone::policy::{PolicyEngine, PolicyInput};
 use chaperone::strip;
@@ -134,14 +138,16 @@ fn bench_mint(c: &mut Criterion) {
         name: "per-call".into(),
         ttl: Duration::from_secs(60),
         issuer: "spiffe://example.org/ns/ml/sa/inference".into(),
-        key_pem: None,
+        key: KeySource::Generated { rotate_every: None },
     })
     .unwrap();
     let scopes = vec!["model.invoke".to_string()];
     let req = MintRequest {
         subject: "spiffe://example.org/ns/ml/sa/inference",
         audience: "https://api.openai.com",
+        requested_audience: None,
         resource: None,
+        max_ttl: None,
         txn: "550e8400-e29b-41d4-a716-446655440000",
         scopes: &scopes,
         workload: "inference-api",
@@ -167,6 +173,94 @@ fn bench_mint(c: &mut Criterion) {
     );
 }
 
+/// A token endpoint on loopback that answers every request with one JWT-shaped token.
+fn token_endpoint() -> std::net::SocketAddr {
+    use http_body_util::Full;
+    use hyper::service::service_fn;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let svc = service_fn(|_req| async {
+                        let body = r#"{"access_token":"eyJhbGciOiJub25lIn0.eyJqdGkiOiJiZW5jaCJ9.c2ln","token_type":"Bearer","expires_in":3600,"scope":"tools.read"}"#;
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            bytes::Bytes::from_static(body.as_bytes()),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+    });
+    addr
+}
+
+fn bench_token_cache(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "bench-secret").unwrap();
+    let addr = token_endpoint();
+    let specs = BTreeMap::from([(
+        "tools".to_string(),
+        CredentialSpec::OAuth(Box::new(OAuthSpec {
+            name: "tools".into(),
+            token_url: format!("http://{addr}/token").parse().unwrap(),
+            client_id: "bench".into(),
+            auth: ClientAuth::Basic(secret),
+            grant: Grant::ClientCredentials,
+            timeout: Duration::from_secs(2),
+        })),
+    )]);
+    let tls = rustls::ClientConfig::builder()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let creds = Credentials::new(
+        &specs,
+        Fingerprinter::random(),
+        std::sync::Arc::new(tls),
+        std::sync::Arc::new(chaperone::metrics::Metrics::new()),
+    )
+    .unwrap();
+    let scopes = vec!["tools.read".to_string()];
+    let req = MintRequest {
+        subject: "spiffe://example.org/ns/ml/sa/agent",
+        audience: "https://tools.example.org",
+        requested_audience: Some("https://tools.example.org"),
+        resource: None,
+        max_ttl: Some(Duration::from_secs(3600)),
+        txn: "550e8400-e29b-41d4-a716-446655440000",
+        scopes: &scopes,
+        workload: "tool-agent",
+        stage: "main",
+        environment: "prod",
+        purpose: "lookup",
+        method: "GET",
+        host: "tools.example.org",
+        path: "/v1/items",
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // Warm: the one fetch.
+    rt.block_on(creds.obtain("tools", &req)).unwrap();
+    c.bench_function("credential/token_cache_hit", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(creds.obtain("tools", &req).await.unwrap()) })
+    });
+}
+
 fn bench_leaf(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = chaperone::tls::init_ca(dir.path(), 2, false).unwrap();
@@ -181,5 +275,12 @@ fn bench_leaf(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench_strip, bench_policy, bench_mint, bench_leaf);
+criterion_group!(
+    benches,
+    bench_strip,
+    bench_policy,
+    bench_mint,
+    bench_token_cache,
+    bench_leaf
+);
 criterion_main!(benches);

@@ -34,7 +34,7 @@ pub struct StrippedLabels {
     pub location: String,
 }
 
-/// Labels of `chaperone_credential_fetches_total`.
+/// Labels of `chaperone_credentials_issued_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CredentialLabels {
     /// Credential name.
@@ -50,8 +50,33 @@ pub struct CredentialLabels {
 pub struct CacheLabels {
     /// Credential name.
     pub credential: String,
-    /// `hit` or `miss`.
+    /// `hit`, `miss` or `backoff` (failed fast after a recent fetch error).
     pub result: &'static str,
+}
+
+/// A credential label alone.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CredentialName {
+    /// Credential name.
+    pub credential: String,
+}
+
+/// Labels of `chaperone_token_fetches_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FetchLabels {
+    /// Credential name.
+    pub credential: String,
+    /// `ok`, `local`, `unreachable`, `timeout`, `rejected` or `invalid_response`.
+    pub result: &'static str,
+}
+
+/// Labels of `chaperone_credential_flags_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlagLabels {
+    /// Credential name.
+    pub credential: String,
+    /// `unrequested_scope`, `ttl_exceeds_max`, `lifetime_unknown` or `no_expiry`.
+    pub flag: &'static str,
 }
 
 /// Every metric the proxy exports.
@@ -64,9 +89,15 @@ pub struct Metrics {
     /// Embedded secrets found, by type and location.
     pub stripped: Family<StrippedLabels, Counter>,
     /// Credentials obtained (minted, read, fetched), by result.
-    pub credential_fetches: Family<CredentialLabels, Counter>,
+    pub credentials_issued: Family<CredentialLabels, Counter>,
     /// Token cache lookups by credential and result.
     pub token_cache: Family<CacheLabels, Counter>,
+    /// Token-endpoint fetches by credential and result.
+    pub token_fetches: Family<FetchLabels, Counter>,
+    /// Token-endpoint fetch latency by credential.
+    pub token_fetch_duration: Family<CredentialName, Histogram>,
+    /// Requests whose credential was broader or longer-lived than the route asks.
+    pub credential_flags: Family<FlagLabels, Counter>,
     /// CONNECT tunnels open now.
     pub tunnels_open: Gauge,
     /// Purpose-log lines dropped because the writer fell behind.
@@ -100,13 +131,33 @@ impl Metrics {
             latency_histogram as fn() -> Histogram,
         );
         let stripped = Family::<StrippedLabels, Counter>::default();
-        let credential_fetches = Family::<CredentialLabels, Counter>::default();
+        let credentials_issued = Family::<CredentialLabels, Counter>::default();
         let tunnels_open = Gauge::default();
         let token_cache = Family::<CacheLabels, Counter>::default();
         registry.register(
             "token_cache",
-            "Token cache lookups by credential and result (hit, miss)",
+            "Token cache lookups by credential and result (hit, miss, backoff)",
             token_cache.clone(),
+        );
+        let token_fetches = Family::<FetchLabels, Counter>::default();
+        registry.register(
+            "token_fetches",
+            "Token-endpoint fetches by credential and result (ok, local, unreachable, timeout, rejected, invalid_response)",
+            token_fetches.clone(),
+        );
+        let token_fetch_duration = Family::<CredentialName, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "token_fetch_duration_seconds",
+            "Token-endpoint fetch latency, request sent to response read",
+            token_fetch_duration.clone(),
+        );
+        let credential_flags = Family::<FlagLabels, Counter>::default();
+        registry.register(
+            "credential_flags",
+            "Requests whose credential was broader or longer-lived than the route asks, by flag",
+            credential_flags.clone(),
         );
         let log_dropped = Counter::default();
         registry.register(
@@ -125,9 +176,9 @@ impl Metrics {
             stripped.clone(),
         );
         registry.register(
-            "credential_fetches",
-            "Credentials obtained for calls, by credential and result",
-            credential_fetches.clone(),
+            "credentials_issued",
+            "Credentials obtained for calls (minted, read or from the token cache), by credential, kind and result",
+            credentials_issued.clone(),
         );
         registry.register(
             "tunnels_open",
@@ -144,8 +195,11 @@ impl Metrics {
             requests,
             duration,
             stripped,
-            credential_fetches,
+            credentials_issued,
             token_cache,
+            token_fetches,
+            token_fetch_duration,
+            credential_flags,
             tunnels_open,
             log_dropped,
         }

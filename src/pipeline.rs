@@ -261,6 +261,7 @@ impl Pipeline {
             && let Some(name) = &route.credential
         {
             let audience = route.audience.clone().unwrap_or_else(|| target.origin());
+            let scopes = route.scopes_for(purpose);
             let obtained = self
                 .credentials
                 .obtain(
@@ -268,9 +269,11 @@ impl Pipeline {
                     &MintRequest {
                         subject: &caller.identity.id,
                         audience: &audience,
-                        resource: route.audience.as_deref(),
+                        requested_audience: route.audience.as_deref(),
+                        resource: route.resource.as_deref(),
+                        max_ttl: route.max_ttl,
                         txn: &caller.request_id,
-                        scopes: &route.scopes,
+                        scopes: &scopes,
                         workload: &caller.identity.workload,
                         stage: &caller.identity.stage,
                         environment: &caller.identity.environment,
@@ -285,7 +288,7 @@ impl Pipeline {
                 Ok(i) => i,
                 Err(e) => {
                     self.metrics
-                        .credential_fetches
+                        .credentials_issued
                         .get_or_create(&CredentialLabels {
                             credential: name.clone(),
                             kind: "unknown",
@@ -299,7 +302,7 @@ impl Pipeline {
                 }
             };
             self.metrics
-                .credential_fetches
+                .credentials_issued
                 .get_or_create(&CredentialLabels {
                     credential: name.clone(),
                     kind: issued.kind,
@@ -327,6 +330,7 @@ impl Pipeline {
                 id: issued.id,
                 expires_at: issued.expires_at,
                 scopes: issued.scopes,
+                flags: issued.flags,
             });
         }
 

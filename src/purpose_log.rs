@@ -30,6 +30,10 @@ pub struct CredentialLog {
     pub expires_at: Option<u64>,
     /// Scopes.
     pub scopes: Vec<String>,
+    /// Checks the credential failed (`unrequested_scope`, `ttl_exceeds_max`, ...); absent
+    /// when it passed them all.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<&'static str>,
 }
 
 /// One purpose-log line.

@@ -149,13 +149,34 @@ pub struct Route {
     pub labels: BTreeMap<String, String>,
     /// Token audience; default the destination origin.
     pub audience: Option<String>,
-    /// Scopes for this route.
+    /// RFC 8707 resource indicator for token endpoints.
+    pub resource: Option<String>,
+    /// Scopes for this route; `{purpose}` stands for the request's purpose.
     pub scopes: Vec<String>,
+    /// Longest credential lifetime the route expects; longer ones are flagged.
+    pub max_ttl: Option<std::time::Duration>,
     /// Strip mode override.
     pub strip: Option<StripMode>,
 }
 
+/// The placeholder for the request's purpose in a route's scopes.
+pub const PURPOSE_PLACEHOLDER: &str = "{purpose}";
+
 impl Route {
+    /// The scopes for one call: borrowed when they do not name the purpose, else expanded.
+    pub fn scopes_for<'a>(&'a self, purpose: &str) -> std::borrow::Cow<'a, [String]> {
+        if self.scopes.iter().any(|s| s.contains(PURPOSE_PLACEHOLDER)) {
+            std::borrow::Cow::Owned(
+                self.scopes
+                    .iter()
+                    .map(|s| s.replace(PURPOSE_PLACEHOLDER, purpose))
+                    .collect(),
+            )
+        } else {
+            std::borrow::Cow::Borrowed(&self.scopes)
+        }
+    }
+
     fn matches(&self, method: &Method, t: &Target) -> bool {
         self.host.matches(&t.host)
             && self.scheme.as_deref().is_none_or(|s| s == t.scheme)
@@ -223,7 +244,9 @@ mod tests {
             purpose_default: None,
             labels: BTreeMap::new(),
             audience: None,
+            resource: None,
             scopes: vec![],
+            max_ttl: None,
             strip: None,
         }
     }

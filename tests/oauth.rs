@@ -1,10 +1,12 @@
-//! OAuth 2.0 client credentials against a real authorization server (npm `oidc-provider`,
-//! started on loopback from tests/support): tokens verified against the server's JWKS, one
-//! fetch for many calls and for concurrent misses, fail closed on an outage, recovery.
+//! Token-endpoint credentials against a real authorization server (npm `oidc-provider`,
+//! started on loopback from tests/support): client credentials with every client
+//! authentication method, RFC 8693 token exchange (registered with oidc-provider's
+//! `registerGrantType`), caching, refresh ahead, fail-closed outages with backoff and
+//! recovery, and the scope and lifetime checks.
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -12,68 +14,137 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use jsonwebtoken::jwk::JwkSet;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use serde_json::Value;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde_json::{Value, json};
 
 const CLIENT_SECRET: &str = "oauth-client-secret-4f9a1c2e7b";
 
-/// oidc-provider on a fixed port; counts token requests; killed on drop.
+/// oidc-provider on a fixed port; records what it prints; killed on drop.
 struct AuthServer {
     port: u16,
+    scheme: &'static str,
     child: Child,
-    token_requests: Arc<Mutex<usize>>,
+    lines: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<String>>,
 }
 
 impl AuthServer {
     fn start(port: u16) -> AuthServer {
+        Self::start_with(port, &[])
+    }
+
+    fn start_with(port: u16, env: &[(&str, String)]) -> AuthServer {
         let support = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support");
         install_once(&support);
-        let mut child = Command::new("node")
-            .arg(support.join("oidc-provider.mjs"))
+        let mut cmd = Command::new("node");
+        cmd.arg(support.join("oidc-provider.mjs"))
             .args([port.to_string(), CLIENT_SECRET.to_string()])
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("node");
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let scheme = if env.iter().any(|(k, _)| *k == "TLS_CERT") {
+            "https"
+        } else {
+            "http"
+        };
+        let mut child = cmd.spawn().expect("node");
         let stdout = child.stdout.take().unwrap();
-        let token_requests = Arc::new(Mutex::new(0));
+        let mut err_pipe = child.stderr.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let counter = token_requests.clone();
+        let seen = lines.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                match line.as_str() {
-                    "ready" => {
-                        let _ = ready_tx.send(());
-                    }
-                    "token" => *counter.lock().unwrap() += 1,
-                    _ => {}
+                if line == "ready" {
+                    let _ = ready_tx.send(());
                 }
+                seen.lock().unwrap().push(line);
             }
         });
-        ready_rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("oidc-provider did not start");
+        let e = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = err_pipe.read(&mut buf) {
+                e.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        if ready_rx.recv_timeout(Duration::from_secs(20)).is_err() {
+            panic!(
+                "oidc-provider did not start: {}",
+                stderr.lock().unwrap().as_str()
+            );
+        }
         AuthServer {
             port,
+            scheme,
             child,
-            token_requests,
+            lines,
+            stderr,
         }
     }
 
-    fn token_requests(&self) -> usize {
-        *self.token_requests.lock().unwrap()
+    fn issuer(&self) -> String {
+        format!("{}://127.0.0.1:{}", self.scheme, self.port)
     }
 
-    fn jwks(&self) -> JwkSet {
-        let (code, text) = raw_request(
-            format!("127.0.0.1:{}", self.port).parse().unwrap(),
-            &format!(
-                "GET /jwks HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n",
-                self.port
-            ),
-        );
-        assert_eq!(code, 200, "{text}");
-        serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap()
+    fn count(&self, prefix: &str) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with(prefix))
+            .count()
+    }
+
+    /// Token requests received so far.
+    fn token_requests(&self) -> usize {
+        self.count("token")
+    }
+
+    /// `exchange <subject jti>` lines: one per successful token exchange.
+    fn exchanges(&self) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| l.strip_prefix("exchange ").map(str::to_owned))
+            .collect()
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// The server's signing keys, fetched with curl (trusting `ca` for HTTPS).
+    fn jwks(&self, ca: Option<&Path>) -> JwkSet {
+        let url = format!("{}/jwks", self.issuer());
+        let mut args = vec!["--noproxy", "*"];
+        if let Some(ca) = ca {
+            args.extend(["--cacert", ca.to_str().unwrap()]);
+        }
+        args.push(&url);
+        let (code, body) = curl(&args);
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// Verify a token the upstream received: the server's signature, issuer and audience.
+    fn verify(&self, token: &str, audience: &str, ca: Option<&Path>) -> Value {
+        let jwks = self.jwks(ca);
+        let header = jsonwebtoken::decode_header(token).unwrap();
+        let key =
+            DecodingKey::from_jwk(jwks.find(header.kid.as_deref().unwrap()).unwrap()).unwrap();
+        let mut v = Validation::new(Algorithm::ES256);
+        v.set_audience(&[audience]);
+        v.set_issuer(&[self.issuer()]);
+        jsonwebtoken::decode::<Value>(token, &key, &v)
+            .expect("signed by the authorization server")
+            .claims
     }
 }
 
@@ -112,15 +183,106 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn config(upstream: u16, auth_port: u16) -> String {
-    format!(
-        r#"listen: 127.0.0.1:0
+/// The issuer of subject and actor tokens (standing in for the Kubernetes API server that
+/// signs projected service-account tokens).
+struct SubjectIssuer {
+    key: EncodingKey,
+    jwks: Value,
+}
+
+impl SubjectIssuer {
+    fn new() -> SubjectIssuer {
+        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let raw = kp.public_key_raw();
+        let b64 = |b: &[u8]| {
+            use base64::Engine;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+        };
+        SubjectIssuer {
+            key: EncodingKey::from_ec_pem(kp.serialize_pem().as_bytes()).unwrap(),
+            jwks: json!({ "keys": [{
+                "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": "k8s",
+                "x": b64(&raw[1..33]), "y": b64(&raw[33..65]),
+            }]}),
+        }
+    }
+
+    fn token(&self, sub: &str, jti: &str) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some("k8s".into());
+        jsonwebtoken::encode(
+            &h,
+            &json!({
+                "iss": "https://kubernetes.default.svc", "aud": "sts.test", "sub": sub,
+                "jti": jti, "iat": now, "exp": now + 3600,
+            }),
+            &self.key,
+        )
+        .unwrap()
+    }
+}
+
+fn curl_via(proxy: &str, url: &str) -> (u16, String) {
+    curl(&["-x", proxy, url])
+}
+
+fn curl_purpose(proxy: &str, url: &str, purpose: &str) -> (u16, String) {
+    curl(&[
+        "-x",
+        proxy,
+        "-H",
+        &format!("chaperone-purpose: {purpose}"),
+        url,
+    ])
+}
+
+fn bearer(r: &Recorded) -> String {
+    r.header("authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .expect("bearer token")
+        .to_string()
+}
+
+fn metric(admin: std::net::SocketAddr, line_prefix: &str) -> f64 {
+    let (_, text) = admin_get(admin, "/metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_prefix)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Poll until `f` holds or 15 s pass.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+const HEAD: &str = r#"listen: 127.0.0.1:0
 admin: 127.0.0.1:0
 identity:
   id: spiffe://test.local/ns/ml/sa/agent
   workload: tool-agent
   environment: test
-credentials:
+"#;
+
+const TAIL: &str = r#"strip:
+  mode: strip
+policy:
+  file: {dir}/policy.cedar
+log:
+  format: json
+  output: stdout
+"#;
+
+fn secret_config(upstream: u16, auth_port: u16) -> String {
+    format!(
+        r#"{HEAD}credentials:
   tools-basic:
     kind: client_credentials
     token_url: http://127.0.0.1:{auth_port}/token
@@ -144,20 +306,13 @@ routes:
     credential: tools-post
     audience: https://tools.test
     scopes: [tools.write]
-strip:
-  mode: strip
-policy:
-  file: {{dir}}/policy.cedar
-log:
-  format: json
-  output: stdout
-"#
+{TAIL}"#
     )
 }
 
-fn start_sidecar(upstream: u16, auth_port: u16) -> Sidecar {
+fn start_secret_sidecar(upstream: u16, auth_port: u16) -> Sidecar {
     Sidecar::start_with(
-        &config(upstream, auth_port),
+        &secret_config(upstream, auth_port),
         PERMISSIVE_POLICY,
         &[],
         |dir: &Path| {
@@ -166,22 +321,23 @@ fn start_sidecar(upstream: u16, auth_port: u16) -> Sidecar {
     )
 }
 
-fn curl_via(proxy: &str, url: &str) -> (u16, String) {
-    curl(&["-x", proxy, url])
-}
-
-fn bearer(r: &Recorded) -> String {
-    r.header("authorization")
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .expect("bearer token")
-        .to_string()
+fn claims_jti(token: &str) -> String {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).unwrap();
+    let v: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    v["jti"].as_str().unwrap().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_credentials_tokens_are_verified_cached_and_fetched_once() {
     let up = Upstream::start().await;
     let auth = AuthServer::start(free_port());
-    let sc = start_sidecar(up.addr.port(), auth.port);
+    let sc = start_secret_sidecar(up.addr.port(), auth.port);
     let base = format!("http://127.0.0.1:{}", up.addr.port());
 
     for i in 0..5 {
@@ -190,20 +346,12 @@ async fn client_credentials_tokens_are_verified_cached_and_fetched_once() {
     }
     assert_eq!(auth.token_requests(), 1, "five calls, one token fetch");
 
-    let jwks = auth.jwks();
     let tokens: Vec<String> = up.requests().iter().map(bearer).collect();
     assert!(
         tokens.windows(2).all(|w| w[0] == w[1]),
         "the cached token is reused"
     );
-    let header = jsonwebtoken::decode_header(&tokens[0]).unwrap();
-    let key = DecodingKey::from_jwk(jwks.find(header.kid.as_deref().unwrap()).unwrap()).unwrap();
-    let mut v = Validation::new(Algorithm::ES256);
-    v.set_audience(&["https://tools.test"]);
-    v.set_issuer(&[format!("http://127.0.0.1:{}", auth.port)]);
-    let claims = jsonwebtoken::decode::<Value>(&tokens[0], &key, &v)
-        .expect("the server's own signature")
-        .claims;
+    let claims = auth.verify(&tokens[0], "https://tools.test", None);
     assert_eq!(
         claims["scope"], "tools.read",
         "only the route's scope was requested"
@@ -227,9 +375,7 @@ async fn client_credentials_tokens_are_verified_cached_and_fetched_once() {
         "concurrent misses share one fetch"
     );
     let write_token = bearer(up.requests().last().unwrap());
-    let claims = jsonwebtoken::decode::<Value>(&write_token, &key, &v)
-        .unwrap()
-        .claims;
+    let claims = auth.verify(&write_token, "https://tools.test", None);
     assert_eq!(claims["scope"], "tools.write");
     assert_eq!(claims["client_id"], "chaperone-post");
 
@@ -241,16 +387,20 @@ async fn client_credentials_tokens_are_verified_cached_and_fetched_once() {
         claims_jti(&tokens[0]),
         "the log names the token by its jti"
     );
+    assert!(
+        read["credential"].get("flags").is_none(),
+        "a narrow, short token is not flagged: {read}"
+    );
     let (_, metrics) = admin_get(sc.admin, "/metrics");
-    assert!(
-        metrics.contains(r#"chaperone_token_cache_total{credential="tools-basic",result="hit"} 4"#),
-        "{metrics}"
-    );
-    assert!(
-        metrics
-            .contains(r#"chaperone_token_cache_total{credential="tools-basic",result="miss"} 1"#),
-        "{metrics}"
-    );
+    for expected in [
+        r#"chaperone_token_cache_total{credential="tools-basic",result="hit"} 4"#,
+        r#"chaperone_token_cache_total{credential="tools-basic",result="miss"} 1"#,
+        r#"chaperone_token_fetches_total{credential="tools-basic",result="ok"} 1"#,
+        r#"chaperone_token_fetch_duration_seconds_count{credential="tools-basic"} 1"#,
+        r#"chaperone_credentials_issued_total{credential="tools-post",kind="client_credentials",result="ok"} 8"#,
+    ] {
+        assert!(metrics.contains(expected), "{expected} in {metrics}");
+    }
     let out = sc.output();
     for secret in [tokens[0].as_str(), write_token.as_str(), CLIENT_SECRET] {
         assert!(
@@ -260,27 +410,25 @@ async fn client_credentials_tokens_are_verified_cached_and_fetched_once() {
     }
 }
 
-fn claims_jti(token: &str) -> String {
-    use base64::Engine;
-    let payload = token.split('.').nth(1).unwrap();
-    let v: Value = serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(payload)
-            .unwrap(),
-    )
-    .unwrap();
-    v["jti"].as_str().unwrap().to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_outage_fails_closed_then_recovers() {
+async fn an_outage_fails_closed_backs_off_then_recovers() {
     let up = Upstream::start().await;
     let port = free_port();
     // No authorization server yet.
-    let sc = start_sidecar(up.addr.port(), port);
+    let sc = start_secret_sidecar(up.addr.port(), port);
     let url = format!("http://127.0.0.1:{}/read/x", up.addr.port());
+    let app_key = fake_openai_key();
+    let with_app_key = |proxy: &str| {
+        curl(&[
+            "-x",
+            proxy,
+            "-H",
+            &format!("authorization: Bearer {app_key}"),
+            &url,
+        ])
+    };
     let t = Instant::now();
-    let (code, body) = curl_via(&sc.proxy_url(), &url);
+    let (code, body) = with_app_key(&sc.proxy_url());
     assert_eq!(code, 503, "{body}");
     assert!(
         t.elapsed() < Duration::from_secs(5),
@@ -288,19 +436,356 @@ async fn an_outage_fails_closed_then_recovers() {
     );
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"], "credential_unavailable");
-    assert!(v["reason"].as_str().unwrap().contains("tools-basic"), "{v}");
+    let reason = v["reason"].as_str().unwrap();
+    assert!(reason.contains("tools-basic"), "{v}");
+    assert_eq!(
+        reason.matches("tools-basic").count(),
+        1,
+        "said once: {reason}"
+    );
+    // Straight away again: failed fast from the backoff, no second attempt.
+    let (code, body) = with_app_key(&sc.proxy_url());
+    assert_eq!(code, 503);
+    assert!(body.contains("retrying after"), "{body}");
+    assert_eq!(
+        metric(
+            sc.admin,
+            r#"chaperone_token_fetches_total{credential="tools-basic",result="unreachable"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            sc.admin,
+            r#"chaperone_token_cache_total{credential="tools-basic",result="backoff"}"#
+        ),
+        1.0
+    );
     assert!(
         up.requests().is_empty(),
         "nothing forwarded without its credential"
     );
-    let l = &sc.log_lines(1)[0];
+    let l = &sc.log_lines(2)[0];
     assert_eq!(l["status"], 503);
     assert_eq!(l["error"], "credential_unavailable");
 
-    // The server comes up: the next call succeeds, nothing to restart.
+    // The server comes up: calls succeed again within the backoff, nothing to restart.
     let auth = AuthServer::start(port);
-    let (code, body) = curl_via(&sc.proxy_url(), &url);
-    assert_eq!(code, 200, "{body}");
+    eventually("recovery", || with_app_key(&sc.proxy_url()).0 == 200);
     assert_eq!(auth.token_requests(), 1);
-    assert!(!sc.output().contains(CLIENT_SECRET));
+    let forwarded = &up.requests()[0];
+    let token = bearer(forwarded);
+    assert_ne!(token, app_key, "the app's own key is never forwarded");
+    auth.verify(&token, "https://tools.test", None);
+    let out = sc.output();
+    assert!(!out.contains(CLIENT_SECRET) && !out.contains(&app_key));
+}
+
+/// Token exchange: the subject and actor tokens go to the server, which verifies them and
+/// issues a token for the subject; per-purpose scopes give per-purpose tokens; a rotated
+/// subject-token file is used for the next exchange and the old exchanged token retired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_exchange_per_purpose_with_subject_rotation() {
+    let up = Upstream::start().await;
+    let k8s = SubjectIssuer::new();
+    let jwks_dir = tempfile::tempdir().unwrap();
+    let jwks_path = jwks_dir.path().join("subject-jwks.json");
+    std::fs::write(&jwks_path, k8s.jwks.to_string()).unwrap();
+    let auth = AuthServer::start_with(
+        free_port(),
+        &[("SUBJECT_JWKS", jwks_path.display().to_string())],
+    );
+    let sa = "system:serviceaccount:ml:agent";
+    let subject_1 = k8s.token(sa, "subject-1");
+    let actor = k8s.token("system:serviceaccount:ml:chaperone", "actor-1");
+    let cfg = format!(
+        r#"{HEAD}  subject_token_file: {{dir}}/sa-token
+credentials:
+  sts:
+    kind: token_exchange
+    token_url: http://127.0.0.1:{port}/token
+    client_id: chaperone
+    client_secret_file: {{dir}}/client-secret
+    actor_token_file: {{dir}}/actor-token
+    requested_token_type: urn:ietf:params:oauth:token-type:access_token
+routes:
+  - name: tools
+    match: {{ host: 127.0.0.1, port: {upstream} }}
+    credential: sts
+    audience: https://tools.internal
+    scopes: [tools.read, "purpose:{{purpose}}"]
+    purpose_default: browse
+{TAIL}"#,
+        port = auth.port,
+        upstream = up.addr.port()
+    );
+    let (s1, a1) = (subject_1.clone(), actor.clone());
+    let sc = Sidecar::start_with(&cfg, PERMISSIVE_POLICY, &[], move |dir: &Path| {
+        std::fs::write(dir.join("client-secret"), CLIENT_SECRET).unwrap();
+        std::fs::write(dir.join("sa-token"), s1).unwrap();
+        std::fs::write(dir.join("actor-token"), a1).unwrap();
+    });
+    let base = format!("http://127.0.0.1:{}", up.addr.port());
+    let proxy = sc.proxy_url();
+
+    for _ in 0..3 {
+        let (code, body) = curl_purpose(&proxy, &format!("{base}/search"), "summarize");
+        assert_eq!(code, 200, "{body} {}", auth.stderr());
+    }
+    assert_eq!(
+        auth.exchanges(),
+        ["subject-1"],
+        "one exchange for three calls"
+    );
+    let token = bearer(&up.requests()[0]);
+    let claims = auth.verify(&token, "https://tools.internal", None);
+    assert_eq!(
+        claims["sub"], sa,
+        "the token speaks for the subject: {claims}"
+    );
+    assert_eq!(claims["act"]["sub"], "system:serviceaccount:ml:chaperone");
+    assert_eq!(claims["scope"], "tools.read purpose:summarize");
+
+    // Another purpose: a token of its own, never the first one.
+    let (code, _) = curl_purpose(&proxy, &format!("{base}/search"), "translate");
+    assert_eq!(code, 200);
+    assert_eq!(auth.exchanges().len(), 2);
+    let other = bearer(up.requests().last().unwrap());
+    assert_ne!(other, token);
+    assert_eq!(
+        auth.verify(&other, "https://tools.internal", None)["scope"],
+        "tools.read purpose:translate"
+    );
+
+    // The subject token rotates (as kubelet does for projected tokens).
+    let subject_2 = k8s.token(sa, "subject-2");
+    std::fs::write(sc.dir().join("sa-token"), &subject_2).unwrap();
+    eventually("the rotated subject token is exchanged", || {
+        curl_purpose(&proxy, &format!("{base}/search"), "summarize").0 == 200
+            && auth.exchanges().last().map(String::as_str) == Some("subject-2")
+    });
+    let after = bearer(up.requests().last().unwrap());
+    assert_ne!(
+        after, token,
+        "the token exchanged for the old subject is retired"
+    );
+
+    let lines = sc.log_lines(5);
+    assert_eq!(lines[0]["credential"]["kind"], "token_exchange");
+    assert_eq!(lines[0]["purpose"], "summarize");
+    let out = sc.output();
+    let (_, metrics) = admin_get(sc.admin, "/metrics");
+    for secret in [
+        subject_1.as_str(),
+        subject_2.as_str(),
+        actor.as_str(),
+        token.as_str(),
+        other.as_str(),
+        CLIENT_SECRET,
+    ] {
+        assert!(
+            !out.contains(secret) && !metrics.contains(secret),
+            "a token reached the output"
+        );
+    }
+}
+
+/// No client secret anywhere: a signed assertion (RFC 7523, RS256) and a client certificate
+/// (RFC 8705) over HTTPS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_key_jwt_and_mtls_client_authentication() {
+    let up = Upstream::start().await;
+    let pki = TestPki::new();
+    let files = tempfile::tempdir().unwrap();
+    let path = |n: &str| files.path().join(n);
+    std::fs::write(path("ca.pem"), &pki.ca_pem).unwrap();
+    std::fs::write(path("server.pem"), &pki.server_cert_pem).unwrap();
+    std::fs::write(path("server-key.pem"), &pki.server_key_pem).unwrap();
+    // The client's assertion key: RSA, the algorithm most servers accept.
+    let client_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+    // Its public JWK as Chaperone computes it; the server checks signatures against it.
+    let jwk = chaperone::credentials::SigningKey::from_pem(
+        client_key.serialize_pem().as_bytes(),
+        chaperone::credentials::Allow::AnyIncludingRsa,
+    )
+    .unwrap()
+    .jwk()
+    .clone();
+    std::fs::write(path("client.jwk"), jwk.to_string()).unwrap();
+    let auth = AuthServer::start_with(
+        free_port(),
+        &[
+            ("CLIENT_JWK", path("client.jwk").display().to_string()),
+            ("TLS_CERT", path("server.pem").display().to_string()),
+            ("TLS_KEY", path("server-key.pem").display().to_string()),
+            ("TLS_CA", path("ca.pem").display().to_string()),
+        ],
+    );
+    let (mtls_cert, mtls_key) = pki.client_cert("chaperone.client.test");
+    let client_key_pem = client_key.serialize_pem();
+    let ca_pem = pki.ca_pem.clone();
+    let cfg = format!(
+        r#"{HEAD}tls:
+  upstream_roots: {{dir}}/ca.pem
+credentials:
+  tools-jwt:
+    kind: client_credentials
+    token_url: https://127.0.0.1:{port}/token
+    client_id: chaperone-jwt
+    auth_method: private_key_jwt
+    client_key_file: {{dir}}/assertion-key.pem
+  tools-mtls:
+    kind: client_credentials
+    token_url: https://127.0.0.1:{port}/token
+    client_id: chaperone-mtls
+    auth_method: tls_client_auth
+    client_cert_file: {{dir}}/client.pem
+    client_key_file: {{dir}}/client-key.pem
+routes:
+  - name: by-assertion
+    match: {{ host: 127.0.0.1, port: {upstream}, path_prefix: /jwt/ }}
+    credential: tools-jwt
+    scopes: [tools.read]
+    audience: https://tools.test
+  - name: by-certificate
+    match: {{ host: 127.0.0.1, port: {upstream}, path_prefix: /mtls/ }}
+    credential: tools-mtls
+    scopes: [tools.write]
+    audience: https://tools.test
+{TAIL}"#,
+        port = auth.port,
+        upstream = up.addr.port()
+    );
+    let sc = Sidecar::start_with(&cfg, PERMISSIVE_POLICY, &[], move |dir: &Path| {
+        std::fs::write(dir.join("ca.pem"), ca_pem).unwrap();
+        std::fs::write(dir.join("assertion-key.pem"), client_key_pem).unwrap();
+        std::fs::write(dir.join("client.pem"), mtls_cert).unwrap();
+        std::fs::write(dir.join("client-key.pem"), mtls_key).unwrap();
+    });
+    let base = format!("http://127.0.0.1:{}", up.addr.port());
+    for (path, client, scope) in [
+        ("/jwt/a", "chaperone-jwt", "tools.read"),
+        ("/mtls/b", "chaperone-mtls", "tools.write"),
+    ] {
+        let (code, body) = curl_via(&sc.proxy_url(), &format!("{base}{path}"));
+        assert_eq!(code, 200, "{path}: {body} {}", auth.stderr());
+        let token = bearer(up.requests().last().unwrap());
+        let claims = auth.verify(
+            &token,
+            "https://tools.test",
+            Some(&path_of(&files, "ca.pem")),
+        );
+        assert_eq!(claims["client_id"], client);
+        assert_eq!(claims["scope"], scope);
+    }
+    assert_eq!(auth.token_requests(), 2);
+}
+
+fn path_of(dir: &tempfile::TempDir, name: &str) -> std::path::PathBuf {
+    dir.path().join(name)
+}
+
+/// Refresh ahead: a token past three quarters of its cache window is refreshed in the
+/// background while the current one is served. Scope and lifetime checks flag a token
+/// broader than asked or longer-lived than the route's max_ttl.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_ahead_and_broad_or_long_tokens_are_flagged() {
+    let up = Upstream::start().await;
+    let k8s = SubjectIssuer::new();
+    let files = tempfile::tempdir().unwrap();
+    let jwks_path = files.path().join("subject-jwks.json");
+    std::fs::write(&jwks_path, k8s.jwks.to_string()).unwrap();
+    // 14 s tokens: handed out for 4 s (skew 10 s), refreshed from 3 s on.
+    let auth = AuthServer::start_with(
+        free_port(),
+        &[
+            ("TOKEN_TTL", "14".into()),
+            ("SUBJECT_JWKS", jwks_path.display().to_string()),
+            ("EXCHANGE_GRANTS_ALL", "1".into()),
+        ],
+    );
+    let subject = k8s.token("system:serviceaccount:ml:agent", "s-1");
+    let cfg = format!(
+        r#"{HEAD}credentials:
+  cc:
+    kind: client_credentials
+    token_url: http://127.0.0.1:{port}/token
+    client_id: chaperone
+    client_secret_file: {{dir}}/client-secret
+  sts:
+    kind: token_exchange
+    token_url: http://127.0.0.1:{port}/token
+    client_id: chaperone
+    client_secret_file: {{dir}}/client-secret
+    subject_token_file: {{dir}}/sa-token
+routes:
+  - name: short
+    match: {{ host: 127.0.0.1, port: {upstream}, path_prefix: /cc/ }}
+    credential: cc
+    audience: https://tools.test
+    scopes: [tools.read]
+    max_ttl: 10s
+  - name: greedy
+    match: {{ host: 127.0.0.1, port: {upstream}, path_prefix: /te/ }}
+    credential: sts
+    audience: https://tools.test
+    scopes: [tools.read]
+{TAIL}"#,
+        port = auth.port,
+        upstream = up.addr.port()
+    );
+    let sc = Sidecar::start_with(&cfg, PERMISSIVE_POLICY, &[], move |dir: &Path| {
+        std::fs::write(dir.join("client-secret"), CLIENT_SECRET).unwrap();
+        std::fs::write(dir.join("sa-token"), subject).unwrap();
+    });
+    let base = format!("http://127.0.0.1:{}", up.addr.port());
+    let proxy = sc.proxy_url();
+
+    let t0 = Instant::now();
+    assert_eq!(curl_via(&proxy, &format!("{base}/cc/1")).0, 200);
+    let first = bearer(&up.requests()[0]);
+    assert_eq!(auth.token_requests(), 1);
+    std::thread::sleep(Duration::from_millis(3300).saturating_sub(t0.elapsed()));
+    // Past the refresh point, before the end of the window: served from the cache…
+    assert_eq!(curl_via(&proxy, &format!("{base}/cc/2")).0, 200);
+    assert_eq!(bearer(&up.requests()[1]), first);
+    // …while one refresh runs in the background.
+    eventually("the background refresh", || auth.token_requests() == 2);
+    assert_eq!(curl_via(&proxy, &format!("{base}/cc/3")).0, 200);
+    let refreshed = bearer(&up.requests()[2]);
+    assert_ne!(refreshed, first, "the refreshed token is served");
+    assert_eq!(
+        metric(
+            sc.admin,
+            r#"chaperone_token_cache_total{credential="cc",result="miss"}"#
+        ),
+        1.0,
+        "no request waited for the refresh"
+    );
+
+    // The exchange grants more than asked for.
+    assert_eq!(curl_via(&proxy, &format!("{base}/te/1")).0, 200);
+    let lines = sc.log_lines(4);
+    let short = lines.iter().find(|l| l["route"] == "short").unwrap();
+    assert_eq!(short["credential"]["flags"], json!(["ttl_exceeds_max"]));
+    let greedy = lines.iter().find(|l| l["route"] == "greedy").unwrap();
+    assert_eq!(greedy["credential"]["flags"], json!(["unrequested_scope"]));
+    assert_eq!(
+        greedy["credential"]["scopes"],
+        json!(["tools.read", "tools.write"])
+    );
+    assert_eq!(
+        metric(
+            sc.admin,
+            r#"chaperone_credential_flags_total{credential="cc",flag="ttl_exceeds_max"}"#
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric(
+            sc.admin,
+            r#"chaperone_credential_flags_total{credential="sts",flag="unrequested_scope"}"#
+        ),
+        1.0
+    );
 }

@@ -763,7 +763,7 @@ async fn admin_endpoints() {
         "chaperone_requests_total",
         "chaperone_request_duration_seconds",
         "chaperone_stripped_secrets_total",
-        "chaperone_credential_fetches_total",
+        "chaperone_credentials_issued_total",
         "chaperone_tunnels_open",
     ] {
         let family = name.trim_end_matches("_total");
@@ -774,7 +774,7 @@ async fn admin_endpoints() {
     }
     assert!(
         metrics.contains(
-            r#"chaperone_credential_fetches_total{credential="per-call",kind="jwt",result="ok"} 1"#
+            r#"chaperone_credentials_issued_total{credential="per-call",kind="jwt",result="ok"} 1"#
         ),
         "{metrics}"
     );

@@ -18,7 +18,7 @@ use marked_yaml::{LoaderOptions, Marker, Node};
 
 pub use schema::*;
 
-use crate::credentials::{CredentialSpec, JwtSpec, StaticSource};
+use crate::credentials::{CredentialSpec, JwtSpec, KeySource, StaticSource};
 use crate::route::{HostMatch, InjectSpec, Route};
 
 /// Default proxy listener.
@@ -499,10 +499,12 @@ impl Validator<'_> {
             Some(t) => self.tls(t),
         };
 
+        let subject_token_file = id.subject_token_file.as_deref().map(|f| self.path(f));
         let mut credentials = BTreeMap::new();
         for (name, c) in &raw.credentials {
             let p = [Key("credentials"), Key(name.as_str())];
-            if let Some(spec) = self.credential(&p, name, c, &identity) {
+            if let Some(spec) = self.credential(&p, name, c, &identity, subject_token_file.as_ref())
+            {
                 credentials.insert(name.clone(), spec);
             }
         }
@@ -608,7 +610,6 @@ impl Validator<'_> {
             ),
         };
 
-        let subject_token_file = id.subject_token_file.as_deref().map(|f| self.path(f));
         let workers = match raw.workers {
             None => std::thread::available_parallelism()
                 .map_or(1, |n| n.get())
@@ -698,6 +699,7 @@ impl Validator<'_> {
         name: &str,
         c: &CredentialConfig,
         identity: &Identity,
+        default_subject: Option<&PathBuf>,
     ) -> Option<CredentialSpec> {
         let at = |k: &'static str| -> Vec<Seg<'_>> {
             let mut v = p.to_vec();
@@ -708,40 +710,45 @@ impl Validator<'_> {
             CredentialConfig::Jwt {
                 ttl,
                 signing_key,
+                rotate_every,
                 issuer,
             } => {
                 let ttl = self.duration(&at("ttl"), ttl.as_deref(), Duration::from_secs(60));
                 if ttl > MAX_JWT_TTL {
                     self.err(&at("ttl"), "per-call tokens live at most 300s");
                 }
-                let key_pem = match signing_key {
-                    None => None,
-                    Some(f) => {
-                        let path = self.path(f);
-                        match std::fs::read_to_string(&path) {
-                            Ok(pem) => Some(pem),
-                            Err(e) => {
-                                self.err(
-                                    &at("signing_key"),
-                                    format!("cannot read {}: {e}", path.display()),
-                                );
-                                return None;
-                            }
-                        }
+                let key = match (signing_key, rotate_every) {
+                    (Some(_), Some(_)) => {
+                        self.err(&at("rotate_every"), "a signing_key file rotates when the file changes; rotate_every is for generated keys");
+                        return None;
                     }
+                    (None, r) => KeySource::Generated {
+                        rotate_every: r.as_deref().map(|r| {
+                            let d = self.duration(&at("rotate_every"), Some(r), Duration::ZERO);
+                            if d < Duration::from_secs(60) {
+                                self.err(&at("rotate_every"), "at least 1m");
+                            }
+                            d
+                        }),
+                    },
+                    (Some(f), None) => KeySource::File(self.path(f)),
                 };
                 let spec = JwtSpec {
                     name: name.to_string(),
                     ttl,
                     issuer: issuer.clone().unwrap_or_else(|| identity.id.clone()),
-                    key_pem: key_pem.map(secrecy::SecretString::from),
+                    key,
                 };
-                // Parse a configured key now so a bad key is a config error, not a failure per
+                // Load a configured key now so a bad key is a config error, not a failure per
                 // request. (A generated key cannot be bad: nothing to check, no throwaway key.)
-                if spec.key_pem.is_some()
+                if matches!(spec.key, KeySource::File(_))
                     && let Err(e) = crate::credentials::JwtMinter::new(&spec)
                 {
-                    self.err(&at("signing_key"), e.to_string());
+                    let e = e.to_string();
+                    let e = e
+                        .strip_prefix(&format!("credential `{name}`: "))
+                        .unwrap_or(&e);
+                    self.err(&at("signing_key"), e);
                     return None;
                 }
                 Some(CredentialSpec::Jwt(spec))
@@ -749,61 +756,134 @@ impl Validator<'_> {
             CredentialConfig::ClientCredentials {
                 token_url,
                 client_id,
-                client_secret_file,
                 auth_method,
+                client_secret_file,
+                client_key_file,
+                client_cert_file,
+                assertion_audience,
                 timeout,
             } => {
-                let url = match token_url.parse::<http::Uri>() {
-                    Ok(u) if u.scheme_str() == Some("https") && u.host().is_some() => Some(u),
-                    Ok(u)
-                        if u.scheme_str() == Some("http")
-                            && u.host().is_some_and(is_loopback_host) =>
-                    {
-                        Some(u)
-                    }
-                    Ok(u) if u.scheme_str() == Some("http") => {
-                        self.err(&at("token_url"), "use https (http is allowed on loopback addresses only: client secrets would cross the network in the clear)");
-                        None
-                    }
-                    _ => {
-                        self.err(
-                            &at("token_url"),
-                            format!("`{token_url}` is not an absolute https URL"),
-                        );
-                        None
-                    }
-                };
-                self.nonempty(&at("client_id"), client_id);
-                let secret_path = self.path(client_secret_file);
-                if let Err(e) = std::fs::read(&secret_path) {
-                    self.err(
-                        &at("client_secret_file"),
-                        format!("cannot read {}: {e}", secret_path.display()),
-                    );
-                }
-                let auth = match auth_method.as_deref() {
-                    None | Some("client_secret_basic") => crate::credentials::ClientAuth::Basic,
-                    Some("client_secret_post") => crate::credentials::ClientAuth::Post,
-                    Some(other) => {
-                        self.err(
-                            &at("auth_method"),
-                            format!("`{other}` is not client_secret_basic or client_secret_post"),
-                        );
-                        crate::credentials::ClientAuth::Basic
-                    }
-                };
-                let timeout =
-                    self.duration(&at("timeout"), timeout.as_deref(), Duration::from_secs(2));
-                Some(CredentialSpec::ClientCredentials(
+                let ep = self.endpoint(
+                    p,
+                    EndpointFields {
+                        token_url,
+                        client_id,
+                        auth_method: auth_method.as_deref(),
+                        client_secret_file: client_secret_file.as_deref(),
+                        client_key_file: client_key_file.as_deref(),
+                        client_cert_file: client_cert_file.as_deref(),
+                        assertion_audience: assertion_audience.as_deref(),
+                        timeout: timeout.as_deref(),
+                        allow_none: false,
+                    },
+                )?;
+                Some(CredentialSpec::OAuth(Box::new(
                     crate::credentials::OAuthSpec {
                         name: name.to_string(),
-                        token_url: url?,
+                        token_url: ep.0,
                         client_id: client_id.clone(),
-                        client_secret_file: secret_path,
-                        auth,
-                        timeout,
+                        auth: ep.1,
+                        grant: crate::credentials::Grant::ClientCredentials,
+                        timeout: ep.2,
                     },
-                ))
+                )))
+            }
+            CredentialConfig::TokenExchange {
+                token_url,
+                client_id,
+                auth_method,
+                client_secret_file,
+                client_key_file,
+                client_cert_file,
+                assertion_audience,
+                subject_token_file,
+                subject_token_type,
+                actor_token_file,
+                actor_token_type,
+                requested_token_type,
+                timeout,
+            } => {
+                let subject = match subject_token_file
+                    .as_deref()
+                    .map(|f| self.path(f))
+                    .or_else(|| default_subject.cloned())
+                {
+                    Some(path) => {
+                        if let Err(e) = std::fs::metadata(&path) {
+                            self.err(
+                                &at("subject_token_file"),
+                                format!("cannot read {}: {e}", path.display()),
+                            );
+                        }
+                        Some(path)
+                    }
+                    None => {
+                        self.err(p, "token exchange needs a subject token: set subject_token_file here or identity.subject_token_file");
+                        None
+                    }
+                };
+                let token_type = |v: &mut Self, key: &'static str, t: &Option<String>| -> String {
+                    let t = t
+                        .clone()
+                        .unwrap_or_else(|| crate::credentials::TOKEN_TYPE_JWT.into());
+                    if !t.starts_with("urn:") {
+                        v.err(&at(key), format!("`{t}` is not a token type URI (urn:ietf:params:oauth:token-type:...)"));
+                    }
+                    t
+                };
+                let subject_token_type = token_type(self, "subject_token_type", subject_token_type);
+                let actor = match actor_token_file {
+                    Some(f) => {
+                        let path = self.path(f);
+                        if let Err(e) = std::fs::metadata(&path) {
+                            self.err(
+                                &at("actor_token_file"),
+                                format!("cannot read {}: {e}", path.display()),
+                            );
+                        }
+                        Some((path, token_type(self, "actor_token_type", actor_token_type)))
+                    }
+                    None => {
+                        if actor_token_type.is_some() {
+                            self.err(&at("actor_token_type"), "needs actor_token_file");
+                        }
+                        None
+                    }
+                };
+                if requested_token_type.is_some() {
+                    token_type(self, "requested_token_type", requested_token_type);
+                }
+                let ep = self.endpoint(
+                    p,
+                    EndpointFields {
+                        token_url,
+                        client_id,
+                        auth_method: auth_method.as_deref(),
+                        client_secret_file: client_secret_file.as_deref(),
+                        client_key_file: client_key_file.as_deref(),
+                        client_cert_file: client_cert_file.as_deref(),
+                        assertion_audience: assertion_audience.as_deref(),
+                        timeout: timeout.as_deref(),
+                        allow_none: true,
+                    },
+                )?;
+                Some(CredentialSpec::OAuth(Box::new(
+                    crate::credentials::OAuthSpec {
+                        name: name.to_string(),
+                        token_url: ep.0,
+                        client_id: client_id.clone(),
+                        auth: ep.1,
+                        grant: crate::credentials::Grant::TokenExchange(
+                            crate::credentials::Exchange {
+                                subject_token_file: subject?,
+                                subject_token_type,
+                                actor,
+                                requested_token_type: requested_token_type.clone(),
+                            },
+                        ),
+                        timeout: ep.2,
+                    },
+                )))
             }
             CredentialConfig::Static {
                 from_env,
@@ -840,6 +920,134 @@ impl Validator<'_> {
                 })
             }
         }
+    }
+
+    /// Token URL, client authentication and timeout, shared by both OAuth kinds.
+    fn endpoint(
+        &mut self,
+        p: &[Seg<'_>],
+        f: EndpointFields<'_>,
+    ) -> Option<(http::Uri, crate::credentials::ClientAuth, Duration)> {
+        use crate::credentials::ClientAuth;
+        let at = |k: &'static str| -> Vec<Seg<'_>> {
+            let mut v = p.to_vec();
+            v.push(Seg::Key(k));
+            v
+        };
+        let url = match f.token_url.parse::<http::Uri>() {
+            Ok(u) if u.scheme_str() == Some("https") && u.host().is_some() => Some(u),
+            Ok(u) if u.scheme_str() == Some("http") && u.host().is_some_and(is_loopback_host) => {
+                Some(u)
+            }
+            Ok(u) if u.scheme_str() == Some("http") => {
+                self.err(&at("token_url"), "use https (http is allowed on loopback addresses only: credentials would cross the network in the clear)");
+                None
+            }
+            _ => {
+                self.err(
+                    &at("token_url"),
+                    format!("`{}` is not an absolute https URL", f.token_url),
+                );
+                None
+            }
+        };
+        self.nonempty(&at("client_id"), f.client_id);
+        let file =
+            |v: &mut Self, key: &'static str, value: Option<&str>, needed_by: &str| match value {
+                Some(x) => {
+                    let path = v.path(x);
+                    if let Err(e) = std::fs::read(&path) {
+                        v.err(&at(key), format!("cannot read {}: {e}", path.display()));
+                    }
+                    Some(path)
+                }
+                None => {
+                    v.err(p, format!("{needed_by} needs {key}"));
+                    None
+                }
+            };
+        let method = f.auth_method.unwrap_or(match f.client_secret_file {
+            None if f.allow_none => "none",
+            _ => "client_secret_basic",
+        });
+        // Keys that the chosen method does not use are a mistake worth naming.
+        let unused: &[(&str, Option<&str>)] = &[
+            ("client_secret_file", f.client_secret_file),
+            ("client_key_file", f.client_key_file),
+            ("client_cert_file", f.client_cert_file),
+            ("assertion_audience", f.assertion_audience),
+        ];
+        let used: &[&str] = match method {
+            "client_secret_basic" | "client_secret_post" => &["client_secret_file"],
+            "private_key_jwt" => &["client_key_file", "assertion_audience"],
+            "tls_client_auth" | "self_signed_tls_client_auth" => {
+                &["client_key_file", "client_cert_file"]
+            }
+            _ => &[],
+        };
+        for (k, v) in unused {
+            if v.is_some() && !used.contains(k) {
+                self.err(&at(k), format!("not used by auth_method {method}"));
+            }
+        }
+        let auth = match method {
+            "client_secret_basic" => ClientAuth::Basic(file(
+                self,
+                "client_secret_file",
+                f.client_secret_file,
+                "client_secret_basic",
+            )?),
+            "client_secret_post" => ClientAuth::Post(file(
+                self,
+                "client_secret_file",
+                f.client_secret_file,
+                "client_secret_post",
+            )?),
+            "private_key_jwt" => {
+                let key_file = file(
+                    self,
+                    "client_key_file",
+                    f.client_key_file,
+                    "private_key_jwt",
+                )?;
+                if let Ok(pem) = std::fs::read(&key_file)
+                    && let Err(e) = crate::credentials::SigningKey::from_pem(
+                        &pem,
+                        crate::credentials::Allow::AnyIncludingRsa,
+                    )
+                {
+                    self.err(&at("client_key_file"), e);
+                }
+                ClientAuth::PrivateKeyJwt {
+                    key_file,
+                    audience: f
+                        .assertion_audience
+                        .map_or_else(|| f.token_url.to_string(), str::to_owned),
+                }
+            }
+            // Both differ only in how the server checks the certificate (RFC 8705 §2.1, §2.2).
+            "tls_client_auth" | "self_signed_tls_client_auth" => {
+                let cert_file = file(self, "client_cert_file", f.client_cert_file, method);
+                let key_file = file(self, "client_key_file", f.client_key_file, method);
+                ClientAuth::TlsClientAuth {
+                    cert_file: cert_file?,
+                    key_file: key_file?,
+                }
+            }
+            "none" if f.allow_none => ClientAuth::None,
+            other => {
+                self.err(
+                    &at("auth_method"),
+                    format!(
+                        "`{other}` is not one of client_secret_basic, client_secret_post, private_key_jwt, tls_client_auth{}",
+                        if f.allow_none { ", none" } else { "" }
+                    ),
+                );
+                return None;
+            }
+        };
+        let timeout = self.duration(&at("timeout"), f.timeout, Duration::from_secs(2));
+        Some((url?, auth, timeout))
     }
 
     fn route(
@@ -914,12 +1122,35 @@ impl Validator<'_> {
             );
         }
         for (j, s) in r.scopes.iter().enumerate() {
+            let rest = s.replace(crate::route::PURPOSE_PLACEHOLDER, "");
             if s.is_empty() || s.contains(char::is_whitespace) {
                 self.err(
                     &[Key("routes"), Idx(i), Key("scopes"), Idx(j)],
                     "a scope is one non-empty token without spaces",
                 );
+            } else if rest.contains(['{', '}']) {
+                self.err(
+                    &[Key("routes"), Idx(i), Key("scopes"), Idx(j)],
+                    "the only placeholder in a scope is {purpose}",
+                );
             }
+        }
+        let max_ttl = r.max_ttl.as_deref().map(|m| {
+            self.duration(
+                &[Key("routes"), Idx(i), Key("max_ttl")],
+                Some(m),
+                Duration::ZERO,
+            )
+        });
+        if let Some(res) = &r.resource
+            && !res
+                .parse::<http::Uri>()
+                .is_ok_and(|u| u.scheme().is_some() && u.host().is_some())
+        {
+            self.err(
+                &[Key("routes"), Idx(i), Key("resource")],
+                "a resource indicator is an absolute URI (RFC 8707 §2)",
+            );
         }
         if let Some(p) = &r.purpose_default
             && let Err(e) = crate::identify::validate_purpose(p)
@@ -938,7 +1169,9 @@ impl Validator<'_> {
             purpose_default: r.purpose_default.clone(),
             labels: r.labels.clone(),
             audience: r.audience.clone(),
+            resource: r.resource.clone(),
             scopes: r.scopes.clone(),
+            max_ttl,
             strip: r.strip,
         })
     }
@@ -981,6 +1214,20 @@ impl Validator<'_> {
         }
         src
     }
+}
+
+/// The token-endpoint keys both OAuth kinds share.
+struct EndpointFields<'a> {
+    token_url: &'a str,
+    client_id: &'a str,
+    auth_method: Option<&'a str>,
+    client_secret_file: Option<&'a str>,
+    client_key_file: Option<&'a str>,
+    client_cert_file: Option<&'a str>,
+    assertion_audience: Option<&'a str>,
+    timeout: Option<&'a str>,
+    /// Token exchange may use a public client.
+    allow_none: bool,
 }
 
 /// `localhost` or a loopback IP literal.
@@ -1080,6 +1327,61 @@ timeouts:
             .find(|e| e.key == "routes[0].credential")
             .unwrap();
         assert_eq!(cred.line, 8, "{cred}");
+    }
+
+    #[test]
+    fn token_endpoint_credentials_are_checked_as_a_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s").unwrap();
+        let text = format!(
+            "\
+identity: {{ id: a, workload: w, environment: e }}
+credentials:
+  te: {{ kind: token_exchange, token_url: 'https://sts.test/token', client_id: c }}
+  pk: {{ kind: client_credentials, token_url: 'https://idp.test/token', client_id: c, auth_method: private_key_jwt }}
+  extra: {{ kind: client_credentials, token_url: 'https://idp.test/token', client_id: c, client_secret_file: {s}, client_cert_file: {s} }}
+  plain: {{ kind: client_credentials, token_url: 'http://idp.test/token', client_id: c, client_secret_file: {s} }}
+  rot: {{ kind: jwt, signing_key: {s}, rotate_every: 1h }}
+routes:
+  - name: r
+    match: {{ host: api.example.org }}
+    scopes: ['ok:{{purpose}}', 'bad:{{stage}}']
+    resource: not-a-uri
+    max_ttl: soon
+",
+            s = secret.display()
+        );
+        let err = load(&text).unwrap_err();
+        let found = |key: &str, text: &str| {
+            err.0
+                .iter()
+                .any(|e| e.key == key && e.message.contains(text))
+        };
+        assert!(found("credentials.te", "subject token"), "{err}");
+        assert!(
+            found("credentials.pk", "private_key_jwt needs client_key_file"),
+            "{err}"
+        );
+        assert!(
+            found(
+                "credentials.extra.client_cert_file",
+                "not used by auth_method client_secret_basic"
+            ),
+            "{err}"
+        );
+        assert!(found("credentials.plain.token_url", "use https"), "{err}");
+        assert!(
+            found("credentials.rot.rotate_every", "generated keys"),
+            "{err}"
+        );
+        assert!(found("routes[0].scopes[1]", "{purpose}"), "{err}");
+        assert!(
+            !err.0.iter().any(|e| e.key == "routes[0].scopes[0]"),
+            "{err}"
+        );
+        assert!(found("routes[0].resource", "absolute URI"), "{err}");
+        assert!(err.0.iter().any(|e| e.key == "routes[0].max_ttl"), "{err}");
     }
 
     #[test]

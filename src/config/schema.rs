@@ -111,9 +111,15 @@ pub enum CredentialConfig {
         /// Token lifetime, e.g. `60s`; at most 300s. Default `60s`.
         #[serde(default)]
         ttl: Option<String>,
-        /// PEM PKCS#8 private key (Ed25519 or P-256). Absent: an Ed25519 key generated at start.
+        /// PEM PKCS#8 private key file (Ed25519 or P-256). A changed file rotates the key; the
+        /// previous public key stays in the JWKS until its tokens have expired. Absent: an
+        /// Ed25519 key generated at start.
         #[serde(default)]
         signing_key: Option<String>,
+        /// Replace a generated key this often (e.g. `24h`), with the same overlap. Only
+        /// without `signing_key` (a key file rotates when the file changes).
+        #[serde(default)]
+        rotate_every: Option<String>,
         /// The `iss` claim. Default: the identity id.
         #[serde(default)]
         issuer: Option<String>,
@@ -125,11 +131,70 @@ pub enum CredentialConfig {
         token_url: String,
         /// Client id.
         client_id: String,
-        /// File holding the client secret (read on every fetch).
-        client_secret_file: String,
-        /// `client_secret_basic` (default) or `client_secret_post`.
+        /// `client_secret_basic` (default), `client_secret_post`, `private_key_jwt`
+        /// (RFC 7523) or `tls_client_auth` (RFC 8705).
         #[serde(default)]
         auth_method: Option<String>,
+        /// File holding the client secret (read on every fetch); for the two secret methods.
+        #[serde(default)]
+        client_secret_file: Option<String>,
+        /// PEM private key: signs `private_key_jwt` assertions (Ed25519, P-256 or RSA), or is
+        /// the key of the `tls_client_auth` certificate. Read on every fetch.
+        #[serde(default)]
+        client_key_file: Option<String>,
+        /// PEM client certificate chain for `tls_client_auth`; a renewed file is used on the
+        /// next connection.
+        #[serde(default)]
+        client_cert_file: Option<String>,
+        /// `aud` of `private_key_jwt` assertions. Default: the token URL.
+        #[serde(default)]
+        assertion_audience: Option<String>,
+        /// Bound on one token fetch. Default `2s`.
+        #[serde(default)]
+        timeout: Option<String>,
+    },
+    /// OAuth 2.0 token exchange (RFC 8693): the workload's own token (a projected
+    /// service-account token or a JWT-SVID) exchanged for one scoped to the route.
+    TokenExchange {
+        /// Token endpoint; `https`, or `http` on a loopback address only.
+        token_url: String,
+        /// Client id.
+        client_id: String,
+        /// `client_secret_basic` (default when a secret file is given), `client_secret_post`,
+        /// `private_key_jwt`, `tls_client_auth`, or `none` (default without a secret file:
+        /// the subject token is the proof).
+        #[serde(default)]
+        auth_method: Option<String>,
+        /// File holding the client secret (read on every fetch); for the two secret methods.
+        #[serde(default)]
+        client_secret_file: Option<String>,
+        /// PEM private key for `private_key_jwt` or `tls_client_auth` (see client_credentials).
+        #[serde(default)]
+        client_key_file: Option<String>,
+        /// PEM client certificate chain for `tls_client_auth`.
+        #[serde(default)]
+        client_cert_file: Option<String>,
+        /// `aud` of `private_key_jwt` assertions. Default: the token URL.
+        #[serde(default)]
+        assertion_audience: Option<String>,
+        /// File holding the subject token, read on every fetch; when it changes, tokens
+        /// exchanged for the old one are no longer handed out. Default:
+        /// `identity.subject_token_file`.
+        #[serde(default)]
+        subject_token_file: Option<String>,
+        /// `subject_token_type`. Default `urn:ietf:params:oauth:token-type:jwt`.
+        #[serde(default)]
+        subject_token_type: Option<String>,
+        /// File holding an actor token (the party acting for the subject), read on every fetch.
+        #[serde(default)]
+        actor_token_file: Option<String>,
+        /// `actor_token_type`. Default `urn:ietf:params:oauth:token-type:jwt`.
+        #[serde(default)]
+        actor_token_type: Option<String>,
+        /// `requested_token_type`, e.g. `urn:ietf:params:oauth:token-type:access_token`.
+        /// Default: not sent (the server's choice).
+        #[serde(default)]
+        requested_token_type: Option<String>,
         /// Bound on one token fetch. Default `2s`.
         #[serde(default)]
         timeout: Option<String>,
@@ -169,9 +234,18 @@ pub struct RouteConfig {
     /// `aud` of minted tokens. Default: the destination origin.
     #[serde(default)]
     pub audience: Option<String>,
-    /// Scopes requested or minted for this route.
+    /// RFC 8707 resource indicator asked of token endpoints. Default: none for token
+    /// exchange; for client credentials the `audience` is sent as the resource.
+    #[serde(default)]
+    pub resource: Option<String>,
+    /// Scopes requested or minted for this route. `{purpose}` in a scope is replaced by the
+    /// request's purpose, which makes cached tokens per purpose.
     #[serde(default)]
     pub scopes: Vec<String>,
+    /// Longest lifetime a credential on this route should have, e.g. `5m`. A longer-lived
+    /// (or never-expiring) credential is still used but flagged in the log and metrics.
+    #[serde(default)]
+    pub max_ttl: Option<String>,
     /// Overrides the global strip mode on this route.
     #[serde(default)]
     pub strip: Option<StripMode>,

@@ -6,21 +6,30 @@
 //! with `jsonwebtoken` against the JWKS, so the format is checked by an independent
 //! implementation.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::digest;
-use aws_lc_rs::rand::SystemRandom;
-use aws_lc_rs::signature::{
-    ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair,
-};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
-use rustls::pki_types::PrivatePkcs8KeyDer;
-use rustls::pki_types::pem::PemObject;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde::Serialize;
 
 use super::CredentialError;
+use super::keys::{Allow, SigningKey};
+
+/// Where a `jwt` credential's signing key comes from.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    /// Ed25519 keys generated in memory, replaced every `rotate_every` if set.
+    Generated {
+        /// Rotation period; `None` keeps one key for the life of the process.
+        rotate_every: Option<Duration>,
+    },
+    /// A PEM PKCS#8 file (Ed25519 or P-256); a changed file rotates the key.
+    File(PathBuf),
+}
 
 /// Settings of one `jwt` credential.
 #[derive(Debug, Clone)]
@@ -31,14 +40,17 @@ pub struct JwtSpec {
     pub ttl: Duration,
     /// `iss` claim.
     pub issuer: String,
-    /// PEM PKCS#8 private key; `None` generates an Ed25519 key.
-    pub key_pem: Option<SecretString>,
+    /// Signing key source.
+    pub key: KeySource,
 }
 
-enum Signer {
-    Ed25519(Ed25519KeyPair),
-    Es256(EcdsaKeyPair),
-}
+/// How long a retired public key stays in the JWKS after the last token it signed expires:
+/// verifiers commonly allow this much clock skew (jsonwebtoken's default leeway is 60 s).
+const VERIFIER_LEEWAY: Duration = Duration::from_secs(60);
+
+/// At most this many retired keys are published (rotation faster than the token lifetime
+/// would otherwise grow the JWKS without bound).
+const MAX_RETIRED: usize = 8;
 
 /// What a minted token is bound to.
 #[derive(Debug)]
@@ -47,8 +59,12 @@ pub struct MintRequest<'a> {
     pub subject: &'a str,
     /// `aud`: route audience or destination origin.
     pub audience: &'a str,
-    /// The route's explicit audience, sent as `resource` (RFC 8707) to token endpoints.
+    /// The route's explicit `audience`, asked of token endpoints.
+    pub requested_audience: Option<&'a str>,
+    /// The route's `resource` indicator (RFC 8707), asked of token endpoints.
     pub resource: Option<&'a str>,
+    /// The route's `max_ttl`: a credential living longer is flagged.
+    pub max_ttl: Option<Duration>,
     /// `txn`: the request id.
     pub txn: &'a str,
     /// Route scopes; the purpose is added.
@@ -82,13 +98,6 @@ pub struct Minted {
 }
 
 #[derive(Serialize)]
-struct Header<'a> {
-    alg: &'a str,
-    typ: &'a str,
-    kid: &'a str,
-}
-
-#[derive(Serialize)]
 struct Claims<'a> {
     iss: &'a str,
     sub: &'a str,
@@ -118,131 +127,167 @@ struct Rctx<'a> {
     path_hash: String,
 }
 
-/// Mints per-call tokens with one held key.
+/// The key that signs now and the public keys of the ones it replaced.
+struct KeyRing {
+    current: SigningKey,
+    /// Precomputed `base64url(header) + "."` of the current key.
+    header_b64: String,
+    /// When the current key started signing.
+    since: Instant,
+    /// Retired public keys and until when they are published.
+    retired: Vec<(serde_json::Value, Instant)>,
+    /// Modification time and length of the key file the current key came from.
+    stamp: Option<(SystemTime, u64)>,
+}
+
+impl KeyRing {
+    fn new(key: SigningKey, now: Instant, stamp: Option<(SystemTime, u64)>) -> Self {
+        let header =
+            serde_json::json!({ "alg": key.alg(), "typ": "txntoken+jwt", "kid": key.kid() });
+        KeyRing {
+            header_b64: format!("{}.", B64.encode(header.to_string())),
+            current: key,
+            since: now,
+            retired: Vec::new(),
+            stamp,
+        }
+    }
+}
+
+/// Mints per-call tokens. The signing key can rotate while tokens are being minted: each
+/// mint signs with the key that is current when it starts, and a replaced key's public half
+/// stays in the JWKS until every token it signed has expired.
 pub struct JwtMinter {
     name: String,
-    signer: Signer,
-    kid: String,
-    jwk: serde_json::Value,
     ttl: Duration,
     issuer: String,
-    /// Precomputed `base64url(header) + "."`.
-    header_b64: String,
+    source: KeySource,
+    ring: RwLock<Arc<KeyRing>>,
 }
 
 impl std::fmt::Debug for JwtMinter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JwtMinter")
             .field("name", &self.name)
-            .field("kid", &self.kid)
+            .field("kid", &self.kid())
             .field("ttl", &self.ttl)
             .finish_non_exhaustive()
     }
+}
+
+fn file_stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.modified().unwrap_or(UNIX_EPOCH), m.len()))
+}
+
+fn load_key(path: &std::path::Path) -> Result<SigningKey, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    SigningKey::from_pem(&pem, Allow::EdOrEc).map_err(|e| format!("signing_key {e}"))
 }
 
 impl JwtMinter {
     /// Load or generate the key.
     pub fn new(spec: &JwtSpec) -> Result<Self, CredentialError> {
         let bad = |m: String| CredentialError::Config(format!("credential `{}`: {m}", spec.name));
-        let signer = match &spec.key_pem {
-            None => {
-                let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
-                    .map_err(|_| bad("cannot generate an Ed25519 key".into()))?;
-                Signer::Ed25519(
-                    Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
-                        .map_err(|_| bad("generated key rejected".into()))?,
-                )
-            }
-            Some(pem) => {
-                let der = PrivatePkcs8KeyDer::from_pem_slice(pem.expose_secret().as_bytes())
-                    .map_err(|_| {
-                        bad(
-                            "signing_key is not a PEM PKCS#8 private key (BEGIN PRIVATE KEY)"
-                                .into(),
-                        )
-                    })?;
-                let der = der.secret_pkcs8_der();
-                if let Ok(k) = Ed25519KeyPair::from_pkcs8(der) {
-                    Signer::Ed25519(k)
-                } else if let Ok(k) =
-                    EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der)
-                {
-                    Signer::Es256(k)
-                } else {
-                    return Err(bad("signing_key must be an Ed25519 or P-256 key".into()));
-                }
+        let (key, stamp) = match &spec.key {
+            KeySource::Generated { .. } => (SigningKey::generate_ed25519().map_err(bad)?, None),
+            KeySource::File(path) => {
+                let stamp = file_stamp(path);
+                (load_key(path).map_err(bad)?, stamp)
             }
         };
-        let (alg, jwk_members) = match &signer {
-            Signer::Ed25519(k) => (
-                "EdDSA",
-                vec![
-                    ("crv", "Ed25519".to_string()),
-                    ("kty", "OKP".into()),
-                    ("x", B64.encode(k.public_key().as_ref())),
-                ],
-            ),
-            Signer::Es256(k) => {
-                let p = k.public_key().as_ref();
-                // Uncompressed point: 0x04 || x || y.
-                (
-                    "ES256",
-                    vec![
-                        ("crv", "P-256".to_string()),
-                        ("kty", "EC".into()),
-                        ("x", B64.encode(&p[1..33])),
-                        ("y", B64.encode(&p[33..65])),
-                    ],
-                )
-            }
-        };
-        // RFC 7638 thumbprint: the required members in lexicographic order, no spaces.
-        let canonical = format!(
-            "{{{}}}",
-            jwk_members
-                .iter()
-                .map(|(k, v)| format!("\"{k}\":\"{v}\""))
-                .collect::<Vec<_>>()
-                .join(",")
-        );
-        let kid = B64.encode(digest::digest(&digest::SHA256, canonical.as_bytes()).as_ref());
-        let mut jwk = serde_json::Map::new();
-        for (k, v) in jwk_members {
-            jwk.insert(k.into(), v.into());
-        }
-        jwk.insert("kid".into(), kid.clone().into());
-        jwk.insert("alg".into(), alg.into());
-        jwk.insert("use".into(), "sig".into());
-        let header = serde_json::to_vec(&Header {
-            alg,
-            typ: "txntoken+jwt",
-            kid: &kid,
-        })
-        .expect("header serializes");
-        let header_b64 = format!("{}.", B64.encode(header));
         Ok(JwtMinter {
             name: spec.name.clone(),
-            signer,
-            kid,
-            jwk: serde_json::Value::Object(jwk),
             ttl: spec.ttl,
             issuer: spec.issuer.clone(),
-            header_b64,
+            source: spec.key.clone(),
+            ring: RwLock::new(Arc::new(KeyRing::new(key, Instant::now(), stamp))),
         })
     }
 
-    /// The public key as a JWK, for `/.well-known/jwks.json`.
-    pub fn jwk(&self) -> &serde_json::Value {
-        &self.jwk
+    fn ring(&self) -> Arc<KeyRing> {
+        self.ring.read().expect("key ring lock").clone()
     }
 
-    /// Key id.
-    pub fn kid(&self) -> &str {
-        &self.kid
+    /// Public keys to publish at `now`: the current one and retired ones still needed.
+    fn jwks_at(&self, now: Instant) -> Vec<serde_json::Value> {
+        let ring = self.ring();
+        std::iter::once(ring.current.jwk().clone())
+            .chain(
+                ring.retired
+                    .iter()
+                    .filter(|(_, until)| *until > now)
+                    .map(|(k, _)| k.clone()),
+            )
+            .collect()
+    }
+
+    /// The public keys for `/.well-known/jwks.json`.
+    pub fn jwks(&self) -> Vec<serde_json::Value> {
+        self.jwks_at(Instant::now())
+    }
+
+    /// Id of the key that signs now.
+    pub fn kid(&self) -> String {
+        self.ring().current.kid().to_string()
+    }
+
+    /// Make `key` the signing key; the replaced key stays published until the tokens it
+    /// signed have expired (plus verifier leeway).
+    fn rotate_at(&self, key: SigningKey, now: Instant, stamp: Option<(SystemTime, u64)>) {
+        let mut guard = self.ring.write().expect("key ring lock");
+        let old = guard.clone();
+        let mut next = KeyRing::new(key, now, stamp);
+        next.retired = old
+            .retired
+            .iter()
+            .filter(|(_, until)| *until > now)
+            .cloned()
+            .chain(std::iter::once((
+                old.current.jwk().clone(),
+                now + self.ttl + VERIFIER_LEEWAY,
+            )))
+            .collect();
+        let excess = next.retired.len().saturating_sub(MAX_RETIRED);
+        next.retired.drain(..excess);
+        tracing::info!(credential = %self.name, kid = %next.current.kid(), retired = %old.current.kid(), "signing key rotated");
+        *guard = Arc::new(next);
+    }
+
+    /// Rotate if the key file changed or the generated key is due. A key file that cannot
+    /// be read or parsed leaves the current key in place.
+    pub fn maybe_rotate(&self) {
+        let ring = self.ring();
+        match &self.source {
+            KeySource::Generated {
+                rotate_every: Some(every),
+            } if ring.since.elapsed() >= *every => match SigningKey::generate_ed25519() {
+                Ok(k) => self.rotate_at(k, Instant::now(), None),
+                Err(e) => {
+                    tracing::warn!(credential = %self.name, error = %e, "key rotation failed")
+                }
+            },
+            KeySource::File(path) => {
+                let stamp = file_stamp(path);
+                if stamp.is_none() || stamp == ring.stamp {
+                    return;
+                }
+                match load_key(path) {
+                    Ok(k) if k.kid() == ring.current.kid() => {}
+                    Ok(k) => self.rotate_at(k, Instant::now(), stamp),
+                    Err(e) => {
+                        tracing::warn!(credential = %self.name, error = %e, "signing key file changed but cannot be used; keeping the current key")
+                    }
+                }
+            }
+            KeySource::Generated { .. } => {}
+        }
     }
 
     /// Mint a token for one call.
     pub fn mint(&self, r: &MintRequest<'_>) -> Result<Minted, CredentialError> {
+        let ring = self.ring();
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -276,17 +321,13 @@ impl JwtMinter {
         };
         let payload =
             serde_json::to_vec(&claims).map_err(|e| CredentialError::Mint(e.to_string()))?;
-        let mut token = String::with_capacity(self.header_b64.len() + payload.len() * 4 / 3 + 100);
-        token.push_str(&self.header_b64);
+        let mut token = String::with_capacity(ring.header_b64.len() + payload.len() * 4 / 3 + 100);
+        token.push_str(&ring.header_b64);
         B64.encode_string(&payload, &mut token);
-        let sig = match &self.signer {
-            Signer::Ed25519(k) => k.sign(token.as_bytes()).as_ref().to_vec(),
-            Signer::Es256(k) => k
-                .sign(&SystemRandom::new(), token.as_bytes())
-                .map_err(|_| CredentialError::Mint("ECDSA signing failed".into()))?
-                .as_ref()
-                .to_vec(),
-        };
+        let sig = ring
+            .current
+            .sign(token.as_bytes())
+            .map_err(CredentialError::Mint)?;
         token.push('.');
         B64.encode_string(sig, &mut token);
         Ok(Minted {
@@ -302,12 +343,15 @@ impl JwtMinter {
 mod tests {
     use super::*;
     use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header, jwk::Jwk};
+    use secrecy::ExposeSecret;
 
     fn request<'a>(scopes: &'a [String]) -> MintRequest<'a> {
         MintRequest {
             subject: "spiffe://t/ns/ml/sa/inference",
             audience: "http://api.test",
+            requested_audience: None,
             resource: None,
+            max_ttl: None,
             txn: "req-1",
             scopes,
             workload: "inference",
@@ -320,31 +364,40 @@ mod tests {
         }
     }
 
-    fn verify(m: &JwtMinter, token: &str, alg: Algorithm) -> serde_json::Value {
+    /// Verify against the published JWKS, choosing the key by the token's `kid`.
+    fn verify(jwks: &[serde_json::Value], token: &str, alg: Algorithm) -> serde_json::Value {
         let header = decode_header(token).unwrap();
         assert_eq!(header.typ.as_deref(), Some("txntoken+jwt"));
-        assert_eq!(header.kid.as_deref(), Some(m.kid()));
-        let jwk: Jwk = serde_json::from_value(m.jwk().clone()).unwrap();
+        let kid = header.kid.unwrap();
+        let jwk = jwks
+            .iter()
+            .find(|k| k["kid"] == kid.as_str())
+            .expect("the token's key is published");
+        let jwk: Jwk = serde_json::from_value(jwk.clone()).unwrap();
         let key = DecodingKey::from_jwk(&jwk).unwrap();
         let mut v = Validation::new(alg);
         v.set_audience(&["http://api.test"]);
         decode::<serde_json::Value>(token, &key, &v).unwrap().claims
     }
 
+    fn generated(ttl: u64) -> JwtMinter {
+        JwtMinter::new(&JwtSpec {
+            name: "t".into(),
+            ttl: Duration::from_secs(ttl),
+            issuer: "spiffe://t/ns/ml/sa/inference".into(),
+            key: KeySource::Generated { rotate_every: None },
+        })
+        .unwrap()
+    }
+
     #[test]
     fn generated_ed25519_tokens_verify_with_jsonwebtoken() {
-        let m = JwtMinter::new(&JwtSpec {
-            name: "t".into(),
-            ttl: Duration::from_secs(60),
-            issuer: "spiffe://t/ns/ml/sa/inference".into(),
-            key_pem: None,
-        })
-        .unwrap();
+        let m = generated(60);
         let scopes = vec!["chat.write".to_string()];
         let a = m.mint(&request(&scopes)).unwrap();
         let b = m.mint(&request(&scopes)).unwrap();
         assert_ne!(a.jti, b.jti, "every call gets its own token");
-        let claims = verify(&m, a.token.expose_secret(), Algorithm::EdDSA);
+        let claims = verify(&m.jwks(), a.token.expose_secret(), Algorithm::EdDSA);
         assert_eq!(claims["sub"], "spiffe://t/ns/ml/sa/inference");
         assert_eq!(claims["txn"], "req-1");
         assert_eq!(claims["scope"], "chat.write purpose:answer-question");
@@ -358,27 +411,80 @@ mod tests {
     }
 
     #[test]
-    fn es256_key_from_pem() {
-        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    fn es256_key_from_file_and_a_changed_file_rotates_with_overlap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("signing.pem");
+        let first = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        std::fs::write(&path, first.serialize_pem()).unwrap();
         let m = JwtMinter::new(&JwtSpec {
             name: "t".into(),
             ttl: Duration::from_secs(30),
             issuer: "iss".into(),
-            key_pem: Some(SecretString::from(kp.serialize_pem())),
+            key: KeySource::File(path.clone()),
         })
         .unwrap();
-        let t = m.mint(&request(&[])).unwrap();
-        let claims = verify(&m, t.token.expose_secret(), Algorithm::ES256);
-        assert_eq!(claims["iss"], "iss");
+        let old = m.mint(&request(&[])).unwrap();
+        let old_kid = m.kid();
+        assert_eq!(
+            verify(&m.jwks(), old.token.expose_secret(), Algorithm::ES256)["iss"],
+            "iss"
+        );
+
+        // Unchanged file: no rotation. A broken file: the current key stays.
+        m.maybe_rotate();
+        assert_eq!(m.kid(), old_kid);
+        std::fs::write(&path, "-----BEGIN PRIVATE KEY-----\nnope\n").unwrap();
+        m.maybe_rotate();
+        assert_eq!(m.kid(), old_kid);
+
+        let second = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        std::fs::write(&path, second.serialize_pem()).unwrap();
+        m.maybe_rotate();
+        assert_ne!(m.kid(), old_kid, "the new key signs");
+        let new = m.mint(&request(&[])).unwrap();
+        let jwks = m.jwks();
+        assert_eq!(jwks.len(), 2, "old and new keys are both published");
+        verify(&jwks, new.token.expose_secret(), Algorithm::EdDSA);
+        verify(&jwks, old.token.expose_secret(), Algorithm::ES256);
+
+        // Once every token of the old key has expired (ttl + leeway), it is withdrawn.
+        let later =
+            Instant::now() + Duration::from_secs(30) + VERIFIER_LEEWAY + Duration::from_secs(1);
+        let published = m.jwks_at(later);
+        assert_eq!(published.len(), 1);
+        assert_eq!(published[0]["kid"], m.kid().as_str());
+    }
+
+    #[test]
+    fn generated_keys_rotate_when_due_and_retired_keys_are_bounded() {
+        let m = JwtMinter::new(&JwtSpec {
+            name: "t".into(),
+            ttl: Duration::from_secs(60),
+            issuer: "iss".into(),
+            key: KeySource::Generated {
+                rotate_every: Some(Duration::ZERO),
+            },
+        })
+        .unwrap();
+        let mut kids = std::collections::HashSet::new();
+        for _ in 0..20 {
+            kids.insert(m.kid());
+            m.maybe_rotate();
+        }
+        assert_eq!(kids.len(), 20, "a new key each time rotation is due");
+        assert_eq!(m.jwks().len(), 1 + MAX_RETIRED);
     }
 
     #[test]
     fn bad_key_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.pem");
+        std::fs::write(&path, "not a key").unwrap();
         let e = JwtMinter::new(&JwtSpec {
             name: "t".into(),
             ttl: Duration::from_secs(30),
             issuer: "iss".into(),
-            key_pem: Some(SecretString::from("not a key".to_string())),
+            key: KeySource::File(path),
         })
         .unwrap_err();
         assert!(e.to_string().contains("PEM PKCS#8"), "{e}");

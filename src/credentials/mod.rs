@@ -1,20 +1,25 @@
 //! Stage 6, credential: obtain the short-lived credential for this call and say how it is
 //! injected. Failure is closed: the pipeline forwards nothing without its credential.
 
+mod cache;
 mod jwt;
+mod keys;
 mod oauth;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use secrecy::{ExposeSecret, SecretString};
 
-pub use jwt::{JwtMinter, JwtSpec, MintRequest, Minted};
-pub use oauth::{ClientAuth, OAuthSpec, skew};
+pub use jwt::{JwtMinter, JwtSpec, KeySource, MintRequest, Minted};
+pub use keys::{Allow, SigningKey};
+pub use oauth::{ClientAuth, Exchange, Grant, OAuthSpec, TOKEN_TYPE_JWT, TokenParams, skew};
 
 use crate::fingerprint::Fingerprinter;
+use crate::metrics::{CacheLabels, FetchLabels, FlagLabels, Metrics};
 
 /// Where a static secret comes from.
 #[derive(Debug, Clone)]
@@ -30,8 +35,8 @@ pub enum StaticSource {
 pub enum CredentialSpec {
     /// Per-call minted JWT.
     Jwt(JwtSpec),
-    /// OAuth 2.0 client credentials.
-    ClientCredentials(OAuthSpec),
+    /// A token from an authorization server: client credentials or token exchange.
+    OAuth(Box<OAuthSpec>),
     /// Secret held only by the sidecar.
     Static {
         /// Credential name.
@@ -62,7 +67,7 @@ pub enum CredentialError {
 pub struct Issued {
     /// Credential name.
     pub name: String,
-    /// `jwt` or `static`.
+    /// `jwt`, `client_credentials`, `token_exchange` or `static`.
     pub kind: &'static str,
     /// The secret to inject.
     pub value: SecretString,
@@ -72,6 +77,9 @@ pub struct Issued {
     pub expires_at: Option<u64>,
     /// Scopes the credential carries.
     pub scopes: Vec<String>,
+    /// Why this credential is not as narrow or short-lived as the route asks (see
+    /// [`flag`]); empty when it is.
+    pub flags: Vec<&'static str>,
 }
 
 impl std::fmt::Debug for Issued {
@@ -81,8 +89,21 @@ impl std::fmt::Debug for Issued {
             .field("kind", &self.kind)
             .field("id", &self.id)
             .field("value", &"[redacted]")
+            .field("flags", &self.flags)
             .finish()
     }
+}
+
+/// Checks on an issued credential; each names a way an "ephemeral" credential falls short.
+pub mod flag {
+    /// The authorization server granted scopes that were not requested.
+    pub const UNREQUESTED_SCOPE: &str = "unrequested_scope";
+    /// The token lives longer than the route's `max_ttl`.
+    pub const TTL_EXCEEDS_MAX: &str = "ttl_exceeds_max";
+    /// The route has a `max_ttl` but the token's lifetime is not known.
+    pub const LIFETIME_UNKNOWN: &str = "lifetime_unknown";
+    /// The route has a `max_ttl` but the credential is a static secret that never expires.
+    pub const NO_EXPIRY: &str = "no_expiry";
 }
 
 /// A static secret and its loggable fingerprint.
@@ -97,35 +118,62 @@ struct StaticCred {
     current: RwLock<Arc<StaticValue>>,
 }
 
+type FileStamp = Option<(SystemTime, u64)>;
+
+fn stamp_of(path: &std::path::Path) -> FileStamp {
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
+}
+
+/// A token file (subject token) whose changes start a new generation of cached tokens: a
+/// token exchanged for the previous subject token is not handed out after a rotation.
+struct WatchedFile {
+    path: PathBuf,
+    stamp: Mutex<FileStamp>,
+    generation: AtomicU64,
+}
+
+impl WatchedFile {
+    fn new(path: PathBuf) -> Self {
+        WatchedFile {
+            stamp: Mutex::new(stamp_of(&path)),
+            path,
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    /// True when the file changed since the last check.
+    fn check(&self) -> bool {
+        let now = stamp_of(&self.path);
+        let mut seen = self.stamp.lock().expect("stamp lock");
+        if now.is_some() && now != *seen {
+            *seen = now;
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            true
+        } else {
+            false
+        }
+    }
+}
+
+struct OAuth {
+    endpoint: Arc<oauth::TokenEndpoint>,
+    cache: Arc<cache::TokenCache>,
+    subject: Option<WatchedFile>,
+}
+
 enum Provider {
     Jwt(JwtMinter),
     Static(StaticCred),
-    OAuth {
-        spec: OAuthSpec,
-        cache: moka::future::Cache<String, Arc<oauth::Token>>,
-    },
-}
-
-/// Each cached token expires at its own `cache_until` (before `exp`, with skew).
-struct TokenExpiry;
-
-impl moka::Expiry<String, Arc<oauth::Token>> for TokenExpiry {
-    fn expire_after_create(
-        &self,
-        _: &String,
-        token: &Arc<oauth::Token>,
-        created_at: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(token.cache_until.saturating_duration_since(created_at))
-    }
+    OAuth(OAuth),
 }
 
 /// All credential sources, by name.
 pub struct Credentials {
     providers: BTreeMap<String, Provider>,
     fingerprinter: Fingerprinter,
-    token_client: oauth::TokenClient,
-    metrics: Arc<crate::metrics::Metrics>,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -143,19 +191,11 @@ fn read_static(source: &StaticSource, fp: &Fingerprinter) -> Result<StaticValue,
             None,
         ),
         StaticSource::File(path) => {
-            let meta = std::fs::metadata(path).map_err(|e| {
-                CredentialError::Unavailable(format!("cannot read {}: {e}", path.display()))
-            })?;
+            let stamp = stamp_of(path);
             let raw = std::fs::read_to_string(path).map_err(|e| {
                 CredentialError::Unavailable(format!("cannot read {}: {e}", path.display()))
             })?;
-            (
-                raw,
-                Some((
-                    meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                    meta.len(),
-                )),
-            )
+            (raw, stamp)
         }
     };
     let value = raw.trim_end_matches(['\n', '\r']).to_string();
@@ -171,25 +211,63 @@ fn read_static(source: &StaticSource, fp: &Fingerprinter) -> Result<StaticValue,
     })
 }
 
+fn cache_metrics(metrics: &Arc<Metrics>, name: &str) -> cache::CacheMetrics {
+    let lookup = |result| {
+        metrics
+            .token_cache
+            .get_or_create(&CacheLabels {
+                credential: name.to_string(),
+                result,
+            })
+            .clone()
+    };
+    let (m, n) = (metrics.clone(), name.to_string());
+    cache::CacheMetrics {
+        hit: lookup("hit"),
+        miss: lookup("miss"),
+        backoff: lookup("backoff"),
+        fetch_seconds: metrics
+            .token_fetch_duration
+            .get_or_create(&crate::metrics::CredentialName {
+                credential: name.to_string(),
+            })
+            .clone(),
+        fetch_result: Arc::new(move |result| {
+            m.token_fetches
+                .get_or_create(&FetchLabels {
+                    credential: n.clone(),
+                    result,
+                })
+                .clone()
+        }),
+    }
+}
+
 impl Credentials {
-    /// Build every source; fails if a key or secret cannot be loaded.
+    /// Build every source; fails if a key, certificate or secret cannot be loaded.
     pub fn new(
         specs: &BTreeMap<String, CredentialSpec>,
         fingerprinter: Fingerprinter,
         tls: Arc<rustls::ClientConfig>,
-        metrics: Arc<crate::metrics::Metrics>,
+        metrics: Arc<Metrics>,
     ) -> Result<Self, CredentialError> {
         let mut providers = BTreeMap::new();
         for (name, spec) in specs {
             let p = match spec {
                 CredentialSpec::Jwt(j) => Provider::Jwt(JwtMinter::new(j)?),
-                CredentialSpec::ClientCredentials(o) => Provider::OAuth {
-                    spec: o.clone(),
-                    cache: moka::future::Cache::builder()
-                        .max_capacity(10_000)
-                        .expire_after(TokenExpiry)
-                        .build(),
-                },
+                CredentialSpec::OAuth(o) => Provider::OAuth(OAuth {
+                    endpoint: Arc::new(
+                        oauth::TokenEndpoint::new((**o).clone(), &tls)
+                            .map_err(CredentialError::Config)?,
+                    ),
+                    cache: Arc::new(cache::TokenCache::new(name, cache_metrics(&metrics, name))),
+                    subject: match &o.grant {
+                        Grant::TokenExchange(x) => {
+                            Some(WatchedFile::new(x.subject_token_file.clone()))
+                        }
+                        Grant::ClientCredentials => None,
+                    },
+                }),
                 CredentialSpec::Static { source, .. } => {
                     let v = read_static(source, &fingerprinter).map_err(|e| {
                         CredentialError::Config(format!("credential `{name}`: {e}"))
@@ -205,148 +283,178 @@ impl Credentials {
         Ok(Credentials {
             providers,
             fingerprinter,
-            token_client: oauth::token_client(tls),
             metrics,
         })
     }
 
-    /// The JWKS document: public keys of every `jwt` credential.
+    /// The JWKS document: public keys of every `jwt` credential, including retired keys
+    /// whose tokens may still be in use.
     pub fn jwks(&self) -> serde_json::Value {
         let keys: Vec<_> = self
             .providers
             .values()
             .filter_map(|p| match p {
-                Provider::Jwt(m) => Some(m.jwk().clone()),
-                Provider::Static(_) | Provider::OAuth { .. } => None,
+                Provider::Jwt(m) => Some(m.jwks()),
+                Provider::Static(_) | Provider::OAuth(_) => None,
             })
+            .flatten()
             .collect();
         serde_json::json!({ "keys": keys })
     }
 
-    /// Obtain the named credential for one call.
+    /// Obtain the named credential for one call, with its checks against the route.
     pub async fn obtain(
         &self,
         name: &str,
         call: &MintRequest<'_>,
     ) -> Result<Issued, CredentialError> {
-        match self.providers.get(name) {
-            Some(Provider::OAuth { spec, cache }) => {
-                // Keyed by everything the token is scoped to, so one route's token is never
-                // handed to a request it was not issued for.
-                let key = format!(
-                    "{}\0{}\0{}",
-                    call.resource.unwrap_or(""),
-                    call.scopes.join(" "),
-                    name
-                );
-                let labels = |result| crate::metrics::CacheLabels {
-                    credential: name.to_string(),
-                    result,
-                };
-                let token = match cache.get(&key).await {
-                    Some(t) => {
-                        self.metrics.token_cache.get_or_create(&labels("hit")).inc();
-                        t
-                    }
-                    None => {
-                        self.metrics
-                            .token_cache
-                            .get_or_create(&labels("miss"))
-                            .inc();
-                        // Concurrent misses for one key share a single fetch.
-                        cache
-                            .try_get_with(key, async {
-                                oauth::fetch(&self.token_client, spec, call.resource, call.scopes)
-                                    .await
-                                    .map(Arc::new)
-                            })
-                            .await
-                            .map_err(|e: Arc<CredentialError>| {
-                                CredentialError::Unavailable(e.to_string())
-                            })?
-                    }
-                };
-                Ok(Issued {
-                    name: name.to_string(),
-                    kind: "client_credentials",
-                    value: token.value.clone(),
-                    id: token.jti.clone().unwrap_or_else(|| {
-                        format!(
-                            "fp:{}",
-                            self.fingerprinter
-                                .fingerprint(token.value.expose_secret().as_bytes())
-                        )
-                    }),
-                    expires_at: Some(token.expires_at),
-                    scopes: token.scopes.clone(),
-                })
-            }
-            None => Err(CredentialError::Unknown(name.to_string())),
+        let mut issued = match self.providers.get(name) {
+            None => return Err(CredentialError::Unknown(name.to_string())),
+            Some(Provider::OAuth(o)) => self.fetch_cached(name, o, call).await?,
             Some(Provider::Jwt(m)) => {
                 let t = m.mint(call)?;
-                Ok(Issued {
+                Issued {
                     name: name.to_string(),
                     kind: "jwt",
                     value: t.token,
                     id: t.jti,
                     expires_at: Some(t.exp),
                     scopes: t.scopes,
-                })
+                    flags: Vec::new(),
+                }
             }
             Some(Provider::Static(s)) => {
                 let v = s.current.read().expect("static credential lock").clone();
-                Ok(Issued {
+                Issued {
                     name: name.to_string(),
                     kind: "static",
-                    value: SecretString::from(v.value.expose_secret().to_string()),
+                    value: v.value.clone(),
                     id: format!("fp:{}", v.fingerprint),
                     expires_at: None,
                     scopes: call.scopes.to_vec(),
-                })
+                    flags: if call.max_ttl.is_some() {
+                        vec![flag::NO_EXPIRY]
+                    } else {
+                        Vec::new()
+                    },
+                }
             }
+        };
+        issued.flags.sort_unstable();
+        for f in &issued.flags {
+            self.metrics
+                .credential_flags
+                .get_or_create(&FlagLabels {
+                    credential: name.to_string(),
+                    flag: f,
+                })
+                .inc();
         }
+        Ok(issued)
     }
 
-    /// Re-read file-backed static secrets that changed. Keeps the last good value on error.
+    async fn fetch_cached(
+        &self,
+        name: &str,
+        o: &OAuth,
+        call: &MintRequest<'_>,
+    ) -> Result<Issued, CredentialError> {
+        let params = TokenParams {
+            audience: call.requested_audience,
+            resource: call.resource,
+            scopes: call.scopes,
+        };
+        // Keyed by everything the token is scoped to (and, for token exchange, the subject
+        // token's generation), so a token is never handed to a request it was not issued
+        // for. Scopes that name the purpose make the key per purpose.
+        let generation = o
+            .subject
+            .as_ref()
+            .map_or(0, |w| w.generation.load(Ordering::Acquire));
+        let mut key = String::with_capacity(64);
+        key.push_str(&generation.to_string());
+        for part in [params.audience.unwrap_or(""), params.resource.unwrap_or("")] {
+            key.push('\0');
+            key.push_str(part);
+        }
+        for s in params.scopes {
+            key.push('\0');
+            key.push_str(s);
+        }
+        let entry = o
+            .cache
+            .get(key, || {
+                let endpoint = o.endpoint.clone();
+                let owned = oauth::OwnedParams::new(&params);
+                async move { endpoint.fetch(&owned.borrow()).await }
+            })
+            .await
+            .map_err(CredentialError::Unavailable)?;
+        let t = &entry.token;
+        let mut flags = Vec::new();
+        if !t.unrequested_scopes.is_empty() {
+            flags.push(flag::UNREQUESTED_SCOPE);
+        }
+        match (call.max_ttl, t.lifetime) {
+            (Some(max), Some(life)) if life > max => flags.push(flag::TTL_EXCEEDS_MAX),
+            (Some(_), None) => flags.push(flag::LIFETIME_UNKNOWN),
+            _ => {}
+        }
+        Ok(Issued {
+            name: name.to_string(),
+            kind: o.endpoint.spec.kind(),
+            value: t.value.clone(),
+            id: t.jti.clone().unwrap_or_else(|| {
+                format!(
+                    "fp:{}",
+                    self.fingerprinter
+                        .fingerprint(t.value.expose_secret().as_bytes())
+                )
+            }),
+            expires_at: Some(t.expires_at),
+            scopes: t.scopes.clone(),
+            flags,
+        })
+    }
+
+    /// Pick up changed files: static secrets (the last good value stays on error), signing
+    /// keys (rotation with overlap), subject tokens (a new generation of cached tokens).
     pub fn refresh_files(&self) {
         for (name, p) in &self.providers {
-            let Provider::Static(s) = p else { continue };
-            let StaticSource::File(path) = &s.source else {
-                continue;
-            };
-            let stamp = std::fs::metadata(path)
-                .ok()
-                .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
-            let current = s.current.read().expect("static credential lock").stamp;
-            if stamp.is_none() || stamp == current {
-                continue;
-            }
-            match read_static(&s.source, &self.fingerprinter) {
-                Ok(v) => {
-                    tracing::info!(credential = %name, fingerprint = %v.fingerprint, "static secret reloaded");
-                    *s.current.write().expect("static credential lock") = Arc::new(v);
+            match p {
+                Provider::Static(s) => {
+                    let StaticSource::File(path) = &s.source else {
+                        continue;
+                    };
+                    let stamp = stamp_of(path);
+                    let current = s.current.read().expect("static credential lock").stamp;
+                    if stamp.is_none() || stamp == current {
+                        continue;
+                    }
+                    match read_static(&s.source, &self.fingerprinter) {
+                        Ok(v) => {
+                            tracing::info!(credential = %name, fingerprint = %v.fingerprint, "static secret reloaded");
+                            *s.current.write().expect("static credential lock") = Arc::new(v);
+                        }
+                        Err(e) => {
+                            tracing::warn!(credential = %name, error = %e, "static secret reload failed; keeping the previous value")
+                        }
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(credential = %name, error = %e, "static secret reload failed; keeping the previous value")
+                Provider::Jwt(m) => m.maybe_rotate(),
+                Provider::OAuth(o) => {
+                    if let Some(w) = &o.subject
+                        && w.check()
+                    {
+                        tracing::info!(credential = %name, "subject token changed; new tokens will be exchanged for it");
+                    }
                 }
             }
         }
     }
 
-    /// Poll file-backed secrets for changes every `every`.
+    /// Check for changed files every `every`.
     pub fn spawn_file_watch(self: &Arc<Self>, every: Duration) {
-        let has_files = self.providers.values().any(|p| {
-            matches!(
-                p,
-                Provider::Static(StaticCred {
-                    source: StaticSource::File(_),
-                    ..
-                })
-            )
-        });
-        if !has_files {
-            return;
-        }
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -380,7 +488,9 @@ mod tests {
         MintRequest {
             subject: "s",
             audience: "a",
+            requested_audience: None,
             resource: None,
+            max_ttl: None,
             txn: "t",
             scopes: &[],
             workload: "w",

@@ -1,8 +1,13 @@
-//! OAuth 2.0 client credentials (RFC 6749 §4.4): fetch a token from the authorization server,
-//! cache it until shortly before it expires, one fetch for concurrent misses, fail closed.
+//! Token endpoint client: OAuth 2.0 client credentials (RFC 6749 §4.4) and token exchange
+//! (RFC 8693), with client authentication by secret (basic or post), by signed assertion
+//! (`private_key_jwt`, RFC 7523) or by certificate (`tls_client_auth`, RFC 8705).
+//!
+//! Every file (client secret, assertion key, subject and actor tokens) is read when a token
+//! is fetched, so a rotated file is used by the next fetch without a restart. Nothing secret
+//! reaches an error text.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -12,21 +17,78 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use super::CredentialError;
+use super::keys::{Allow, SigningKey};
 
-/// How the client authenticates to the token endpoint (RFC 6749 §2.3.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// RFC 8693 §3 token type of a JWT.
+pub const TOKEN_TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+
+/// How the client authenticates to the token endpoint.
+#[derive(Debug, Clone)]
 pub enum ClientAuth {
-    /// HTTP Basic with the client id and secret.
-    Basic,
-    /// `client_id` and `client_secret` in the form body.
-    Post,
+    /// `client_secret_basic`: HTTP Basic with the client id and the secret in this file.
+    Basic(PathBuf),
+    /// `client_secret_post`: `client_id` and `client_secret` in the form body.
+    Post(PathBuf),
+    /// `private_key_jwt` (RFC 7523 §2.2): an assertion signed with the key in this file.
+    PrivateKeyJwt {
+        /// PEM PKCS#8 key (Ed25519, P-256 or RSA).
+        key_file: PathBuf,
+        /// `aud` of the assertion; the token endpoint URL unless set.
+        audience: String,
+    },
+    /// `tls_client_auth` (RFC 8705 §2): the client certificate authenticates; `client_id`
+    /// goes in the body.
+    TlsClientAuth {
+        /// PEM certificate chain, leaf first.
+        cert_file: PathBuf,
+        /// PEM private key of the leaf.
+        key_file: PathBuf,
+    },
+    /// `none`: a public client; `client_id` in the body only.
+    None,
 }
 
-/// Settings of one `client_credentials` credential.
+impl ClientAuth {
+    /// The registered name of the method.
+    pub fn method(&self) -> &'static str {
+        match self {
+            ClientAuth::Basic(_) => "client_secret_basic",
+            ClientAuth::Post(_) => "client_secret_post",
+            ClientAuth::PrivateKeyJwt { .. } => "private_key_jwt",
+            ClientAuth::TlsClientAuth { .. } => "tls_client_auth",
+            ClientAuth::None => "none",
+        }
+    }
+}
+
+/// RFC 8693 settings.
+#[derive(Debug, Clone)]
+pub struct Exchange {
+    /// The subject token (a projected service-account token, a JWT-SVID, ...).
+    pub subject_token_file: PathBuf,
+    /// Its `subject_token_type`.
+    pub subject_token_type: String,
+    /// Optional actor token file and its type.
+    pub actor: Option<(PathBuf, String)>,
+    /// `requested_token_type`, if the route needs a specific one.
+    pub requested_token_type: Option<String>,
+}
+
+/// Which grant the credential uses.
+#[derive(Debug, Clone)]
+pub enum Grant {
+    /// `client_credentials`.
+    ClientCredentials,
+    /// `urn:ietf:params:oauth:grant-type:token-exchange`.
+    TokenExchange(Exchange),
+}
+
+/// Settings of one token-endpoint credential.
 #[derive(Debug, Clone)]
 pub struct OAuthSpec {
     /// Credential name.
@@ -35,27 +97,97 @@ pub struct OAuthSpec {
     pub token_url: Uri,
     /// Client id.
     pub client_id: String,
-    /// File holding the client secret; read on every fetch, so rotation needs no restart.
-    pub client_secret_file: PathBuf,
-    /// Client authentication method.
+    /// Client authentication.
     pub auth: ClientAuth,
+    /// Grant.
+    pub grant: Grant,
     /// Bound on one fetch, connect to response.
     pub timeout: Duration,
+}
+
+impl OAuthSpec {
+    /// `client_credentials` or `token_exchange`.
+    pub fn kind(&self) -> &'static str {
+        match self.grant {
+            Grant::ClientCredentials => "client_credentials",
+            Grant::TokenExchange(_) => "token_exchange",
+        }
+    }
+}
+
+/// What one token request asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenParams<'a> {
+    /// The route's audience (RFC 8693 `audience`; for client credentials it is sent as
+    /// `resource` when the route sets no resource, as RFC 6749 has no audience parameter).
+    pub audience: Option<&'a str>,
+    /// The route's resource indicator (RFC 8707).
+    pub resource: Option<&'a str>,
+    /// Requested scopes.
+    pub scopes: &'a [String],
+}
+
+/// An owned [`TokenParams`], for refreshes that run after the request has gone.
+#[derive(Debug, Clone)]
+pub struct OwnedParams {
+    audience: Option<String>,
+    resource: Option<String>,
+    scopes: Vec<String>,
+}
+
+impl OwnedParams {
+    /// Copy borrowed parameters.
+    pub fn new(p: &TokenParams<'_>) -> Self {
+        OwnedParams {
+            audience: p.audience.map(str::to_owned),
+            resource: p.resource.map(str::to_owned),
+            scopes: p.scopes.to_vec(),
+        }
+    }
+
+    /// Borrow them again.
+    pub fn borrow(&self) -> TokenParams<'_> {
+        TokenParams {
+            audience: self.audience.as_deref(),
+            resource: self.resource.as_deref(),
+            scopes: &self.scopes,
+        }
+    }
 }
 
 /// A token and what may be logged about it.
 #[derive(Debug)]
 pub struct Token {
-    /// The access token.
+    /// The access token (or whatever `requested_token_type` asked for).
     pub value: SecretString,
-    /// Its `jti` when it is a JWT, else a fingerprint (set by the caller).
+    /// Its `jti` when it is a JWT.
     pub jti: Option<String>,
     /// Expiry (Unix seconds).
     pub expires_at: u64,
-    /// Granted scopes.
+    /// Lifetime as issued, when the server said (`expires_in`) or the JWT shows (`exp - iat`).
+    pub lifetime: Option<Duration>,
+    /// Granted scopes: the response's `scope`, else the JWT's, else those requested.
     pub scopes: Vec<String>,
-    /// Until when the cache may hand it out (before `exp`, with skew).
-    pub cache_until: Instant,
+    /// Granted scopes that were not requested (empty when nothing was requested).
+    pub unrequested_scopes: Vec<String>,
+    /// When the request for it was sent.
+    pub fetched_at: Instant,
+}
+
+/// Why a fetch failed; `kind` is a bounded metric label.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// `local` (a file of ours), `unreachable`, `timeout`, `rejected` (an OAuth error) or
+    /// `invalid_response`.
+    pub kind: &'static str,
+    /// Human-readable cause, free of secrets.
+    pub message: String,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
 }
 
 #[derive(Deserialize)]
@@ -74,20 +206,22 @@ struct ErrorResponse {
     error_description: Option<String>,
 }
 
-/// HTTP client for token endpoints (HTTPS verified against the configured roots).
-pub type TokenClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+/// HTTP client for a token endpoint (HTTPS verified against the configured roots).
+type TokenClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// Build the token-endpoint client.
-pub fn token_client(tls: Arc<rustls::ClientConfig>) -> TokenClient {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config((*tls).clone())
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new()).build(https)
+/// One credential's token endpoint and its HTTP client.
+pub struct TokenEndpoint {
+    /// Settings.
+    pub spec: OAuthSpec,
+    client: TokenClient,
+}
+
+impl std::fmt::Debug for TokenEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenEndpoint")
+            .field("spec", &self.spec)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How long before `exp` a token stops being handed out: 10% of its lifetime, at least 10 s.
@@ -95,129 +229,373 @@ pub fn skew(lifetime: Duration) -> Duration {
     (lifetime / 10).max(Duration::from_secs(10))
 }
 
-/// Fetch one token. Nothing secret reaches the error text.
-pub async fn fetch(
-    client: &TokenClient,
-    spec: &OAuthSpec,
-    resource: Option<&str>,
-    scopes: &[String],
-) -> Result<Token, CredentialError> {
-    let unavailable =
-        |m: String| CredentialError::Unavailable(format!("credential `{}`: {m}", spec.name));
-    let secret = std::fs::read_to_string(&spec.client_secret_file)
-        .map_err(|e| unavailable(format!("cannot read the client secret file: {e}")))?;
-    let secret = SecretString::from(secret.trim_end_matches(['\n', '\r']).to_string());
+fn read_secret(path: &Path, what: &str) -> Result<SecretString, Failure> {
+    let raw = std::fs::read_to_string(path).map_err(|e| Failure {
+        kind: "local",
+        message: format!("cannot read the {what} file {}: {e}", path.display()),
+    })?;
+    let v = raw.trim_end_matches(['\n', '\r']);
+    if v.is_empty() {
+        return Err(Failure {
+            kind: "local",
+            message: format!("the {what} file {} is empty", path.display()),
+        });
+    }
+    Ok(SecretString::from(v.to_string()))
+}
 
-    // Built in a block: the serializer is not Send and must not live across an await.
-    let body = {
+/// A client certificate read from files, re-read when either file changes, so a renewed
+/// certificate (cert-manager, SPIFFE X.509-SVID) is presented on the next connection.
+#[derive(Debug)]
+struct FileClientCert {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    current: RwLock<(CertStamps, Arc<rustls::sign::CertifiedKey>)>,
+}
+
+/// Modification times of the certificate and key files.
+type CertStamps = Option<(SystemTime, SystemTime)>;
+
+fn mtime(p: &Path) -> Option<SystemTime> {
+    std::fs::metadata(p).ok()?.modified().ok()
+}
+
+fn load_cert(
+    cert: &Path,
+    key: &Path,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<rustls::sign::CertifiedKey, String> {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{}: no certificate", cert.display()));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("{}: not a PEM private key: {e}", key.display()))?;
+    rustls::sign::CertifiedKey::from_der(chain, key_der, provider)
+        .map_err(|e| format!("{} and {}: {e}", cert.display(), key.display()))
+}
+
+impl FileClientCert {
+    fn new(
+        cert_file: PathBuf,
+        key_file: PathBuf,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+    ) -> Result<Self, String> {
+        let stamps = mtime(&cert_file).zip(mtime(&key_file));
+        let ck = load_cert(&cert_file, &key_file, &provider)?;
+        Ok(FileClientCert {
+            cert_file,
+            key_file,
+            provider,
+            current: RwLock::new((stamps, Arc::new(ck))),
+        })
+    }
+}
+
+impl rustls::client::ResolvesClientCert for FileClientCert {
+    fn resolve(
+        &self,
+        _hints: &[&[u8]],
+        _schemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let stamps = mtime(&self.cert_file).zip(mtime(&self.key_file));
+        {
+            let cur = self.current.read().ok()?;
+            if stamps.is_none() || cur.0 == stamps {
+                return Some(cur.1.clone());
+            }
+        }
+        match load_cert(&self.cert_file, &self.key_file, &self.provider) {
+            Ok(ck) => {
+                let ck = Arc::new(ck);
+                *self.current.write().ok()? = (stamps, ck.clone());
+                tracing::info!(cert = %self.cert_file.display(), "client certificate reloaded");
+                Some(ck)
+            }
+            Err(e) => {
+                // A half-written pair (cert renewed, key not yet): keep the previous pair.
+                tracing::warn!(error = %e, "client certificate changed but cannot be loaded; keeping the previous one");
+                Some(self.current.read().ok()?.1.clone())
+            }
+        }
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+impl TokenEndpoint {
+    /// The endpoint client; with `tls_client_auth`, one that presents the certificate.
+    pub fn new(spec: OAuthSpec, tls: &Arc<rustls::ClientConfig>) -> Result<Self, String> {
+        let mut tls = (**tls).clone();
+        if let ClientAuth::TlsClientAuth {
+            cert_file,
+            key_file,
+        } = &spec.auth
+        {
+            let provider = tls.crypto_provider().clone();
+            tls.client_auth_cert_resolver = Arc::new(
+                FileClientCert::new(cert_file.clone(), key_file.clone(), provider)
+                    .map_err(|e| format!("credential `{}`: client certificate: {e}", spec.name))?,
+            );
+        }
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        Ok(TokenEndpoint {
+            spec,
+            client: Client::builder(TokioExecutor::new()).build(https),
+        })
+    }
+
+    /// The form body and extra headers of one token request.
+    fn request(&self, params: &TokenParams<'_>) -> Result<Request<Full<Bytes>>, Failure> {
+        let spec = &self.spec;
         let mut form = form_urlencoded::Serializer::new(String::new());
-        form.append_pair("grant_type", "client_credentials");
-        if !scopes.is_empty() {
-            form.append_pair("scope", &scopes.join(" "));
+        match &spec.grant {
+            Grant::ClientCredentials => {
+                form.append_pair("grant_type", "client_credentials");
+                // RFC 6749 has no audience parameter: the audience is asked for as a
+                // resource indicator (RFC 8707) unless the route names one itself.
+                if let Some(r) = params.resource.or(params.audience) {
+                    form.append_pair("resource", r);
+                }
+            }
+            Grant::TokenExchange(x) => {
+                form.append_pair(
+                    "grant_type",
+                    "urn:ietf:params:oauth:grant-type:token-exchange",
+                );
+                let subject = read_secret(&x.subject_token_file, "subject token")?;
+                form.append_pair("subject_token", subject.expose_secret());
+                form.append_pair("subject_token_type", &x.subject_token_type);
+                if let Some((file, ty)) = &x.actor {
+                    let actor = read_secret(file, "actor token")?;
+                    form.append_pair("actor_token", actor.expose_secret());
+                    form.append_pair("actor_token_type", ty);
+                }
+                if let Some(t) = &x.requested_token_type {
+                    form.append_pair("requested_token_type", t);
+                }
+                if let Some(a) = params.audience {
+                    form.append_pair("audience", a);
+                }
+                if let Some(r) = params.resource {
+                    form.append_pair("resource", r);
+                }
+            }
         }
-        if let Some(r) = resource {
-            form.append_pair("resource", r);
+        if !params.scopes.is_empty() {
+            form.append_pair("scope", &params.scopes.join(" "));
         }
-        if spec.auth == ClientAuth::Post {
-            form.append_pair("client_id", &spec.client_id);
-            form.append_pair("client_secret", secret.expose_secret());
+        let mut basic = None;
+        match &spec.auth {
+            ClientAuth::Basic(file) => {
+                let secret = read_secret(file, "client secret")?;
+                // RFC 6749 §2.3.1: both parts form-urlencoded before Base64.
+                let enc =
+                    |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+                let pair = format!("{}:{}", enc(&spec.client_id), enc(secret.expose_secret()));
+                let mut v = http::HeaderValue::from_str(&format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(pair)
+                ))
+                .map_err(|_| Failure {
+                    kind: "local",
+                    message: "client credentials are not a valid header value".into(),
+                })?;
+                v.set_sensitive(true);
+                basic = Some(v);
+            }
+            ClientAuth::Post(file) => {
+                let secret = read_secret(file, "client secret")?;
+                form.append_pair("client_id", &spec.client_id);
+                form.append_pair("client_secret", secret.expose_secret());
+            }
+            ClientAuth::PrivateKeyJwt { key_file, audience } => {
+                let assertion = self.client_assertion(key_file, audience)?;
+                form.append_pair("client_id", &spec.client_id);
+                form.append_pair(
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                );
+                form.append_pair("client_assertion", assertion.expose_secret());
+            }
+            ClientAuth::TlsClientAuth { .. } | ClientAuth::None => {
+                form.append_pair("client_id", &spec.client_id);
+            }
         }
-        form.finish()
-    };
-    let mut req = Request::post(spec.token_url.clone())
-        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-        .header(header::ACCEPT, "application/json");
-    match spec.auth {
-        ClientAuth::Basic => {
-            // RFC 6749 §2.3.1: both parts form-urlencoded before Base64.
-            let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-            let pair = format!("{}:{}", enc(&spec.client_id), enc(secret.expose_secret()));
-            let mut v = http::HeaderValue::from_str(&format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(pair)
-            ))
-            .map_err(|_| unavailable("client credentials are not a valid header value".into()))?;
-            v.set_sensitive(true);
+        let mut req = Request::post(spec.token_url.clone())
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(header::ACCEPT, "application/json");
+        if let Some(v) = basic {
             req = req.header(header::AUTHORIZATION, v);
         }
-        // In the form body, above.
-        ClientAuth::Post => {}
+        req.body(Full::new(Bytes::from(form.finish())))
+            .map_err(|e| Failure {
+                kind: "local",
+                message: e.to_string(),
+            })
     }
-    let req = req
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| unavailable(e.to_string()))?;
-    let started = Instant::now();
-    let resp = tokio::time::timeout(spec.timeout, async {
-        let resp = client.request(req).await.map_err(|e| {
-            unavailable(format!(
-                "token endpoint unreachable: {}",
-                crate::error::innermost(&e)
+
+    /// RFC 7523 §3: iss = sub = client id, aud = the token endpoint, short-lived, unique jti.
+    fn client_assertion(&self, key_file: &Path, audience: &str) -> Result<SecretString, Failure> {
+        let local = |message: String| Failure {
+            kind: "local",
+            message,
+        };
+        let pem = std::fs::read(key_file).map_err(|e| {
+            local(format!(
+                "cannot read the client key file {}: {e}",
+                key_file.display()
             ))
         })?;
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| unavailable(e.to_string()))?
-            .to_bytes();
-        Ok::<_, CredentialError>((status, body))
-    })
-    .await
-    .map_err(|_| {
-        unavailable(format!(
-            "token endpoint did not answer within {:?}",
-            spec.timeout
-        ))
-    })??;
-    let (status, body) = resp;
-    if status != StatusCode::OK {
-        let why = serde_json::from_slice::<ErrorResponse>(&body)
-            .map(|e| {
-                format!(
-                    "{}{}",
-                    e.error,
-                    e.error_description
-                        .map(|d| format!(" ({d})"))
-                        .unwrap_or_default()
-                )
-            })
-            .unwrap_or_else(|_| "no OAuth error body".into());
-        return Err(unavailable(format!(
-            "token endpoint answered {status}: {why}"
-        )));
+        let key = SigningKey::from_pem(&pem, Allow::AnyIncludingRsa)
+            .map_err(|e| local(format!("client key {}: {e}", key_file.display())))?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let claims = serde_json::json!({
+            "iss": self.spec.client_id,
+            "sub": self.spec.client_id,
+            "aud": audience,
+            "iat": now,
+            "exp": now + 60,
+            "jti": uuid::Uuid::new_v4().simple().to_string(),
+        });
+        key.compact("JWT", &claims)
+            .map(SecretString::from)
+            .map_err(local)
     }
-    let parsed: TokenResponse = serde_json::from_slice(&body)
-        .map_err(|e| unavailable(format!("token response is not valid JSON: {e}")))?;
-    let lifetime = Duration::from_secs(parsed.expires_in.unwrap_or(60));
+
+    /// Fetch one token.
+    pub async fn fetch(&self, params: &TokenParams<'_>) -> Result<Token, Failure> {
+        let spec = &self.spec;
+        let req = self.request(params)?;
+        let started = Instant::now();
+        let (status, body) = tokio::time::timeout(spec.timeout, async {
+            let resp = self.client.request(req).await.map_err(|e| Failure {
+                kind: "unreachable",
+                message: format!(
+                    "token endpoint unreachable: {}",
+                    crate::error::innermost(&e)
+                ),
+            })?;
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| Failure {
+                    kind: "unreachable",
+                    message: format!("token response cut short: {e}"),
+                })?
+                .to_bytes();
+            Ok::<_, Failure>((status, body))
+        })
+        .await
+        .map_err(|_| Failure {
+            kind: "timeout",
+            message: format!("token endpoint did not answer within {:?}", spec.timeout),
+        })??;
+        if status != StatusCode::OK {
+            let why = serde_json::from_slice::<ErrorResponse>(&body)
+                .map(|e| {
+                    format!(
+                        "{}{}",
+                        e.error,
+                        e.error_description
+                            .map(|d| format!(" ({d})"))
+                            .unwrap_or_default()
+                    )
+                })
+                .unwrap_or_else(|_| "no OAuth error body".into());
+            return Err(Failure {
+                kind: "rejected",
+                message: format!("token endpoint answered {status}: {why}"),
+            });
+        }
+        let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|e| Failure {
+            kind: "invalid_response",
+            message: format!("token response is not valid JSON: {e}"),
+        })?;
+        if parsed.access_token.is_empty() {
+            return Err(Failure {
+                kind: "invalid_response",
+                message: "token response has an empty access_token".into(),
+            });
+        }
+        Ok(token_from(parsed, params.scopes, started))
+    }
+}
+
+/// Interpret a successful response. A JWT's own claims fill what the response leaves out.
+fn token_from(parsed: TokenResponse, requested: &[String], started: Instant) -> Token {
+    let claims = jwt_payload(&parsed.access_token);
+    let claim_u64 = |k: &str| claims.as_ref().and_then(|c| c.get(k)?.as_u64());
+    let jwt_lifetime = claim_u64("exp")
+        .zip(claim_u64("iat"))
+        .map(|(e, i)| Duration::from_secs(e.saturating_sub(i)));
+    let lifetime = parsed.expires_in.map(Duration::from_secs).or(jwt_lifetime);
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs();
-    let jti = jwt_claim(&parsed.access_token, "jti");
-    let cache_until = (started + lifetime)
-        .checked_sub(skew(lifetime))
-        .unwrap_or(started);
-    Ok(Token {
+    // Without any lifetime information, assume a minute: short enough to be safe.
+    let cache_life = lifetime.unwrap_or(Duration::from_secs(60));
+    let scopes: Vec<String> = parsed
+        .scope
+        .or_else(|| {
+            claims
+                .as_ref()
+                .and_then(|c| c.get("scope")?.as_str().map(str::to_owned))
+        })
+        .map(|s| s.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_else(|| requested.to_vec());
+    let unrequested_scopes = if requested.is_empty() {
+        Vec::new()
+    } else {
+        scopes
+            .iter()
+            .filter(|s| !requested.contains(s))
+            .cloned()
+            .collect()
+    };
+    Token {
+        jti: claims
+            .as_ref()
+            .and_then(|c| c.get("jti")?.as_str().map(str::to_owned)),
         value: SecretString::from(parsed.access_token),
-        jti,
-        expires_at: now + lifetime.as_secs(),
-        scopes: parsed
-            .scope
-            .map(|s| s.split_whitespace().map(str::to_owned).collect())
-            .unwrap_or_else(|| scopes.to_vec()),
-        cache_until,
-    })
+        expires_at: claim_u64("exp").unwrap_or(now + cache_life.as_secs()),
+        lifetime,
+        scopes,
+        unrequested_scopes,
+        fetched_at: started,
+    }
 }
 
-/// A string claim of a JWT's payload, read without verification (for logging only).
-fn jwt_claim(token: &str, claim: &str) -> Option<String> {
-    let payload = token.split('.').nth(1)?;
+/// A JWT's payload, read without verification (for logging and checks only: the token is
+/// the authorization server's word to the upstream, which verifies it).
+fn jwt_payload(token: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let mut parts = token.split('.');
+    let (_, payload, _) = (parts.next()?, parts.next()?, parts.next()?);
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload)
         .ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    v.get(claim)?.as_str().map(str::to_owned)
+    match serde_json::from_slice(&bytes).ok()? {
+        serde_json::Value::Object(m) => Some(m),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -230,13 +608,62 @@ mod tests {
         assert_eq!(skew(Duration::from_secs(60)), Duration::from_secs(10));
     }
 
+    fn jwt(claims: serde_json::Value) -> String {
+        let b = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        format!(
+            "{}.{}.sig",
+            b(br#"{"alg":"none"}"#),
+            b(claims.to_string().as_bytes())
+        )
+    }
+
+    fn response(token: String, expires_in: Option<u64>, scope: Option<&str>) -> TokenResponse {
+        TokenResponse {
+            access_token: token,
+            expires_in,
+            scope: scope.map(str::to_owned),
+        }
+    }
+
     #[test]
-    fn reads_jti_of_a_jwt_only() {
-        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"jti":"abc"}"#);
-        assert_eq!(
-            jwt_claim(&format!("eyJhbGciOiJub25lIn0.{payload}.sig"), "jti").as_deref(),
-            Some("abc")
+    fn jwt_claims_fill_what_the_response_leaves_out() {
+        let requested = vec!["tools.read".to_string()];
+        let t = token_from(
+            response(
+                jwt(
+                    serde_json::json!({"jti":"abc","iat":1000,"exp":4600,"scope":"tools.read admin"}),
+                ),
+                None,
+                None,
+            ),
+            &requested,
+            Instant::now(),
         );
-        assert_eq!(jwt_claim("opaque-token", "jti"), None);
+        assert_eq!(t.jti.as_deref(), Some("abc"));
+        assert_eq!(t.lifetime, Some(Duration::from_secs(3600)));
+        assert_eq!(t.expires_at, 4600);
+        assert_eq!(t.scopes, ["tools.read", "admin"]);
+        assert_eq!(
+            t.unrequested_scopes,
+            ["admin"],
+            "a broader grant is noticed"
+        );
+    }
+
+    #[test]
+    fn opaque_tokens_use_the_response_alone() {
+        let requested = vec!["a".to_string(), "b".to_string()];
+        let t = token_from(
+            response("opaque-token".into(), Some(300), Some("a")),
+            &requested,
+            Instant::now(),
+        );
+        assert_eq!(t.jti, None);
+        assert_eq!(t.lifetime, Some(Duration::from_secs(300)));
+        assert_eq!(t.scopes, ["a"]);
+        assert!(t.unrequested_scopes.is_empty(), "narrower is fine");
+        let t = token_from(response("x".into(), None, None), &[], Instant::now());
+        assert_eq!(t.lifetime, None, "unknown lifetime stays unknown");
+        assert!(t.unrequested_scopes.is_empty());
     }
 }

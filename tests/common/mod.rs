@@ -56,6 +56,10 @@ pub struct Upstream {
 pub struct TestPki {
     pub ca_pem: String,
     pub server: Arc<rustls::ServerConfig>,
+    /// The server certificate (localhost, 127.0.0.1) and its key, for servers not in Rust.
+    pub server_cert_pem: String,
+    pub server_key_pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
 }
 
 impl TestPki {
@@ -84,7 +88,20 @@ impl TestPki {
         TestPki {
             ca_pem: ca_cert.pem(),
             server: Arc::new(server),
+            server_cert_pem: cert.pem(),
+            server_key_pem: key.serialize_pem(),
+            issuer,
         }
+    }
+
+    /// A client certificate for `dns_name` signed by the test CA: (cert PEM, key PEM).
+    #[allow(dead_code)]
+    pub fn client_cert(&self, dns_name: &str) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![dns_name.to_string()]).unwrap();
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
     }
 }
 

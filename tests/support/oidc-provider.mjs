@@ -1,37 +1,81 @@
 // A real OAuth2 authorization server for the tests: npm oidc-provider on 127.0.0.1.
 // Usage: node oidc-provider.mjs PORT CLIENT_SECRET
-// Prints "ready" when listening; one "token <grant_type>" line per token request.
-import Provider from 'oidc-provider';
-import { generateKeyPair, exportJWK } from 'jose';
+// Prints "ready" when listening; one "token" line per token request.
+//
+// Environment (all optional):
+//   TOKEN_TTL          access-token lifetime in seconds (default 120)
+//   CLIENT_JWK         path of a public JWK (JSON): enables client `chaperone-jwt`
+//                      (private_key_jwt, RFC 7523)
+//   SUBJECT_JWKS       path of a JWKS (JSON) that signs subject and actor tokens: enables
+//                      RFC 8693 token exchange, registered with provider.registerGrantType
+//   EXCHANGE_GRANTS_ALL=1  the exchange grants every scope of the client whatever was asked
+//                      (a misconfigured server, for the scope checks)
+//   TLS_CERT, TLS_KEY, TLS_CA  serve HTTPS and ask for client certificates signed by TLS_CA:
+//                      enables client `chaperone-mtls` (tls_client_auth, RFC 8705) whose
+//                      certificate must carry the DNS name `chaperone.client.test`
+import { readFileSync } from 'node:fs';
+import https from 'node:https';
+import Provider, { errors } from 'oidc-provider';
+import { generateKeyPair, exportJWK, jwtVerify, createLocalJWKSet } from 'jose';
 
 const [port, secret] = process.argv.slice(2);
-const issuer = `http://127.0.0.1:${port}`;
+const env = process.env;
+const tls = env.TLS_CERT ? {
+  cert: readFileSync(env.TLS_CERT), key: readFileSync(env.TLS_KEY), ca: readFileSync(env.TLS_CA),
+} : null;
+const issuer = `${tls ? 'https' : 'http'}://127.0.0.1:${port}`;
 const RESOURCE = 'https://tools.test';
-const TTL = Number(process.env.TOKEN_TTL || 120);
+const TTL = Number(env.TOKEN_TTL || 120);
+const SCOPES = 'tools.read tools.write';
+const TOKEN_EXCHANGE = 'urn:ietf:params:oauth:grant-type:token-exchange';
+const JWT_TYPE = 'urn:ietf:params:oauth:token-type:jwt';
+const ACCESS_TOKEN_TYPE = 'urn:ietf:params:oauth:token-type:access_token';
+const SUBJECT_ISSUER = 'https://kubernetes.default.svc';
 const { privateKey } = await generateKeyPair('ES256', { extractable: true });
 const signing = { ...(await exportJWK(privateKey)), alg: 'ES256', use: 'sig', kid: 'test-es256' };
+const grantTypes = ['client_credentials', ...(env.SUBJECT_JWKS ? [TOKEN_EXCHANGE] : [])];
+
+const client = (id, extra) => ({
+  client_id: id,
+  grant_types: grantTypes,
+  redirect_uris: [],
+  response_types: [],
+  id_token_signed_response_alg: 'ES256',
+  scope: SCOPES,
+  ...extra,
+});
+const clients = [
+  client('chaperone', { client_secret: secret, token_endpoint_auth_method: 'client_secret_basic' }),
+  client('chaperone-post', { client_secret: secret, token_endpoint_auth_method: 'client_secret_post' }),
+];
+if (env.CLIENT_JWK) {
+  const jwk = JSON.parse(readFileSync(env.CLIENT_JWK, 'utf8'));
+  clients.push(client('chaperone-jwt', {
+    token_endpoint_auth_method: 'private_key_jwt',
+    token_endpoint_auth_signing_alg: jwk.alg,
+    jwks: { keys: [jwk] },
+  }));
+}
+if (tls) {
+  clients.push(client('chaperone-mtls', {
+    token_endpoint_auth_method: 'tls_client_auth',
+    tls_client_auth_san_dns: 'chaperone.client.test',
+  }));
+}
+
+const resourceServer = (audience) => ({
+  scope: SCOPES,
+  audience,
+  accessTokenFormat: 'jwt',
+  accessTokenTTL: TTL,
+  jwt: { sign: { alg: 'ES256' } },
+});
 
 const provider = new Provider(issuer, {
-  clients: [{
-    client_id: 'chaperone',
-    client_secret: secret,
-    grant_types: ['client_credentials'],
-    redirect_uris: [],
-    response_types: [],
-    token_endpoint_auth_method: 'client_secret_basic',
-    id_token_signed_response_alg: 'ES256',
-    scope: 'tools.read tools.write',
-  }, {
-    client_id: 'chaperone-post',
-    client_secret: secret,
-    grant_types: ['client_credentials'],
-    redirect_uris: [],
-    response_types: [],
-    token_endpoint_auth_method: 'client_secret_post',
-    id_token_signed_response_alg: 'ES256',
-    scope: 'tools.read tools.write',
-  }],
-  scopes: ['tools.read', 'tools.write'],
+  clients,
+  scopes: SCOPES.split(' '),
+  clientAuthMethods: ['client_secret_basic', 'client_secret_post', 'private_key_jwt', 'none',
+    ...(tls ? ['tls_client_auth'] : [])],
   features: {
     devInteractions: { enabled: false },
     clientCredentials: { enabled: true },
@@ -39,24 +83,99 @@ const provider = new Provider(issuer, {
       enabled: true,
       defaultResource: () => RESOURCE,
       useGrantedResource: () => true,
-      getResourceServerInfo: () => ({
-        scope: 'tools.read tools.write',
-        audience: RESOURCE,
-        accessTokenFormat: 'jwt',
-        accessTokenTTL: TTL,
-        jwt: { sign: { alg: 'ES256' } },
-      }),
+      getResourceServerInfo: () => resourceServer(RESOURCE),
+    },
+    mTLS: {
+      enabled: !!tls,
+      tlsClientAuth: !!tls,
+      getCertificate: (ctx) => ctx.socket.getPeerX509Certificate?.()?.toString(),
+      certificateAuthorized: (ctx) => ctx.socket.authorized,
+      certificateSubjectMatches: (ctx, property, expected) => property === 'tls_client_auth_san_dns'
+        && (ctx.socket.getPeerX509Certificate()?.subjectAltName ?? '').split(', ').includes(`DNS:${expected}`),
     },
   },
+  formats: {
+    customizers: {
+      // Exchanged tokens speak for the subject, not the client (RFC 8693 §4.1 `act`).
+      jwt(_ctx, token, jwt) {
+        if (token.extra?.exchanged_sub) {
+          jwt.payload.sub = token.extra.exchanged_sub;
+          delete jwt.payload.exchanged_sub;
+        }
+      },
+    },
+  },
+  extraTokenClaims: (ctx) => ctx?.exchangeClaims,
   jwks: { keys: [signing] },
   ttl: { ClientCredentials: () => TTL },
 });
 provider.proxy = false;
+
+if (env.SUBJECT_JWKS) {
+  const trusted = createLocalJWKSet(JSON.parse(readFileSync(env.SUBJECT_JWKS, 'utf8')));
+  const verify = async (token, type, what) => {
+    if (type !== JWT_TYPE) {
+      throw new errors.InvalidRequest(`unsupported ${what}_token_type`);
+    }
+    try {
+      const { payload } = await jwtVerify(token, trusted, { issuer: SUBJECT_ISSUER, audience: 'sts.test' });
+      return payload;
+    } catch (e) {
+      throw new errors.InvalidGrant(`${what}_token rejected: ${e.code || e.message}`);
+    }
+  };
+  // oidc-provider's documented extension point for new grants (v9: handlers get ctx only).
+  provider.registerGrantType(TOKEN_EXCHANGE, async (ctx) => {
+    const { params, client: c } = ctx.oidc;
+    if (!params.subject_token) {
+      throw new errors.InvalidRequest('missing subject_token');
+    }
+    const subject = await verify(params.subject_token, params.subject_token_type, 'subject');
+    const actor = params.actor_token
+      ? await verify(params.actor_token, params.actor_token_type, 'actor') : null;
+    if (params.requested_token_type && params.requested_token_type !== ACCESS_TOKEN_TYPE) {
+      throw new errors.InvalidRequest('only access tokens can be requested');
+    }
+    const allowed = c.scope.split(' ');
+    const asked = (params.scope || '').split(' ').filter(Boolean);
+    const unknown = asked.filter((s) => !allowed.includes(s) && !s.startsWith('purpose:'));
+    if (unknown.length) {
+      throw new errors.InvalidScope('requested scope is not allowed', unknown.join(' '));
+    }
+    const scope = env.EXCHANGE_GRANTS_ALL ? SCOPES : asked.join(' ');
+    const audience = params.audience || params.resource || RESOURCE;
+    const token = new ctx.oidc.provider.ClientCredentials({ client: c, scope: scope || undefined });
+    token.resourceServer = new ctx.oidc.provider.ResourceServer(audience, resourceServer(audience));
+    // Read back by extraTokenClaims when the token is saved.
+    ctx.exchangeClaims = {
+      exchanged_sub: subject.sub,
+      ...(actor ? { act: { sub: actor.sub } } : {}),
+    };
+    const value = await token.save();
+    console.log(`exchange ${subject.jti}`);
+    ctx.body = {
+      access_token: value,
+      issued_token_type: ACCESS_TOKEN_TYPE,
+      token_type: 'Bearer',
+      expires_in: token.expiration,
+      scope: token.scope,
+    };
+  }, ['subject_token', 'subject_token_type', 'actor_token', 'actor_token_type',
+    'requested_token_type', 'audience', 'resource', 'scope']);
+}
+
 provider.on('server_error', (_ctx, err) => console.error('server_error', err));
+provider.on('grant.error', (_ctx, err) => console.error('grant.error', err.message, err.error_description ?? ''));
 provider.use(async (ctx, next) => {
   if (ctx.path === '/token') {
     console.log('token');
   }
   await next();
 });
-provider.listen(Number(port), '127.0.0.1', () => console.log('ready'));
+const listening = () => console.log('ready');
+if (tls) {
+  https.createServer({ ...tls, requestCert: true, rejectUnauthorized: false }, provider.callback())
+    .listen(Number(port), '127.0.0.1', listening);
+} else {
+  provider.listen(Number(port), '127.0.0.1', listening);
+}
