@@ -6,26 +6,22 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::*;
-use jsonwebtoken::jwk::JwkSet;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 
 const CLIENT_SECRET: &str = "oauth-client-secret-4f9a1c2e7b";
 
-/// oidc-provider on a fixed port; records what it prints; killed on drop.
+/// oidc-provider on a fixed port (a helper process that prints one line per token request).
 struct AuthServer {
     port: u16,
     scheme: &'static str,
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    stderr: Arc<Mutex<String>>,
+    process: ServerProcess,
 }
 
 impl AuthServer {
@@ -38,9 +34,7 @@ impl AuthServer {
         install_once(&support);
         let mut cmd = Command::new("node");
         cmd.arg(support.join("oidc-provider.mjs"))
-            .args([port.to_string(), CLIENT_SECRET.to_string()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .args([port.to_string(), CLIENT_SECRET.to_string()]);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -49,42 +43,10 @@ impl AuthServer {
         } else {
             "http"
         };
-        let mut child = cmd.spawn().expect("node");
-        let stdout = child.stdout.take().unwrap();
-        let mut err_pipe = child.stderr.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let seen = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line == "ready" {
-                    let _ = ready_tx.send(());
-                }
-                seen.lock().unwrap().push(line);
-            }
-        });
-        let e = stderr.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n @ 1..) = err_pipe.read(&mut buf) {
-                e.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        if ready_rx.recv_timeout(Duration::from_secs(20)).is_err() {
-            panic!(
-                "oidc-provider did not start: {}",
-                stderr.lock().unwrap().as_str()
-            );
-        }
         AuthServer {
             port,
             scheme,
-            child,
-            lines,
-            stderr,
+            process: ServerProcess::start(cmd, "oidc-provider"),
         }
     }
 
@@ -92,66 +54,29 @@ impl AuthServer {
         format!("{}://127.0.0.1:{}", self.scheme, self.port)
     }
 
-    fn count(&self, prefix: &str) -> usize {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.starts_with(prefix))
-            .count()
-    }
-
     /// Token requests received so far.
     fn token_requests(&self) -> usize {
-        self.count("token")
+        self.process.lines_after("token").len()
     }
 
-    /// `exchange <subject jti>` lines: one per successful token exchange.
+    /// Subject-token `jti` of each successful token exchange.
     fn exchanges(&self) -> Vec<String> {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|l| l.strip_prefix("exchange ").map(str::to_owned))
-            .collect()
+        self.process.lines_after("exchange ")
     }
 
     fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
+        self.process.stderr()
     }
 
-    /// The server's signing keys, fetched with curl (trusting `ca` for HTTPS).
-    fn jwks(&self, ca: Option<&Path>) -> JwkSet {
-        let url = format!("{}/jwks", self.issuer());
-        let mut args = vec!["--noproxy", "*"];
-        if let Some(ca) = ca {
-            args.extend(["--cacert", ca.to_str().unwrap()]);
-        }
-        args.push(&url);
-        let (code, body) = curl(&args);
-        assert_eq!(code, 200, "{body}");
-        serde_json::from_str(&body).unwrap()
-    }
-
-    /// Verify a token the upstream received: the server's signature, issuer and audience.
+    /// Verify a token the upstream received against the server's JWKS, issuer and audience.
     fn verify(&self, token: &str, audience: &str, ca: Option<&Path>) -> Value {
-        let jwks = self.jwks(ca);
-        let header = jsonwebtoken::decode_header(token).unwrap();
-        let key =
-            DecodingKey::from_jwk(jwks.find(header.kid.as_deref().unwrap()).unwrap()).unwrap();
-        let mut v = Validation::new(Algorithm::ES256);
-        v.set_audience(&[audience]);
-        v.set_issuer(&[self.issuer()]);
-        jsonwebtoken::decode::<Value>(token, &key, &v)
-            .expect("signed by the authorization server")
-            .claims
-    }
-}
-
-impl Drop for AuthServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        verify_with_jwks(
+            token,
+            &format!("{}/jwks", self.issuer()),
+            ca,
+            &self.issuer(),
+            audience,
+        )
     }
 }
 
@@ -173,14 +98,6 @@ fn install_once(support: &Path) {
         ])
         .arg(support));
     assert!(ok, "npm ci --prefix tests/support failed: {err}");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The issuer of subject and actor tokens (standing in for the Kubernetes API server that

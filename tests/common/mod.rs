@@ -497,3 +497,127 @@ pub fn curl(args: &[&str]) -> (u16, String) {
     assert_eq!(rc, 0, "curl failed with exit code {rc}");
     (code, body)
 }
+
+/// A helper server run as a child process (an authorization server in Node or Python): its
+/// stdout lines are recorded, it is ready once it prints `ready`, and it is killed on drop.
+#[allow(dead_code)]
+pub struct ServerProcess {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+#[allow(dead_code)]
+impl ServerProcess {
+    pub fn start(mut cmd: Command, what: &str) -> ServerProcess {
+        use std::io::Read;
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        let stdout = child.stdout.take().unwrap();
+        let mut err_pipe = child.stderr.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let seen = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line == "ready" {
+                    let _ = ready_tx.send(());
+                }
+                seen.lock().unwrap().push(line);
+            }
+        });
+        let e = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = err_pipe.read(&mut buf) {
+                e.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            let _ = child.kill();
+            panic!("{what} did not start: {}", stderr.lock().unwrap().as_str());
+        }
+        ServerProcess {
+            child,
+            lines,
+            stderr,
+        }
+    }
+
+    /// Stdout lines containing `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Stdout lines starting with `prefix`, with the prefix removed.
+    pub fn lines_after(&self, prefix: &str) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| l.strip_prefix(prefix).map(str::to_owned))
+            .collect()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free loopback port (bound then released) for servers that take a port argument.
+#[allow(dead_code)]
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Verify a JWT against a JWKS fetched from `jwks_url` (with curl, trusting `ca` if given):
+/// signature by the key its `kid` names, issuer and audience. Returns the claims.
+#[allow(dead_code)]
+pub fn verify_with_jwks(
+    token: &str,
+    jwks_url: &str,
+    ca: Option<&Path>,
+    issuer: &str,
+    audience: &str,
+) -> serde_json::Value {
+    let mut args = vec!["--noproxy", "*"];
+    if let Some(ca) = ca {
+        args.extend(["--cacert", ca.to_str().unwrap()]);
+    }
+    args.push(jwks_url);
+    let (code, body) = curl(&args);
+    assert_eq!(code, 200, "{body}");
+    let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_str(&body).unwrap();
+    let header = jsonwebtoken::decode_header(token).unwrap();
+    let jwk = jwks
+        .find(header.kid.as_deref().expect("kid"))
+        .expect("the token's key is in the JWKS");
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap();
+    let mut v = jsonwebtoken::Validation::new(header.alg);
+    v.set_audience(&[audience]);
+    v.set_issuer(&[issuer]);
+    jsonwebtoken::decode::<serde_json::Value>(token, &key, &v)
+        .expect("signed by the authorization server")
+        .claims
+}
