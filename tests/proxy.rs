@@ -4,6 +4,7 @@
 mod common;
 
 use std::io::{Read, Write};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -825,4 +826,58 @@ permit(principal, action, resource) when { principal.stage == "main" };
         by_stage("main")[0]["identity"],
         "spiffe://test.local/ns/ml/sa/inference"
     );
+}
+
+/// A changed signing-key file rotates the per-call token key; the previous public key stays
+/// in the JWKS so tokens already issued keep verifying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_signing_key_rotation_keeps_the_old_key_published() {
+    let up = Upstream::start().await;
+    let cfg = config(up.addr.port(), "strip").replace(
+        "    kind: jwt\n    ttl: 90s\n",
+        "    kind: jwt\n    ttl: 90s\n    signing_key: {dir}/signing.pem\n",
+    );
+    let first = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let first_pem = first.serialize_pem();
+    let sc = Sidecar::start_with(
+        &cfg,
+        PERMISSIVE_POLICY,
+        &[(STATIC_ENV, "unused-static-value")],
+        move |dir: &Path| std::fs::write(dir.join("signing.pem"), first_pem).unwrap(),
+    );
+    let url = format!("http://127.0.0.1:{}/v1/models", up.addr.port());
+    let token_of = |r: &Recorded| {
+        r.header("authorization")
+            .unwrap()
+            .strip_prefix("Bearer ")
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(curl(&["-x", &sc.proxy_url(), &url]).0, 200);
+    let old = token_of(&up.requests()[0]);
+    let old_kid = jsonwebtoken::decode_header(&old).unwrap().kid.unwrap();
+    assert_eq!(jwks(&sc).await.keys.len(), 1);
+
+    let second = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    std::fs::write(sc.dir().join("signing.pem"), second.serialize_pem()).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while jwks(&sc).await.keys.len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new key was not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(curl(&["-x", &sc.proxy_url(), &url]).0, 200);
+    let new = token_of(&up.requests()[1]);
+    assert_ne!(
+        jsonwebtoken::decode_header(&new).unwrap().kid.unwrap(),
+        old_kid,
+        "the new key signs"
+    );
+    let set = jwks(&sc).await;
+    let aud = format!("http://127.0.0.1:{}", up.addr.port());
+    verify(&set, &old, &aud);
+    verify(&set, &new, &aud);
+    assert!(sc.output().contains("signing key rotated"));
 }
