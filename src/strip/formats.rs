@@ -1,7 +1,11 @@
-//! Known credential formats: a prefix, the charset of what follows, and its length bounds.
+//! Known credential formats: a prefix, the charset of what follows, its length bounds and,
+//! where the vendor publishes one, a checksum.
 //!
-//! Facts come from the vendors' public documentation of their token formats. This is the first
-//! set; the broad detector (checksums, entropy, bodies) deepens it.
+//! Facts come from the vendors' public documentation of their token formats (GitHub's and
+//! npm's token-format announcements for the CRC32 checksum, each vendor's API-key pages for
+//! prefixes and lengths). Formats without a distinctive prefix (Cohere, Mistral, Azure
+//! OpenAI, Datadog keys) are caught by where they are sent (API-key headers,
+//! credential-named fields), not here.
 
 /// Characters a token body may use.
 #[derive(Clone, Copy)]
@@ -10,8 +14,16 @@ enum Charset {
     Alnum,
     /// `A-Za-z0-9_-`
     UrlSafe,
+    /// `A-Za-z0-9_-.`
+    UrlSafeDot,
+    /// `A-Za-z0-9_-=` (base64url with padding)
+    UrlSafePad,
     /// `A-Z0-9`
     UpperAlnum,
+    /// `0-9a-f`
+    LowerHex,
+    /// `0-9a-f-`
+    LowerHexDash,
 }
 
 impl Charset {
@@ -19,9 +31,22 @@ impl Charset {
         match self {
             Charset::Alnum => b.is_ascii_alphanumeric(),
             Charset::UrlSafe => b.is_ascii_alphanumeric() || b == b'_' || b == b'-',
+            Charset::UrlSafeDot => b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'),
+            Charset::UrlSafePad => b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'='),
             Charset::UpperAlnum => b.is_ascii_uppercase() || b.is_ascii_digit(),
+            Charset::LowerHex => b.is_ascii_digit() || (b'a'..=b'f').contains(&b),
+            Charset::LowerHexDash => b.is_ascii_digit() || (b'a'..=b'f').contains(&b) || b == b'-',
         }
     }
+}
+
+/// A check beyond charset and length.
+#[derive(Clone, Copy)]
+enum Check {
+    None,
+    /// The last 6 characters are the base62 CRC32 of the 30 before them (GitHub classic
+    /// tokens, npm tokens).
+    Crc32Base62,
 }
 
 struct Format {
@@ -30,6 +55,7 @@ struct Format {
     charset: Charset,
     min: usize,
     max: usize,
+    check: Check,
 }
 
 const fn f(
@@ -45,72 +71,246 @@ const fn f(
         charset,
         min,
         max,
+        check: Check::None,
     }
 }
 
+const fn crc(kind: &'static str, prefix: &'static str) -> Format {
+    Format {
+        kind,
+        prefix,
+        charset: Charset::Alnum,
+        min: 36,
+        max: 36,
+        check: Check::Crc32Base62,
+    }
+}
+
+use Charset::*;
+
 /// Ordered so a longer, more specific prefix is tried before a shorter one it starts with.
 static FORMATS: &[Format] = &[
-    f(
-        "anthropic_api_key",
-        "sk-ant-api03-",
-        Charset::UrlSafe,
-        80,
-        120,
-    ),
-    f(
-        "anthropic_admin_key",
-        "sk-ant-admin01-",
-        Charset::UrlSafe,
-        80,
-        120,
-    ),
-    f("openai_project_key", "sk-proj-", Charset::UrlSafe, 40, 200),
+    // Model providers.
+    f("anthropic_api_key", "sk-ant-api03-", UrlSafe, 80, 120),
+    f("anthropic_admin_key", "sk-ant-admin01-", UrlSafe, 80, 120),
+    f("openrouter_api_key", "sk-or-v1-", LowerHex, 64, 64),
+    f("openai_project_key", "sk-proj-", UrlSafe, 40, 200),
     f(
         "openai_service_account_key",
         "sk-svcacct-",
-        Charset::UrlSafe,
+        UrlSafe,
         40,
         200,
     ),
-    f("openai_admin_key", "sk-admin-", Charset::UrlSafe, 40, 200),
-    f("stripe_secret_key", "sk_live_", Charset::Alnum, 24, 247),
+    f("openai_admin_key", "sk-admin-", UrlSafe, 40, 200),
+    f("stripe_secret_key", "sk_live_", Alnum, 24, 247),
+    f("stripe_test_secret_key", "sk_test_", Alnum, 24, 247),
+    f("stripe_restricted_key", "rk_live_", Alnum, 24, 247),
+    f("stripe_test_restricted_key", "rk_test_", Alnum, 24, 247),
+    f("stripe_webhook_secret", "whsec_", Alnum, 32, 64),
+    // `sk-` + 48 (legacy OpenAI) or 32 hex (DeepSeek and others that copied the shape).
+    f("openai_api_key", "sk-", UrlSafe, 32, 200),
+    f("google_api_key", "AIza", UrlSafe, 35, 35),
+    f("google_oauth_access_token", "ya29.", UrlSafeDot, 30, 2048),
+    f("groq_api_key", "gsk_", Alnum, 48, 60),
+    f("huggingface_token", "hf_", Alnum, 30, 40),
+    f("huggingface_org_token", "api_org_", Alnum, 30, 40),
+    f("replicate_token", "r8_", Alnum, 37, 40),
+    f("perplexity_api_key", "pplx-", Alnum, 40, 64),
+    f("xai_api_key", "xai-", Alnum, 70, 90),
+    f("together_api_key", "tgp_v1_", UrlSafe, 40, 50),
+    f("fireworks_api_key", "fw_", Alnum, 20, 40),
+    f("langsmith_api_key", "lsv2_pt_", UrlSafe, 40, 50),
+    f("langsmith_service_key", "lsv2_sk_", UrlSafe, 40, 50),
+    f("pinecone_api_key", "pcsk_", UrlSafe, 40, 100),
+    // Clouds.
+    f("aws_access_key_id", "AKIA", UpperAlnum, 16, 16),
+    f("aws_access_key_id", "ASIA", UpperAlnum, 16, 16),
+    f("alibaba_access_key_id", "LTAI", Alnum, 12, 20),
+    f("digitalocean_token", "dop_v1_", LowerHex, 64, 64),
+    f("digitalocean_oauth_token", "doo_v1_", LowerHex, 64, 64),
+    f("digitalocean_refresh_token", "dor_v1_", LowerHex, 64, 64),
+    f("heroku_api_key", "HRKU-", UrlSafe, 40, 70),
+    f("databricks_token", "dapi", LowerHexDash, 32, 36),
+    f("supabase_token", "sbp_", LowerHex, 40, 40),
+    f("supabase_secret_key", "sb_secret_", UrlSafe, 30, 60),
+    f("planetscale_token", "pscale_tkn_", UrlSafe, 32, 64),
+    f("planetscale_password", "pscale_pw_", UrlSafe, 32, 64),
+    f("vault_token", "hvs.", UrlSafe, 24, 250),
+    f("vault_batch_token", "hvb.", UrlSafe, 24, 250),
+    f("vault_recovery_token", "hvr.", UrlSafe, 24, 250),
+    f("doppler_token", "dp.pt.", Alnum, 40, 44),
+    f("doppler_token", "dp.st.", UrlSafeDot, 40, 64),
+    f("doppler_token", "dp.sa.", Alnum, 40, 44),
+    f("doppler_token", "dp.ct.", Alnum, 40, 44),
+    f("age_secret_key", "AGE-SECRET-KEY-1", UpperAlnum, 58, 58),
+    // Code hosting and registries.
+    f("github_fine_grained_pat", "github_pat_", UrlSafe, 70, 100),
+    crc("github_pat", "ghp_"),
+    crc("github_oauth_token", "gho_"),
+    crc("github_user_token", "ghu_"),
+    crc("github_server_token", "ghs_"),
+    crc("github_refresh_token", "ghr_"),
+    crc("npm_token", "npm_"),
+    f("gitlab_pat", "glpat-", UrlSafeDot, 20, 64),
+    f("gitlab_deploy_token", "gldt-", UrlSafe, 20, 64),
+    f("gitlab_runner_token", "glrt-", UrlSafeDot, 20, 64),
+    f("gitlab_ci_job_token", "glcbt-", UrlSafe, 20, 80),
+    f("gitlab_trigger_token", "glptt-", UrlSafe, 20, 64),
+    f("gitlab_feed_token", "glft-", UrlSafe, 20, 64),
+    f("gitlab_oauth_secret", "gloas-", UrlSafe, 20, 80),
     f(
-        "stripe_test_secret_key",
-        "sk_test_",
-        Charset::Alnum,
-        24,
-        247,
+        "gitlab_runner_registration_token",
+        "GR1348941",
+        UrlSafe,
+        20,
+        40,
     ),
-    f("stripe_restricted_key", "rk_live_", Charset::Alnum, 24, 247),
-    f("openai_api_key", "sk-", Charset::UrlSafe, 32, 200),
-    f("github_pat", "github_pat_", Charset::UrlSafe, 70, 100),
-    f("github_token", "ghp_", Charset::Alnum, 36, 36),
-    f("github_token", "gho_", Charset::Alnum, 36, 36),
-    f("github_token", "ghu_", Charset::Alnum, 36, 36),
-    f("github_token", "ghs_", Charset::Alnum, 36, 36),
-    f("github_token", "ghr_", Charset::Alnum, 36, 36),
-    f("gitlab_token", "glpat-", Charset::UrlSafe, 20, 64),
-    f("huggingface_token", "hf_", Charset::Alnum, 30, 40),
-    f("google_api_key", "AIza", Charset::UrlSafe, 35, 35),
-    f("aws_access_key_id", "AKIA", Charset::UpperAlnum, 16, 16),
-    f("aws_access_key_id", "ASIA", Charset::UpperAlnum, 16, 16),
-    f("slack_token", "xoxb-", Charset::UrlSafe, 20, 255),
-    f("slack_token", "xoxp-", Charset::UrlSafe, 20, 255),
-    f("slack_token", "xoxa-", Charset::UrlSafe, 20, 255),
-    f("npm_token", "npm_", Charset::Alnum, 36, 36),
-    f("pypi_token", "pypi-", Charset::UrlSafe, 50, 250),
-    f("vault_token", "hvs.", Charset::UrlSafe, 24, 250),
-    f("groq_api_key", "gsk_", Charset::Alnum, 48, 60),
-    f("replicate_token", "r8_", Charset::Alnum, 37, 40),
+    f("pypi_token", "pypi-", UrlSafe, 50, 250),
+    f("rubygems_api_key", "rubygems_", LowerHex, 48, 48),
+    f("dockerhub_pat", "dckr_pat_", UrlSafe, 27, 40),
+    // SaaS.
+    f("slack_bot_token", "xoxb-", UrlSafe, 20, 255),
+    f("slack_user_token", "xoxp-", UrlSafe, 20, 255),
+    f("slack_token", "xoxa-", UrlSafe, 20, 255),
+    f("slack_token", "xoxr-", UrlSafe, 20, 255),
+    f("slack_config_token", "xoxe.xoxp-", UrlSafe, 20, 255),
+    f("slack_refresh_token", "xoxe-", UrlSafe, 20, 255),
+    f("slack_app_token", "xapp-", UrlSafe, 20, 255),
+    f("twilio_api_key", "SK", LowerHex, 32, 32),
+    f("notion_token", "secret_", Alnum, 43, 43),
+    f("notion_token", "ntn_", Alnum, 40, 50),
+    f("linear_api_key", "lin_api_", Alnum, 40, 40),
+    f("linear_oauth_token", "lin_oauth_", LowerHex, 64, 64),
+    f("shopify_access_token", "shpat_", LowerHex, 32, 32),
+    f("shopify_custom_app_token", "shpca_", LowerHex, 32, 32),
+    f("shopify_private_app_token", "shppa_", LowerHex, 32, 32),
+    f("shopify_shared_secret", "shpss_", LowerHex, 32, 32),
+    f("atlassian_api_token", "ATATT3", UrlSafePad, 150, 250),
+    f("postman_api_key", "PMAK-", LowerHexDash, 59, 59),
+    f("mailgun_api_key", "key-", LowerHex, 32, 32),
+    f("square_access_token", "EAAA", UrlSafe, 60, 60),
+    f("square_access_token", "sq0atp-", UrlSafe, 22, 22),
+    f("square_oauth_secret", "sq0csp-", UrlSafe, 43, 43),
+    f("grafana_cloud_token", "glc_", UrlSafePad, 32, 400),
+    f("grafana_service_account_token", "glsa_", UrlSafe, 41, 41),
+    f("newrelic_user_key", "NRAK-", UpperAlnum, 27, 27),
+    f("sentry_user_token", "sntryu_", LowerHex, 64, 64),
+    f("sentry_org_token", "sntrys_", UrlSafePad, 60, 300),
+    f("figma_token", "figd_", UrlSafe, 40, 50),
+    f("typeform_token", "tfp_", UrlSafeDot, 40, 70),
 ];
+
+/// Base62 alphabet of GitHub's and npm's checksums.
+const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// `crc32(random)` in base62, left-padded with `0` to 6 characters.
+fn crc32_base62(random: &[u8]) -> [u8; 6] {
+    let mut n = crc32fast::hash(random);
+    let mut out = [b'0'; 6];
+    for slot in out.iter_mut().rev() {
+        *slot = BASE62[(n % 62) as usize];
+        n /= 62;
+    }
+    out
+}
+
+impl Check {
+    fn passes(self, body: &[u8]) -> bool {
+        match self {
+            Check::None => true,
+            Check::Crc32Base62 => {
+                let (random, sum) = body.split_at(body.len() - 6);
+                crc32_base62(random) == sum
+            }
+        }
+    }
+}
+
+/// Formats with inner structure a prefix table cannot express.
+fn structured(v: &str) -> Option<&'static str> {
+    let b = v.as_bytes();
+    let url_safe = |x: &[u8]| x.iter().all(|&c| UrlSafe.accepts(c));
+    // SendGrid: `SG.` + 22 + `.` + 43.
+    if let Some(rest) = v.strip_prefix("SG.")
+        && let Some((id, secret)) = rest.split_once('.')
+        && id.len() == 22
+        && secret.len() == 43
+        && url_safe(id.as_bytes())
+        && url_safe(secret.as_bytes())
+    {
+        return Some("sendgrid_api_key");
+    }
+    // Mailchimp: 32 hex + `-us` + datacenter number.
+    if b.len() >= 36
+        && b.len() <= 38
+        && b[..32].iter().all(|&c| LowerHex.accepts(c))
+        && v[32..]
+            .strip_prefix("-us")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()))
+    {
+        return Some("mailchimp_api_key");
+    }
+    // Azure AD (Entra ID) client secret: 3 characters, a digit, `Q~`, then 31 to 34.
+    if (37..=40).contains(&b.len())
+        && b[3].is_ascii_digit()
+        && &b[4..6] == b"Q~"
+        && b.iter()
+            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'~' | b'.' | b'-'))
+    {
+        return Some("azure_ad_client_secret");
+    }
+    // Terraform Cloud / HCP: 14 + `.atlasv1.` + 60 or more.
+    if b.len() >= 83
+        && &b[14..23] == b".atlasv1."
+        && let Some((id, secret)) = v.split_once(".atlasv1.")
+        && id.len() == 14
+        && secret.len() >= 60
+        && id.bytes().all(|c| c.is_ascii_alphanumeric())
+        && url_safe(secret.as_bytes())
+    {
+        return Some("terraform_cloud_token");
+    }
+    // Airtable personal access token: `pat` + 14 + `.` + 64 hex.
+    if let Some(rest) = v.strip_prefix("pat")
+        && let Some((id, secret)) = rest.split_once('.')
+        && id.len() == 14
+        && secret.len() == 64
+        && id.bytes().all(|c| c.is_ascii_alphanumeric())
+        && secret.bytes().all(|c| LowerHex.accepts(c))
+    {
+        return Some("airtable_pat");
+    }
+    // A PEM private key (RSA, EC, OpenSSH, PKCS#8, encrypted or not).
+    if v.starts_with("-----BEGIN ") && v.contains("PRIVATE KEY-----") {
+        return Some("private_key_pem");
+    }
+    None
+}
+
+/// Indexes into [`FORMATS`] by the first byte of the prefix, in table order, so a value is
+/// only compared with the few formats that can match it (a typical header value with none).
+static BY_FIRST_BYTE: std::sync::LazyLock<Vec<Vec<u8>>> = std::sync::LazyLock::new(|| {
+    let mut index = vec![Vec::new(); 128];
+    for (i, fmt) in FORMATS.iter().enumerate() {
+        let i = u8::try_from(i).expect("fewer than 256 formats");
+        index[usize::from(fmt.prefix.as_bytes()[0] & 0x7f)].push(i);
+    }
+    index
+});
 
 /// The credential type of a value that is exactly one known token, if any.
 pub fn classify(v: &str) -> Option<&'static str> {
     let b = v.as_bytes();
-    for fmt in FORMATS {
+    let candidates = match b.first() {
+        Some(&c) if c < 128 => BY_FIRST_BYTE[usize::from(c)].as_slice(),
+        _ => &[],
+    };
+    for fmt in candidates.iter().map(|&i| &FORMATS[usize::from(i)]) {
         if let Some(rest) = b.strip_prefix(fmt.prefix.as_bytes())
             && (fmt.min..=fmt.max).contains(&rest.len())
             && rest.iter().all(|&c| fmt.charset.accepts(c))
+            && fmt.check.passes(rest)
         {
             return Some(fmt.kind);
         }
@@ -118,7 +318,24 @@ pub fn classify(v: &str) -> Option<&'static str> {
     if is_jwt(v) {
         return Some("jwt");
     }
-    None
+    structured(v)
+}
+
+/// Every credential type this table knows, for the corpus and docs.
+pub fn known_types() -> Vec<&'static str> {
+    let mut v: Vec<&'static str> = FORMATS.iter().map(|f| f.kind).collect();
+    v.extend([
+        "jwt",
+        "sendgrid_api_key",
+        "mailchimp_api_key",
+        "azure_ad_client_secret",
+        "terraform_cloud_token",
+        "airtable_pat",
+        "private_key_pem",
+    ]);
+    v.sort_unstable();
+    v.dedup();
+    v
 }
 
 /// A compact JWS: three base64url parts, the first two JSON objects (`eyJ`).
@@ -168,14 +385,48 @@ pub fn is_placeholder(v: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// A token of `fmt`'s shape: its prefix, then `min` characters of its charset (with a
+    /// valid checksum where it has one).
+    fn sample(fmt: &Format, seed: usize) -> String {
+        let pool: Vec<u8> = (0u8..=127).filter(|&c| fmt.charset.accepts(c)).collect();
+        let mut body: Vec<u8> = (0..fmt.min)
+            .map(|i| pool[(i * 7 + seed * 13 + i * i) % pool.len()])
+            .collect();
+        if let Check::Crc32Base62 = fmt.check {
+            let n = body.len() - 6;
+            let sum = crc32_base62(&body[..n]);
+            body[n..].copy_from_slice(&sum);
+        }
+        format!("{}{}", fmt.prefix, String::from_utf8(body).unwrap())
+    }
+
+    #[test]
+    fn every_format_is_reachable_and_named() {
+        for (i, fmt) in FORMATS.iter().enumerate() {
+            let v = sample(fmt, i);
+            assert_eq!(classify(&v), Some(fmt.kind), "{v} is shadowed");
+        }
+        assert!(known_types().len() >= 90, "{}", known_types().len());
+    }
+
+    #[test]
+    fn github_and_npm_checksums_are_verified() {
+        // The 30 random characters of a real-shaped token, checksummed as GitHub does.
+        let random = "16C7e42F292c6912E7710c838347Ae";
+        let sum = String::from_utf8(crc32_base62(random.as_bytes()).to_vec()).unwrap();
+        let token = format!("ghp_{random}{sum}");
+        assert_eq!(classify(&token), Some("github_pat"));
+        assert_eq!(classify(&format!("npm_{random}{sum}")), Some("npm_token"));
+        // One character off: not a GitHub token (and not flagged as one).
+        let mut bad = token.clone().into_bytes();
+        bad[10] = if bad[10] == b'a' { b'b' } else { b'a' };
+        assert_eq!(classify(std::str::from_utf8(&bad).unwrap()), None);
+    }
+
     #[test]
     fn known_formats() {
         let proj = format!("sk-proj-{}", "aB3_".repeat(12));
         assert_eq!(classify(&proj), Some("openai_project_key"));
-        assert_eq!(
-            classify(&format!("ghp_{}", "a1B2".repeat(9))),
-            Some("github_token")
-        );
         assert_eq!(classify("AKIAIOSFODNN7EXAMPLE"), Some("aws_access_key_id"));
         assert_eq!(
             classify(&format!("hf_{}", "abcDEF1234".repeat(3) + "wxyz")),
@@ -187,14 +438,51 @@ mod tests {
             ),
             Some("jwt")
         );
+        assert_eq!(
+            classify(&format!(
+                "SG.{}.{}",
+                "a".repeat(22),
+                "B1-_".repeat(10) + "xyz"
+            )),
+            Some("sendgrid_api_key")
+        );
+        assert_eq!(
+            classify(&format!("{}-us21", "0123456789abcdef".repeat(2))),
+            Some("mailchimp_api_key")
+        );
+        assert_eq!(
+            classify("abc8Q~defghijklmnopqrstuvwxyz0123456789"),
+            Some("azure_ad_client_secret")
+        );
+        assert_eq!(
+            classify(
+                "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----"
+            ),
+            Some("private_key_pem")
+        );
+        assert_eq!(
+            classify(&format!("sk-or-v1-{}", "0123456789abcdef".repeat(4))),
+            Some("openrouter_api_key")
+        );
     }
 
     #[test]
     fn look_alikes_pass() {
-        assert_eq!(classify("sk-short"), None);
-        assert_eq!(classify("550e8400-e29b-41d4-a716-446655440000"), None);
-        assert_eq!(classify("da39a3ee5e6b4b0d3255bfef95601890afd80709"), None);
-        assert_eq!(classify("pk_live_abcdefghijklmnopqrstuvwx"), None);
+        for benign in [
+            "sk-short",
+            "550e8400-e29b-41d4-a716-446655440000",
+            "da39a3ee5e6b4b0d3255bfef95601890afd80709",
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+            "pk_live_abcdefghijklmnopqrstuvwx",
+            "pk_test_51HxYzAbCdEfGhIjKlMnOpQrStUvWx",
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----",
+            "-----BEGIN PUBLIC KEY-----\nMFkw\n-----END PUBLIC KEY-----",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "W/\"33a64df551425fcc55e4d42a148795d9f25f89d4\"",
+            "text/html; charset=utf-8",
+        ] {
+            assert_eq!(classify(benign), None, "{benign}");
+        }
         assert!(is_placeholder("${OPENAI_API_KEY}"));
         assert!(is_placeholder("<your-key>"));
         assert!(is_placeholder("sk-..."));

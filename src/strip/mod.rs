@@ -13,7 +13,7 @@ use http::{HeaderMap, HeaderName};
 use percent_encoding::percent_decode_str;
 use serde::Serialize;
 
-pub use formats::{classify, is_placeholder};
+pub use formats::{classify, is_placeholder, known_types};
 
 use crate::config::StripMode;
 use crate::fingerprint::Fingerprinter;
@@ -28,6 +28,11 @@ const API_KEY_HEADERS: &[&str] = &[
     "x-auth-token",
     "x-access-token",
     "openai-api-key",
+    "dd-api-key",
+    "dd-application-key",
+    "ocp-apim-subscription-key",
+    "x-functions-key",
+    "x-shopify-access-token",
 ];
 
 /// Query parameter names that carry credentials by convention (compared lowercase).
