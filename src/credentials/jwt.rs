@@ -17,6 +17,7 @@ use secrecy::SecretString;
 use serde::Serialize;
 
 use super::CredentialError;
+use super::files::{FileStamp, stamp_of};
 use super::keys::{Allow, SigningKey};
 
 /// Where a `jwt` credential's signing key comes from.
@@ -136,12 +137,12 @@ struct KeyRing {
     since: Instant,
     /// Retired public keys and until when they are published.
     retired: Vec<(serde_json::Value, Instant)>,
-    /// Modification time and length of the key file the current key came from.
-    stamp: Option<(SystemTime, u64)>,
+    /// Stamp of the key file the current key came from.
+    stamp: FileStamp,
 }
 
 impl KeyRing {
-    fn new(key: SigningKey, now: Instant, stamp: Option<(SystemTime, u64)>) -> Self {
+    fn new(key: SigningKey, now: Instant, stamp: FileStamp) -> Self {
         let header =
             serde_json::json!({ "alg": key.alg(), "typ": "txntoken+jwt", "kid": key.kid() });
         KeyRing {
@@ -175,12 +176,6 @@ impl std::fmt::Debug for JwtMinter {
     }
 }
 
-fn file_stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
-    std::fs::metadata(path)
-        .ok()
-        .map(|m| (m.modified().unwrap_or(UNIX_EPOCH), m.len()))
-}
-
 fn load_key(path: &std::path::Path) -> Result<SigningKey, String> {
     let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     SigningKey::from_pem(&pem, Allow::EdOrEc).map_err(|e| format!("signing_key {e}"))
@@ -193,7 +188,7 @@ impl JwtMinter {
         let (key, stamp) = match &spec.key {
             KeySource::Generated { .. } => (SigningKey::generate_ed25519().map_err(bad)?, None),
             KeySource::File(path) => {
-                let stamp = file_stamp(path);
+                let stamp = stamp_of(path);
                 (load_key(path).map_err(bad)?, stamp)
             }
         };
@@ -235,7 +230,7 @@ impl JwtMinter {
 
     /// Make `key` the signing key; the replaced key stays published until the tokens it
     /// signed have expired (plus verifier leeway).
-    fn rotate_at(&self, key: SigningKey, now: Instant, stamp: Option<(SystemTime, u64)>) {
+    fn rotate_at(&self, key: SigningKey, now: Instant, stamp: FileStamp) {
         let mut guard = self.ring.write().expect("key ring lock");
         let old = guard.clone();
         let mut next = KeyRing::new(key, now, stamp);
@@ -255,6 +250,17 @@ impl JwtMinter {
         *guard = Arc::new(next);
     }
 
+    /// Whether the key can change: a key file, or a generated key with `rotate_every`.
+    pub fn rotates(&self) -> bool {
+        matches!(
+            self.source,
+            KeySource::File(_)
+                | KeySource::Generated {
+                    rotate_every: Some(_)
+                }
+        )
+    }
+
     /// Rotate if the key file changed or the generated key is due. A key file that cannot
     /// be read or parsed leaves the current key in place.
     pub fn maybe_rotate(&self) {
@@ -269,7 +275,7 @@ impl JwtMinter {
                 }
             },
             KeySource::File(path) => {
-                let stamp = file_stamp(path);
+                let stamp = stamp_of(path);
                 if stamp.is_none() || stamp == ring.stamp {
                     return;
                 }

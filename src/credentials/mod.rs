@@ -2,11 +2,13 @@
 //! injected. Failure is closed: the pipeline forwards nothing without its credential.
 
 mod cache;
+mod files;
 mod jwt;
 mod keys;
 mod oauth;
 
 use std::collections::BTreeMap;
+use std::fmt::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -20,6 +22,7 @@ pub use oauth::{ClientAuth, Exchange, Grant, OAuthSpec, TOKEN_TYPE_JWT, TokenPar
 
 use crate::fingerprint::Fingerprinter;
 use crate::metrics::{CacheLabels, FetchLabels, FlagLabels, Metrics};
+use files::{FileStamp, stamp_of};
 
 /// Where a static secret comes from.
 #[derive(Debug, Clone)]
@@ -118,14 +121,6 @@ struct StaticCred {
     current: RwLock<Arc<StaticValue>>,
 }
 
-type FileStamp = Option<(SystemTime, u64)>;
-
-fn stamp_of(path: &std::path::Path) -> FileStamp {
-    std::fs::metadata(path)
-        .ok()
-        .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
-}
-
 /// A token file (subject token) whose changes start a new generation of cached tokens: a
 /// token exchanged for the previous subject token is not handed out after a rotation.
 struct WatchedFile {
@@ -183,30 +178,23 @@ impl std::fmt::Debug for Credentials {
 }
 
 fn read_static(source: &StaticSource, fp: &Fingerprinter) -> Result<StaticValue, CredentialError> {
-    let (raw, stamp) = match source {
-        StaticSource::Env(var) => (
-            std::env::var(var).map_err(|_| {
+    let (value, stamp) = match source {
+        StaticSource::Env(var) => {
+            let raw = std::env::var(var).map_err(|_| {
                 CredentialError::Unavailable(format!("environment variable {var} is not set"))
-            })?,
-            None,
-        ),
-        StaticSource::File(path) => {
-            let stamp = stamp_of(path);
-            let raw = std::fs::read_to_string(path).map_err(|e| {
-                CredentialError::Unavailable(format!("cannot read {}: {e}", path.display()))
             })?;
-            (raw, stamp)
+            (files::nonempty_secret(&raw, "static secret"), None)
         }
+        // Stamp first: a change while reading is then seen by the next check.
+        StaticSource::File(path) => (
+            files::read_secret_file(path, "static secret"),
+            stamp_of(path),
+        ),
     };
-    let value = raw.trim_end_matches(['\n', '\r']).to_string();
-    if value.is_empty() {
-        return Err(CredentialError::Unavailable(
-            "the static secret is empty".into(),
-        ));
-    }
+    let value = value.map_err(CredentialError::Unavailable)?;
     Ok(StaticValue {
-        fingerprint: fp.fingerprint(value.as_bytes()),
-        value: SecretString::from(value),
+        fingerprint: fp.fingerprint(value.expose_secret().as_bytes()),
+        value,
         stamp,
     })
 }
@@ -372,7 +360,7 @@ impl Credentials {
             .as_ref()
             .map_or(0, |w| w.generation.load(Ordering::Acquire));
         let mut key = String::with_capacity(64);
-        key.push_str(&generation.to_string());
+        write!(key, "{generation}").expect("writing to a String");
         for part in [params.audience.unwrap_or(""), params.resource.unwrap_or("")] {
             key.push('\0');
             key.push_str(part);
@@ -455,6 +443,14 @@ impl Credentials {
 
     /// Check for changed files every `every`.
     pub fn spawn_file_watch(self: &Arc<Self>, every: Duration) {
+        let needed = self.providers.values().any(|p| match p {
+            Provider::Static(s) => matches!(s.source, StaticSource::File(_)),
+            Provider::Jwt(m) => m.rotates(),
+            Provider::OAuth(o) => o.subject.is_some(),
+        });
+        if !needed {
+            return;
+        }
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);

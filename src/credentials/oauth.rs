@@ -22,6 +22,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+use super::files::{FileStamp, read_secret_file, stamp_of};
 use super::keys::{Allow, SigningKey};
 
 /// RFC 8693 §3 token type of a JWT.
@@ -230,18 +231,10 @@ pub fn skew(lifetime: Duration) -> Duration {
 }
 
 fn read_secret(path: &Path, what: &str) -> Result<SecretString, Failure> {
-    let raw = std::fs::read_to_string(path).map_err(|e| Failure {
+    read_secret_file(path, what).map_err(|message| Failure {
         kind: "local",
-        message: format!("cannot read the {what} file {}: {e}", path.display()),
-    })?;
-    let v = raw.trim_end_matches(['\n', '\r']);
-    if v.is_empty() {
-        return Err(Failure {
-            kind: "local",
-            message: format!("the {what} file {} is empty", path.display()),
-        });
-    }
-    Ok(SecretString::from(v.to_string()))
+        message,
+    })
 }
 
 /// A client certificate read from files, re-read when either file changes, so a renewed
@@ -254,12 +247,8 @@ struct FileClientCert {
     current: RwLock<(CertStamps, Arc<rustls::sign::CertifiedKey>)>,
 }
 
-/// Modification times of the certificate and key files.
-type CertStamps = Option<(SystemTime, SystemTime)>;
-
-fn mtime(p: &Path) -> Option<SystemTime> {
-    std::fs::metadata(p).ok()?.modified().ok()
-}
+/// Stamps of the certificate and key files.
+type CertStamps = (FileStamp, FileStamp);
 
 fn load_cert(
     cert: &Path,
@@ -284,7 +273,7 @@ impl FileClientCert {
         key_file: PathBuf,
         provider: Arc<rustls::crypto::CryptoProvider>,
     ) -> Result<Self, String> {
-        let stamps = mtime(&cert_file).zip(mtime(&key_file));
+        let stamps = (stamp_of(&cert_file), stamp_of(&key_file));
         let ck = load_cert(&cert_file, &key_file, &provider)?;
         Ok(FileClientCert {
             cert_file,
@@ -301,10 +290,11 @@ impl rustls::client::ResolvesClientCert for FileClientCert {
         _hints: &[&[u8]],
         _schemes: &[rustls::SignatureScheme],
     ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        let stamps = mtime(&self.cert_file).zip(mtime(&self.key_file));
+        let stamps = (stamp_of(&self.cert_file), stamp_of(&self.key_file));
         {
             let cur = self.current.read().ok()?;
-            if stamps.is_none() || cur.0 == stamps {
+            // A missing file (mid-renewal) keeps the current pair.
+            if stamps.0.is_none() || stamps.1.is_none() || cur.0 == stamps {
                 return Some(cur.1.clone());
             }
         }
