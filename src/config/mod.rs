@@ -731,7 +731,16 @@ impl Validator<'_> {
                             d
                         }),
                     },
-                    (Some(f), None) => KeySource::File(self.path(f)),
+                    (Some(f), None) => {
+                        let path = self.path(f);
+                        // A generated key cannot be bad: nothing to check, no throwaway key.
+                        self.signing_key(
+                            &at("signing_key"),
+                            &path,
+                            crate::credentials::Allow::EdOrEc,
+                        );
+                        KeySource::File(path)
+                    }
                 };
                 let spec = JwtSpec {
                     name: name.to_string(),
@@ -739,69 +748,21 @@ impl Validator<'_> {
                     issuer: issuer.clone().unwrap_or_else(|| identity.id.clone()),
                     key,
                 };
-                // Load a configured key now so a bad key is a config error, not a failure per
-                // request. (A generated key cannot be bad: nothing to check, no throwaway key.)
-                if matches!(spec.key, KeySource::File(_))
-                    && let Err(e) = crate::credentials::JwtMinter::new(&spec)
-                {
-                    let e = e.to_string();
-                    let e = e
-                        .strip_prefix(&format!("credential `{name}`: "))
-                        .unwrap_or(&e);
-                    self.err(&at("signing_key"), e);
-                    return None;
-                }
                 Some(CredentialSpec::Jwt(spec))
             }
-            CredentialConfig::ClientCredentials {
-                token_url,
-                client_id,
-                auth_method,
-                client_secret_file,
-                client_key_file,
-                client_cert_file,
-                assertion_audience,
-                timeout,
-            } => {
-                let ep = self.endpoint(
-                    p,
-                    EndpointFields {
-                        token_url,
-                        client_id,
-                        auth_method: auth_method.as_deref(),
-                        client_secret_file: client_secret_file.as_deref(),
-                        client_key_file: client_key_file.as_deref(),
-                        client_cert_file: client_cert_file.as_deref(),
-                        assertion_audience: assertion_audience.as_deref(),
-                        timeout: timeout.as_deref(),
-                        allow_none: false,
-                    },
-                )?;
-                Some(CredentialSpec::OAuth(Box::new(
-                    crate::credentials::OAuthSpec {
-                        name: name.to_string(),
-                        token_url: ep.0,
-                        client_id: client_id.clone(),
-                        auth: ep.1,
-                        grant: crate::credentials::Grant::ClientCredentials,
-                        timeout: ep.2,
-                    },
-                )))
-            }
+            CredentialConfig::ClientCredentials { .. } => self.oauth(
+                p,
+                name,
+                EndpointFields::of(c)?,
+                Some(crate::credentials::Grant::ClientCredentials),
+            ),
             CredentialConfig::TokenExchange {
-                token_url,
-                client_id,
-                auth_method,
-                client_secret_file,
-                client_key_file,
-                client_cert_file,
-                assertion_audience,
                 subject_token_file,
                 subject_token_type,
                 actor_token_file,
                 actor_token_type,
                 requested_token_type,
-                timeout,
+                ..
             } => {
                 let subject = match subject_token_file
                     .as_deref()
@@ -853,37 +814,15 @@ impl Validator<'_> {
                 if requested_token_type.is_some() {
                     token_type(self, "requested_token_type", requested_token_type);
                 }
-                let ep = self.endpoint(
-                    p,
-                    EndpointFields {
-                        token_url,
-                        client_id,
-                        auth_method: auth_method.as_deref(),
-                        client_secret_file: client_secret_file.as_deref(),
-                        client_key_file: client_key_file.as_deref(),
-                        client_cert_file: client_cert_file.as_deref(),
-                        assertion_audience: assertion_audience.as_deref(),
-                        timeout: timeout.as_deref(),
-                        allow_none: true,
-                    },
-                )?;
-                Some(CredentialSpec::OAuth(Box::new(
-                    crate::credentials::OAuthSpec {
-                        name: name.to_string(),
-                        token_url: ep.0,
-                        client_id: client_id.clone(),
-                        auth: ep.1,
-                        grant: crate::credentials::Grant::TokenExchange(
-                            crate::credentials::Exchange {
-                                subject_token_file: subject?,
-                                subject_token_type,
-                                actor,
-                                requested_token_type: requested_token_type.clone(),
-                            },
-                        ),
-                        timeout: ep.2,
-                    },
-                )))
+                let grant = subject.map(|subject_token_file| {
+                    crate::credentials::Grant::TokenExchange(crate::credentials::Exchange {
+                        subject_token_file,
+                        subject_token_type,
+                        actor,
+                        requested_token_type: requested_token_type.clone(),
+                    })
+                });
+                self.oauth(p, name, EndpointFields::of(c)?, grant)
             }
             CredentialConfig::Static {
                 from_env,
@@ -922,12 +861,29 @@ impl Validator<'_> {
         }
     }
 
-    /// Token URL, client authentication and timeout, shared by both OAuth kinds.
-    fn endpoint(
+    /// Read and parse a PEM signing key now, so a bad key is a config error at `at`, not a
+    /// failure on every request.
+    fn signing_key(&mut self, at: &[Seg<'_>], path: &Path, allow: crate::credentials::Allow) {
+        match std::fs::read(path) {
+            Err(e) => self.err(at, format!("cannot read {}: {e}", path.display())),
+            Ok(pem) => {
+                if let Err(e) = crate::credentials::SigningKey::from_pem(&pem, allow) {
+                    self.err(at, e);
+                }
+            }
+        }
+    }
+
+    /// A token-endpoint credential: token URL, client authentication and timeout, shared by
+    /// both OAuth kinds, with the grant (`None` when its own keys had errors, already
+    /// reported).
+    fn oauth(
         &mut self,
         p: &[Seg<'_>],
+        name: &str,
         f: EndpointFields<'_>,
-    ) -> Option<(http::Uri, crate::credentials::ClientAuth, Duration)> {
+        grant: Option<crate::credentials::Grant>,
+    ) -> Option<CredentialSpec> {
         use crate::credentials::ClientAuth;
         let at = |k: &'static str| -> Vec<Seg<'_>> {
             let mut v = p.to_vec();
@@ -1004,20 +960,15 @@ impl Validator<'_> {
                 "client_secret_post",
             )?),
             "private_key_jwt" => {
-                let key_file = file(
-                    self,
-                    "client_key_file",
-                    f.client_key_file,
-                    "private_key_jwt",
-                )?;
-                if let Ok(pem) = std::fs::read(&key_file)
-                    && let Err(e) = crate::credentials::SigningKey::from_pem(
-                        &pem,
-                        crate::credentials::Allow::AnyIncludingRsa,
-                    )
-                {
-                    self.err(&at("client_key_file"), e);
-                }
+                let Some(key_file) = f.client_key_file.map(|k| self.path(k)) else {
+                    self.err(p, "private_key_jwt needs client_key_file");
+                    return None;
+                };
+                self.signing_key(
+                    &at("client_key_file"),
+                    &key_file,
+                    crate::credentials::Allow::AnyIncludingRsa,
+                );
                 ClientAuth::PrivateKeyJwt {
                     key_file,
                     audience: f
@@ -1047,7 +998,16 @@ impl Validator<'_> {
             }
         };
         let timeout = self.duration(&at("timeout"), f.timeout, Duration::from_secs(2));
-        Some((url?, auth, timeout))
+        Some(CredentialSpec::OAuth(Box::new(
+            crate::credentials::OAuthSpec {
+                name: name.to_string(),
+                token_url: url?,
+                client_id: f.client_id.to_string(),
+                auth,
+                grant: grant?,
+                timeout,
+            },
+        )))
     }
 
     fn route(
@@ -1228,6 +1188,46 @@ struct EndpointFields<'a> {
     timeout: Option<&'a str>,
     /// Token exchange may use a public client.
     allow_none: bool,
+}
+
+impl<'a> EndpointFields<'a> {
+    /// The shared keys of a `client_credentials` or `token_exchange` credential.
+    fn of(c: &'a CredentialConfig) -> Option<Self> {
+        match c {
+            CredentialConfig::ClientCredentials {
+                token_url,
+                client_id,
+                auth_method,
+                client_secret_file,
+                client_key_file,
+                client_cert_file,
+                assertion_audience,
+                timeout,
+            }
+            | CredentialConfig::TokenExchange {
+                token_url,
+                client_id,
+                auth_method,
+                client_secret_file,
+                client_key_file,
+                client_cert_file,
+                assertion_audience,
+                timeout,
+                ..
+            } => Some(EndpointFields {
+                token_url,
+                client_id,
+                auth_method: auth_method.as_deref(),
+                client_secret_file: client_secret_file.as_deref(),
+                client_key_file: client_key_file.as_deref(),
+                client_cert_file: client_cert_file.as_deref(),
+                assertion_audience: assertion_audience.as_deref(),
+                timeout: timeout.as_deref(),
+                allow_none: matches!(c, CredentialConfig::TokenExchange { .. }),
+            }),
+            CredentialConfig::Jwt { .. } | CredentialConfig::Static { .. } => None,
+        }
+    }
 }
 
 /// `localhost` or a loopback IP literal.
