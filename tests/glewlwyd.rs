@@ -121,9 +121,5 @@ log:
             .iter()
             .all(|l| l["credential"]["kind"] == "client_credentials")
     );
-    let out = sc.output();
-    let (_, metrics) = admin_get(sc.admin, "/metrics");
-    for secret in [read.as_str(), write.as_str(), CLIENT_SECRET] {
-        assert!(!out.contains(secret) && !metrics.contains(secret));
-    }
+    sc.assert_never_shows(&[&read, &write, CLIENT_SECRET]);
 }

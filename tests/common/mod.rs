@@ -351,6 +351,18 @@ impl Sidecar {
         )
     }
 
+    /// Assert that none of `secrets` appears in anything the sidecar printed (purpose log,
+    /// diagnostics) or serves on `/metrics`.
+    #[allow(dead_code)]
+    pub fn assert_never_shows(&self, secrets: &[&str]) {
+        let out = self.output();
+        let (_, metrics) = admin_get(self.admin, "/metrics");
+        for (i, secret) in secrets.iter().enumerate() {
+            assert!(!out.contains(secret), "secret #{i} reached the output");
+            assert!(!metrics.contains(secret), "secret #{i} reached /metrics");
+        }
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
