@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::Body;
@@ -176,7 +177,7 @@ impl Upstream {
     pub async fn send(
         &self,
         parts: http::request::Parts,
-        body: Incoming,
+        body: OutBody,
     ) -> Result<(Response<Incoming>, Duration), Rejection> {
         let start = Instant::now();
         let deadline = tokio::time::Instant::now() + self.request_timeout;
@@ -189,27 +190,37 @@ impl Upstream {
                 ),
             )
         };
-        let replayable = body
-            .size_hint()
-            .exact()
-            .is_some_and(|n| n <= REPLAY_MAX_BYTES);
-        if !replayable {
-            let req = Request::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
-            return match tokio::time::timeout_at(deadline, self.client.request(req)).await {
-                Ok(Ok(resp)) => Ok((resp, start.elapsed())),
-                Ok(Err(e)) => Err(Rejection::new(ErrorCode::UpstreamUnreachable, describe(&e))),
-                Err(_) => Err(timed_out()),
-            };
-        }
-        let bytes = match tokio::time::timeout_at(deadline, body.collect()).await {
-            Ok(Ok(c)) => c.to_bytes(),
-            Ok(Err(e)) => {
-                return Err(Rejection::new(
-                    ErrorCode::BadRequest,
-                    format!("reading the request body failed: {e}"),
-                ));
+        let streamed = match body {
+            OutBody::Buffered(b) => Err(b),
+            OutBody::Prefixed(head, rest) => Ok(Prefixed {
+                head: Some(head),
+                rest,
             }
-            Err(_) => return Err(timed_out()),
+            .boxed_unsync()),
+            OutBody::Stream(b) if b.size_hint().exact().is_some_and(|n| n <= REPLAY_MAX_BYTES) => {
+                match tokio::time::timeout_at(deadline, b.collect()).await {
+                    Ok(Ok(c)) => Err(c.to_bytes()),
+                    Ok(Err(e)) => {
+                        return Err(Rejection::new(
+                            ErrorCode::BadRequest,
+                            format!("reading the request body failed: {e}"),
+                        ));
+                    }
+                    Err(_) => return Err(timed_out()),
+                }
+            }
+            OutBody::Stream(b) => Ok(b.map_err(BoxError::from).boxed_unsync()),
+        };
+        let bytes = match streamed {
+            Err(bytes) => bytes,
+            Ok(body) => {
+                let req = Request::from_parts(parts, body);
+                return match tokio::time::timeout_at(deadline, self.client.request(req)).await {
+                    Ok(Ok(resp)) => Ok((resp, start.elapsed())),
+                    Ok(Err(e)) => Err(Rejection::new(ErrorCode::UpstreamUnreachable, describe(&e))),
+                    Err(_) => Err(timed_out()),
+                };
+            }
         };
         let mut attempt = 0;
         loop {
@@ -233,6 +244,65 @@ impl Upstream {
                 Err(_) => return Err(timed_out()),
             }
         }
+    }
+}
+
+/// A request body on its way upstream.
+#[derive(Debug)]
+pub enum OutBody {
+    /// As the client sends it.
+    Stream(Incoming),
+    /// Read whole (inspected, perhaps rewritten); sent with its exact length.
+    Buffered(Bytes),
+    /// The first bytes, read for inspection before the body proved larger than the limit;
+    /// the rest still comes from the client.
+    Prefixed(Bytes, Incoming),
+}
+
+/// What [`read_up_to`] got.
+#[derive(Debug)]
+pub enum BodyRead {
+    /// The whole body, at most the limit.
+    Whole(Bytes),
+    /// More than the limit: what was read, and the rest of the stream.
+    Partial(Bytes, Incoming),
+}
+
+/// Read a request body until it ends or passes `max` bytes. Trailers are not kept (request
+/// trailers are all but unused by HTTP APIs; a buffered body is sent with a length).
+pub async fn read_up_to(mut body: Incoming, max: usize) -> Result<BodyRead, hyper::Error> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            buf.extend_from_slice(&data);
+            if buf.len() > max {
+                return Ok(BodyRead::Partial(buf.freeze(), body));
+            }
+        }
+    }
+    Ok(BodyRead::Whole(buf.freeze()))
+}
+
+/// A body that yields bytes already read, then the rest of the client's stream.
+struct Prefixed {
+    head: Option<Bytes>,
+    rest: Incoming,
+}
+
+impl Body for Prefixed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        if let Some(head) = self.head.take() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(head))));
+        }
+        Pin::new(&mut self.rest)
+            .poll_frame(cx)
+            .map_err(BoxError::from)
     }
 }
 

@@ -22,7 +22,7 @@ use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header::{HOST, HeaderValue};
+use http::header::{CONTENT_LENGTH, HOST, HeaderValue, TRANSFER_ENCODING};
 use http::{Method, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -33,12 +33,13 @@ use crate::config::{Identity, StripMode, Timeouts};
 use crate::credentials::{Credentials, MintRequest};
 use crate::error::{BoxError, ErrorCode, ProxyBody, Rejection, full};
 use crate::fingerprint::Fingerprinter;
-use crate::forward::{self, Upstream};
+use crate::forward::{self, OutBody, Upstream};
 use crate::identify::{self, Caller, REQUEST_ID_HEADER, UNSPECIFIED_PURPOSE};
 use crate::metrics::{CredentialLabels, Metrics, RequestLabels, RouteLabels, StrippedLabels};
 use crate::policy::{Guardrails, PolicyEngine, PolicyInput};
 use crate::purpose_log::{CredentialLog, PurposeLog, Record};
-use crate::route::{RouteTable, Target};
+use crate::route::{InjectInto, RouteTable, Target};
+use crate::strip::BodyPlan;
 use crate::{accept, strip, tunnel};
 
 /// Everything the stages need, built once from the configuration. Each worker thread has its
@@ -57,6 +58,8 @@ pub struct Pipeline {
     pub fingerprinter: Fingerprinter,
     /// Global strip mode.
     pub strip_mode: StripMode,
+    /// Largest request body inspected for embedded secrets.
+    pub body_max_bytes: usize,
     /// Purpose log.
     pub log: PurposeLog,
     /// Metrics.
@@ -208,23 +211,46 @@ impl Pipeline {
             target.query.as_deref(),
             userinfo.as_deref(),
         );
-        self.count_findings(&report.findings);
-        rec.stripped = report.findings.clone();
-        if mode == StripMode::Block && !report.findings.is_empty() {
-            let places: Vec<String> = report
-                .findings
+        let (mut body, body_findings) = self.read_body(&parts.headers, body, rec).await?;
+        let mut findings = report.findings;
+        findings.extend(body_findings.iter().map(|f| f.finding.clone()));
+        self.count_findings(&findings);
+        rec.stripped = findings.clone();
+        let body_field = route.and_then(|r| match &r.inject.into {
+            InjectInto::BodyField(f) if r.credential.is_some() => Some(f.as_str()),
+            _ => None,
+        });
+        // A secret in a body cannot be cut out without changing what the request says; in
+        // strip mode it is replaced when the route's credential goes into that very field,
+        // and otherwise refused rather than forwarded.
+        let refused: Vec<&strip::Finding> = match mode {
+            StripMode::Block => findings.iter().collect(),
+            StripMode::Strip => body_findings
+                .iter()
+                .filter(|f| body_field != Some(f.field.as_str()))
+                .map(|f| &f.finding)
+                .collect(),
+            StripMode::Report => Vec::new(),
+        };
+        if !refused.is_empty() {
+            let places: Vec<String> = refused
                 .iter()
                 .map(|f| format!("{} in {}", f.kind, f.location))
                 .collect();
+            let advice = if mode == StripMode::Block {
+                "remove them and let the sidecar inject credentials"
+            } else {
+                "a secret in a body is not forwarded; remove it from the app, or set the route's `inject.body_field` to the field that carries the key"
+            };
             return Err(Rejection::new(
                 ErrorCode::EmbeddedSecret,
                 format!(
-                    "the request carries embedded secrets ({}); remove them and let the sidecar inject credentials",
+                    "the request carries embedded secrets ({}); {advice}",
                     places.join(", ")
                 ),
             ));
         }
-        let stripped_types: Vec<&'static str> = report.findings.iter().map(|f| f.kind).collect();
+        let stripped_types: Vec<&'static str> = findings.iter().map(|f| f.kind).collect();
 
         // Stage 5: authorize (guardrails, then policy).
         if let Some(why) = self.guardrails.check(&target.host, target.port) {
@@ -316,14 +342,29 @@ impl Pipeline {
                 issued.value.expose_secret(),
                 inj.suffix
             );
-            let mut hv = HeaderValue::from_str(&value).map_err(|_| {
-                Rejection::new(
-                    ErrorCode::CredentialUnavailable,
-                    format!("credential `{name}` is not a valid header value"),
-                )
-            })?;
-            hv.set_sensitive(true);
-            parts.headers.insert(inj.header.clone(), hv);
+            match &inj.into {
+                InjectInto::Header(header) => {
+                    let mut hv = HeaderValue::from_str(&value).map_err(|_| {
+                        Rejection::new(
+                            ErrorCode::CredentialUnavailable,
+                            format!("credential `{name}` is not a valid header value"),
+                        )
+                    })?;
+                    hv.set_sensitive(true);
+                    parts.headers.insert(header.clone(), hv);
+                }
+                InjectInto::BodyField(field) => {
+                    body = inject_into_body(&parts.headers, body, field, &value).map_err(|why| {
+                        Rejection::new(
+                            ErrorCode::BadRequest,
+                            format!(
+                                "route `{}` puts its credential into the body field `{field}`: {why}",
+                                route.name
+                            ),
+                        )
+                    })?;
+                }
+            }
             rec.credential = Some(CredentialLog {
                 name: issued.name,
                 kind: issued.kind,
@@ -361,6 +402,13 @@ impl Pipeline {
         );
         forward::append_via(&mut parts.headers, &self.via);
         parts.version = http::Version::HTTP_11;
+        if let OutBody::Buffered(b) = &body {
+            // The body may have been rewritten: its length, not the client's, frames it.
+            parts.headers.remove(TRANSFER_ENCODING);
+            parts
+                .headers
+                .insert(CONTENT_LENGTH, HeaderValue::from(b.len()));
+        }
         let (resp, took) = self.upstream.send(parts, body).await?;
         rec.upstream_ms = Some(ms(took));
         Ok(resp)
@@ -517,9 +565,61 @@ impl Pipeline {
         tunnel_established(&caller.request_id)
     }
 
+    /// Stage 4, for the body: read a JSON or form body of at most `body_max_bytes` and
+    /// inspect it. Other bodies, and larger or compressed ones, are streamed untouched; the
+    /// log line says which (`body_scan`).
+    async fn read_body(
+        &self,
+        headers: &http::HeaderMap,
+        body: Incoming,
+        rec: &mut Record,
+    ) -> Result<(OutBody, Vec<strip::BodyFinding>), Rejection> {
+        let kind = match strip::body::plan(headers) {
+            BodyPlan::Inspect(kind) => kind,
+            BodyPlan::Encoded => {
+                rec.body_scan = Some("skipped_encoded");
+                return Ok((OutBody::Stream(body), Vec::new()));
+            }
+            BodyPlan::NotApplicable => return Ok((OutBody::Stream(body), Vec::new())),
+        };
+        let max = self.body_max_bytes;
+        if body.size_hint().lower() > max as u64 {
+            rec.body_scan = Some("skipped_too_large");
+            return Ok((OutBody::Stream(body), Vec::new()));
+        }
+        let read = tokio::time::timeout(self.timeouts.request, forward::read_up_to(body, max))
+            .await
+            .map_err(|_| {
+                Rejection::new(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "the request body did not arrive within {:?}",
+                        self.timeouts.request
+                    ),
+                )
+            })?
+            .map_err(|e| {
+                Rejection::new(
+                    ErrorCode::BadRequest,
+                    format!("reading the request body failed: {e}"),
+                )
+            })?;
+        match read {
+            forward::BodyRead::Whole(bytes) => {
+                rec.body_scan = Some("inspected");
+                let found = strip::inspect_body(&self.fingerprinter, kind, &bytes);
+                Ok((OutBody::Buffered(bytes), found))
+            }
+            forward::BodyRead::Partial(head, rest) => {
+                rec.body_scan = Some("skipped_too_large");
+                Ok((OutBody::Prefixed(head, rest), Vec::new()))
+            }
+        }
+    }
+
     fn count_findings(&self, findings: &[strip::Finding]) {
         for f in findings {
-            let location = f.location.split(':').next().unwrap_or("").to_string();
+            let location = f.place().to_string();
             self.metrics
                 .stripped
                 .get_or_create(&StrippedLabels {
@@ -618,6 +718,24 @@ struct Completion {
     rec: Record,
     start: Instant,
     pipeline: Arc<Pipeline>,
+}
+
+/// Put a credential into a field of a buffered JSON or form body.
+fn inject_into_body(
+    headers: &http::HeaderMap,
+    body: OutBody,
+    field: &str,
+    value: &str,
+) -> Result<OutBody, String> {
+    let (BodyPlan::Inspect(kind), OutBody::Buffered(bytes)) = (strip::body::plan(headers), &body)
+    else {
+        return Err(
+            "the request needs a JSON or form body (uncompressed, at most `strip.body_max_bytes`)"
+                .into(),
+        );
+    };
+    let out = strip::body::inject_field(kind, bytes, field, value)?;
+    Ok(OutBody::Buffered(Bytes::from(out)))
 }
 
 /// The upstream response body, streamed to the app; logs the request when it ends or is

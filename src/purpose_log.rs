@@ -83,6 +83,11 @@ pub struct Record {
     pub stripped: Vec<Finding>,
     /// What was done with them: `strip`, `block` or `report`.
     pub strip_mode: &'static str,
+    /// Whether the body was inspected: `inspected`, `skipped_too_large` (over
+    /// `strip.body_max_bytes`) or `skipped_encoded` (compressed); absent for bodies that are
+    /// not JSON or form.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body_scan: Option<&'static str>,
     /// Status returned to the app.
     pub status: u16,
     /// Total time until the response body ended.
@@ -125,6 +130,7 @@ impl Record {
             credential: None,
             stripped: Vec::new(),
             strip_mode: "strip",
+            body_scan: None,
             status: 0,
             duration_ms: 0.0,
             upstream_ms: None,

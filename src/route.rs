@@ -82,11 +82,20 @@ impl HostMatch {
     }
 }
 
+/// The place in a request that carries a route's credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InjectInto {
+    /// A header.
+    Header(HeaderName),
+    /// A field of the JSON or form body.
+    BodyField(String),
+}
+
 /// How a route's credential is placed into the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InjectSpec {
-    /// Header that carries the credential.
-    pub header: HeaderName,
+    /// Where the credential goes.
+    pub into: InjectInto,
     /// Text before `{token}`.
     pub prefix: String,
     /// Text after `{token}`.
@@ -97,16 +106,27 @@ impl InjectSpec {
     /// `authorization: Bearer {token}`.
     pub fn default_bearer() -> Self {
         InjectSpec {
-            header: http::header::AUTHORIZATION,
+            into: InjectInto::Header(http::header::AUTHORIZATION),
             prefix: "Bearer ".into(),
             suffix: String::new(),
         }
     }
 
-    /// Parse a header name and a value template holding `{token}` once.
-    pub fn parse(header: &str, template: &str) -> Result<Self, String> {
-        let header = HeaderName::from_bytes(header.as_bytes())
-            .map_err(|_| format!("`{header}` is not a valid header name"))?;
+    /// Parse a header name (or a body field) and a value template holding `{token}` once.
+    pub fn parse(
+        header: Option<&str>,
+        body_field: Option<&str>,
+        template: &str,
+    ) -> Result<Self, String> {
+        let into = match (header, body_field) {
+            (Some(h), None) => InjectInto::Header(
+                HeaderName::from_bytes(h.as_bytes())
+                    .map_err(|_| format!("`{h}` is not a valid header name"))?,
+            ),
+            (None, Some(f)) if !f.is_empty() => InjectInto::BodyField(f.to_string()),
+            (None, Some(_)) => return Err("`body_field` is empty".into()),
+            _ => return Err("set exactly one of `header` and `body_field`".into()),
+        };
         let Some((prefix, suffix)) = template.split_once("{token}") else {
             return Err("the value template must contain {token}".into());
         };
@@ -117,7 +137,7 @@ impl InjectSpec {
             return Err("the value template has control characters".into());
         }
         Ok(InjectSpec {
-            header,
+            into,
             prefix: prefix.into(),
             suffix: suffix.into(),
         })
@@ -288,10 +308,14 @@ mod tests {
 
     #[test]
     fn inject_template() {
-        let s = InjectSpec::parse("x-api-key", "{token}").unwrap();
+        let s = InjectSpec::parse(Some("x-api-key"), None, "{token}").unwrap();
         assert_eq!((s.prefix.as_str(), s.suffix.as_str()), ("", ""));
-        assert!(InjectSpec::parse("authorization", "Bearer").is_err());
-        assert!(InjectSpec::parse("bad header", "{token}").is_err());
+        assert!(InjectSpec::parse(Some("authorization"), None, "Bearer").is_err());
+        assert!(InjectSpec::parse(Some("bad header"), None, "{token}").is_err());
+        let b = InjectSpec::parse(None, Some("api_key"), "{token}").unwrap();
+        assert_eq!(b.into, InjectInto::BodyField("api_key".into()));
+        assert!(InjectSpec::parse(Some("x"), Some("api_key"), "{token}").is_err());
+        assert!(InjectSpec::parse(None, None, "{token}").is_err());
     }
 
     #[test]

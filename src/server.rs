@@ -225,6 +225,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         credentials: credentials.clone(),
         fingerprinter,
         strip_mode: cfg.strip.mode,
+        body_max_bytes: usize::try_from(cfg.strip.body_max_bytes).unwrap_or(usize::MAX),
         log,
         metrics: metrics.clone(),
         upstream: Upstream::new(&cfg.timeouts, upstream_tls.clone()),

@@ -1066,7 +1066,11 @@ impl Validator<'_> {
         let inject = match &r.inject {
             None => InjectSpec::default_bearer(),
             Some(inj) => {
-                match InjectSpec::parse(&inj.header, inj.value.as_deref().unwrap_or("{token}")) {
+                match InjectSpec::parse(
+                    inj.header.as_deref(),
+                    inj.body_field.as_deref(),
+                    inj.value.as_deref().unwrap_or("{token}"),
+                ) {
                     Ok(s) => s,
                     Err(e) => {
                         self.err(&[Key("routes"), Idx(i), Key("inject")], e);

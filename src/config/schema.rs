@@ -275,9 +275,17 @@ pub struct MatchConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InjectConfig {
-    /// Header name, e.g. `authorization` or `x-api-key`.
-    pub header: String,
-    /// Header value template; `{token}` is replaced by the credential. Default `{token}`.
+    /// Header name, e.g. `authorization` or `x-api-key`. Exactly one of `header` and
+    /// `body_field` is set.
+    #[serde(default)]
+    pub header: Option<String>,
+    /// A field of the JSON or form request body (e.g. `api_key` for APIs that take the key
+    /// in the body): every value of that field is replaced by the credential, and the field
+    /// is added to the top-level object when the body has none. An embedded secret found in
+    /// this field is then replaced rather than refused (see `strip`).
+    #[serde(default)]
+    pub body_field: Option<String>,
+    /// Value template; `{token}` is replaced by the credential. Default `{token}`.
     #[serde(default)]
     pub value: Option<String>,
 }

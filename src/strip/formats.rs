@@ -227,65 +227,136 @@ impl Check {
     }
 }
 
-/// Formats with inner structure a prefix table cannot express.
-fn structured(v: &str) -> Option<&'static str> {
-    let b = v.as_bytes();
-    let url_safe = |x: &[u8]| x.iter().all(|&c| UrlSafe.accepts(c));
-    // SendGrid: `SG.` + 22 + `.` + 43.
-    if let Some(rest) = v.strip_prefix("SG.")
-        && let Some((id, secret)) = rest.split_once('.')
-        && id.len() == 22
-        && secret.len() == 43
-        && url_safe(id.as_bytes())
-        && url_safe(secret.as_bytes())
-    {
-        return Some("sendgrid_api_key");
+/// How many of lowercase, uppercase and digits occur in `b`. Real token bodies are random and
+/// mix at least two; words like `sk-learn-tutorial-for-beginners-part-two` do not.
+pub(super) fn classes(b: &[u8]) -> u8 {
+    let (mut l, mut u, mut d) = (0u8, 0u8, 0u8);
+    for &c in b {
+        l |= u8::from(c.is_ascii_lowercase());
+        u |= u8::from(c.is_ascii_uppercase());
+        d |= u8::from(c.is_ascii_digit());
+    }
+    l + u + d
+}
+
+/// Bytes that continue a word: a token must not start or end next to one.
+fn is_word(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_' || c == b'-'
+}
+
+/// Length of the run of `accepts` bytes in `b`, looking at no more than `cap`.
+fn run(b: &[u8], cap: usize, accepts: impl Fn(u8) -> bool) -> usize {
+    b.iter().take(cap).take_while(|&&c| accepts(c)).count()
+}
+
+/// True when `end` is the end of `b` or a byte that cannot continue a token.
+fn ends_at(b: &[u8], end: usize) -> bool {
+    b.get(end).is_none_or(|&c| !is_word(c))
+}
+
+/// Formats with inner structure a prefix table cannot express, starting at `b[0]`; the length
+/// and type of the token found.
+fn structured(b: &[u8]) -> Option<(usize, &'static str)> {
+    let url_safe = |c: u8| UrlSafe.accepts(c);
+    let hex = |c: u8| LowerHex.accepts(c);
+    match b.first()? {
+        // SendGrid: `SG.` + 22 + `.` + 43.
+        b'S' if b.starts_with(b"SG.") => {
+            let id = run(&b[3..], 23, url_safe);
+            if id == 22 && b.get(25) == Some(&b'.') && run(&b[26..], 44, url_safe) == 43 {
+                return ends_at(b, 69).then_some((69, "sendgrid_api_key"));
+            }
+        }
+        // A PEM private key (RSA, EC, OpenSSH, PKCS#8, encrypted or not), through its END
+        // line, or to the end of the text when it has none.
+        b'-' if b.starts_with(b"-----BEGIN ") => {
+            let line = &b[..b.len().min(64)];
+            let head = memchr::memmem::find(line, b"PRIVATE KEY-----")?;
+            let after = head + 16;
+            let end = match memchr::memmem::find(&b[after..], b"-----END ") {
+                Some(e) => {
+                    let tail = after + e + 9;
+                    tail + memchr::memmem::find(&b[tail..], b"-----")
+                        .map_or(b.len() - tail, |x| x + 5)
+                }
+                None => b.len(),
+            };
+            return Some((end, "private_key_pem"));
+        }
+        // Airtable personal access token: `pat` + 14 + `.` + 64 hex.
+        b'p' if b.starts_with(b"pat")
+            && run(&b[3..], 15, |c| c.is_ascii_alphanumeric()) == 14
+            && b.get(17) == Some(&b'.')
+            && run(&b[18..], 65, hex) == 64
+            && ends_at(b, 82) =>
+        {
+            return Some((82, "airtable_pat"));
+        }
+        // Azure storage connection strings: the account key after `AccountKey=`, the Service
+        // Bus / Event Hubs key after `SharedAccessKey=`.
+        b'A' if b.starts_with(b"AccountKey=") => {
+            let n = run(&b[11..], 89, |c| {
+                c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'=')
+            });
+            if (86..=88).contains(&n) && b[11 + n - 1] == b'=' {
+                return Some((11 + n, "azure_storage_account_key"));
+            }
+        }
+        b'S' if b.starts_with(b"SharedAccessKey=") => {
+            let n = run(&b[16..], 45, |c| {
+                c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'=')
+            });
+            if n == 44 && b[16 + 43] == b'=' {
+                return Some((60, "azure_shared_access_key"));
+            }
+        }
+        _ => {}
     }
     // Mailchimp: 32 hex + `-us` + datacenter number.
-    if b.len() >= 36
-        && b.len() <= 38
-        && b[..32].iter().all(|&c| LowerHex.accepts(c))
-        && v[32..]
-            .strip_prefix("-us")
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()))
-    {
-        return Some("mailchimp_api_key");
+    if b.len() >= 36 && run(b, 33, hex) == 32 && b[32..].starts_with(b"-us") {
+        let n = run(&b[35..], 3, |c| c.is_ascii_digit());
+        if n > 0 && ends_at(b, 35 + n) {
+            return Some((35 + n, "mailchimp_api_key"));
+        }
     }
     // Azure AD (Entra ID) client secret: 3 characters, a digit, `Q~`, then 31 to 34.
-    if (37..=40).contains(&b.len())
-        && b[3].is_ascii_digit()
-        && &b[4..6] == b"Q~"
-        && b.iter()
-            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'~' | b'.' | b'-'))
-    {
-        return Some("azure_ad_client_secret");
+    if b.len() >= 37 && b[3].is_ascii_digit() && &b[4..6] == b"Q~" {
+        let n = run(b, 41, |c| {
+            c.is_ascii_alphanumeric() || matches!(c, b'_' | b'~' | b'.' | b'-')
+        });
+        if (37..=40).contains(&n) && ends_at(b, n) && classes(&b[6..n]) >= 2 {
+            return Some((n, "azure_ad_client_secret"));
+        }
     }
     // Terraform Cloud / HCP: 14 + `.atlasv1.` + 60 or more.
     if b.len() >= 83
         && &b[14..23] == b".atlasv1."
-        && let Some((id, secret)) = v.split_once(".atlasv1.")
-        && id.len() == 14
-        && secret.len() >= 60
-        && id.bytes().all(|c| c.is_ascii_alphanumeric())
-        && url_safe(secret.as_bytes())
+        && run(b, 14, |c| c.is_ascii_alphanumeric()) == 14
     {
-        return Some("terraform_cloud_token");
-    }
-    // Airtable personal access token: `pat` + 14 + `.` + 64 hex.
-    if let Some(rest) = v.strip_prefix("pat")
-        && let Some((id, secret)) = rest.split_once('.')
-        && id.len() == 14
-        && secret.len() == 64
-        && id.bytes().all(|c| c.is_ascii_alphanumeric())
-        && secret.bytes().all(|c| LowerHex.accepts(c))
-    {
-        return Some("airtable_pat");
-    }
-    // A PEM private key (RSA, EC, OpenSSH, PKCS#8, encrypted or not).
-    if v.starts_with("-----BEGIN ") && v.contains("PRIVATE KEY-----") {
-        return Some("private_key_pem");
+        let n = run(&b[23..], 256, url_safe);
+        if n >= 60 && ends_at(b, 23 + n) {
+            return Some((23 + n, "terraform_cloud_token"));
+        }
     }
     None
+}
+
+/// A compact JWS at `b[0]`: three base64url parts, the first two JSON objects (`eyJ`).
+fn jwt_at(b: &[u8]) -> Option<usize> {
+    const MAX: usize = 16 * 1024;
+    let url_safe = |c: u8| UrlSafe.accepts(c);
+    let h = run(b, MAX, url_safe);
+    if h <= 10 || b.get(h) != Some(&b'.') || !b[h + 1..].starts_with(b"eyJ") {
+        return None;
+    }
+    let p = run(&b[h + 1..], MAX, url_safe);
+    let s_at = h + 1 + p + 1;
+    if p <= 10 || b.get(s_at - 1) != Some(&b'.') {
+        return None;
+    }
+    let s = run(&b[s_at..], MAX, url_safe);
+    let end = s_at + s;
+    (b.get(end) != Some(&b'.') && ends_at(b, end)).then_some(end)
 }
 
 /// Indexes into [`FORMATS`] by the first byte of the prefix, in table order, so a value is
@@ -299,26 +370,83 @@ static BY_FIRST_BYTE: std::sync::LazyLock<Vec<Vec<u8>>> = std::sync::LazyLock::n
     index
 });
 
-/// The credential type of a value that is exactly one known token, if any.
-pub fn classify(v: &str) -> Option<&'static str> {
-    let b = v.as_bytes();
-    let candidates = match b.first() {
-        Some(&c) if c < 128 => BY_FIRST_BYTE[usize::from(c)].as_slice(),
-        _ => &[],
-    };
-    for fmt in candidates.iter().map(|&i| &FORMATS[usize::from(i)]) {
-        if let Some(rest) = b.strip_prefix(fmt.prefix.as_bytes())
-            && (fmt.min..=fmt.max).contains(&rest.len())
-            && rest.iter().all(|&c| fmt.charset.accepts(c))
-            && fmt.check.passes(rest)
+/// The known token that starts at `b[0]`, if any: its length and type. The token must end
+/// at the end of `b` or before a byte that cannot continue it. Work is bounded by the longest
+/// format (a few hundred bytes), whatever `b` holds.
+fn match_at(b: &[u8]) -> Option<(usize, &'static str)> {
+    let first = *b.first()?;
+    if first < 128 {
+        for fmt in BY_FIRST_BYTE[usize::from(first)]
+            .iter()
+            .map(|&i| &FORMATS[usize::from(i)])
         {
-            return Some(fmt.kind);
+            let Some(rest) = b.strip_prefix(fmt.prefix.as_bytes()) else {
+                continue;
+            };
+            let n = run(rest, fmt.max + 1, |c| fmt.charset.accepts(c));
+            let end = fmt.prefix.len() + n;
+            if (fmt.min..=fmt.max).contains(&n)
+                && ends_at(b, end)
+                && classes(&rest[..n]) >= 2
+                && fmt.check.passes(&rest[..n])
+            {
+                return Some((end, fmt.kind));
+            }
         }
     }
-    if is_jwt(v) {
-        return Some("jwt");
+    if first == b'e'
+        && b.starts_with(b"eyJ")
+        && let Some(n) = jwt_at(b)
+    {
+        return Some((n, "jwt"));
     }
-    structured(v)
+    structured(b)
+}
+
+/// The credential type of a value that is exactly one known token, if any.
+pub fn classify(v: &str) -> Option<&'static str> {
+    match match_at(v.as_bytes()) {
+        Some((n, kind)) if n == v.len() => Some(kind),
+        _ => None,
+    }
+}
+
+/// One known token found in a text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hit {
+    /// Byte offset of its first byte.
+    pub start: usize,
+    /// Byte offset just past it.
+    pub end: usize,
+    /// Credential type.
+    pub kind: &'static str,
+}
+
+/// Every known token in free text (a prompt, a pasted `.env` file, a URL, a JSON string),
+/// each once, placeholders left out. Tokens start at a word boundary; after a hit the search
+/// resumes past it, so the time is linear in the text's length.
+pub fn find_tokens(text: &str, out: &mut Vec<Hit>) {
+    let b = text.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if i > 0 && is_word(b[i - 1]) {
+            i += 1;
+            continue;
+        }
+        if let Some((n, kind)) = match_at(&b[i..]) {
+            let token = &text[i..i + n];
+            if !is_placeholder(token) {
+                out.push(Hit {
+                    start: i,
+                    end: i + n,
+                    kind,
+                });
+            }
+            i += n;
+        } else {
+            i += 1;
+        }
+    }
 }
 
 /// Every credential type this table knows, for the corpus and docs.
@@ -332,28 +460,12 @@ pub fn known_types() -> Vec<&'static str> {
         "terraform_cloud_token",
         "airtable_pat",
         "private_key_pem",
+        "azure_storage_account_key",
+        "azure_shared_access_key",
     ]);
     v.sort_unstable();
     v.dedup();
     v
-}
-
-/// A compact JWS: three base64url parts, the first two JSON objects (`eyJ`).
-fn is_jwt(v: &str) -> bool {
-    let mut parts = v.split('.');
-    let (Some(h), Some(p), Some(s), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return false;
-    };
-    let b64 = |x: &str| x.bytes().all(|c| Charset::UrlSafe.accepts(c));
-    h.starts_with("eyJ")
-        && p.starts_with("eyJ")
-        && h.len() > 10
-        && p.len() > 10
-        && b64(h)
-        && b64(p)
-        && b64(s)
 }
 
 /// Values that are clearly not secrets: placeholders and templates left in sample code.

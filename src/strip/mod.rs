@@ -1,19 +1,32 @@
 //! Stage 4, strip: find secrets the app embedded in a request, note a keyed fingerprint of
 //! each (never the value), and remove them when the mode says so.
 //!
-//! Places inspected: `authorization` and `proxy-authorization`, the API-key headers, any
-//! other header whose value is a known token format, query parameters, and URL userinfo.
+//! Places inspected, each occurrence on its own:
+//! - `authorization` and `proxy-authorization` (any scheme), the API-key headers, and any
+//!   other header whose value holds a known token format or whose name is a credential name
+//!   with a high-entropy value;
+//! - each cookie of `cookie` (only the offending cookies are removed);
+//! - each query parameter (percent-decoded), URL userinfo;
+//! - JSON and form bodies, field by field ([`inspect_body`]).
+//!
+//! In every value the detector looks for known formats anywhere in the text (a key pasted in
+//! a prompt, a `.env` file in a string), then for credential-named fields with high-entropy
+//! values, then for `NAME=value` / `"name": "value"` assignments inside the text.
 
+pub mod body;
 mod formats;
+mod names;
 
 use std::borrow::Cow;
 
-use http::header::{AUTHORIZATION, PROXY_AUTHORIZATION};
+use http::header::{AUTHORIZATION, COOKIE, HeaderValue, PROXY_AUTHORIZATION};
 use http::{HeaderMap, HeaderName};
 use percent_encoding::percent_decode_str;
 use serde::Serialize;
 
-pub use formats::{classify, is_placeholder, known_types};
+pub use body::{BodyKind, BodyPlan};
+pub use formats::{Hit, classify, find_tokens, is_placeholder, known_types};
+pub use names::{credential_name, entropy, named_value};
 
 use crate::config::StripMode;
 use crate::fingerprint::Fingerprinter;
@@ -35,7 +48,8 @@ const API_KEY_HEADERS: &[&str] = &[
     "x-shopify-access-token",
 ];
 
-/// Query parameter names that carry credentials by convention (compared lowercase).
+/// Query parameter names that carry credentials by convention (compared lowercase): any
+/// value that is not a placeholder counts, entropy or not.
 const CREDENTIAL_PARAMS: &[&str] = &[
     "api_key",
     "apikey",
@@ -58,19 +72,55 @@ pub struct Finding {
     /// Credential type, e.g. `openai_project_key`, `bearer`, `basic`.
     #[serde(rename = "type")]
     pub kind: &'static str,
-    /// Where it was, e.g. `header:authorization`, `query:api_key`, `userinfo`.
+    /// Where it was: `header:NAME`, `cookie:NAME`, `query:NAME`, `userinfo`, `body:FIELD`.
     pub location: String,
     /// Keyed fingerprint of the value.
     pub fingerprint: String,
 }
 
-/// The outcome of inspecting one request.
+impl Finding {
+    /// The kind of place (`header`, `cookie`, `query`, `userinfo`, `body`): a metric label
+    /// of bounded cardinality.
+    pub fn place(&self) -> &str {
+        self.location
+            .split_once(':')
+            .map_or(self.location.as_str(), |(p, _)| p)
+    }
+}
+
+/// The outcome of inspecting one request head.
 #[derive(Debug, Default)]
 pub struct StripReport {
     /// Every secret found.
     pub findings: Vec<Finding>,
-    /// The rewritten path-and-query when the query or userinfo changed.
+    /// The rewritten query (without `?`) when the query or userinfo changed.
     pub new_path_and_query: Option<String>,
+}
+
+/// Every secret in one value held under `name` (a header, cookie, parameter or field name):
+/// the type and the secret's text (for its fingerprint).
+pub fn secrets_in<'v>(name: &str, value: &'v str, out: &mut Vec<(&'static str, &'v str)>) {
+    let mut hits: Vec<Hit> = Vec::new();
+    find_tokens(value, &mut hits);
+    let gcp = hits.iter().any(|h| h.kind == "private_key_pem")
+        && (name == "private_key" || value.contains("\"service_account\""));
+    if hits.is_empty()
+        && let Some(kind) = named_value(name, value)
+    {
+        out.push((kind, value.trim()));
+        return;
+    }
+    if value.len() > 8 && memchr::memchr2(b'=', b':', value.as_bytes()).is_some() {
+        names::find_assignments(value, &mut hits);
+    }
+    for h in hits {
+        let kind = if gcp && h.kind == "private_key_pem" {
+            "gcp_service_account_key"
+        } else {
+            h.kind
+        };
+        out.push((kind, &value[h.start..h.end]));
+    }
 }
 
 /// Inspect the request head for embedded secrets; in `strip` mode remove them from `headers`
@@ -86,29 +136,50 @@ pub fn inspect(
     let remove = mode == StripMode::Strip;
 
     let mut doomed: Vec<HeaderName> = Vec::new();
+    let mut cookies: Option<String> = None;
     for (name, value) in headers.iter() {
         let Ok(v) = value.to_str() else { continue };
-        let kind = if name == AUTHORIZATION || name == PROXY_AUTHORIZATION {
-            authorization_kind(v)
+        let mut found: Vec<(&'static str, &str)> = Vec::new();
+        if name == COOKIE {
+            let kept = inspect_cookies(fp, v, &mut report.findings);
+            if kept.len() != v.len() {
+                cookies = Some(kept);
+            }
+            continue;
+        }
+        if name == AUTHORIZATION || name == PROXY_AUTHORIZATION {
+            if let Some(kind) = authorization_kind(v) {
+                found.push((kind, credential_part(v)));
+            }
         } else if API_KEY_HEADERS.contains(&name.as_str()) {
-            (!is_placeholder(v)).then(|| classify(v.trim()).unwrap_or("api_key"))
+            if !is_placeholder(v) {
+                found.push((classify(v.trim()).unwrap_or("api_key"), v.trim()));
+            }
         } else {
-            classify_in_header(v)
-        };
-        if let Some(kind) = kind {
+            secrets_in(name.as_str(), credential_part(v), &mut found);
+        }
+        for &(kind, secret) in &found {
             report.findings.push(Finding {
                 kind,
                 location: format!("header:{}", name.as_str()),
-                fingerprint: fp.fingerprint(credential_part(v).as_bytes()),
+                fingerprint: fp.fingerprint(secret.as_bytes()),
             });
-            if !doomed.contains(name) {
-                doomed.push(name.clone());
-            }
+        }
+        if !found.is_empty() && !doomed.contains(name) {
+            doomed.push(name.clone());
         }
     }
     if remove {
         for name in doomed {
             headers.remove(name);
+        }
+        if let Some(kept) = cookies {
+            headers.remove(COOKIE);
+            if let Ok(v) = HeaderValue::from_str(&kept)
+                && !kept.is_empty()
+            {
+                headers.insert(COOKIE, v);
+            }
         }
     }
 
@@ -124,25 +195,38 @@ pub fn inspect(
     if let Some(q) = query {
         let mut kept: Vec<&str> = Vec::new();
         let mut changed = false;
+        let azure_sas = q.split('&').any(|p| p.starts_with("sv="));
         for pair in q.split('&') {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             let name = percent_decode_str(k).decode_utf8_lossy();
             let value = decode_query_value(v);
-            let kind = if CREDENTIAL_PARAMS.contains(&name.to_ascii_lowercase().as_str()) {
-                (!is_placeholder(&value)).then(|| classify(&value).unwrap_or("credential_param"))
+            let mut found: Vec<(&'static str, &str)> = Vec::new();
+            let lower = name.to_ascii_lowercase();
+            if azure_sas && lower == "sig" && value.len() >= 40 {
+                found.push(("azure_sas_signature", &value));
+            } else if lower.starts_with("x-amz-") {
+                // A presigned S3 URL: scoped and short-lived by design, like the credentials
+                // Chaperone injects; its signature and key id are not an embedded secret.
             } else {
-                classify(&value).filter(|_| !is_placeholder(&value))
-            };
-            match kind {
-                Some(kind) => {
-                    report.findings.push(Finding {
-                        kind,
-                        location: format!("query:{name}"),
-                        fingerprint: fp.fingerprint(value.as_bytes()),
-                    });
-                    changed = true;
+                secrets_in(&name, &value, &mut found);
+                if found.is_empty()
+                    && CREDENTIAL_PARAMS.contains(&lower.as_str())
+                    && !is_placeholder(&value)
+                {
+                    found.push(("credential_param", &value));
                 }
-                None => kept.push(pair),
+            }
+            for &(kind, secret) in &found {
+                report.findings.push(Finding {
+                    kind,
+                    location: format!("query:{name}"),
+                    fingerprint: fp.fingerprint(secret.as_bytes()),
+                });
+            }
+            if found.is_empty() {
+                kept.push(pair);
+            } else {
+                changed = true;
             }
         }
         if remove && changed {
@@ -153,6 +237,92 @@ pub fn inspect(
         report.new_path_and_query = query.map(str::to_owned);
     }
     report
+}
+
+/// Check each cookie of a `cookie` header; returns the header without the cookies that hold
+/// secrets (the same text when none do).
+fn inspect_cookies(fp: &Fingerprinter, v: &str, findings: &mut Vec<Finding>) -> String {
+    let mut kept: Vec<&str> = Vec::new();
+    let mut found = Vec::new();
+    for pair in v.split(';') {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let (name, value) = (name.trim(), value.trim().trim_matches('"'));
+        found.clear();
+        secrets_in(name, value, &mut found);
+        for &(kind, secret) in &found {
+            findings.push(Finding {
+                kind,
+                location: format!("cookie:{name}"),
+                fingerprint: fp.fingerprint(secret.as_bytes()),
+            });
+        }
+        if found.is_empty() {
+            kept.push(pair.trim());
+        }
+    }
+    if kept.len() == v.split(';').count() {
+        v.to_string()
+    } else {
+        kept.join("; ")
+    }
+}
+
+/// One secret found in a body, with the field that holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BodyFinding {
+    /// Type, location `body:FIELD` and fingerprint.
+    pub finding: Finding,
+    /// The innermost field name holding it (`""` for a top-level value or plain text).
+    pub field: String,
+}
+
+/// Inspect a JSON or form body: every string value, with the name of the field holding it.
+/// A body that claims to be JSON but is not is inspected as plain text.
+pub fn inspect_body(fp: &Fingerprinter, kind: BodyKind, bytes: &[u8]) -> Vec<BodyFinding> {
+    let mut out = Vec::new();
+    let note = |field: &str, text: &str, out: &mut Vec<BodyFinding>| {
+        let mut found = Vec::new();
+        secrets_in(field, text, &mut found);
+        for &(kind, secret) in &found {
+            out.push(BodyFinding {
+                finding: Finding {
+                    kind,
+                    location: if field.is_empty() {
+                        "body".into()
+                    } else {
+                        format!("body:{field}")
+                    },
+                    fingerprint: fp.fingerprint(secret.as_bytes()),
+                },
+                field: field.to_string(),
+            });
+        }
+    };
+    match kind {
+        BodyKind::Json => {
+            let text = String::from_utf8_lossy(bytes);
+            let mut service_account = false;
+            let walked = body::walk_json(&text, |v| {
+                if let Some(t) = v.text {
+                    service_account |= v.field == "type" && t == "service_account";
+                    note(v.field, t, &mut out);
+                }
+            });
+            if walked.is_err() {
+                out.clear();
+                note("", &text, &mut out);
+            }
+            if service_account {
+                for f in &mut out {
+                    if f.finding.kind == "private_key_pem" {
+                        f.finding.kind = "gcp_service_account_key";
+                    }
+                }
+            }
+        }
+        BodyKind::Form => body::walk_form(bytes, |p| note(&p.name, &p.value, &mut out)),
+    }
+    out
 }
 
 fn decode_query_value(v: &str) -> Cow<'_, str> {
@@ -179,12 +349,6 @@ fn authorization_kind(v: &str) -> Option<&'static str> {
         "bearer" | "token" => classify(token).unwrap_or("bearer"),
         _ => classify(token).unwrap_or("authorization"),
     })
-}
-
-/// Any other header: a known token format as the value, or as a `Bearer`-style value.
-fn classify_in_header(v: &str) -> Option<&'static str> {
-    let t = credential_part(v);
-    classify(t).filter(|_| !is_placeholder(t))
 }
 
 /// The credential within a header value: after an auth scheme if there is one.

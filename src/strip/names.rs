@@ -1,0 +1,354 @@
+//! Credentials known by where they are, not by their shape: a value under a credential-named
+//! field (`api_key`, `client_secret`, `password`, `aws_secret_access_key`, ...) that looks
+//! random enough to be a key.
+//!
+//! Names are split into words (`clientSecret`, `client-secret` and `CLIENT_SECRET` are all
+//! `client secret`) and judged by their last word, so `max_tokens`, `token_count`,
+//! `api_key_name` and `tokenizer` are not credential names while `refresh_token` is.
+
+use super::formats::is_placeholder;
+
+/// Words that, as the last word of a name, make it a credential name on their own.
+const LAST_WORDS: &[&str] = &[
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "pwd",
+    "passphrase",
+    "apikey",
+    "credential",
+    "credentials",
+    "auth",
+    "authorization",
+    "pat",
+];
+
+/// Words before a last word `key` that make it a credential name (`api key`, `secret key`);
+/// a bare `key` is too common (object keys, cache keys) to mean a credential in a body.
+const KEY_QUALIFIERS: &[&str] = &[
+    "api",
+    "access",
+    "secret",
+    "private",
+    "account",
+    "subscription",
+    "signing",
+    "master",
+    "app",
+    "client",
+    "consumer",
+    "encryption",
+    "license",
+    "service",
+    "admin",
+    "auth",
+    "session",
+];
+
+/// Words anywhere in a name that mean the value is not a credential: pagination cursors,
+/// CSRF tokens, counts, identifiers and public halves.
+const NOT_CREDENTIAL: &[&str] = &[
+    "page",
+    "next",
+    "continuation",
+    "cursor",
+    "pagination",
+    "sync",
+    "csrf",
+    "xsrf",
+    "max",
+    "min",
+    "public",
+    "publishable",
+    "idempotency",
+    "verification",
+    "hint",
+    "cancel",
+];
+
+/// The words of a field name, lowercase: split at non-alphanumerics and camelCase humps.
+fn words(name: &str) -> impl Iterator<Item = String> + '_ {
+    let mut out: Vec<String> = Vec::new();
+    let mut cur = String::new();
+    let mut prev_lower = false;
+    for c in name.chars() {
+        if !c.is_ascii_alphanumeric() {
+            if !cur.is_empty() {
+                out.push(std::mem::take(&mut cur));
+            }
+            prev_lower = false;
+            continue;
+        }
+        if c.is_ascii_uppercase() && prev_lower && !cur.is_empty() {
+            out.push(std::mem::take(&mut cur));
+        }
+        prev_lower = c.is_ascii_lowercase() || c.is_ascii_digit();
+        cur.push(c.to_ascii_lowercase());
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out.into_iter()
+}
+
+/// What a credential-named field holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameKind {
+    /// A password: people choose them, so a lower bar than for keys.
+    Password,
+    /// An AWS secret access key (`aws_secret_access_key`, `SecretAccessKey`).
+    AwsSecret,
+    /// Any other key, token or secret.
+    Secret,
+}
+
+/// Whether a field name names a credential.
+pub fn credential_name(name: &str) -> Option<NameKind> {
+    if name.len() > 64 {
+        return None;
+    }
+    let w: Vec<String> = words(name).collect();
+    let last = w.last()?.as_str();
+    if w.iter().any(|x| NOT_CREDENTIAL.contains(&x.as_str())) {
+        return None;
+    }
+    let before = w.len().checked_sub(2).map(|i| w[i].as_str());
+    if last == "key" {
+        let q = before?;
+        if q == "access" && w.iter().any(|x| x == "secret") {
+            return Some(NameKind::AwsSecret);
+        }
+        return KEY_QUALIFIERS.contains(&q).then_some(NameKind::Secret);
+    }
+    if !LAST_WORDS.contains(&last) {
+        return None;
+    }
+    Some(match last {
+        "password" | "passwd" | "pwd" | "passphrase" => NameKind::Password,
+        _ => NameKind::Secret,
+    })
+}
+
+/// Shannon entropy of `v` in bits per byte.
+pub fn entropy(v: &[u8]) -> f64 {
+    let mut counts = [0u32; 256];
+    for &b in v {
+        counts[usize::from(b)] += 1;
+    }
+    let n = v.len() as f64;
+    counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = f64::from(c) / n;
+            -p * p.log2()
+        })
+        .sum()
+}
+
+/// The credential type of `value` held in a field named `name`, when the name is a credential
+/// name and the value looks like a secret rather than a description, an enum or a template.
+pub fn named_value(name: &str, value: &str) -> Option<&'static str> {
+    let kind = credential_name(name)?;
+    let v = value.trim();
+    if is_placeholder(v)
+        || v.len() > 4096
+        || v.bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        || v.contains("://")
+        || v.bytes().all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    let b = v.as_bytes();
+    let mixed = super::formats::classes(b) >= 2;
+    match kind {
+        NameKind::AwsSecret
+            if b.len() == 40
+                && b.iter()
+                    .all(|&c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/') =>
+        {
+            Some("aws_secret_access_key")
+        }
+        NameKind::Password => (b.len() >= 8 && mixed && entropy(b) >= 2.5).then_some("password"),
+        NameKind::AwsSecret | NameKind::Secret => {
+            (b.len() >= 16 && mixed && entropy(b) >= 3.0).then_some("credential_field")
+        }
+    }
+}
+
+/// Bytes of a field name inside free text.
+fn is_name(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.')
+}
+
+/// Bytes that end a value inside free text.
+fn ends_value(c: u8) -> bool {
+    c.is_ascii_whitespace()
+        || matches!(
+            c,
+            b'"' | b'\'' | b',' | b';' | b'&' | b'<' | b'>' | b'}' | b'`'
+        )
+}
+
+/// Credential assignments inside free text: `OPENAI_API_KEY=...` in a pasted `.env` file,
+/// `"client_secret": "..."` in a JSON document embedded in a string, `password: ...` in YAML.
+/// Values that overlap a hit already in `hits` are skipped; new ones are appended. Each byte
+/// is looked at a bounded number of times: a value is scanned once, then the search resumes
+/// after it.
+pub fn find_assignments(text: &str, hits: &mut Vec<super::formats::Hit>) {
+    let b = text.as_bytes();
+    let known = hits.len();
+    let mut from = 0;
+    while let Some(off) = memchr::memchr2(b'=', b':', &b[from..]) {
+        let at = from + off;
+        from = at + 1;
+        // The name: back over up to two quotes or spaces, then name bytes (at most 64).
+        let mut end = at;
+        for _ in 0..2 {
+            if end > 0 && matches!(b[end - 1], b'"' | b'\'' | b' ' | b'\t') {
+                end -= 1;
+            }
+        }
+        let mut start = end;
+        while start > 0 && end - start < 64 && is_name(b[start - 1]) {
+            start -= 1;
+        }
+        if start == end || credential_name(&text[start..end]).is_none() {
+            continue;
+        }
+        // The value: forward over spaces and one opening quote, then to a delimiter.
+        let mut v = at + 1;
+        while v < b.len() && matches!(b[v], b' ' | b'\t') {
+            v += 1;
+        }
+        if v < b.len() && matches!(b[v], b'"' | b'\'') {
+            v += 1;
+        }
+        let mut e = v;
+        while e < b.len() && e - v < 4096 && !ends_value(b[e]) {
+            e += 1;
+        }
+        from = from.max(e);
+        if e == v || hits[..known].iter().any(|h| h.start < e && v < h.end) {
+            continue;
+        }
+        if let Some(kind) = named_value(&text[start..end], &text[v..e]) {
+            hits.push(super::formats::Hit {
+                start: v,
+                end: e,
+                kind,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for n in [
+            "api_key",
+            "apiKey",
+            "API-KEY",
+            "apikey",
+            "client_secret",
+            "clientSecret",
+            "access_token",
+            "refresh_token",
+            "token",
+            "password",
+            "db_password",
+            "x-service-token",
+            "OPENAI_API_KEY",
+            "private_key",
+            "auth",
+            "subscription-key",
+        ] {
+            assert!(credential_name(n).is_some(), "{n}");
+        }
+        for n in [
+            "max_tokens",
+            "token_count",
+            "tokenizer",
+            "api_key_name",
+            "key",
+            "public_key",
+            "next_page_token",
+            "csrf_token",
+            "token_type",
+            "secret_name",
+            "author",
+            "monkey",
+            "passwordPolicy",
+        ] {
+            assert!(credential_name(n).is_none(), "{n}");
+        }
+        assert_eq!(
+            credential_name("aws_secret_access_key"),
+            Some(NameKind::AwsSecret)
+        );
+        assert_eq!(
+            credential_name("SecretAccessKey"),
+            Some(NameKind::AwsSecret)
+        );
+    }
+
+    #[test]
+    fn assignments_in_text() {
+        let text = "# .env\nOPENAI_API_KEY=Q2x8rT5vW9zK3mN7pL1sD4fG6hJ0aB\nDEBUG=true\n\
+                    {\"client_secret\": \"Zk4@pQ9-wX2_rT7!mN3#vB8%\", \"max_tokens\": 5}\n\
+                    password: hunter2hunter2 url=https://x.test/a?b=c";
+        let mut hits = Vec::new();
+        find_assignments(text, &mut hits);
+        let got: Vec<(&str, &str)> = hits
+            .iter()
+            .map(|h| (h.kind, &text[h.start..h.end]))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("credential_field", "Q2x8rT5vW9zK3mN7pL1sD4fG6hJ0aB"),
+                ("credential_field", "Zk4@pQ9-wX2_rT7!mN3#vB8%"),
+                ("password", "hunter2hunter2"),
+            ]
+        );
+        // Adversarial input stays linear: each byte is scanned a bounded number of times.
+        let long = "token:".repeat(50_000);
+        let mut hits = Vec::new();
+        find_assignments(&long, &mut hits);
+        assert!(hits.is_empty());
+    }
+
+    #[test]
+    fn values() {
+        assert_eq!(
+            named_value("api_key", "Q2x8rT5vW9zK3mN7pL1sD4fG6hJ0aB"),
+            Some("credential_field")
+        );
+        assert_eq!(
+            named_value(
+                "aws_secret_access_key",
+                "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzQ8Ks9Tb2e"
+            ),
+            Some("aws_secret_access_key")
+        );
+        assert_eq!(named_value("password", "Tr0ub4dor&3x"), Some("password"));
+        for (n, v) in [
+            ("api_key", "${OPENAI_API_KEY}"),
+            ("token", "Bearer"),
+            ("password", "********"),
+            ("auth", "oauth2"),
+            ("client_secret", "<your-client-secret>"),
+            ("token", "https://idp.example/token"),
+            ("secret", "this is not a secret at all"),
+            ("access_token", "aaaaaaaaaaaaaaaaaaaaaaaa"),
+            ("api_key", "1234567890123456789"),
+        ] {
+            assert_eq!(named_value(n, v), None, "{n}={v}");
+        }
+    }
+}
