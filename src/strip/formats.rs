@@ -27,6 +27,15 @@ enum Charset {
 }
 
 impl Charset {
+    /// Charsets too narrow for prose to fall into (AWS key ids are all letters about one
+    /// time in 28, so they must not need a digit).
+    fn is_strict(self) -> bool {
+        matches!(
+            self,
+            Charset::UpperAlnum | Charset::LowerHex | Charset::LowerHexDash
+        )
+    }
+
     fn accepts(self, b: u8) -> bool {
         match self {
             Charset::Alnum => b.is_ascii_alphanumeric(),
@@ -94,22 +103,23 @@ static FORMATS: &[Format] = &[
     f("anthropic_api_key", "sk-ant-api03-", UrlSafe, 80, 120),
     f("anthropic_admin_key", "sk-ant-admin01-", UrlSafe, 80, 120),
     f("openrouter_api_key", "sk-or-v1-", LowerHex, 64, 64),
-    f("openai_project_key", "sk-proj-", UrlSafe, 40, 200),
+    f("openai_project_key", "sk-proj-", UrlSafe, 40, 256),
     f(
         "openai_service_account_key",
         "sk-svcacct-",
         UrlSafe,
         40,
-        200,
+        256,
     ),
-    f("openai_admin_key", "sk-admin-", UrlSafe, 40, 200),
+    f("openai_admin_key", "sk-admin-", UrlSafe, 40, 256),
     f("stripe_secret_key", "sk_live_", Alnum, 24, 247),
     f("stripe_test_secret_key", "sk_test_", Alnum, 24, 247),
     f("stripe_restricted_key", "rk_live_", Alnum, 24, 247),
     f("stripe_test_restricted_key", "rk_test_", Alnum, 24, 247),
     f("stripe_webhook_secret", "whsec_", Alnum, 32, 64),
-    // `sk-` + 48 (legacy OpenAI) or 32 hex (DeepSeek and others that copied the shape).
-    f("openai_api_key", "sk-", UrlSafe, 32, 200),
+    // `sk-` + 48 alphanumerics (legacy OpenAI) or 32 hex (DeepSeek and others that copied
+    // the shape). No `-` or `_`: that keeps slugs like `sk-2024-annual-report-...` out.
+    f("openai_api_key", "sk-", Alnum, 32, 200),
     f("google_api_key", "AIza", UrlSafe, 35, 35),
     f("google_oauth_access_token", "ya29.", UrlSafeDot, 30, 2048),
     f("groq_api_key", "gsk_", Alnum, 48, 60),
@@ -387,7 +397,7 @@ fn match_at(b: &[u8]) -> Option<(usize, &'static str)> {
             let end = fmt.prefix.len() + n;
             if (fmt.min..=fmt.max).contains(&n)
                 && ends_at(b, end)
-                && classes(&rest[..n]) >= 2
+                && (fmt.charset.is_strict() || classes(&rest[..n]) >= 2)
                 && fmt.check.passes(&rest[..n])
             {
                 return Some((end, fmt.kind));

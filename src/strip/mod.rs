@@ -243,12 +243,13 @@ pub fn inspect(
 /// secrets (the same text when none do).
 fn inspect_cookies(fp: &Fingerprinter, v: &str, findings: &mut Vec<Finding>) -> String {
     let mut kept: Vec<&str> = Vec::new();
-    let mut found = Vec::new();
     for pair in v.split(';') {
+        let mut found = Vec::new();
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let (name, value) = (name.trim(), value.trim().trim_matches('"'));
-        found.clear();
-        secrets_in(name, value, &mut found);
+        let (name, raw) = (name.trim(), value.trim().trim_matches('"'));
+        // Cookie values are often percent-encoded (RFC 6265 leaves the encoding to the app).
+        let value = percent_decode_str(raw).decode_utf8_lossy();
+        secrets_in(name, &value, &mut found);
         for &(kind, secret) in &found {
             findings.push(Finding {
                 kind,
