@@ -88,6 +88,125 @@ fn bench_strip(c: &mut Criterion) {
     });
 }
 
+/// A 1 KiB chat-completions body, no secret in it (the common case).
+fn chat_body() -> Vec<u8> {
+    let mut body = String::from(
+        r#"{"model":"gpt-4o-mini","temperature":0.2,"max_tokens":512,"user":"550e8400-e29b-41d4-a716-446655440000","messages":["#,
+    );
+    let turns = [
+        (
+            "system",
+            "You are a support assistant. Answer briefly and cite the ticket id.",
+        ),
+        (
+            "user",
+            "Ticket 48213: the export job fails with status 502 after 30 seconds when the file is larger than 2 GB. Logs show a timeout from the storage gateway.",
+        ),
+        (
+            "assistant",
+            "The gateway closes idle uploads after 30 s. Use multipart upload with 100 MB parts, or raise the gateway idle timeout.",
+        ),
+        (
+            "user",
+            "We already use multipart. Could it be the proxy in front of the gateway? It is nginx with default settings.",
+        ),
+    ];
+    for (i, (role, content)) in turns.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&format!(r#"{{"role":"{role}","content":"{content}"}}"#));
+    }
+    body.push_str(r#"],"metadata":{"trace":"4bf92f3577b34da6a3ce929d0e0e4736","stage":"triage"}"#);
+    while body.len() < 1023 {
+        body.push(' ');
+    }
+    body.push('}');
+    body.into_bytes()
+}
+
+fn bench_strip_body(c: &mut Criterion) {
+    let fp = Fingerprinter::random();
+    let headers = typical_headers();
+    let body = chat_body();
+    assert_eq!(body.len(), 1024);
+    // The issue's typical request: 12 headers and a 1 KiB JSON body, both inspected.
+    c.bench_function("strip/typical_request_12_headers_1KiB_json", |b| {
+        b.iter_batched_ref(
+            || headers.clone(),
+            |h| {
+                let head = strip::inspect(&fp, StripMode::Strip, h, None, None);
+                let body = strip::inspect_body(&fp, strip::BodyKind::Json, black_box(&body));
+                black_box((head, body))
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    c.bench_function("strip/body_1KiB_json_clean", |b| {
+        b.iter(|| {
+            black_box(strip::inspect_body(
+                &fp,
+                strip::BodyKind::Json,
+                black_box(&body),
+            ))
+        })
+    });
+    // Linear time whatever the input: bodies of 4 KiB to 256 KiB, benign and adversarial
+    // (long runs of almost-tokens, deep nesting, many assignments, unterminated PEM headers).
+    let mut group = c.benchmark_group("strip/scaling");
+    for kib in [4usize, 64, 256] {
+        let n = kib * 1024;
+        let shapes: [(&str, String); 4] = [
+            ("json_chat", {
+                let unit = String::from_utf8(chat_body()).unwrap();
+                let mut s = String::from("[");
+                while s.len() + unit.len() + 2 < n {
+                    if s.len() > 1 {
+                        s.push(',');
+                    }
+                    s.push_str(&unit);
+                }
+                s.push(']');
+                s
+            }),
+            (
+                "near_tokens",
+                format!(
+                    "{{\"t\":\"{}\"}}",
+                    "sk-proj-a ya29.b AKIA eyJ.eyJ. ".repeat(n / 30)
+                ),
+            ),
+            (
+                "assignments",
+                format!(
+                    "{{\"t\":\"{}\"}}",
+                    "token:api_key=password: ".repeat(n / 24)
+                ),
+            ),
+            (
+                "pem_headers",
+                format!(
+                    "{{\"t\":\"{}\"}}",
+                    "-----BEGIN RSA PRIVATE KEY-----".repeat(n / 31)
+                ),
+            ),
+        ];
+        for (name, body) in shapes {
+            group.throughput(criterion::Throughput::Bytes(body.len() as u64));
+            group.bench_function(format!("{name}/{kib}KiB"), |b| {
+                b.iter(|| {
+                    black_box(strip::inspect_body(
+                        &fp,
+                        strip::BodyKind::Json,
+                        black_box(body.as_bytes()),
+                    ))
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
 fn policy_text(n: usize) -> String {
     let mut s = String::from(
         "@id(\"inference-openai\")\npermit(principal, action == Action::\"POST\", resource == Destination::\"api.openai.com\") when { context.purpose == \"answer-question\" && principal.environment == \"prod\" };\n",
@@ -278,6 +397,7 @@ fn bench_leaf(c: &mut Criterion) {
 criterion_group!(
     benches,
     bench_strip,
+    bench_strip_body,
     bench_policy,
     bench_mint,
     bench_token_cache,

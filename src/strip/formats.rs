@@ -432,30 +432,94 @@ pub struct Hit {
     pub kind: &'static str,
 }
 
+/// The shortest token any format accepts (`LTAI` + 12); a test keeps it true.
+const MIN_TOKEN: usize = 16;
+
+/// Bytes a token can hold (PEM blocks aside, which are found on their own), as a table: this
+/// test runs once per byte of every inspected value.
+static TOKEN_BYTE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        t[c] = b.is_ascii_alphanumeric()
+            || matches!(b, b'_' | b'-' | b'.' | b'~' | b'+' | b'/' | b'=');
+        c += 1;
+    }
+    t
+};
+
+fn is_token_byte(c: u8) -> bool {
+    TOKEN_BYTE[usize::from(c)]
+}
+
 /// Every known token in free text (a prompt, a pasted `.env` file, a URL, a JSON string),
-/// each once, placeholders left out. Tokens start at a word boundary; after a hit the search
-/// resumes past it, so the time is linear in the text's length.
+/// each once, placeholders left out.
+///
+/// Tokens start at a word boundary inside a run of token bytes at least [`MIN_TOKEN`] long,
+/// so prose (short words) costs one table lookup a byte. After a hit the search resumes past
+/// it and each try is bounded by the longest format, so the time is linear in the text.
 pub fn find_tokens(text: &str, out: &mut Vec<Hit>) {
     let b = text.as_bytes();
+    let push = |start: usize, n: usize, kind: &'static str, out: &mut Vec<Hit>| {
+        if !is_placeholder(&text[start..start + n]) {
+            out.push(Hit {
+                start,
+                end: start + n,
+                kind,
+            });
+        }
+    };
+    // PEM blocks first: they hold spaces and newlines, so no run covers them.
+    let mut pem_end = 0;
+    let mut pems: Vec<(usize, usize)> = Vec::new();
+    // Built once: a searcher's set-up costs more than searching a header value.
+    static PEM_BEGIN: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"-----BEGIN "));
+    // A PEM private key is far longer than 64 bytes; shorter text need not be searched.
+    let pem_text = if b.len() >= 64 { b } else { &[] };
+    for at in PEM_BEGIN.find_iter(pem_text) {
+        if at < pem_end {
+            continue;
+        }
+        if let Some((n, kind)) = structured(&b[at..]) {
+            push(at, n, kind, out);
+            pems.push((at, at + n));
+            pem_end = at + n;
+        }
+    }
+    let mut pems = pems.into_iter().peekable();
     let mut i = 0;
     while i < b.len() {
-        if i > 0 && is_word(b[i - 1]) {
+        if !is_token_byte(b[i]) {
             i += 1;
             continue;
         }
-        if let Some((n, kind)) = match_at(&b[i..]) {
-            let token = &text[i..i + n];
-            if !is_placeholder(token) {
-                out.push(Hit {
-                    start: i,
-                    end: i + n,
-                    kind,
-                });
-            }
-            i += n;
-        } else {
+        let start = i;
+        while i < b.len() && is_token_byte(b[i]) {
             i += 1;
         }
+        while pems.peek().is_some_and(|&(_, e)| e <= start) {
+            pems.next();
+        }
+        if i - start < MIN_TOKEN || pems.peek().is_some_and(|&(s, _)| s <= start) {
+            continue;
+        }
+        let mut j = start;
+        while j < i {
+            if j > start && is_word(b[j - 1]) {
+                j += 1;
+                continue;
+            }
+            match match_at(&b[j..]) {
+                Some((n, kind)) => {
+                    push(j, n, kind, out);
+                    j += n;
+                }
+                None => j += 1,
+            }
+        }
+        i = i.max(j);
     }
 }
 
@@ -484,23 +548,27 @@ pub fn is_placeholder(v: &str) -> bool {
     if t.is_empty() || t.len() < 8 {
         return true;
     }
-    let lower = t.to_ascii_lowercase();
+    // Template words, any case, in one pass without allocating.
+    let b = t.as_bytes();
+    let at = |i: usize, w: &str| {
+        b.get(i..i + w.len())
+            .is_some_and(|s| s.eq_ignore_ascii_case(w.as_bytes()))
+    };
+    let template_word = (0..b.len()).any(|i| match b[i] | 0x20 {
+        b'y' => at(i, "your-") || at(i, "your_"),
+        b'c' => at(i, "changeme"),
+        b'p' => at(i, "placeholder"),
+        b'r' => at(i, "redacted"),
+        b'e' => at(i, "example"),
+        _ => false,
+    });
     (t.starts_with("${") && t.ends_with('}'))
         || (t.starts_with("{{") && t.ends_with("}}"))
         || (t.starts_with('<') && t.ends_with('>'))
         || t.contains("...")
         || t.bytes()
             .all(|b| b == b'x' || b == b'X' || b == b'*' || b == b'-' || b == b'_')
-        || [
-            "your-",
-            "your_",
-            "changeme",
-            "placeholder",
-            "redacted",
-            "example",
-        ]
-        .iter()
-        .any(|w| lower.contains(w))
+        || template_word
 }
 
 #[cfg(test)]
@@ -520,6 +588,41 @@ mod tests {
             body[n..].copy_from_slice(&sum);
         }
         format!("{}{}", fmt.prefix, String::from_utf8(body).unwrap())
+    }
+
+    #[test]
+    fn no_token_is_shorter_than_min_token() {
+        for fmt in FORMATS {
+            assert!(fmt.prefix.len() + fmt.min >= MIN_TOKEN, "{}", fmt.kind);
+        }
+    }
+
+    #[test]
+    fn tokens_are_found_in_text_once_each() {
+        let gh = "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";
+        let pem = "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIBkg4LVWM9nuwNSk3yByxZpYRTBnVJk5oF1JGa8xGzs1oAoGCCqGSM49\n-----END EC PRIVATE KEY-----";
+        let text = format!(
+            "see {gh}, and url https://x.test/?k={gh}&v=1 then\n{pem}\nAKIAIOSFODNN7EXAMPLZ."
+        );
+        let mut hits = Vec::new();
+        find_tokens(&text, &mut hits);
+        let got: Vec<(&str, &str)> = hits
+            .iter()
+            .map(|h| (h.kind, &text[h.start..h.end]))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("private_key_pem", pem),
+                ("github_pat", gh),
+                ("github_pat", gh),
+                ("aws_access_key_id", "AKIAIOSFODNN7EXAMPLZ"),
+            ]
+        );
+        // Inside a longer word, a prefix is not a token.
+        let mut hits = Vec::new();
+        find_tokens(&format!("x{gh}"), &mut hits);
+        assert!(hits.is_empty());
     }
 
     #[test]

@@ -19,7 +19,7 @@ mod names;
 
 use std::borrow::Cow;
 
-use http::header::{AUTHORIZATION, COOKIE, HeaderValue, PROXY_AUTHORIZATION};
+use http::header::{COOKIE, HeaderValue};
 use http::{HeaderMap, HeaderName};
 use percent_encoding::percent_decode_str;
 use serde::Serialize;
@@ -31,22 +31,66 @@ pub use names::{credential_name, entropy, named_value};
 use crate::config::StripMode;
 use crate::fingerprint::Fingerprinter;
 
-/// Headers whose whole value is a credential by convention.
-const API_KEY_HEADERS: &[&str] = &[
-    "x-api-key",
-    "api-key",
-    "x-goog-api-key",
-    "private-token",
-    "x-vault-token",
-    "x-auth-token",
-    "x-access-token",
-    "openai-api-key",
-    "dd-api-key",
-    "dd-application-key",
-    "ocp-apim-subscription-key",
-    "x-functions-key",
-    "x-shopify-access-token",
-];
+/// How a header's value is judged.
+enum HeaderRule {
+    /// `authorization`, `proxy-authorization`: a credential whatever its shape.
+    Authorization,
+    /// A header whose whole value is a credential by convention.
+    ApiKey,
+    /// `cookie`: each cookie on its own.
+    Cookie,
+    /// A header whose grammar (a length, a media type, a trace context, an entity tag)
+    /// leaves no room for a credential: not inspected.
+    Structured,
+    /// Anything else: known formats in the value, or a credential name with a high-entropy
+    /// value.
+    Other,
+}
+
+fn header_rule(name: &HeaderName) -> HeaderRule {
+    match name.as_str() {
+        "authorization" | "proxy-authorization" => HeaderRule::Authorization,
+        "x-api-key"
+        | "api-key"
+        | "x-goog-api-key"
+        | "private-token"
+        | "x-vault-token"
+        | "x-auth-token"
+        | "x-access-token"
+        | "openai-api-key"
+        | "dd-api-key"
+        | "dd-application-key"
+        | "ocp-apim-subscription-key"
+        | "x-functions-key"
+        | "x-shopify-access-token" => HeaderRule::ApiKey,
+        "cookie" => HeaderRule::Cookie,
+        "host"
+        | "content-length"
+        | "content-type"
+        | "content-encoding"
+        | "accept"
+        | "accept-encoding"
+        | "accept-language"
+        | "connection"
+        | "te"
+        | "traceparent"
+        | "tracestate"
+        | "cache-control"
+        | "pragma"
+        | "if-none-match"
+        | "if-match"
+        | "if-modified-since"
+        | "if-unmodified-since"
+        | "date"
+        | "expect"
+        | "upgrade"
+        | "keep-alive"
+        | "via"
+        | "chaperone-purpose"
+        | "chaperone-request-id" => HeaderRule::Structured,
+        _ => HeaderRule::Other,
+    }
+}
 
 /// Query parameter names that carry credentials by convention (compared lowercase): any
 /// value that is not a placeholder counts, entropy or not.
@@ -140,23 +184,26 @@ pub fn inspect(
     for (name, value) in headers.iter() {
         let Ok(v) = value.to_str() else { continue };
         let mut found: Vec<(&'static str, &str)> = Vec::new();
-        if name == COOKIE {
-            let kept = inspect_cookies(fp, v, &mut report.findings);
-            if kept.len() != v.len() {
-                cookies = Some(kept);
+        match header_rule(name) {
+            HeaderRule::Cookie => {
+                let kept = inspect_cookies(fp, v, &mut report.findings);
+                if kept.len() != v.len() {
+                    cookies = Some(kept);
+                }
+                continue;
             }
-            continue;
-        }
-        if name == AUTHORIZATION || name == PROXY_AUTHORIZATION {
-            if let Some(kind) = authorization_kind(v) {
-                found.push((kind, credential_part(v)));
+            HeaderRule::Authorization => {
+                if let Some(kind) = authorization_kind(v) {
+                    found.push((kind, credential_part(v)));
+                }
             }
-        } else if API_KEY_HEADERS.contains(&name.as_str()) {
-            if !is_placeholder(v) {
-                found.push((classify(v.trim()).unwrap_or("api_key"), v.trim()));
+            HeaderRule::ApiKey => {
+                if !is_placeholder(v) {
+                    found.push((classify(v.trim()).unwrap_or("api_key"), v.trim()));
+                }
             }
-        } else {
-            secrets_in(name.as_str(), credential_part(v), &mut found);
+            HeaderRule::Structured => continue,
+            HeaderRule::Other => secrets_in(name.as_str(), credential_part(v), &mut found),
         }
         for &(kind, secret) in &found {
             report.findings.push(Finding {
@@ -301,7 +348,10 @@ pub fn inspect_body(fp: &Fingerprinter, kind: BodyKind, bytes: &[u8]) -> Vec<Bod
     };
     match kind {
         BodyKind::Json => {
-            let text = String::from_utf8_lossy(bytes);
+            let text = match std::str::from_utf8(bytes) {
+                Ok(t) => Cow::Borrowed(t),
+                Err(_) => String::from_utf8_lossy(bytes),
+            };
             let mut service_account = false;
             let walked = body::walk_json(&text, |v| {
                 if let Some(t) = v.text {

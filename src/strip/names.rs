@@ -67,29 +67,44 @@ const NOT_CREDENTIAL: &[&str] = &[
     "cancel",
 ];
 
-/// The words of a field name, lowercase: split at non-alphanumerics and camelCase humps.
-fn words(name: &str) -> impl Iterator<Item = String> + '_ {
-    let mut out: Vec<String> = Vec::new();
-    let mut cur = String::new();
-    let mut prev_lower = false;
-    for c in name.chars() {
-        if !c.is_ascii_alphanumeric() {
-            if !cur.is_empty() {
-                out.push(std::mem::take(&mut cur));
+/// The words of a field name as byte ranges: split at non-alphanumerics and camelCase humps.
+/// At most 16 words are kept (the last ones); no allocation.
+fn words(name: &[u8]) -> ([(u8, u8); 16], usize) {
+    let mut out = [(0u8, 0u8); 16];
+    let mut n = 0;
+    let mut push = |s: usize, e: usize| {
+        if e > s {
+            if n == out.len() {
+                out.copy_within(1.., 0);
+                n -= 1;
             }
+            // Names are at most 64 bytes (checked by the caller), so offsets fit in a u8.
+            out[n] = (s as u8, e as u8);
+            n += 1;
+        }
+    };
+    let mut start = 0;
+    let mut prev_lower = false;
+    for (i, &c) in name.iter().enumerate() {
+        if !c.is_ascii_alphanumeric() {
+            push(start, i);
+            start = i + 1;
             prev_lower = false;
             continue;
         }
-        if c.is_ascii_uppercase() && prev_lower && !cur.is_empty() {
-            out.push(std::mem::take(&mut cur));
+        if c.is_ascii_uppercase() && prev_lower {
+            push(start, i);
+            start = i;
         }
         prev_lower = c.is_ascii_lowercase() || c.is_ascii_digit();
-        cur.push(c.to_ascii_lowercase());
     }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
-    out.into_iter()
+    push(start, name.len());
+    (out, n)
+}
+
+/// Whether `word` (any case) is one of `list` (lowercase).
+fn one_of(word: &[u8], list: &[&str]) -> bool {
+    list.iter().any(|w| w.as_bytes().eq_ignore_ascii_case(word))
 }
 
 /// What a credential-named field holds.
@@ -105,29 +120,49 @@ pub enum NameKind {
 
 /// Whether a field name names a credential.
 pub fn credential_name(name: &str) -> Option<NameKind> {
-    if name.len() > 64 {
+    if name.len() > 64 || name.is_empty() {
         return None;
     }
-    let w: Vec<String> = words(name).collect();
-    let last = w.last()?.as_str();
-    if w.iter().any(|x| NOT_CREDENTIAL.contains(&x.as_str())) {
+    let b = name.as_bytes();
+    // The last word first, without splitting the rest: it rules out almost every name
+    // (`user-agent`, `content`, `model`), and this runs for every value inspected.
+    let end = b.iter().rposition(u8::is_ascii_alphanumeric)? + 1;
+    let mut start = end - 1;
+    while start > 0
+        && b[start - 1].is_ascii_alphanumeric()
+        && (!b[start].is_ascii_uppercase() || b[start - 1].is_ascii_uppercase())
+    {
+        start -= 1;
+    }
+    let last = &b[start..end];
+    if !last.eq_ignore_ascii_case(b"key") && !one_of(last, LAST_WORDS) {
         return None;
     }
-    let before = w.len().checked_sub(2).map(|i| w[i].as_str());
-    if last == "key" {
-        let q = before?;
-        if q == "access" && w.iter().any(|x| x == "secret") {
+    let (ranges, n) = words(b);
+    let w = |i: usize| &b[usize::from(ranges[i].0)..usize::from(ranges[i].1)];
+    if n == 0 {
+        return None;
+    }
+    let last = w(n - 1);
+    let is_key = last.eq_ignore_ascii_case(b"key");
+    if (0..n).any(|i| one_of(w(i), NOT_CREDENTIAL)) {
+        return None;
+    }
+    if is_key {
+        let q = w(n.checked_sub(2)?);
+        if q.eq_ignore_ascii_case(b"access") && (0..n).any(|i| w(i).eq_ignore_ascii_case(b"secret"))
+        {
             return Some(NameKind::AwsSecret);
         }
-        return KEY_QUALIFIERS.contains(&q).then_some(NameKind::Secret);
+        return one_of(q, KEY_QUALIFIERS).then_some(NameKind::Secret);
     }
-    if !LAST_WORDS.contains(&last) {
-        return None;
-    }
-    Some(match last {
-        "password" | "passwd" | "pwd" | "passphrase" => NameKind::Password,
-        _ => NameKind::Secret,
-    })
+    Some(
+        if one_of(last, &["password", "passwd", "pwd", "passphrase"]) {
+            NameKind::Password
+        } else {
+            NameKind::Secret
+        },
+    )
 }
 
 /// Shannon entropy of `v` in bits per byte.
