@@ -28,6 +28,7 @@ pub mod pipeline;
 pub mod policy;
 pub mod purpose_log;
 pub mod route;
+pub mod scan;
 pub mod server;
 pub mod strip;
 pub mod tls;

@@ -43,6 +43,18 @@ enum Cmd {
     },
     /// Run the whole job end to end on loopback: a model API, the sidecar and a scripted agent.
     Demo,
+    /// Report the embedded secrets `strip` would remove from recorded requests (a HAR file or
+    /// JSON lines), without sending anything. Exit status: 0 none found, 1 found, 2 error.
+    Scan {
+        /// HAR file, or JSON lines of {"method", "url", "headers", "body"}; `-` for stdin.
+        file: PathBuf,
+        /// One JSON object per request instead of the report.
+        #[arg(long)]
+        json: bool,
+        /// Use this configuration's fingerprint key, so fingerprints match its purpose log.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// The local CA that signs intercepted HTTPS connections.
     Ca {
         #[command(subcommand)]
@@ -166,9 +178,56 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::Scan { file, json, config } => scan(&file, json, config.as_deref()),
         Cmd::Demo => {
             init_demo_tracing();
             runtime().block_on(chaperone::demo::run())
+        }
+    }
+}
+
+fn scan(file: &std::path::Path, json: bool, config: Option<&std::path::Path>) -> ExitCode {
+    let key_file = match config.map(Config::load).transpose() {
+        Ok(cfg) => cfg.and_then(|c| c.strip.fingerprint_key_file),
+        Err(errs) => {
+            for e in &errs.0 {
+                eprintln!("{e}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    let fp = match chaperone::fingerprint::Fingerprinter::from_file_or_random(key_file.as_deref()) {
+        Ok(fp) => fp,
+        Err(e) => {
+            eprintln!("chaperone scan: fingerprint key: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let text = if file.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).map(|_| s)
+    } else {
+        std::fs::read_to_string(file)
+    };
+    let text = match text {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("chaperone scan: {}: {e}", file.display());
+            return ExitCode::from(2);
+        }
+    };
+    match chaperone::scan::report(&fp, &text, json) {
+        Ok((out, found)) => {
+            print!("{out}");
+            if found {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("chaperone scan: {}: {e}", file.display());
+            ExitCode::from(2)
         }
     }
 }
