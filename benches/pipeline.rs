@@ -142,6 +142,11 @@ fn bench_strip_body(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+    // What one finding costs beyond detection: the keyed fingerprint (HMAC-SHA256).
+    let secret = b"sk-proj-Ab1_Cd2-Ef3_Gh4-Ab1_Cd2-Ef3_Gh4-Ab1_Cd2-Ef3_Gh4-";
+    c.bench_function("strip/fingerprint_hmac_sha256", |b| {
+        b.iter(|| black_box(fp.fingerprint(black_box(secret))))
+    });
     c.bench_function("strip/body_1KiB_json_clean", |b| {
         b.iter(|| {
             black_box(strip::inspect_body(

@@ -788,3 +788,80 @@ fn corpus_recall_and_false_positives_meet_the_targets() {
         fps.join("\n")
     );
 }
+
+/// The fuzz target's invariants on pseudo-random input built from corpus pieces (tokens,
+/// JSON and form syntax, escapes, PEM markers, junk bytes), so CI checks them on stable.
+#[test]
+fn detector_invariants_hold_on_random_input() {
+    // FUZZ_ITERS / FUZZ_SEED run it longer or elsewhere (CI keeps the default).
+    let env = |k: &str| std::env::var(k).ok().and_then(|s| s.parse::<u64>().ok());
+    let iters = env("FUZZ_ITERS").unwrap_or(4000);
+    let mut rng = Rng(env("FUZZ_SEED").unwrap_or(0xf022) | 1);
+    let pieces: Vec<String> = {
+        let mut v: Vec<String> = shape_types()
+            .into_iter()
+            .map(|k| token(&mut rng, k))
+            .collect();
+        v.extend(
+            [
+                "{",
+                "}",
+                "[",
+                "]",
+                "\"",
+                ":",
+                ",",
+                "=",
+                "&",
+                ";",
+                " ",
+                "\\u00",
+                "\\",
+                "\n",
+                "-----BEGIN ",
+                "PRIVATE KEY-----",
+                "-----END ",
+                "eyJ",
+                ".",
+                "api_key",
+                "token",
+                "password",
+                "%2B",
+                "%",
+                "\u{e9}",
+                "\u{1f600}",
+                "AccountKey=",
+                "sig=",
+                "sv=",
+            ]
+            .map(String::from),
+        );
+        v
+    };
+    for i in 0..iters {
+        let n = rng.range(1, 24);
+        let mut s = String::new();
+        for _ in 0..n {
+            if rng.range(0, 5) == 0 {
+                let len = rng.range(0, 40);
+                s.push_str(&rng.string(ALNUM, len));
+            } else {
+                let p = &pieces[rng.range(0, pieces.len() - 1)];
+                // Sometimes cut a piece short, sometimes keep it whole.
+                let cut = if rng.range(0, 2) == 0 {
+                    p.len()
+                } else {
+                    rng.range(0, p.len())
+                };
+                let cut = (0..=cut).rev().find(|&c| p.is_char_boundary(c)).unwrap();
+                s.push_str(&p[..cut]);
+            }
+        }
+        let mut bytes = s.into_bytes();
+        if i % 7 == 0 && !bytes.is_empty() {
+            let at = rng.range(0, bytes.len() - 1);
+            bytes[at] = (rng.next() & 0xff) as u8;
+        }
+        chaperone::strip::fuzzing::check(&bytes);
+    }
+}

@@ -195,11 +195,10 @@ pub fn walk_json(s: &str, mut visit: impl FnMut(JsonValue<'_>)) -> Result<(), No
                 i = end;
             }
             _ if expect_key => return Err(NotJson),
-            _ => {
+            // A number, `true`, `false` or `null`; any other byte means this is not JSON.
+            c if is_scalar_byte(c) => {
                 let start = i;
-                while i < b.len()
-                    && !matches!(b[i], b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r')
-                {
+                while i < b.len() && is_scalar_byte(b[i]) {
                     i += 1;
                 }
                 let field = match stack.last() {
@@ -212,6 +211,7 @@ pub fn walk_json(s: &str, mut visit: impl FnMut(JsonValue<'_>)) -> Result<(), No
                     text: None,
                 });
             }
+            _ => return Err(NotJson),
         }
     }
     if stack.is_empty() {
@@ -219,6 +219,16 @@ pub fn walk_json(s: &str, mut visit: impl FnMut(JsonValue<'_>)) -> Result<(), No
     } else {
         Err(NotJson)
     }
+}
+
+/// Bytes of JSON numbers and of `true`, `false`, `null`.
+fn is_scalar_byte(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, b'+' | b'-' | b'.')
+}
+
+/// JSON's whitespace (RFC 8259): narrower than `u8::is_ascii_whitespace`, which takes form feed.
+fn is_json_space(c: u8) -> bool {
+    matches!(c, b' ' | b'\t' | b'\n' | b'\r')
 }
 
 /// The index just past the closing quote of the string starting at `b[start] == '"'`.
@@ -302,11 +312,10 @@ pub fn inject_field(
             if ranges.is_empty() {
                 let open = body
                     .iter()
-                    .position(|c| !c.is_ascii_whitespace())
+                    .position(|&c| !is_json_space(c))
                     .filter(|&p| body[p] == b'{')
                     .ok_or_else(|| "the JSON body is not an object".to_string())?;
-                let empty =
-                    body[open + 1..].iter().find(|c| !c.is_ascii_whitespace()) == Some(&b'}');
+                let empty = body[open + 1..].iter().find(|&&c| !is_json_space(c)) == Some(&b'}');
                 let add = format!(
                     "{}:{}{}",
                     json_string(field),
@@ -397,7 +406,17 @@ mod tests {
         );
         // NDJSON: documents one after another.
         assert_eq!(values("{\"a\":\"1\"}\n{\"a\":\"2\"}\n").len(), 2);
-        for bad in ["{\"a\" 1", "{\"a\":\"x}", "[1}", "{1:2}", "]"] {
+        // The last one was found by the fuzzer: form feed is not JSON whitespace, and stray
+        // bytes are not a scalar.
+        for bad in [
+            "{\"a\" 1",
+            "{\"a\":\"x}",
+            "[1}",
+            "{1:2}",
+            "]",
+            "\u{c}\u{c}{{.&&&;\u{c}",
+            "@",
+        ] {
             assert!(walk_json(bad, |_| {}).is_err(), "{bad}");
         }
         let deep = "[".repeat(MAX_DEPTH + 1) + &"]".repeat(MAX_DEPTH + 1);
@@ -430,6 +449,7 @@ mod tests {
             r#"{"api_key":"t"}"#
         );
         assert!(inject_field(BodyKind::Json, b"[1]", "api_key", "t").is_err());
+        assert!(inject_field(BodyKind::Json, b"\x0c{\"a\":1}", "api_key", "t").is_err());
         assert_eq!(
             out(inject_field(
                 BodyKind::Form,

@@ -505,13 +505,15 @@ pub fn find_tokens(text: &str, out: &mut Vec<Hit>) {
         if i - start < MIN_TOKEN || pems.peek().is_some_and(|&(s, _)| s <= start) {
             continue;
         }
+        // A token never runs into a PEM block that follows it.
+        let limit = pems.peek().map_or(b.len(), |&(s, _)| s);
         let mut j = start;
-        while j < i {
+        while j < i.min(limit) {
             if j > start && is_word(b[j - 1]) {
                 j += 1;
                 continue;
             }
-            match match_at(&b[j..]) {
+            match match_at(&b[j..limit]) {
                 Some((n, kind)) => {
                     push(j, n, kind, out);
                     j += n;

@@ -15,6 +15,8 @@
 
 pub mod body;
 mod formats;
+#[doc(hidden)]
+pub mod fuzzing;
 mod names;
 
 use std::borrow::Cow;
