@@ -377,3 +377,39 @@ async fn sigterm_drains_in_flight_intercepted_requests() {
     );
     assert!(status.success(), "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_are_inspected_inside_intercepted_http2() {
+    let pki = TestPki::new();
+    let up = Upstream::start_tls(&pki).await;
+    let sc = start(&up, &pki.ca_pem);
+    let ca = sc.dir().join("ca.pem");
+    let key = fake_openai_key();
+    let url = format!("https://localhost:{}/v1/chat", up.addr.port());
+    let json = ["-H", "content-type: application/json", "--http2"];
+    let leaked = format!(r#"{{"messages":[{{"content":"my key: {key}"}}]}}"#);
+    let mut args = json.to_vec();
+    args.extend(["--data-binary", &leaked, &url]);
+    let (rc, code, body) = through(&sc, &ca, &args);
+    assert_eq!((rc, code), (0, 403), "{body}");
+    assert!(
+        body.contains("embedded_secret") && body.contains("body:content"),
+        "{body}"
+    );
+    assert!(up.requests().is_empty(), "the secret never left");
+
+    let clean = r#"{"messages":[{"content":"hello"}],"max_tokens":64}"#;
+    let mut args = json.to_vec();
+    args.extend(["--data-binary", clean, &url]);
+    let (rc, code, body) = through(&sc, &ca, &args);
+    assert_eq!((rc, code), (0, 200), "{body}");
+    let r = &up.requests()[0];
+    assert_eq!(r.version, "HTTP/2.0");
+    assert_eq!(r.body, clean, "a clean body passes byte for byte");
+    assert_eq!(r.header("x-api-key"), Some(STATIC_VALUE));
+    let lines = sc.log_lines(4);
+    let http: Vec<&Value> = lines.iter().filter(|l| l["kind"] == "http").collect();
+    assert_eq!(http.len(), 2);
+    assert!(http.iter().all(|l| l["body_scan"] == "inspected"));
+    sc.assert_never_shows(&[&key, STATIC_VALUE]);
+}
