@@ -45,6 +45,18 @@ log:
     )
 }
 
+/// An upstream and a sidecar in front of it, with the given strip mode and body limit; the
+/// static credential is not used by the routes these tests call.
+async fn start(mode: &str, body_max: usize) -> (Upstream, Sidecar) {
+    let up = Upstream::start().await;
+    let sc = Sidecar::start(
+        &config(up.addr.port(), mode, body_max),
+        PERMISSIVE_POLICY,
+        &[(STATIC_ENV, "unused-static-value")],
+    );
+    (up, sc)
+}
+
 /// Run a Python script through the sidecar; its stdout lines.
 fn python(sc: &Sidecar, script: &str) -> Vec<String> {
     let (ok, out, err) = run(Command::new("python3")
@@ -138,13 +150,8 @@ print(r.status_code)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secret_elsewhere_in_a_body_is_refused_in_strip_mode_never_forwarded() {
-    let up = Upstream::start().await;
+    let (up, sc) = start("strip", 65536).await;
     let port = up.addr.port();
-    let sc = Sidecar::start(
-        &config(port, "strip", 65536),
-        PERMISSIVE_POLICY,
-        &[(STATIC_ENV, "unused-static-value")],
-    );
     let key = fake_openai_key();
     let gh = "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";
     // The same key three ways: in a prompt, JSON-escaped (`\u002d` for `-`), and in a
@@ -208,13 +215,8 @@ print(r.status_code)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn report_mode_forwards_the_body_unchanged_and_logs_every_occurrence() {
-    let up = Upstream::start().await;
+    let (up, sc) = start("report", 65536).await;
     let port = up.addr.port();
-    let sc = Sidecar::start(
-        &config(port, "report", 65536),
-        PERMISSIVE_POLICY,
-        &[(STATIC_ENV, "unused-static-value")],
-    );
     let (k1, k2) = (fake_openai_key(), fake_openai_key());
     let body = format!(r#"{{"a": "{k1}", "b": ["x {k2} y", "{k1}"]}}"#);
     let (code, _) = curl(&[
@@ -261,13 +263,8 @@ async fn report_mode_forwards_the_body_unchanged_and_logs_every_occurrence() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cookies_holding_tokens_are_removed_one_by_one() {
-    let up = Upstream::start().await;
+    let (up, sc) = start("strip", 65536).await;
     let port = up.addr.port();
-    let sc = Sidecar::start(
-        &config(port, "strip", 65536),
-        PERMISSIVE_POLICY,
-        &[(STATIC_ENV, "unused-static-value")],
-    );
     let gh = "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";
     let session = "Zq8Xw2Lm5Pn9Rt3Vb7Kc1Hd4Fg6Jy0Ts";
     let (code, _) = curl(&[
@@ -293,13 +290,8 @@ async fn cookies_holding_tokens_are_removed_one_by_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_over_the_limit_stream_through_whole_and_the_log_says_so() {
-    let up = Upstream::start().await;
+    let (up, sc) = start("strip", 1024).await;
     let port = up.addr.port();
-    let sc = Sidecar::start(
-        &config(port, "strip", 1024),
-        PERMISSIVE_POLICY,
-        &[(STATIC_ENV, "unused-static-value")],
-    );
     let filler = "x".repeat(4000);
     let script = format!(
         r#"

@@ -432,6 +432,13 @@ pub struct Hit {
     pub kind: &'static str,
 }
 
+impl Hit {
+    /// The token within the text it was found in.
+    pub fn of<'t>(&self, text: &'t str) -> &'t str {
+        &text[self.start..self.end]
+    }
+}
+
 /// The shortest token any format accepts (`LTAI` + 12); a test keeps it true.
 const MIN_TOKEN: usize = 16;
 
@@ -608,10 +615,7 @@ mod tests {
         );
         let mut hits = Vec::new();
         find_tokens(&text, &mut hits);
-        let got: Vec<(&str, &str)> = hits
-            .iter()
-            .map(|h| (h.kind, &text[h.start..h.end]))
-            .collect();
+        let got: Vec<(&str, &str)> = hits.iter().map(|h| (h.kind, h.of(&text))).collect();
         assert_eq!(
             got,
             [

@@ -165,7 +165,7 @@ pub fn secrets_in<'v>(name: &str, value: &'v str, out: &mut Vec<(&'static str, &
         } else {
             h.kind
         };
-        out.push((kind, &value[h.start..h.end]));
+        out.push((kind, h.of(value)));
     }
 }
 

@@ -339,10 +339,7 @@ mod tests {
                     password: hunter2hunter2 url=https://x.test/a?b=c";
         let mut hits = Vec::new();
         find_assignments(text, &mut hits);
-        let got: Vec<(&str, &str)> = hits
-            .iter()
-            .map(|h| (h.kind, &text[h.start..h.end]))
-            .collect();
+        let got: Vec<(&str, &str)> = hits.iter().map(|h| (h.kind, h.of(text))).collect();
         assert_eq!(
             got,
             [
