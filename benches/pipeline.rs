@@ -18,6 +18,10 @@ use chaperone::fingerprint::Fingerprinter;
 use chaperone::policy::{PolicyEngine, PolicyInput};
 use chaperone::strip;
 
+/// The allocator the `chaperone` binary ships with, so these figures are the server's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A typical app request head: 12 headers, one of them a hard-coded key.
 fn typical_headers() -> HeaderMap {
     let mut h = HeaderMap::new();
@@ -117,11 +121,16 @@ fn chat_body() -> Vec<u8> {
         }
         body.push_str(&format!(r#"{{"role":"{role}","content":"{content}"}}"#));
     }
-    body.push_str(r#"],"metadata":{"trace":"4bf92f3577b34da6a3ce929d0e0e4736","stage":"triage"}"#);
-    while body.len() < 1023 {
-        body.push(' ');
-    }
-    body.push('}');
+    let tail = r#"],"metadata":{"trace":"4bf92f3577b34da6a3ce929d0e0e4736","stage":"triage"}}"#;
+    // Reach exactly 1 KiB with one more user turn of prose (not padding: real bodies have
+    // little whitespace outside strings).
+    body.push_str(r#",{"role":"user","content":""#);
+    let prose =
+        "The upload goes through nginx then the gateway and fails near the thirty second mark. ";
+    let room = 1024 - body.len() - tail.len() - 2;
+    body.extend(prose.chars().cycle().take(room));
+    body.push_str(r#""}"#);
+    body.push_str(tail);
     body.into_bytes()
 }
 

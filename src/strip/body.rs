@@ -171,9 +171,9 @@ pub fn walk_json(s: &str, mut visit: impl FnMut(JsonValue<'_>)) -> Result<(), No
                 i += 1;
             }
             b'"' => {
-                let end = string_end(b, i).ok_or(NotJson)?;
+                let (end, escaped) = string_end(b, i).ok_or(NotJson)?;
                 let raw = &s[i + 1..end - 1];
-                let text: Cow<'_, str> = if raw.contains('\\') {
+                let text: Cow<'_, str> = if escaped {
                     Cow::Owned(unescape(raw))
                 } else {
                     Cow::Borrowed(raw)
@@ -231,14 +231,17 @@ fn is_json_space(c: u8) -> bool {
     matches!(c, b' ' | b'\t' | b'\n' | b'\r')
 }
 
-/// The index just past the closing quote of the string starting at `b[start] == '"'`.
-fn string_end(b: &[u8], start: usize) -> Option<usize> {
+/// The index just past the closing quote of the string starting at `b[start] == '"'`, and
+/// whether the string has escapes.
+fn string_end(b: &[u8], start: usize) -> Option<(usize, bool)> {
     let mut i = start + 1;
+    let mut escaped = false;
     loop {
         let at = i + memchr::memchr2(b'"', b'\\', &b[i..])?;
         if b[at] == b'"' {
-            return Some(at + 1);
+            return Some((at + 1, escaped));
         }
+        escaped = true;
         i = at + 2;
         if i > b.len() {
             return None;

@@ -496,13 +496,22 @@ pub fn find_tokens(text: &str, out: &mut Vec<Hit>) {
         }
     }
     let mut pems = pems.into_iter().peekable();
+    // Invariant: no run of token bytes that starts before `i` is still to be looked at, and
+    // a run containing a position past `i` starts at `i` or later.
     let mut i = 0;
-    while i < b.len() {
-        if !is_token_byte(b[i]) {
-            i += 1;
+    while i + MIN_TOKEN <= b.len() {
+        // Any run of MIN_TOKEN or more bytes starting in [i, probe] covers `probe`: when that
+        // byte is not a token byte, none starts there, and MIN_TOKEN bytes are skipped at once.
+        let probe = i + MIN_TOKEN - 1;
+        if !is_token_byte(b[probe]) {
+            i = probe + 1;
             continue;
         }
-        let start = i;
+        let mut start = probe;
+        while start > i && is_token_byte(b[start - 1]) {
+            start -= 1;
+        }
+        i = probe + 1;
         while i < b.len() && is_token_byte(b[i]) {
             i += 1;
         }

@@ -8,7 +8,10 @@
 
 use super::formats::is_placeholder;
 
-/// Words that, as the last word of a name, make it a credential name on their own.
+/// Words that, as the last word of a name, make it a credential name on their own. The
+/// lookup in [`could_end_a_credential_name`] is written out by length and first letter for
+/// speed; this list is what it must cover, and its test checks that it does.
+#[cfg(test)]
 const LAST_WORDS: &[&str] = &[
     "token",
     "secret",
@@ -102,6 +105,28 @@ fn words(name: &[u8]) -> ([(u8, u8); 16], usize) {
     (out, n)
 }
 
+/// Whether `word` is `key` or one of the last words of credential names (`token`, `secret`,
+/// `password`, `apikey`, `auth`, ...), any case: chosen by length and first
+/// letter, so most words are ruled out without comparing bytes.
+fn could_end_a_credential_name(word: &[u8]) -> bool {
+    let candidates: &[&str] = match (word.len(), word.first().map(|c| c | 0x20)) {
+        (3, Some(b'k')) => &["key"],
+        (3, Some(b'p')) => &["pwd", "pat"],
+        (4, Some(b'a')) => &["auth"],
+        (5, Some(b't')) => &["token"],
+        (6, Some(b's')) => &["secret"],
+        (6, Some(b'p')) => &["passwd"],
+        (6, Some(b'a')) => &["apikey"],
+        (8, Some(b'p')) => &["password"],
+        (10, Some(b'p')) => &["passphrase"],
+        (10, Some(b'c')) => &["credential"],
+        (11, Some(b'c')) => &["credentials"],
+        (13, Some(b'a')) => &["authorization"],
+        _ => return false,
+    };
+    one_of(word, candidates)
+}
+
 /// Whether `word` (any case) is one of `list` (lowercase).
 fn one_of(word: &[u8], list: &[&str]) -> bool {
     list.iter().any(|w| w.as_bytes().eq_ignore_ascii_case(word))
@@ -134,8 +159,7 @@ pub fn credential_name(name: &str) -> Option<NameKind> {
     {
         start -= 1;
     }
-    let last = &b[start..end];
-    if !last.eq_ignore_ascii_case(b"key") && !one_of(last, LAST_WORDS) {
+    if !could_end_a_credential_name(&b[start..end]) {
         return None;
     }
     let (ranges, n) = words(b);
@@ -282,6 +306,20 @@ pub fn find_assignments(text: &str, hits: &mut Vec<super::formats::Hit>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fast_last_word_check_knows_every_last_word() {
+        for w in LAST_WORDS.iter().chain(&["key"]) {
+            assert!(could_end_a_credential_name(w.as_bytes()), "{w}");
+            assert!(
+                could_end_a_credential_name(w.to_uppercase().as_bytes()),
+                "{w}"
+            );
+        }
+        for w in ["content", "role", "model", "keys", "tokens", "authors"] {
+            assert!(!could_end_a_credential_name(w.as_bytes()), "{w}");
+        }
+    }
 
     #[test]
     fn names() {
