@@ -242,6 +242,7 @@ fn bench_policy(c: &mut Criterion) {
             origin: "bench".into(),
             text: policy_text(n),
             schema: None,
+            files: None,
         })
         .unwrap();
         c.bench_function(&format!("policy/decide_{n}_policies"), |b| {

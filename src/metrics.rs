@@ -79,6 +79,13 @@ pub struct FlagLabels {
     pub flag: &'static str,
 }
 
+/// Labels of `chaperone_policy_reloads_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `ok` or `rejected`.
+    pub result: &'static str,
+}
+
 /// Every metric the proxy exports.
 pub struct Metrics {
     registry: Registry,
@@ -102,6 +109,8 @@ pub struct Metrics {
     pub tunnels_open: Gauge,
     /// Purpose-log lines dropped because the writer fell behind.
     pub log_dropped: Counter,
+    /// Policy reloads (file change, SIGHUP) by result.
+    pub policy_reloads: Family<ResultLabel, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -190,6 +199,12 @@ impl Metrics {
             "Purpose-log lines dropped because the writer fell behind",
             log_dropped.clone(),
         );
+        let policy_reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "policy_reloads",
+            "Policy reloads (file change or SIGHUP) by result: ok, or rejected (the last good policy stays in force)",
+            policy_reloads.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -202,6 +217,7 @@ impl Metrics {
             credential_flags,
             tunnels_open,
             log_dropped,
+            policy_reloads,
         }
     }
 

@@ -36,7 +36,7 @@ use crate::fingerprint::Fingerprinter;
 use crate::forward::{self, OutBody, Upstream};
 use crate::identify::{self, Caller, REQUEST_ID_HEADER, UNSPECIFIED_PURPOSE};
 use crate::metrics::{CredentialLabels, Metrics, RequestLabels, RouteLabels, StrippedLabels};
-use crate::policy::{Guardrails, PolicyEngine, PolicyInput};
+use crate::policy::{Guardrails, PolicyInput, PolicyStore};
 use crate::purpose_log::{CredentialLog, PurposeLog, Record};
 use crate::route::{InjectInto, RouteTable, Target};
 use crate::strip::BodyPlan;
@@ -48,8 +48,8 @@ use crate::{accept, strip, tunnel};
 pub struct Pipeline {
     /// Routes in match order.
     pub routes: Arc<RouteTable>,
-    /// Compiled policy.
-    pub policy: Arc<PolicyEngine>,
+    /// The policy set in force (swapped whole on reload).
+    pub policy: Arc<PolicyStore>,
     /// Addresses refused before policy.
     pub guardrails: Guardrails,
     /// Credential sources.
@@ -260,7 +260,7 @@ impl Pipeline {
                 format!("guardrail: {why}"),
             ));
         }
-        let decision = self.policy.decide(&PolicyInput {
+        let decision = self.policy.current().decide(&PolicyInput {
             identity: &caller.identity,
             action: parts.method.as_str(),
             host: &target.host,
@@ -455,7 +455,7 @@ impl Pipeline {
                 rec.reason = Some(reason.clone());
                 return Err(Rejection::new(ErrorCode::PolicyDenied, reason));
             }
-            let decision = self.policy.decide(&PolicyInput {
+            let decision = self.policy.current().decide(&PolicyInput {
                 identity: &caller.identity,
                 action: "CONNECT",
                 host: &target.host,

@@ -60,6 +60,139 @@ pub struct PolicyDecision {
 #[error("{0}")]
 pub struct PolicyError(String);
 
+/// The policy set in force, swapped whole on reload: a request sees the old set or the new
+/// one, never a mix, and loading it takes no lock.
+pub struct PolicyStore {
+    current: arc_swap::ArcSwap<PolicyEngine>,
+    source: std::sync::Mutex<PolicySource>,
+    stamps: std::sync::Mutex<Vec<crate::credentials::files::FileStamp>>,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl std::fmt::Debug for PolicyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PolicyStore({:?})", self.current.load())
+    }
+}
+
+impl PolicyStore {
+    /// A store holding `engine`, compiled from `source`.
+    pub fn new(
+        engine: PolicyEngine,
+        source: PolicySource,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> PolicyStore {
+        let stamps = Self::stamps(&source);
+        PolicyStore {
+            current: arc_swap::ArcSwap::from_pointee(engine),
+            source: std::sync::Mutex::new(source),
+            stamps: std::sync::Mutex::new(stamps),
+            metrics,
+        }
+    }
+
+    fn stamps(source: &PolicySource) -> Vec<crate::credentials::files::FileStamp> {
+        source
+            .files
+            .iter()
+            .flat_map(|(p, s)| std::iter::once(p).chain(s))
+            .map(|p| crate::credentials::files::stamp_of(p))
+            .collect()
+    }
+
+    /// The set in force now.
+    pub fn current(&self) -> arc_swap::Guard<Arc<PolicyEngine>> {
+        self.current.load()
+    }
+
+    /// Re-read and recompile the policy files; swap them in only if they compile (and
+    /// validate, with a schema). On failure the last good set stays in force, and the error
+    /// is logged and counted (`chaperone_policy_reloads_total{result="rejected"}`).
+    pub fn reload(&self, why: &str) -> Result<usize, PolicyError> {
+        let source = self.source.lock().expect("policy source lock").clone();
+        let result = source
+            .reread()
+            .map_err(PolicyError)
+            .and_then(|fresh| PolicyEngine::compile(&fresh).map(|e| (e, fresh)));
+        let outcome = match result {
+            Ok((engine, fresh)) => {
+                let n = engine.len();
+                self.current.store(Arc::new(engine));
+                *self.source.lock().expect("policy source lock") = fresh;
+                tracing::info!(policies = n, origin = %source.origin, why, "policy reloaded");
+                Ok(n)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, why, "policy reload rejected; the last good policy stays in force");
+                Err(e)
+            }
+        };
+        self.metrics
+            .policy_reloads
+            .get_or_create(&crate::metrics::ResultLabel {
+                result: if outcome.is_ok() { "ok" } else { "rejected" },
+            })
+            .inc();
+        outcome
+    }
+
+    /// Reload when a policy or schema file changed since the last look.
+    pub fn reload_if_changed(&self) {
+        let source = self.source.lock().expect("policy source lock").clone();
+        let now = Self::stamps(&source);
+        let mut seen = self.stamps.lock().expect("policy stamps lock");
+        if *seen != now {
+            *seen = now;
+            drop(seen);
+            let _ = self.reload("file changed");
+        }
+    }
+
+    /// Poll the files every `every`, and reload on SIGHUP; nothing to do for embedded policy.
+    pub fn spawn_watch(self: &Arc<Self>, every: std::time::Duration) {
+        if self
+            .source
+            .lock()
+            .expect("policy source lock")
+            .files
+            .is_none()
+        {
+            return;
+        }
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            let mut hup = match tokio::signal::unix::signal(
+                tokio::signal::unix::SignalKind::hangup(),
+            ) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no SIGHUP handler; policy reloads on file change only");
+                    None
+                }
+            };
+            loop {
+                let sighup = async {
+                    match hup.as_mut() {
+                        Some(h) => h.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let Some(store) = me.upgrade() else { break };
+                        tokio::task::block_in_place(|| store.reload_if_changed());
+                    }
+                    _ = sighup => {
+                        let Some(store) = me.upgrade() else { break };
+                        tokio::task::block_in_place(|| { let _ = store.reload("SIGHUP"); });
+                    }
+                }
+            }
+        });
+    }
+}
+
 /// Compiled policies and the authorizer.
 pub struct PolicyEngine {
     set: PolicySet,
@@ -385,6 +518,7 @@ mod tests {
             origin: "test.cedar".into(),
             text: text.into(),
             schema: None,
+            files: None,
         })
         .unwrap()
     }
@@ -449,6 +583,7 @@ forbid(principal, action, resource) when { resource.labels has sensitivity && re
             origin: "p.cedar".into(),
             text: "permit(principal, action, resource".into(),
             schema: None,
+            files: None,
         })
         .unwrap_err();
         assert!(

@@ -29,7 +29,7 @@ use crate::fingerprint::Fingerprinter;
 use crate::forward::Upstream;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
-use crate::policy::{Guardrails, PolicyEngine};
+use crate::policy::{Guardrails, PolicyEngine, PolicyStore};
 use crate::purpose_log::{LogWriterGuard, PurposeLog};
 use crate::route::RouteTable;
 
@@ -180,6 +180,11 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         .map_err(|e| build(e.to_string()))?,
     );
     let policy = PolicyEngine::compile(&cfg.policy).map_err(|e| build(e.to_string()))?;
+    let policy = Arc::new(PolicyStore::new(
+        policy,
+        cfg.policy.clone(),
+        metrics.clone(),
+    ));
 
     let mut listeners = Vec::new();
     for l in &cfg.listeners {
@@ -220,7 +225,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     );
     let pipeline = Arc::new(Pipeline {
         routes: Arc::new(RouteTable::new(cfg.routes.clone())),
-        policy: Arc::new(policy),
+        policy: policy.clone(),
         guardrails: Guardrails::new(own),
         credentials: credentials.clone(),
         fingerprinter,
@@ -237,6 +242,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         timeouts: cfg.timeouts,
     });
     credentials.spawn_file_watch(Duration::from_secs(2));
+    policy.spawn_watch(Duration::from_secs(2));
 
     let ready = Arc::new(AtomicBool::new(false));
     let workers = Workers::spawn(cfg.workers).map_err(|e| build(format!("worker threads: {e}")))?;

@@ -881,3 +881,81 @@ async fn jwt_signing_key_rotation_keeps_the_old_key_published() {
     verify(&set, &new, &aud);
     assert!(sc.output().contains("signing key rotated"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_reloads_on_change_and_sighup_and_keeps_the_last_good_set() {
+    let up = Upstream::start().await;
+    let sc = Sidecar::start(
+        &config(up.addr.port(), "strip"),
+        PERMISSIVE_POLICY,
+        &[(STATIC_ENV, "v-static-value")],
+    );
+    let url = format!("http://127.0.0.1:{}/v1/reload", up.addr.port());
+    let call = || curl(&["-x", &sc.proxy_url(), &url]);
+    let eventually = |want: u16| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (code, body) = call();
+            if code == want {
+                return body;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still {code}, wanted {want}: {body}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    assert_eq!(call().0, 200);
+
+    // A changed file is picked up without a restart.
+    let policy = sc.dir().join("policy.cedar");
+    std::fs::write(
+        &policy,
+        "@id(\"deny-all-for-now\")\nforbid(principal, action, resource);\n@id(\"allow\")\npermit(principal, action, resource);\n",
+    )
+    .unwrap();
+    let body = eventually(403);
+    assert!(body.contains("deny-all-for-now"), "{body}");
+
+    // A broken policy is rejected: the last good set stays in force, the proxy stays ready.
+    std::fs::write(&policy, "permit(principal, action, resource").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !admin_get(sc.admin, "/metrics")
+        .1
+        .contains(r#"chaperone_policy_reloads_total{result="rejected"} 1"#)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reload never rejected"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, body) = call();
+    assert_eq!(code, 403, "last good policy still decides: {body}");
+    assert!(body.contains("deny-all-for-now"));
+    assert_eq!(admin_get(sc.admin, "/readyz").0, 200);
+    assert!(sc.output().contains("policy reload rejected"));
+
+    // SIGHUP reloads at once.
+    std::fs::write(&policy, PERMISSIVE_POLICY).unwrap();
+    let pid = sc.child.as_ref().unwrap().id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    eventually(200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !sc.output().contains("SIGHUP") {
+        assert!(std::time::Instant::now() < deadline, "{}", sc.output());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        admin_get(sc.admin, "/metrics")
+            .1
+            .contains(r#"chaperone_policy_reloads_total{result="ok"}"#)
+    );
+}

@@ -155,6 +155,27 @@ pub struct PolicySource {
     pub text: String,
     /// Cedar schema text, if validation is wanted.
     pub schema: Option<String>,
+    /// The policy file and schema file it was read from (none when embedded); watched for
+    /// changes and re-read on SIGHUP.
+    pub files: Option<(PathBuf, Option<PathBuf>)>,
+}
+
+impl PolicySource {
+    /// Read the policy (and schema) files again, as they are now.
+    pub fn reread(&self) -> Result<PolicySource, String> {
+        let Some((policy, schema)) = &self.files else {
+            return Ok(self.clone());
+        };
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+        };
+        Ok(PolicySource {
+            origin: self.origin.clone(),
+            text: read(policy)?,
+            schema: schema.as_deref().map(read).transpose()?,
+            files: self.files.clone(),
+        })
+    }
 }
 
 /// Validated TLS settings.
@@ -551,6 +572,7 @@ impl Validator<'_> {
                 origin: "<embedded>".into(),
                 text: OBSERVE_POLICY.into(),
                 schema: None,
+                files: None,
             },
             (None, false) => {
                 self.err(&[Key("policy")], "a policy file is required (`policy: { file: policy.cedar }`); without one every request is denied");
@@ -558,6 +580,7 @@ impl Validator<'_> {
                     origin: String::new(),
                     text: String::new(),
                     schema: None,
+                    files: None,
                 }
             }
             (Some(p), _) => self.policy(p),
@@ -1153,6 +1176,7 @@ impl Validator<'_> {
                 String::new()
             }
         };
+        let schema_path = p.schema.as_deref().map(|s| self.path(s));
         let schema = p.schema.as_deref().and_then(|s| {
             let sp = self.path(s);
             match std::fs::read_to_string(&sp) {
@@ -1170,6 +1194,7 @@ impl Validator<'_> {
             origin: path.display().to_string(),
             text,
             schema,
+            files: Some((path, schema_path)),
         };
         if !src.text.is_empty()
             && let Err(e) = crate::policy::PolicyEngine::compile(&src)

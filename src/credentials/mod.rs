@@ -2,7 +2,7 @@
 //! injected. Failure is closed: the pipeline forwards nothing without its credential.
 
 mod cache;
-mod files;
+pub mod files;
 mod jwt;
 mod keys;
 mod oauth;
