@@ -148,17 +148,9 @@ impl PolicyStore {
         }
     }
 
-    /// Poll the files every `every`, and reload on SIGHUP; nothing to do for embedded policy.
+    /// Poll the files every `every`, and reload on SIGHUP. The handler is installed even for
+    /// the embedded policy (which reloads as itself), so a SIGHUP never ends the process.
     pub fn spawn_watch(self: &Arc<Self>, every: std::time::Duration) {
-        if self
-            .source
-            .lock()
-            .expect("policy source lock")
-            .files
-            .is_none()
-        {
-            return;
-        }
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);

@@ -424,6 +424,22 @@ async fn observe_mode_proxies_reports_and_injects_nothing() {
         code, 403,
         "the admin port is not reachable through the proxy"
     );
+    // SIGHUP (a habit of operators) reloads the embedded policy; it never ends the process.
+    let pid = sc.child.as_ref().unwrap().id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, _) = curl(&[
+        "-x",
+        &sc.proxy_url(),
+        &format!("http://127.0.0.1:{}/v1/after-hup", up.addr.port()),
+    ]);
+    assert_eq!(code, 200, "still serving after SIGHUP");
 }
 
 #[test]
