@@ -15,7 +15,7 @@ fn bad(reason: impl Into<String>) -> Rejection {
     Rejection::new(ErrorCode::BadRequest, reason)
 }
 
-fn normalize_host(h: &str) -> String {
+pub(crate) fn normalize_host(h: &str) -> String {
     h.trim_start_matches('[')
         .trim_end_matches(']')
         .trim_end_matches('.')

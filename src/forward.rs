@@ -107,8 +107,8 @@ impl tower::Service<Name> for GuardedResolver {
             let allowed: Vec<SocketAddr> = addrs
                 .into_iter()
                 .filter(|a| match Guardrails::check_ip(a.ip()) {
-                    Some(why) => {
-                        refused = Some(why);
+                    Some(hit) => {
+                        refused = Some(hit.why);
                         false
                     }
                     None => true,

@@ -55,10 +55,80 @@ enum Cmd {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Check, evaluate and test Cedar policy without running the sidecar. Exit status: 0
+    /// valid / allowed / all cases pass, 1 denied / a case failed, 2 error.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
     /// The local CA that signs intercepted HTTPS connections.
     Ca {
         #[command(subcommand)]
         cmd: CaCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Validate the config's policy against the schema; list the policy ids and warnings.
+    Check {
+        /// Configuration file (YAML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Decide one request as the sidecar would (route, purpose, guardrails, policy), without
+    /// sending it; print the decision, the deciding policy ids and the reason.
+    Eval {
+        /// Configuration file (YAML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// HTTP method, or CONNECT for a blind tunnel.
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// Absolute URL (for CONNECT, `host:port` also works).
+        #[arg(long)]
+        url: String,
+        /// The purpose the app names (default: the route's `purpose_default`).
+        #[arg(long)]
+        purpose: Option<String>,
+        /// Decide as this stage's identity (`stages[].name`).
+        #[arg(long)]
+        stage: Option<String>,
+        /// Decide as if the identity were in this environment.
+        #[arg(long)]
+        environment: Option<String>,
+        /// Decide as this principal id instead of the configured one.
+        #[arg(long)]
+        principal: Option<String>,
+        /// Client address (default 127.0.0.1).
+        #[arg(long)]
+        client: Option<std::net::IpAddr>,
+        /// Request time, RFC 3339 (default now).
+        #[arg(long)]
+        time: Option<String>,
+        /// An embedded secret type the request carried (repeatable).
+        #[arg(long = "stripped")]
+        stripped: Vec<String>,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decide every case of a CASES file (requests with expected decisions) for CI.
+    Test {
+        /// Configuration file (YAML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The cases (YAML: `cases: [{name, method, url, purpose, stage, expect, ...}]`).
+        cases: PathBuf,
+        /// One JSON report instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the schema policies are validated against (with the config's route labels).
+    Schema {
+        /// Configuration file (YAML); without it the shipped schema.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -179,10 +249,52 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Scan { file, json, config } => scan(&file, json, config.as_deref()),
+        Cmd::Policy { cmd } => ExitCode::from(policy(cmd)),
         Cmd::Demo => {
             init_demo_tracing();
             runtime().block_on(chaperone::demo::run())
         }
+    }
+}
+
+fn policy(cmd: PolicyCmd) -> u8 {
+    use chaperone::policy::cli;
+    let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
+    match cmd {
+        PolicyCmd::Check { config } => cli::check(&config, &mut out, &mut err),
+        PolicyCmd::Eval {
+            config,
+            method,
+            url,
+            purpose,
+            stage,
+            environment,
+            principal,
+            client,
+            time,
+            stripped,
+            json,
+        } => {
+            let req = chaperone::policy::WhatIf {
+                method,
+                url,
+                purpose,
+                stage,
+                environment,
+                principal,
+                client,
+                time,
+                stripped,
+                ..Default::default()
+            };
+            cli::eval(&config, &req, json, &mut out, &mut err)
+        }
+        PolicyCmd::Test {
+            config,
+            cases,
+            json,
+        } => cli::test(&config, &cases, json, &mut out, &mut err),
+        PolicyCmd::Schema { config } => cli::schema(config.as_deref(), &mut out, &mut err),
     }
 }
 

@@ -36,7 +36,7 @@ use crate::fingerprint::Fingerprinter;
 use crate::forward::{self, OutBody, Upstream};
 use crate::identify::{self, Caller, REQUEST_ID_HEADER, UNSPECIFIED_PURPOSE};
 use crate::metrics::{CredentialLabels, Metrics, RequestLabels, RouteLabels, StrippedLabels};
-use crate::policy::{Guardrails, PolicyInput, PolicyStore};
+use crate::policy::{GuardrailHit, Guardrails, PolicyInput, PolicyStore};
 use crate::purpose_log::{CredentialLog, PurposeLog, Record};
 use crate::route::{InjectInto, RouteTable, Target};
 use crate::strip::BodyPlan;
@@ -252,14 +252,10 @@ impl Pipeline {
         }
         let stripped_types: Vec<&'static str> = findings.iter().map(|f| f.kind).collect();
 
-        // Stage 5: authorize (guardrails, then policy).
-        if let Some(why) = self.guardrails.check(&target.host, target.port) {
-            rec.reason = Some(format!("guardrail: {why}"));
-            return Err(Rejection::new(
-                ErrorCode::PolicyDenied,
-                format!("guardrail: {why}"),
-            ));
-        }
+        // Stage 5: authorize (guardrails, then policy). A destination a guardrail trips is
+        // refused unless a permit annotated `@guardrail("<kind>")` allows it, so no broad
+        // permit can open the metadata endpoint or the admin port by mistake.
+        let guard = self.guardrails.check(&target.host, target.port);
         let decision = self.policy.current().decide(&PolicyInput {
             identity: &caller.identity,
             action: parts.method.as_str(),
@@ -272,6 +268,9 @@ impl Pipeline {
             labels: route.map(|r| &r.labels),
             stripped_types: &stripped_types,
             credential: route.and_then(|r| r.credential.as_deref()).unwrap_or(""),
+            client: caller.client.ip(),
+            time: SystemTime::now(),
+            guardrail: guard.as_ref(),
         });
         rec.policy_ids = decision.policy_ids.clone();
         rec.reason = Some(decision.reason.clone());
@@ -430,19 +429,45 @@ impl Pipeline {
         let decided = (|| {
             let target = accept::connect_target(&parts)?;
             describe_target(&mut rec, &target);
-            if let Some(why) = self.guardrails.check(&target.host, target.port) {
-                rec.reason = Some(format!("guardrail: {why}"));
-                return Err(Rejection::new(
-                    ErrorCode::PolicyDenied,
-                    format!("guardrail: {why}"),
-                ));
+            let purpose = rec.purpose.clone();
+            let decide = |guard: Option<&GuardrailHit>| {
+                self.policy.current().decide(&PolicyInput {
+                    identity: &caller.identity,
+                    action: "CONNECT",
+                    host: &target.host,
+                    scheme: target.scheme,
+                    port: target.port,
+                    path: "",
+                    purpose: &purpose,
+                    route: "",
+                    labels: None,
+                    stripped_types: &[],
+                    credential: "",
+                    client: caller.client.ip(),
+                    time: SystemTime::now(),
+                    guardrail: guard,
+                })
+            };
+            // A guarded destination needs a CONNECT permit that lifts the guardrail even
+            // when the tunnel is then intercepted (each request inside is checked again).
+            let guard = self.guardrails.check(&target.host, target.port);
+            if let Some(g) = &guard {
+                let decision = decide(Some(g));
+                rec.policy_ids = decision.policy_ids.clone();
+                rec.reason = Some(decision.reason.clone());
+                if !decision.allow {
+                    let mut rej = Rejection::new(ErrorCode::PolicyDenied, decision.reason);
+                    rej.policy_ids = decision.policy_ids;
+                    return Err(rej);
+                }
             }
+            let lifted = guard.map(|g| g.kind);
             if let Some(icpt) = &self.intercept
                 && !icpt.is_passthrough(&target.host)
                 && (self.routes.any_for(&target.host, target.port)
                     || self.strip_mode != StripMode::Report)
             {
-                return Ok((target, Some(icpt.clone())));
+                return Ok((target, Some(icpt.clone()), lifted));
             }
             // A route that injects a credential cannot be served through a blind tunnel: the
             // app's requests would go out without it (and perhaps with its own secret).
@@ -455,19 +480,10 @@ impl Pipeline {
                 rec.reason = Some(reason.clone());
                 return Err(Rejection::new(ErrorCode::PolicyDenied, reason));
             }
-            let decision = self.policy.current().decide(&PolicyInput {
-                identity: &caller.identity,
-                action: "CONNECT",
-                host: &target.host,
-                scheme: target.scheme,
-                port: target.port,
-                path: "",
-                purpose: &rec.purpose,
-                route: "",
-                labels: None,
-                stripped_types: &[],
-                credential: "",
-            });
+            let decision = match lifted {
+                Some(_) => return Ok((target, None, lifted)),
+                None => decide(None),
+            };
             rec.policy_ids = decision.policy_ids.clone();
             rec.reason = Some(decision.reason.clone());
             if !decision.allow {
@@ -475,9 +491,9 @@ impl Pipeline {
                 rej.policy_ids = decision.policy_ids;
                 return Err(rej);
             }
-            Ok((target, None))
+            Ok((target, None, None))
         })();
-        let (target, intercept) = match decided {
+        let (target, intercept, lifted) = match decided {
             Ok(t) => t,
             Err(rej) => return self.reject(rec, rej, start, &caller.request_id),
         };
@@ -492,11 +508,11 @@ impl Pipeline {
                 start,
             );
         }
-        let upstream = match tunnel::connect(&target, &self.guardrails, self.timeouts.connect).await
-        {
-            Ok(s) => s,
-            Err(rej) => return self.reject(rec, rej, start, &caller.request_id),
-        };
+        let upstream =
+            match tunnel::connect(&target, &self.guardrails, lifted, self.timeouts.connect).await {
+                Ok(s) => s,
+                Err(rej) => return self.reject(rec, rej, start, &caller.request_id),
+            };
         rec.upstream_ms = Some(ms(start.elapsed()));
         rec.status = 200;
         let me = self.clone();

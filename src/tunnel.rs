@@ -15,10 +15,13 @@ use crate::route::Target;
 /// Resolve once, refuse guarded addresses, connect to the first address that answers.
 ///
 /// The address checked is the address connected to, so DNS cannot rebind a name onto the
-/// metadata endpoint between the check and the connect.
+/// metadata endpoint between the check and the connect. `lifted` is the guardrail kind a
+/// policy allowed for this destination as named (an IP literal or a metadata host name);
+/// other guardrails still hold.
 pub async fn connect(
     target: &Target,
     guard: &Guardrails,
+    lifted: Option<&str>,
     timeout: Duration,
 ) -> Result<TcpStream, Rejection> {
     let unreachable = |m: String| Rejection::new(ErrorCode::UpstreamUnreachable, m);
@@ -38,8 +41,10 @@ pub async fn connect(
     let mut refused = None;
     let mut last_err = None;
     for addr in addrs {
-        if let Some(why) = guard.check(&addr.ip().to_string(), addr.port()) {
-            refused = Some(why);
+        if let Some(hit) = guard.check_addr(addr)
+            && Some(hit.kind) != lifted
+        {
+            refused = Some(hit.why);
             continue;
         }
         match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {

@@ -953,6 +953,30 @@ async fn policy_reloads_on_change_and_sighup_and_keeps_the_last_good_set() {
     assert_eq!(admin_get(sc.admin, "/readyz").0, 200);
     assert!(sc.output().contains("policy reload rejected"));
 
+    // A policy that parses but does not validate against the shipped schema (a misspelt
+    // context attribute) is rejected the same way.
+    std::fs::write(
+        &policy,
+        "permit(principal, action, resource) when { context.purpse == \"x\" };",
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !admin_get(sc.admin, "/metrics")
+        .1
+        .contains(r#"chaperone_policy_reloads_total{result="rejected"} 2"#)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "invalid policy never rejected"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(call().0, 403, "last good policy still decides");
+    assert!(
+        sc.output()
+            .contains("does not validate against the shipped policy.cedarschema")
+    );
+
     // SIGHUP reloads at once.
     std::fs::write(&policy, PERMISSIVE_POLICY).unwrap();
     let pid = sc.child.as_ref().unwrap().id().to_string();
@@ -974,4 +998,40 @@ async fn policy_reloads_on_change_and_sighup_and_keeps_the_last_good_set() {
             .1
             .contains(r#"chaperone_policy_reloads_total{result="ok"}"#)
     );
+}
+
+/// A guarded destination (here the sidecar's own admin port) is refused even under a
+/// permit-all policy, and reachable only through a permit annotated with the guardrail it
+/// lifts; a forbid still wins.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guardrail_is_lifted_only_by_an_annotated_permit() {
+    let up = Upstream::start().await;
+    let policy = format!(
+        "{PERMISSIVE_POLICY}\n@id(\"probe-own-health\")\n@guardrail(\"own_listener\")\npermit(principal, action == Action::\"GET\", resource == Destination::\"127.0.0.1\") when {{ context.guardrail == \"own_listener\" && (context.path == \"/healthz\" || context.path == \"/metrics\") }};\n@id(\"metrics-stay-private\")\nforbid(principal, action, resource) when {{ context.guardrail == \"own_listener\" && context.path == \"/metrics\" }};\n"
+    );
+    let sc = Sidecar::start(
+        &config(up.addr.port(), "strip"),
+        &policy,
+        &[(STATIC_ENV, "v")],
+    );
+    let via = |path: &str| curl(&["-x", &sc.proxy_url(), &format!("http://{}{path}", sc.admin)]);
+    let (code, body) = via("/healthz");
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = via("/readyz");
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains(r#"@guardrail(\"own_listener\")"#), "{body}");
+    let (code, body) = via("/metrics");
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("metrics-stay-private"), "{body}");
+    let lines = sc.log_lines(3);
+    let health = lines.iter().find(|l| l["path"] == "/healthz").unwrap();
+    assert_eq!(health["decision"], "allow");
+    assert_eq!(
+        health["policy_ids"],
+        serde_json::json!(["probe-own-health"])
+    );
+    // The proxy's own listener stays refused: the permit names the guardrail, not the port,
+    // but its condition only admits two paths, and the loop check holds anyway.
+    let (code, _) = curl(&["-x", &sc.proxy_url(), &format!("http://{}/v1/x", sc.proxy)]);
+    assert_eq!(code, 403);
 }

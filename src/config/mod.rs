@@ -8,7 +8,7 @@
 
 mod schema;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -153,14 +153,44 @@ pub struct PolicySource {
     pub origin: String,
     /// Cedar policy text.
     pub text: String,
-    /// Cedar schema text, if validation is wanted.
+    /// A Cedar schema of the operator's own (`policy.schema`), replacing the shipped one.
     pub schema: Option<String>,
+    /// The label keys of the configured routes: the shipped schema declares them as
+    /// `resource.labels` attributes, so a policy naming any other label does not validate.
+    pub label_keys: BTreeSet<String>,
     /// The policy file and schema file it was read from (none when embedded); watched for
     /// changes and re-read on SIGHUP.
     pub files: Option<(PathBuf, Option<PathBuf>)>,
 }
 
 impl PolicySource {
+    /// Policy text from memory (tests, benchmarks, the embedded observe-mode policy),
+    /// validated against the shipped schema with no route labels.
+    pub fn inline(origin: &str, text: &str) -> PolicySource {
+        PolicySource {
+            origin: origin.into(),
+            text: text.into(),
+            schema: None,
+            label_keys: BTreeSet::new(),
+            files: None,
+        }
+    }
+
+    /// The same, with these route label keys declared.
+    pub fn with_labels<I: IntoIterator<Item = S>, S: Into<String>>(mut self, keys: I) -> Self {
+        self.label_keys = keys.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The schema policies are validated against: the operator's own, or the shipped one
+    /// with the routes' label keys.
+    pub fn schema_text(&self) -> std::borrow::Cow<'_, str> {
+        match &self.schema {
+            Some(s) => std::borrow::Cow::Borrowed(s),
+            None => std::borrow::Cow::Owned(crate::policy::schema_for(&self.label_keys)),
+        }
+    }
+
     /// Read the policy (and schema) files again, as they are now.
     pub fn reread(&self) -> Result<PolicySource, String> {
         let Some((policy, schema)) = &self.files else {
@@ -173,6 +203,7 @@ impl PolicySource {
             origin: self.origin.clone(),
             text: read(policy)?,
             schema: schema.as_deref().map(read).transpose()?,
+            label_keys: self.label_keys.clone(),
             files: self.files.clone(),
         })
     }
@@ -269,21 +300,8 @@ impl Config {
         base: &Path,
         embedded: bool,
     ) -> Result<Config, ConfigErrors> {
-        let opts = LoaderOptions::default().error_on_duplicate_keys(true);
-        let node = marked_yaml::parse_yaml_with_options(0, text, opts)
-            .map_err(|e| ConfigErrors(vec![load_error(file, &e)]))?;
-        let raw: FileConfig = marked_yaml::from_node(&node).map_err(|e| {
-            let mark = e.start_mark();
-            let key = e.path().unwrap_or("").trim_start_matches('.').to_string();
-            let (line, column) = mark.map(|m| (m.line(), m.column())).unwrap_or((0, 0));
-            ConfigErrors(vec![ConfigError {
-                file: file.to_string(),
-                line,
-                column,
-                key,
-                message: e.into_inner().to_string(),
-            }])
-        })?;
+        let (node, raw) =
+            parse_yaml::<FileConfig>(file, text).map_err(|e| ConfigErrors(vec![e]))?;
         let mut v = Validator {
             file,
             root: &node,
@@ -317,6 +335,30 @@ log:
 /// Observe mode permits everything that passes the guardrails.
 pub const OBSERVE_POLICY: &str =
     "@id(\"observe-mode-permit-all\")\npermit(principal, action, resource);\n";
+
+/// Parse YAML into `T` (unknown keys rejected by `T`), keeping the node for positions. The
+/// error names the file, line and key.
+pub fn parse_yaml<T: serde::de::DeserializeOwned>(
+    file: &str,
+    text: &str,
+) -> Result<(Node, T), ConfigError> {
+    let opts = LoaderOptions::default().error_on_duplicate_keys(true);
+    let node =
+        marked_yaml::parse_yaml_with_options(0, text, opts).map_err(|e| load_error(file, &e))?;
+    let typed: T = marked_yaml::from_node(&node).map_err(|e| {
+        let mark = e.start_mark();
+        let key = e.path().unwrap_or("").trim_start_matches('.').to_string();
+        let (line, column) = mark.map(|m| (m.line(), m.column())).unwrap_or((0, 0));
+        ConfigError {
+            file: file.to_string(),
+            line,
+            column,
+            key,
+            message: e.into_inner().to_string(),
+        }
+    })?;
+    Ok((node, typed))
+}
 
 fn load_error(file: &str, e: &marked_yaml::LoadError) -> ConfigError {
     use marked_yaml::LoadError as L;
@@ -567,23 +609,19 @@ impl Validator<'_> {
             fingerprint_key_file,
         };
 
+        let label_keys: BTreeSet<String> = routes
+            .iter()
+            .flat_map(|r| r.labels.keys().cloned())
+            .collect();
         let policy = match (&raw.policy, embedded) {
-            (None, true) => PolicySource {
-                origin: "<embedded>".into(),
-                text: OBSERVE_POLICY.into(),
-                schema: None,
-                files: None,
-            },
+            (None, true) => {
+                PolicySource::inline("<embedded>", OBSERVE_POLICY).with_labels(label_keys)
+            }
             (None, false) => {
                 self.err(&[Key("policy")], "a policy file is required (`policy: { file: policy.cedar }`); without one every request is denied");
-                PolicySource {
-                    origin: String::new(),
-                    text: String::new(),
-                    schema: None,
-                    files: None,
-                }
+                PolicySource::inline("", "")
             }
-            (Some(p), _) => self.policy(p),
+            (Some(p), _) => self.policy(p, label_keys),
         };
 
         let log_format = match raw.log.format.as_deref() {
@@ -1163,7 +1201,7 @@ impl Validator<'_> {
         })
     }
 
-    fn policy(&mut self, p: &PolicyConfig) -> PolicySource {
+    fn policy(&mut self, p: &PolicyConfig, label_keys: BTreeSet<String>) -> PolicySource {
         use Seg::*;
         let path = self.path(&p.file);
         let text = match std::fs::read_to_string(&path) {
@@ -1194,6 +1232,7 @@ impl Validator<'_> {
             origin: path.display().to_string(),
             text,
             schema,
+            label_keys,
             files: Some((path, schema_path)),
         };
         if !src.text.is_empty()

@@ -1,0 +1,374 @@
+//! Deciding requests without sending them: `chaperone policy eval` and `policy test`.
+//!
+//! A what-if request goes through the same steps as a real one up to the decision: route
+//! match, purpose (header, else the route's default, else `unspecified`), guardrails, then
+//! the policy, with the identity of the chosen stage. Nothing is sent, minted or logged.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::time::SystemTime;
+
+use http::Method;
+use serde::{Deserialize, Serialize};
+
+use super::{GuardrailHit, Guardrails, PolicyDecision, PolicyEngine, PolicyInput};
+use crate::config::{Config, ConfigError, Identity, parse_yaml};
+use crate::route::{RouteTable, Target};
+
+/// One request to decide: the arguments of `policy eval`, or one case of a CASES file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WhatIf {
+    /// What the case shows, printed with its result.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// HTTP method, or `CONNECT` for a blind tunnel (then `url` may be `host:port`).
+    pub method: String,
+    /// Absolute URL (`http://` or `https://`; for https this is the request as seen inside
+    /// the intercepted tunnel).
+    pub url: String,
+    /// Purpose the app names (`x-chaperone-purpose`); absent: the route's default.
+    #[serde(default)]
+    pub purpose: Option<String>,
+    /// Stage whose listener the request arrives on (`stages[].name`); absent: the main
+    /// identity.
+    #[serde(default)]
+    pub stage: Option<String>,
+    /// Override the identity's environment, to ask "what if prod called this?".
+    #[serde(default)]
+    pub environment: Option<String>,
+    /// Override the principal id (SPIFFE ID or service account).
+    #[serde(default)]
+    pub principal: Option<String>,
+    /// Client address; default 127.0.0.1 (the app in the same pod).
+    #[serde(default)]
+    pub client: Option<IpAddr>,
+    /// Request time, RFC 3339 (`2026-11-24T09:00:00Z`); default now.
+    #[serde(default)]
+    pub time: Option<String>,
+    /// Types of embedded secrets the request carried (`context.stripped_types`).
+    #[serde(default)]
+    pub stripped: Vec<String>,
+    /// Expected decision (`allow` or `deny`); required in a CASES file.
+    #[serde(default)]
+    pub expect: Option<Expected>,
+    /// Expected deciding policy ids, in any order (permits on allow, forbids on deny; empty
+    /// for "no policy permits").
+    #[serde(default)]
+    pub policies: Option<Vec<String>>,
+    /// Text the reason must contain.
+    #[serde(default)]
+    pub reason_contains: Option<String>,
+}
+
+/// An expected decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Expected {
+    /// The request may proceed.
+    Allow,
+    /// The request is refused.
+    Deny,
+}
+
+/// A CASES file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CasesFile {
+    /// The cases, decided in order.
+    cases: Vec<WhatIf>,
+}
+
+/// A decision and what it was made from.
+#[derive(Debug, Clone, Serialize)]
+pub struct Explained {
+    /// `allow` or `deny`.
+    pub decision: &'static str,
+    /// Deciding policy ids.
+    pub policy_ids: Vec<String>,
+    /// Why.
+    pub reason: String,
+    /// `Workload::"<id>"`.
+    pub principal: String,
+    /// `Action::"<METHOD>"`.
+    pub action: String,
+    /// `Destination::"<host>"`.
+    pub resource: String,
+    /// Stage and environment of the principal.
+    pub stage: String,
+    /// Environment of the principal.
+    pub environment: String,
+    /// Matched route, if any.
+    pub route: Option<String>,
+    /// The purpose policy saw.
+    pub purpose: String,
+    /// The guardrail the destination trips, if any.
+    pub guardrail: Option<String>,
+}
+
+/// The outcome of one case.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaseOutcome {
+    /// Case name, or `case N`.
+    pub name: String,
+    /// Line of the case in its file.
+    pub line: usize,
+    /// Whether every expectation held.
+    pub passed: bool,
+    /// The expectations that did not hold.
+    pub problems: Vec<String>,
+    /// The decision.
+    pub got: Option<Explained>,
+}
+
+/// The outcomes of a CASES file.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaseReport {
+    /// One per case, in file order.
+    pub cases: Vec<CaseOutcome>,
+}
+
+impl CaseReport {
+    /// Whether every case passed.
+    pub fn passed(&self) -> bool {
+        self.cases.iter().all(|c| c.passed)
+    }
+}
+
+/// What a what-if request is decided against: a loaded configuration's routes, identities
+/// and listeners, and a policy engine.
+pub struct Bench<'a> {
+    cfg: &'a Config,
+    engine: &'a PolicyEngine,
+    routes: RouteTable,
+    guardrails: Guardrails,
+}
+
+impl<'a> Bench<'a> {
+    /// A bench over this configuration and its compiled policy.
+    pub fn new(cfg: &'a Config, engine: &'a PolicyEngine) -> Bench<'a> {
+        let mut own: Vec<SocketAddr> = cfg.listeners.iter().map(|l| l.addr).collect();
+        own.push(cfg.admin);
+        Bench {
+            cfg,
+            engine,
+            routes: RouteTable::new(cfg.routes.clone()),
+            guardrails: Guardrails::new(own),
+        }
+    }
+
+    /// Decide one request.
+    pub fn decide(&self, w: &WhatIf) -> Result<Explained, String> {
+        let method = Method::from_bytes(w.method.to_ascii_uppercase().as_bytes())
+            .map_err(|_| format!("`{}` is not an HTTP method", w.method))?;
+        let connect = method == Method::CONNECT;
+        let target = parse_target(&w.url, connect)?;
+        let mut identity: Identity = match &w.stage {
+            None => self.cfg.listeners[0].identity.clone(),
+            Some(s) => self
+                .cfg
+                .listeners
+                .iter()
+                .find(|l| &l.identity.stage == s)
+                .map(|l| l.identity.clone())
+                .ok_or_else(|| {
+                    let known: Vec<&str> = self
+                        .cfg
+                        .listeners
+                        .iter()
+                        .map(|l| l.identity.stage.as_str())
+                        .collect();
+                    format!(
+                        "no stage `{s}` in {} (stages: {})",
+                        self.cfg.source,
+                        known.join(", ")
+                    )
+                })?,
+        };
+        if let Some(e) = &w.environment {
+            identity.environment = e.clone();
+        }
+        if let Some(p) = &w.principal {
+            identity.id = p.clone();
+        }
+        let route = if connect {
+            None
+        } else {
+            self.routes.find(&method, &target)
+        };
+        let purpose = w
+            .purpose
+            .as_deref()
+            .or(route.and_then(|r| r.purpose_default.as_deref()))
+            .unwrap_or(crate::identify::UNSPECIFIED_PURPOSE);
+        crate::identify::validate_purpose(purpose).map_err(|e| format!("purpose: {e}"))?;
+        let time = match &w.time {
+            None => SystemTime::now(),
+            Some(t) => humantime::parse_rfc3339_weak(t).map_err(|e| {
+                format!("time `{t}`: {e} (use RFC 3339, e.g. 2026-11-24T09:00:00Z)")
+            })?,
+        };
+        let stripped: Vec<&str> = w.stripped.iter().map(String::as_str).collect();
+        let guard: Option<GuardrailHit> = self.guardrails.check(&target.host, target.port);
+        let d: PolicyDecision = self.engine.decide(&PolicyInput {
+            identity: &identity,
+            action: method.as_str(),
+            host: &target.host,
+            scheme: target.scheme,
+            port: target.port,
+            path: if connect { "" } else { &target.path },
+            purpose,
+            route: route.map_or("", |r| r.name.as_str()),
+            labels: route.map(|r| &r.labels),
+            stripped_types: &stripped,
+            credential: route.and_then(|r| r.credential.as_deref()).unwrap_or(""),
+            client: w.client.unwrap_or(IpAddr::from([127, 0, 0, 1])),
+            time,
+            guardrail: guard.as_ref(),
+        });
+        Ok(Explained {
+            decision: if d.allow { "allow" } else { "deny" },
+            policy_ids: d.policy_ids,
+            reason: d.reason,
+            principal: format!("Workload::{:?}", identity.id),
+            action: format!("Action::{:?}", method.as_str()),
+            resource: format!("Destination::{:?}", target.host),
+            stage: identity.stage,
+            environment: identity.environment,
+            route: route.map(|r| r.name.clone()),
+            purpose: purpose.to_string(),
+            guardrail: guard.map(|g| g.kind.to_string()),
+        })
+    }
+
+    /// Decide every case of a CASES file and compare with its expectations. A file that does
+    /// not parse is an error naming the line and key.
+    pub fn run(&self, file: &str, text: &str) -> Result<CaseReport, ConfigError> {
+        let (node, parsed) = parse_yaml::<CasesFile>(file, text)?;
+        let lines: Vec<usize> = node
+            .as_mapping()
+            .and_then(|m| m.get_sequence("cases"))
+            .map(|s| {
+                s.iter()
+                    .map(|n| n.span().start().map_or(0, |m| m.line()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let cases = parsed
+            .cases
+            .iter()
+            .enumerate()
+            .map(|(i, case)| {
+                let name = case
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("case {}", i + 1));
+                let line = lines.get(i).copied().unwrap_or(0);
+                let mut problems = Vec::new();
+                if case.expect.is_none() {
+                    problems.push("no `expect:` (allow or deny)".to_string());
+                }
+                let got = match self.decide(case) {
+                    Ok(got) => Some(got),
+                    Err(e) => {
+                        problems.push(e);
+                        None
+                    }
+                };
+                if let Some(g) = &got {
+                    problems.extend(check(case, g));
+                }
+                CaseOutcome {
+                    name,
+                    line,
+                    passed: problems.is_empty(),
+                    problems,
+                    got,
+                }
+            })
+            .collect();
+        Ok(CaseReport { cases })
+    }
+}
+
+/// The expectations of `case` that `got` does not meet.
+fn check(case: &WhatIf, got: &Explained) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Some(e) = case.expect {
+        let want = match e {
+            Expected::Allow => "allow",
+            Expected::Deny => "deny",
+        };
+        if want != got.decision {
+            problems.push(format!(
+                "expected {want}, got {} ({})",
+                got.decision, got.reason
+            ));
+        }
+    }
+    if let Some(want) = &case.policies {
+        let want: BTreeSet<&str> = want.iter().map(String::as_str).collect();
+        let have: BTreeSet<&str> = got.policy_ids.iter().map(String::as_str).collect();
+        if want != have {
+            problems.push(format!(
+                "expected policies [{}], got [{}]",
+                want.into_iter().collect::<Vec<_>>().join(", "),
+                have.into_iter().collect::<Vec<_>>().join(", ")
+            ));
+        }
+    }
+    if let Some(want) = &case.reason_contains
+        && !got.reason.contains(want.as_str())
+    {
+        problems.push(format!(
+            "expected the reason to contain {want:?}, got {:?}",
+            got.reason
+        ));
+    }
+    problems
+}
+
+/// The target of a what-if URL: `http(s)://host[:port]/path?query`, or `host:port` for
+/// CONNECT.
+fn parse_target(url: &str, connect: bool) -> Result<Target, String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+    let scheme = match uri.scheme_str() {
+        Some("http") => "http",
+        Some("https") => "https",
+        None if connect => "https",
+        Some(other) => return Err(format!("`{url}`: unsupported scheme `{other}`")),
+        None => {
+            return Err(format!(
+                "`{url}`: an absolute http:// or https:// URL is needed"
+            ));
+        }
+    };
+    let authority = uri
+        .authority()
+        .ok_or_else(|| format!("`{url}` has no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(format!("`{url}`: leave credentials out of the URL"));
+    }
+    let host = crate::accept::normalize_host(authority.host());
+    if host.is_empty() {
+        return Err(format!("`{url}` has no host"));
+    }
+    let port = match (authority.port_u16(), scheme) {
+        (Some(p), _) => p,
+        (None, "http") => 80,
+        (None, _) => 443,
+    };
+    Ok(Target {
+        scheme,
+        host,
+        port,
+        path: if uri.path().is_empty() {
+            "/".into()
+        } else {
+            uri.path().to_string()
+        },
+        query: uri.query().map(str::to_string),
+    })
+}

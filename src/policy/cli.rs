@@ -1,0 +1,201 @@
+//! `chaperone policy check|eval|test|schema`: policy work without running the sidecar.
+//!
+//! Exit status, the same for every subcommand: 0 success (valid, allowed, every case passed),
+//! 1 the answer is no (denied, a case failed), 2 the question could not be answered (bad
+//! config, bad policy, bad case file).
+
+use std::io::Write;
+use std::path::Path;
+
+use super::cases::{Bench, CaseReport, Explained, WhatIf};
+use super::{PolicyEngine, SHIPPED_SCHEMA};
+use crate::config::Config;
+
+/// Exit status.
+pub type Status = u8;
+
+fn load(config: &Path, err: &mut dyn Write) -> Option<(Config, PolicyEngine)> {
+    let cfg = match Config::load(config) {
+        Ok(c) => c,
+        Err(errs) => {
+            for e in &errs.0 {
+                let _ = writeln!(err, "{e}");
+            }
+            return None;
+        }
+    };
+    match PolicyEngine::compile(&cfg.policy) {
+        Ok(engine) => Some((cfg, engine)),
+        Err(e) => {
+            let _ = writeln!(err, "{e}");
+            None
+        }
+    }
+}
+
+/// Validate the configuration's policy against its schema; list the policies and warnings.
+pub fn check(config: &Path, out: &mut dyn Write, err: &mut dyn Write) -> Status {
+    let Some((cfg, engine)) = load(config, err) else {
+        return 2;
+    };
+    let schema = match &cfg.policy.files {
+        Some((_, Some(s))) => s.display().to_string(),
+        _ => "the shipped schema".to_string(),
+    };
+    let labels: Vec<&str> = cfg.policy.label_keys.iter().map(String::as_str).collect();
+    let _ = writeln!(
+        out,
+        "{}: ok, {} policies valid against {schema} (route labels: {})",
+        cfg.policy.origin,
+        engine.len(),
+        if labels.is_empty() {
+            "none".to_string()
+        } else {
+            labels.join(", ")
+        }
+    );
+    for id in engine.policy_ids() {
+        let _ = writeln!(out, "  {id}");
+    }
+    for w in engine.warnings() {
+        let _ = writeln!(err, "warning: {w}");
+    }
+    0
+}
+
+/// Decide one request and print the decision, the deciding policies and the reason.
+pub fn eval(
+    config: &Path,
+    req: &WhatIf,
+    json: bool,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Status {
+    let Some((cfg, engine)) = load(config, err) else {
+        return 2;
+    };
+    match Bench::new(&cfg, &engine).decide(req) {
+        Ok(got) => {
+            if json {
+                let _ = writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string(&got).expect("serializable")
+                );
+            } else {
+                print_explained(out, &got);
+            }
+            if got.decision == "allow" { 0 } else { 1 }
+        }
+        Err(e) => {
+            let _ = writeln!(err, "chaperone policy eval: {e}");
+            2
+        }
+    }
+}
+
+fn print_explained(out: &mut dyn Write, got: &Explained) {
+    let _ = writeln!(out, "decision:  {}", got.decision);
+    let _ = writeln!(
+        out,
+        "policies:  {}",
+        if got.policy_ids.is_empty() {
+            "(none)".to_string()
+        } else {
+            got.policy_ids.join(", ")
+        }
+    );
+    let _ = writeln!(out, "reason:    {}", got.reason);
+    let _ = writeln!(
+        out,
+        "request:   {} {} {}",
+        got.principal, got.action, got.resource
+    );
+    let _ = writeln!(
+        out,
+        "context:   stage={} environment={} route={} purpose={}{}",
+        got.stage,
+        got.environment,
+        got.route.as_deref().unwrap_or("(none)"),
+        got.purpose,
+        got.guardrail
+            .as_deref()
+            .map(|g| format!(" guardrail={g}"))
+            .unwrap_or_default()
+    );
+}
+
+/// Decide every case of a CASES file against the configuration's policy.
+pub fn test(
+    config: &Path,
+    cases: &Path,
+    json: bool,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Status {
+    let Some((cfg, engine)) = load(config, err) else {
+        return 2;
+    };
+    let text = match std::fs::read_to_string(cases) {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = writeln!(err, "{}: cannot read the file: {e}", cases.display());
+            return 2;
+        }
+    };
+    let file = cases.display().to_string();
+    let report: CaseReport = match Bench::new(&cfg, &engine).run(&file, &text) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = writeln!(err, "{e}");
+            return 2;
+        }
+    };
+    if json {
+        let _ = writeln!(
+            out,
+            "{}",
+            serde_json::to_string(&report).expect("serializable")
+        );
+    } else {
+        for c in &report.cases {
+            if c.passed {
+                let _ = writeln!(out, "ok    {}", c.name);
+            } else {
+                let _ = writeln!(out, "FAIL  {} ({file}:{})", c.name, c.line);
+                for p in &c.problems {
+                    let _ = writeln!(out, "        {p}");
+                }
+            }
+        }
+        let failed = report.cases.iter().filter(|c| !c.passed).count();
+        let _ = writeln!(
+            out,
+            "{} cases: {} passed, {failed} failed",
+            report.cases.len(),
+            report.cases.len() - failed
+        );
+    }
+    if report.passed() { 0 } else { 1 }
+}
+
+/// Print the schema policies are validated against: the shipped one, with the
+/// configuration's route label keys when a config is given (or the config's own schema). A
+/// config whose policy does not validate is an error: without `--config` the shipped
+/// schema is printed.
+pub fn schema(config: Option<&Path>, out: &mut dyn Write, err: &mut dyn Write) -> Status {
+    let text = match config {
+        None => SHIPPED_SCHEMA.to_string(),
+        Some(c) => match Config::load(c) {
+            Ok(cfg) => cfg.policy.schema_text().into_owned(),
+            Err(errs) => {
+                for e in &errs.0 {
+                    let _ = writeln!(err, "{e}");
+                }
+                return 2;
+            }
+        },
+    };
+    let _ = write!(out, "{text}");
+    0
+}

@@ -1,0 +1,1091 @@
+//! Stage 5, authorize: guardrails, then Cedar policy. Default deny; deny overrides permit.
+//!
+//! Entity model (DESIGN §6): principal `Workload::"<identity>"` {workload, stage, environment};
+//! action `Action::"<METHOD>"` (`Action::"CONNECT"` for tunnels); resource
+//! `Destination::"<host>"` {scheme, port, labels}; context {path, purpose, route, method,
+//! stripped_types, credential, stage, environment, client_address, request_time, guardrail}.
+//! The shipped schema, `policy.cedarschema` next to this file, is the contract: every policy
+//! is validated against it (strict) at load and on reload.
+
+mod cases;
+pub mod cli;
+mod memo;
+mod slice;
+
+pub use cases::{Bench, CaseOutcome, CaseReport, Expected, Explained, WhatIf};
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use cedar_policy::{
+    Authorizer, Context, Decision, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId,
+    PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
+};
+
+use crate::config::{Identity, PolicySource};
+
+/// The shipped schema, with an empty `Labels` record.
+pub const SHIPPED_SCHEMA: &str = include_str!("policy.cedarschema");
+
+/// The line of the shipped schema that the routes' label keys replace.
+const LABELS_LINE: &str = "type Labels = {};";
+
+/// The shipped schema with `Labels` declaring these keys, each an optional string.
+pub fn schema_for(label_keys: &BTreeSet<String>) -> String {
+    debug_assert!(SHIPPED_SCHEMA.contains(LABELS_LINE));
+    if label_keys.is_empty() {
+        return SHIPPED_SCHEMA.to_string();
+    }
+    let fields: Vec<String> = label_keys
+        .iter()
+        .map(|k| format!("{}?: String", serde_json::Value::String(k.clone())))
+        .collect();
+    SHIPPED_SCHEMA.replacen(
+        LABELS_LINE,
+        &format!("type Labels = {{ {} }};", fields.join(", ")),
+        1,
+    )
+}
+
+/// What the policy sees of one request.
+#[derive(Debug)]
+pub struct PolicyInput<'a> {
+    /// The caller.
+    pub identity: &'a Identity,
+    /// HTTP method, or `CONNECT` for a tunnel.
+    pub action: &'a str,
+    /// Destination host.
+    pub host: &'a str,
+    /// `http` or `https`.
+    pub scheme: &'a str,
+    /// Destination port.
+    pub port: u16,
+    /// Path without query.
+    pub path: &'a str,
+    /// Purpose (never empty: `unspecified` when nothing named one).
+    pub purpose: &'a str,
+    /// Matched route name, or empty.
+    pub route: &'a str,
+    /// Labels of the matched route.
+    pub labels: Option<&'a BTreeMap<String, String>>,
+    /// Types of embedded secrets found.
+    pub stripped_types: &'a [&'a str],
+    /// Credential the route injects, or empty.
+    pub credential: &'a str,
+    /// The client's address.
+    pub client: IpAddr,
+    /// When the request arrived.
+    pub time: SystemTime,
+    /// The guardrail the destination trips, if any: the request is then allowed only by a
+    /// permit annotated `@guardrail("<kind>")` (and policy may test `context.guardrail`).
+    pub guardrail: Option<&'a GuardrailHit>,
+}
+
+/// The authorization outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyDecision {
+    /// Whether the request may proceed.
+    pub allow: bool,
+    /// Ids of the policies that decided (permits on allow, forbids on deny).
+    pub policy_ids: Vec<String>,
+    /// Human-readable reason, for the log and the 403 body.
+    pub reason: String,
+}
+
+/// Error compiling policies.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PolicyError(String);
+
+/// The policy set in force, swapped whole on reload: a request sees the old set or the new
+/// one, never a mix, and loading it takes no lock.
+pub struct PolicyStore {
+    current: arc_swap::ArcSwap<PolicyEngine>,
+    source: std::sync::Mutex<PolicySource>,
+    stamps: std::sync::Mutex<Vec<crate::credentials::files::FileStamp>>,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl std::fmt::Debug for PolicyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PolicyStore({:?})", self.current.load())
+    }
+}
+
+impl PolicyStore {
+    /// A store holding `engine`, compiled from `source`.
+    pub fn new(
+        engine: PolicyEngine,
+        source: PolicySource,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> PolicyStore {
+        let stamps = Self::stamps(&source);
+        PolicyStore {
+            current: arc_swap::ArcSwap::from_pointee(engine),
+            source: std::sync::Mutex::new(source),
+            stamps: std::sync::Mutex::new(stamps),
+            metrics,
+        }
+    }
+
+    fn stamps(source: &PolicySource) -> Vec<crate::credentials::files::FileStamp> {
+        source
+            .files
+            .iter()
+            .flat_map(|(p, s)| std::iter::once(p).chain(s))
+            .map(|p| crate::credentials::files::stamp_of(p))
+            .collect()
+    }
+
+    /// The set in force now.
+    pub fn current(&self) -> arc_swap::Guard<Arc<PolicyEngine>> {
+        self.current.load()
+    }
+
+    /// Re-read and recompile the policy files; swap them in only if they compile (and
+    /// validate, with a schema). On failure the last good set stays in force, and the error
+    /// is logged and counted (`chaperone_policy_reloads_total{result="rejected"}`).
+    pub fn reload(&self, why: &str) -> Result<usize, PolicyError> {
+        let source = self.source.lock().expect("policy source lock").clone();
+        let result = source
+            .reread()
+            .map_err(PolicyError)
+            .and_then(|fresh| PolicyEngine::compile(&fresh).map(|e| (e, fresh)));
+        let outcome = match result {
+            Ok((engine, fresh)) => {
+                let n = engine.len();
+                self.current.store(Arc::new(engine));
+                *self.source.lock().expect("policy source lock") = fresh;
+                tracing::info!(policies = n, origin = %source.origin, why, "policy reloaded");
+                Ok(n)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, why, "policy reload rejected; the last good policy stays in force");
+                Err(e)
+            }
+        };
+        self.metrics
+            .policy_reloads
+            .get_or_create(&crate::metrics::ResultLabel {
+                result: if outcome.is_ok() { "ok" } else { "rejected" },
+            })
+            .inc();
+        outcome
+    }
+
+    /// Reload when a policy or schema file changed since the last look.
+    pub fn reload_if_changed(&self) {
+        let source = self.source.lock().expect("policy source lock").clone();
+        let now = Self::stamps(&source);
+        let mut seen = self.stamps.lock().expect("policy stamps lock");
+        if *seen != now {
+            *seen = now;
+            drop(seen);
+            let _ = self.reload("file changed");
+        }
+    }
+
+    /// Poll the files every `every`, and reload on SIGHUP. The handler is installed even for
+    /// the embedded policy (which reloads as itself), so a SIGHUP never ends the process.
+    pub fn spawn_watch(self: &Arc<Self>, every: std::time::Duration) {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            let mut hup = match tokio::signal::unix::signal(
+                tokio::signal::unix::SignalKind::hangup(),
+            ) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no SIGHUP handler; policy reloads on file change only");
+                    None
+                }
+            };
+            loop {
+                let sighup = async {
+                    match hup.as_mut() {
+                        Some(h) => h.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let Some(store) = me.upgrade() else { break };
+                        tokio::task::block_in_place(|| store.reload_if_changed());
+                    }
+                    _ = sighup => {
+                        let Some(store) = me.upgrade() else { break };
+                        tokio::task::block_in_place(|| { let _ = store.reload("SIGHUP"); });
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Compiled policies and the authorizer.
+pub struct PolicyEngine {
+    set: PolicySet,
+    authorizer: Authorizer,
+    /// The policies whose scope can match a request, per (principal, action, resource).
+    slices: slice::Slices,
+    /// Principal and resource entities, which are the same for every request from one
+    /// identity to one destination on one route. Building them dominated a decision's cost
+    /// (see BENCHMARKS.md); the key is the exact attribute text, so a hit is always exact.
+    entities: memo::Memo<Arc<Entities>>,
+    /// Validator warnings (e.g. a policy that can never apply), for `policy check` and the log.
+    warnings: Vec<String>,
+    /// `ip(...)` and `datetime(...)` context values, built once per client address and per
+    /// second: Cedar parses the extension function's name on every construction, which
+    /// cost 8 µs a decision (see BENCHMARKS.md).
+    extension_values: ExtensionValues,
+    /// Request contexts by exact content, for the second they describe.
+    contexts: memo::Memo<Context>,
+    workload_type: EntityTypeName,
+    destination_type: EntityTypeName,
+    action_type: EntityTypeName,
+}
+
+impl std::fmt::Debug for PolicyEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PolicyEngine({} policies)", self.set.policies().count())
+    }
+}
+
+impl PolicyEngine {
+    /// Parse, name (by `@id` annotation) and validate policies against the schema (the
+    /// shipped one with the routes' label keys, or the operator's own).
+    pub fn compile(src: &PolicySource) -> Result<PolicyEngine, PolicyError> {
+        let parsed = PolicySet::from_str(&src.text).map_err(|e| {
+            PolicyError(format!(
+                "{}: policy does not parse: {}",
+                src.origin,
+                render(&e)
+            ))
+        })?;
+        if parsed.templates().next().is_some() {
+            return Err(PolicyError(format!(
+                "{}: policy templates (`?principal`, `?resource`) are not supported; write the entity out",
+                src.origin
+            )));
+        }
+        // Policies are named by their @id annotation so logs say which rule decided;
+        // unannotated ones keep Cedar's positional ids (policy0, policy1, ...).
+        let mut set = PolicySet::new();
+        let mut seen = HashSet::new();
+        for p in parsed.policies() {
+            let named = match p.annotation("id") {
+                Some(id) => p.new_id(PolicyId::new(id)),
+                None => p.clone(),
+            };
+            if !seen.insert(named.id().to_string()) {
+                return Err(PolicyError(format!(
+                    "{}: two policies have the id `{}`",
+                    src.origin,
+                    named.id()
+                )));
+            }
+            if let Some(kind) = named.annotation("guardrail")
+                && !GUARDRAIL_KINDS.contains(&kind)
+            {
+                return Err(PolicyError(format!(
+                    "{}: policy `{}`: @guardrail(\"{kind}\") names no guardrail; use one of {}",
+                    src.origin,
+                    named.id(),
+                    GUARDRAIL_KINDS.join(", ")
+                )));
+            }
+            set.add(named)
+                .map_err(|e| PolicyError(format!("{}: {}", src.origin, render(&e))))?;
+        }
+        let schema_origin = match &src.files {
+            Some((_, Some(schema))) => schema.display().to_string(),
+            _ => "the shipped policy.cedarschema".to_string(),
+        };
+        let (schema, _warnings) = Schema::from_cedarschema_str(&src.schema_text())
+            .map_err(|e| PolicyError(format!("{schema_origin} does not parse: {}", render(&e))))?;
+        let result = Validator::new(schema).validate(&set, ValidationMode::Strict);
+        if !result.validation_passed() {
+            let errs: Vec<String> = result.validation_errors().map(|e| render(e)).collect();
+            return Err(PolicyError(format!(
+                "{}: policy does not validate against {schema_origin}: {}",
+                src.origin,
+                errs.join("; ")
+            )));
+        }
+        // A policy that can never apply is refused, not warned about: it is almost always a
+        // misspelt label or attribute guarded by `has`, and a forbid that never fires is a
+        // hole nobody sees.
+        let impossible: Vec<String> = result
+            .validation_warnings()
+            .filter(|w| matches!(w, cedar_policy::ValidationWarning::ImpossiblePolicy(_)))
+            .map(|w| render(w))
+            .collect();
+        if !impossible.is_empty() {
+            return Err(PolicyError(format!(
+                "{}: {} (check attribute and label names against {schema_origin})",
+                src.origin,
+                impossible.join("; ")
+            )));
+        }
+        let warnings = result.validation_warnings().map(|w| render(w)).collect();
+        let ty = |s: &str| EntityTypeName::from_str(s).expect("valid type name");
+        Ok(PolicyEngine {
+            slices: slice::Slices::new(&set),
+            set,
+            authorizer: Authorizer::new(),
+            entities: memo::Memo::new(4096),
+            warnings,
+            extension_values: ExtensionValues::default(),
+            // The second is part of the key, so stale entries only wait for the next clear.
+            contexts: memo::Memo::new(1024),
+            workload_type: ty("Workload"),
+            destination_type: ty("Destination"),
+            action_type: ty("Action"),
+        })
+    }
+
+    /// Number of policies in force.
+    pub fn len(&self) -> usize {
+        self.set.policies().count()
+    }
+
+    /// True when no policy is loaded (everything is denied).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Validator warnings, one line each.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Ids of every policy, in file order.
+    pub fn policy_ids(&self) -> Vec<String> {
+        self.set.policies().map(|p| p.id().to_string()).collect()
+    }
+
+    /// Decide one request.
+    pub fn decide(&self, input: &PolicyInput<'_>) -> PolicyDecision {
+        match self.evaluate(input) {
+            Ok(d) => d,
+            Err(e) => PolicyDecision {
+                allow: false,
+                policy_ids: vec![],
+                reason: format!("policy evaluation failed: {e}"),
+            },
+        }
+    }
+
+    fn evaluate(&self, input: &PolicyInput<'_>) -> Result<PolicyDecision, String> {
+        let (request, entities) = self.request(input, None)?;
+        let slice = self
+            .slices
+            .for_request(&input.identity.id, input.action, input.host);
+        self.conclude(input, &request, &slice, &entities)
+    }
+
+    /// The Cedar request and entities for this input; with a schema, both are checked
+    /// against it (tests use that to hold the runtime shapes to the shipped schema).
+    fn request(
+        &self,
+        input: &PolicyInput<'_>,
+        schema: Option<&Schema>,
+    ) -> Result<(Request, Arc<Entities>), String> {
+        let id = input.identity;
+        let principal =
+            EntityUid::from_type_name_and_id(self.workload_type.clone(), EntityId::new(&id.id));
+        let resource = EntityUid::from_type_name_and_id(
+            self.destination_type.clone(),
+            EntityId::new(input.host),
+        );
+        let action =
+            EntityUid::from_type_name_and_id(self.action_type.clone(), EntityId::new(input.action));
+        let entities = self.entities_for(input, &principal, &resource)?;
+        let context = self.context_for(input)?;
+        let request = Request::new(principal, action, resource, context, schema)
+            .map_err(|e| e.to_string())?;
+        Ok((request, entities))
+    }
+
+    /// The request context. Building one is most of a decision's cost (Cedar evaluates each
+    /// value as an expression), and a sidecar repeats the same request shape many times a
+    /// second, so contexts are kept per exact content for the second they describe.
+    fn context_for(&self, input: &PolicyInput<'_>) -> Result<Context, String> {
+        use std::fmt::Write;
+        let id = input.identity;
+        let secs = input
+            .time
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut key = String::with_capacity(160);
+        // NUL occurs in none of these: paths are URI paths, the rest are validated names.
+        let _ = write!(
+            key,
+            "{}\0{}\0{}\0{}\0{}\0{}\0{}\0{}\0{secs}\0{}",
+            input.path,
+            input.purpose,
+            input.route,
+            input.action,
+            input.credential,
+            id.stage,
+            id.environment,
+            input.client,
+            input.guardrail.map_or("", |g| g.kind),
+        );
+        for t in input.stripped_types {
+            key.push('\0');
+            key.push_str(t);
+        }
+        if let Some(hit) = self.contexts.get(&key) {
+            return Ok(hit);
+        }
+        let s = |v: &str| RestrictedExpression::new_string(v.to_string());
+        let context = Context::from_pairs([
+            ("path".to_string(), s(input.path)),
+            ("purpose".to_string(), s(input.purpose)),
+            ("route".to_string(), s(input.route)),
+            ("method".to_string(), s(input.action)),
+            (
+                "stripped_types".to_string(),
+                RestrictedExpression::new_set(input.stripped_types.iter().map(|t| s(t))),
+            ),
+            ("credential".to_string(), s(input.credential)),
+            ("stage".to_string(), s(&id.stage)),
+            ("environment".to_string(), s(&id.environment)),
+            (
+                "client_address".to_string(),
+                self.extension_values.ip(input.client),
+            ),
+            (
+                "request_time".to_string(),
+                self.extension_values.datetime(input.time),
+            ),
+            (
+                "guardrail".to_string(),
+                s(input.guardrail.map_or("", |g| g.kind)),
+            ),
+        ])
+        .map_err(|e| e.to_string())?;
+        self.contexts.insert(key, context.clone());
+        Ok(context)
+    }
+
+    /// Authorize `request` against `set` and explain the outcome.
+    fn conclude(
+        &self,
+        input: &PolicyInput<'_>,
+        request: &Request,
+        set: &PolicySet,
+        entities: &Entities,
+    ) -> Result<PolicyDecision, String> {
+        let response = self.authorizer.is_authorized(request, set, entities);
+        // Sorted: Cedar reports them as a set, and a log line should not vary run to run.
+        let mut policy_ids: Vec<String> = response
+            .diagnostics()
+            .reason()
+            .map(|p| p.to_string())
+            .collect();
+        policy_ids.sort_unstable();
+        let errors: Vec<String> = response
+            .diagnostics()
+            .errors()
+            .map(|e| e.to_string())
+            .collect();
+        Ok(match response.decision() {
+            Decision::Allow => match input.guardrail {
+                // A guarded destination needs a permit that names the guardrail it lifts:
+                // a broad `permit(principal, action, resource)` must not open it by accident.
+                Some(g) => {
+                    let lifting: Vec<String> = response
+                        .diagnostics()
+                        .reason()
+                        .filter(|p| self.set.annotation(p, "guardrail") == Some(g.kind))
+                        .map(|p| p.to_string())
+                        .collect();
+                    if lifting.is_empty() {
+                        PolicyDecision {
+                            allow: false,
+                            policy_ids: vec![],
+                            reason: format!(
+                                "guardrail: {}; only a permit annotated @guardrail(\"{}\") can allow it",
+                                g.why, g.kind
+                            ),
+                        }
+                    } else {
+                        PolicyDecision {
+                            allow: true,
+                            reason: format!(
+                                "guardrail `{}` lifted and permitted by {}",
+                                g.kind,
+                                lifting.join(", ")
+                            ),
+                            policy_ids: lifting,
+                        }
+                    }
+                }
+                None => PolicyDecision {
+                    allow: true,
+                    reason: format!("permitted by {}", policy_ids.join(", ")),
+                    policy_ids,
+                },
+            },
+            Decision::Deny if !policy_ids.is_empty() => PolicyDecision {
+                allow: false,
+                reason: format!("forbidden by {}", policy_ids.join(", ")),
+                policy_ids,
+            },
+            Decision::Deny => PolicyDecision {
+                allow: false,
+                policy_ids,
+                reason: match (input.guardrail, errors.is_empty()) {
+                    (Some(g), _) => format!("guardrail: {}", g.why),
+                    (None, true) => "no policy permits this request".to_string(),
+                    (None, false) => format!(
+                        "no policy permits this request (evaluation errors: {})",
+                        errors.join("; ")
+                    ),
+                },
+            },
+        })
+    }
+}
+
+impl PolicyEngine {
+    /// The principal and resource entities for this request, built once per distinct
+    /// (identity, destination, route) and then shared.
+    fn entities_for(
+        &self,
+        input: &PolicyInput<'_>,
+        principal: &EntityUid,
+        resource: &EntityUid,
+    ) -> Result<Arc<Entities>, String> {
+        use std::fmt::Write;
+        let id = input.identity;
+        let mut key = String::with_capacity(128);
+        // NUL cannot occur in any of these fields' values as configured or parsed.
+        let _ = write!(
+            key,
+            "{}\0{}\0{}\0{}\0{}\0{}\0{}\0{}",
+            id.id,
+            id.workload,
+            id.stage,
+            id.environment,
+            input.host,
+            input.scheme,
+            input.port,
+            input.route
+        );
+        if let Some(labels) = input.labels {
+            for (k, v) in labels {
+                let _ = write!(key, "\0{k}={v}");
+            }
+        }
+        if let Some(hit) = self.entities.get(&key) {
+            return Ok(hit);
+        }
+        let s = |v: &str| RestrictedExpression::new_string(v.to_string());
+        let principal_entity = Entity::new(
+            principal.clone(),
+            HashMap::from([
+                ("workload".to_string(), s(&id.workload)),
+                ("stage".to_string(), s(&id.stage)),
+                ("environment".to_string(), s(&id.environment)),
+            ]),
+            HashSet::new(),
+        )
+        .map_err(|e| e.to_string())?;
+        let labels = input
+            .labels
+            .map(|l| l.iter().map(|(k, v)| (k.clone(), s(v))).collect::<Vec<_>>())
+            .unwrap_or_default();
+        let resource_entity = Entity::new(
+            resource.clone(),
+            HashMap::from([
+                ("scheme".to_string(), s(input.scheme)),
+                (
+                    "port".to_string(),
+                    RestrictedExpression::new_long(i64::from(input.port)),
+                ),
+                (
+                    "labels".to_string(),
+                    RestrictedExpression::new_record(labels).map_err(|e| e.to_string())?,
+                ),
+            ]),
+            HashSet::new(),
+        )
+        .map_err(|e| e.to_string())?;
+        let entities = Arc::new(
+            Entities::from_entities([principal_entity, resource_entity], None)
+                .map_err(|e| e.to_string())?,
+        );
+        self.entities.insert(key, entities.clone());
+        Ok(entities)
+    }
+}
+
+/// Cached `ip(...)` and `datetime(...)` expressions.
+#[derive(Default)]
+struct ExtensionValues {
+    ips: std::sync::Mutex<HashMap<IpAddr, RestrictedExpression>>,
+    second: std::sync::Mutex<Option<(u64, RestrictedExpression)>>,
+}
+
+impl ExtensionValues {
+    /// A client address; at most 1024 distinct ones are kept (a sidecar sees its pod).
+    fn ip(&self, ip: IpAddr) -> RestrictedExpression {
+        let mut ips = self.ips.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = ips.get(&ip) {
+            return e.clone();
+        }
+        let e = RestrictedExpression::new_ip(ip.to_string());
+        if ips.len() >= 1024 {
+            ips.clear();
+        }
+        ips.insert(ip, e.clone());
+        e
+    }
+
+    /// The request time, to the second (UTC).
+    fn datetime(&self, t: SystemTime) -> RestrictedExpression {
+        let secs = t
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut slot = self.second.lock().unwrap_or_else(|e| e.into_inner());
+        match &*slot {
+            Some((s, e)) if *s == secs => e.clone(),
+            _ => {
+                let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+                let e = RestrictedExpression::new_datetime(
+                    humantime::format_rfc3339_seconds(at).to_string(),
+                );
+                *slot = Some((secs, e.clone()));
+                e
+            }
+        }
+    }
+}
+
+fn render(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+/// The guardrails' kinds, as `@guardrail("...")` annotations and `context.guardrail` name them.
+pub const GUARDRAIL_KINDS: [&str; 3] = ["metadata", "link_local", "own_listener"];
+
+/// A destination a guardrail refuses, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuardrailHit {
+    /// `metadata`, `link_local` or `own_listener`.
+    pub kind: &'static str,
+    /// What the destination is, for the log and the 403 body.
+    pub why: String,
+}
+
+/// Destinations refused before policy unless a permit annotated `@guardrail("<kind>")`
+/// allows them: cloud metadata, link-local, and the sidecar's own listeners (which would
+/// loop or expose the admin API).
+#[derive(Debug, Clone, Default)]
+pub struct Guardrails {
+    own: Vec<SocketAddr>,
+}
+
+impl Guardrails {
+    /// Guardrails protecting these local listeners.
+    pub fn new(own: Vec<SocketAddr>) -> Self {
+        Guardrails { own }
+    }
+
+    /// Whether this destination (as named: host name or IP literal) trips a guardrail.
+    pub fn check(&self, host: &str, port: u16) -> Option<GuardrailHit> {
+        let h = host.trim_end_matches('.').to_ascii_lowercase();
+        if h == "metadata.google.internal" || h == "metadata" || h == "instance-data" {
+            return Some(GuardrailHit {
+                kind: "metadata",
+                why: format!("{h} is a cloud metadata endpoint"),
+            });
+        }
+        let ip = if h == "localhost" || h.ends_with(".localhost") {
+            IpAddr::from([127, 0, 0, 1])
+        } else {
+            h.trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+                .ok()?
+        };
+        self.check_addr(SocketAddr::new(ip, port))
+    }
+
+    /// Whether this resolved (or connected) address trips a guardrail.
+    pub fn check_addr(&self, addr: SocketAddr) -> Option<GuardrailHit> {
+        if let Some(hit) = Self::check_ip(addr.ip()) {
+            return Some(hit);
+        }
+        let ip = unmapped(addr.ip());
+        let port = addr.port();
+        for own in &self.own {
+            let same_ip = own.ip() == ip
+                || (own.ip().is_unspecified() && (ip.is_loopback() || ip.is_unspecified()))
+                || (own.ip().is_loopback() && ip.is_loopback());
+            if same_ip && own.port() == port {
+                return Some(GuardrailHit {
+                    kind: "own_listener",
+                    why: format!("{ip}:{port} is one of the sidecar's own listeners"),
+                });
+            }
+        }
+        None
+    }
+
+    /// Whether this address trips a guardrail whatever the port (metadata, link-local).
+    pub fn check_ip(ip: IpAddr) -> Option<GuardrailHit> {
+        let ip = unmapped(ip);
+        let metadata = [
+            IpAddr::from([169, 254, 169, 254]),
+            IpAddr::from([169, 254, 170, 2]),
+            "fd00:ec2::254".parse().expect("literal"),
+        ];
+        if metadata.contains(&ip) {
+            return Some(GuardrailHit {
+                kind: "metadata",
+                why: format!("{ip} is a cloud metadata address"),
+            });
+        }
+        let link_local = match ip {
+            IpAddr::V4(v4) => v4.is_link_local(),
+            IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+        };
+        link_local.then(|| GuardrailHit {
+            kind: "link_local",
+            why: format!("{ip} is a link-local address"),
+        })
+    }
+}
+
+fn unmapped(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ident() -> Identity {
+        Identity {
+            id: "spiffe://t/ns/ml/sa/inference".into(),
+            workload: "inference".into(),
+            stage: "main".into(),
+            environment: "prod".into(),
+        }
+    }
+
+    fn engine(text: &str) -> PolicyEngine {
+        PolicyEngine::compile(
+            &PolicySource::inline("test.cedar", text).with_labels(["sensitivity"]),
+        )
+        .unwrap()
+    }
+
+    fn input<'a>(
+        id: &'a Identity,
+        purpose: &'a str,
+        labels: Option<&'a BTreeMap<String, String>>,
+    ) -> PolicyInput<'a> {
+        PolicyInput {
+            identity: id,
+            action: "POST",
+            host: "api.openai.com",
+            scheme: "https",
+            port: 443,
+            path: "/v1/chat/completions",
+            purpose,
+            route: "openai",
+            labels,
+            stripped_types: &["openai_project_key"],
+            credential: "openai",
+            client: IpAddr::from([127, 0, 0, 1]),
+            time: SystemTime::now(),
+            guardrail: None,
+        }
+    }
+
+    #[test]
+    fn default_deny_and_named_permits() {
+        let id = ident();
+        let e = engine("");
+        let d = e.decide(&input(&id, "inference", None));
+        assert!(!d.allow);
+        assert_eq!(d.reason, "no policy permits this request");
+
+        let e = engine(
+            r#"@id("inference-may-call-openai")
+permit(principal, action == Action::"POST", resource == Destination::"api.openai.com")
+when { principal.stage == "main" && context.purpose == "inference" && resource.port == 443 };"#,
+        );
+        let d = e.decide(&input(&id, "inference", None));
+        assert!(d.allow, "{d:?}");
+        assert_eq!(d.policy_ids, vec!["inference-may-call-openai"]);
+        assert!(!e.decide(&input(&id, "training", None)).allow);
+    }
+
+    #[test]
+    fn forbid_overrides_permit_and_labels_are_visible() {
+        let id = ident();
+        let e = engine(
+            r#"permit(principal, action, resource);
+@id("no-high-sensitivity-in-dev")
+forbid(principal, action, resource) when { resource.labels has sensitivity && resource.labels.sensitivity == "high" && context.stripped_types.contains("openai_project_key") };"#,
+        );
+        let labels = BTreeMap::from([("sensitivity".to_string(), "high".to_string())]);
+        let d = e.decide(&input(&id, "inference", Some(&labels)));
+        assert!(!d.allow);
+        assert_eq!(d.policy_ids, vec!["no-high-sensitivity-in-dev"]);
+        assert!(e.decide(&input(&id, "inference", None)).allow);
+    }
+
+    #[test]
+    fn bad_policy_is_an_error() {
+        let err = PolicyEngine::compile(&PolicySource::inline(
+            "p.cedar",
+            "permit(principal, action, resource",
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("p.cedar: policy does not parse"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn guardrails() {
+        let g = Guardrails::new(vec![
+            "127.0.0.1:15000".parse().unwrap(),
+            "0.0.0.0:15001".parse().unwrap(),
+        ]);
+        assert!(g.check("169.254.169.254", 80).is_some());
+        assert!(g.check("169.254.170.2", 80).is_some());
+        assert_eq!(g.check("169.254.1.1", 80).unwrap().kind, "link_local");
+        assert_eq!(g.check("[fe80::1]", 80).unwrap().kind, "link_local");
+        assert!(g.check("metadata.google.internal", 80).is_some());
+        assert!(g.check("[fd00:ec2::254]", 80).is_some());
+        assert!(g.check("::ffff:169.254.169.254", 80).is_some());
+        assert!(g.check("127.0.0.1", 15000).is_some());
+        assert!(g.check("127.0.0.1", 15001).is_some());
+        assert!(g.check("localhost", 15000).is_some());
+        assert!(g.check("127.0.0.1", 8080).is_none());
+        assert!(g.check("api.openai.com", 443).is_none());
+    }
+
+    #[track_caller]
+    fn compile_err(text: &str) -> String {
+        PolicyEngine::compile(&PolicySource::inline("p.cedar", text).with_labels(["sensitivity"]))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn shipped_schema_catches_typos_unknown_labels_and_actions() {
+        let e =
+            compile_err(r#"permit(principal, action, resource) when { context.purpse == "x" };"#);
+        assert!(
+            e.contains("does not validate against the shipped policy.cedarschema"),
+            "{e}"
+        );
+        assert!(e.contains("purpse"), "{e}");
+        let e = compile_err(
+            r#"forbid(principal, action, resource) when { resource.labels has sensitivty && resource.labels.sensitivty == "high" };"#,
+        );
+        assert!(
+            e.contains("for policy `policy0`, policy is impossible"),
+            "{e}"
+        );
+        let e = compile_err(r#"permit(principal, action == Action::"FETCH", resource);"#);
+        assert!(e.contains("FETCH"), "{e}");
+        let e =
+            compile_err(r#"permit(principal, action, resource) when { principal.stage == 3 };"#);
+        assert!(e.contains("does not validate"), "{e}");
+        // A label no route declares is unknown even when spelled as a route might.
+        let none = PolicyEngine::compile(&PolicySource::inline(
+            "p.cedar",
+            r#"permit(principal, action, resource) when { resource.labels has team && resource.labels.team == "ml" };"#,
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(none.contains("impossible"), "{none}");
+        let e = compile_err(r#"@guardrail("admin") permit(principal, action, resource);"#);
+        assert!(e.contains("names no guardrail"), "{e}");
+    }
+
+    #[test]
+    fn schema_for_quotes_label_keys() {
+        let keys: BTreeSet<String> = ["data-class".to_string(), "sensitivity".into()].into();
+        let text = schema_for(&keys);
+        assert!(
+            text.contains(r#"type Labels = { "data-class"?: String, "sensitivity"?: String };"#)
+        );
+        let _ = Schema::from_cedarschema_str(&text).unwrap();
+        let e = PolicyEngine::compile(
+            &PolicySource::inline(
+                "p.cedar",
+                r#"permit(principal, action, resource) when { resource.labels has "data-class" && resource.labels["data-class"] == "pii" };"#,
+            )
+            .with_labels(["data-class"]),
+        );
+        assert!(e.is_ok(), "{e:?}");
+    }
+
+    #[test]
+    fn runtime_request_matches_the_shipped_schema() {
+        let id = ident();
+        let e = engine("");
+        let schema = Schema::from_cedarschema_str(&schema_for(&["sensitivity".to_string()].into()))
+            .unwrap()
+            .0;
+        let labels = BTreeMap::from([("sensitivity".to_string(), "high".to_string())]);
+        for labels in [None, Some(&labels)] {
+            let inp = input(&id, "inference", labels);
+            let (_, entities) = e
+                .request(&inp, Some(&schema))
+                .expect("context fits the schema");
+            Entities::from_entities(entities.iter().cloned(), Some(&schema))
+                .expect("entities fit the schema");
+        }
+        let mut connect = input(&id, "inference", None);
+        connect.action = "CONNECT";
+        e.request(&connect, Some(&schema))
+            .expect("CONNECT fits the schema");
+    }
+
+    #[test]
+    fn client_address_and_request_time_are_in_context() {
+        let id = ident();
+        let e = engine(
+            r#"@id("office-hours-from-pod")
+permit(principal, action, resource)
+when { context.client_address.isInRange(ip("10.0.0.0/8")) && context.request_time.toTime() >= duration("9h") && context.request_time.toTime() < duration("18h") };"#,
+        );
+        let at = |t: &str| humantime::parse_rfc3339(t).unwrap();
+        let mut i = input(&id, "inference", None);
+        i.client = "10.1.2.3".parse().unwrap();
+        i.time = at("2026-11-24T10:00:00Z");
+        assert!(e.decide(&i).allow);
+        i.time = at("2026-11-24T19:00:00Z");
+        assert!(!e.decide(&i).allow);
+        i.time = at("2026-11-24T10:00:00Z");
+        i.client = "192.168.1.2".parse().unwrap();
+        assert!(!e.decide(&i).allow);
+    }
+
+    #[test]
+    fn a_guardrail_is_lifted_only_by_an_annotated_permit() {
+        let id = ident();
+        let g = Guardrails::new(vec![]);
+        let hit = g.check("169.254.169.254", 80).unwrap();
+        assert_eq!(hit.kind, "metadata");
+        let mut i = input(&id, "inference", None);
+        i.guardrail = Some(&hit);
+        let broad = engine("permit(principal, action, resource);");
+        let d = broad.decide(&i);
+        assert!(!d.allow);
+        assert!(
+            d.reason.contains(r#"@guardrail("metadata")"#),
+            "{}",
+            d.reason
+        );
+        let lifted = engine(
+            r#"permit(principal, action, resource);
+@id("metadata-for-inference")
+@guardrail("metadata")
+permit(principal, action, resource) when { context.guardrail == "metadata" && principal.workload == "inference" };"#,
+        );
+        let d = lifted.decide(&i);
+        assert!(d.allow, "{d:?}");
+        assert_eq!(d.policy_ids, vec!["metadata-for-inference"]);
+        // The annotation must name the guardrail tripped.
+        let own = g.check("127.0.0.1", 1).is_none();
+        assert!(own);
+        let other = Guardrails::new(vec!["127.0.0.1:15000".parse().unwrap()]);
+        let hit = other.check("localhost", 15000).unwrap();
+        assert_eq!(hit.kind, "own_listener");
+        i.guardrail = Some(&hit);
+        assert!(!lifted.decide(&i).allow);
+        // A forbid still wins over a lifting permit.
+        let forbidden = engine(
+            r#"@guardrail("metadata") permit(principal, action, resource);
+@id("never-metadata") forbid(principal, action, resource) when { context.guardrail == "metadata" };"#,
+        );
+        let hit = g.check("metadata.google.internal", 80).unwrap();
+        i.guardrail = Some(&hit);
+        let d = forbidden.decide(&i);
+        assert!(!d.allow);
+        assert_eq!(d.policy_ids, vec!["never-metadata"]);
+    }
+
+    /// Slicing must never change a decision: compare with Cedar over the whole set on every
+    /// combination of principal, action and destination the policies mention (and some
+    /// they do not).
+    #[test]
+    fn slicing_decides_exactly_as_the_whole_set() {
+        let text = r#"
+@id("a") permit(principal == Workload::"spiffe://t/ns/ml/sa/inference", action == Action::"POST", resource == Destination::"api.openai.com");
+@id("b") permit(principal, action in [Action::"GET", Action::"HEAD"], resource == Destination::"datasets.internal");
+@id("c") permit(principal in Workload::"spiffe://t/other", action, resource);
+@id("d") permit(principal is Workload, action == Action::"PUT", resource is Destination);
+@id("e") forbid(principal, action, resource in Destination::"api.openai.com") when { context.purpose == "export-data" };
+@id("f") permit(principal is Workload in Workload::"spiffe://t/ns/ml/sa/inference", action == Action::"CONNECT", resource is Destination in Destination::"github.com");
+@id("g") forbid(principal, action == Action::"DELETE", resource);
+@id("h") permit(principal, action, resource) when { context.route == "r" };
+"#;
+        let e = engine(text);
+        let mut other = ident();
+        other.id = "spiffe://t/other".into();
+        let ids = [ident(), other];
+        let mut compared = 0;
+        for id in &ids {
+            for action in ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "PATCH"] {
+                for host in [
+                    "api.openai.com",
+                    "datasets.internal",
+                    "github.com",
+                    "x.example",
+                ] {
+                    for (purpose, route) in [("inference", "r"), ("export-data", ""), ("p", "q")] {
+                        let mut i = input(id, purpose, None);
+                        i.action = action;
+                        i.host = host;
+                        i.route = route;
+                        let (request, entities) = e.request(&i, None).unwrap();
+                        let whole = e.conclude(&i, &request, &e.set, &entities).unwrap();
+                        assert_eq!(e.decide(&i), whole, "{} {action} {host} {purpose}", id.id);
+                        compared += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(compared, 2 * 7 * 4 * 3);
+        // And slices really are smaller.
+        assert_eq!(
+            e.slices
+                .for_request("spiffe://t/other", "PATCH", "x.example")
+                .policies()
+                .count(),
+            2
+        );
+    }
+}

@@ -1,0 +1,264 @@
+//! `chaperone policy check|eval|test|schema`: the real binary over the shipped examples and
+//! over broken inputs.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::*;
+
+fn policy(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin())
+        .arg("policy")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn example(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/policies")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The examples' own cases pass: this is what a team would run in CI.
+#[test]
+fn the_example_cases_pass() {
+    let (code, out, err) = policy(&[
+        "test",
+        "--config",
+        &example("chaperone.yaml"),
+        &example("CASES.yaml"),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!out.contains("FAIL"), "{out}");
+    let last = out.lines().last().unwrap();
+    assert!(last.ends_with("passed, 0 failed"), "{last}");
+    // Every theme of the examples is exercised.
+    for theme in [
+        "training cannot call the inference API",
+        "a prod identity cannot reach dev datasets",
+        "export-data is refused",
+        "serving reads its region from the metadata endpoint",
+        "training clones code through a tunnel",
+    ] {
+        assert!(out.contains(&format!("ok    {theme}")), "{theme}: {out}");
+    }
+}
+
+#[test]
+fn a_wrong_expectation_fails_naming_the_case_line_and_what_differs() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = dir.path().join("cases.yaml");
+    std::fs::write(
+        &cases,
+        "cases:\n  - name: right\n    stage: training\n    method: GET\n    url: https://datasets.internal.example.org/x\n    expect: allow\n  - name: wrong\n    method: POST\n    url: https://llm.internal.example.org/v1/chat/completions\n    stage: training\n    expect: allow\n    policies: [serving-calls-inference]\n",
+    )
+    .unwrap();
+    let cases = cases.to_string_lossy().into_owned();
+    let (code, out, _) = policy(&["test", "--config", &example("chaperone.yaml"), &cases]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("ok    right"), "{out}");
+    assert!(out.contains(&format!("FAIL  wrong ({cases}:7)")), "{out}");
+    assert!(
+        out.contains("expected allow, got deny (forbidden by training-never-calls-inference)"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "expected policies [serving-calls-inference], got [training-never-calls-inference]"
+        ),
+        "{out}"
+    );
+    assert!(out.ends_with("2 cases: 1 passed, 1 failed\n"), "{out}");
+
+    // JSON for machines carries the same.
+    let (code, out, _) = policy(&[
+        "test",
+        "--json",
+        "--config",
+        &example("chaperone.yaml"),
+        &cases,
+    ]);
+    assert_eq!(code, 1);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["cases"][1]["passed"], false);
+    assert_eq!(v["cases"][1]["line"], 7);
+    assert_eq!(v["cases"][1]["got"]["decision"], "deny");
+
+    // A malformed case file is an error (exit 2) naming the line and key.
+    std::fs::write(
+        dir.path().join("bad.yaml"),
+        "cases:\n  - method: GET\n    urll: http://x/\n",
+    )
+    .unwrap();
+    let bad = dir.path().join("bad.yaml").to_string_lossy().into_owned();
+    let (code, _, err) = policy(&["test", "--config", &example("chaperone.yaml"), &bad]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains(&format!("{bad}:3:5: cases[0].urll: Unknown field `urll`")),
+        "{err}"
+    );
+}
+
+#[test]
+fn eval_prints_the_decision_and_exits_by_it() {
+    let cfg = example("chaperone.yaml");
+    let (code, out, _) = policy(&[
+        "eval",
+        "--config",
+        &cfg,
+        "--method",
+        "POST",
+        "--url",
+        "https://llm.internal.example.org/v1/chat/completions",
+        "--purpose",
+        "answer-question",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("decision:  allow"), "{out}");
+    assert!(out.contains("policies:  serving-calls-inference"), "{out}");
+    assert!(
+        out.contains("route=inference-api purpose=answer-question"),
+        "{out}"
+    );
+
+    let (code, out, _) = policy(&[
+        "eval",
+        "--config",
+        &cfg,
+        "--stage",
+        "training",
+        "--method",
+        "POST",
+        "--url",
+        "https://llm.internal.example.org/v1/chat/completions",
+        "--json",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["decision"], "deny");
+    assert_eq!(
+        v["policy_ids"],
+        serde_json::json!(["training-never-calls-inference"])
+    );
+    assert_eq!(
+        v["principal"],
+        r#"Workload::"spiffe://example.org/ns/ml/sa/training""#
+    );
+    assert_eq!(v["purpose"], "inference", "the route's default purpose");
+
+    // Time and client address reach the policy.
+    let (code, out, _) = policy(&[
+        "eval",
+        "--config",
+        &cfg,
+        "--stage",
+        "training",
+        "--client",
+        "10.0.0.9",
+        "--url",
+        "https://datasets.internal.example.org/x",
+        "--time",
+        "2026-11-24T03:00:00Z",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("pod-local-callers-only"), "{out}");
+
+    // Questions that cannot be answered are errors, not denials.
+    for (args, want) in [
+        (
+            vec!["--url", "https://x.example/", "--stage", "nope"],
+            "no stage `nope`",
+        ),
+        (vec!["--url", "ftp://x.example/"], "unsupported scheme"),
+        (
+            vec!["--url", "https://x.example/", "--time", "yesterday"],
+            "time `yesterday`",
+        ),
+        (
+            vec!["--url", "https://x.example/", "--purpose", "bad purpose"],
+            "purpose",
+        ),
+    ] {
+        let mut all = vec!["eval", "--config", &cfg];
+        all.extend(args);
+        let (code, _, err) = policy(&all);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains(want), "{want}: {err}");
+    }
+}
+
+#[test]
+fn a_policy_that_does_not_fit_the_schema_is_refused_with_its_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        "identity: { id: spiffe://t/x, workload: w, environment: dev }\nroutes:\n  - name: r\n    match: { host: api.example.org }\n    labels: { sensitivity: high }\npolicy:\n  file: p.cedar\n",
+    )
+    .unwrap();
+    let cfg = cfg.to_string_lossy().into_owned();
+    let p = dir.path().join("p.cedar");
+
+    std::fs::write(&p, "@id(\"ok\") permit(principal, action == Action::\"GET\", resource) when { resource.labels has sensitivity && resource.labels.sensitivity == \"high\" };\n").unwrap();
+    let (code, out, err) = policy(&["check", "--config", &cfg]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("ok, 1 policies valid against the shipped schema (route labels: sensitivity)"),
+        "{out}"
+    );
+
+    for (text, want) in [
+        (
+            "permit(principal, action, resource) when { context.purpse == \"x\" };",
+            "purpse",
+        ),
+        (
+            "permit(principal, action == Action::\"FETCH\", resource);",
+            "FETCH",
+        ),
+        (
+            "forbid(principal, action, resource) when { resource.labels has sensitivty && resource.labels.sensitivty == \"high\" };",
+            "impossible",
+        ),
+    ] {
+        std::fs::write(&p, text).unwrap();
+        let (code, _, err) = policy(&["check", "--config", &cfg]);
+        assert_eq!(code, 2, "{text}");
+        assert!(err.contains("policy.file"), "{err}");
+        assert!(err.contains("p.cedar"), "{err}");
+        assert!(err.contains(want), "{want}: {err}");
+        // `chaperone check` reports it the same way, with the config line.
+        let out = Command::new(bin())
+            .args(["check", "--config", &cfg])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(":7:"),
+            "policy.file is on line 7"
+        );
+    }
+
+    // The schema printed is the one policies are checked against, with the route labels.
+    let (code, out, _) = policy(&["schema", "--config", &example("chaperone.yaml")]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains(
+            r#"type Labels = { "env"?: String, "kind"?: String, "sensitivity"?: String };"#
+        ),
+        "{out}"
+    );
+    let (code, out, _) = policy(&["schema"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("type Labels = {};") && out.contains("client_address: ipaddr"));
+}
