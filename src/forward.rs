@@ -10,14 +10,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderName};
-use http::{HeaderMap, HeaderValue, Request, Response};
+use http::{HeaderMap, HeaderValue, Request, Response, Uri};
 use http_body::Body;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::connect::dns::Name;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
 
 use crate::config::Timeouts;
 use crate::error::{BoxError, ErrorCode, ProxyBody, Rejection, full};
@@ -125,7 +126,66 @@ impl tower::Service<Name> for GuardedResolver {
     }
 }
 
-type Connector = hyper_rustls::HttpsConnector<HttpConnector<GuardedResolver>>;
+/// Connects like [`HttpConnector`], then checks the address actually connected to against
+/// the guardrails (with its port, which the resolver does not know): a name that resolves to
+/// one of the sidecar's own listeners is refused before a byte is sent. A destination that
+/// already tripped a guardrail as named (an IP literal, `localhost`) was decided by policy
+/// with that knowledge, so it is not checked twice.
+#[derive(Clone)]
+pub struct GuardedConnector<R = GuardedResolver> {
+    http: HttpConnector<R>,
+    guard: Arc<Guardrails>,
+}
+
+impl<R> GuardedConnector<R> {
+    /// Wrap a connector.
+    pub fn new(http: HttpConnector<R>, guard: Arc<Guardrails>) -> Self {
+        GuardedConnector { http, guard }
+    }
+}
+
+impl<R> tower::Service<Uri> for GuardedConnector<R>
+where
+    HttpConnector<R>: tower::Service<Uri, Response = TokioIo<TcpStream>>,
+    <HttpConnector<R> as tower::Service<Uri>>::Error: Into<BoxError>,
+    <HttpConnector<R> as tower::Service<Uri>>::Future: Send + 'static,
+{
+    type Response = TokioIo<TcpStream>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.http.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+            Some("https") => 443,
+            _ => 80,
+        });
+        let decided = uri
+            .host()
+            .is_some_and(|h| self.guard.check(h, port).is_some());
+        let guard = self.guard.clone();
+        let connecting = self.http.call(uri);
+        Box::pin(async move {
+            let io = connecting.await.map_err(Into::into)?;
+            if !decided
+                && let Ok(peer) = io.inner().peer_addr()
+                && let Some(hit) = guard.check_addr(peer)
+            {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!("guardrail: the destination resolves to {peer}: {}", hit.why),
+                )
+                .into());
+            }
+            Ok(io)
+        })
+    }
+}
+
+type Connector = hyper_rustls::HttpsConnector<GuardedConnector>;
 
 /// Pooled client to upstreams: HTTP/1.1, and for `https` HTTP/2 or HTTP/1.1 by ALPN, with the
 /// upstream's certificate and host name always verified.
@@ -143,12 +203,13 @@ impl std::fmt::Debug for Upstream {
 
 impl Upstream {
     /// A client with the configured timeouts and upstream TLS settings.
-    pub fn new(t: &Timeouts, tls: Arc<rustls::ClientConfig>) -> Self {
+    pub fn new(t: &Timeouts, tls: Arc<rustls::ClientConfig>, guard: Arc<Guardrails>) -> Self {
         let mut http = HttpConnector::new_with_resolver(GuardedResolver);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(t.connect));
         http.set_keepalive(Some(Duration::from_secs(60)));
         http.enforce_http(false);
+        let http = GuardedConnector::new(http, guard);
         let http = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config((*tls).clone())
             .https_or_http()
@@ -238,6 +299,12 @@ impl Upstream {
                     tokio::time::sleep(CONNECT_RETRIES[attempt]).await;
                     attempt += 1;
                 }
+                Ok(Err(e)) if is_guardrail(&e) => {
+                    return Err(Rejection::new(
+                        ErrorCode::PolicyDenied,
+                        crate::error::innermost(&e).to_string(),
+                    ));
+                }
                 Ok(Err(e)) => {
                     return Err(Rejection::new(ErrorCode::UpstreamUnreachable, describe(&e)));
                 }
@@ -312,7 +379,8 @@ pub const REPLAY_MAX_BYTES: u64 = 64 * 1024;
 /// Waits before each retry of a connect that failed (connection refused, reset, timed out).
 const CONNECT_RETRIES: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(400)];
 
-/// [`GuardedResolver`] refuses with `PermissionDenied`: no retry can change that answer.
+/// [`GuardedResolver`] and [`GuardedConnector`] refuse with `PermissionDenied`: no retry can
+/// change that answer.
 fn is_guardrail(e: &hyper_util::client::legacy::Error) -> bool {
     crate::error::innermost(e)
         .downcast_ref::<std::io::Error>()
@@ -395,5 +463,31 @@ mod tests {
         );
         assert!(is_loop(&h, "chaperone-abc"));
         assert!(!is_loop(&h, "chaperone-def"));
+    }
+
+    /// A name that resolves onto one of the sidecar's own listeners is refused after the
+    /// connect, before anything is sent; the same listener named as the literal it is was
+    /// decided by policy and passes.
+    #[tokio::test]
+    async fn a_name_resolving_to_an_own_listener_is_refused_after_connect() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let own = listener.local_addr().unwrap();
+        let resolver = tower::service_fn(move |_: Name| async move {
+            Ok::<_, std::io::Error>(vec![own].into_iter())
+        });
+        let guard = Arc::new(Guardrails::new(vec![own]));
+        let mut c = GuardedConnector::new(HttpConnector::new_with_resolver(resolver), guard);
+        let named: Uri = format!("http://innocent.example:{}/", own.port())
+            .parse()
+            .unwrap();
+        let err = match tower::Service::call(&mut c, named).await {
+            Ok(_) => panic!("connected to an own listener by name"),
+            Err(e) => e,
+        };
+        let io = err.downcast_ref::<std::io::Error>().expect("an io error");
+        assert_eq!(io.kind(), std::io::ErrorKind::PermissionDenied);
+        assert!(io.to_string().contains("own listeners"), "{io}");
+        let literal: Uri = format!("http://{own}/").parse().unwrap();
+        assert!(tower::Service::call(&mut c, literal).await.is_ok());
     }
 }

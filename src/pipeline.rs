@@ -101,7 +101,11 @@ impl Pipeline {
     /// the upstream connection it uses live on the same thread (no cross-thread wakeups).
     pub fn for_worker(&self) -> Pipeline {
         let mut p = self.clone();
-        p.upstream = Upstream::new(&self.timeouts, self.upstream_tls.clone());
+        p.upstream = Upstream::new(
+            &self.timeouts,
+            self.upstream_tls.clone(),
+            Arc::new(self.guardrails.clone()),
+        );
         p
     }
 
