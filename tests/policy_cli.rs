@@ -262,3 +262,67 @@ fn a_policy_that_does_not_fit_the_schema_is_refused_with_its_file() {
     assert_eq!(code, 0);
     assert!(out.contains("type Labels = {};") && out.contains("client_address: ipaddr"));
 }
+
+/// In an app's CI the secrets the sidecar reads in production are not there: policy
+/// commands still work (and say what they overlooked), `check` still refuses, and a missing
+/// policy file is still an error.
+#[test]
+fn policy_commands_work_without_the_deployments_secret_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        "identity: { id: spiffe://t/x, workload: w, environment: prod }
+tls: { ca_cert: /var/run/chaperone/ca.pem, ca_key: /var/run/chaperone/ca-key.pem }
+credentials:
+  vendor: { kind: static, from_file: /var/run/secrets/vendor-key }
+  env-key: { kind: static, from_env: CHAPERONE_TEST_SURELY_UNSET_VAR }
+routes:
+  - name: vendor
+    match: { host: api.vendor.example }
+    credential: vendor
+policy:
+  file: p.cedar
+",
+    )
+    .unwrap();
+    let cfg = cfg.to_string_lossy().into_owned();
+    std::fs::write(
+        dir.path().join("p.cedar"),
+        "@id(\"vendor\") permit(principal, action, resource == Destination::\"api.vendor.example\");\n",
+    )
+    .unwrap();
+    let (code, out, err) = policy(&["check", "--config", &cfg]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ok, 1 policies"), "{out}");
+    assert!(
+        err.contains("not needed to decide policy: tls.ca_cert, tls.ca_key, credentials.env-key.from_env, credentials.vendor.from_file"),
+        "{err}"
+    );
+    let (code, out, _) = policy(&[
+        "eval",
+        "--config",
+        &cfg,
+        "--url",
+        "https://api.vendor.example/v1",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("route=vendor"), "{out}");
+
+    // The sidecar itself would not start on this: `check` says so.
+    let out = Command::new(bin())
+        .args(["check", "--config", &cfg])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/var/run/secrets/vendor-key"));
+
+    // Other mistakes are not overlooked, and the policy must be readable.
+    std::fs::remove_file(dir.path().join("p.cedar")).unwrap();
+    let (code, _, err) = policy(&["check", "--config", &cfg]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("policy.file") && err.contains("p.cedar"),
+        "{err}"
+    );
+}

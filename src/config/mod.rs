@@ -266,16 +266,7 @@ pub struct Config {
 impl Config {
     /// Load and validate a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                file: file.clone(),
-                line: 0,
-                column: 0,
-                key: String::new(),
-                message: format!("cannot read the file: {e}"),
-            }])
-        })?;
+        let (file, text) = read_file(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::from_yaml(&file, &text, base, false)
     }
@@ -300,18 +291,30 @@ impl Config {
         base: &Path,
         embedded: bool,
     ) -> Result<Config, ConfigErrors> {
-        let (node, raw) =
-            parse_yaml::<FileConfig>(file, text).map_err(|e| ConfigErrors(vec![e]))?;
-        let mut v = Validator {
-            file,
-            root: &node,
-            base,
-            errors: Vec::new(),
-        };
-        let cfg = v.build(raw, embedded);
+        match validate(file, text, base, embedded)? {
+            (Some(cfg), errors) if errors.is_empty() => Ok(cfg),
+            (_, errors) => Err(ConfigErrors(errors)),
+        }
+    }
+
+    /// Load for deciding policy offline (`chaperone policy ...` in an app's CI): everything
+    /// is validated as by [`Config::load`], except that secret material which exists only
+    /// where the sidecar runs (credential and TLS files, `from_env` variables) may be
+    /// missing. The policy files must be readable. Returns the config and what was
+    /// overlooked, to be mentioned.
+    pub fn load_offline(path: &Path) -> Result<(Config, Vec<ConfigError>), ConfigErrors> {
+        let (file, text) = read_file(path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let (cfg, errors) = validate(&file, &text, base, false)?;
+        let (overlooked, errors): (Vec<ConfigError>, Vec<ConfigError>) =
+            errors.into_iter().partition(|e| {
+                !e.key.starts_with("policy")
+                    && (e.message.starts_with("cannot read ")
+                        || e.message.ends_with("is not set or empty"))
+            });
         match cfg {
-            Some(cfg) if v.errors.is_empty() => Ok(cfg),
-            _ => Err(ConfigErrors(v.errors)),
+            Some(cfg) if errors.is_empty() => Ok((cfg, overlooked)),
+            _ => Err(ConfigErrors(errors)),
         }
     }
 }
@@ -335,6 +338,39 @@ log:
 /// Observe mode permits everything that passes the guardrails.
 pub const OBSERVE_POLICY: &str =
     "@id(\"observe-mode-permit-all\")\npermit(principal, action, resource);\n";
+
+/// A config file's name and text.
+fn read_file(path: &Path) -> Result<(String, String), ConfigErrors> {
+    let file = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok((file, text)),
+        Err(e) => Err(ConfigErrors(vec![ConfigError {
+            file,
+            line: 0,
+            column: 0,
+            key: String::new(),
+            message: format!("cannot read the file: {e}"),
+        }])),
+    }
+}
+
+/// Parse and validate: the config as far as it could be built, and every problem found.
+fn validate(
+    file: &str,
+    text: &str,
+    base: &Path,
+    embedded: bool,
+) -> Result<(Option<Config>, Vec<ConfigError>), ConfigErrors> {
+    let (node, raw) = parse_yaml::<FileConfig>(file, text).map_err(|e| ConfigErrors(vec![e]))?;
+    let mut v = Validator {
+        file,
+        root: &node,
+        base,
+        errors: Vec::new(),
+    };
+    let cfg = v.build(raw, embedded);
+    Ok((cfg, v.errors))
+}
 
 /// Parse YAML into `T` (unknown keys rejected by `T`), keeping the node for positions. The
 /// error names the file, line and key.

@@ -14,9 +14,21 @@ use crate::config::Config;
 /// Exit status.
 pub type Status = u8;
 
+/// The config as `policy` commands need it: validated, but credential and TLS files that
+/// exist only where the sidecar runs may be missing (said once on stderr).
 fn load(config: &Path, err: &mut dyn Write) -> Option<(Config, PolicyEngine)> {
-    let cfg = match Config::load(config) {
-        Ok(c) => c,
+    let cfg = match Config::load_offline(config) {
+        Ok((c, overlooked)) => {
+            if !overlooked.is_empty() {
+                let keys: Vec<&str> = overlooked.iter().map(|e| e.key.as_str()).collect();
+                let _ = writeln!(
+                    err,
+                    "note: not readable here, not needed to decide policy: {}",
+                    keys.join(", ")
+                );
+            }
+            c
+        }
         Err(errs) => {
             for e in &errs.0 {
                 let _ = writeln!(err, "{e}");
@@ -186,8 +198,8 @@ pub fn test(
 pub fn schema(config: Option<&Path>, out: &mut dyn Write, err: &mut dyn Write) -> Status {
     let text = match config {
         None => SHIPPED_SCHEMA.to_string(),
-        Some(c) => match Config::load(c) {
-            Ok(cfg) => cfg.policy.schema_text().into_owned(),
+        Some(c) => match Config::load_offline(c) {
+            Ok((cfg, _)) => cfg.policy.schema_text().into_owned(),
             Err(errs) => {
                 for e in &errs.0 {
                     let _ = writeln!(err, "{e}");
