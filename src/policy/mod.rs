@@ -123,6 +123,7 @@ impl PolicyStore {
         metrics: Arc<crate::metrics::Metrics>,
     ) -> PolicyStore {
         let stamps = Self::stamps(&source);
+        engine.log_warnings(&source.origin);
         PolicyStore {
             current: arc_swap::ArcSwap::from_pointee(engine),
             source: std::sync::Mutex::new(source),
@@ -157,6 +158,7 @@ impl PolicyStore {
         let outcome = match result {
             Ok((engine, fresh)) => {
                 let n = engine.len();
+                engine.log_warnings(&source.origin);
                 self.current.store(Arc::new(engine));
                 *self.source.lock().expect("policy source lock") = fresh;
                 tracing::info!(policies = n, origin = %source.origin, why, "policy reloaded");
@@ -355,6 +357,13 @@ impl PolicyEngine {
     /// True when no policy is loaded (everything is denied).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Log each validator warning (mixed scripts, confusable identifiers, ...).
+    fn log_warnings(&self, origin: &str) {
+        for w in &self.warnings {
+            tracing::warn!(origin, warning = %w, "policy validator warning");
+        }
     }
 
     /// Validator warnings, one line each.
@@ -1086,6 +1095,19 @@ permit(principal, action, resource) when { context.guardrail == "metadata" && pr
                 .policies()
                 .count(),
             2
+        );
+    }
+
+    #[test]
+    fn validator_warnings_are_kept_for_check_and_the_log() {
+        let e = engine(
+            "permit(principal, action, resource) when { context.purpose == \"ab\u{202E}cd\" };",
+        );
+        assert_eq!(e.warnings().len(), 1, "{:?}", e.warnings());
+        assert!(
+            engine("permit(principal, action, resource);")
+                .warnings()
+                .is_empty()
         );
     }
 }
