@@ -33,6 +33,18 @@ pub struct Caller {
     pub client: SocketAddr,
 }
 
+/// One client connection, as accepted: the identity its listener serves, the client's
+/// address, and what the kernel attests about the client.
+#[derive(Debug)]
+pub struct Conn {
+    /// The identity the listener serves.
+    pub identity: Arc<Identity>,
+    /// The client's address.
+    pub client: SocketAddr,
+    /// Whether the listener admits this client (see [`crate::attest`]).
+    pub attestation: crate::attest::Attestation,
+}
+
 /// Check a purpose: 1 to 64 characters from `A-Za-z0-9._:/-`.
 pub fn validate_purpose(p: &str) -> Result<(), String> {
     let ok_len = (1..=64).contains(&p.len());

@@ -2,7 +2,6 @@
 //! leaf certificate for the requested name signed by the local CA, then serve the decrypted
 //! HTTP/1.1 or HTTP/2 requests through the same pipeline as plain ones (scheme `https`).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -15,7 +14,7 @@ use rustls::server::{Acceptor, ClientHello, ResolvesServerCert, ServerSessionMem
 use rustls::sign::CertifiedKey;
 use tokio_rustls::LazyConfigAcceptor;
 
-use crate::config::{Identity, TlsSettings};
+use crate::config::TlsSettings;
 use crate::pipeline::Pipeline;
 use crate::route::{HostMatch, Target};
 use crate::tls::{LeafIssuer, TlsError};
@@ -87,8 +86,7 @@ impl Interceptor {
 pub async fn serve(
     pipeline: Arc<Pipeline>,
     interceptor: Arc<Interceptor>,
-    identity: Arc<Identity>,
-    client: SocketAddr,
+    conn: Arc<crate::identify::Conn>,
     origin: Target,
     upgraded: Upgraded,
 ) -> Result<u64, String> {
@@ -123,12 +121,13 @@ pub async fn serve(
         }
     };
     let served = Arc::new(AtomicU64::new(0));
+    let conn_client = conn.client;
     let counter = served.clone();
     let origin = Arc::new(origin);
     let svc = service_fn(move |req| {
         counter.fetch_add(1, Ordering::Relaxed);
-        let (p, id, o) = (pipeline.clone(), identity.clone(), origin.clone());
-        async move { Ok::<_, std::convert::Infallible>(p.handle(id, client, Some(o), req).await) }
+        let (p, c, o) = (pipeline.clone(), conn.clone(), origin.clone());
+        async move { Ok::<_, std::convert::Infallible>(p.handle(c, Some(o), req).await) }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -146,7 +145,7 @@ pub async fn serve(
         }
     };
     if let Err(e) = result {
-        tracing::debug!(client = %client, error = %e, "intercepted connection ended with an error");
+        tracing::debug!(client = %conn_client, error = %e, "intercepted connection ended with an error");
     }
     Ok(served.load(Ordering::Relaxed))
 }

@@ -13,6 +13,7 @@ compile_error!(
 
 pub mod accept;
 pub mod admin;
+pub mod attest;
 pub mod config;
 pub mod credentials;
 pub mod demo;

@@ -15,7 +15,6 @@
 //!
 //! Stages are plain functions in their own modules; only this file builds the log record.
 
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -29,12 +28,13 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use secrecy::ExposeSecret;
 
-use crate::config::{Identity, StripMode, Timeouts};
+use crate::attest::Attestation;
+use crate::config::{StripMode, Timeouts};
 use crate::credentials::{Credentials, MintRequest};
 use crate::error::{BoxError, ErrorCode, ProxyBody, Rejection, full};
 use crate::fingerprint::Fingerprinter;
 use crate::forward::{self, OutBody, Upstream};
-use crate::identify::{self, Caller, REQUEST_ID_HEADER, UNSPECIFIED_PURPOSE};
+use crate::identify::{self, Caller, Conn, REQUEST_ID_HEADER, UNSPECIFIED_PURPOSE};
 use crate::metrics::{CredentialLabels, Metrics, RequestLabels, RouteLabels, StrippedLabels};
 use crate::policy::{GuardrailHit, Guardrails, PolicyInput, PolicyStore};
 use crate::purpose_log::{CredentialLog, PurposeLog, Record};
@@ -109,24 +109,25 @@ impl Pipeline {
         p
     }
 
-    /// Handle one request from a client of the listener that serves `identity`; `origin` is
-    /// the CONNECT target when the request was decrypted from an intercepted tunnel.
+    /// Handle one request that came in on `conn`; `origin` is the CONNECT target when the
+    /// request was decrypted from an intercepted tunnel.
     pub async fn handle(
         self: Arc<Self>,
-        identity: Arc<Identity>,
-        client: SocketAddr,
+        conn: Arc<Conn>,
         origin: Option<Arc<Target>>,
         req: Request<Incoming>,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
         let mut rec = Record::new(SystemTime::now());
-        rec.client = client.to_string();
+        rec.client = conn.client.to_string();
+        rec.caller_uid = conn.attestation.uid();
         rec.method = req.method().to_string();
         rec.strip_mode = strip_mode_name(self.strip_mode);
 
         let (mut parts, body) = req.into_parts();
         // Stage 2 (first, see the module docs): identify.
-        let (caller, purpose_ok) = identify::identify(&identity, &mut parts.headers, client);
+        let (caller, purpose_ok) =
+            identify::identify(&conn.identity, &mut parts.headers, conn.client);
         rec.request_id = caller.request_id.clone();
         rec.trace_id = caller.trace_id.clone();
         rec.identity = caller.identity.id.clone();
@@ -138,11 +139,16 @@ impl Pipeline {
             .clone()
             .unwrap_or_else(|| UNSPECIFIED_PURPOSE.into());
 
+        // A caller the listener does not admit is refused before anything else is looked at.
+        let purpose_ok = match &conn.attestation {
+            Attestation::Refused(why) => Err(Rejection::new(ErrorCode::PolicyDenied, why.clone())),
+            _ => purpose_ok.map_err(|reason| Rejection::new(ErrorCode::BadRequest, reason)),
+        };
         let result = match purpose_ok {
-            Err(reason) => Err(Rejection::new(ErrorCode::BadRequest, reason)),
+            Err(rej) => Err(rej),
             Ok(()) if parts.method == Method::CONNECT && origin.is_none() => {
                 let req = Request::from_parts(parts, body);
-                return self.connect(&caller, req, rec, start).await;
+                return self.connect(&conn, &caller, req, rec, start).await;
             }
             Ok(()) => {
                 self.run(&caller, origin.as_deref(), parts, body, &mut rec)
@@ -423,6 +429,7 @@ impl Pipeline {
     /// `Action::"CONNECT"` policy), or deny.
     async fn connect(
         self: Arc<Self>,
+        conn: &Arc<Conn>,
         caller: &Caller,
         req: Request<Incoming>,
         mut rec: Record,
@@ -504,7 +511,7 @@ impl Pipeline {
         rec.decision = "allow";
         if let Some(icpt) = intercept {
             return self.intercept(
-                caller,
+                conn.clone(),
                 icpt,
                 target,
                 Request::from_parts(parts, body),
@@ -545,7 +552,7 @@ impl Pipeline {
     /// when the connection ends (kind `intercept`), with any handshake failure.
     fn intercept(
         self: Arc<Self>,
-        caller: &Caller,
+        conn: Arc<Conn>,
         icpt: Arc<crate::intercept::Interceptor>,
         target: Target,
         req: Request<Incoming>,
@@ -557,7 +564,8 @@ impl Pipeline {
         rec.status = 200;
         rec.reason = Some("intercepted: each request inside is authorized on its own".into());
         let me = self.clone();
-        let (identity, client) = (caller.identity.clone(), caller.client);
+        let client = conn.client;
+        let response = tunnel_established(&rec.request_id);
         tokio::spawn(async move {
             let upgraded = match hyper::upgrade::on(req).await {
                 Ok(u) => u,
@@ -567,9 +575,7 @@ impl Pipeline {
                     return;
                 }
             };
-            match crate::intercept::serve(me.clone(), icpt, identity, client, target, upgraded)
-                .await
-            {
+            match crate::intercept::serve(me.clone(), icpt, conn, target, upgraded).await {
                 Ok(n) => {
                     rec.reason = Some(format!(
                         "intercepted: {n} request(s), each authorized and logged on its own"
@@ -582,7 +588,7 @@ impl Pipeline {
             }
             me.finish(rec, start);
         });
-        tunnel_established(&caller.request_id)
+        response
     }
 
     /// Stage 4, for the body: read a JSON or form body of at most `body_max_bytes` and

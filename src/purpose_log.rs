@@ -98,6 +98,9 @@ pub struct Record {
     pub error: Option<String>,
     /// Client address.
     pub client: String,
+    /// The client's UID as the kernel attests it, on listeners that admit only some UIDs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caller_uid: Option<u32>,
     /// Response body bytes sent to the app (tunnels: bytes from the upstream).
     pub bytes_out: u64,
     /// Tunnels: bytes from the app.
@@ -136,6 +139,7 @@ impl Record {
             upstream_ms: None,
             error: None,
             client: String::new(),
+            caller_uid: None,
             bytes_out: 0,
             bytes_in: None,
         }

@@ -23,10 +23,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::admin;
+use crate::attest::{self, Attestation};
 use crate::config::{Config, Identity};
 use crate::credentials::Credentials;
 use crate::fingerprint::Fingerprinter;
 use crate::forward::Upstream;
+use crate::identify::Conn;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::policy::{Guardrails, PolicyEngine, PolicyStore};
@@ -194,7 +196,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                 addr: l.addr,
                 source,
             })?;
-        listeners.push((sock, Arc::new(l.identity.clone())));
+        listeners.push((sock, Arc::new(l.identity.clone()), l.callers.clone()));
     }
     let admin_listener = TcpListener::bind(cfg.admin)
         .await
@@ -207,7 +209,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         .map_err(|e| build(e.to_string()))?;
     let proxy_addrs: Vec<SocketAddr> = listeners
         .iter()
-        .filter_map(|(l, _)| l.local_addr().ok())
+        .filter_map(|(l, _, _)| l.local_addr().ok())
         .collect();
     let mut own = proxy_addrs.clone();
     own.push(admin_addr);
@@ -258,10 +260,11 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             .collect(),
     );
     let mut tasks = Vec::new();
-    for (sock, identity) in listeners {
+    for (sock, identity, callers) in listeners {
         tasks.push(tokio::spawn(serve_proxy(
             sock,
             identity,
+            callers.map(Arc::from),
             per_worker.clone(),
             shutdown_rx.clone(),
             cfg.timeouts.shutdown_grace,
@@ -305,6 +308,7 @@ fn http_builder(header_read: Duration) -> auto::Builder<TokioExecutor> {
 async fn serve_proxy(
     listener: TcpListener,
     identity: Arc<Identity>,
+    callers: Option<Arc<[u32]>>,
     workers: Arc<Vec<(tokio::runtime::Handle, Arc<Pipeline>)>>,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
@@ -329,10 +333,21 @@ async fn serve_proxy(
                 let (handle, pipeline) = &workers[next % workers.len()];
                 next = next.wrapping_add(1);
                 let Ok(stream) = stream.into_std() else { continue };
-                let (identity, pipeline, builder, watcher) = (identity.clone(), pipeline.clone(), builder.clone(), graceful.watcher());
+                let (identity, callers, pipeline, builder, watcher) = (identity.clone(), callers.clone(), pipeline.clone(), builder.clone(), graceful.watcher());
                 handle.spawn(async move {
                     let Ok(stream) = TcpStream::from_std(stream) else { return };
-                    serve_conn(stream, peer, identity, pipeline, &builder, watcher).await;
+                    // Attested on the worker, once per connection: reading the kernel's
+                    // socket table is a few file reads, off the accept loop.
+                    let attestation = match (stream.local_addr(), callers.as_deref()) {
+                        (_, None) => Attestation::Unchecked,
+                        (Ok(local), admitted) => attest::attest(peer, local, admitted),
+                        (Err(e), _) => Attestation::Refused(format!("caller not attested: {e}")),
+                    };
+                    if let Attestation::Refused(why) = &attestation {
+                        tracing::warn!(client = %peer, stage = %identity.stage, reason = %why, "caller refused on a stage listener");
+                    }
+                    let conn = Arc::new(Conn { identity, client: peer, attestation });
+                    serve_conn(stream, conn, pipeline, &builder, watcher).await;
                 });
             }
             _ = shutdown.changed() => break,
@@ -350,17 +365,16 @@ async fn serve_proxy(
 
 async fn serve_conn(
     stream: TcpStream,
-    peer: SocketAddr,
-    identity: Arc<Identity>,
+    conn: Arc<Conn>,
     pipeline: Arc<Pipeline>,
     builder: &auto::Builder<TokioExecutor>,
     watcher: hyper_util::server::graceful::Watcher,
 ) {
     let _ = stream.set_nodelay(true);
+    let peer = conn.client;
     let svc = service_fn(move |req| {
-        let p = pipeline.clone();
-        let id = identity.clone();
-        async move { Ok::<_, Infallible>(p.handle(id, peer, None, req).await) }
+        let (p, c) = (pipeline.clone(), conn.clone());
+        async move { Ok::<_, Infallible>(p.handle(c, None, req).await) }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
     if let Err(e) = watcher.watch(conn).await {

@@ -1035,3 +1035,93 @@ async fn a_guardrail_is_lifted_only_by_an_annotated_permit() {
     let (code, _) = curl(&["-x", &sc.proxy_url(), &format!("http://{}/v1/x", sc.proxy)]);
     assert_eq!(code, 403);
 }
+
+/// A stage listener that lists `callers.uids` serves only processes of those UIDs, as the
+/// kernel attests them: the same curl is refused on a stage that does not admit its UID and
+/// served on one that does; as root, curl run as another user (what another container is)
+/// cannot use a stage reserved for a different UID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_refuses_callers_of_another_uid() {
+    let up = Upstream::start().await;
+    let me = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap());
+    let other = if me == 0 { 65534 } else { me + 4242 };
+    let yaml = config(up.addr.port(), "strip").replace(
+        "credentials:",
+        &format!(
+            "stages:
+  - name: training
+    listen: 127.0.0.1:0
+    id: spiffe://test.local/ns/ml/sa/training
+    callers: {{ uids: [{other}] }}
+  - name: serving
+    listen: 127.0.0.1:0
+    id: spiffe://test.local/ns/ml/sa/serving
+    callers: {{ uids: [{me}] }}
+credentials:"
+        ),
+    );
+    let sc = Sidecar::start(&yaml, PERMISSIVE_POLICY, &[(STATIC_ENV, "v")]);
+    let (training, serving) = (
+        format!("http://{}", sc.proxies[1]),
+        format!("http://{}", sc.proxies[2]),
+    );
+    let url = format!("http://127.0.0.1:{}/v1/attest", up.addr.port());
+
+    let (code, body) = curl(&["-x", &training, &url]);
+    assert_eq!(code, 403, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"], "policy_denied");
+    assert!(
+        v["reason"].as_str().unwrap().contains(&format!(
+            "belongs to uid {me}; this listener admits uid {other}"
+        )),
+        "{body}"
+    );
+    assert_eq!(
+        up.requests().len(),
+        0,
+        "nothing forwarded for a refused caller"
+    );
+
+    let (code, body) = curl(&["-x", &serving, &url]);
+    assert_eq!(code, 200, "{body}");
+    // CONNECT is refused the same way, before any tunnel is set up.
+    let (code, body) = raw_request(
+        sc.proxies[1],
+        "CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n",
+    );
+    assert_eq!(code, 403, "{body}");
+
+    let lines = sc.log_lines(3);
+    let refused = lines.iter().find(|l| l["stage"] == "training").unwrap();
+    assert_eq!(refused["decision"], "deny");
+    assert!(refused.get("caller_uid").is_none());
+    let served = lines.iter().find(|l| l["stage"] == "serving").unwrap();
+    assert_eq!(served["decision"], "allow");
+    assert_eq!(served["caller_uid"], me);
+
+    // Another user, as another container would be: refused on the stage reserved for this
+    // process's UID, admitted on its own.
+    if me == 0 {
+        let as_other = |proxy: &str| {
+            let out = Command::new("setpriv")
+                .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+                .args([
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "-x",
+                    proxy,
+                    &url,
+                ])
+                .output()
+                .expect("setpriv (util-linux)");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        assert_eq!(as_other(&serving), "403");
+        assert_eq!(as_other(&training), "200");
+    }
+}

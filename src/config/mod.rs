@@ -98,6 +98,8 @@ pub struct ListenerSpec {
     pub addr: SocketAddr,
     /// Identity of callers on this listener.
     pub identity: Identity,
+    /// UIDs admitted on this listener (kernel-attested); `None` admits any local process.
+    pub callers: Option<Vec<u32>>,
 }
 
 /// Validated timeouts.
@@ -551,9 +553,14 @@ impl Validator<'_> {
             environment: id.environment.clone(),
         };
 
+        let callers = self.callers(
+            &[Key("identity"), Key("callers"), Key("uids")],
+            id.callers.as_ref(),
+        );
         let mut listeners = vec![ListenerSpec {
             addr: listen,
             identity: identity.clone(),
+            callers,
         }];
         let mut seen_addrs = HashSet::from([listen, admin]);
         if listen == admin && listen.port() != 0 {
@@ -582,6 +589,10 @@ impl Validator<'_> {
                     format!("{addr} is already used by another listener"),
                 );
             }
+            let callers = self.callers(
+                &[Key("stages"), Idx(i), Key("callers"), Key("uids")],
+                st.callers.as_ref(),
+            );
             listeners.push(ListenerSpec {
                 addr,
                 identity: Identity {
@@ -590,6 +601,7 @@ impl Validator<'_> {
                     stage: st.name.clone(),
                     environment: identity.environment.clone(),
                 },
+                callers,
             });
         }
 
@@ -734,6 +746,17 @@ impl Validator<'_> {
             subject_token_file,
             workers,
         })
+    }
+
+    fn callers(&mut self, at: &[Seg<'_>], c: Option<&CallersConfig>) -> Option<Vec<u32>> {
+        let c = c?;
+        if c.uids.is_empty() {
+            self.err(
+                at,
+                "list at least one UID (omit `callers` to admit any local process)",
+            );
+        }
+        Some(c.uids.clone())
     }
 
     fn tls(&mut self, t: &TlsConfig) -> TlsSettings {
@@ -1431,6 +1454,45 @@ timeouts:
             .find(|e| e.key == "routes[0].credential")
             .unwrap();
         assert_eq!(cred.line, 8, "{cred}");
+    }
+
+    #[test]
+    fn stage_callers_are_uids() {
+        let ok = load(
+            "identity: { id: a, workload: w, environment: e, callers: { uids: [1000] } }
+stages:
+  - { name: training, listen: 127.0.0.1:0, callers: { uids: [1001, 1002] } }
+  - { name: open, listen: 127.0.0.1:0 }
+policy: { file: /dev/null }
+",
+        )
+        .unwrap();
+        let callers: Vec<_> = ok.listeners.iter().map(|l| l.callers.clone()).collect();
+        assert_eq!(
+            callers,
+            vec![Some(vec![1000]), Some(vec![1001, 1002]), None]
+        );
+        let err = load(
+            "identity: { id: a, workload: w, environment: e }
+stages:
+  - name: training
+    listen: 127.0.0.1:0
+    callers: { uids: [] }
+policy: { file: /dev/null }
+",
+        )
+        .unwrap_err();
+        assert_eq!(err.0[0].key, "stages[0].callers.uids", "{err}");
+        assert!(err.0[0].message.contains("at least one UID"), "{err}");
+        let err = load(
+            "identity: { id: a, workload: w, environment: e }
+stages:
+  - { name: t, listen: 127.0.0.1:0, callers: { uids: [-1] } }
+policy: { file: /dev/null }
+",
+        )
+        .unwrap_err();
+        assert!(err.0[0].key.starts_with("stages[0].callers.uids"), "{err}");
     }
 
     #[test]

@@ -67,6 +67,21 @@ pub struct IdentityConfig {
     /// File holding the workload's subject token (for token exchange); re-read when it changes.
     #[serde(default)]
     pub subject_token_file: Option<String>,
+    /// Who may use the main listener, attested by the kernel. Absent: any local process.
+    #[serde(default)]
+    pub callers: Option<CallersConfig>,
+}
+
+/// The processes a listener serves, as the kernel attests them: the owning UID of the
+/// client's TCP socket (read from the kernel's socket table; the client must be in the same
+/// network namespace, which a pod's containers are). A connection from any other UID gets
+/// 403 `policy_denied` for every request, so one container cannot use another stage's
+/// identity by connecting to its port.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallersConfig {
+    /// The UIDs admitted (the `runAsUser` of the stage's container).
+    pub uids: Vec<u32>,
 }
 
 /// An extra listener that serves one pipeline stage under its own identity.
@@ -80,6 +95,10 @@ pub struct StageConfig {
     /// The identity of this stage. Default: the main identity's id.
     #[serde(default)]
     pub id: Option<String>,
+    /// Who may use this stage's listener, attested by the kernel. Without it any local
+    /// process can speak as this stage.
+    #[serde(default)]
+    pub callers: Option<CallersConfig>,
 }
 
 /// TLS settings.
