@@ -14,6 +14,7 @@ compile_error!(
 pub mod accept;
 pub mod admin;
 pub mod attest;
+pub mod audit;
 pub mod config;
 pub mod credentials;
 pub mod demo;

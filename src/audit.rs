@@ -1,0 +1,690 @@
+//! `chaperone audit LOG...`: what the purpose logs say, summarized for SREs and security
+//! reviews.
+//!
+//! One pass over any number of files (plain, rotated, gzip; `-` for stdin), aggregating:
+//! traffic by identity, stage, purpose and destination; denials with their reasons and
+//! deciding policies; embedded secrets by type and fingerprint with first and last seen; and
+//! the credentials used. Lines that are not purpose-log JSON are counted and the first is
+//! named, never fatal: a log that was cut mid-line must still be readable.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// The fields of a purpose-log line that the audit reads; everything else is skipped
+/// without being copied.
+#[derive(Deserialize)]
+struct Line<'a> {
+    #[serde(borrow)]
+    ts: Cow<'a, str>,
+    #[serde(borrow)]
+    identity: Cow<'a, str>,
+    #[serde(borrow, default)]
+    stage: Cow<'a, str>,
+    #[serde(borrow, default)]
+    purpose: Cow<'a, str>,
+    #[serde(borrow, default)]
+    host: Cow<'a, str>,
+    #[serde(default)]
+    port: u16,
+    #[serde(borrow, default)]
+    route: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    decision: Cow<'a, str>,
+    #[serde(borrow, default)]
+    reason: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    policy_ids: Vec<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    credential: Option<CredentialLine<'a>>,
+    #[serde(borrow, default)]
+    stripped: Vec<StrippedLine<'a>>,
+    #[serde(borrow, default)]
+    error: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct CredentialLine<'a> {
+    #[serde(borrow)]
+    name: Cow<'a, str>,
+    #[serde(borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    #[serde(borrow, default)]
+    scopes: Vec<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    flags: Vec<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct StrippedLine<'a> {
+    #[serde(borrow, rename = "type")]
+    kind: Cow<'a, str>,
+    #[serde(borrow)]
+    location: Cow<'a, str>,
+    #[serde(borrow)]
+    fingerprint: Cow<'a, str>,
+}
+
+/// First and last time seen (RFC 3339 UTC strings compare in time order).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Seen {
+    /// Earliest `ts`.
+    pub first: String,
+    /// Latest `ts`.
+    pub last: String,
+}
+
+impl Seen {
+    fn at(&mut self, ts: &str) {
+        if self.first.is_empty() || ts < self.first.as_str() {
+            self.first = ts.to_string();
+        }
+        if ts > self.last.as_str() {
+            self.last = ts.to_string();
+        }
+    }
+}
+
+/// Requests of one (identity, stage, purpose, destination).
+#[derive(Debug, Clone, Serialize)]
+pub struct Traffic {
+    /// Principal.
+    pub identity: String,
+    /// Stage.
+    pub stage: String,
+    /// Purpose.
+    pub purpose: String,
+    /// `host:port`.
+    pub destination: String,
+    /// All requests.
+    pub requests: u64,
+    /// Allowed ones.
+    pub allowed: u64,
+    /// Denied ones.
+    pub denied: u64,
+    /// Allowed but failed (upstream or credential errors).
+    pub failed: u64,
+    /// When.
+    pub seen: Seen,
+}
+
+/// Denials of one kind: the same stage, error, deciding policies and reason.
+#[derive(Debug, Clone, Serialize)]
+pub struct Denial {
+    /// Stage refused.
+    pub stage: String,
+    /// Error code (`policy_denied`, `embedded_secret`, ...).
+    pub error: String,
+    /// Deciding policies (empty: no policy permits, or a guardrail).
+    pub policy_ids: Vec<String>,
+    /// The reason, with numbers (addresses, ports, UIDs) folded to `#` so that one cause
+    /// is one row.
+    pub reason: String,
+    /// How many.
+    pub count: u64,
+    /// Purposes named.
+    pub purposes: BTreeSet<String>,
+    /// Destinations asked for (`host:port`).
+    pub destinations: BTreeSet<String>,
+    /// When.
+    pub seen: Seen,
+}
+
+/// One embedded secret, by type and fingerprint.
+#[derive(Debug, Clone, Serialize)]
+pub struct Secret {
+    /// Detector type, e.g. `openai_project_key`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Keyed fingerprint (the same key gives the same fingerprint across lines).
+    pub fingerprint: String,
+    /// Requests that carried it.
+    pub count: u64,
+    /// Where in the requests (`header:authorization`, `body:api_key`, ...).
+    pub locations: BTreeSet<String>,
+    /// Who sent it (`identity (stage)`).
+    pub senders: BTreeSet<String>,
+    /// Where it was going.
+    pub destinations: BTreeSet<String>,
+    /// When.
+    pub seen: Seen,
+}
+
+/// One credential, as used.
+#[derive(Debug, Clone, Serialize)]
+pub struct CredentialUse {
+    /// Credential name.
+    pub name: String,
+    /// Kind (`jwt`, `client_credentials`, ...).
+    pub kind: String,
+    /// Requests it was injected into.
+    pub requests: u64,
+    /// Distinct tokens (by id).
+    pub tokens: u64,
+    /// Scopes granted.
+    pub scopes: BTreeSet<String>,
+    /// Routes it was used on.
+    pub routes: BTreeSet<String>,
+    /// Flags raised (`unrequested_scope`, `ttl_exceeds_max`, ...) and how often.
+    pub flags: BTreeMap<String, u64>,
+    /// When.
+    pub seen: Seen,
+}
+
+/// The audit of a set of logs.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    /// Purpose-log lines read.
+    pub lines: u64,
+    /// Lines skipped as not purpose-log JSON.
+    pub skipped: u64,
+    /// Where the first skipped line was (`FILE:LINE`).
+    pub first_skipped: Option<String>,
+    /// The window the lines cover.
+    pub window: Seen,
+    /// Requests allowed / denied in all.
+    pub allowed: u64,
+    /// Denied in all.
+    pub denied: u64,
+    /// By identity, stage, purpose and destination; busiest first.
+    pub traffic: Vec<Traffic>,
+    /// Denials, most frequent first.
+    pub denials: Vec<Denial>,
+    /// Embedded secrets, most frequent first.
+    pub secrets: Vec<Secret>,
+    /// Credentials, most used first.
+    pub credentials: Vec<CredentialUse>,
+}
+
+/// Aggregates as lines are read.
+#[derive(Default)]
+pub struct Auditor {
+    report: Report,
+    traffic: HashMap<(String, String, String, String), Traffic>,
+    denials: HashMap<(String, String, String, String), Denial>,
+    secrets: HashMap<(String, String), Secret>,
+    credentials: HashMap<(String, String), (CredentialUse, HashSet<u64>)>,
+}
+
+/// Digit runs folded to `#`, so that reasons differing only in an address, port or UID
+/// count as one.
+fn fold_numbers(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut in_digits = false;
+    for c in s.chars() {
+        if c.is_ascii_digit() {
+            if !in_digits {
+                out.push('#');
+            }
+            in_digits = true;
+        } else {
+            out.push(c);
+            in_digits = false;
+        }
+    }
+    out
+}
+
+impl Auditor {
+    /// A new, empty audit.
+    pub fn new() -> Auditor {
+        Auditor::default()
+    }
+
+    /// Read every line of `input`; `name` is used to locate skipped lines.
+    pub fn read(&mut self, name: &str, input: impl Read) -> std::io::Result<()> {
+        let mut r = BufReader::with_capacity(256 * 1024, input);
+        let mut buf = Vec::with_capacity(4096);
+        let mut n = 0u64;
+        loop {
+            buf.clear();
+            if r.read_until(b'\n', &mut buf)? == 0 {
+                return Ok(());
+            }
+            n += 1;
+            let line = buf.trim_ascii();
+            if line.is_empty() {
+                continue;
+            }
+            match serde_json::from_slice::<Line<'_>>(line) {
+                Ok(l) => self.add(&l),
+                Err(_) => {
+                    self.report.skipped += 1;
+                    if self.report.first_skipped.is_none() {
+                        self.report.first_skipped = Some(format!("{name}:{n}"));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Read a file: gzip when it starts with the gzip magic, else plain; `-` is stdin.
+    pub fn read_path(&mut self, path: &Path) -> std::io::Result<()> {
+        let name = path.display().to_string();
+        if name == "-" {
+            return self.read("<stdin>", std::io::stdin().lock());
+        }
+        let mut f = BufReader::new(std::fs::File::open(path)?);
+        let gz = f.fill_buf()?.starts_with(&[0x1f, 0x8b]);
+        if gz {
+            self.read(&name, flate2::bufread::MultiGzDecoder::new(f))
+        } else {
+            self.read(&name, f)
+        }
+    }
+
+    fn add(&mut self, l: &Line<'_>) {
+        let r = &mut self.report;
+        r.lines += 1;
+        r.window.at(&l.ts);
+        let denied = l.decision == "deny";
+        if denied {
+            r.denied += 1;
+        } else if l.decision == "allow" {
+            r.allowed += 1;
+        }
+        let destination = if l.host.is_empty() {
+            String::new()
+        } else {
+            format!("{}:{}", l.host, l.port)
+        };
+
+        let t = self
+            .traffic
+            .entry((
+                l.identity.to_string(),
+                l.stage.to_string(),
+                l.purpose.to_string(),
+                destination.clone(),
+            ))
+            .or_insert_with(|| Traffic {
+                identity: l.identity.to_string(),
+                stage: l.stage.to_string(),
+                purpose: l.purpose.to_string(),
+                destination: destination.clone(),
+                requests: 0,
+                allowed: 0,
+                denied: 0,
+                failed: 0,
+                seen: Seen::default(),
+            });
+        t.requests += 1;
+        if denied {
+            t.denied += 1;
+        } else {
+            t.allowed += 1;
+            if l.error.is_some() {
+                t.failed += 1;
+            }
+        }
+        t.seen.at(&l.ts);
+
+        if denied {
+            let error = l.error.as_deref().unwrap_or("").to_string();
+            let ids: Vec<String> = l.policy_ids.iter().map(|p| p.to_string()).collect();
+            let reason = fold_numbers(l.reason.as_deref().unwrap_or(""));
+            let d = self
+                .denials
+                .entry((
+                    l.stage.to_string(),
+                    error.clone(),
+                    ids.join(","),
+                    reason.clone(),
+                ))
+                .or_insert_with(|| Denial {
+                    stage: l.stage.to_string(),
+                    error,
+                    policy_ids: ids,
+                    reason,
+                    count: 0,
+                    purposes: BTreeSet::new(),
+                    destinations: BTreeSet::new(),
+                    seen: Seen::default(),
+                });
+            d.count += 1;
+            insert_capped(&mut d.purposes, &l.purpose);
+            insert_capped(&mut d.destinations, &destination);
+            d.seen.at(&l.ts);
+        }
+
+        for s in &l.stripped {
+            let e = self
+                .secrets
+                .entry((s.kind.to_string(), s.fingerprint.to_string()))
+                .or_insert_with(|| Secret {
+                    kind: s.kind.to_string(),
+                    fingerprint: s.fingerprint.to_string(),
+                    count: 0,
+                    locations: BTreeSet::new(),
+                    senders: BTreeSet::new(),
+                    destinations: BTreeSet::new(),
+                    seen: Seen::default(),
+                });
+            e.count += 1;
+            insert_capped(&mut e.locations, &s.location);
+            insert_capped(&mut e.senders, &format!("{} ({})", l.identity, l.stage));
+            insert_capped(&mut e.destinations, &destination);
+            e.seen.at(&l.ts);
+        }
+
+        if let Some(c) = &l.credential {
+            let (u, ids) = self
+                .credentials
+                .entry((c.name.to_string(), c.kind.to_string()))
+                .or_insert_with(|| {
+                    (
+                        CredentialUse {
+                            name: c.name.to_string(),
+                            kind: c.kind.to_string(),
+                            requests: 0,
+                            tokens: 0,
+                            scopes: BTreeSet::new(),
+                            routes: BTreeSet::new(),
+                            flags: BTreeMap::new(),
+                            seen: Seen::default(),
+                        },
+                        HashSet::new(),
+                    )
+                });
+            u.requests += 1;
+            // Distinct tokens are counted by a hash of the id: 8 bytes per token, so a
+            // million per-call tokens cost 8 MB, not the ids themselves.
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            c.id.hash(&mut h);
+            ids.insert(h.finish());
+            for s in &c.scopes {
+                insert_capped(&mut u.scopes, s);
+            }
+            if let Some(route) = &l.route {
+                insert_capped(&mut u.routes, route);
+            }
+            for f in &c.flags {
+                *u.flags.entry(f.to_string()).or_default() += 1;
+            }
+            u.seen.at(&l.ts);
+        }
+    }
+
+    /// The report, each table sorted by size (then by name, for a stable order).
+    pub fn finish(mut self) -> Report {
+        let mut r = std::mem::take(&mut self.report);
+        r.traffic = self.traffic.into_values().collect();
+        r.traffic.sort_by(|a, b| {
+            b.requests.cmp(&a.requests).then_with(|| {
+                (&a.identity, &a.stage, &a.purpose, &a.destination).cmp(&(
+                    &b.identity,
+                    &b.stage,
+                    &b.purpose,
+                    &b.destination,
+                ))
+            })
+        });
+        r.denials = self.denials.into_values().collect();
+        r.denials.sort_by(|a, b| {
+            b.count
+                .cmp(&a.count)
+                .then_with(|| (&a.stage, &a.reason).cmp(&(&b.stage, &b.reason)))
+        });
+        r.secrets = self.secrets.into_values().collect();
+        r.secrets.sort_by(|a, b| {
+            b.count
+                .cmp(&a.count)
+                .then_with(|| (&a.kind, &a.fingerprint).cmp(&(&b.kind, &b.fingerprint)))
+        });
+        r.credentials = self
+            .credentials
+            .into_values()
+            .map(|(mut u, ids)| {
+                u.tokens = ids.len() as u64;
+                u
+            })
+            .collect();
+        r.credentials.sort_by(|a, b| {
+            b.requests
+                .cmp(&a.requests)
+                .then_with(|| a.name.cmp(&b.name))
+        });
+        r
+    }
+}
+
+/// Sets in the report list at most this many values (a `...` entry says more were seen),
+/// so a scan of many distinct destinations cannot blow up the report.
+const SET_CAP: usize = 50;
+
+fn insert_capped(set: &mut BTreeSet<String>, v: &str) {
+    if v.is_empty() || set.contains(v) {
+        return;
+    }
+    if set.len() < SET_CAP {
+        set.insert(v.to_string());
+    } else {
+        set.insert("...".to_string());
+    }
+}
+
+/// The report as tables for people; `top` rows per table.
+pub fn render(r: &Report, top: usize) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} requests from {} to {}: {} allowed, {} denied",
+        r.lines, r.window.first, r.window.last, r.allowed, r.denied
+    );
+    if r.skipped > 0 {
+        let _ = writeln!(
+            out,
+            "{} lines skipped as not purpose-log JSON (first at {})",
+            r.skipped,
+            r.first_skipped.as_deref().unwrap_or("?")
+        );
+    }
+    let more = |out: &mut String, n: usize| {
+        if n > top {
+            let _ = writeln!(out, "  ... {} more (--top N, or --json for all)", n - top);
+        }
+    };
+
+    let _ = writeln!(out, "\nTraffic by identity, stage, purpose and destination");
+    let rows: Vec<Vec<String>> = r
+        .traffic
+        .iter()
+        .take(top)
+        .map(|t| {
+            vec![
+                t.identity.clone(),
+                t.stage.clone(),
+                t.purpose.clone(),
+                t.destination.clone(),
+                t.requests.to_string(),
+                t.allowed.to_string(),
+                t.denied.to_string(),
+                t.failed.to_string(),
+                t.seen.last.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &mut out,
+        &[
+            "identity",
+            "stage",
+            "purpose",
+            "destination",
+            "requests",
+            "allowed",
+            "denied",
+            "failed",
+            "last seen",
+        ],
+        &rows,
+    );
+    more(&mut out, r.traffic.len());
+
+    let _ = writeln!(out, "\nDenials");
+    let rows: Vec<Vec<String>> = r
+        .denials
+        .iter()
+        .take(top)
+        .map(|d| {
+            vec![
+                d.count.to_string(),
+                d.stage.clone(),
+                d.error.clone(),
+                if d.policy_ids.is_empty() {
+                    "-".into()
+                } else {
+                    d.policy_ids.join(",")
+                },
+                d.reason.clone(),
+                join(&d.destinations),
+            ]
+        })
+        .collect();
+    table(
+        &mut out,
+        &[
+            "count",
+            "stage",
+            "error",
+            "policies",
+            "reason",
+            "destinations",
+        ],
+        &rows,
+    );
+    more(&mut out, r.denials.len());
+
+    let _ = writeln!(
+        out,
+        "\nEmbedded secrets (by type and fingerprint, never the value)"
+    );
+    let rows: Vec<Vec<String>> = r
+        .secrets
+        .iter()
+        .take(top)
+        .map(|s| {
+            vec![
+                s.kind.clone(),
+                s.fingerprint.clone(),
+                s.count.to_string(),
+                s.seen.first.clone(),
+                s.seen.last.clone(),
+                join(&s.locations),
+                join(&s.senders),
+            ]
+        })
+        .collect();
+    table(
+        &mut out,
+        &[
+            "type",
+            "fingerprint",
+            "count",
+            "first seen",
+            "last seen",
+            "locations",
+            "sent by",
+        ],
+        &rows,
+    );
+    more(&mut out, r.secrets.len());
+
+    let _ = writeln!(out, "\nCredentials used");
+    let rows: Vec<Vec<String>> = r
+        .credentials
+        .iter()
+        .take(top)
+        .map(|c| {
+            vec![
+                c.name.clone(),
+                c.kind.clone(),
+                c.requests.to_string(),
+                c.tokens.to_string(),
+                join(&c.scopes),
+                join(&c.routes),
+                c.flags
+                    .iter()
+                    .map(|(f, n)| format!("{f}={n}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ]
+        })
+        .collect();
+    table(
+        &mut out,
+        &[
+            "credential",
+            "kind",
+            "requests",
+            "tokens",
+            "scopes",
+            "routes",
+            "flags",
+        ],
+        &rows,
+    );
+    more(&mut out, r.credentials.len());
+    out
+}
+
+fn join(set: &BTreeSet<String>) -> String {
+    set.iter().cloned().collect::<Vec<_>>().join(" ")
+}
+
+/// Columns padded to their widest cell; `(none)` for an empty table.
+fn table(out: &mut String, head: &[&str], rows: &[Vec<String>]) {
+    use std::fmt::Write;
+    if rows.is_empty() {
+        let _ = writeln!(out, "  (none)");
+        return;
+    }
+    let mut width: Vec<usize> = head.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in width.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |out: &mut String, cells: &mut dyn Iterator<Item = &str>| {
+        let mut s = String::from(" ");
+        for (cell, w) in cells.zip(&width) {
+            let _ = write!(s, " {cell:<w$}");
+        }
+        let _ = writeln!(out, "{}", s.trim_end());
+    };
+    line(out, &mut head.iter().copied());
+    for row in rows {
+        line(out, &mut row.iter().map(String::as_str));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_fold_so_one_cause_is_one_row() {
+        assert_eq!(
+            fold_numbers("the connection from 127.0.0.1:39142 belongs to uid 0"),
+            "the connection from #.#.#.#:# belongs to uid #"
+        );
+        assert_eq!(fold_numbers("no policy permits"), "no policy permits");
+    }
+
+    #[test]
+    fn a_cut_line_is_skipped_and_named() {
+        let mut a = Auditor::new();
+        let text = "{\"ts\":\"2026-11-24T10:00:00.000Z\",\"identity\":\"i\",\"decision\":\"allow\"}\n{\"ts\":\"2026-11-24T10:00:01\n\n";
+        a.read("log", text.as_bytes()).unwrap();
+        let r = a.finish();
+        assert_eq!((r.lines, r.skipped), (1, 1));
+        assert_eq!(r.first_skipped.as_deref(), Some("log:2"));
+    }
+}
