@@ -1,0 +1,173 @@
+//! `deploy/`: every Kustomize target renders with real kustomize (kubectl's), validates
+//! offline with PyPI `kubernetes-validate --strict`, carries a Chaperone config whose policy
+//! validates, and agrees with that config (ports, probes, the admitted UID, the token path).
+//!
+//! The tools come from `.ci/run` (a venv in `target/k8s-tools`), or from PATH.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use serde_json::Value;
+
+fn tool(name: &str) -> PathBuf {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/k8s-tools/bin")
+        .join(name);
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from(name)
+    }
+}
+
+fn must(cmd: &mut Command) -> String {
+    let (ok, out, err) = run(cmd);
+    assert!(ok, "{cmd:?} failed: {err}{out}");
+    out
+}
+
+/// Render a target and return its objects as JSON.
+fn render(target: &str, dir: &Path) -> Vec<Value> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy")
+        .join(target);
+    let yaml = must(Command::new(tool("kubectl")).arg("kustomize").arg(&root));
+    let file = dir.join(format!("{}.yaml", target.replace('/', "-")));
+    std::fs::write(&file, &yaml).unwrap();
+    let out = must(
+        Command::new(tool("kubernetes-validate"))
+            .args(["--strict", "--quiet"])
+            .arg(&file),
+    );
+    assert!(!out.contains("ERROR"), "{target}: {out}");
+    let json = must(Command::new(tool("python3")).args([
+        "-c",
+        "import json, sys, yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))",
+    ]).arg(&file));
+    serde_json::from_str(&json).unwrap()
+}
+
+fn kind<'a>(objs: &'a [Value], kind: &str) -> &'a Value {
+    objs.iter()
+        .find(|o| o["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind}"))
+}
+
+fn env<'a>(container: &'a Value, name: &str) -> Option<&'a str> {
+    container["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)?["value"]
+        .as_str()
+}
+
+#[test]
+fn every_deploy_target_renders_validates_and_agrees_with_its_config() {
+    let dir = tempfile::tempdir().unwrap();
+    for target in ["base", "overlays/dev", "overlays/prod"] {
+        let objs = render(target, dir.path());
+        let cm = kind(&objs, "ConfigMap");
+        let dep = kind(&objs, "Deployment");
+        let pod = &dep["spec"]["template"]["spec"];
+
+        // The config and policy as mounted: the policy validates against the shipped schema.
+        let cfg_dir = dir.path().join(target.replace('/', "-"));
+        std::fs::create_dir_all(&cfg_dir).unwrap();
+        for (k, v) in cm["data"].as_object().unwrap() {
+            std::fs::write(cfg_dir.join(k), v.as_str().unwrap()).unwrap();
+        }
+        let cfg_path = cfg_dir.join("chaperone.yaml");
+        let (ok, out, err) = run(Command::new(bin())
+            .args(["policy", "check", "--config"])
+            .arg(&cfg_path));
+        assert!(ok, "{target}: {err}{out}");
+        let cfg_text = std::fs::read_to_string(&cfg_path).unwrap();
+
+        // Chaperone is a native sidecar: an init container that keeps running.
+        let side = &pod["initContainers"][0];
+        assert_eq!(side["name"], "chaperone", "{target}");
+        assert_eq!(side["restartPolicy"], "Always", "{target}");
+        assert_eq!(side["readinessProbe"]["httpGet"]["path"], "/readyz");
+        assert_eq!(side["livenessProbe"]["httpGet"]["path"], "/healthz");
+        assert!(
+            cfg_text.contains("admin: 0.0.0.0:15000"),
+            "probes reach the admin port on the pod IP"
+        );
+        assert!(cfg_text.contains("listen: 127.0.0.1:15001"));
+        let sc = &side["securityContext"];
+        assert_eq!(sc["runAsNonRoot"], true);
+        assert_eq!(sc["readOnlyRootFilesystem"], true);
+        assert_eq!(sc["allowPrivilegeEscalation"], false);
+        assert_eq!(sc["capabilities"]["drop"][0], "ALL");
+        assert!(side["resources"]["limits"]["memory"].is_string());
+
+        // The app goes through it, trusts its CA, and runs as the one UID it admits.
+        let app = &pod["containers"][0];
+        for var in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+            assert_eq!(
+                env(app, var),
+                Some("http://127.0.0.1:15001"),
+                "{target} {var}"
+            );
+        }
+        assert!(env(app, "NO_PROXY").is_some());
+        assert_eq!(env(app, "SSL_CERT_FILE"), Some("/etc/chaperone/ca/ca.pem"));
+        let uid = app["securityContext"]["runAsUser"].as_u64().unwrap();
+        assert!(
+            cfg_text.contains(&format!("callers: {{ uids: [{uid}] }}")),
+            "{target}: the app's UID {uid} is the admitted caller"
+        );
+        assert_ne!(
+            uid,
+            sc["runAsUser"].as_u64().unwrap(),
+            "app and sidecar are different users"
+        );
+        // The app sees the CA certificate only, never its key.
+        let app_vol = app["volumeMounts"][0]["name"].as_str().unwrap();
+        let vol = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == app_vol)
+            .unwrap();
+        assert_eq!(vol["secret"]["items"].as_array().unwrap().len(), 1);
+        assert_eq!(vol["secret"]["items"][0]["key"], "ca.pem");
+        assert_eq!(pod["automountServiceAccountToken"], false);
+
+        // The projected token has an audience and lands where the config reads it.
+        let token = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|v| v["projected"]["sources"][0]["serviceAccountToken"].as_object())
+            .expect("a projected service-account token");
+        assert!(token["audience"].is_string());
+        let mount = side["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "workload-token")
+            .unwrap()["mountPath"]
+            .as_str()
+            .unwrap();
+        assert!(
+            cfg_text.contains(&format!(
+                "subject_token_file: {mount}/{}",
+                token["path"].as_str().unwrap()
+            )),
+            "{target}"
+        );
+
+        // A NetworkPolicy confines the pod's egress.
+        let np = kind(&objs, "NetworkPolicy");
+        assert!(
+            np["spec"]["policyTypes"]
+                .as_array()
+                .unwrap()
+                .contains(&Value::from("Egress"))
+        );
+    }
+}
