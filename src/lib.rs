@@ -24,6 +24,7 @@ pub mod fingerprint;
 pub mod forward;
 pub mod identify;
 pub mod idle;
+pub mod inject;
 pub mod intercept;
 pub mod metrics;
 pub mod pipeline;

@@ -75,6 +75,23 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         top: usize,
     },
+    /// Serve the mutating admission webhook that adds the sidecar to pods annotated
+    /// `chaperone.dev/inject: "true"` (AdmissionReview v1, JSONPatch, over TLS).
+    Inject {
+        /// What to inject (YAML: image, config_map, ca_secret, fingerprint_secret,
+        /// token_audience, sidecar_uid).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Address to serve HTTPS on.
+        #[arg(long, default_value = "0.0.0.0:8443")]
+        listen: SocketAddr,
+        /// Serving certificate (PEM); re-read when it changes.
+        #[arg(long)]
+        tls_cert: PathBuf,
+        /// Its private key (PEM).
+        #[arg(long)]
+        tls_key: PathBuf,
+    },
     /// The local CA that signs intercepted HTTPS connections.
     Ca {
         #[command(subcommand)]
@@ -265,6 +282,28 @@ fn main() -> ExitCode {
         Cmd::Scan { file, json, config } => scan(&file, json, config.as_deref()),
         Cmd::Policy { cmd } => ExitCode::from(policy(cmd)),
         Cmd::Audit { logs, json, top } => audit(&logs, json, top),
+        Cmd::Inject {
+            config,
+            listen,
+            tls_cert,
+            tls_key,
+        } => {
+            init_tracing();
+            let cfg = match chaperone::inject::InjectConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("chaperone inject: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match runtime().block_on(chaperone::inject::serve(listen, &tls_cert, &tls_key, cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("chaperone inject: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Cmd::Demo => {
             init_demo_tracing();
             runtime().block_on(chaperone::demo::run())

@@ -6,44 +6,31 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::*;
 use serde_json::Value;
-
-fn tool(name: &str) -> PathBuf {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target/k8s-tools/bin")
-        .join(name);
-    if venv.exists() {
-        venv
-    } else {
-        PathBuf::from(name)
-    }
-}
-
-fn must(cmd: &mut Command) -> String {
-    let (ok, out, err) = run(cmd);
-    assert!(ok, "{cmd:?} failed: {err}{out}");
-    out
-}
 
 /// Render a target and return its objects as JSON.
 fn render(target: &str, dir: &Path) -> Vec<Value> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("deploy")
         .join(target);
-    let yaml = must(Command::new(tool("kubectl")).arg("kustomize").arg(&root));
+    let yaml = must(
+        Command::new(k8s_tool("kubectl"))
+            .arg("kustomize")
+            .arg(&root),
+    );
     let file = dir.join(format!("{}.yaml", target.replace('/', "-")));
     std::fs::write(&file, &yaml).unwrap();
     let out = must(
-        Command::new(tool("kubernetes-validate"))
+        Command::new(k8s_tool("kubernetes-validate"))
             .args(["--strict", "--quiet"])
             .arg(&file),
     );
     assert!(!out.contains("ERROR"), "{target}: {out}");
-    let json = must(Command::new(tool("python3")).args([
+    let json = must(Command::new(k8s_tool("python3")).args([
         "-c",
         "import json, sys, yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))",
     ]).arg(&file));
@@ -170,4 +157,55 @@ fn every_deploy_target_renders_validates_and_agrees_with_its_config() {
                 .contains(&Value::from("Egress"))
         );
     }
+}
+
+/// The webhook's own manifests: valid, its config loads, and what the Deployment, Service
+/// and MutatingWebhookConfiguration say agree.
+#[test]
+fn the_webhook_manifests_render_validate_and_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let objs = render("inject", dir.path());
+    let cm = kind(&objs, "ConfigMap");
+    let file = dir.path().join("inject.yaml");
+    std::fs::write(&file, cm["data"]["inject.yaml"].as_str().unwrap()).unwrap();
+    let cfg = chaperone::inject::InjectConfig::load(&file).unwrap();
+    assert!(cfg.image.contains("@sha256:"), "pinned by digest");
+
+    let dep = kind(&objs, "Deployment");
+    let pod = &dep["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(args[0], "inject");
+    let mounts = c["volumeMounts"].as_array().unwrap();
+    let mounted = |path: &str| {
+        mounts
+            .iter()
+            .any(|m| path.starts_with(m["mountPath"].as_str().unwrap()))
+    };
+    for flag in ["--config=", "--tls-cert=", "--tls-key="] {
+        let path = args.iter().find_map(|a| a.strip_prefix(flag)).unwrap();
+        assert!(mounted(path), "{flag}{path} is on a mounted volume");
+    }
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+
+    let hook = &kind(&objs, "MutatingWebhookConfiguration")["webhooks"][0];
+    assert_eq!(hook["admissionReviewVersions"][0], "v1");
+    assert_eq!(hook["sideEffects"], "None");
+    assert_eq!(hook["clientConfig"]["service"]["path"], "/mutate");
+    let svc = kind(&objs, "Service");
+    assert_eq!(
+        hook["clientConfig"]["service"]["name"],
+        svc["metadata"]["name"]
+    );
+    assert_eq!(
+        hook["clientConfig"]["service"]["namespace"],
+        svc["metadata"]["namespace"]
+    );
+    assert_eq!(hook["rules"][0]["resources"][0], "pods");
+    assert!(hook["namespaceSelector"]["matchLabels"]["chaperone.dev/injection"].is_string());
 }

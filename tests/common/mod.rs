@@ -633,3 +633,25 @@ pub fn verify_with_jwks(
         .expect("signed by the authorization server")
         .claims
 }
+
+/// A Kubernetes tool (`kubectl`, `kubernetes-validate`, and the `python3` that has PyYAML)
+/// from the venv `.ci/run` installs in `target/k8s-tools`, else from PATH.
+#[allow(dead_code)]
+pub fn k8s_tool(name: &str) -> PathBuf {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/k8s-tools/bin")
+        .join(name);
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from(name)
+    }
+}
+
+/// Run a command that must succeed; its stdout.
+#[allow(dead_code)]
+pub fn must(cmd: &mut Command) -> String {
+    let (ok, out, err) = run(cmd);
+    assert!(ok, "{cmd:?} failed: {err}{out}");
+    out
+}

@@ -1,0 +1,245 @@
+//! `chaperone inject`: the real webhook over TLS, real AdmissionReview v1 requests (curl),
+//! the returned JSONPatch applied to the pod, and the patched pod validated offline with
+//! PyPI `kubernetes-validate --strict`.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use common::*;
+use serde_json::{Value, json};
+
+struct Webhook {
+    child: std::process::Child,
+    url: String,
+    ca: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Webhook {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start() -> Webhook {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    let p = |n: &str| dir.path().join(n);
+    std::fs::write(p("tls.crt"), &pki.server_cert_pem).unwrap();
+    std::fs::write(p("tls.key"), &pki.server_key_pem).unwrap();
+    std::fs::write(p("ca.pem"), &pki.ca_pem).unwrap();
+    std::fs::write(
+        p("inject.yaml"),
+        "image: registry.example.org/platform/chaperone@sha256:0000000000000000000000000000000000000000000000000000000000000000
+fingerprint_secret: chaperone-fingerprint
+token_audience: sts.example.org
+",
+    )
+    .unwrap();
+    let stderr = p("stderr.log");
+    let child = Command::new(bin())
+        .args(["inject", "--listen", "127.0.0.1:0", "--config"])
+        .arg(p("inject.yaml"))
+        .arg("--tls-cert")
+        .arg(p("tls.crt"))
+        .arg("--tls-key")
+        .arg(p("tls.key"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let url = loop {
+        let text = std::fs::read_to_string(&stderr).unwrap_or_default();
+        if let Some((_, rest)) = text.split_once("webhook listening on ") {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "webhook did not start: {text}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Webhook {
+        child,
+        url,
+        ca: p("ca.pem"),
+        _dir: dir,
+    }
+}
+
+/// A pod as a ReplicaSet creates it, in a namespace with injection on.
+fn pod(annotated: bool) -> Value {
+    let mut annotations = json!({"prometheus.io/scrape": "false"});
+    if annotated {
+        annotations["chaperone.dev/inject"] = json!("true");
+    }
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": "support-assistant-7d9f8b6c5d-",
+            "namespace": "ml",
+            "labels": {"app": "support-assistant", "pod-template-hash": "7d9f8b6c5d"},
+            "annotations": annotations
+        },
+        "spec": {
+            "serviceAccountName": "support-assistant",
+            "automountServiceAccountToken": false,
+            "securityContext": {"runAsNonRoot": true},
+            "containers": [{
+                "name": "app",
+                "image": "registry.example.org/ml/support-assistant:1.0.0",
+                "env": [{"name": "LOG_LEVEL", "value": "info"}],
+                "securityContext": {"runAsUser": 10001},
+                "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}}
+            }]
+        }
+    })
+}
+
+fn review(object: &Value, kind: &str) -> Value {
+    json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+            "kind": {"group": "", "version": "v1", "kind": kind},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "ml",
+            "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": object,
+            "dryRun": false
+        }
+    })
+}
+
+fn post(w: &Webhook, body: &str) -> (u16, Value) {
+    let (code, text) = curl(&[
+        "--cacert",
+        w.ca.to_str().unwrap(),
+        "-H",
+        "content-type: application/json",
+        "--data-binary",
+        body,
+        &w.url,
+    ]);
+    (code, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// The patch of a review response, applied to `pod`.
+fn apply(pod: &Value, resp: &Value) -> Value {
+    assert_eq!(resp["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(resp["kind"], "AdmissionReview");
+    assert_eq!(
+        resp["response"]["uid"],
+        "705ab4f5-6393-11e8-b7cc-42010a800002"
+    );
+    assert_eq!(resp["response"]["allowed"], true);
+    assert_eq!(resp["response"]["patchType"], "JSONPatch");
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(resp["response"]["patch"].as_str().unwrap())
+        .unwrap();
+    let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
+    let mut out = pod.clone();
+    json_patch::patch(&mut out, &patch).unwrap();
+    out
+}
+
+#[test]
+fn the_webhook_injects_a_valid_sidecar_once() {
+    let w = start();
+    let original = pod(true);
+    let (code, resp) = post(&w, &review(&original, "Pod").to_string());
+    assert_eq!(code, 200, "{resp}");
+    let patched = apply(&original, &resp);
+
+    // What was added.
+    let spec = &patched["spec"];
+    let side = &spec["initContainers"][0];
+    assert_eq!(side["name"], "chaperone");
+    assert_eq!(side["restartPolicy"], "Always");
+    assert_eq!(side["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_ne!(side["securityContext"]["runAsUser"], 10001);
+    let app = &spec["containers"][0];
+    let env = |n: &str| {
+        app["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == n)
+            .map(|e| e["value"].clone())
+    };
+    assert_eq!(env("HTTPS_PROXY"), Some(json!("http://127.0.0.1:15001")));
+    assert_eq!(
+        env("LOG_LEVEL"),
+        Some(json!("info")),
+        "the app's own env is kept"
+    );
+    assert_eq!(
+        env("SSL_CERT_FILE"),
+        Some(json!("/etc/chaperone/ca/ca.pem"))
+    );
+    let volumes = spec["volumes"].as_array().unwrap();
+    let vol = |n: &str| {
+        volumes
+            .iter()
+            .find(|v| v["name"] == n)
+            .unwrap_or_else(|| panic!("no {n}"))
+    };
+    assert_eq!(
+        vol("chaperone-config")["configMap"]["name"],
+        "chaperone-config"
+    );
+    assert_eq!(
+        vol("chaperone-ca-cert")["secret"]["items"][0]["key"],
+        "ca.pem"
+    );
+    assert_eq!(
+        vol("chaperone-token")["projected"]["sources"][0]["serviceAccountToken"]["audience"],
+        "sts.example.org"
+    );
+
+    // The patched pod is a valid Pod for the API server's schema (with the name the API
+    // server gives it from generateName, which the validator needs).
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pod.json");
+    let mut named = patched.clone();
+    named["metadata"]["name"] = json!("support-assistant-7d9f8b6c5d-x2k9q");
+    std::fs::write(&file, serde_json::to_string_pretty(&named).unwrap()).unwrap();
+    let out = must(
+        Command::new(k8s_tool("kubernetes-validate"))
+            .args(["--strict"])
+            .arg(&file),
+    );
+    assert!(out.contains("passed for resource pod"), "{out}");
+
+    // Idempotent: an injected pod gets no patch.
+    let (code, again) = post(&w, &review(&patched, "Pod").to_string());
+    assert_eq!(code, 200);
+    assert_eq!(again["response"]["allowed"], true);
+    assert!(again["response"]["patch"].is_null(), "{again}");
+
+    // Not annotated, or not a pod: allowed untouched.
+    let (_, plain) = post(&w, &review(&pod(false), "Pod").to_string());
+    assert_eq!(plain["response"]["allowed"], true);
+    assert!(plain["response"]["patch"].is_null());
+    let (_, other) = post(
+        &w,
+        &review(&json!({"kind": "ConfigMap"}), "ConfigMap").to_string(),
+    );
+    assert!(other["response"]["patch"].is_null());
+
+    // Garbage is a 400 with a reason, and the webhook keeps serving.
+    let (code, bad) = post(&w, "{\"apiVersion\":");
+    assert_eq!(code, 400);
+    assert_eq!(bad["error"], "bad_request");
+    let (code, _) = curl(&[
+        "--cacert",
+        w.ca.to_str().unwrap(),
+        &w.url.replace("/mutate", "/healthz"),
+    ]);
+    assert_eq!(code, 200);
+}
