@@ -81,7 +81,8 @@ pub struct Seen {
 }
 
 impl Seen {
-    fn at(&mut self, ts: &str) {
+    /// Widen the window to include `ts`.
+    pub fn at(&mut self, ts: &str) {
         if self.first.is_empty() || ts < self.first.as_str() {
             self.first = ts.to_string();
         }
@@ -212,6 +213,42 @@ pub struct Auditor {
     credentials: HashMap<(String, String), (CredentialUse, HashSet<u64>)>,
 }
 
+/// What is called for each non-empty line: the input's name, the 1-based line number, and
+/// the line without surrounding whitespace.
+pub type LineFn<'a> = dyn FnMut(&str, u64, &[u8]) + 'a;
+
+/// Call `f` for every non-empty line of the file at `path`: gzip when it starts with the gzip
+/// magic (rotated logs), else plain; `-` is stdin.
+pub fn for_each_line(path: &Path, f: &mut LineFn<'_>) -> std::io::Result<()> {
+    let name = path.display().to_string();
+    if name == "-" {
+        return lines_of("<stdin>", std::io::stdin().lock(), f);
+    }
+    let mut file = BufReader::new(std::fs::File::open(path)?);
+    if file.fill_buf()?.starts_with(&[0x1f, 0x8b]) {
+        lines_of(&name, flate2::bufread::MultiGzDecoder::new(file), f)
+    } else {
+        lines_of(&name, file, f)
+    }
+}
+
+fn lines_of(name: &str, input: impl Read, f: &mut LineFn<'_>) -> std::io::Result<()> {
+    let mut r = BufReader::with_capacity(256 * 1024, input);
+    let mut buf = Vec::with_capacity(4096);
+    let mut n = 0u64;
+    loop {
+        buf.clear();
+        if r.read_until(b'\n', &mut buf)? == 0 {
+            return Ok(());
+        }
+        n += 1;
+        let line = buf.trim_ascii();
+        if !line.is_empty() {
+            f(name, n, line);
+        }
+    }
+}
+
 /// Digit runs folded to `#`, so that reasons differing only in an address, port or UID
 /// count as one.
 fn fold_numbers(s: &str) -> String {
@@ -239,43 +276,23 @@ impl Auditor {
 
     /// Read every line of `input`; `name` is used to locate skipped lines.
     pub fn read(&mut self, name: &str, input: impl Read) -> std::io::Result<()> {
-        let mut r = BufReader::with_capacity(256 * 1024, input);
-        let mut buf = Vec::with_capacity(4096);
-        let mut n = 0u64;
-        loop {
-            buf.clear();
-            if r.read_until(b'\n', &mut buf)? == 0 {
-                return Ok(());
-            }
-            n += 1;
-            let line = buf.trim_ascii();
-            if line.is_empty() {
-                continue;
-            }
-            match serde_json::from_slice::<Line<'_>>(line) {
-                Ok(l) => self.add(&l),
-                Err(_) => {
-                    self.report.skipped += 1;
-                    if self.report.first_skipped.is_none() {
-                        self.report.first_skipped = Some(format!("{name}:{n}"));
-                    }
-                }
-            }
-        }
+        lines_of(name, input, &mut |name, n, line| self.line(name, n, line))
     }
 
     /// Read a file: gzip when it starts with the gzip magic, else plain; `-` is stdin.
     pub fn read_path(&mut self, path: &Path) -> std::io::Result<()> {
-        let name = path.display().to_string();
-        if name == "-" {
-            return self.read("<stdin>", std::io::stdin().lock());
-        }
-        let mut f = BufReader::new(std::fs::File::open(path)?);
-        let gz = f.fill_buf()?.starts_with(&[0x1f, 0x8b]);
-        if gz {
-            self.read(&name, flate2::bufread::MultiGzDecoder::new(f))
-        } else {
-            self.read(&name, f)
+        for_each_line(path, &mut |name, n, line| self.line(name, n, line))
+    }
+
+    fn line(&mut self, name: &str, n: u64, line: &[u8]) {
+        match serde_json::from_slice::<Line<'_>>(line) {
+            Ok(l) => self.add(&l),
+            Err(_) => {
+                self.report.skipped += 1;
+                if self.report.first_skipped.is_none() {
+                    self.report.first_skipped = Some(format!("{name}:{n}"));
+                }
+            }
         }
     }
 

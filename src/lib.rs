@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod policy;
 pub mod purpose_log;
+pub mod review;
 pub mod route;
 pub mod scan;
 pub mod server;

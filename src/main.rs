@@ -75,6 +75,23 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         top: usize,
     },
+    /// Least-privilege review after deployment: routes, credentials, scopes and policies
+    /// never used in the logs' window; stages reaching destinations outside their function;
+    /// a suggested tighter policy, checked to allow everything seen. Exit 0, or 2 on error.
+    Review {
+        /// Configuration file (YAML) whose grants are reviewed.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Purpose-log files: plain, rotated or gzip; `-` for stdin.
+        #[arg(required = true)]
+        logs: Vec<PathBuf>,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Also write the suggested policy to this file.
+        #[arg(long)]
+        suggest_out: Option<PathBuf>,
+    },
     /// Serve the mutating admission webhook that adds the sidecar to pods annotated
     /// `chaperone.dev/inject: "true"` (AdmissionReview v1, JSONPatch, over TLS).
     Inject {
@@ -282,6 +299,12 @@ fn main() -> ExitCode {
         Cmd::Scan { file, json, config } => scan(&file, json, config.as_deref()),
         Cmd::Policy { cmd } => ExitCode::from(policy(cmd)),
         Cmd::Audit { logs, json, top } => audit(&logs, json, top),
+        Cmd::Review {
+            config,
+            logs,
+            json,
+            suggest_out,
+        } => review(&config, &logs, json, suggest_out.as_deref()),
         Cmd::Inject {
             config,
             listen,
@@ -327,6 +350,40 @@ fn audit(logs: &[PathBuf], json: bool, top: usize) -> ExitCode {
         );
     } else {
         print!("{}", chaperone::audit::render(&report, top));
+    }
+    ExitCode::SUCCESS
+}
+
+fn review(
+    config: &std::path::Path,
+    logs: &[PathBuf],
+    json: bool,
+    suggest_out: Option<&std::path::Path>,
+) -> ExitCode {
+    let Some((cfg, engine)) = chaperone::policy::cli::load(config, &mut std::io::stderr()) else {
+        return ExitCode::from(2);
+    };
+    let paths: Vec<&std::path::Path> = logs.iter().map(PathBuf::as_path).collect();
+    let r = match chaperone::review::review(&cfg, &engine, &paths) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("chaperone review: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(out) = suggest_out
+        && let Err(e) = std::fs::write(out, &r.suggested_policy)
+    {
+        eprintln!("chaperone review: {}: {e}", out.display());
+        return ExitCode::from(2);
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&r).expect("the review serializes")
+        );
+    } else {
+        print!("{}", chaperone::review::render(&r));
     }
     ExitCode::SUCCESS
 }

@@ -16,7 +16,7 @@ pub type Status = u8;
 
 /// The config as `policy` commands need it: validated, but credential and TLS files that
 /// exist only where the sidecar runs may be missing (said once on stderr).
-fn load(config: &Path, err: &mut dyn Write) -> Option<(Config, PolicyEngine)> {
+pub fn load(config: &Path, err: &mut dyn Write) -> Option<(Config, PolicyEngine)> {
     let cfg = match Config::load_offline(config) {
         Ok((c, overlooked)) => {
             if !overlooked.is_empty() {

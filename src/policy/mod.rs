@@ -371,6 +371,26 @@ impl PolicyEngine {
         &self.warnings
     }
 
+    /// An annotation of a policy, e.g. `guardrail`.
+    pub fn annotation(&self, id: &str, key: &str) -> Option<&str> {
+        self.set.annotation(&PolicyId::new(id), key)
+    }
+
+    /// `permit` or `forbid`.
+    pub fn effect(&self, id: &str) -> Option<&'static str> {
+        self.set
+            .policy(&PolicyId::new(id))
+            .map(|p| match p.effect() {
+                cedar_policy::Effect::Permit => "permit",
+                cedar_policy::Effect::Forbid => "forbid",
+            })
+    }
+
+    /// A policy's Cedar text, as written.
+    pub fn policy_text(&self, id: &str) -> Option<String> {
+        self.set.policy(&PolicyId::new(id)).map(|p| p.to_string())
+    }
+
     /// Ids of every policy, in file order.
     pub fn policy_ids(&self) -> Vec<String> {
         self.set.policies().map(|p| p.id().to_string()).collect()
