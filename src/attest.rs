@@ -38,17 +38,26 @@ pub fn attest(peer: SocketAddr, local: SocketAddr, admitted: Option<&[u32]>) -> 
         return Attestation::Unchecked;
     };
     match tcp_owner(peer, local) {
-        Ok(Some(uid)) if admitted.contains(&uid) => Attestation::Admitted(uid),
-        Ok(Some(uid)) => Attestation::Refused(format!(
-            "caller not admitted: the connection from {peer} belongs to uid {uid}; this listener admits uid {}",
-            list(admitted)
-        )),
+        Ok(Some(uid)) => attest_uid(uid, &format!("the connection from {peer}"), Some(admitted)),
         Ok(None) => Attestation::Refused(format!(
             "caller not attested: no socket in this network namespace connects from {peer} (a caller outside the pod cannot be attested)"
         )),
         Err(e) => Attestation::Refused(format!(
             "caller not attested: cannot read the kernel's socket table: {e}"
         )),
+    }
+}
+
+/// Admit or refuse a caller whose UID the kernel reported (`SO_PEERCRED` on a Unix socket,
+/// or the socket table for TCP); `what` names the connection in the reason. With no
+/// `admitted` list the UID is only recorded.
+pub fn attest_uid(uid: u32, what: &str, admitted: Option<&[u32]>) -> Attestation {
+    match admitted {
+        Some(list_) if !list_.contains(&uid) => Attestation::Refused(format!(
+            "caller not admitted: {what} belongs to uid {uid}; this listener admits uid {}",
+            list(list_)
+        )),
+        _ => Attestation::Admitted(uid),
     }
 }
 

@@ -39,8 +39,10 @@ pub struct Caller {
 pub struct Conn {
     /// The identity the listener serves.
     pub identity: Arc<Identity>,
-    /// The client's address.
+    /// The client's address (loopback for a Unix-socket client).
     pub client: SocketAddr,
+    /// The client as logged: its address, or `unix:pid=N`.
+    pub label: String,
     /// Whether the listener admits this client (see [`crate::attest`]).
     pub attestation: crate::attest::Attestation,
 }

@@ -267,7 +267,7 @@ fn main() -> ExitCode {
                 None => Config::embedded_default(),
             };
             if let Some(l) = listen {
-                cfg.listeners[0].addr = l;
+                cfg.listeners[0].addr = chaperone::config::ListenAddr::Tcp(l);
             }
             if let Some(a) = admin {
                 cfg.admin = a;
@@ -506,8 +506,8 @@ async fn run(cfg: Config) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    for (addr, id) in running.proxy_addrs.iter().zip(&identities) {
-        eprintln!("chaperone: proxy listening on http://{addr} for {id}");
+    for (addr, id) in running.listening.iter().zip(&identities) {
+        eprintln!("chaperone: proxy listening on {addr} for {id}");
     }
     eprintln!(
         "chaperone: admin on http://{} (/healthz /readyz /metrics /.well-known/jwks.json); purpose log to {log_to}; config {source}",

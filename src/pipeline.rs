@@ -119,7 +119,7 @@ impl Pipeline {
     ) -> Response<ProxyBody> {
         let start = Instant::now();
         let mut rec = Record::new(SystemTime::now());
-        rec.client = conn.client.to_string();
+        rec.client = conn.label.clone();
         rec.caller_uid = conn.attestation.uid();
         rec.method = req.method().to_string();
         rec.strip_mode = strip_mode_name(self.strip_mode);

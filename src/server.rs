@@ -18,13 +18,13 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::admin;
 use crate::attest::{self, Attestation};
-use crate::config::{Config, Identity};
+use crate::config::{Config, Identity, ListenAddr};
 use crate::credentials::Credentials;
 use crate::fingerprint::Fingerprinter;
 use crate::forward::Upstream;
@@ -58,6 +58,9 @@ pub enum StartError {
 pub struct Running {
     /// Bound proxy listener addresses, main listener first, then stages in config order.
     pub proxy_addrs: Vec<SocketAddr>,
+    /// Every proxy listener as bound (TCP with its real port, or a Unix socket), in config
+    /// order: main first, then stages.
+    pub listening: Vec<ListenAddr>,
     /// Bound admin address.
     pub admin_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
@@ -189,14 +192,28 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     ));
 
     let mut listeners = Vec::new();
+    let mut listening = Vec::new();
     for l in &cfg.listeners {
-        let sock = TcpListener::bind(l.addr)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: l.addr,
-                source,
-            })?;
-        listeners.push((sock, Arc::new(l.identity.clone()), l.callers.clone()));
+        let bound = match &l.addr {
+            ListenAddr::Tcp(addr) => {
+                let sock = TcpListener::bind(*addr)
+                    .await
+                    .map_err(|source| StartError::Bind {
+                        addr: *addr,
+                        source,
+                    })?;
+                let local = sock.local_addr().map_err(|e| build(e.to_string()))?;
+                listening.push(ListenAddr::Tcp(local));
+                Bound::Tcp(sock)
+            }
+            ListenAddr::Unix(path) => {
+                let sock = bind_unix(path)
+                    .map_err(|e| build(format!("cannot listen on unix:{}: {e}", path.display())))?;
+                listening.push(l.addr.clone());
+                Bound::Unix(sock)
+            }
+        };
+        listeners.push((bound, Arc::new(l.identity.clone()), l.callers.clone()));
     }
     let admin_listener = TcpListener::bind(cfg.admin)
         .await
@@ -207,10 +224,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let admin_addr = admin_listener
         .local_addr()
         .map_err(|e| build(e.to_string()))?;
-    let proxy_addrs: Vec<SocketAddr> = listeners
-        .iter()
-        .filter_map(|(l, _, _)| l.local_addr().ok())
-        .collect();
+    let proxy_addrs: Vec<SocketAddr> = listening.iter().filter_map(ListenAddr::tcp).collect();
     let mut own = proxy_addrs.clone();
     own.push(admin_addr);
 
@@ -283,6 +297,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     ready.store(true, Ordering::Release);
     Ok(Running {
         proxy_addrs,
+        listening,
         admin_addr,
         shutdown,
         tasks,
@@ -305,8 +320,54 @@ fn http_builder(header_read: Duration) -> auto::Builder<TokioExecutor> {
     b
 }
 
+/// A bound proxy listener.
+enum Bound {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+/// An accepted connection, detached from the acceptor's event loop to move to a worker.
+enum Accepted {
+    Tcp(std::net::TcpStream, SocketAddr),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl Bound {
+    async fn accept(&self) -> std::io::Result<Accepted> {
+        match self {
+            Bound::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                Ok(Accepted::Tcp(s.into_std()?, peer))
+            }
+            Bound::Unix(l) => {
+                let (s, _) = l.accept().await?;
+                Ok(Accepted::Unix(s.into_std()?))
+            }
+        }
+    }
+}
+
+/// Bind a Unix-socket listener: a stale socket from an earlier run is replaced (anything
+/// else at the path is an error), and the socket is made connectable by every user, since
+/// admission is decided per connection from the kernel's peer credentials.
+fn bind_unix(path: &std::path::Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "the path exists and is not a socket",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    Ok(listener)
+}
+
 async fn serve_proxy(
-    listener: TcpListener,
+    listener: Bound,
     identity: Arc<Identity>,
     callers: Option<Arc<[u32]>>,
     workers: Arc<Vec<(tokio::runtime::Handle, Arc<Pipeline>)>>,
@@ -320,7 +381,7 @@ async fn serve_proxy(
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
+                let accepted = match accepted {
                     Ok(x) => x,
                     Err(e) => {
                         // Out of file descriptors and the like: back off instead of spinning.
@@ -332,22 +393,40 @@ async fn serve_proxy(
                 // Round-robin over the workers; the socket moves to the worker's event loop.
                 let (handle, pipeline) = &workers[next % workers.len()];
                 next = next.wrapping_add(1);
-                let Ok(stream) = stream.into_std() else { continue };
                 let (identity, callers, pipeline, builder, watcher) = (identity.clone(), callers.clone(), pipeline.clone(), builder.clone(), graceful.watcher());
                 handle.spawn(async move {
-                    let Ok(stream) = TcpStream::from_std(stream) else { return };
                     // Attested on the worker, once per connection: reading the kernel's
                     // socket table is a few file reads, off the accept loop.
-                    let attestation = match (stream.local_addr(), callers.as_deref()) {
-                        (_, None) => Attestation::Unchecked,
-                        (Ok(local), admitted) => attest::attest(peer, local, admitted),
-                        (Err(e), _) => Attestation::Refused(format!("caller not attested: {e}")),
-                    };
-                    if let Attestation::Refused(why) = &attestation {
-                        tracing::warn!(client = %peer, stage = %identity.stage, reason = %why, "caller refused on a stage listener");
+                    match accepted {
+                        Accepted::Tcp(stream, peer) => {
+                            let Ok(stream) = TcpStream::from_std(stream) else { return };
+                            let _ = stream.set_nodelay(true);
+                            let attestation = match (stream.local_addr(), callers.as_deref()) {
+                                (_, None) => Attestation::Unchecked,
+                                (Ok(local), admitted) => attest::attest(peer, local, admitted),
+                                (Err(e), _) => Attestation::Refused(format!("caller not attested: {e}")),
+                            };
+                            let conn = conn(identity, peer, peer.to_string(), attestation);
+                            serve_conn(stream, conn, pipeline, &builder, watcher).await;
+                        }
+                        Accepted::Unix(stream) => {
+                            let Ok(stream) = UnixStream::from_std(stream) else { return };
+                            let (attestation, label) = match stream.peer_cred() {
+                                Ok(cred) => (
+                                    attest::attest_uid(cred.uid(), "the connection", callers.as_deref()),
+                                    format!("unix:pid={}", cred.pid().unwrap_or(0)),
+                                ),
+                                Err(e) => (
+                                    Attestation::Refused(format!("caller not attested: no peer credentials: {e}")),
+                                    "unix".to_string(),
+                                ),
+                            };
+                            // A local caller: policy sees the loopback address.
+                            let local = SocketAddr::from(([127, 0, 0, 1], 0));
+                            let conn = conn(identity, local, label, attestation);
+                            serve_conn(stream, conn, pipeline, &builder, watcher).await;
+                        }
                     }
-                    let conn = Arc::new(Conn { identity, client: peer, attestation });
-                    serve_conn(stream, conn, pipeline, &builder, watcher).await;
                 });
             }
             _ = shutdown.changed() => break,
@@ -363,21 +442,39 @@ async fn serve_proxy(
     }
 }
 
-async fn serve_conn(
-    stream: TcpStream,
+fn conn(
+    identity: Arc<Identity>,
+    client: SocketAddr,
+    label: String,
+    attestation: Attestation,
+) -> Arc<Conn> {
+    if let Attestation::Refused(why) = &attestation {
+        tracing::warn!(client = %label, stage = %identity.stage, reason = %why, "caller refused on a stage listener");
+    }
+    Arc::new(Conn {
+        identity,
+        client,
+        label,
+        attestation,
+    })
+}
+
+async fn serve_conn<I>(
+    io: I,
     conn: Arc<Conn>,
     pipeline: Arc<Pipeline>,
     builder: &auto::Builder<TokioExecutor>,
     watcher: hyper_util::server::graceful::Watcher,
-) {
-    let _ = stream.set_nodelay(true);
-    let peer = conn.client;
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let label = conn.label.clone();
     let svc = service_fn(move |req| {
         let (p, c) = (pipeline.clone(), conn.clone());
         async move { Ok::<_, Infallible>(p.handle(c, None, req).await) }
     });
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     if let Err(e) = watcher.watch(conn).await {
-        tracing::debug!(client = %peer, error = %e, "client connection ended with an error");
+        tracing::debug!(client = %label, error = %e, "client connection ended with an error");
     }
 }

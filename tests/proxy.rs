@@ -1125,3 +1125,82 @@ credentials:"
         assert_eq!(as_other(&training), "200");
     }
 }
+
+/// A stage can listen on a Unix socket: callers are attested with `SO_PEERCRED`, the app
+/// sends origin-form requests over it (`curl --unix-socket`), and a process of another UID
+/// is refused even though the socket file lets it connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unix_socket_stage_attests_callers_with_peer_credentials() {
+    let up = Upstream::start().await;
+    let me = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap());
+    let other = if me == 0 { 65534 } else { me + 4242 };
+    let yaml = config(up.addr.port(), "strip").replace(
+        "credentials:",
+        &format!(
+            "stages:
+  - name: training
+    listen: unix:{{dir}}/training.sock
+    id: spiffe://test.local/ns/ml/sa/training
+    callers: {{ uids: [{me}] }}
+  - name: evaluation
+    listen: unix:{{dir}}/evaluation.sock
+    id: spiffe://test.local/ns/ml/sa/evaluation
+    callers: {{ uids: [{other}] }}
+credentials:"
+        ),
+    );
+    let sc = Sidecar::start(&yaml, PERMISSIVE_POLICY, &[(STATIC_ENV, "v")]);
+    assert!(
+        sc.output().contains(&format!(
+            "proxy listening on unix:{}/training.sock",
+            sc.dir().display()
+        )),
+        "{}",
+        sc.output()
+    );
+    let sock = |name: &str| sc.dir().join(name).to_string_lossy().into_owned();
+    let url = format!("http://127.0.0.1:{}/v1/over-unix", up.addr.port());
+
+    let (code, body) = curl(&["--unix-socket", &sock("training.sock"), &url]);
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = curl(&["--unix-socket", &sock("evaluation.sock"), &url]);
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body.contains(&format!(
+            "belongs to uid {me}; this listener admits uid {other}"
+        )),
+        "{body}"
+    );
+    assert_eq!(up.requests().len(), 1);
+    let lines = sc.log_lines(2);
+    let served = lines.iter().find(|l| l["stage"] == "training").unwrap();
+    assert_eq!(served["caller_uid"], me);
+    assert_eq!(served["identity"], "spiffe://test.local/ns/ml/sa/training");
+    assert!(
+        served["client"].as_str().unwrap().starts_with("unix:pid="),
+        "{served}"
+    );
+
+    if me == 0 {
+        let as_other = |name: &str| {
+            let out = Command::new("setpriv")
+                .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+                .args([
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "--unix-socket",
+                ])
+                .arg(sock(name))
+                .arg(&url)
+                .output()
+                .expect("setpriv (util-linux)");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        assert_eq!(as_other("training.sock"), "403");
+        assert_eq!(as_other("evaluation.sock"), "200");
+    }
+}

@@ -91,11 +91,40 @@ pub struct Identity {
     pub environment: String,
 }
 
+/// Where a proxy listener binds.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ListenAddr {
+    /// TCP.
+    Tcp(SocketAddr),
+    /// A Unix socket at this path (`unix:/path` in the config); its callers are attested
+    /// with `SO_PEERCRED`.
+    Unix(PathBuf),
+}
+
+impl ListenAddr {
+    /// The TCP address, if this is one.
+    pub fn tcp(&self) -> Option<SocketAddr> {
+        match self {
+            ListenAddr::Tcp(a) => Some(*a),
+            ListenAddr::Unix(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "http://{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
 /// One proxy listener and the identity it serves.
 #[derive(Debug, Clone)]
 pub struct ListenerSpec {
     /// Bind address.
-    pub addr: SocketAddr,
+    pub addr: ListenAddr,
     /// Identity of callers on this listener.
     pub identity: Identity,
     /// UIDs admitted on this listener (kernel-attested); `None` admits any local process.
@@ -558,11 +587,12 @@ impl Validator<'_> {
             id.callers.as_ref(),
         );
         let mut listeners = vec![ListenerSpec {
-            addr: listen,
+            addr: ListenAddr::Tcp(listen),
             identity: identity.clone(),
             callers,
         }];
         let mut seen_addrs = HashSet::from([listen, admin]);
+        let mut seen_unix = HashSet::new();
         if listen == admin && listen.port() != 0 {
             self.err(
                 &[Key("admin")],
@@ -578,17 +608,34 @@ impl Validator<'_> {
                     format!("stage `{}` is defined twice", st.name),
                 );
             }
-            let addr = self.addr(
-                &[Key("stages"), Idx(i), Key("listen")],
-                Some(&st.listen),
-                DEFAULT_LISTEN,
-            );
-            if !seen_addrs.insert(addr) && addr.port() != 0 {
-                self.err(
-                    &[Key("stages"), Idx(i), Key("listen")],
-                    format!("{addr} is already used by another listener"),
-                );
-            }
+            let at = [Key("stages"), Idx(i), Key("listen")];
+            let addr = match st.listen.strip_prefix("unix:") {
+                Some(path) => {
+                    let path = self.path(path);
+                    if seen_unix.contains(&path) {
+                        self.err(
+                            &at,
+                            format!("{} is already used by another listener", path.display()),
+                        );
+                    }
+                    match path.parent() {
+                        Some(dir) if dir.is_dir() => {}
+                        _ => self.err(
+                            &at,
+                            format!("the directory of {} does not exist (in Kubernetes, mount an emptyDir shared with the stage's container)", path.display()),
+                        ),
+                    }
+                    seen_unix.insert(path.clone());
+                    ListenAddr::Unix(path)
+                }
+                None => {
+                    let addr = self.addr(&at, Some(&st.listen), DEFAULT_LISTEN);
+                    if !seen_addrs.insert(addr) && addr.port() != 0 {
+                        self.err(&at, format!("{addr} is already used by another listener"));
+                    }
+                    ListenAddr::Tcp(addr)
+                }
+            };
             let callers = self.callers(
                 &[Key("stages"), Idx(i), Key("callers"), Key("uids")],
                 st.callers.as_ref(),
@@ -1400,7 +1447,10 @@ mod tests {
         let c = Config::embedded_default();
         assert!(c.observe_mode);
         assert_eq!(c.strip.mode, StripMode::Report);
-        assert_eq!(c.listeners[0].addr, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(
+            c.listeners[0].addr,
+            ListenAddr::Tcp(DEFAULT_LISTEN.parse().unwrap())
+        );
         assert_eq!(c.admin, DEFAULT_ADMIN.parse().unwrap());
         assert!(c.routes.is_empty());
     }
@@ -1493,6 +1543,18 @@ policy: { file: /dev/null }
         )
         .unwrap_err();
         assert!(err.0[0].key.starts_with("stages[0].callers.uids"), "{err}");
+        let unix = load(
+            "identity: { id: a, workload: w, environment: e }
+stages:
+  - { name: t, listen: 'unix:/tmp/t.sock' }
+  - { name: u, listen: 'unix:/nonexistent-dir/u.sock' }
+policy: { file: /dev/null }
+",
+        )
+        .unwrap_err();
+        assert_eq!(unix.0.len(), 1, "{unix}");
+        assert_eq!(unix.0[0].key, "stages[1].listen");
+        assert!(unix.0[0].message.contains("does not exist"), "{unix}");
     }
 
     #[test]

@@ -90,7 +90,8 @@ pub struct CallersConfig {
 pub struct StageConfig {
     /// Stage name, e.g. `training`; it is handed to policy and logged.
     pub name: String,
-    /// Address this stage's listener binds.
+    /// Address this stage's listener binds: `IP:port`, or `unix:/path` for a Unix socket
+    /// (created mode 0666: `callers.uids`, checked with `SO_PEERCRED`, is what admits).
     pub listen: String,
     /// The identity of this stage. Default: the main identity's id.
     #[serde(default)]

@@ -147,7 +147,7 @@ pub struct Bench<'a> {
 impl<'a> Bench<'a> {
     /// A bench over this configuration and its compiled policy.
     pub fn new(cfg: &'a Config, engine: &'a PolicyEngine) -> Bench<'a> {
-        let mut own: Vec<SocketAddr> = cfg.listeners.iter().map(|l| l.addr).collect();
+        let mut own: Vec<SocketAddr> = cfg.listeners.iter().filter_map(|l| l.addr.tcp()).collect();
         own.push(cfg.admin);
         Bench {
             cfg,
