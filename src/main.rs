@@ -130,33 +130,9 @@ enum PolicyCmd {
         /// Configuration file (YAML).
         #[arg(long, short)]
         config: PathBuf,
-        /// HTTP method, or CONNECT for a blind tunnel.
-        #[arg(long, default_value = "GET")]
-        method: String,
-        /// Absolute URL (for CONNECT, `host:port` also works).
-        #[arg(long)]
-        url: String,
-        /// The purpose the app names (default: the route's `purpose_default`).
-        #[arg(long)]
-        purpose: Option<String>,
-        /// Decide as this stage's identity (`stages[].name`).
-        #[arg(long)]
-        stage: Option<String>,
-        /// Decide as if the identity were in this environment.
-        #[arg(long)]
-        environment: Option<String>,
-        /// Decide as this principal id instead of the configured one.
-        #[arg(long)]
-        principal: Option<String>,
-        /// Client address (default 127.0.0.1).
-        #[arg(long)]
-        client: Option<std::net::IpAddr>,
-        /// Request time, RFC 3339 (default now).
-        #[arg(long)]
-        time: Option<String>,
-        /// An embedded secret type the request carried (repeatable).
-        #[arg(long = "stripped")]
-        stripped: Vec<String>,
+        /// The request (boxed: it is much larger than the other commands' arguments).
+        #[command(flatten)]
+        request: Box<chaperone::policy::WhatIf>,
         /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -395,31 +371,9 @@ fn policy(cmd: PolicyCmd) -> u8 {
         PolicyCmd::Check { config } => cli::check(&config, &mut out, &mut err),
         PolicyCmd::Eval {
             config,
-            method,
-            url,
-            purpose,
-            stage,
-            environment,
-            principal,
-            client,
-            time,
-            stripped,
+            request,
             json,
-        } => {
-            let req = chaperone::policy::WhatIf {
-                method,
-                url,
-                purpose,
-                stage,
-                environment,
-                principal,
-                client,
-                time,
-                stripped,
-                ..Default::default()
-            };
-            cli::eval(&config, &req, json, &mut out, &mut err)
-        }
+        } => cli::eval(&config, &request, json, &mut out, &mut err),
         PolicyCmd::Test {
             config,
             cases,

@@ -282,13 +282,7 @@ impl Pipeline {
             time: SystemTime::now(),
             guardrail: guard.as_ref(),
         });
-        rec.policy_ids = decision.policy_ids.clone();
-        rec.reason = Some(decision.reason.clone());
-        if !decision.allow {
-            let mut rej = Rejection::new(ErrorCode::PolicyDenied, decision.reason);
-            rej.policy_ids = decision.policy_ids;
-            return Err(rej);
-        }
+        enforce(rec, decision)?;
         rec.decision = "allow";
 
         // Stage 6: credential. Fail closed: no credential, no forwarding.
@@ -463,14 +457,7 @@ impl Pipeline {
             // when the tunnel is then intercepted (each request inside is checked again).
             let guard = self.guardrails.check(&target.host, target.port);
             if let Some(g) = &guard {
-                let decision = decide(Some(g));
-                rec.policy_ids = decision.policy_ids.clone();
-                rec.reason = Some(decision.reason.clone());
-                if !decision.allow {
-                    let mut rej = Rejection::new(ErrorCode::PolicyDenied, decision.reason);
-                    rej.policy_ids = decision.policy_ids;
-                    return Err(rej);
-                }
+                enforce(&mut rec, decide(Some(g)))?;
             }
             let lifted = guard.map(|g| g.kind);
             if let Some(icpt) = &self.intercept
@@ -495,13 +482,7 @@ impl Pipeline {
                 Some(_) => return Ok((target, None, lifted)),
                 None => decide(None),
             };
-            rec.policy_ids = decision.policy_ids.clone();
-            rec.reason = Some(decision.reason.clone());
-            if !decision.allow {
-                let mut rej = Rejection::new(ErrorCode::PolicyDenied, decision.reason);
-                rej.policy_ids = decision.policy_ids;
-                return Err(rej);
-            }
+            enforce(&mut rec, decision)?;
             Ok((target, None, None))
         })();
         let (target, intercept, lifted) = match decided {
@@ -820,4 +801,16 @@ impl Drop for LoggedBody {
             done.pipeline.finish(done.rec, done.start);
         }
     }
+}
+
+/// Record a policy decision in the log record; a denial becomes the 403 with its ids.
+fn enforce(rec: &mut Record, decision: crate::policy::PolicyDecision) -> Result<(), Rejection> {
+    rec.policy_ids = decision.policy_ids.clone();
+    rec.reason = Some(decision.reason.clone());
+    if decision.allow {
+        return Ok(());
+    }
+    let mut rej = Rejection::new(ErrorCode::PolicyDenied, decision.reason);
+    rej.policy_ids = decision.policy_ids;
+    Err(rej)
 }

@@ -8,16 +8,7 @@ use std::process::Command;
 use common::*;
 
 fn audit(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin())
-        .arg("audit")
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    chaperone("audit", args)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

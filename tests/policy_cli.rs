@@ -9,16 +9,7 @@ use std::process::Command;
 use common::*;
 
 fn policy(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin())
-        .arg("policy")
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    chaperone("policy", args)
 }
 
 fn example(name: &str) -> String {

@@ -1103,24 +1103,7 @@ credentials:"
     // Another user, as another container would be: refused on the stage reserved for this
     // process's UID, admitted on its own.
     if me == 0 {
-        let as_other = |proxy: &str| {
-            let out = Command::new("setpriv")
-                .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
-                .args([
-                    "curl",
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    "-x",
-                    proxy,
-                    &url,
-                ])
-                .output()
-                .expect("setpriv (util-linux)");
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        };
+        let as_other = |proxy: &str| curl_as_nobody(&["-x", proxy, &url]);
         assert_eq!(as_other(&serving), "403");
         assert_eq!(as_other(&training), "200");
     }
@@ -1182,24 +1165,7 @@ credentials:"
     );
 
     if me == 0 {
-        let as_other = |name: &str| {
-            let out = Command::new("setpriv")
-                .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
-                .args([
-                    "curl",
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    "--unix-socket",
-                ])
-                .arg(sock(name))
-                .arg(&url)
-                .output()
-                .expect("setpriv (util-linux)");
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        };
+        let as_other = |name: &str| curl_as_nobody(&["--unix-socket", &sock(name), &url]);
         assert_eq!(as_other("training.sock"), "403");
         assert_eq!(as_other("evaluation.sock"), "200");
     }

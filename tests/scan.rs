@@ -2,17 +2,10 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 
 fn scan(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin()).arg("scan").args(args).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    chaperone("scan", args)
 }
 
 #[test]

@@ -15,49 +15,64 @@ use super::{GuardrailHit, Guardrails, PolicyDecision, PolicyEngine, PolicyInput}
 use crate::config::{Config, ConfigError, Identity, parse_yaml};
 use crate::route::{RouteTable, Target};
 
-/// One request to decide: the arguments of `policy eval`, or one case of a CASES file.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// One request to decide: the arguments of `policy eval` (clap), or one case of a CASES
+/// file (serde).
+#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct WhatIf {
     /// What the case shows, printed with its result.
     #[serde(default)]
+    #[arg(skip)]
     pub name: Option<String>,
     /// HTTP method, or `CONNECT` for a blind tunnel (then `url` may be `host:port`).
+    #[arg(long, default_value = "GET")]
     pub method: String,
     /// Absolute URL (`http://` or `https://`; for https this is the request as seen inside
     /// the intercepted tunnel).
+    #[arg(long)]
     pub url: String,
-    /// Purpose the app names (`x-chaperone-purpose`); absent: the route's default.
+    /// Purpose the app names (`chaperone-purpose`); absent: the route's default.
     #[serde(default)]
+    #[arg(long)]
     pub purpose: Option<String>,
     /// Stage whose listener the request arrives on (`stages[].name`); absent: the main
     /// identity.
     #[serde(default)]
+    #[arg(long)]
     pub stage: Option<String>,
     /// Override the identity's environment, to ask "what if prod called this?".
     #[serde(default)]
+    #[arg(long)]
     pub environment: Option<String>,
     /// Override the principal id (SPIFFE ID or service account).
     #[serde(default)]
+    #[arg(long)]
     pub principal: Option<String>,
     /// Client address; default 127.0.0.1 (the app in the same pod).
     #[serde(default)]
+    #[arg(long)]
     pub client: Option<IpAddr>,
     /// Request time, RFC 3339 (`2026-11-24T09:00:00Z`); default now.
     #[serde(default)]
+    #[arg(long)]
     pub time: Option<String>,
-    /// Types of embedded secrets the request carried (`context.stripped_types`).
+    /// Types of embedded secrets the request carried (`context.stripped_types`); repeat
+    /// the flag for several.
     #[serde(default)]
+    #[arg(long)]
     pub stripped: Vec<String>,
     /// Expected decision (`allow` or `deny`); required in a CASES file.
     #[serde(default)]
+    #[arg(skip)]
     pub expect: Option<Expected>,
     /// Expected deciding policy ids, in any order (permits on allow, forbids on deny; empty
     /// for "no policy permits").
     #[serde(default)]
+    #[arg(skip)]
     pub policies: Option<Vec<String>>,
     /// Text the reason must contain.
     #[serde(default)]
+    #[arg(skip)]
     pub reason_contains: Option<String>,
 }
 

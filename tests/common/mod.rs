@@ -655,3 +655,27 @@ pub fn must(cmd: &mut Command) -> String {
     assert!(ok, "{cmd:?} failed: {err}{out}");
     out
 }
+
+/// Run `chaperone SUB ARGS...`: (exit code, stdout, stderr).
+#[allow(dead_code)]
+pub fn chaperone(sub: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin()).arg(sub).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Run curl as another user (uid and gid 65534, no groups) with `args`; the HTTP status it
+/// printed. Needs root and util-linux `setpriv`.
+#[allow(dead_code)]
+pub fn curl_as_nobody(args: &[&str]) -> String {
+    let out = Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .args(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args(args)
+        .output()
+        .expect("setpriv (util-linux)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
