@@ -19,6 +19,7 @@ pub mod config;
 pub mod credentials;
 pub mod demo;
 pub mod drain;
+pub mod egress_lock;
 pub mod error;
 pub mod fingerprint;
 pub mod forward;

@@ -109,6 +109,29 @@ enum Cmd {
         #[arg(long)]
         tls_key: PathBuf,
     },
+    /// Make the sidecar the app's only way out of the pod: netfilter rules (iptables-restore,
+    /// IPv4 and IPv6) that let only loopback, replies, the exempt UIDs, DNS to the pod's
+    /// resolvers and the allowed destinations leave. Run as a first init container with
+    /// NET_ADMIN (deploy/components/egress-lock). Exit 0 locked, 2 error (the pod does not start).
+    EgressLock {
+        /// UID whose connections may go anywhere: the sidecar's (repeat for other exempt
+        /// users).
+        #[arg(long = "proxy-uid", required = true)]
+        proxy_uids: Vec<u32>,
+        /// A destination every container may reach directly, as an address or CIDR (e.g.
+        /// the Kubernetes API, when the app lists it in NO_PROXY). Repeatable.
+        #[arg(long, value_parser = chaperone::egress_lock::parse_destination)]
+        allow: Vec<ipnet::IpNet>,
+        /// Do not let containers query the resolvers of --resolv-conf directly.
+        #[arg(long)]
+        no_dns: bool,
+        /// Where the pod's resolvers are listed.
+        #[arg(long, default_value = "/etc/resolv.conf")]
+        resolv_conf: PathBuf,
+        /// Print the iptables-restore input for both families and change nothing.
+        #[arg(long)]
+        print: bool,
+    },
     /// The local CA that signs intercepted HTTPS connections.
     Ca {
         #[command(subcommand)]
@@ -303,11 +326,82 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::EgressLock {
+            proxy_uids,
+            allow,
+            no_dns,
+            resolv_conf,
+            print,
+        } => egress_lock(proxy_uids, allow, no_dns, &resolv_conf, print),
         Cmd::Demo => {
             init_demo_tracing();
             runtime().block_on(chaperone::demo::run())
         }
     }
+}
+
+fn egress_lock(
+    exempt_uids: Vec<u32>,
+    allow: Vec<ipnet::IpNet>,
+    no_dns: bool,
+    resolv_conf: &std::path::Path,
+    print: bool,
+) -> ExitCode {
+    use chaperone::egress_lock::{Family, Lock, apply, ipv6_enabled, resolvers};
+    let resolvers = if no_dns {
+        Vec::new()
+    } else {
+        match std::fs::read_to_string(resolv_conf) {
+            Ok(text) => resolvers(&text),
+            Err(e) => {
+                eprintln!(
+                    "chaperone egress-lock: {}: {e} (or pass --no-dns)",
+                    resolv_conf.display()
+                );
+                return ExitCode::from(2);
+            }
+        }
+    };
+    let lock = Lock {
+        exempt_uids,
+        allow,
+        resolvers,
+    };
+    if print {
+        for family in [Family::V4, Family::V6] {
+            println!("# {}", family.name());
+            print!("{}", lock.restore_input(family, 0));
+        }
+        return ExitCode::SUCCESS;
+    }
+    let mut families = vec![Family::V4];
+    if ipv6_enabled() {
+        families.push(Family::V6);
+    } else {
+        eprintln!("chaperone egress-lock: the kernel has no IPv6; IPv4 only");
+    }
+    for family in families {
+        match apply(&lock, family) {
+            Ok(done) => eprintln!(
+                "chaperone egress-lock: {} locked: {} rule(s) in {}, jumped to first from OUTPUT",
+                family.name(),
+                done.rules.len(),
+                chaperone::egress_lock::CHAIN
+            ),
+            Err(e) => {
+                eprintln!("chaperone egress-lock: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    use chaperone::egress_lock::listing;
+    eprintln!(
+        "chaperone egress-lock: leaving the pod directly: loopback, replies, UID(s) {}, DNS to {}, destinations {}; everything else is refused",
+        listing(&lock.exempt_uids),
+        listing(&lock.resolvers),
+        listing(&lock.allow)
+    );
+    ExitCode::SUCCESS
 }
 
 fn audit(logs: &[PathBuf], json: bool, top: usize) -> ExitCode {

@@ -258,7 +258,24 @@ impl Sidecar {
         std::fs::write(dir.path().join("policy.cedar"), policy).unwrap();
         let cfg = dir.path().join("config.yaml");
         std::fs::write(&cfg, yaml.replace("{dir}", dir.path().to_str().unwrap())).unwrap();
-        Self::spawn(dir, &["run", "--config", cfg.to_str().unwrap()], env)
+        Self::spawn(dir, &[], &["run", "--config", cfg.to_str().unwrap()], env)
+    }
+
+    /// Like [`Sidecar::start`], run through `wrapper` (e.g. `ip netns exec NS setpriv
+    /// --reuid U ...`); the temp dir is made readable to the user it runs as.
+    pub fn start_wrapped(wrapper: &[&str], yaml: &str, policy: &str) -> Sidecar {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(dir.path().join("policy.cedar"), policy).unwrap();
+        let cfg = dir.path().join("config.yaml");
+        std::fs::write(&cfg, yaml.replace("{dir}", dir.path().to_str().unwrap())).unwrap();
+        Self::spawn(
+            dir,
+            wrapper,
+            &["run", "--config", cfg.to_str().unwrap()],
+            &[],
+        )
     }
 
     /// Start on embedded defaults (observe mode) on ephemeral ports.
@@ -266,15 +283,28 @@ impl Sidecar {
         let dir = tempfile::tempdir().unwrap();
         Self::spawn(
             dir,
+            &[],
             &["run", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"],
             &[],
         )
     }
 
-    fn spawn(dir: tempfile::TempDir, args: &[&str], env: &[(&str, &str)]) -> Sidecar {
+    fn spawn(
+        dir: tempfile::TempDir,
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Sidecar {
         let stdout = dir.path().join("stdout.log");
         let stderr = dir.path().join("stderr.log");
-        let mut cmd = Command::new(bin());
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
         cmd.args(args)
             .stdout(std::fs::File::create(&stdout).unwrap())
             .stderr(std::fs::File::create(&stderr).unwrap())
