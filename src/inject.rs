@@ -53,6 +53,37 @@ pub struct InjectConfig {
     /// The sidecar's UID (it must differ from the app's). Default 65532.
     #[serde(default = "default_uid")]
     pub sidecar_uid: u32,
+    /// Also add the egress lock, so the sidecar is the app's only way out of the pod (an
+    /// init container, first, running `chaperone egress-lock` with NET_ADMIN); none if
+    /// absent. Every injected pod gets it: a pod cannot opt out by annotation.
+    #[serde(default)]
+    pub egress_lock: Option<EgressLockInject>,
+}
+
+/// The injected egress lock (`egress_lock:` in inject.yaml).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressLockInject {
+    /// The egress-lock image (deploy/Dockerfile, target `egress-lock`), preferably by digest.
+    pub image: String,
+    /// Destinations every container may reach directly, as addresses or CIDRs (what the
+    /// apps list in `NO_PROXY` beyond loopback).
+    #[serde(default, deserialize_with = "destinations")]
+    pub allow: Vec<ipnet::IpNet>,
+    /// Let containers query the pod's resolvers directly (port 53). Default true.
+    #[serde(default = "default_true")]
+    pub dns: bool,
+}
+
+fn destinations<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| crate::egress_lock::parse_destination(s).map_err(serde::de::Error::custom))
+        .collect()
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_config_map() -> String {
@@ -75,6 +106,13 @@ impl InjectConfig {
             crate::config::parse_yaml::<InjectConfig>(&file, &text).map_err(|e| e.to_string())?;
         if cfg.image.trim().is_empty() {
             return Err(format!("{file}: image: must name the Chaperone image"));
+        }
+        if let Some(lock) = &cfg.egress_lock
+            && lock.image.trim().is_empty()
+        {
+            return Err(format!(
+                "{file}: egress_lock.image: must name the egress-lock image"
+            ));
         }
         Ok(cfg)
     }
@@ -148,12 +186,18 @@ pub fn mutate(cfg: &InjectConfig, pod: &Value) -> Option<Value> {
         }
     }
 
-    // The native sidecar, first among init containers so it is up before any of them.
+    // The native sidecar, first among init containers so it is up before any of them; then
+    // the egress lock before it, so no container, the sidecar included, runs unlocked.
     let init = spec.entry("initContainers").or_insert_with(|| json!([]));
-    if let Some(list) = init.as_array_mut()
-        && !list.iter().any(|c| c["name"] == "chaperone")
-    {
-        list.insert(0, sidecar(cfg, mounts));
+    if let Some(list) = init.as_array_mut() {
+        if !list.iter().any(|c| c["name"] == "chaperone") {
+            list.insert(0, sidecar(cfg, mounts));
+        }
+        if let Some(lock) = &cfg.egress_lock
+            && !list.iter().any(|c| c["name"] == EGRESS_LOCK)
+        {
+            list.insert(0, egress_lock(cfg.sidecar_uid, lock));
+        }
     }
     Some(pod)
 }
@@ -192,6 +236,34 @@ fn sidecar(cfg: &InjectConfig, mounts: Vec<Value>) -> Value {
             "seccompProfile": {"type": "RuntimeDefault"}
         },
         "volumeMounts": mounts
+    })
+}
+
+/// The egress-lock init container's name.
+const EGRESS_LOCK: &str = "chaperone-egress-lock";
+
+/// The egress lock: runs once as root with NET_ADMIN alone (see deploy/components/egress-lock).
+fn egress_lock(sidecar_uid: u32, lock: &EgressLockInject) -> Value {
+    let mut args = vec!["--proxy-uid".to_string(), sidecar_uid.to_string()];
+    for net in &lock.allow {
+        args.extend(["--allow".to_string(), net.to_string()]);
+    }
+    if !lock.dns {
+        args.push("--no-dns".into());
+    }
+    json!({
+        "name": EGRESS_LOCK,
+        "image": lock.image,
+        "args": args,
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsNonRoot": false,
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN"]},
+            "seccompProfile": {"type": "RuntimeDefault"}
+        }
     })
 }
 
@@ -387,6 +459,7 @@ mod tests {
             fingerprint_secret: Some("chaperone-fingerprint".into()),
             token_audience: Some("sts.example.org".into()),
             sidecar_uid: 65532,
+            egress_lock: None,
         }
     }
 

@@ -73,8 +73,11 @@ fn every_deploy_target_renders_validates_and_agrees_with_its_config() {
         assert!(ok, "{target}: {err}{out}");
         let cfg_text = std::fs::read_to_string(&cfg_path).unwrap();
 
-        // Chaperone is a native sidecar: an init container that keeps running.
-        let side = &pod["initContainers"][0];
+        // Chaperone is a native sidecar: an init container that keeps running, first but for
+        // the egress lock (prod), so it is up before any other.
+        let inits = pod["initContainers"].as_array().unwrap();
+        let locked = target == "overlays/prod";
+        let side = &inits[usize::from(locked)];
         assert_eq!(side["name"], "chaperone", "{target}");
         assert_eq!(side["restartPolicy"], "Always", "{target}");
         assert_eq!(side["readinessProbe"]["httpGet"]["path"], "/readyz");
@@ -148,6 +151,15 @@ fn every_deploy_target_renders_validates_and_agrees_with_its_config() {
             "{target}"
         );
 
+        if locked {
+            egress_lock_is_first_and_exempts_the_sidecar(&inits[0], side, uid);
+        } else {
+            assert!(
+                !inits.iter().any(|c| c["name"] == "chaperone-egress-lock"),
+                "{target}"
+            );
+        }
+
         // A NetworkPolicy confines the pod's egress.
         let np = kind(&objs, "NetworkPolicy");
         assert!(
@@ -157,6 +169,49 @@ fn every_deploy_target_renders_validates_and_agrees_with_its_config() {
                 .contains(&Value::from("Egress"))
         );
     }
+}
+
+/// The egress lock: a run-once init container with NET_ADMIN and nothing else, exempting the
+/// sidecar's UID and not the app's, with arguments the real binary accepts.
+fn egress_lock_is_first_and_exempts_the_sidecar(lock: &Value, sidecar: &Value, app_uid: u64) {
+    assert_eq!(lock["name"], "chaperone-egress-lock");
+    assert!(
+        lock["restartPolicy"].is_null(),
+        "runs once, before the sidecar"
+    );
+    assert!(
+        lock["image"]
+            .as_str()
+            .unwrap()
+            .contains("egress-lock@sha256:")
+    );
+    let sc = &lock["securityContext"];
+    assert_eq!(sc["capabilities"]["add"], serde_json::json!(["NET_ADMIN"]));
+    assert_eq!(sc["capabilities"]["drop"][0], "ALL");
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    let args: Vec<&str> = lock["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let exempt: Vec<u64> = args
+        .windows(2)
+        .filter(|w| w[0] == "--proxy-uid")
+        .map(|w| w[1].parse().unwrap())
+        .collect();
+    assert_eq!(
+        exempt,
+        [sidecar["securityContext"]["runAsUser"].as_u64().unwrap()]
+    );
+    assert!(!exempt.contains(&app_uid));
+    let (ok, out, err) = run(Command::new(bin()).arg("egress-lock").args(&args).args([
+        "--print",
+        "--resolv-conf",
+        "/dev/null",
+    ]));
+    assert!(ok && out.contains("--uid-owner 65532"), "{err}{out}");
 }
 
 /// The webhook's own manifests: valid, its config loads, and what the Deployment, Service

@@ -119,12 +119,12 @@ except TimeoutError:
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
-    /// `chaperone egress-lock` in the pod, as root or `uid`: (success, stderr).
+    /// `chaperone egress-lock` in the pod: as root with only the capability the manifests
+    /// grant (NET_ADMIN), or as `uid`: (success, stderr).
     fn lock(&self, uid: &str, args: &[&str]) -> (bool, String) {
-        let (ok, _, err) = run(self
-            .cmd(&self.pod, uid, bin())
-            .arg("egress-lock")
-            .args(args));
+        let mut c = self.cmd(&self.pod, uid, "setpriv");
+        c.args(["--bounding-set", "-all,+net_admin", "--inh-caps", "-all"]);
+        let (ok, _, err) = run(c.arg(bin()).arg("egress-lock").args(args));
         (ok, err)
     }
 

@@ -26,6 +26,11 @@ impl Drop for Webhook {
 }
 
 fn start() -> Webhook {
+    start_with("")
+}
+
+/// The webhook with `extra` appended to its inject.yaml.
+fn start_with(extra: &str) -> Webhook {
     let dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new();
     let p = |n: &str| dir.path().join(n);
@@ -37,7 +42,9 @@ fn start() -> Webhook {
         "image: registry.example.org/platform/chaperone@sha256:0000000000000000000000000000000000000000000000000000000000000000
 fingerprint_secret: chaperone-fingerprint
 token_audience: sts.example.org
-",
+"
+        .to_string()
+            + extra,
     )
     .unwrap();
     let stderr = p("stderr.log");
@@ -129,6 +136,22 @@ fn post(w: &Webhook, body: &str) -> (u16, Value) {
     (code, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
+/// `kubernetes-validate --strict` on a pod (named as the API server would from
+/// generateName, which the validator needs).
+fn validate(pod: &Value) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pod.json");
+    let mut named = pod.clone();
+    named["metadata"]["name"] = json!("support-assistant-7d9f8b6c5d-x2k9q");
+    std::fs::write(&file, serde_json::to_string_pretty(&named).unwrap()).unwrap();
+    let out = must(
+        Command::new(k8s_tool("kubernetes-validate"))
+            .args(["--strict"])
+            .arg(&file),
+    );
+    assert!(out.contains("passed for resource pod"), "{out}");
+}
+
 /// The patch of a review response, applied to `pod`.
 fn apply(pod: &Value, resp: &Value) -> Value {
     assert_eq!(resp["apiVersion"], "admission.k8s.io/v1");
@@ -202,19 +225,10 @@ fn the_webhook_injects_a_valid_sidecar_once() {
         "sts.example.org"
     );
 
-    // The patched pod is a valid Pod for the API server's schema (with the name the API
-    // server gives it from generateName, which the validator needs).
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("pod.json");
-    let mut named = patched.clone();
-    named["metadata"]["name"] = json!("support-assistant-7d9f8b6c5d-x2k9q");
-    std::fs::write(&file, serde_json::to_string_pretty(&named).unwrap()).unwrap();
-    let out = must(
-        Command::new(k8s_tool("kubernetes-validate"))
-            .args(["--strict"])
-            .arg(&file),
-    );
-    assert!(out.contains("passed for resource pod"), "{out}");
+    // The patched pod is a valid Pod for the API server's schema; no egress lock unless
+    // configured.
+    validate(&patched);
+    assert_eq!(spec["initContainers"].as_array().unwrap().len(), 1);
 
     // Idempotent: an injected pod gets no patch.
     let (code, again) = post(&w, &review(&patched, "Pod").to_string());
@@ -242,4 +256,98 @@ fn the_webhook_injects_a_valid_sidecar_once() {
         &w.url.replace("/mutate", "/healthz"),
     ]);
     assert_eq!(code, 200);
+}
+
+#[test]
+fn with_egress_lock_configured_the_lock_is_injected_first_once() {
+    let w = start_with(
+        "egress_lock:
+  image: registry.example.org/platform/chaperone-egress-lock@sha256:0000000000000000000000000000000000000000000000000000000000000000
+  allow: [10.96.0.1, 10.100.0.0/16]
+  dns: false
+",
+    );
+    let original = pod(true);
+    let (code, resp) = post(&w, &review(&original, "Pod").to_string());
+    assert_eq!(code, 200, "{resp}");
+    let patched = apply(&original, &resp);
+    let inits = patched["spec"]["initContainers"].as_array().unwrap();
+    let names: Vec<&str> = inits.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["chaperone-egress-lock", "chaperone"]);
+    let lock = &inits[0];
+    let args: Vec<&str> = lock["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        args,
+        [
+            "--proxy-uid",
+            "65532",
+            "--allow",
+            "10.96.0.1/32",
+            "--allow",
+            "10.100.0.0/16",
+            "--no-dns"
+        ]
+    );
+    assert_eq!(
+        inits[1]["securityContext"]["runAsUser"], 65532,
+        "the exempt UID is the sidecar's"
+    );
+    assert_eq!(
+        lock["securityContext"]["capabilities"]["add"],
+        json!(["NET_ADMIN"])
+    );
+    validate(&patched);
+    // The real binary takes these arguments.
+    let (ok, out, err) = run(Command::new(bin())
+        .arg("egress-lock")
+        .args(&args)
+        .arg("--print"));
+    assert!(
+        ok && out.contains("-d 10.100.0.0/16 -j RETURN"),
+        "{err}{out}"
+    );
+
+    // Idempotent; and a pod injected before the lock was configured gets only the lock.
+    let (_, again) = post(&w, &review(&patched, "Pod").to_string());
+    assert!(again["response"]["patch"].is_null(), "{again}");
+    let plain = start();
+    let (_, resp) = post(&plain, &review(&original, "Pod").to_string());
+    let unlocked = apply(&original, &resp);
+    let (_, resp) = post(&w, &review(&unlocked, "Pod").to_string());
+    let relocked = apply(&unlocked, &resp);
+    assert_eq!(relocked, patched);
+}
+
+#[test]
+fn a_bad_egress_lock_config_is_refused_with_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("inject.yaml");
+    std::fs::write(
+        &file,
+        "image: chaperone:1\negress_lock:\n  image: lock:1\n  allow: [10.0.0.0/40]\n",
+    )
+    .unwrap();
+    let (code, _, err) = chaperone(
+        "inject",
+        &[
+            "--config",
+            file.to_str().unwrap(),
+            "--tls-cert",
+            "/nonexistent",
+            "--tls-key",
+            "/nonexistent",
+        ],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("inject.yaml")
+            && err.contains("egress_lock.allow")
+            && err.contains("10.0.0.0/40"),
+        "{err}"
+    );
 }
