@@ -190,12 +190,7 @@ fn egress_lock_is_first_and_exempts_the_sidecar(lock: &Value, sidecar: &Value, a
     assert_eq!(sc["capabilities"]["drop"][0], "ALL");
     assert_eq!(sc["allowPrivilegeEscalation"], false);
     assert_eq!(sc["readOnlyRootFilesystem"], true);
-    let args: Vec<&str> = lock["args"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
+    let args = strs(&lock["args"]);
     let exempt: Vec<u64> = args
         .windows(2)
         .filter(|w| w[0] == "--proxy-uid")
@@ -229,12 +224,7 @@ fn the_webhook_manifests_render_validate_and_agree() {
     let dep = kind(&objs, "Deployment");
     let pod = &dep["spec"]["template"]["spec"];
     let c = &pod["containers"][0];
-    let args: Vec<&str> = c["args"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
+    let args = strs(&c["args"]);
     assert_eq!(args[0], "inject");
     let mounts = c["volumeMounts"].as_array().unwrap();
     let mounted = |path: &str| {

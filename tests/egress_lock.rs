@@ -215,13 +215,10 @@ fn with_the_lock_the_app_gets_out_only_through_the_sidecar() {
     assert_eq!(p.curl(APP, &[direct]), (0, "upstream-ok".into()));
     assert_eq!(p.udp(APP, "10.77.0.2", 5353), "ping");
 
-    let dir = tempfile::tempdir().unwrap();
-    let resolv = dir.path().join("resolv.conf");
-    std::fs::write(
-        &resolv,
+    let (_dir, resolv) = temp_file(
+        "resolv.conf",
         "search ml.svc.cluster.local\nnameserver 10.77.0.2\n",
-    )
-    .unwrap();
+    );
     let (ok, err) = p.lock(
         ROOT,
         &[

@@ -275,12 +275,7 @@ fn with_egress_lock_configured_the_lock_is_injected_first_once() {
     let names: Vec<&str> = inits.iter().map(|c| c["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["chaperone-egress-lock", "chaperone"]);
     let lock = &inits[0];
-    let args: Vec<&str> = lock["args"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
+    let args = strs(&lock["args"]);
     assert_eq!(
         args,
         [
@@ -325,13 +320,10 @@ fn with_egress_lock_configured_the_lock_is_injected_first_once() {
 
 #[test]
 fn a_bad_egress_lock_config_is_refused_with_file_and_key() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("inject.yaml");
-    std::fs::write(
-        &file,
+    let (_dir, file) = temp_file(
+        "inject.yaml",
         "image: chaperone:1\negress_lock:\n  image: lock:1\n  allow: [10.0.0.0/40]\n",
-    )
-    .unwrap();
+    );
     let (code, _, err) = chaperone(
         "inject",
         &[

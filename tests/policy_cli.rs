@@ -47,13 +47,10 @@ fn the_example_cases_pass() {
 
 #[test]
 fn a_wrong_expectation_fails_naming_the_case_line_and_what_differs() {
-    let dir = tempfile::tempdir().unwrap();
-    let cases = dir.path().join("cases.yaml");
-    std::fs::write(
-        &cases,
+    let (dir, cases) = temp_file(
+        "cases.yaml",
         "cases:\n  - name: right\n    stage: training\n    method: GET\n    url: https://datasets.internal.example.org/x\n    expect: allow\n  - name: wrong\n    method: POST\n    url: https://llm.internal.example.org/v1/chat/completions\n    stage: training\n    expect: allow\n    policies: [serving-calls-inference]\n",
-    )
-    .unwrap();
+    );
     let cases = cases.to_string_lossy().into_owned();
     let (code, out, _) = policy(&["test", "--config", &example("chaperone.yaml"), &cases]);
     assert_eq!(code, 1, "{out}");

@@ -444,13 +444,10 @@ async fn observe_mode_proxies_reports_and_injects_nothing() {
 
 #[test]
 fn check_lists_every_error_with_file_line_and_key() {
-    let dir = tempfile::tempdir().unwrap();
-    let bad = dir.path().join("bad.yaml");
-    std::fs::write(
-        &bad,
+    let (_dir, bad) = temp_file(
+        "bad.yaml",
         "listen: 127.0.0.1:15001\nidentity:\n  id: spiffe://t/x\n  workload: w\n  environment: e\ncredentials:\n  k:\n    kind: static\n    from_env: SURELY_UNSET_VAR_FOR_TEST\nroutes:\n  - name: r\n    match: { host: api.test }\n    credential: nope\npolicy:\n  file: missing.cedar\n",
-    )
-    .unwrap();
+    );
     let (ok, _, err) = run(Command::new(bin()).args(["check", "--config", bad.to_str().unwrap()]));
     assert!(!ok);
     let file = bad.display().to_string();

@@ -709,3 +709,22 @@ pub fn curl_as_nobody(args: &[&str]) -> String {
         .expect("setpriv (util-linux)");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// A file `name` holding `text` in a new temp dir (kept alive by the returned guard).
+#[allow(dead_code)]
+pub fn temp_file(name: &str, text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+/// A JSON array of strings (container args, say) as `&str`s.
+#[allow(dead_code)]
+pub fn strs(v: &serde_json::Value) -> Vec<&str> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array: {v}"))
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect()
+}
