@@ -87,7 +87,9 @@ pub fn is_loop(headers: &HeaderMap, pseudonym: &str) -> bool {
 }
 
 /// A DNS resolver that drops guarded addresses (metadata, link-local) from every answer, so
-/// the address that is checked is the address connected to: no DNS-rebinding bypass.
+/// the address that is checked is the address connected to: no DNS-rebinding bypass. The one
+/// exception is a name guarded itself (`metadata.google.internal`), whose addresses of the
+/// same kind pass: policy saw that guardrail and a permit lifted it.
 #[derive(Clone, Debug, Default)]
 pub struct GuardedResolver;
 
@@ -104,25 +106,37 @@ impl tower::Service<Name> for GuardedResolver {
         Box::pin(async move {
             let addrs: Vec<SocketAddr> =
                 tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
-            let mut refused = None;
-            let allowed: Vec<SocketAddr> = addrs
-                .into_iter()
-                .filter(|a| match Guardrails::check_ip(a.ip()) {
-                    Some(hit) => {
-                        refused = Some(hit.why);
-                        false
-                    }
-                    None => true,
-                })
-                .collect();
-            match (allowed.is_empty(), refused) {
-                (true, Some(why)) => Err(std::io::Error::new(
-                    std::io::ErrorKind::PermissionDenied,
-                    format!("guardrail: {name} resolves to a refused address: {why}"),
-                )),
-                _ => Ok(allowed.into_iter()),
-            }
+            screen(name.as_str(), addrs).map(Vec::into_iter)
         })
+    }
+}
+
+/// The addresses of `name` that may be connected to; a `PermissionDenied` error (which
+/// `is_guardrail` recognizes) when guarded addresses were all it had.
+fn screen(name: &str, addrs: Vec<SocketAddr>) -> std::io::Result<Vec<SocketAddr>> {
+    // A name that is itself guarded (`metadata.google.internal`) was decided by policy as
+    // that kind, so only a permit lifting it brought the request here: its addresses of that
+    // kind are what was allowed. Any other name resolving to a guarded address is refused,
+    // whatever policy said of the name.
+    let named = Guardrails::default().check(name, 0).map(|h| h.kind);
+    let mut refused = None;
+    let allowed: Vec<SocketAddr> = addrs
+        .into_iter()
+        .filter(|a| match Guardrails::check_ip(a.ip()) {
+            Some(hit) if Some(hit.kind) == named => true,
+            Some(hit) => {
+                refused = Some(hit.why);
+                false
+            }
+            None => true,
+        })
+        .collect();
+    match (allowed.is_empty(), refused) {
+        (true, Some(why)) => Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("guardrail: {name} resolves to a refused address: {why}"),
+        )),
+        _ => Ok(allowed),
     }
 }
 
@@ -435,23 +449,29 @@ mod tests {
         assert!(h.get("te").is_none());
     }
 
-    #[tokio::test]
-    async fn resolver_refuses_guarded_addresses_with_permission_denied() {
-        use std::str::FromStr;
-        use tower::Service;
+    #[test]
+    fn resolved_guarded_addresses_are_refused_unless_the_name_is_guarded_as_that_kind() {
+        let a = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let metadata = a("169.254.169.254:0");
+        let link_local = a("169.254.1.1:0");
+        let public = a("203.0.113.7:0");
         // is_guardrail relies on this kind to skip connect retries.
-        let err = GuardedResolver
-            .call(Name::from_str("169.254.169.254").unwrap())
-            .await
-            .unwrap_err();
+        let err = screen("rebound.example.org", vec![metadata]).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied);
         assert!(err.to_string().starts_with("guardrail:"), "{err}");
-        let ok: Vec<_> = GuardedResolver
-            .call(Name::from_str("127.0.0.1").unwrap())
-            .await
-            .unwrap()
-            .collect();
-        assert_eq!(ok.len(), 1);
+        // Guarded answers are dropped; the rest is kept.
+        assert_eq!(
+            screen("mixed.example.org", vec![metadata, public]).unwrap(),
+            [public]
+        );
+        // The metadata name's own metadata address passes (policy lifted it), but not a
+        // link-local address of another kind.
+        assert_eq!(
+            screen("metadata.google.internal", vec![metadata]).unwrap(),
+            [metadata]
+        );
+        assert!(screen("Metadata.Google.Internal.", vec![link_local]).is_err());
+        assert_eq!(screen("api.example.org", vec![public]).unwrap(), [public]);
     }
 
     #[test]

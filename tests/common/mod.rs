@@ -1,6 +1,8 @@
 //! Test harness: the real `chaperone` binary, real upstreams on 127.0.0.1 port 0.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
