@@ -34,11 +34,6 @@ routes:
   - name: upstream
     match: { host: 10.77.0.2, port: 8080 }
     purpose_default: inference
-policy:
-  file: "{dir}/policy.cedar"
-log:
-  format: json
-  output: stdout
 "#;
 
 #[test]
@@ -86,9 +81,7 @@ fn with_the_lock_the_app_gets_out_only_through_the_sidecar() {
     );
 
     // The sidecar, as its own UID in the pod: the app's way out.
-    let wrapper = Pod::as_user(&p.pod, SIDECAR);
-    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
-    let sc = Sidecar::start_wrapped(&wrapper, CONFIG, PERMISSIVE_POLICY);
+    let sc = p.sidecar(SIDECAR, CONFIG, PERMISSIVE_POLICY);
     let proxy = sc.proxy_url();
     let (code, body) = p.curl(APP, &["-x", &proxy, "http://10.77.0.2:8080/via-proxy"]);
     assert_eq!((code, body.as_str()), (0, "upstream-ok"));

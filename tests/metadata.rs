@@ -33,11 +33,6 @@ routes:
   - name: rebound
     match: { host: rebound.example.org, port: 80 }
     purpose_default: bootstrap
-policy:
-  file: "{dir}/policy.cedar"
-log:
-  format: json
-  output: stdout
 "#;
 
 #[test]
@@ -51,9 +46,7 @@ fn a_metadata_lift_works_by_name_and_address_and_never_for_a_rebound_name() {
 permit(principal, action == Action::\"GET\", resource) when {{ context.guardrail == \"metadata\" && context.path like \"/computeMetadata/v1/instance/*\" }};
 "
     );
-    let wrapper = Pod::as_user(&p.pod, ROOT);
-    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
-    let sc = Sidecar::start_wrapped(&wrapper, CONFIG, &policy);
+    let sc = p.sidecar(ROOT, CONFIG, &policy);
     let proxy = sc.proxy_url();
     let get = |url: &str| {
         p.curl(

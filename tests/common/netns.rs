@@ -134,6 +134,17 @@ except TimeoutError:
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
+    /// The real sidecar in the pod as `uid`, on `config` (listeners, identity, routes) with
+    /// `policy`, logging JSON to stdout.
+    pub fn sidecar(&self, uid: &str, config: &str, policy: &str) -> Sidecar {
+        let wrapper = Self::as_user(&self.pod, uid);
+        let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+        let yaml = format!(
+            "{config}policy:\n  file: \"{{dir}}/policy.cedar\"\nlog:\n  format: json\n  output: stdout\n"
+        );
+        Sidecar::start_wrapped(&wrapper, &yaml, policy)
+    }
+
     /// Servers in `ns`: `tcp,ADDR,PORT` answers HTTP 200 `upstream-ok`, `udp,ADDR,PORT` echoes.
     pub fn serve(&self, ns: &str, uid: &str, specs: &[&str]) -> ServerProcess {
         let script = "import http.server, socket, sys, threading
