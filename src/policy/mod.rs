@@ -410,9 +410,12 @@ impl PolicyEngine {
 
     fn evaluate(&self, input: &PolicyInput<'_>) -> Result<PolicyDecision, String> {
         let (request, entities) = self.request(input, None)?;
-        let slice = self
-            .slices
-            .for_request(&input.identity.id, input.action, input.host);
+        let slice = self.slices.for_request(
+            &input.identity.id,
+            input.action,
+            input.host,
+            &indexed_values(input),
+        );
         self.conclude(input, &request, &slice, &entities)
     }
 
@@ -439,7 +442,8 @@ impl PolicyEngine {
         Ok((request, entities))
     }
 
-    /// The request context. Building one is most of a decision's cost (Cedar evaluates each
+    /// The request context (its attributes named in [`slice::INDEXED`] must stay strings,
+    /// present in every context: see [`indexed_values`]). Building one is most of a decision's cost (Cedar evaluates each
     /// value as an expression), and a sidecar repeats the same request shape many times a
     /// second, so contexts are kept per exact content for the second they describe.
     fn context_for(&self, input: &PolicyInput<'_>) -> Result<Context, String> {
@@ -706,6 +710,20 @@ fn render(e: &dyn std::error::Error) -> String {
         src = inner.source();
     }
     s
+}
+
+/// The request's values of the context attributes policies are sliced on, in the order of
+/// [`slice::INDEXED`]; each is the value `context_for` gives that attribute.
+fn indexed_values<'a>(input: &PolicyInput<'a>) -> [&'a str; slice::INDEXED.len()] {
+    [
+        input.purpose,
+        input.route,
+        input.action,
+        input.credential,
+        &input.identity.stage,
+        &input.identity.environment,
+        input.guardrail.map_or("", |g| g.kind),
+    ]
 }
 
 /// The guardrails' kinds, as `@guardrail("...")` annotations and `context.guardrail` name them.
@@ -1080,6 +1098,17 @@ permit(principal, action, resource) when { context.guardrail == "metadata" && pr
 @id("f") permit(principal is Workload in Workload::"spiffe://t/ns/ml/sa/inference", action == Action::"CONNECT", resource is Destination in Destination::"github.com");
 @id("g") forbid(principal, action == Action::"DELETE", resource);
 @id("h") permit(principal, action, resource) when { context.route == "r" };
+@id("i") permit(principal, action, resource) when { context.purpose == "inference" && context.route == "r" && resource.port == 443 };
+@id("j") forbid(principal, action, resource) when { "q" == context.route };
+@id("k") permit(principal, action, resource) when { resource == Destination::"github.com" && context.method == "GET" };
+@id("l") permit(principal, action, resource) when { context.method == "PATCH" } when { context.purpose == "p" };
+@id("m") permit(principal, action, resource) when { context.stage == "main" && context.environment == "prod" };
+@id("n") permit(principal, action, resource) when { context.environment == "staging" };
+@id("o") forbid(principal, action, resource) when { context.credential == "none" };
+@id("p") permit(principal, action == Action::"HEAD", resource) when { context.guardrail == "" && context.path like "/v1/*" };
+@id("q") permit(principal, action, resource) unless { context.route == "r" };
+@id("r") permit(principal, action, resource) when { true && context.route == "never" };
+@id("s") permit(principal, action, resource) when { context.path == "/v1/chat/completions" && context.purpose == "p" };
 "#;
         let e = engine(text);
         let mut other = ident();
@@ -1094,11 +1123,16 @@ permit(principal, action, resource) when { context.guardrail == "metadata" && pr
                     "github.com",
                     "x.example",
                 ] {
-                    for (purpose, route) in [("inference", "r"), ("export-data", ""), ("p", "q")] {
+                    for (purpose, route, credential) in [
+                        ("inference", "r", "openai"),
+                        ("export-data", "", "none"),
+                        ("p", "q", "openai"),
+                    ] {
                         let mut i = input(id, purpose, None);
                         i.action = action;
                         i.host = host;
                         i.route = route;
+                        i.credential = credential;
                         let (request, entities) = e.request(&i, None).unwrap();
                         let whole = e.conclude(&i, &request, &e.set, &entities).unwrap();
                         assert_eq!(e.decide(&i), whole, "{} {action} {host} {purpose}", id.id);
@@ -1108,14 +1142,27 @@ permit(principal, action, resource) when { context.guardrail == "metadata" && pr
             }
         }
         assert_eq!(compared, 2 * 7 * 4 * 3);
-        // And slices really are smaller.
-        assert_eq!(
-            e.slices
-                .for_request("spiffe://t/other", "PATCH", "x.example")
-                .policies()
-                .count(),
-            2
-        );
+        // And slices really are smaller: of the 19 policies, c and g by scope, then the
+        // unguarded and matching ones (l on its first condition only; q, r and s cannot be
+        // decided before Cedar).
+        let i = input(&ids[1], "p", None);
+        let mut values = indexed_values(&i);
+        values[2] = "PATCH";
+        let slice = e
+            .slices
+            .for_request("spiffe://t/other", "PATCH", "x.example", &values);
+        let mut ids_in: Vec<String> = slice.policies().map(|p| p.id().to_string()).collect();
+        ids_in.sort();
+        assert_eq!(ids_in, ["c", "l", "m", "q", "r", "s"]);
+        // Every indexed attribute really is sliced on: a value no policy names leaves the
+        // guarded policies out.
+        let none = ["none"; slice::INDEXED.len()];
+        let slice = e
+            .slices
+            .for_request("spiffe://t/other", "PATCH", "x.example", &none);
+        let mut ids_in: Vec<String> = slice.policies().map(|p| p.id().to_string()).collect();
+        ids_in.sort();
+        assert_eq!(ids_in, ["c", "o", "q", "r", "s"]);
     }
 
     #[test]

@@ -7,9 +7,23 @@
 //! sees few distinct (identity, method, host) triples, so the matching subset is computed
 //! once per triple and cached.
 //!
-//! Exactness: a policy is left out only when its scope cannot match. The entities Chaperone
-//! builds have no parents and no action entities are loaded, so `in E` holds exactly when
-//! the request's entity is `E`; `is T` compares the type. Anything else keeps the policy.
+//! Policies that leave the scope open and discriminate in their first condition instead
+//! (`permit(principal, action, resource) when { context.route == "search" && ... }`) are
+//! sliced on that condition too: its first conjunct, when it compares an indexed context
+//! attribute (or the resource) with a literal, is decided here, and the subset is cached per
+//! triple and the values of the attributes some policy is indexed on.
+//!
+//! Exactness: a policy is left out only when it cannot be satisfied, and then Cedar would
+//! have reported nothing about it either:
+//! - scope: the entities Chaperone builds have no parents and no action entities are
+//!   loaded, so `in E` holds exactly when the request's entity is `E`; `is T` compares the
+//!   type. Anything else keeps the policy;
+//! - first condition: Cedar evaluates the scope, then the conditions in order, each `&&`
+//!   left to right with short-circuit. The leftmost conjunct of the first `when` is so the
+//!   first expression evaluated; an indexed attribute is always in the context as a string,
+//!   so when it differs from the literal that conjunct is `false` without an error, and the
+//!   policy is not satisfied without a diagnostic. Only that conjunct is used: a later one
+//!   might be preceded by one that errors, which Cedar would report.
 
 use std::sync::Arc;
 
@@ -17,9 +31,64 @@ use cedar_policy::{
     ActionConstraint, EntityUid, Policy, PolicySet, PrincipalConstraint, ResourceConstraint,
 };
 
+/// The context attributes a first condition is indexed on: always in the context, always
+/// strings, and few distinct values per sidecar (so not `path`). The caller passes their
+/// values in this order.
+pub(super) const INDEXED: [&str; 7] = [
+    "purpose",
+    "route",
+    "method",
+    "credential",
+    "stage",
+    "environment",
+    "guardrail",
+];
+
+/// A policy's first conjunct, when it can be decided before Cedar is asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Guard {
+    /// `context.<INDEXED[i]> == "value"`.
+    Context(usize, String),
+    /// `resource == Destination::"host"`.
+    Resource(String),
+}
+
+/// The leftmost conjunct of the first `when` condition, if it is a [`Guard`]. Read from the
+/// policy's JSON form (Cedar's EST), which keeps the source's structure: `a && b && c` is
+/// `(a && b) && c`, so the leftmost conjunct is found by following `left`.
+fn guard_of(policy: &Policy) -> Option<Guard> {
+    let json = policy.to_json().ok()?;
+    let first = json["conditions"].get(0)?;
+    if first["kind"] != "when" {
+        return None;
+    }
+    let mut e = &first["body"];
+    while let Some(and) = e.get("&&") {
+        e = &and["left"];
+    }
+    let eq = e.get("==")?;
+    for (a, b) in [(&eq["left"], &eq["right"]), (&eq["right"], &eq["left"])] {
+        if let (Some(attr), Some(value)) = (a["."]["attr"].as_str(), b["Value"].as_str())
+            && a["."]["left"]["Var"] == "context"
+            && let Some(i) = INDEXED.iter().position(|x| *x == attr)
+        {
+            return Some(Guard::Context(i, value.to_string()));
+        }
+        let entity = &b["Value"]["__entity"];
+        if a["Var"] == "resource"
+            && entity["type"] == "Destination"
+            && let Some(id) = entity["id"].as_str()
+        {
+            return Some(Guard::Resource(id.to_string()));
+        }
+    }
+    None
+}
+
 /// The scope of one policy, reduced to what a request can be compared with.
 struct Scope {
     policy: Policy,
+    guard: Option<Guard>,
     principal: Vec<String>,
     principal_type: Option<String>,
     actions: Option<Vec<String>>,
@@ -30,6 +99,8 @@ struct Scope {
 /// The policies of a set, and the cached subsets per request triple.
 pub(super) struct Slices {
     scopes: Vec<Scope>,
+    /// Which of [`INDEXED`] some policy's guard names (the others stay out of cache keys).
+    keyed: [bool; INDEXED.len()],
     all: Arc<PolicySet>,
     cache: super::memo::Memo<Arc<PolicySet>>,
 }
@@ -97,6 +168,7 @@ impl Slices {
                 };
                 Scope {
                     policy: p.clone(),
+                    guard: guard_of(p),
                     principal,
                     principal_type,
                     actions,
@@ -104,17 +176,35 @@ impl Slices {
                     resource_type,
                 }
             })
-            .collect();
+            .collect::<Vec<Scope>>();
+        let mut keyed = [false; INDEXED.len()];
+        for s in &scopes {
+            if let Some(Guard::Context(i, _)) = s.guard {
+                keyed[i] = true;
+            }
+        }
         Slices {
             scopes,
+            keyed,
             all: Arc::new(set.clone()),
             cache: super::memo::Memo::new(4096),
         }
     }
 
-    /// The policies whose scope can match this request, in file order.
-    pub(super) fn for_request(&self, principal: &str, action: &str, host: &str) -> Arc<PolicySet> {
-        let key = format!("{principal}\0{action}\0{host}");
+    /// The policies whose scope and first conjunct can match this request, in file order.
+    /// `values` are the request's values of [`INDEXED`], in that order.
+    pub(super) fn for_request(
+        &self,
+        principal: &str,
+        action: &str,
+        host: &str,
+        values: &[&str; INDEXED.len()],
+    ) -> Arc<PolicySet> {
+        let mut key = format!("{principal}\0{action}\0{host}");
+        for (v, _) in values.iter().zip(self.keyed).filter(|(_, k)| *k) {
+            key.push('\0');
+            key.push_str(v);
+        }
         if let Some(hit) = self.cache.get(&key) {
             return hit;
         }
@@ -131,7 +221,12 @@ impl Slices {
                 .as_deref()
                 .is_none_or(|t| t == "Destination")
                 && (s.resource.is_empty() || s.resource.iter().any(|r| r == host));
-            if principal_ok && action_ok && resource_ok {
+            let guard_ok = match &s.guard {
+                None => true,
+                Some(Guard::Context(i, value)) => values[*i] == value,
+                Some(Guard::Resource(h)) => h == host,
+            };
+            if principal_ok && action_ok && resource_ok && guard_ok {
                 // Ids are unique in the source set, so adding cannot fail; if it did, the
                 // whole set decides (never a subset missing a forbid).
                 if set.add(s.policy.clone()).is_err() {
