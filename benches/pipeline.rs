@@ -145,7 +145,7 @@ fn bench_strip_body(c: &mut Criterion) {
             || headers.clone(),
             |h| {
                 let head = strip::inspect(&fp, StripMode::Strip, h, None, None);
-                let body = strip::inspect_body(&fp, strip::BodyKind::Json, black_box(&body));
+                let body = strip::inspect_body(&fp, &strip::BodyKind::Json, black_box(&body));
                 black_box((head, body))
             },
             BatchSize::SmallInput,
@@ -160,7 +160,7 @@ fn bench_strip_body(c: &mut Criterion) {
         b.iter(|| {
             black_box(strip::inspect_body(
                 &fp,
-                strip::BodyKind::Json,
+                &strip::BodyKind::Json,
                 black_box(&body),
             ))
         })
@@ -211,7 +211,7 @@ fn bench_strip_body(c: &mut Criterion) {
                 b.iter(|| {
                     black_box(strip::inspect_body(
                         &fp,
-                        strip::BodyKind::Json,
+                        &strip::BodyKind::Json,
                         black_box(body.as_bytes()),
                     ))
                 })

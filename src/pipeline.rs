@@ -614,7 +614,7 @@ impl Pipeline {
         match read {
             forward::BodyRead::Whole(bytes) => {
                 rec.body_scan = Some("inspected");
-                let found = strip::inspect_body(&self.fingerprinter, kind, &bytes);
+                let found = strip::inspect_body(&self.fingerprinter, &kind, &bytes);
                 Ok((OutBody::Buffered(bytes), found))
             }
             forward::BodyRead::Partial(head, rest) => {
@@ -727,7 +727,7 @@ struct Completion {
     pipeline: Arc<Pipeline>,
 }
 
-/// Put a credential into a field of a buffered JSON or form body.
+/// Put a credential into a field of a buffered JSON, form or multipart body.
 fn inject_into_body(
     headers: &http::HeaderMap,
     body: OutBody,
@@ -737,11 +737,11 @@ fn inject_into_body(
     let (BodyPlan::Inspect(kind), OutBody::Buffered(bytes)) = (strip::body::plan(headers), &body)
     else {
         return Err(
-            "the request needs a JSON or form body (uncompressed, at most `strip.body_max_bytes`)"
+            "the request needs a JSON, form or multipart body (uncompressed, at most `strip.body_max_bytes`)"
                 .into(),
         );
     };
-    let out = strip::body::inject_field(kind, bytes, field, value)?;
+    let out = strip::body::inject_field(&kind, bytes, field, value)?;
     Ok(OutBody::Buffered(Bytes::from(out)))
 }
 

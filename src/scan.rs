@@ -219,7 +219,7 @@ pub fn scan_one(fp: &Fingerprinter, index: usize, r: &Recorded) -> Scanned {
         strip::inspect(fp, StripMode::Report, &mut headers, query, userinfo).findings;
     if let (Some(body), BodyPlan::Inspect(kind)) = (&r.body, strip::body::plan(&headers)) {
         findings.extend(
-            strip::inspect_body(fp, kind, body.as_bytes())
+            strip::inspect_body(fp, &kind, body.as_bytes())
                 .into_iter()
                 .map(|f| f.finding),
         );

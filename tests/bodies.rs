@@ -317,3 +317,108 @@ print(requests.post(u + "/chunked", data=gen(), headers={{"content-type": "appli
         assert_eq!(line_for(&lines, path)["body_scan"], "skipped_too_large");
     }
 }
+
+/// multipart/form-data (file uploads, form posts): a key in the injected field is replaced
+/// and a missing field is added as a part; a key in an uploaded file is refused; a clean
+/// upload passes byte for byte. Python requests, httpx and curl build the bodies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multipart_fields_and_uploaded_files_are_inspected() {
+    let up = Upstream::start().await;
+    let port = up.addr.port();
+    let sidecar_key = format!("sidecar-held-{:x}", rand_u64());
+    let sc = Sidecar::start(
+        &config(port, "strip", 65536),
+        PERMISSIVE_POLICY,
+        &[(STATIC_ENV, &sidecar_key)],
+    );
+    let (k1, k2) = (fake_openai_key(), fake_openai_key());
+    let script = format!(
+        r#"
+import httpx, requests
+r = requests.post("http://127.0.0.1:{port}/body/upload", data={{"purpose": "fine-tune", "api_key": "{k1}"}}, files={{"file": ("train.jsonl", b'{{"prompt": "hi"}}\n')}})
+print(r.status_code)
+with httpx.Client(proxy="{proxy}") as c:
+    r = c.post("http://127.0.0.1:{port}/body/added", data={{"purpose": "fine-tune"}}, files={{"file": ("a.txt", b"hello")}})
+    print(r.status_code)
+"#,
+        proxy = sc.proxy_url()
+    );
+    assert_eq!(python(&sc, &script), ["200", "200"]);
+
+    // A key in an uploaded .env file, on a route that injects no body field: refused.
+    let dir = tempfile::tempdir().unwrap();
+    let env_file = dir.path().join(".env");
+    std::fs::write(&env_file, format!("DEBUG=1\nOPENAI_API_KEY={k2}\n")).unwrap();
+    let (code, body) = curl(&[
+        "-x",
+        &sc.proxy_url(),
+        "-F",
+        "purpose=assistants",
+        "-F",
+        &format!("file=@{}", env_file.display()),
+        &format!("http://127.0.0.1:{port}/v1/files"),
+    ]);
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body.contains("embedded_secret") && body.contains("body:file"),
+        "{body}"
+    );
+
+    // A clean upload reaches the upstream as curl sent it.
+    let clean = dir.path().join("notes.txt");
+    std::fs::write(&clean, "line one\nline two\n").unwrap();
+    let (code, _) = curl(&[
+        "-x",
+        &sc.proxy_url(),
+        "-F",
+        &format!("file=@{};type=text/plain", clean.display()),
+        &format!("http://127.0.0.1:{port}/v1/files/clean"),
+    ]);
+    assert_eq!(code, 200);
+
+    let reqs = up.requests();
+    assert_eq!(reqs.len(), 3, "the .env upload never reached the upstream");
+    let replaced = &reqs[0].body;
+    assert!(
+        replaced.contains(&format!("name=\"api_key\"\r\n\r\n{sidecar_key}\r\n--")),
+        "{replaced}"
+    );
+    assert!(
+        replaced.contains("{\"prompt\": \"hi\"}\n"),
+        "the file is untouched"
+    );
+    let added = &reqs[1].body;
+    assert!(
+        added.contains(&format!("name=\"api_key\"\r\n\r\n{sidecar_key}\r\n--")),
+        "{added}"
+    );
+    assert!(added.trim_end().ends_with("--"), "still closed: {added}");
+    let clean_body = &reqs[2].body;
+    assert!(clean_body.contains(
+        "filename=\"notes.txt\"\r\nContent-Type: text/plain\r\n\r\nline one\nline two\n\r\n--"
+    ));
+    for r in &reqs {
+        assert_eq!(
+            r.header("content-length"),
+            Some(r.body.len().to_string().as_str()),
+            "framing follows the body"
+        );
+        assert!(!r.all_text().contains(&k1) && !r.all_text().contains(&k2));
+    }
+
+    let lines = sc.log_lines(4);
+    let upload = line_for(&lines, "/body/upload");
+    assert_eq!(upload["stripped"][0]["location"], "body:api_key");
+    assert_eq!(upload["body_scan"], "inspected");
+    let refused = line_for(&lines, "/v1/files");
+    assert_eq!(refused["error"], "embedded_secret");
+    assert_eq!(refused["stripped"][0]["type"], "openai_project_key");
+    assert_eq!(refused["stripped"][0]["location"], "body:file");
+    assert!(
+        line_for(&lines, "/v1/files/clean")["stripped"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    sc.assert_never_shows(&[&k1, &k2, &sidecar_key]);
+}

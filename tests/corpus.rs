@@ -278,7 +278,27 @@ const LOCATIONS: &[&str] = &[
     "json_prompt",
     "json_escaped",
     "form",
+    "multipart_field",
+    "multipart_file",
 ];
+
+/// A multipart/form-data body as requests and curl send it: `parts` are (name, filename,
+/// content).
+fn multipart(parts: &[(&str, Option<&str>, &str)], rng: &mut Rng) -> (BodyKind, String) {
+    let boundary = format!("----corpus{}", rng.string(ALNUM, 16));
+    let mut body = String::new();
+    for (name, filename, content) in parts {
+        body.push_str(&format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\""
+        ));
+        if let Some(f) = filename {
+            body.push_str(&format!("; filename=\"{f}\"\r\nContent-Type: text/plain"));
+        }
+        body.push_str(&format!("\r\n\r\n{content}\r\n"));
+    }
+    body.push_str(&format!("--{boundary}--\r\n"));
+    (BodyKind::Multipart(boundary), body)
+}
 
 fn place(loc: &str, secret: &str, rng: &mut Rng) -> Req {
     let mut r = Req::default();
@@ -327,6 +347,22 @@ fn place(loc: &str, secret: &str, rng: &mut Rng) -> Req {
             r.body = Some((
                 BodyKind::Form,
                 format!("q=hello+world&value={}&n=3", pct(secret)),
+            ))
+        }
+        "multipart_field" => {
+            r.body = Some(multipart(
+                &[("model", None, "whisper-1"), ("value", None, secret)],
+                rng,
+            ))
+        }
+        "multipart_file" => {
+            let file = format!("# settings\nregion: eu-west-1\nupstream: {secret}\nretries: 3\n");
+            r.body = Some(multipart(
+                &[
+                    ("purpose", None, "fine-tune"),
+                    ("file", Some("settings.txt"), &file),
+                ],
+                rng,
             ))
         }
         _ => unreachable!(),
@@ -604,7 +640,7 @@ fn inspect(fp: &Fingerprinter, r: &Req) -> Vec<strip::Finding> {
     .findings;
     if let Some((kind, body)) = &r.body {
         out.extend(
-            strip::inspect_body(fp, *kind, body.as_bytes())
+            strip::inspect_body(fp, kind, body.as_bytes())
                 .into_iter()
                 .map(|f| f.finding),
         );

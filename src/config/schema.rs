@@ -299,9 +299,10 @@ pub struct InjectConfig {
     /// `body_field` is set.
     #[serde(default)]
     pub header: Option<String>,
-    /// A field of the JSON or form request body (e.g. `api_key` for APIs that take the key
-    /// in the body): every value of that field is replaced by the credential, and the field
-    /// is added to the top-level object when the body has none. An embedded secret found in
+    /// A field of the JSON, form or multipart request body (e.g. `api_key` for APIs that
+    /// take the key in the body): every value of that field is replaced by the credential,
+    /// and the field is added (to the top-level object, as a form pair or as a part) when
+    /// the body has none. An embedded secret found in
     /// this field is then replaced rather than refused (see `strip`).
     #[serde(default)]
     pub body_field: Option<String>,

@@ -1,4 +1,5 @@
-//! Request bodies: JSON (and NDJSON) and HTML-form bodies, read in one linear pass.
+//! Request bodies: JSON (and NDJSON), HTML-form and multipart/form-data bodies, read in one
+//! linear pass.
 //!
 //! The JSON walker is deliberately not a parser into a tree: it visits each scalar value
 //! with the name of the field that holds it (for array elements, the array's field) and its
@@ -24,16 +25,18 @@ const FORM: &AsciiSet = &NON_ALPHANUMERIC
 const MAX_DEPTH: usize = 256;
 
 /// Body formats that are inspected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BodyKind {
     /// `application/json`, `application/*+json`, `application/x-ndjson`.
     Json,
     /// `application/x-www-form-urlencoded`.
     Form,
+    /// `multipart/form-data` (RFC 7578) with this boundary: form fields and file uploads.
+    Multipart(String),
 }
 
 /// Why a body is or is not inspected, from its headers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BodyPlan {
     /// Inspect it as this kind.
     Inspect(BodyKind),
@@ -56,6 +59,11 @@ pub fn plan(headers: &HeaderMap) -> BodyPlan {
         .to_ascii_lowercase();
     let kind = match essence.as_str() {
         "application/x-www-form-urlencoded" => BodyKind::Form,
+        // Without a usable boundary no server can read the parts either.
+        "multipart/form-data" => match boundary(ct) {
+            Some(b) => BodyKind::Multipart(b),
+            None => return BodyPlan::NotApplicable,
+        },
         "application/json" | "application/x-ndjson" | "application/jsonl" | "text/json" => {
             BodyKind::Json
         }
@@ -66,6 +74,24 @@ pub fn plan(headers: &HeaderMap) -> BodyPlan {
         None | Some(b"identity") => BodyPlan::Inspect(kind),
         Some(_) => BodyPlan::Encoded,
     }
+}
+
+/// The `boundary` parameter of a multipart Content-Type, unquoted; `None` when absent or not
+/// 1 to 70 characters without CR or LF (RFC 2046). A boundary never holds `;`, so splitting
+/// the parameters on it is safe.
+fn boundary(content_type: &str) -> Option<String> {
+    content_type.split(';').skip(1).find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        if !k.trim().eq_ignore_ascii_case("boundary") {
+            return None;
+        }
+        let v = v.trim();
+        let v = v
+            .strip_prefix('"')
+            .and_then(|q| q.strip_suffix('"'))
+            .unwrap_or(v);
+        (!v.is_empty() && v.len() <= 70 && !v.contains(['\r', '\n'])).then(|| v.to_string())
+    })
 }
 
 /// Decode the contents of a JSON string literal (between the quotes) that has escapes.
@@ -290,11 +316,161 @@ pub fn walk_form(b: &[u8], mut visit: impl FnMut(FormPair<'_>)) {
     }
 }
 
-/// Put `value` into every value of field `field` in a JSON or form body; when the body has
-/// none (at any depth), add it: to a JSON body's top-level object, or as a new form pair.
-/// `Err` with a reason when the body cannot carry the field (not a JSON object).
+/// One part of a multipart/form-data body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    /// The form field: the `name` of its Content-Disposition (`""` if none).
+    pub name: String,
+    /// The file name, for a file upload.
+    pub filename: Option<String>,
+    /// Byte range of the part's content.
+    pub range: Range<usize>,
+}
+
+/// A multipart body whose framing is broken (no closing delimiter, a part without the end of
+/// its headers): it is then inspected as plain text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotMultipart;
+
+/// What of a multipart body lies outside its parts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Framing {
+    /// Text before the first delimiter (servers ignore it; it is still sent).
+    pub preamble: Range<usize>,
+    /// Where the closing delimiter starts (its leading CRLF, if it has one): where a new part
+    /// goes.
+    pub close: usize,
+    /// Text after the closing delimiter.
+    pub epilogue: Range<usize>,
+}
+
+/// Visit every part of a multipart/form-data body with `boundary`, in order, and return
+/// what lies outside them. Linear: each delimiter search starts where the last one ended.
+pub fn walk_multipart(
+    body: &[u8],
+    boundary: &str,
+    mut visit: impl FnMut(Part),
+) -> Result<Framing, NotMultipart> {
+    use memchr::memmem;
+    let delimiter = format!("--{boundary}");
+    // A delimiter is only a delimiter at the start of a line (RFC 2046, 5.1.1).
+    let line_delimiter = format!("\r\n--{boundary}");
+    let next_line = memmem::Finder::new(line_delimiter.as_bytes());
+    let mut at = if body.starts_with(delimiter.as_bytes()) {
+        0
+    } else {
+        next_line.find(body).ok_or(NotMultipart)? + 2
+    };
+    let preamble = 0..at.saturating_sub(2);
+    loop {
+        let after = at + delimiter.len();
+        if body[after..].starts_with(b"--") {
+            let close = if at >= 2 && &body[at - 2..at] == b"\r\n" {
+                at - 2
+            } else {
+                at
+            };
+            return Ok(Framing {
+                preamble,
+                close,
+                epilogue: after + 2..body.len(),
+            });
+        }
+        // Transport padding, then the end of the delimiter line.
+        let pad = body[after..]
+            .iter()
+            .take_while(|&&c| c == b' ' || c == b'\t')
+            .count();
+        let head_start = after + pad;
+        if !body[head_start..].starts_with(b"\r\n") {
+            return Err(NotMultipart);
+        }
+        let head_start = head_start + 2;
+        let (head_end, content_start) = if body[head_start..].starts_with(b"\r\n") {
+            (head_start, head_start + 2)
+        } else {
+            let end = memmem::find(&body[head_start..], b"\r\n\r\n").ok_or(NotMultipart)?;
+            (head_start + end, head_start + end + 4)
+        };
+        let content_end =
+            content_start + next_line.find(&body[content_start..]).ok_or(NotMultipart)?;
+        let (name, filename) = disposition(&body[head_start..head_end]);
+        visit(Part {
+            name,
+            filename,
+            range: content_start..content_end,
+        });
+        at = content_end + 2;
+    }
+}
+
+/// The `name` and `filename` of a part's Content-Disposition header.
+fn disposition(head: &[u8]) -> (String, Option<String>) {
+    let head = String::from_utf8_lossy(head);
+    for line in head.split("\r\n") {
+        if let Some((k, v)) = line.split_once(':')
+            && k.trim().eq_ignore_ascii_case("content-disposition")
+        {
+            return (param(v, "name").unwrap_or_default(), param(v, "filename"));
+        }
+    }
+    (String::new(), None)
+}
+
+/// A parameter of a header value (`form-data; name="a"; filename=b.txt`): a token or a
+/// quoted string with backslash escapes. Parameters are matched by their whole name, so
+/// `name` never matches `filename`.
+fn param(value: &str, want: &str) -> Option<String> {
+    let mut rest = value;
+    loop {
+        rest = &rest[rest.find(';')? + 1..];
+        let eq = rest.find('=')?;
+        if let Some(semi) = rest[..eq].find(';') {
+            // A parameter without a value: go on from the next one.
+            rest = &rest[semi..];
+            continue;
+        }
+        let key = rest[..eq].trim();
+        let raw = rest[eq + 1..].trim_start();
+        let (v, remaining) = match raw.strip_prefix('"') {
+            Some(quoted) => {
+                let mut out = String::new();
+                let mut end = quoted.len();
+                let mut chars = quoted.char_indices();
+                while let Some((i, c)) = chars.next() {
+                    match c {
+                        '\\' => {
+                            if let Some((_, n)) = chars.next() {
+                                out.push(n);
+                            }
+                        }
+                        '"' => {
+                            end = i + 1;
+                            break;
+                        }
+                        c => out.push(c),
+                    }
+                }
+                (out, &quoted[end..])
+            }
+            None => {
+                let end = raw.find(';').unwrap_or(raw.len());
+                (raw[..end].trim().to_string(), &raw[end..])
+            }
+        };
+        if key.eq_ignore_ascii_case(want) {
+            return Some(v);
+        }
+        rest = remaining;
+    }
+}
+
+/// Put `value` into every value of field `field` in a JSON, form or multipart body; when
+/// the body has none (at any depth), add it: to a JSON body's top-level object, as a new
+/// form pair, or as a new part before the closing delimiter. `Err` with a reason when the
+/// body cannot carry the field (not a JSON object, broken multipart framing).
 pub fn inject_field(
-    kind: BodyKind,
+    kind: &BodyKind,
     body: &[u8],
     field: &str,
     value: &str,
@@ -347,6 +523,38 @@ pub fn inject_field(
                 out.extend_from_slice(utf8_percent_encode(field, FORM).to_string().as_bytes());
                 out.push(b'=');
                 out.extend_from_slice(replacement.as_bytes());
+                return Ok(out);
+            }
+        }
+        BodyKind::Multipart(boundary) => {
+            if value.contains(['\r', '\n']) {
+                return Err(
+                    "the value cannot go into a multipart part (it holds a line break)".into(),
+                );
+            }
+            let close = walk_multipart(body, boundary, |p| {
+                if p.name == field {
+                    ranges.push(p.range);
+                }
+            })
+            .map_err(|NotMultipart| "the multipart body is malformed".to_string())?
+            .close;
+            replacement = value.to_string();
+            if ranges.is_empty() {
+                let part = format!(
+                    "--{boundary}\r\nContent-Disposition: form-data; name=\"{}\"\r\n\r\n{value}",
+                    field.replace('"', "%22")
+                );
+                // After the last part's CRLF, or first in a body that has no parts.
+                let add = if body[close..].starts_with(b"\r\n") {
+                    format!("\r\n{part}")
+                } else {
+                    format!("{part}\r\n")
+                };
+                let mut out = Vec::with_capacity(body.len() + add.len());
+                out.extend_from_slice(&body[..close]);
+                out.extend_from_slice(add.as_bytes());
+                out.extend_from_slice(&body[close..]);
                 return Ok(out);
             }
         }
@@ -431,7 +639,7 @@ mod tests {
         let out = |r: Result<Vec<u8>, String>| String::from_utf8(r.unwrap()).unwrap();
         assert_eq!(
             out(inject_field(
-                BodyKind::Json,
+                &BodyKind::Json,
                 br#"{"model":"m","api_key":"sk-old","nested":{"api_key":null}}"#,
                 "api_key",
                 "tok\"1"
@@ -440,7 +648,7 @@ mod tests {
         );
         assert_eq!(
             out(inject_field(
-                BodyKind::Json,
+                &BodyKind::Json,
                 b" { \"a\": 1 }",
                 "api_key",
                 "t"
@@ -448,14 +656,14 @@ mod tests {
             r#" {"api_key":"t", "a": 1 }"#
         );
         assert_eq!(
-            out(inject_field(BodyKind::Json, b"{}", "api_key", "t")),
+            out(inject_field(&BodyKind::Json, b"{}", "api_key", "t")),
             r#"{"api_key":"t"}"#
         );
-        assert!(inject_field(BodyKind::Json, b"[1]", "api_key", "t").is_err());
-        assert!(inject_field(BodyKind::Json, b"\x0c{\"a\":1}", "api_key", "t").is_err());
+        assert!(inject_field(&BodyKind::Json, b"[1]", "api_key", "t").is_err());
+        assert!(inject_field(&BodyKind::Json, b"\x0c{\"a\":1}", "api_key", "t").is_err());
         assert_eq!(
             out(inject_field(
-                BodyKind::Form,
+                &BodyKind::Form,
                 b"a=1&api_key=old+value&b=2",
                 "api_key",
                 "t/+="
@@ -463,7 +671,7 @@ mod tests {
             "a=1&api_key=t%2F%2B%3D&b=2"
         );
         assert_eq!(
-            out(inject_field(BodyKind::Form, b"a=1", "api_key", "t")),
+            out(inject_field(&BodyKind::Form, b"a=1", "api_key", "t")),
             "a=1&api_key=t"
         );
     }
@@ -488,5 +696,115 @@ mod tests {
         assert_eq!(plan(&h), BodyPlan::Encoded);
         h.insert(CONTENT_TYPE, "image/png".parse().unwrap());
         assert_eq!(plan(&h), BodyPlan::NotApplicable);
+    }
+
+    #[test]
+    fn multipart_plan_needs_a_boundary() {
+        let mut h = HeaderMap::new();
+        let kind = |h: &HeaderMap| plan(h);
+        h.insert(
+            CONTENT_TYPE,
+            "multipart/form-data; boundary=----WebKitFormBoundary7MA4YWxkTrZu0gW"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(
+            kind(&h),
+            BodyPlan::Inspect(BodyKind::Multipart(
+                "----WebKitFormBoundary7MA4YWxkTrZu0gW".into()
+            ))
+        );
+        h.insert(
+            CONTENT_TYPE,
+            "Multipart/Form-Data; charset=utf-8; BOUNDARY=\"a b=c\""
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(
+            kind(&h),
+            BodyPlan::Inspect(BodyKind::Multipart("a b=c".into()))
+        );
+        h.insert(CONTENT_TYPE, "multipart/form-data".parse().unwrap());
+        assert_eq!(kind(&h), BodyPlan::NotApplicable);
+        let long = format!("multipart/form-data; boundary={}", "x".repeat(71));
+        h.insert(CONTENT_TYPE, long.parse().unwrap());
+        assert_eq!(kind(&h), BodyPlan::NotApplicable);
+    }
+
+    /// A body as Python requests and curl send it, with a preamble and an epilogue.
+    const MULTIPART: &[u8] = b"preamble, ignored\r\n--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--XyZ\r\ncontent-disposition: form-data; name=\"file\"; filename=\"a;b \\\"x\\\".env\"\r\nContent-Type: application/octet-stream\r\n\r\nKEY=1\r\n--XyZ--\r\nepilogue\r\n";
+
+    #[test]
+    fn multipart_parts_have_their_names_files_and_ranges() {
+        let mut parts = Vec::new();
+        let framing = walk_multipart(MULTIPART, "XyZ", |p| parts.push(p)).unwrap();
+        let close = framing.close;
+        assert_eq!(&MULTIPART[framing.preamble], b"preamble, ignored");
+        assert_eq!(&MULTIPART[framing.epilogue], b"\r\nepilogue\r\n");
+        let text = |p: &Part| std::str::from_utf8(&MULTIPART[p.range.clone()]).unwrap();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(
+            (parts[0].name.as_str(), text(&parts[0])),
+            ("model", "whisper-1")
+        );
+        assert_eq!(parts[0].filename, None);
+        assert_eq!((parts[1].name.as_str(), text(&parts[1])), ("file", "KEY=1"));
+        assert_eq!(parts[1].filename.as_deref(), Some("a;b \"x\".env"));
+        assert!(MULTIPART[close..].starts_with(b"\r\n--XyZ--"));
+
+        // An empty part, a part without headers, and a body with no parts at all.
+        let odd = b"--b\r\nContent-Disposition: form-data; flag; name=e\r\n\r\n\r\n--b\r\n\r\nraw\r\n--b--";
+        let mut parts = Vec::new();
+        walk_multipart(odd, "b", |p| parts.push(p)).unwrap();
+        assert_eq!(parts[0].name, "e");
+        assert!(parts[0].range.is_empty());
+        assert_eq!(
+            (parts[1].name.as_str(), &odd[parts[1].range.clone()]),
+            ("", &b"raw"[..])
+        );
+        let empty = walk_multipart(b"--b--\r\n", "b", |_| {}).unwrap();
+        assert_eq!((empty.preamble, empty.close), (0..0, 0));
+        // A delimiter not at the start of a line is not one: that text is preamble.
+        let late = b"x--b\r\n\r\nv\r\n--b--";
+        let mut n = 0;
+        let framing = walk_multipart(late, "b", |_| n += 1).unwrap();
+        assert_eq!((n, &late[framing.preamble]), (0, &b"x--b\r\n\r\nv"[..]));
+
+        // Broken framing: no closing delimiter, headers that never end, LF-only lines.
+        for bad in [
+            &b"--b\r\nContent-Disposition: form-data; name=a\r\n\r\nvalue"[..],
+            b"--b\r\nContent-Disposition: form-data; name=a",
+            b"--b\nContent-Disposition: form-data; name=a\n\nv\n--b--",
+        ] {
+            assert_eq!(
+                walk_multipart(bad, "b", |_| {}),
+                Err(NotMultipart),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn multipart_injection_replaces_the_field_or_adds_a_part() {
+        let kind = BodyKind::Multipart("XyZ".into());
+        let out = inject_field(&kind, MULTIPART, "model", "tok").unwrap();
+        let expected = String::from_utf8_lossy(MULTIPART).replace("whisper-1", "tok");
+        assert_eq!(String::from_utf8(out).unwrap(), expected);
+
+        let out = inject_field(&kind, MULTIPART, "api_key", "tok").unwrap();
+        let mut parts = Vec::new();
+        walk_multipart(&out, "XyZ", |p| parts.push(p)).unwrap();
+        let names: Vec<&str> = parts.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["model", "file", "api_key"]);
+        assert_eq!(&out[parts[2].range.clone()], b"tok");
+        assert!(out.ends_with(b"\r\n--XyZ--\r\nepilogue\r\n"));
+
+        let out = inject_field(&kind, b"--XyZ--\r\n", "api_key", "tok").unwrap();
+        assert_eq!(
+            out,
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"api_key\"\r\n\r\ntok\r\n--XyZ--\r\n"
+        );
+        assert!(inject_field(&kind, MULTIPART, "model", "a\r\n--XyZ--").is_err());
+        assert!(inject_field(&kind, b"not multipart", "model", "t").is_err());
     }
 }

@@ -28,25 +28,39 @@ pub fn check(data: &[u8]) {
 
     // Bodies: no panic; every finding names a body location; a fingerprint never holds the
     // input.
-    for kind in [BodyKind::Json, BodyKind::Form] {
-        for f in inspect_body(&fp, kind, data) {
+    let multipart = BodyKind::Multipart("fuzz-boundary".into());
+    for kind in [BodyKind::Json, BodyKind::Form, multipart.clone()] {
+        for f in inspect_body(&fp, &kind, data) {
             assert!(f.finding.location.starts_with("body"));
             assert_eq!(f.finding.fingerprint.len(), 12);
         }
-        // Injection keeps a JSON body JSON, and the field then holds the value.
-        if let Ok(out) = body::inject_field(kind, data, "api_key", "tok\"en")
-            && kind == BodyKind::Json
-        {
-            let s = std::str::from_utf8(&out).expect("injected JSON is UTF-8");
-            let mut seen = false;
-            body::walk_json(s, |v| {
-                if v.field == "api_key" {
-                    seen |= v.text == Some("tok\"en");
-                }
-            })
-            .expect("injected JSON still walks");
-            assert!(seen, "the injected field is present");
+        let Ok(out) = body::inject_field(&kind, data, "api_key", "tok\"en") else {
+            continue;
+        };
+        // Injection keeps a JSON body JSON and a multipart body multipart, and the field
+        // then holds the value.
+        let mut seen = false;
+        match &kind {
+            BodyKind::Json => {
+                let s = std::str::from_utf8(&out).expect("injected JSON is UTF-8");
+                body::walk_json(s, |v| {
+                    if v.field == "api_key" {
+                        seen |= v.text == Some("tok\"en");
+                    }
+                })
+                .expect("injected JSON still walks");
+            }
+            BodyKind::Multipart(b) => {
+                body::walk_multipart(&out, b, |p| {
+                    if p.name == "api_key" {
+                        seen |= &out[p.range] == b"tok\"en";
+                    }
+                })
+                .expect("injected multipart still walks");
+            }
+            BodyKind::Form => seen = true,
         }
+        assert!(seen, "the injected field is present");
     }
 
     // The head: header values, the query and userinfo.

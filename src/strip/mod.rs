@@ -326,9 +326,10 @@ pub struct BodyFinding {
     pub field: String,
 }
 
-/// Inspect a JSON or form body: every string value, with the name of the field holding it.
-/// A body that claims to be JSON but is not is inspected as plain text.
-pub fn inspect_body(fp: &Fingerprinter, kind: BodyKind, bytes: &[u8]) -> Vec<BodyFinding> {
+/// Inspect a JSON, form or multipart body: every string value (every part's content), with
+/// the name of the field holding it. A body that claims to be JSON or multipart but is not
+/// is inspected as plain text.
+pub fn inspect_body(fp: &Fingerprinter, kind: &BodyKind, bytes: &[u8]) -> Vec<BodyFinding> {
     let mut out = Vec::new();
     let note = |field: &str, text: &str, out: &mut Vec<BodyFinding>| {
         let mut found = Vec::new();
@@ -374,6 +375,24 @@ pub fn inspect_body(fp: &Fingerprinter, kind: BodyKind, bytes: &[u8]) -> Vec<Bod
             }
         }
         BodyKind::Form => body::walk_form(bytes, |p| note(&p.name, &p.value, &mut out)),
+        // Each part as text under its field name: a form field is judged like a form
+        // value, and an uploaded file (a `.env`, a notebook, a config) is searched for
+        // tokens and credential assignments anywhere in it.
+        BodyKind::Multipart(boundary) => {
+            // What lies outside the parts is sent too, so it is searched as plain text.
+            let mut parts = Vec::new();
+            match body::walk_multipart(bytes, boundary, |p| parts.push(p)) {
+                Ok(framing) => {
+                    for p in parts {
+                        note(&p.name, &String::from_utf8_lossy(&bytes[p.range]), &mut out);
+                    }
+                    for outside in [framing.preamble, framing.epilogue] {
+                        note("", &String::from_utf8_lossy(&bytes[outside]), &mut out);
+                    }
+                }
+                Err(body::NotMultipart) => note("", &String::from_utf8_lossy(bytes), &mut out),
+            }
+        }
     }
     out
 }
