@@ -217,14 +217,34 @@ fn bench_strip_body(c: &mut Criterion) {
                 })
             });
         }
+        // multipart/form-data: many tiny parts, and lines that start like the delimiter
+        // but are not it (each costs a failed match, never a rescan).
+        let boundary = "----chaperonebench7MA4YWxkTrZu0gW";
+        let part =
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"f\"\r\n\r\nv\r\n");
+        let many_parts = format!("{}--{boundary}--\r\n", part.repeat(n / part.len()));
+        let near = format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.txt\"\r\n\r\n{}\r\n--{boundary}--\r\n",
+            "\r\n----chaperonebench7MA4YWxkTrZu0g".repeat(n / 36)
+        );
+        let kind = strip::BodyKind::Multipart(boundary.to_string());
+        for (name, body) in [
+            ("multipart_parts", many_parts),
+            ("multipart_near_delimiters", near),
+        ] {
+            group.throughput(criterion::Throughput::Bytes(body.len() as u64));
+            group.bench_function(format!("{name}/{kib}KiB"), |b| {
+                b.iter(|| black_box(strip::inspect_body(&fp, &kind, black_box(body.as_bytes()))))
+            });
+        }
     }
     group.finish();
 }
 
 /// `n` policies as teams write them: most name their action and destination in the scope,
-/// plus a purpose forbid that applies everywhere. With `scoped == false` every policy puts
-/// its destination in the `when` clause instead (the worst case for slicing: every policy
-/// has to be evaluated).
+/// plus a purpose forbid that applies everywhere. With `scoped == false` every policy leaves
+/// the scope open and names its route first in the `when` clause instead (sliced on that
+/// first condition since session 5; before, every policy was evaluated).
 fn policy_text(n: usize, scoped: bool) -> String {
     let mut s = String::from(
         "@id(\"inference-openai\")\npermit(principal, action == Action::\"POST\", resource == Destination::\"api.openai.com\") when { context.purpose == \"answer-question\" && principal.environment == \"prod\" };\n",
