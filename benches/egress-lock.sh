@@ -9,19 +9,8 @@
 # Needs root. Not part of CI; results go into BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DUR=10
-INSTALL=0
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --install) INSTALL=1 ;;
-    --duration) DUR=$2; shift ;;
-    *) echo "unknown argument $1" >&2; exit 2 ;;
-  esac
-  shift
-done
-if [ "$INSTALL" = 1 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light iptables iproute2 >/dev/null
-fi
+. benches/lib.sh
+bench_args "wrk nginx-light iptables iproute2" "$@"
 for tool in wrk nginx iptables-restore ip setpriv; do
   command -v "$tool" >/dev/null || { echo "$tool is needed: bash benches/egress-lock.sh --install" >&2; exit 2; }
 done
@@ -52,21 +41,7 @@ for ns in "$POD" "$NET"; do
   ip -n "$ns" link set lo up
 done
 
-cat > "$W/upstream.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $W/upstream.pid;
-error_log $W/upstream-error.log;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server {
-    listen 10.77.0.2:8080;
-    location / { default_type application/json; return 200 '{"ok":true,"model":"bench"}'; }
-  }
-}
-EOF
+nginx_upstream "$W" 10.77.0.2:8080
 ip netns exec "$NET" nginx -c "$W/upstream.conf" -e "$W/upstream-error.log" & PIDS+=($!)
 
 cat > "$W/policy.cedar" <<'EOF'

@@ -6,15 +6,8 @@
 #   --install   apt-get install nginx-light mitmproxy openssl first
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DUR=10
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --install) apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light mitmproxy openssl >/dev/null ;;
-    --duration) DUR=$2; shift ;;
-    *) echo "unknown argument $1" >&2; exit 2 ;;
-  esac
-  shift
-done
+. benches/lib.sh
+bench_args "nginx-light mitmproxy openssl" "$@"
 for t in nginx openssl; do command -v $t >/dev/null || { echo "$t is needed: bash benches/load-https.sh --install" >&2; exit 2; }; done
 
 cargo build --release -q --bin chaperone

@@ -10,19 +10,8 @@
 # Not part of CI (it takes minutes); results go into BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DUR=10
-INSTALL=0
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --install) INSTALL=1 ;;
-    --duration) DUR=$2; shift ;;
-    *) echo "unknown argument $1" >&2; exit 2 ;;
-  esac
-  shift
-done
-if [ "$INSTALL" = 1 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light haproxy squid >/dev/null
-fi
+. benches/lib.sh
+bench_args "wrk nginx-light haproxy squid" "$@"
 command -v wrk >/dev/null || { echo "wrk is needed: bash benches/load.sh --install" >&2; exit 2; }
 command -v nginx >/dev/null || { echo "nginx is needed as the upstream: bash benches/load.sh --install" >&2; exit 2; }
 
@@ -36,21 +25,7 @@ trap cleanup EXIT
 UP=18300; CH_STATIC=18301; CH_JWT=18302; HAP=18303; NGX=18304; SQD=18305
 
 # Upstream: nginx answering a small JSON body from memory, one worker.
-cat > "$W/upstream.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $W/upstream.pid;
-error_log $W/upstream-error.log;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server {
-    listen 127.0.0.1:$UP;
-    location / { default_type application/json; return 200 '{"ok":true,"model":"bench"}'; }
-  }
-}
-EOF
+nginx_upstream "$W" "127.0.0.1:$UP"
 nginx -c "$W/upstream.conf" -e "$W/upstream-error.log" & PIDS+=($!)
 
 # Chaperone: one config with a static credential, one minting a JWT per call.

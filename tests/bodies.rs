@@ -48,11 +48,17 @@ log:
 /// An upstream and a sidecar in front of it, with the given strip mode and body limit; the
 /// static credential is not used by the routes these tests call.
 async fn start(mode: &str, body_max: usize) -> (Upstream, Sidecar) {
+    start_holding(mode, body_max, "unused-static-value").await
+}
+
+/// Like [`start`], with the sidecar holding `key` as the static credential the `/body/`
+/// route injects into `api_key`.
+async fn start_holding(mode: &str, body_max: usize, key: &str) -> (Upstream, Sidecar) {
     let up = Upstream::start().await;
     let sc = Sidecar::start(
         &config(up.addr.port(), mode, body_max),
         PERMISSIVE_POLICY,
-        &[(STATIC_ENV, "unused-static-value")],
+        &[(STATIC_ENV, key)],
     );
     (up, sc)
 }
@@ -68,6 +74,22 @@ fn python(sc: &Sidecar, script: &str) -> Vec<String> {
     out.lines().map(str::to_string).collect()
 }
 
+/// Every request the upstream saw has a Content-Length that fits its (possibly rewritten)
+/// body, and none of `secrets` anywhere.
+fn assert_framed_without(reqs: &[Recorded], secrets: &[&str]) {
+    for r in reqs {
+        assert_eq!(
+            r.header("content-length"),
+            Some(r.body.len().to_string().as_str()),
+            "framing follows the body: {}",
+            r.uri
+        );
+        for s in secrets {
+            assert!(!r.all_text().contains(s), "{} carried a secret", r.uri);
+        }
+    }
+}
+
 fn line_for<'a>(lines: &'a [Value], path: &str) -> &'a Value {
     lines
         .iter()
@@ -77,14 +99,9 @@ fn line_for<'a>(lines: &'a [Value], path: &str) -> &'a Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_in_the_injected_body_field_is_replaced_in_json_and_form_bodies() {
-    let up = Upstream::start().await;
-    let port = up.addr.port();
     let sidecar_key = format!("sidecar-held-{:x}", rand_u64());
-    let sc = Sidecar::start(
-        &config(port, "strip", 65536),
-        PERMISSIVE_POLICY,
-        &[(STATIC_ENV, &sidecar_key)],
-    );
+    let (up, sc) = start_holding("strip", 65536, &sidecar_key).await;
+    let port = up.addr.port();
     let (k1, k2) = (fake_openai_key(), fake_openai_key());
     let script = format!(
         r#"
@@ -118,14 +135,7 @@ print(r.status_code)
         format!("q=hello+world&api_key={sidecar_key}"),
         "only the field's value changes"
     );
-    for r in &reqs {
-        assert_eq!(
-            r.header("content-length"),
-            Some(r.body.len().to_string().as_str()),
-            "framing follows the rewritten body"
-        );
-        assert!(!r.all_text().contains(&k1) && !r.all_text().contains(&k2));
-    }
+    assert_framed_without(&reqs, &[&k1, &k2]);
 
     let lines = sc.log_lines(3);
     let l = line_for(&lines, "/body/json");
@@ -323,14 +333,9 @@ print(requests.post(u + "/chunked", data=gen(), headers={{"content-type": "appli
 /// upload passes byte for byte. Python requests, httpx and curl build the bodies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multipart_fields_and_uploaded_files_are_inspected() {
-    let up = Upstream::start().await;
-    let port = up.addr.port();
     let sidecar_key = format!("sidecar-held-{:x}", rand_u64());
-    let sc = Sidecar::start(
-        &config(port, "strip", 65536),
-        PERMISSIVE_POLICY,
-        &[(STATIC_ENV, &sidecar_key)],
-    );
+    let (up, sc) = start_holding("strip", 65536, &sidecar_key).await;
+    let port = up.addr.port();
     let (k1, k2) = (fake_openai_key(), fake_openai_key());
     let script = format!(
         r#"
@@ -397,14 +402,7 @@ with httpx.Client(proxy="{proxy}") as c:
     assert!(clean_body.contains(
         "filename=\"notes.txt\"\r\nContent-Type: text/plain\r\n\r\nline one\nline two\n\r\n--"
     ));
-    for r in &reqs {
-        assert_eq!(
-            r.header("content-length"),
-            Some(r.body.len().to_string().as_str()),
-            "framing follows the body"
-        );
-        assert!(!r.all_text().contains(&k1) && !r.all_text().contains(&k2));
-    }
+    assert_framed_without(&reqs, &[&k1, &k2]);
 
     let lines = sc.log_lines(4);
     let upload = line_for(&lines, "/body/upload");
