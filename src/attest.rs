@@ -79,13 +79,21 @@ fn unmapped(a: SocketAddr) -> SocketAddr {
 }
 
 /// The UID owning the TCP socket that is connected from `peer` to `local`, from the kernel's
-/// socket tables (IPv4 and IPv6; v4-mapped addresses compared as v4).
+/// socket tables (IPv4 and IPv6; v4-mapped addresses compared as v4). The table the client
+/// is likelier in is read first (an IPv4 client in `tcp`, a v4-mapped or IPv6 one in
+/// `tcp6`), and the other only when it is not there.
 pub fn tcp_owner(peer: SocketAddr, local: SocketAddr) -> std::io::Result<Option<u32>> {
+    use procfs::net::{tcp, tcp6};
+    type Table = fn() -> procfs::ProcResult<Vec<procfs::net::TcpNetEntry>>;
     let (peer, local) = (unmapped(peer), unmapped(local));
-    let tables = [procfs::net::tcp(), procfs::net::tcp6()];
-    let mut last_err = None;
+    let tables: [Table; 2] = if peer.is_ipv4() {
+        [tcp, tcp6]
+    } else {
+        [tcp6, tcp]
+    };
+    let mut failed = Vec::new();
     for table in tables {
-        match table {
+        match table() {
             Ok(entries) => {
                 if let Some(e) = entries.iter().find(|e| {
                     unmapped(e.local_address) == peer && unmapped(e.remote_address) == local
@@ -93,18 +101,14 @@ pub fn tcp_owner(peer: SocketAddr, local: SocketAddr) -> std::io::Result<Option<
                     return Ok(Some(e.uid));
                 }
             }
-            Err(e) => last_err = Some(e),
+            Err(e) => failed.push(e.to_string()),
         }
     }
-    match last_err {
-        // Both tables unreadable: say so; one missing (no IPv6) is normal.
-        Some(e) if tables_unreadable() => Err(std::io::Error::other(e.to_string())),
-        _ => Ok(None),
+    // Both tables unreadable: say so; one missing (no IPv6) is normal.
+    if failed.len() == tables.len() {
+        return Err(std::io::Error::other(failed.join("; ")));
     }
-}
-
-fn tables_unreadable() -> bool {
-    std::fs::metadata("/proc/net/tcp").is_err() && std::fs::metadata("/proc/net/tcp6").is_err()
+    Ok(None)
 }
 
 #[cfg(test)]
