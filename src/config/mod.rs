@@ -323,8 +323,10 @@ impl Config {
         embedded: bool,
     ) -> Result<Config, ConfigErrors> {
         match validate(file, text, base, embedded)? {
-            (Some(cfg), errors) if errors.is_empty() => Ok(cfg),
-            (_, errors) => Err(ConfigErrors(errors)),
+            (Some(cfg), problems) if problems.is_empty() => Ok(cfg),
+            (_, problems) => Err(ConfigErrors(
+                problems.into_iter().map(|p| p.error).collect(),
+            )),
         }
     }
 
@@ -336,13 +338,13 @@ impl Config {
     pub fn load_offline(path: &Path) -> Result<(Config, Vec<ConfigError>), ConfigErrors> {
         let (file, text) = read_file(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let (cfg, errors) = validate(&file, &text, base, false)?;
-        let (overlooked, errors): (Vec<ConfigError>, Vec<ConfigError>) =
-            errors.into_iter().partition(|e| {
-                !e.key.starts_with("policy")
-                    && (e.message.starts_with("cannot read ")
-                        || e.message.ends_with("is not set or empty"))
-            });
+        let (cfg, problems) = validate(&file, &text, base, false)?;
+        let (overlooked, errors): (Vec<Problem>, Vec<Problem>) =
+            problems.into_iter().partition(|p| p.pod_only);
+        let (overlooked, errors): (Vec<ConfigError>, Vec<ConfigError>) = (
+            overlooked.into_iter().map(|p| p.error).collect(),
+            errors.into_iter().map(|p| p.error).collect(),
+        );
         match cfg {
             Some(cfg) if errors.is_empty() => Ok((cfg, overlooked)),
             _ => Err(ConfigErrors(errors)),
@@ -391,16 +393,16 @@ fn validate(
     text: &str,
     base: &Path,
     embedded: bool,
-) -> Result<(Option<Config>, Vec<ConfigError>), ConfigErrors> {
+) -> Result<(Option<Config>, Vec<Problem>), ConfigErrors> {
     let (node, raw) = parse_yaml::<FileConfig>(file, text).map_err(|e| ConfigErrors(vec![e]))?;
     let mut v = Validator {
         file,
         root: &node,
         base,
-        errors: Vec::new(),
+        problems: Vec::new(),
     };
     let cfg = v.build(raw, embedded);
-    Ok((cfg, v.errors))
+    Ok((cfg, v.problems))
 }
 
 /// Parse YAML into `T` (unknown keys rejected by `T`), keeping the node for positions. The
@@ -460,17 +462,36 @@ enum Seg<'a> {
     Idx(usize),
 }
 
+/// A problem found in validation.
+struct Problem {
+    error: ConfigError,
+    /// Secret material that exists only where the sidecar runs (credential and TLS files,
+    /// `from_env` variables) is missing: an error for the sidecar, overlooked offline.
+    pod_only: bool,
+}
+
 /// Semantic validation with positions.
 struct Validator<'a> {
     file: &'a str,
     root: &'a Node,
     base: &'a Path,
-    errors: Vec<ConfigError>,
+    /// In the order found.
+    problems: Vec<Problem>,
 }
 
 impl Validator<'_> {
     /// Record an error at a key path; the position is that of the deepest node that exists.
     fn err(&mut self, path: &[Seg<'_>], message: impl Into<String>) {
+        self.record(path, message.into(), false);
+    }
+
+    /// Record that secret material the sidecar needs is missing here (see
+    /// [`Problem::pod_only`]).
+    fn absent(&mut self, path: &[Seg<'_>], message: impl Into<String>) {
+        self.record(path, message.into(), true);
+    }
+
+    fn record(&mut self, path: &[Seg<'_>], message: String, pod_only: bool) {
         let mut node = Some(self.root);
         let mut mark = self.root.span().start().copied();
         for seg in path {
@@ -502,12 +523,15 @@ impl Validator<'_> {
                 Seg::Idx(i) => key.push_str(&format!("[{i}]")),
             }
         }
-        self.errors.push(ConfigError {
-            file: self.file.to_string(),
-            line,
-            column,
-            key,
-            message: message.into(),
+        self.problems.push(Problem {
+            error: ConfigError {
+                file: self.file.to_string(),
+                line,
+                column,
+                key,
+                message,
+            },
+            pod_only,
         });
     }
 
@@ -691,7 +715,7 @@ impl Validator<'_> {
         let fingerprint_key_file = raw.strip.fingerprint_key_file.as_deref().map(|f| {
             let p = self.path(f);
             if let Err(e) = std::fs::metadata(&p) {
-                self.err(
+                self.absent(
                     &[Key("strip"), Key("fingerprint_key_file")],
                     format!("cannot read {}: {e}", p.display()),
                 );
@@ -814,7 +838,7 @@ impl Validator<'_> {
             match std::fs::read_to_string(&p) {
                 Ok(s) => Some(s),
                 Err(e) => {
-                    v.err(
+                    v.absent(
                         &[Key("tls"), Key(key)],
                         format!("cannot read {}: {e}", p.display()),
                     );
@@ -938,7 +962,7 @@ impl Validator<'_> {
                 {
                     Some(path) => {
                         if let Err(e) = std::fs::metadata(&path) {
-                            self.err(
+                            self.absent(
                                 &at("subject_token_file"),
                                 format!("cannot read {}: {e}", path.display()),
                             );
@@ -964,7 +988,7 @@ impl Validator<'_> {
                     Some(f) => {
                         let path = self.path(f);
                         if let Err(e) = std::fs::metadata(&path) {
-                            self.err(
+                            self.absent(
                                 &at("actor_token_file"),
                                 format!("cannot read {}: {e}", path.display()),
                             );
@@ -998,7 +1022,7 @@ impl Validator<'_> {
                 let source = match (from_env, from_file) {
                     (Some(var), None) => {
                         if std::env::var_os(var).is_none_or(|v| v.is_empty()) {
-                            self.err(
+                            self.absent(
                                 &at("from_env"),
                                 format!("environment variable {var} is not set or empty"),
                             );
@@ -1008,7 +1032,7 @@ impl Validator<'_> {
                     (None, Some(f)) => {
                         let path = self.path(f);
                         if let Err(e) = std::fs::read(&path) {
-                            self.err(
+                            self.absent(
                                 &at("from_file"),
                                 format!("cannot read {}: {e}", path.display()),
                             );
@@ -1032,7 +1056,7 @@ impl Validator<'_> {
     /// failure on every request.
     fn signing_key(&mut self, at: &[Seg<'_>], path: &Path, allow: crate::credentials::Allow) {
         match std::fs::read(path) {
-            Err(e) => self.err(at, format!("cannot read {}: {e}", path.display())),
+            Err(e) => self.absent(at, format!("cannot read {}: {e}", path.display())),
             Ok(pem) => {
                 if let Err(e) = crate::credentials::SigningKey::from_pem(&pem, allow) {
                     self.err(at, e);
@@ -1080,7 +1104,7 @@ impl Validator<'_> {
                 Some(x) => {
                     let path = v.path(x);
                     if let Err(e) = std::fs::read(&path) {
-                        v.err(&at(key), format!("cannot read {}: {e}", path.display()));
+                        v.absent(&at(key), format!("cannot read {}: {e}", path.display()));
                     }
                     Some(path)
                 }
