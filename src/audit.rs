@@ -503,33 +503,9 @@ pub fn render(r: &Report, top: usize) -> String {
             r.first_skipped.as_deref().unwrap_or("?")
         );
     }
-    let more = |out: &mut String, n: usize| {
-        if n > top {
-            let _ = writeln!(out, "  ... {} more (--top N, or --json for all)", n - top);
-        }
-    };
-
-    let _ = writeln!(out, "\nTraffic by identity, stage, purpose and destination");
-    let rows: Vec<Vec<String>> = r
-        .traffic
-        .iter()
-        .take(top)
-        .map(|t| {
-            vec![
-                t.identity.clone(),
-                t.stage.clone(),
-                t.purpose.clone(),
-                t.destination.clone(),
-                t.requests.to_string(),
-                t.allowed.to_string(),
-                t.denied.to_string(),
-                t.failed.to_string(),
-                t.seen.last.clone(),
-            ]
-        })
-        .collect();
-    table(
+    section(
         &mut out,
+        "Traffic by identity, stage, purpose and destination",
         &[
             "identity",
             "stage",
@@ -541,16 +517,36 @@ pub fn render(r: &Report, top: usize) -> String {
             "failed",
             "last seen",
         ],
-        &rows,
+        &r.traffic,
+        top,
+        |t| {
+            vec![
+                t.identity.clone(),
+                t.stage.clone(),
+                t.purpose.clone(),
+                t.destination.clone(),
+                t.requests.to_string(),
+                t.allowed.to_string(),
+                t.denied.to_string(),
+                t.failed.to_string(),
+                t.seen.last.clone(),
+            ]
+        },
     );
-    more(&mut out, r.traffic.len());
-
-    let _ = writeln!(out, "\nDenials");
-    let rows: Vec<Vec<String>> = r
-        .denials
-        .iter()
-        .take(top)
-        .map(|d| {
+    section(
+        &mut out,
+        "Denials",
+        &[
+            "count",
+            "stage",
+            "error",
+            "policies",
+            "reason",
+            "destinations",
+        ],
+        &r.denials,
+        top,
+        |d| {
             vec![
                 d.count.to_string(),
                 d.stage.clone(),
@@ -563,44 +559,11 @@ pub fn render(r: &Report, top: usize) -> String {
                 d.reason.clone(),
                 join(&d.destinations),
             ]
-        })
-        .collect();
-    table(
-        &mut out,
-        &[
-            "count",
-            "stage",
-            "error",
-            "policies",
-            "reason",
-            "destinations",
-        ],
-        &rows,
+        },
     );
-    more(&mut out, r.denials.len());
-
-    let _ = writeln!(
-        out,
-        "\nEmbedded secrets (by type and fingerprint, never the value)"
-    );
-    let rows: Vec<Vec<String>> = r
-        .secrets
-        .iter()
-        .take(top)
-        .map(|s| {
-            vec![
-                s.kind.clone(),
-                s.fingerprint.clone(),
-                s.count.to_string(),
-                s.seen.first.clone(),
-                s.seen.last.clone(),
-                join(&s.locations),
-                join(&s.senders),
-            ]
-        })
-        .collect();
-    table(
+    section(
         &mut out,
+        "Embedded secrets (by type and fingerprint, never the value)",
         &[
             "type",
             "fingerprint",
@@ -610,16 +573,35 @@ pub fn render(r: &Report, top: usize) -> String {
             "locations",
             "sent by",
         ],
-        &rows,
+        &r.secrets,
+        top,
+        |s| {
+            vec![
+                s.kind.clone(),
+                s.fingerprint.clone(),
+                s.count.to_string(),
+                s.seen.first.clone(),
+                s.seen.last.clone(),
+                join(&s.locations),
+                join(&s.senders),
+            ]
+        },
     );
-    more(&mut out, r.secrets.len());
-
-    let _ = writeln!(out, "\nCredentials used");
-    let rows: Vec<Vec<String>> = r
-        .credentials
-        .iter()
-        .take(top)
-        .map(|c| {
+    section(
+        &mut out,
+        "Credentials used",
+        &[
+            "credential",
+            "kind",
+            "requests",
+            "tokens",
+            "scopes",
+            "routes",
+            "flags",
+        ],
+        &r.credentials,
+        top,
+        |c| {
             vec![
                 c.name.clone(),
                 c.kind.clone(),
@@ -633,23 +615,32 @@ pub fn render(r: &Report, top: usize) -> String {
                     .collect::<Vec<_>>()
                     .join(" "),
             ]
-        })
-        .collect();
-    table(
-        &mut out,
-        &[
-            "credential",
-            "kind",
-            "requests",
-            "tokens",
-            "scopes",
-            "routes",
-            "flags",
-        ],
-        &rows,
+        },
     );
-    more(&mut out, r.credentials.len());
     out
+}
+
+/// One table of the report: a blank line and its title, the first `top` items as rows, and
+/// how many were left out.
+fn section<T>(
+    out: &mut String,
+    title: &str,
+    head: &[&str],
+    items: &[T],
+    top: usize,
+    row: impl Fn(&T) -> Vec<String>,
+) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "\n{title}");
+    let rows: Vec<Vec<String>> = items.iter().take(top).map(row).collect();
+    table(out, head, &rows);
+    if items.len() > top {
+        let _ = writeln!(
+            out,
+            "  ... {} more (--top N, or --json for all)",
+            items.len() - top
+        );
+    }
 }
 
 fn join(set: &BTreeSet<String>) -> String {

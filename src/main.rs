@@ -413,15 +413,7 @@ fn audit(logs: &[PathBuf], json: bool, top: usize) -> ExitCode {
         }
     }
     let report = a.finish();
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string(&report).expect("the report serializes")
-        );
-    } else {
-        print!("{}", chaperone::audit::render(&report, top));
-    }
-    ExitCode::SUCCESS
+    print_report(json, &report, |r| chaperone::audit::render(r, top))
 }
 
 fn review(
@@ -447,13 +439,22 @@ fn review(
         eprintln!("chaperone review: {}: {e}", out.display());
         return ExitCode::from(2);
     }
+    print_report(json, &r, chaperone::review::render)
+}
+
+/// A report on stdout: one JSON line with `--json`, else its text rendering.
+fn print_report<T: serde::Serialize>(
+    json: bool,
+    report: &T,
+    text: impl Fn(&T) -> String,
+) -> ExitCode {
     if json {
         println!(
             "{}",
-            serde_json::to_string(&r).expect("the review serializes")
+            serde_json::to_string(report).expect("reports serialize")
         );
     } else {
-        print!("{}", chaperone::review::render(&r));
+        print!("{}", text(report));
     }
     ExitCode::SUCCESS
 }

@@ -239,21 +239,18 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         "chaperone-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
+    let guardrails = Guardrails::new(own);
     let pipeline = Arc::new(Pipeline {
         routes: Arc::new(RouteTable::new(cfg.routes.clone())),
         policy: policy.clone(),
-        guardrails: Guardrails::new(own.clone()),
+        guardrails: guardrails.clone(),
         credentials: credentials.clone(),
         fingerprinter,
         strip_mode: cfg.strip.mode,
         body_max_bytes: usize::try_from(cfg.strip.body_max_bytes).unwrap_or(usize::MAX),
         log,
         metrics: metrics.clone(),
-        upstream: Upstream::new(
-            &cfg.timeouts,
-            upstream_tls.clone(),
-            Arc::new(Guardrails::new(own)),
-        ),
+        upstream: Upstream::new(&cfg.timeouts, upstream_tls.clone(), Arc::new(guardrails)),
         upstream_tls,
         intercept,
         drain: drain.clone(),

@@ -919,6 +919,18 @@ async fn policy_reloads_on_change_and_sighup_and_keeps_the_last_good_set() {
             std::thread::sleep(Duration::from_millis(200));
         }
     };
+    // Wait until `n` reloads have been rejected, by the metric.
+    let rejected_reloads = |n: u32| {
+        let want = format!(r#"chaperone_policy_reloads_total{{result="rejected"}} {n}"#);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !admin_get(sc.admin, "/metrics").1.contains(&want) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "reload {n} never rejected"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
     assert_eq!(call().0, 200);
 
     // A changed file is picked up without a restart.
@@ -933,17 +945,7 @@ async fn policy_reloads_on_change_and_sighup_and_keeps_the_last_good_set() {
 
     // A broken policy is rejected: the last good set stays in force, the proxy stays ready.
     std::fs::write(&policy, "permit(principal, action, resource").unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !admin_get(sc.admin, "/metrics")
-        .1
-        .contains(r#"chaperone_policy_reloads_total{result="rejected"} 1"#)
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "reload never rejected"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    rejected_reloads(1);
     let (code, body) = call();
     assert_eq!(code, 403, "last good policy still decides: {body}");
     assert!(body.contains("deny-all-for-now"));
@@ -957,17 +959,7 @@ async fn policy_reloads_on_change_and_sighup_and_keeps_the_last_good_set() {
         "permit(principal, action, resource) when { context.purpse == \"x\" };",
     )
     .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !admin_get(sc.admin, "/metrics")
-        .1
-        .contains(r#"chaperone_policy_reloads_total{result="rejected"} 2"#)
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "invalid policy never rejected"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    rejected_reloads(2);
     assert_eq!(call().0, 403, "last good policy still decides");
     assert!(
         sc.output()

@@ -89,11 +89,7 @@ pub fn eval(
     match Bench::new(&cfg, &engine).decide(req) {
         Ok(got) => {
             if json {
-                let _ = writeln!(
-                    out,
-                    "{}",
-                    serde_json::to_string(&got).expect("serializable")
-                );
+                json_line(out, &got);
             } else {
                 print_explained(out, &got);
             }
@@ -104,6 +100,15 @@ pub fn eval(
             2
         }
     }
+}
+
+/// `value` as one JSON line, for `--json`.
+fn json_line(out: &mut dyn Write, value: &impl serde::Serialize) {
+    let _ = writeln!(
+        out,
+        "{}",
+        serde_json::to_string(value).expect("serializable")
+    );
 }
 
 fn print_explained(out: &mut dyn Write, got: &Explained) {
@@ -164,11 +169,7 @@ pub fn test(
         }
     };
     if json {
-        let _ = writeln!(
-            out,
-            "{}",
-            serde_json::to_string(&report).expect("serializable")
-        );
+        json_line(out, &report);
     } else {
         for c in &report.cases {
             if c.passed {
