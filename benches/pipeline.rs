@@ -9,14 +9,16 @@ use std::time::Duration;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue};
 
-use chaperone::config::{Identity, PolicySource, StripMode};
 use chaperone::credentials::{
     ClientAuth, CredentialSpec, Credentials, Grant, JwtMinter, JwtSpec, KeySource, MintRequest,
     OAuthSpec,
 };
 use chaperone::fingerprint::Fingerprinter;
+use chaperone::identify::Identity;
+use chaperone::policy::PolicySource;
 use chaperone::policy::{PolicyEngine, PolicyInput};
 use chaperone::strip;
+use chaperone::strip::StripMode;
 
 /// The allocator the `chaperone` binary ships with, so these figures are the server's.
 #[global_allocator]

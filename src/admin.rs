@@ -9,7 +9,7 @@ use std::time::Duration;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -75,6 +75,9 @@ pub fn route(state: &AdminState, req: &Request<Incoming>) -> Response<ProxyBody>
     }
 }
 
+/// How long a client has to send a request head (and an idle connection is kept).
+const HEADER_READ: Duration = Duration::from_secs(10);
+
 /// Serve until shutdown.
 pub async fn serve(listener: TcpListener, state: AdminState, mut shutdown: watch::Receiver<bool>) {
     loop {
@@ -90,9 +93,7 @@ pub async fn serve(listener: TcpListener, state: AdminState, mut shutdown: watch
                     async move { Ok::<_, Infallible>(r) }
                 });
                 tokio::spawn(async move {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(Duration::from_secs(10))
+                    let _ = crate::proxy::http::builder(HEADER_READ)
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;
                 });

@@ -6,7 +6,18 @@ use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::config::Identity;
+/// Identity of one listener: who the sidecar speaks for on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// SPIFFE ID or service account.
+    pub id: String,
+    /// Workload name.
+    pub workload: String,
+    /// Stage served by the listener.
+    pub stage: String,
+    /// Deployment environment.
+    pub environment: String,
+}
 
 /// Request header naming the call's purpose; removed before forwarding.
 pub static PURPOSE_HEADER: HeaderName = HeaderName::from_static("chaperone-purpose");
@@ -43,8 +54,8 @@ pub struct Conn {
     pub client: SocketAddr,
     /// The client as logged: its address, or `unix:pid=N`.
     pub label: String,
-    /// Whether the listener admits this client (see [`crate::attest`]).
-    pub attestation: crate::attest::Attestation,
+    /// Whether the listener admits this client (see [`crate::proxy::attest`]).
+    pub attestation: crate::proxy::attest::Attestation,
 }
 
 /// Check a purpose: 1 to 64 characters from `A-Za-z0-9._:/-`.

@@ -1,8 +1,21 @@
 //! Chaperone: a sidecar proxy that gives AI workloads just-in-time, scoped credentials.
 //!
-//! The request path is [`pipeline`]: identify, accept, route, strip, authorize, credential,
-//! forward, log, one module per stage. [`config`] validates everything before a listener
-//! binds; [`server`] wires the stages to listeners; [`admin`] serves health, metrics and JWKS.
+//! A newcomer's map, top to bottom (a module imports only from below itself; `tests/layers.rs`
+//! fails when one reaches the other way):
+//!
+//! ```text
+//! main.rs, cli/       one module per subcommand (run, check, demo, ca, policy, scan, audit,
+//!                     review, webhook, egress-lock)
+//! sidecar             the composition root: Config -> every stage -> pipeline -> listeners
+//! config/             the loader: YAML with positions, validation; builds each stage's
+//!                     own settings type (no stage imports config)
+//! proxy/ (ingress)    listeners, the one HTTP server builder, CONNECT, interception, drain
+//! admin               health, readiness, metrics, JWKS
+//! pipeline            the ordered stages, one call each, over a per-request context
+//! stages              target -> identify -> route -> strip -> policy -> credentials
+//!                     -> (proxy::upstream) -> purpose_log
+//! foundations         error, metrics, fingerprint, tls
+//! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -11,30 +24,20 @@ compile_error!(
     "enable the `aws-lc-rs` feature: it selects the crypto backend for TLS and token signing"
 );
 
-pub mod accept;
 pub mod admin;
-pub mod attest;
-pub mod audit;
+pub mod cli;
 pub mod config;
 pub mod credentials;
-pub mod demo;
-pub mod drain;
-pub mod egress_lock;
 pub mod error;
 pub mod fingerprint;
-pub mod forward;
 pub mod identify;
-pub mod idle;
-pub mod inject;
-pub mod intercept;
 pub mod metrics;
 pub mod pipeline;
 pub mod policy;
+pub mod proxy;
 pub mod purpose_log;
-pub mod review;
 pub mod route;
-pub mod scan;
-pub mod server;
+pub mod sidecar;
 pub mod strip;
+pub mod target;
 pub mod tls;
-pub mod tunnel;

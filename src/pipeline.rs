@@ -28,19 +28,20 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use secrecy::ExposeSecret;
 
-use crate::attest::Attestation;
-use crate::config::{StripMode, Timeouts};
 use crate::credentials::{Credentials, MintRequest};
 use crate::error::{BoxError, ErrorCode, ProxyBody, Rejection, full};
 use crate::fingerprint::Fingerprinter;
-use crate::forward::{self, OutBody, Upstream};
 use crate::identify::{self, Caller, Conn, REQUEST_ID_HEADER, UNSPECIFIED_PURPOSE};
 use crate::metrics::{CredentialLabels, Metrics, RequestLabels, RouteLabels, StrippedLabels};
 use crate::policy::{GuardrailHit, Guardrails, PolicyInput, PolicyStore};
+use crate::proxy::Timeouts;
+use crate::proxy::attest::Attestation;
+use crate::proxy::upstream::{self, OutBody, Upstream};
 use crate::purpose_log::{CredentialLog, PurposeLog, Record};
 use crate::route::{InjectInto, RouteTable, Target};
 use crate::strip::BodyPlan;
-use crate::{accept, strip, tunnel};
+use crate::strip::StripMode;
+use crate::{strip, target};
 
 /// Everything the stages need, built once from the configuration. Each worker thread has its
 /// own clone (sharing everything but the upstream connection pool, see [`Pipeline::for_worker`]).
@@ -69,9 +70,9 @@ pub struct Pipeline {
     /// Upstream TLS settings (each worker's client is built from them).
     pub upstream_tls: Arc<rustls::ClientConfig>,
     /// TLS interception, when a local CA is configured.
-    pub intercept: Option<Arc<crate::intercept::Interceptor>>,
+    pub intercept: Option<Arc<crate::proxy::intercept::Interceptor>>,
     /// Shutdown draining for intercepted connections.
-    pub drain: Arc<crate::drain::Drain>,
+    pub drain: Arc<crate::proxy::drain::Drain>,
     /// Our `Via` entry.
     pub via: HeaderValue,
     /// Our `Via` pseudonym, unique per process, for loop detection.
@@ -158,8 +159,8 @@ impl Pipeline {
         match result {
             Ok(resp) => {
                 let (mut head, body) = resp.into_parts();
-                forward::strip_hop_by_hop(&mut head.headers);
-                forward::append_via(&mut head.headers, &self.via);
+                upstream::strip_hop_by_hop(&mut head.headers);
+                upstream::append_via(&mut head.headers, &self.via);
                 if let Ok(v) = HeaderValue::from_str(&caller.request_id) {
                     head.headers.insert(REQUEST_ID_HEADER.clone(), v);
                 }
@@ -190,11 +191,11 @@ impl Pipeline {
     ) -> Result<Response<Incoming>, Rejection> {
         // Stage 1: accept.
         let (target, userinfo) = match origin {
-            Some(o) => (accept::intercepted_target(&parts, o)?, None),
-            None => accept::target(&parts)?,
+            Some(o) => (target::intercepted_target(&parts, o)?, None),
+            None => target::target(&parts)?,
         };
         describe_target(rec, &target);
-        if forward::is_loop(&parts.headers, &self.pseudonym) {
+        if upstream::is_loop(&parts.headers, &self.pseudonym) {
             return Err(Rejection::new(
                 ErrorCode::LoopDetected,
                 "this request has already passed through this proxy",
@@ -397,13 +398,13 @@ impl Pipeline {
                     format!("cannot build the upstream URL: {e}"),
                 )
             })?;
-        forward::strip_request_hop_by_hop(&mut parts.headers);
+        upstream::strip_request_hop_by_hop(&mut parts.headers);
         parts.headers.insert(
             HOST,
             HeaderValue::from_str(&authority)
                 .map_err(|_| Rejection::new(ErrorCode::BadRequest, "bad host"))?,
         );
-        forward::append_via(&mut parts.headers, &self.via);
+        upstream::append_via(&mut parts.headers, &self.via);
         parts.version = http::Version::HTTP_11;
         if let OutBody::Buffered(b) = &body {
             // The body may have been rewritten: its length, not the client's, frames it.
@@ -432,7 +433,7 @@ impl Pipeline {
         rec.kind = "tunnel";
         let (parts, body) = req.into_parts();
         let decided = (|| {
-            let target = accept::connect_target(&parts)?;
+            let target = target::connect_target(&parts)?;
             describe_target(&mut rec, &target);
             let purpose = rec.purpose.clone();
             let decide = |guard: Option<&GuardrailHit>| {
@@ -500,18 +501,24 @@ impl Pipeline {
                 start,
             );
         }
-        let upstream =
-            match tunnel::connect(&target, &self.guardrails, lifted, self.timeouts.connect).await {
-                Ok(s) => s,
-                Err(rej) => return self.reject(rec, rej, start, &caller.request_id),
-            };
+        let upstream = match crate::proxy::connect::connect(
+            &target,
+            &self.guardrails,
+            lifted,
+            self.timeouts.connect,
+        )
+        .await
+        {
+            Ok(s) => s,
+            Err(rej) => return self.reject(rec, rej, start, &caller.request_id),
+        };
         rec.upstream_ms = Some(ms(start.elapsed()));
         rec.status = 200;
         let me = self.clone();
         let req = Request::from_parts(parts, body);
         tokio::spawn(async move {
             me.metrics.tunnels_open.inc();
-            let outcome = tunnel::splice(req, upstream, me.timeouts.idle).await;
+            let outcome = crate::proxy::connect::splice(req, upstream, me.timeouts.idle).await;
             me.metrics.tunnels_open.dec();
             match outcome {
                 Ok((up, down)) => {
@@ -534,7 +541,7 @@ impl Pipeline {
     fn intercept(
         self: Arc<Self>,
         conn: Arc<Conn>,
-        icpt: Arc<crate::intercept::Interceptor>,
+        icpt: Arc<crate::proxy::intercept::Interceptor>,
         target: Target,
         req: Request<Incoming>,
         mut rec: Record,
@@ -556,7 +563,7 @@ impl Pipeline {
                     return;
                 }
             };
-            match crate::intercept::serve(me.clone(), icpt, conn, target, upgraded).await {
+            match crate::proxy::intercept::serve(me.clone(), icpt, conn, target, upgraded).await {
                 Ok(n) => {
                     rec.reason = Some(format!(
                         "intercepted: {n} request(s), each authorized and logged on its own"
@@ -594,7 +601,7 @@ impl Pipeline {
             rec.body_scan = Some("skipped_too_large");
             return Ok((OutBody::Stream(body), Vec::new()));
         }
-        let read = tokio::time::timeout(self.timeouts.request, forward::read_up_to(body, max))
+        let read = tokio::time::timeout(self.timeouts.request, upstream::read_up_to(body, max))
             .await
             .map_err(|_| {
                 Rejection::new(
@@ -612,12 +619,12 @@ impl Pipeline {
                 )
             })?;
         match read {
-            forward::BodyRead::Whole(bytes) => {
+            upstream::BodyRead::Whole(bytes) => {
                 rec.body_scan = Some("inspected");
                 let found = strip::inspect_body(&self.fingerprinter, &kind, &bytes);
                 Ok((OutBody::Buffered(bytes), found))
             }
-            forward::BodyRead::Partial(head, rest) => {
+            upstream::BodyRead::Partial(head, rest) => {
                 rec.body_scan = Some("skipped_too_large");
                 Ok((OutBody::Prefixed(head, rest), Vec::new()))
             }

@@ -13,9 +13,29 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::config::{LogFormat, LogOutput};
 use crate::metrics::Metrics;
 use crate::strip::Finding;
+
+use std::path::PathBuf;
+/// Purpose-log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// One human-readable line.
+    Pretty,
+}
+
+/// Where purpose-log lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogOutput {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+    /// A file, appended to.
+    File(PathBuf),
+}
 
 /// The credential part of a log line: never the value.
 #[derive(Debug, Clone, Serialize)]

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use http::{HeaderName, Method};
 
-use crate::config::StripMode;
+use crate::strip::StripMode;
 
 /// Where a request is going, as the proxy understood it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,8 +8,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use chaperone::config::StripMode;
 use chaperone::fingerprint::Fingerprinter;
+use chaperone::strip::StripMode;
 use chaperone::strip::{self, BodyKind};
 use http::{HeaderMap, HeaderName, HeaderValue};
 

@@ -218,7 +218,7 @@ fn the_webhook_manifests_render_validate_and_agree() {
     let cm = kind(&objs, "ConfigMap");
     let file = dir.path().join("inject.yaml");
     std::fs::write(&file, cm["data"]["inject.yaml"].as_str().unwrap()).unwrap();
-    let cfg = chaperone::inject::InjectConfig::load(&file).unwrap();
+    let cfg = chaperone::cli::webhook::InjectConfig::load(&file).unwrap();
     assert!(cfg.image.contains("@sha256:"), "pinned by digest");
 
     let dep = kind(&objs, "Deployment");

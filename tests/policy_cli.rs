@@ -230,7 +230,7 @@ fn a_policy_that_does_not_fit_the_schema_is_refused_with_its_file() {
             .args(["check", "--config", &cfg])
             .output()
             .unwrap();
-        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(out.status.code(), Some(2));
         assert!(
             String::from_utf8_lossy(&out.stderr).contains(":7:"),
             "policy.file is on line 7"
@@ -302,7 +302,7 @@ policy:
         .args(["check", "--config", &cfg])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/var/run/secrets/vendor-key"));
 
     // Other mistakes are not overlooked, and the policy must be readable.

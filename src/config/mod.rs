@@ -19,7 +19,12 @@ use marked_yaml::{LoaderOptions, Marker, Node};
 pub use schema::*;
 
 use crate::credentials::{CredentialSpec, JwtSpec, KeySource, StaticSource};
+use crate::identify::Identity;
+use crate::policy::PolicySource;
+use crate::proxy::{ListenAddr, ListenerSpec, Timeouts, TlsSettings};
+use crate::purpose_log::{LogFormat, LogOutput};
 use crate::route::{HostMatch, InjectSpec, Route};
+use crate::strip::StripSettings;
 
 /// Default proxy listener.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:15001";
@@ -77,189 +82,6 @@ impl fmt::Display for ConfigErrors {
 }
 
 impl std::error::Error for ConfigErrors {}
-
-/// Identity of one listener: who the sidecar speaks for on it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
-    /// SPIFFE ID or service account.
-    pub id: String,
-    /// Workload name.
-    pub workload: String,
-    /// Stage served by the listener.
-    pub stage: String,
-    /// Deployment environment.
-    pub environment: String,
-}
-
-/// Where a proxy listener binds.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum ListenAddr {
-    /// TCP.
-    Tcp(SocketAddr),
-    /// A Unix socket at this path (`unix:/path` in the config); its callers are attested
-    /// with `SO_PEERCRED`.
-    Unix(PathBuf),
-}
-
-impl ListenAddr {
-    /// The TCP address, if this is one.
-    pub fn tcp(&self) -> Option<SocketAddr> {
-        match self {
-            ListenAddr::Tcp(a) => Some(*a),
-            ListenAddr::Unix(_) => None,
-        }
-    }
-}
-
-impl fmt::Display for ListenAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ListenAddr::Tcp(a) => write!(f, "http://{a}"),
-            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
-        }
-    }
-}
-
-/// One proxy listener and the identity it serves.
-#[derive(Debug, Clone)]
-pub struct ListenerSpec {
-    /// Bind address.
-    pub addr: ListenAddr,
-    /// Identity of callers on this listener.
-    pub identity: Identity,
-    /// UIDs admitted on this listener (kernel-attested); `None` admits any local process.
-    pub callers: Option<Vec<u32>>,
-}
-
-/// Validated timeouts.
-#[derive(Debug, Clone, Copy)]
-pub struct Timeouts {
-    /// Upstream connect.
-    pub connect: Duration,
-    /// Upstream response head.
-    pub request: Duration,
-    /// Client request head, and idle keep-alive client connections.
-    pub header_read: Duration,
-    /// Idle tunnel.
-    pub idle: Duration,
-    /// Drain deadline on SIGTERM.
-    pub shutdown_grace: Duration,
-}
-
-/// Validated strip settings.
-#[derive(Debug, Clone)]
-pub struct StripSettings {
-    /// Global mode.
-    pub mode: StripMode,
-    /// Largest body inspected.
-    pub body_max_bytes: u64,
-    /// Fingerprint key file, if any.
-    pub fingerprint_key_file: Option<PathBuf>,
-}
-
-/// Purpose-log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    /// One JSON object per line.
-    Json,
-    /// One human-readable line.
-    Pretty,
-}
-
-/// Where purpose-log lines go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LogOutput {
-    /// Standard output.
-    Stdout,
-    /// Standard error.
-    Stderr,
-    /// A file, appended to.
-    File(PathBuf),
-}
-
-/// Policy text, already read and checked to compile.
-#[derive(Debug, Clone)]
-pub struct PolicySource {
-    /// Where the policies came from (file path or `<embedded>`).
-    pub origin: String,
-    /// Cedar policy text.
-    pub text: String,
-    /// A Cedar schema of the operator's own (`policy.schema`), replacing the shipped one.
-    pub schema: Option<String>,
-    /// The label keys of the configured routes: the shipped schema declares them as
-    /// `resource.labels` attributes, so a policy naming any other label does not validate.
-    pub label_keys: BTreeSet<String>,
-    /// The policy file and schema file it was read from (none when embedded); watched for
-    /// changes and re-read on SIGHUP.
-    pub files: Option<(PathBuf, Option<PathBuf>)>,
-}
-
-impl PolicySource {
-    /// Policy text from memory (tests, benchmarks, the embedded observe-mode policy),
-    /// validated against the shipped schema with no route labels.
-    pub fn inline(origin: &str, text: &str) -> PolicySource {
-        PolicySource {
-            origin: origin.into(),
-            text: text.into(),
-            schema: None,
-            label_keys: BTreeSet::new(),
-            files: None,
-        }
-    }
-
-    /// The same, with these route label keys declared.
-    pub fn with_labels<I: IntoIterator<Item = S>, S: Into<String>>(mut self, keys: I) -> Self {
-        self.label_keys = keys.into_iter().map(Into::into).collect();
-        self
-    }
-
-    /// The schema policies are validated against: the operator's own, or the shipped one
-    /// with the routes' label keys.
-    pub fn schema_text(&self) -> std::borrow::Cow<'_, str> {
-        match &self.schema {
-            Some(s) => std::borrow::Cow::Borrowed(s),
-            None => std::borrow::Cow::Owned(crate::policy::schema_for(&self.label_keys)),
-        }
-    }
-
-    /// Read the policy (and schema) files again, as they are now.
-    pub fn reread(&self) -> Result<PolicySource, String> {
-        let Some((policy, schema)) = &self.files else {
-            return Ok(self.clone());
-        };
-        let read = |p: &Path| {
-            std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
-        };
-        Ok(PolicySource {
-            origin: self.origin.clone(),
-            text: read(policy)?,
-            schema: schema.as_deref().map(read).transpose()?,
-            label_keys: self.label_keys.clone(),
-            files: self.files.clone(),
-        })
-    }
-}
-
-/// Validated TLS settings.
-#[derive(Debug, Clone)]
-pub struct TlsSettings {
-    /// Local CA (certificate PEM, key PEM) when interception is on.
-    pub ca: Option<(String, secrecy::SecretString)>,
-    /// Roots for upstream verification.
-    pub upstream_roots: crate::tls::UpstreamRoots,
-    /// Hosts never intercepted.
-    pub passthrough: Vec<HostMatch>,
-}
-
-impl Default for TlsSettings {
-    fn default() -> Self {
-        TlsSettings {
-            ca: None,
-            upstream_roots: crate::tls::UpstreamRoots::System,
-            passthrough: Vec::new(),
-        }
-    }
-}
 
 /// The validated runtime configuration.
 #[derive(Debug, Clone)]
@@ -1461,6 +1283,7 @@ fn valid_spiffe_id(id: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::strip::StripMode;
 
     fn load(text: &str) -> Result<Config, ConfigErrors> {
         Config::from_yaml("test.yaml", text, Path::new("."), true)

@@ -8,6 +8,8 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use crate::strip::StripMode;
+
 /// The root of `chaperone.yaml`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -309,19 +311,6 @@ pub struct InjectConfig {
     /// Value template; `{token}` is replaced by the credential. Default `{token}`.
     #[serde(default)]
     pub value: Option<String>,
-}
-
-/// What happens to a secret the app embedded in a request.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StripMode {
-    /// Remove it; the route's credential (if any) is injected in its place.
-    #[default]
-    Strip,
-    /// Refuse the request with 403 `embedded_secret`.
-    Block,
-    /// Forward unchanged and log it (observe mode).
-    Report,
 }
 
 /// Embedded-secret handling.

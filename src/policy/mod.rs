@@ -7,15 +7,12 @@
 //! The shipped schema, `policy.cedarschema` next to this file, is the contract: every policy
 //! is validated against it (strict) at load and on reload.
 
-mod cases;
-pub mod cli;
 mod memo;
 mod slice;
 
-pub use cases::{Bench, CaseOutcome, CaseReport, Expected, Explained, WhatIf};
-
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -25,7 +22,70 @@ use cedar_policy::{
     PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
 };
 
-use crate::config::{Identity, PolicySource};
+use crate::identify::Identity;
+
+/// Policy text, already read and checked to compile.
+#[derive(Debug, Clone)]
+pub struct PolicySource {
+    /// Where the policies came from (file path or `<embedded>`).
+    pub origin: String,
+    /// Cedar policy text.
+    pub text: String,
+    /// A Cedar schema of the operator's own (`policy.schema`), replacing the shipped one.
+    pub schema: Option<String>,
+    /// The label keys of the configured routes: the shipped schema declares them as
+    /// `resource.labels` attributes, so a policy naming any other label does not validate.
+    pub label_keys: BTreeSet<String>,
+    /// The policy file and schema file it was read from (none when embedded); watched for
+    /// changes and re-read on SIGHUP.
+    pub files: Option<(PathBuf, Option<PathBuf>)>,
+}
+
+impl PolicySource {
+    /// Policy text from memory (tests, benchmarks, the embedded observe-mode policy),
+    /// validated against the shipped schema with no route labels.
+    pub fn inline(origin: &str, text: &str) -> PolicySource {
+        PolicySource {
+            origin: origin.into(),
+            text: text.into(),
+            schema: None,
+            label_keys: BTreeSet::new(),
+            files: None,
+        }
+    }
+
+    /// The same, with these route label keys declared.
+    pub fn with_labels<I: IntoIterator<Item = S>, S: Into<String>>(mut self, keys: I) -> Self {
+        self.label_keys = keys.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The schema policies are validated against: the operator's own, or the shipped one
+    /// with the routes' label keys.
+    pub fn schema_text(&self) -> std::borrow::Cow<'_, str> {
+        match &self.schema {
+            Some(s) => std::borrow::Cow::Borrowed(s),
+            None => std::borrow::Cow::Owned(crate::policy::schema_for(&self.label_keys)),
+        }
+    }
+
+    /// Read the policy (and schema) files again, as they are now.
+    pub fn reread(&self) -> Result<PolicySource, String> {
+        let Some((policy, schema)) = &self.files else {
+            return Ok(self.clone());
+        };
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+        };
+        Ok(PolicySource {
+            origin: self.origin.clone(),
+            text: read(policy)?,
+            schema: schema.as_deref().map(read).transpose()?,
+            label_keys: self.label_keys.clone(),
+            files: self.files.clone(),
+        })
+    }
+}
 
 /// The shipped schema, with an empty `Labels` record.
 pub const SHIPPED_SCHEMA: &str = include_str!("policy.cedarschema");

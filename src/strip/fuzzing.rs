@@ -6,8 +6,8 @@ use http::{HeaderMap, HeaderValue};
 
 use super::body::{self, BodyKind};
 use super::{Hit, find_tokens, inspect, inspect_body};
-use crate::config::StripMode;
 use crate::fingerprint::Fingerprinter;
+use crate::strip::StripMode;
 
 /// Run every entry point of the detector on `data` and check what it returns.
 pub fn check(data: &[u8]) {

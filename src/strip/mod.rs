@@ -19,6 +19,7 @@ mod formats;
 pub mod fuzzing;
 mod names;
 
+use serde::Deserialize;
 use std::borrow::Cow;
 
 use http::header::{COOKIE, HeaderValue};
@@ -30,8 +31,32 @@ pub use body::{BodyKind, BodyPlan};
 pub use formats::{Hit, classify, find_tokens, is_placeholder, known_types};
 pub use names::{credential_name, entropy, named_value};
 
-use crate::config::StripMode;
 use crate::fingerprint::Fingerprinter;
+
+use std::path::PathBuf;
+/// What happens to a secret the app embedded in a request.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StripMode {
+    /// Remove it; the route's credential (if any) is injected in its place.
+    #[default]
+    Strip,
+    /// Refuse the request with 403 `embedded_secret`.
+    Block,
+    /// Forward unchanged and log it (observe mode).
+    Report,
+}
+
+/// Validated strip settings.
+#[derive(Debug, Clone)]
+pub struct StripSettings {
+    /// Global mode.
+    pub mode: StripMode,
+    /// Largest body inspected.
+    pub body_max_bytes: u64,
+    /// Fingerprint key file, if any.
+    pub fingerprint_key_file: Option<PathBuf>,
+}
 
 /// How a header's value is judged.
 enum HeaderRule {

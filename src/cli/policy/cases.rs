@@ -11,8 +11,9 @@ use std::time::SystemTime;
 use http::Method;
 use serde::{Deserialize, Serialize};
 
-use super::{GuardrailHit, Guardrails, PolicyDecision, PolicyEngine, PolicyInput};
-use crate::config::{Config, ConfigError, Identity, parse_yaml};
+use crate::config::{Config, ConfigError, parse_yaml};
+use crate::identify::Identity;
+use crate::policy::{GuardrailHit, Guardrails, PolicyDecision, PolicyEngine, PolicyInput};
 use crate::route::{RouteTable, Target};
 
 /// One request to decide: the arguments of `policy eval` (clap), or one case of a CASES
@@ -366,7 +367,7 @@ fn parse_target(url: &str, connect: bool) -> Result<Target, String> {
     if authority.as_str().contains('@') {
         return Err(format!("`{url}`: leave credentials out of the URL"));
     }
-    let host = crate::accept::normalize_host(authority.host());
+    let host = crate::target::normalize_host(authority.host());
     if host.is_empty() {
         return Err(format!("`{url}` has no host"));
     }

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -78,7 +78,7 @@ pub struct EgressLockInject {
 fn destinations<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
     Vec::<String>::deserialize(d)?
         .iter()
-        .map(|s| crate::egress_lock::parse_destination(s).map_err(serde::de::Error::custom))
+        .map(|s| crate::cli::egress_lock::parse_destination(s).map_err(serde::de::Error::custom))
         .collect()
 }
 
@@ -349,6 +349,29 @@ impl rustls::server::ResolvesServerCert for ReloadingCert {
     }
 }
 
+/// How long a client has for its TLS handshake, and then for each request head (also how long
+/// an idle keep-alive connection is kept): the API server sends its review at once.
+const HEADER_READ: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `chaperone webhook`: 0 on a clean stop, 2 on a config, TLS or bind error.
+pub fn command(config: &Path, listen: SocketAddr, tls_cert: &Path, tls_key: &Path) -> super::Exit {
+    super::init_tracing("info");
+    let cfg = match InjectConfig::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("chaperone webhook: {e}");
+            return super::Exit::Error;
+        }
+    };
+    match super::runtime().block_on(serve(listen, tls_cert, tls_key, cfg)) {
+        Ok(()) => super::Exit::Ok,
+        Err(e) => {
+            eprintln!("chaperone webhook: {e}");
+            super::Exit::Error
+        }
+    }
+}
+
 /// Serve the webhook on `addr` until the process ends: `POST /mutate` (AdmissionReview v1)
 /// and `GET /healthz`.
 pub async fn serve(
@@ -378,7 +401,7 @@ pub async fn serve(
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
-    eprintln!("chaperone inject: webhook listening on https://{local}/mutate");
+    eprintln!("chaperone webhook: webhook listening on https://{local}/mutate");
     let cfg = Arc::new(cfg);
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
@@ -386,12 +409,7 @@ pub async fn serve(
         };
         let (acceptor, cfg) = (acceptor.clone(), cfg.clone());
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(
-                std::time::Duration::from_secs(10),
-                acceptor.accept(stream),
-            )
-            .await
-            {
+            let tls = match tokio::time::timeout(HEADER_READ, acceptor.accept(stream)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     tracing::debug!(client = %peer, error = %e, "webhook TLS handshake failed");
@@ -403,7 +421,7 @@ pub async fn serve(
                 let cfg = cfg.clone();
                 async move { Ok::<_, std::convert::Infallible>(handle(&cfg, req).await) }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            let _ = crate::proxy::http::builder(HEADER_READ)
                 .serve_connection(TokioIo::new(tls), svc)
                 .await;
         });

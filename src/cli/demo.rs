@@ -9,7 +9,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -23,6 +22,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 
+use super::Exit;
 use crate::config::Config;
 
 const IDENTITY: &str = "spiffe://demo.local/ns/agents/sa/support-agent";
@@ -222,14 +222,21 @@ struct Step {
     expect: StatusCode,
 }
 
+/// `chaperone demo`: 0 when the product did its job, 1 when a check failed, 2 when the demo
+/// could not run.
+pub fn command() -> Exit {
+    super::init_tracing("warn");
+    super::runtime().block_on(run())
+}
+
 /// Run the demo; prints a summary and where the purpose log is.
-pub async fn run() -> ExitCode {
+pub async fn run() -> Exit {
     match run_inner().await {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
+        Ok(true) => Exit::Ok,
+        Ok(false) => Exit::Finding,
         Err(e) => {
             eprintln!("demo failed: {e}");
-            ExitCode::FAILURE
+            Exit::Error
         }
     }
 }
@@ -272,7 +279,9 @@ async fn run_inner() -> Result<bool, String> {
     // The sidecar, on the same config loader users run.
     let yaml = config_yaml(api_addr, &policy_path, &log_path);
     let cfg = Config::from_yaml("<demo config>", &yaml, &dir, false).map_err(|e| e.to_string())?;
-    let running = crate::server::start(cfg).await.map_err(|e| e.to_string())?;
+    let running = crate::sidecar::start(cfg)
+        .await
+        .map_err(|e| e.to_string())?;
     let proxy = running.proxy_addrs[0].to_string();
     *api.jwks_url.lock().expect("lock") = Some(format!(
         "http://{}/.well-known/jwks.json",

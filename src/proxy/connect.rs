@@ -80,7 +80,7 @@ pub async fn splice(
         .await
         .map_err(|e| (0, 0, format!("upgrade failed: {e}")))?;
     let mut client = TokioIo::new(upgraded);
-    let mut client = crate::idle::IdleTimeout::new(&mut client, idle);
+    let mut client = crate::proxy::idle::IdleTimeout::new(&mut client, idle);
     match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         Ok((up, down)) => Ok((up, down)),
         Err(e) => {

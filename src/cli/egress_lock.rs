@@ -16,6 +16,7 @@
 //!
 //! The chain only `RETURN`s what it admits (other rules still apply) and rejects the rest.
 
+use super::Exit;
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::Path;
@@ -288,6 +289,69 @@ fn tool_error(tool: &str, e: &std::io::Error) -> String {
 /// Whether the kernel has IPv6 (no IPv6 packet can leave a pod whose kernel has none).
 pub fn ipv6_enabled() -> bool {
     Path::new("/proc/net/if_inet6").exists()
+}
+
+/// `chaperone egress-lock`: 0 locked (or printed), 2 error (the pod does not start).
+pub fn command(
+    exempt_uids: Vec<u32>,
+    allow: Vec<ipnet::IpNet>,
+    no_dns: bool,
+    resolv_conf: &std::path::Path,
+    print: bool,
+) -> Exit {
+    let resolvers = if no_dns {
+        Vec::new()
+    } else {
+        match std::fs::read_to_string(resolv_conf) {
+            Ok(text) => resolvers(&text),
+            Err(e) => {
+                eprintln!(
+                    "chaperone egress-lock: {}: {e} (or pass --no-dns)",
+                    resolv_conf.display()
+                );
+                return Exit::Error;
+            }
+        }
+    };
+    let lock = Lock {
+        exempt_uids,
+        allow,
+        resolvers,
+    };
+    if print {
+        for family in [Family::V4, Family::V6] {
+            println!("# {}", family.name());
+            print!("{}", lock.restore_input(family, 0));
+        }
+        return Exit::Ok;
+    }
+    let mut families = vec![Family::V4];
+    if ipv6_enabled() {
+        families.push(Family::V6);
+    } else {
+        eprintln!("chaperone egress-lock: the kernel has no IPv6; IPv4 only");
+    }
+    for family in families {
+        match apply(&lock, family) {
+            Ok(done) => eprintln!(
+                "chaperone egress-lock: {} locked: {} rule(s) in {}, jumped to first from OUTPUT",
+                family.name(),
+                done.rules.len(),
+                CHAIN
+            ),
+            Err(e) => {
+                eprintln!("chaperone egress-lock: {e}");
+                return Exit::Error;
+            }
+        }
+    }
+    eprintln!(
+        "chaperone egress-lock: leaving the pod directly: loopback, replies, UID(s) {}, DNS to {}, destinations {}; everything else is refused",
+        listing(&lock.exempt_uids),
+        listing(&lock.resolvers),
+        listing(&lock.allow)
+    );
+    Exit::Ok
 }
 
 #[cfg(test)]

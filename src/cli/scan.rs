@@ -11,8 +11,9 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::config::StripMode;
+use super::Exit;
 use crate::fingerprint::Fingerprinter;
+use crate::strip::StripMode;
 use crate::strip::{self, BodyPlan, Finding};
 
 /// One recorded request.
@@ -280,6 +281,47 @@ pub fn report(fp: &Fingerprinter, text: &str, json: bool) -> Result<(String, boo
         }
     }
     Ok((out, with > 0))
+}
+
+/// `chaperone scan FILE`: 0 no secret found, 1 found, 2 error.
+pub fn command(file: &std::path::Path, json: bool, config: Option<&std::path::Path>) -> Exit {
+    let key_file = match config.map(crate::config::Config::load).transpose() {
+        Ok(cfg) => cfg.and_then(|c| c.strip.fingerprint_key_file),
+        Err(errs) => {
+            super::print_config_errors(&errs);
+            return Exit::Error;
+        }
+    };
+    let fp = match Fingerprinter::from_file_or_random(key_file.as_deref()) {
+        Ok(fp) => fp,
+        Err(e) => {
+            eprintln!("chaperone scan: fingerprint key: {e}");
+            return Exit::Error;
+        }
+    };
+    let text = if file.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).map(|_| s)
+    } else {
+        std::fs::read_to_string(file)
+    };
+    let text = match text {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("chaperone scan: {}: {e}", file.display());
+            return Exit::Error;
+        }
+    };
+    match report(&fp, &text, json) {
+        Ok((out, found)) => {
+            print!("{out}");
+            if found { Exit::Finding } else { Exit::Ok }
+        }
+        Err(e) => {
+            eprintln!("chaperone scan: {}: {e}", file.display());
+            Exit::Error
+        }
+    }
 }
 
 #[cfg(test)]

@@ -7,11 +7,13 @@
 //! the credentials used. Lines that are not purpose-log JSON are counted and the first is
 //! named, never fatal: a log that was cut mid-line must still be readable.
 
+use super::Exit;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -671,6 +673,19 @@ fn table(out: &mut String, head: &[&str], rows: &[Vec<String>]) {
     for row in rows {
         line(out, &mut row.iter().map(String::as_str));
     }
+}
+
+/// `chaperone audit LOG...`: 0, or 2 when a log cannot be read.
+pub fn command(logs: &[PathBuf], json: bool, top: usize) -> Exit {
+    let mut a = Auditor::new();
+    for path in logs {
+        if let Err(e) = a.read_path(path) {
+            eprintln!("chaperone audit: {}: {e}", path.display());
+            return Exit::Error;
+        }
+    }
+    let report = a.finish();
+    super::print_report(json, &report, |r| render(r, top))
 }
 
 #[cfg(test)]

@@ -7,12 +7,16 @@
 use std::io::Write;
 use std::path::Path;
 
-use super::cases::{Bench, CaseReport, Explained, WhatIf};
-use super::{PolicyEngine, SHIPPED_SCHEMA};
-use crate::config::Config;
+mod cases;
 
-/// Exit status.
-pub type Status = u8;
+pub use cases::{Bench, CaseOutcome, CaseReport, Expected, Explained, WhatIf};
+
+use super::Exit;
+use crate::config::Config;
+use crate::policy::{PolicyEngine, SHIPPED_SCHEMA};
+
+/// Exit status (the scheme of every subcommand, [`Exit`]).
+pub type Status = Exit;
 
 /// The config as `policy` commands need it: validated, but credential and TLS files that
 /// exist only where the sidecar runs may be missing (said once on stderr).
@@ -48,7 +52,7 @@ pub fn load(config: &Path, err: &mut dyn Write) -> Option<(Config, PolicyEngine)
 /// Validate the configuration's policy against its schema; list the policies and warnings.
 pub fn check(config: &Path, out: &mut dyn Write, err: &mut dyn Write) -> Status {
     let Some((cfg, engine)) = load(config, err) else {
-        return 2;
+        return Exit::Error;
     };
     let schema = match &cfg.policy.files {
         Some((_, Some(s))) => s.display().to_string(),
@@ -72,7 +76,7 @@ pub fn check(config: &Path, out: &mut dyn Write, err: &mut dyn Write) -> Status 
     for w in engine.warnings() {
         let _ = writeln!(err, "warning: {w}");
     }
-    0
+    Exit::Ok
 }
 
 /// Decide one request and print the decision, the deciding policies and the reason.
@@ -84,7 +88,7 @@ pub fn eval(
     err: &mut dyn Write,
 ) -> Status {
     let Some((cfg, engine)) = load(config, err) else {
-        return 2;
+        return Exit::Error;
     };
     match Bench::new(&cfg, &engine).decide(req) {
         Ok(got) => {
@@ -93,11 +97,15 @@ pub fn eval(
             } else {
                 print_explained(out, &got);
             }
-            if got.decision == "allow" { 0 } else { 1 }
+            if got.decision == "allow" {
+                Exit::Ok
+            } else {
+                Exit::Finding
+            }
         }
         Err(e) => {
             let _ = writeln!(err, "chaperone policy eval: {e}");
-            2
+            Exit::Error
         }
     }
 }
@@ -151,13 +159,13 @@ pub fn test(
     err: &mut dyn Write,
 ) -> Status {
     let Some((cfg, engine)) = load(config, err) else {
-        return 2;
+        return Exit::Error;
     };
     let text = match std::fs::read_to_string(cases) {
         Ok(t) => t,
         Err(e) => {
             let _ = writeln!(err, "{}: cannot read the file: {e}", cases.display());
-            return 2;
+            return Exit::Error;
         }
     };
     let file = cases.display().to_string();
@@ -165,7 +173,7 @@ pub fn test(
         Ok(r) => r,
         Err(e) => {
             let _ = writeln!(err, "{e}");
-            return 2;
+            return Exit::Error;
         }
     };
     if json {
@@ -189,7 +197,11 @@ pub fn test(
             report.cases.len() - failed
         );
     }
-    if report.passed() { 0 } else { 1 }
+    if report.passed() {
+        Exit::Ok
+    } else {
+        Exit::Finding
+    }
 }
 
 /// Print the schema policies are validated against: the shipped one, with the
@@ -205,10 +217,29 @@ pub fn schema(config: Option<&Path>, out: &mut dyn Write, err: &mut dyn Write) -
                 for e in &errs.0 {
                     let _ = writeln!(err, "{e}");
                 }
-                return 2;
+                return Exit::Error;
             }
         },
     };
     let _ = write!(out, "{text}");
-    0
+    Exit::Ok
+}
+
+/// `chaperone policy ...`: the status the subcommand chose (module docs).
+pub fn command(cmd: super::PolicyCmd) -> Exit {
+    let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
+    match cmd {
+        super::PolicyCmd::Check { config } => check(&config, &mut out, &mut err),
+        super::PolicyCmd::Eval {
+            config,
+            request,
+            json,
+        } => eval(&config, &request, json, &mut out, &mut err),
+        super::PolicyCmd::Test {
+            config,
+            cases,
+            json,
+        } => test(&config, &cases, json, &mut out, &mut err),
+        super::PolicyCmd::Schema { config } => schema(config.as_deref(), &mut out, &mut err),
+    }
 }

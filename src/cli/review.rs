@@ -14,14 +14,17 @@
 //! before it is printed: it must validate against the schema, and every allowed request
 //! in the logs is decided again under it.
 
+use super::Exit;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::audit::{Seen, for_each_line};
-use crate::config::{Config, PolicySource};
-use crate::policy::{Bench, PolicyEngine, WhatIf};
+use crate::cli::audit::{Seen, for_each_line};
+use crate::cli::policy::{Bench, WhatIf};
+use crate::config::Config;
+use crate::policy::{PolicyEngine, PolicySource};
 
 /// The fields of a purpose-log line that the review reads.
 #[derive(Deserialize)]
@@ -587,6 +590,33 @@ pub fn render(r: &Review) -> String {
     );
     let _ = writeln!(out, "{}", r.suggested_policy);
     out
+}
+
+/// `chaperone review --config F LOG...`: 0, or 2 on a config or log error.
+pub fn command(
+    config: &std::path::Path,
+    logs: &[PathBuf],
+    json: bool,
+    suggest_out: Option<&std::path::Path>,
+) -> Exit {
+    let Some((cfg, engine)) = super::policy::load(config, &mut std::io::stderr()) else {
+        return Exit::Error;
+    };
+    let paths: Vec<&std::path::Path> = logs.iter().map(PathBuf::as_path).collect();
+    let r = match review(&cfg, &engine, &paths) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("chaperone review: {e}");
+            return Exit::Error;
+        }
+    };
+    if let Some(out) = suggest_out
+        && let Err(e) = std::fs::write(out, &r.suggested_policy)
+    {
+        eprintln!("chaperone review: {}: {e}", out.display());
+        return Exit::Error;
+    }
+    super::print_report(json, &r, render)
 }
 
 #[cfg(test)]

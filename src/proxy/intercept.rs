@@ -7,14 +7,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use hyper::service::service_fn;
 use hyper::upgrade::Upgraded;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use rustls::ServerConfig;
 use rustls::server::{Acceptor, ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
 use tokio_rustls::LazyConfigAcceptor;
 
-use crate::config::TlsSettings;
+use super::TlsSettings;
 use crate::pipeline::Pipeline;
 use crate::route::{HostMatch, Target};
 use crate::tls::{LeafIssuer, TlsError};
@@ -129,11 +128,7 @@ pub async fn serve(
         let (p, c, o) = (pipeline.clone(), conn.clone(), origin.clone());
         async move { Ok::<_, std::convert::Infallible>(p.handle(c, Some(o), req).await) }
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(handshake_timeout);
+    let builder = super::http::builder(handshake_timeout);
     let conn = builder.serve_connection(TokioIo::new(tls), svc);
     tokio::pin!(conn);
     // On shutdown: finish the requests in flight, take no new ones.

@@ -20,9 +20,9 @@ use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use crate::config::Timeouts;
 use crate::error::{BoxError, ErrorCode, ProxyBody, Rejection, full};
 use crate::policy::Guardrails;
+use crate::proxy::Timeouts;
 
 /// Headers that describe one connection, never the message: removed in both directions.
 const HOP_BY_HOP: [&str; 9] = [

@@ -1,0 +1,222 @@
+//! Proxy listeners: accept on TCP or a Unix socket, attest the caller, and hand each
+//! connection to one of N worker threads, each running a single-threaded event loop with its
+//! own upstream pool, where the one HTTP server ([`super::http`]) serves it through the
+//! pipeline.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::watch;
+
+use super::attest::{self, Attestation};
+use crate::identify::{Conn, Identity};
+use crate::pipeline::Pipeline;
+
+/// Worker threads, each running a current-thread runtime until stopped.
+pub(crate) struct Workers {
+    pub(crate) handles: Vec<tokio::runtime::Handle>,
+    stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Workers {
+    pub(crate) fn spawn(n: usize) -> std::io::Result<Workers> {
+        let mut w = Workers {
+            handles: Vec::new(),
+            stops: Vec::new(),
+            threads: Vec::new(),
+        };
+        for i in 0..n {
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            w.handles.push(rt.handle().clone());
+            w.stops.push(stop_tx);
+            w.threads.push(
+                std::thread::Builder::new()
+                    .name(format!("chaperone-w{i}"))
+                    .spawn(move || {
+                        rt.block_on(async {
+                            let _ = stop_rx.await;
+                        });
+                    })?,
+            );
+        }
+        Ok(w)
+    }
+
+    /// Stop every worker (tasks still running are dropped) and join the threads.
+    pub(crate) fn stop(self) {
+        drop(self.stops);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A bound proxy listener.
+pub(crate) enum Bound {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+/// An accepted connection, detached from the acceptor's event loop to move to a worker.
+enum Accepted {
+    Tcp(std::net::TcpStream, SocketAddr),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl Bound {
+    async fn accept(&self) -> std::io::Result<Accepted> {
+        match self {
+            Bound::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                Ok(Accepted::Tcp(s.into_std()?, peer))
+            }
+            Bound::Unix(l) => {
+                let (s, _) = l.accept().await?;
+                Ok(Accepted::Unix(s.into_std()?))
+            }
+        }
+    }
+}
+
+/// Bind a Unix-socket listener: a stale socket from an earlier run is replaced (anything
+/// else at the path is an error), and the socket is made connectable by every user, since
+/// admission is decided per connection from the kernel's peer credentials.
+pub(crate) fn bind_unix(path: &std::path::Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "the path exists and is not a socket",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    Ok(listener)
+}
+
+pub(crate) async fn serve_proxy(
+    listener: Bound,
+    identity: Arc<Identity>,
+    callers: Option<Arc<[u32]>>,
+    workers: Arc<Vec<(tokio::runtime::Handle, Arc<Pipeline>)>>,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+    header_read: Duration,
+) {
+    let graceful = GracefulShutdown::new();
+    let builder = Arc::new(super::http::builder(header_read));
+    let mut next = 0usize;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let accepted = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                // Round-robin over the workers; the socket moves to the worker's event loop.
+                let (handle, pipeline) = &workers[next % workers.len()];
+                next = next.wrapping_add(1);
+                let (identity, callers, pipeline, builder, watcher) = (identity.clone(), callers.clone(), pipeline.clone(), builder.clone(), graceful.watcher());
+                handle.spawn(async move {
+                    // Attested on the worker, once per connection: reading the kernel's
+                    // socket table is a few file reads, off the accept loop.
+                    match accepted {
+                        Accepted::Tcp(stream, peer) => {
+                            let Ok(stream) = TcpStream::from_std(stream) else { return };
+                            let _ = stream.set_nodelay(true);
+                            let attestation = match (stream.local_addr(), callers.as_deref()) {
+                                (_, None) => Attestation::Unchecked,
+                                (Ok(local), admitted) => attest::attest(peer, local, admitted),
+                                (Err(e), _) => Attestation::Refused(format!("caller not attested: {e}")),
+                            };
+                            let conn = conn(identity, peer, peer.to_string(), attestation);
+                            serve_conn(stream, conn, pipeline, &builder, watcher).await;
+                        }
+                        Accepted::Unix(stream) => {
+                            let Ok(stream) = UnixStream::from_std(stream) else { return };
+                            let (attestation, label) = match stream.peer_cred() {
+                                Ok(cred) => (
+                                    attest::attest_uid(cred.uid(), "the connection", callers.as_deref()),
+                                    format!("unix:pid={}", cred.pid().unwrap_or(0)),
+                                ),
+                                Err(e) => (
+                                    Attestation::Refused(format!("caller not attested: no peer credentials: {e}")),
+                                    "unix".to_string(),
+                                ),
+                            };
+                            // A local caller: policy sees the loopback address.
+                            let local = SocketAddr::from(([127, 0, 0, 1], 0));
+                            let conn = conn(identity, local, label, attestation);
+                            serve_conn(stream, conn, pipeline, &builder, watcher).await;
+                        }
+                    }
+                });
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    drop(listener);
+    drop(workers);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(grace = ?grace, "in-flight requests still running at the shutdown deadline; closing them");
+    }
+}
+
+fn conn(
+    identity: Arc<Identity>,
+    client: SocketAddr,
+    label: String,
+    attestation: Attestation,
+) -> Arc<Conn> {
+    if let Attestation::Refused(why) = &attestation {
+        tracing::warn!(client = %label, stage = %identity.stage, reason = %why, "caller refused on a stage listener");
+    }
+    Arc::new(Conn {
+        identity,
+        client,
+        label,
+        attestation,
+    })
+}
+
+async fn serve_conn<I>(
+    io: I,
+    conn: Arc<Conn>,
+    pipeline: Arc<Pipeline>,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let label = conn.label.clone();
+    let svc = service_fn(move |req| {
+        let (p, c) = (pipeline.clone(), conn.clone());
+        async move { Ok::<_, Infallible>(p.handle(c, None, req).await) }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(client = %label, error = %e, "client connection ended with an error");
+    }
+}

@@ -1,0 +1,114 @@
+//! The data plane: everything that moves bytes. The stages decide; this module carries.
+//!
+//! ```text
+//! listener ──▶ http (one server builder) ──▶ pipeline (the stages) ──▶ upstream ──▶ API
+//!     │                                          ▲
+//!     └─ CONNECT ─▶ connect ─┬─ intercept (TLS, then http again, each request the pipeline's)
+//!                            └─ blind tunnel (splice, idle timer)
+//! ```
+//!
+//! - [`listener`]: TCP and Unix-socket listeners, caller attestation ([`attest`]), worker
+//!   threads;
+//! - [`http`]: the one HTTP/1.1 + HTTP/2 server builder, its header limit and timers;
+//! - [`connect`]: CONNECT, after the pipeline decided: blind tunnel or interception;
+//! - [`intercept`]: TLS termination with leaf certificates from the local CA;
+//! - [`upstream`]: the pooled upstream client the pipeline's forward stage sends through,
+//!   guarded against the metadata and admin addresses at connect time;
+//! - [`drain`] and [`idle`]: shutdown draining and idle timers.
+//!
+//! Nothing here imports `config` or a stage's internals: settings arrive as the types below,
+//! built by the loader, and requests go to the stages only through [`crate::pipeline`].
+
+pub mod attest;
+pub mod connect;
+pub mod drain;
+pub mod http;
+pub mod idle;
+pub mod intercept;
+pub mod listener;
+pub mod upstream;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::identify::Identity;
+use crate::route::HostMatch;
+use crate::tls::UpstreamRoots;
+
+/// Where a proxy listener binds.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ListenAddr {
+    /// TCP.
+    Tcp(SocketAddr),
+    /// A Unix socket at this path (`unix:/path` in the config); its callers are attested
+    /// with `SO_PEERCRED`.
+    Unix(PathBuf),
+}
+
+impl ListenAddr {
+    /// The TCP address, if this is one.
+    pub fn tcp(&self) -> Option<SocketAddr> {
+        match self {
+            ListenAddr::Tcp(a) => Some(*a),
+            ListenAddr::Unix(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "http://{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// One proxy listener and the identity it serves.
+#[derive(Debug, Clone)]
+pub struct ListenerSpec {
+    /// Bind address.
+    pub addr: ListenAddr,
+    /// Identity of callers on this listener.
+    pub identity: Identity,
+    /// UIDs admitted on this listener (kernel-attested); `None` admits any local process.
+    pub callers: Option<Vec<u32>>,
+}
+
+/// Validated timeouts.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Upstream connect.
+    pub connect: Duration,
+    /// Upstream response head.
+    pub request: Duration,
+    /// Client request head, and idle keep-alive client connections.
+    pub header_read: Duration,
+    /// Idle tunnel.
+    pub idle: Duration,
+    /// Drain deadline on SIGTERM.
+    pub shutdown_grace: Duration,
+}
+
+/// Validated TLS settings.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    /// Local CA (certificate PEM, key PEM) when interception is on.
+    pub ca: Option<(String, secrecy::SecretString)>,
+    /// Roots for upstream verification.
+    pub upstream_roots: UpstreamRoots,
+    /// Hosts never intercepted.
+    pub passthrough: Vec<HostMatch>,
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        TlsSettings {
+            ca: None,
+            upstream_roots: UpstreamRoots::System,
+            passthrough: Vec::new(),
+        }
+    }
+}

