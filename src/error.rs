@@ -2,11 +2,12 @@
 //! `error`, `reason` and `request_id`, and the `chaperone-request-id` header.
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, header};
+use http::{HeaderName, HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use serde::Serialize;
 
-use crate::identify::REQUEST_ID_HEADER;
+/// Request id header: taken from the app if valid, else generated; on every response.
+pub static REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("chaperone-request-id");
 
 /// Boxed error for bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
+use crate::error::REQUEST_ID_HEADER;
+
 /// Identity of one listener: who the sidecar speaks for on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
@@ -21,8 +23,6 @@ pub struct Identity {
 
 /// Request header naming the call's purpose; removed before forwarding.
 pub static PURPOSE_HEADER: HeaderName = HeaderName::from_static("chaperone-purpose");
-/// Request id header: taken from the app if valid, else generated; on every response.
-pub static REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("chaperone-request-id");
 /// W3C trace context.
 pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
@@ -44,6 +44,29 @@ pub struct Caller {
     pub client: SocketAddr,
 }
 
+/// Who a connection comes from, and whether the listener admits it: the proxy attests it
+/// from the kernel ([`crate::proxy::attest`]), identify refuses a caller the listener does not
+/// admit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attestation {
+    /// The listener admits any local process; the UID was not looked up.
+    Unchecked,
+    /// The kernel says the client socket belongs to this UID, which the listener admits.
+    Admitted(u32),
+    /// Refused, and why (for the 403 body and the log).
+    Refused(String),
+}
+
+impl Attestation {
+    /// The attested UID, if one was looked up and admitted.
+    pub fn uid(&self) -> Option<u32> {
+        match self {
+            Attestation::Admitted(u) => Some(*u),
+            _ => None,
+        }
+    }
+}
+
 /// One client connection, as accepted: the identity its listener serves, the client's
 /// address, and what the kernel attests about the client.
 #[derive(Debug)]
@@ -55,7 +78,7 @@ pub struct Conn {
     /// The client as logged: its address, or `unix:pid=N`.
     pub label: String,
     /// Whether the listener admits this client (see [`crate::proxy::attest`]).
-    pub attestation: crate::proxy::attest::Attestation,
+    pub attestation: Attestation,
 }
 
 /// Check a purpose: 1 to 64 characters from `A-Za-z0-9._:/-`.

@@ -29,6 +29,7 @@ pub mod cli;
 pub mod config;
 pub mod credentials;
 pub mod error;
+pub mod files;
 pub mod fingerprint;
 pub mod identify;
 pub mod metrics;

@@ -7,16 +7,18 @@
 //! (`chaperone_log_dropped_total`) rather than stalling the proxy or growing without bound.
 
 use std::io::Write;
+use std::ops::{Deref, DerefMut};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RequestLabels, RouteLabels};
 use crate::strip::Finding;
 
-use std::path::PathBuf;
 /// Purpose-log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -54,6 +56,20 @@ pub struct CredentialLog {
     /// when it passed them all.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub flags: Vec<&'static str>,
+}
+
+impl From<crate::credentials::Issued> for CredentialLog {
+    /// What the line says of an injected credential: everything but its value.
+    fn from(issued: crate::credentials::Issued) -> Self {
+        CredentialLog {
+            name: issued.name,
+            kind: issued.kind,
+            id: issued.id,
+            expires_at: issued.expires_at,
+            scopes: issued.scopes,
+            flags: issued.flags,
+        }
+    }
 }
 
 /// One purpose-log line.
@@ -125,6 +141,34 @@ pub struct Record {
     pub bytes_out: u64,
     /// Tunnels: bytes from the app.
     pub bytes_in: Option<u64>,
+    /// How the exchange ended.
+    pub completion: Completion,
+}
+
+/// How a request ended (DESIGN §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Completion {
+    /// The response (or the refusal, or the tunnel) ran to its end.
+    Complete,
+    /// The client went away (reset its stream, closed the connection) before a response.
+    ClientClosed,
+    /// The response body broke off before its end.
+    ResponseIncomplete,
+    /// The shutdown deadline cut the request.
+    Shutdown,
+}
+
+impl Completion {
+    /// The name in the log line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Completion::Complete => "complete",
+            Completion::ClientClosed => "client_closed",
+            Completion::ResponseIncomplete => "response_incomplete",
+            Completion::Shutdown => "shutdown",
+        }
+    }
 }
 
 impl Record {
@@ -162,6 +206,7 @@ impl Record {
             caller_uid: None,
             bytes_out: 0,
             bytes_in: None,
+            completion: Completion::Complete,
         }
     }
 
@@ -216,6 +261,8 @@ struct Pending {
 struct Shared {
     pending: Mutex<Pending>,
     wake: Condvar,
+    /// Set once the shutdown deadline has passed: a request dropped after that was cut by it.
+    past_deadline: AtomicBool,
 }
 
 /// Handle to the purpose-log writer; cheap to clone.
@@ -263,6 +310,7 @@ impl PurposeLog {
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending::default()),
             wake: Condvar::new(),
+            past_deadline: AtomicBool::new(false),
         });
         let s2 = shared.clone();
         let handle = std::thread::Builder::new()
@@ -279,6 +327,43 @@ impl PurposeLog {
                 handle: Some(handle),
             },
         ))
+    }
+
+    /// A line for a request that arrived just now; the stages fill it in, and the guard writes
+    /// it on whichever path the request ends.
+    pub fn begin(&self) -> LogGuard {
+        LogGuard {
+            rec: Box::new(Record::new(SystemTime::now())),
+            start: Instant::now(),
+            log: self.clone(),
+            written: false,
+        }
+    }
+
+    /// Say that the shutdown deadline has passed: requests still running are being cut, and
+    /// their lines say `shutdown` rather than `client_closed`.
+    pub fn shutdown_deadline_passed(&self) {
+        self.shared.past_deadline.store(true, Ordering::Release);
+    }
+
+    /// Count the request and write its line.
+    fn finish(&self, rec: &mut Record, start: Instant) {
+        let elapsed = start.elapsed();
+        rec.duration_ms = ms(elapsed);
+        let route = rec.route.clone().unwrap_or_else(|| "none".into());
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                route: route.clone(),
+                decision: rec.decision,
+                status: rec.status,
+            })
+            .inc();
+        self.metrics
+            .duration
+            .get_or_create(&RouteLabels { route })
+            .observe(elapsed.as_secs_f64());
+        self.emit(rec);
     }
 
     /// Write one record.
@@ -301,6 +386,73 @@ impl PurposeLog {
         if wake {
             self.shared.wake.notify_one();
         }
+    }
+}
+
+/// Milliseconds with microsecond precision, for the log.
+pub fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
+}
+
+/// One request's line in the making: the stages fill the [`Record`] (the guard derefs to it),
+/// and the line is written exactly once, by [`LogGuard::finish`] or, on every other exit path,
+/// when the guard is dropped: the request's future was dropped because the client reset its
+/// stream or went away (`client_closed`), or because the shutdown deadline cut it
+/// (`shutdown`). Created on the first line of the pipeline, before anything can fail, so no
+/// request (and no token minted for one) goes unlogged.
+pub struct LogGuard {
+    rec: Box<Record>,
+    start: Instant,
+    log: PurposeLog,
+    written: bool,
+}
+
+impl LogGuard {
+    /// When the request arrived.
+    pub fn started(&self) -> Instant {
+        self.start
+    }
+
+    /// Write the line as the record says the request ended.
+    pub fn finish(mut self) {
+        self.write();
+    }
+
+    fn write(&mut self) {
+        if !std::mem::replace(&mut self.written, true) {
+            self.log.finish(&mut self.rec, self.start);
+        }
+    }
+}
+
+impl Deref for LogGuard {
+    type Target = Record;
+    fn deref(&self) -> &Record {
+        &self.rec
+    }
+}
+
+impl DerefMut for LogGuard {
+    fn deref_mut(&mut self) -> &mut Record {
+        &mut self.rec
+    }
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        if self.written {
+            return;
+        }
+        let how = if self.log.shared.past_deadline.load(Ordering::Acquire) {
+            Completion::Shutdown
+        } else {
+            Completion::ClientClosed
+        };
+        self.rec.completion = how;
+        if self.rec.error.is_none() {
+            self.rec.error = Some(how.as_str().to_string());
+        }
+        self.write();
     }
 }
 

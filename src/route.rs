@@ -5,38 +5,7 @@ use std::collections::BTreeMap;
 use http::{HeaderName, Method};
 
 use crate::strip::StripMode;
-
-/// Where a request is going, as the proxy understood it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    /// `http` or `https`.
-    pub scheme: &'static str,
-    /// Lowercase host name or IP literal (no brackets).
-    pub host: String,
-    /// Destination port.
-    pub port: u16,
-    /// Path without the query.
-    pub path: String,
-    /// Raw query, if any.
-    pub query: Option<String>,
-}
-
-impl Target {
-    /// The origin (`scheme://host[:port]`), default ports omitted; the default token audience.
-    pub fn origin(&self) -> String {
-        let default = matches!((self.scheme, self.port), ("http", 80) | ("https", 443));
-        let host = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
-        if default {
-            format!("{}://{}", self.scheme, host)
-        } else {
-            format!("{}://{}:{}", self.scheme, host, self.port)
-        }
-    }
-}
+use crate::target::Target;
 
 /// A host matcher: exact, or `*.suffix` for any subdomain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,6 +152,15 @@ pub struct Route {
 pub const PURPOSE_PLACEHOLDER: &str = "{purpose}";
 
 impl Route {
+    /// The body field the route's credential goes into, when it has a credential and injects
+    /// it into the body.
+    pub fn body_field(&self) -> Option<&str> {
+        match &self.inject.into {
+            InjectInto::BodyField(f) if self.credential.is_some() => Some(f),
+            _ => None,
+        }
+    }
+
     /// The scopes for one call: borrowed when they do not name the purpose, else expanded.
     pub fn scopes_for<'a>(&'a self, purpose: &str) -> std::borrow::Cow<'a, [String]> {
         if self.scopes.iter().any(|s| s.contains(PURPOSE_PLACEHOLDER)) {
@@ -207,6 +185,14 @@ impl Route {
                 .is_none_or(|p| t.path.starts_with(p))
             && (self.methods.is_empty() || self.methods.contains(method))
     }
+}
+
+/// The purpose a request serves: what the app said (`chaperone-purpose`), else the route's
+/// default, else `unspecified`, so policy can always read one.
+pub fn purpose<'a>(asked: Option<&'a str>, route: Option<&'a Route>) -> &'a str {
+    asked
+        .or(route.and_then(|r| r.purpose_default.as_deref()))
+        .unwrap_or(crate::identify::UNSPECIFIED_PURPOSE)
 }
 
 /// The routes, in match order.

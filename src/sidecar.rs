@@ -23,12 +23,13 @@ use crate::config::Config;
 use crate::credentials::Credentials;
 use crate::fingerprint::Fingerprinter;
 use crate::metrics::Metrics;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Interception, Pipeline};
 use crate::policy::{Guardrails, PolicyEngine, PolicyStore};
 use crate::proxy::ListenAddr;
 use crate::proxy::drain::Drain;
-use crate::proxy::listener::{Bound, Workers, bind_unix, serve_proxy};
+use crate::proxy::listener::{Bound, bind_unix, serve_proxy};
 use crate::proxy::upstream::Upstream;
+use crate::proxy::worker::{Proxy, Workers};
 use crate::purpose_log::{LogWriterGuard, PurposeLog};
 use crate::route::RouteTable;
 
@@ -88,6 +89,8 @@ impl Running {
                 "intercepted connections still open at the shutdown deadline; closing them"
             );
         }
+        // Whatever still runs now is cut by the deadline: its line says `shutdown`.
+        self.pipeline.log.shutdown_deadline_passed();
         drop(self.pipeline);
         let workers = self.workers;
         let guard = self.log_guard;
@@ -203,8 +206,12 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         metrics: metrics.clone(),
         upstream: Upstream::new(&cfg.timeouts, upstream_tls.clone(), Arc::new(guardrails)),
         upstream_tls,
-        intercept,
-        drain: drain.clone(),
+        interception: match &intercept {
+            Some(_) => Interception::On {
+                passthrough: cfg.tls.passthrough.clone(),
+            },
+            None => Interception::Off,
+        },
         via: HeaderValue::from_str(&format!("1.1 {pseudonym}")).expect("ascii"),
         pseudonym,
         timeouts: cfg.timeouts,
@@ -214,11 +221,19 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
 
     let ready = Arc::new(AtomicBool::new(false));
     let workers = Workers::spawn(cfg.workers).map_err(|e| build(format!("worker threads: {e}")))?;
-    let per_worker: Arc<Vec<(tokio::runtime::Handle, Arc<Pipeline>)>> = Arc::new(
+    let per_worker: Arc<Vec<(tokio::runtime::Handle, Arc<Proxy>)>> = Arc::new(
         workers
             .handles
             .iter()
-            .map(|h| (h.clone(), Arc::new(pipeline.for_worker())))
+            .map(|h| {
+                let proxy = Proxy {
+                    pipeline: Arc::new(pipeline.for_worker()),
+                    interceptor: intercept.clone(),
+                    drain: drain.clone(),
+                    timeouts: cfg.timeouts,
+                };
+                (h.clone(), Arc::new(proxy))
+            })
             .collect(),
     );
     let mut tasks = Vec::new();

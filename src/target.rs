@@ -9,7 +9,56 @@ use http::request::Parts;
 use http::uri::Authority;
 
 use crate::error::{ErrorCode, Rejection};
-use crate::route::Target;
+
+/// Where a request is going, as the proxy understood it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// `http` or `https`.
+    pub scheme: &'static str,
+    /// Lowercase host name or IP literal (no brackets).
+    pub host: String,
+    /// Destination port.
+    pub port: u16,
+    /// Path without the query.
+    pub path: String,
+    /// Raw query, if any.
+    pub query: Option<String>,
+}
+
+impl Target {
+    /// The origin (`scheme://host[:port]`), default ports omitted; the default token audience.
+    pub fn origin(&self) -> String {
+        let default = matches!((self.scheme, self.port), ("http", 80) | ("https", 443));
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        if default {
+            format!("{}://{}", self.scheme, host)
+        } else {
+            format!("{}://{}:{}", self.scheme, host, self.port)
+        }
+    }
+}
+
+impl Target {
+    /// The authority the upstream is asked for: brackets around IPv6 literals, and the port
+    /// only when it is not the scheme's default (`Host` never carries a default port).
+    pub fn authority(&self) -> String {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        let default = matches!((self.scheme, self.port), ("http", 80) | ("https", 443));
+        if default {
+            host
+        } else {
+            format!("{host}:{}", self.port)
+        }
+    }
+}
 
 fn bad(reason: impl Into<String>) -> Rejection {
     Rejection::new(ErrorCode::BadRequest, reason)
@@ -20,6 +69,19 @@ pub(crate) fn normalize_host(h: &str) -> String {
         .trim_end_matches(']')
         .trim_end_matches('.')
         .to_ascii_lowercase()
+}
+
+/// Where a (non-CONNECT) request is going, and the URL userinfo if the app put one there:
+/// from its request target, or, for a request decrypted from an intercepted tunnel, the
+/// tunnel's `origin` (see [`intercepted_target`]).
+pub fn resolve(
+    parts: &Parts,
+    origin: Option<&Target>,
+) -> Result<(Target, Option<String>), Rejection> {
+    match origin {
+        Some(o) => Ok((intercepted_target(parts, o)?, None)),
+        None => target(parts),
+    }
 }
 
 /// The destination of a non-CONNECT request, and the URL userinfo if the app put one there.

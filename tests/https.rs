@@ -413,3 +413,24 @@ async fn bodies_are_inspected_inside_intercepted_http2() {
     assert!(http.iter().all(|l| l["body_scan"] == "inspected"));
     sc.assert_never_shows(&[&key, STATIC_VALUE]);
 }
+
+/// Intercepted connections serve through the same HTTP server builder as the listeners, so a
+/// request head over 64 KiB is refused there too, never forwarded (hyper's default limit
+/// would take ~400 KiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intercepted_request_head_over_64_kib_is_refused_as_on_the_listener() {
+    let pki = TestPki::new();
+    let up = Upstream::start_tls(&pki).await;
+    let sc = start(&up, &pki.ca_pem);
+    let ca = sc.dir().join("ca.pem");
+    let url = format!("https://localhost:{}/v1/models", up.addr.port());
+    let big = format!("x-big: {}", "a".repeat(70 * 1024));
+    let (rc, code, body) = through(&sc, &ca, &["--http1.1", "-H", &big, &url]);
+    assert_eq!((rc, code), (0, 431), "{body}");
+    let (_, code, body) = through(&sc, &ca, &["--http2", "-H", &big, &url]);
+    assert_ne!(code, 200, "{body}");
+    assert!(up.requests().is_empty(), "an oversized head was forwarded");
+    // The same request within the limit goes through.
+    let (rc, code, body) = through(&sc, &ca, &["--http1.1", "-H", "x-small: a", &url]);
+    assert_eq!((rc, code), (0, 200), "{body}");
+}

@@ -296,10 +296,7 @@ pub fn review(cfg: &InjectConfig, body: &[u8]) -> Result<Value, String> {
     }))
 }
 
-type Stamps = (
-    crate::credentials::files::FileStamp,
-    crate::credentials::files::FileStamp,
-);
+type Stamps = (crate::files::FileStamp, crate::files::FileStamp);
 
 /// The webhook's TLS certificate, re-read when its files change (cert-manager renews them
 /// in place), so a renewal needs no restart.
@@ -333,7 +330,7 @@ impl rustls::server::ResolvesServerCert for ReloadingCert {
         &self,
         _: rustls::server::ClientHello<'_>,
     ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        use crate::credentials::files::stamp_of;
+        use crate::files::stamp_of;
         let stamp = (stamp_of(&self.cert), stamp_of(&self.key));
         let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
         if stamp != cur.0 {
@@ -385,10 +382,7 @@ pub async fn serve(
         cert: cert.to_path_buf(),
         key: key.to_path_buf(),
         current: Mutex::new((
-            (
-                crate::credentials::files::stamp_of(cert),
-                crate::credentials::files::stamp_of(key),
-            ),
+            (crate::files::stamp_of(cert), crate::files::stamp_of(key)),
             first,
         )),
     };

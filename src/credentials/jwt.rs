@@ -17,8 +17,8 @@ use secrecy::SecretString;
 use serde::Serialize;
 
 use super::CredentialError;
-use super::files::{FileStamp, stamp_of};
 use super::keys::{Allow, SigningKey};
+use crate::files::{FileStamp, stamp_of};
 
 /// Where a `jwt` credential's signing key comes from.
 #[derive(Debug, Clone)]

@@ -2,7 +2,7 @@
 //! injected. Failure is closed: the pipeline forwards nothing without its credential.
 
 mod cache;
-pub mod files;
+mod inject;
 mod jwt;
 mod keys;
 mod oauth;
@@ -16,13 +16,14 @@ use std::time::{Duration, SystemTime};
 
 use secrecy::{ExposeSecret, SecretString};
 
+pub use inject::Call;
 pub use jwt::{JwtMinter, JwtSpec, KeySource, MintRequest, Minted};
 pub use keys::{Allow, SigningKey};
 pub use oauth::{ClientAuth, Exchange, Grant, OAuthSpec, TOKEN_TYPE_JWT, TokenParams, skew};
 
+use crate::files::{self, FileStamp, stamp_of};
 use crate::fingerprint::Fingerprinter;
 use crate::metrics::{CacheLabels, FetchLabels, FlagLabels, Metrics};
-use files::{FileStamp, stamp_of};
 
 /// Where a static secret comes from.
 #[derive(Debug, Clone)]

@@ -22,8 +22,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use super::files::{FileStamp, read_secret_file, stamp_of};
 use super::keys::{Allow, SigningKey};
+use crate::files::{FileStamp, read_secret_file, stamp_of};
 
 /// RFC 8693 §3 token type of a JWT.
 pub const TOKEN_TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";

@@ -165,7 +165,7 @@ pub struct PolicyError(String);
 pub struct PolicyStore {
     current: arc_swap::ArcSwap<PolicyEngine>,
     source: std::sync::Mutex<PolicySource>,
-    stamps: std::sync::Mutex<Vec<crate::credentials::files::FileStamp>>,
+    stamps: std::sync::Mutex<Vec<crate::files::FileStamp>>,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -192,12 +192,12 @@ impl PolicyStore {
         }
     }
 
-    fn stamps(source: &PolicySource) -> Vec<crate::credentials::files::FileStamp> {
+    fn stamps(source: &PolicySource) -> Vec<crate::files::FileStamp> {
         source
             .files
             .iter()
             .flat_map(|(p, s)| std::iter::once(p).chain(s))
-            .map(|p| crate::credentials::files::stamp_of(p))
+            .map(|p| crate::files::stamp_of(p))
             .collect()
     }
 

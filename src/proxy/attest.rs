@@ -10,26 +10,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-/// Who a connection comes from, and whether the listener admits it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Attestation {
-    /// The listener admits any local process; the UID was not looked up.
-    Unchecked,
-    /// The kernel says the client socket belongs to this UID, which the listener admits.
-    Admitted(u32),
-    /// Refused, and why (for the 403 body and the log).
-    Refused(String),
-}
-
-impl Attestation {
-    /// The attested UID, if one was looked up and admitted.
-    pub fn uid(&self) -> Option<u32> {
-        match self {
-            Attestation::Admitted(u) => Some(*u),
-            _ => None,
-        }
-    }
-}
+use crate::identify::Attestation;
 
 /// Attest the client at `peer` of the listener at `local`, which admits `admitted`
 /// (`None`: anyone).

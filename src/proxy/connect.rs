@@ -1,16 +1,145 @@
-//! CONNECT tunnels: connect to the allowed destination, then splice bytes both ways.
+//! CONNECT: the pipeline decides ([`crate::pipeline::Pipeline::decide_connect`]), then this
+//! module carries out the plan. Intercept: answer 200 and terminate the app's TLS ([`super::intercept`]), each
+//! request inside going through the pipeline on its own. Blind: connect to the allowed
+//! destination, answer 200, splice bytes both ways. Either way the CONNECT's own log line is
+//! written when the tunnel ends (or by its guard, if the tunnel is cut).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use http::Request;
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::error::{ErrorCode, Rejection};
+use super::worker::Proxy;
+use crate::error::{ErrorCode, ProxyBody, REQUEST_ID_HEADER, Rejection, full};
+use crate::identify::Conn;
+use crate::pipeline::{ConnectPlan, Exchange};
 use crate::policy::Guardrails;
-use crate::route::Target;
+use crate::purpose_log::ms;
+use crate::target::Target;
+
+/// Handle a CONNECT that came in on `conn` (not one inside an intercepted tunnel).
+pub async fn handle(
+    proxy: Arc<Proxy>,
+    conn: Arc<Conn>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let pipeline = &proxy.pipeline;
+    let (mut parts, body) = req.into_parts();
+    let (mut x, admitted) = pipeline.identify(&conn, &mut parts);
+    if let Err(rej) = admitted {
+        return pipeline.reject(x, rej);
+    }
+    x.log.kind = "tunnel";
+    let plan = match pipeline.decide_connect(&mut x, &parts) {
+        Ok(plan) => plan,
+        Err(rej) => return pipeline.reject(x, rej),
+    };
+    x.log.decision = "allow";
+    let req = Request::from_parts(parts, body);
+    match plan {
+        ConnectPlan {
+            target,
+            intercept: true,
+            ..
+        } => intercept(proxy, conn, target, req, x),
+        ConnectPlan { target, lifted, .. } => blind(proxy, target, lifted, req, x).await,
+    }
+}
+
+/// Connect to the destination, answer 200, and splice until either side closes or the tunnel
+/// idles out.
+async fn blind(
+    proxy: Arc<Proxy>,
+    target: Target,
+    lifted: Option<&'static str>,
+    req: Request<Incoming>,
+    mut x: Exchange,
+) -> Response<ProxyBody> {
+    let pipeline = &proxy.pipeline;
+    let upstream = match dial(
+        &target,
+        &pipeline.guardrails,
+        lifted,
+        proxy.timeouts.connect,
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(rej) => return pipeline.reject(x, rej),
+    };
+    x.log.upstream_ms = Some(ms(x.log.started().elapsed()));
+    x.log.status = 200;
+    let response = tunnel_established(&x.caller.request_id);
+    let (metrics, idle) = (pipeline.metrics.clone(), proxy.timeouts.idle);
+    tokio::spawn(async move {
+        metrics.tunnels_open.inc();
+        let outcome = splice(req, upstream, idle).await;
+        metrics.tunnels_open.dec();
+        let ((up, down), error) = match outcome {
+            Ok(counts) => (counts, None),
+            Err((up, down, e)) => ((up, down), Some(e)),
+        };
+        x.log.bytes_in = Some(up);
+        x.log.bytes_out = down;
+        x.log.error = error;
+        x.log.finish();
+    });
+    response
+}
+
+/// Answer 200 and serve the tunnel's decrypted requests; the CONNECT itself is logged when
+/// the connection ends (kind `intercept`), with any handshake failure.
+fn intercept(
+    proxy: Arc<Proxy>,
+    conn: Arc<Conn>,
+    target: Target,
+    req: Request<Incoming>,
+    mut x: Exchange,
+) -> Response<ProxyBody> {
+    x.log.kind = "intercept";
+    x.log.scheme = "https".into();
+    x.log.status = 200;
+    x.log.reason = Some("intercepted: each request inside is authorized on its own".into());
+    let response = tunnel_established(&x.caller.request_id);
+    tokio::spawn(async move {
+        let upgraded = match hyper::upgrade::on(req).await {
+            Ok(u) => u,
+            Err(e) => {
+                x.log.error = Some(format!("upgrade failed: {e}"));
+                x.log.finish();
+                return;
+            }
+        };
+        let client = conn.client;
+        match super::intercept::serve(proxy, conn, target, upgraded).await {
+            Ok(n) => {
+                x.log.reason = Some(format!(
+                    "intercepted: {n} request(s), each authorized and logged on its own"
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(client = %client, host = %x.log.host, error = %e, "intercepted TLS handshake failed");
+                x.log.error = Some(format!("tls_handshake_failed: {e}"));
+            }
+        }
+        x.log.finish();
+    });
+    response
+}
+
+/// The empty 200 that opens a CONNECT tunnel (blind or intercepted).
+fn tunnel_established(request_id: &str) -> Response<ProxyBody> {
+    let mut resp = Response::new(full(Bytes::new()));
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        resp.headers_mut().insert(REQUEST_ID_HEADER.clone(), v);
+    }
+    resp
+}
 
 /// Resolve once, refuse guarded addresses, connect to the first address that answers.
 ///
@@ -18,7 +147,7 @@ use crate::route::Target;
 /// metadata endpoint between the check and the connect. `lifted` is the guardrail kind a
 /// policy allowed for this destination as named (an IP literal or a metadata host name);
 /// other guardrails still hold.
-pub async fn connect(
+pub async fn dial(
     target: &Target,
     guard: &Guardrails,
     lifted: Option<&str>,

@@ -14,14 +14,13 @@ use rustls::sign::CertifiedKey;
 use tokio_rustls::LazyConfigAcceptor;
 
 use super::TlsSettings;
-use crate::pipeline::Pipeline;
-use crate::route::{HostMatch, Target};
+use super::worker::Proxy;
+use crate::target::Target;
 use crate::tls::{LeafIssuer, TlsError};
 
 /// Everything interception needs, shared by all connections.
 pub struct Interceptor {
     issuer: Arc<LeafIssuer>,
-    passthrough: Vec<HostMatch>,
     sessions: Arc<ServerSessionMemoryCache>,
     ticketer: Arc<dyn rustls::server::ProducesTickets>,
 }
@@ -50,17 +49,11 @@ impl Interceptor {
         };
         Ok(Some(Interceptor {
             issuer: Arc::new(LeafIssuer::from_pem(cert, key.expose_secret())?),
-            passthrough: settings.passthrough.clone(),
             // Shared across connections so returning clients resume their TLS sessions.
             sessions: ServerSessionMemoryCache::new(4096),
             ticketer: rustls::crypto::aws_lc_rs::Ticketer::new()
                 .map_err(|e| TlsError(e.to_string()))?,
         }))
-    }
-
-    /// Is this host configured never to be intercepted?
-    pub fn is_passthrough(&self, host: &str) -> bool {
-        self.passthrough.iter().any(|m| m.matches(host))
     }
 
     /// Issue (or fetch) the leaf for `host` now, e.g. to measure issuance.
@@ -83,15 +76,18 @@ impl Interceptor {
 /// Terminate the app's TLS on an upgraded CONNECT stream and serve its requests.
 /// Returns how many requests were served, or why the handshake failed.
 pub async fn serve(
-    pipeline: Arc<Pipeline>,
-    interceptor: Arc<Interceptor>,
+    proxy: Arc<Proxy>,
     conn: Arc<crate::identify::Conn>,
     origin: Target,
     upgraded: Upgraded,
 ) -> Result<u64, String> {
-    let drain = pipeline.drain.clone();
+    let interceptor = proxy
+        .interceptor
+        .clone()
+        .ok_or("interception is not configured")?;
+    let drain = proxy.drain.clone();
     let _guard = drain.enter();
-    let handshake_timeout = pipeline.timeouts.header_read;
+    let handshake_timeout = proxy.timeouts.header_read;
     let handshake = async {
         let start = LazyConfigAcceptor::new(Acceptor::default(), TokioIo::new(upgraded))
             .await
@@ -125,8 +121,8 @@ pub async fn serve(
     let origin = Arc::new(origin);
     let svc = service_fn(move |req| {
         counter.fetch_add(1, Ordering::Relaxed);
-        let (p, c, o) = (pipeline.clone(), conn.clone(), origin.clone());
-        async move { Ok::<_, std::convert::Infallible>(p.handle(c, Some(o), req).await) }
+        let (p, c, o) = (proxy.clone(), conn.clone(), origin.clone());
+        async move { Ok::<_, std::convert::Infallible>(p.serve(c, Some(o), req).await) }
     });
     let builder = super::http::builder(handshake_timeout);
     let conn = builder.serve_connection(TokioIo::new(tls), svc);

@@ -1,7 +1,6 @@
 //! Proxy listeners: accept on TCP or a Unix socket, attest the caller, and hand each
-//! connection to one of N worker threads, each running a single-threaded event loop with its
-//! own upstream pool, where the one HTTP server ([`super::http`]) serves it through the
-//! pipeline.
+//! connection to one of the worker threads ([`super::worker`]), where the one HTTP server
+//! ([`super::http`]) serves it.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -15,52 +14,10 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::watch;
 
-use super::attest::{self, Attestation};
+use super::attest;
+use super::worker::Proxy;
+use crate::identify::Attestation;
 use crate::identify::{Conn, Identity};
-use crate::pipeline::Pipeline;
-
-/// Worker threads, each running a current-thread runtime until stopped.
-pub(crate) struct Workers {
-    pub(crate) handles: Vec<tokio::runtime::Handle>,
-    stops: Vec<tokio::sync::oneshot::Sender<()>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Workers {
-    pub(crate) fn spawn(n: usize) -> std::io::Result<Workers> {
-        let mut w = Workers {
-            handles: Vec::new(),
-            stops: Vec::new(),
-            threads: Vec::new(),
-        };
-        for i in 0..n {
-            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            w.handles.push(rt.handle().clone());
-            w.stops.push(stop_tx);
-            w.threads.push(
-                std::thread::Builder::new()
-                    .name(format!("chaperone-w{i}"))
-                    .spawn(move || {
-                        rt.block_on(async {
-                            let _ = stop_rx.await;
-                        });
-                    })?,
-            );
-        }
-        Ok(w)
-    }
-
-    /// Stop every worker (tasks still running are dropped) and join the threads.
-    pub(crate) fn stop(self) {
-        drop(self.stops);
-        for t in self.threads {
-            let _ = t.join();
-        }
-    }
-}
 
 /// A bound proxy listener.
 pub(crate) enum Bound {
@@ -112,7 +69,7 @@ pub(crate) async fn serve_proxy(
     listener: Bound,
     identity: Arc<Identity>,
     callers: Option<Arc<[u32]>>,
-    workers: Arc<Vec<(tokio::runtime::Handle, Arc<Pipeline>)>>,
+    workers: Arc<Vec<(tokio::runtime::Handle, Arc<Proxy>)>>,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
     header_read: Duration,
@@ -133,9 +90,9 @@ pub(crate) async fn serve_proxy(
                     }
                 };
                 // Round-robin over the workers; the socket moves to the worker's event loop.
-                let (handle, pipeline) = &workers[next % workers.len()];
+                let (handle, proxy) = &workers[next % workers.len()];
                 next = next.wrapping_add(1);
-                let (identity, callers, pipeline, builder, watcher) = (identity.clone(), callers.clone(), pipeline.clone(), builder.clone(), graceful.watcher());
+                let (identity, callers, proxy, builder, watcher) = (identity.clone(), callers.clone(), proxy.clone(), builder.clone(), graceful.watcher());
                 handle.spawn(async move {
                     // Attested on the worker, once per connection: reading the kernel's
                     // socket table is a few file reads, off the accept loop.
@@ -149,7 +106,7 @@ pub(crate) async fn serve_proxy(
                                 (Err(e), _) => Attestation::Refused(format!("caller not attested: {e}")),
                             };
                             let conn = conn(identity, peer, peer.to_string(), attestation);
-                            serve_conn(stream, conn, pipeline, &builder, watcher).await;
+                            serve_conn(stream, conn, proxy, &builder, watcher).await;
                         }
                         Accepted::Unix(stream) => {
                             let Ok(stream) = UnixStream::from_std(stream) else { return };
@@ -166,7 +123,7 @@ pub(crate) async fn serve_proxy(
                             // A local caller: policy sees the loopback address.
                             let local = SocketAddr::from(([127, 0, 0, 1], 0));
                             let conn = conn(identity, local, label, attestation);
-                            serve_conn(stream, conn, pipeline, &builder, watcher).await;
+                            serve_conn(stream, conn, proxy, &builder, watcher).await;
                         }
                     }
                 });
@@ -204,7 +161,7 @@ fn conn(
 async fn serve_conn<I>(
     io: I,
     conn: Arc<Conn>,
-    pipeline: Arc<Pipeline>,
+    proxy: Arc<Proxy>,
     builder: &auto::Builder<TokioExecutor>,
     watcher: hyper_util::server::graceful::Watcher,
 ) where
@@ -212,8 +169,8 @@ async fn serve_conn<I>(
 {
     let label = conn.label.clone();
     let svc = service_fn(move |req| {
-        let (p, c) = (pipeline.clone(), conn.clone());
-        async move { Ok::<_, Infallible>(p.handle(c, None, req).await) }
+        let (p, c) = (proxy.clone(), conn.clone());
+        async move { Ok::<_, Infallible>(p.serve(c, None, req).await) }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     if let Err(e) = watcher.watch(conn).await {

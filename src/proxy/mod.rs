@@ -7,8 +7,10 @@
 //!                            └─ blind tunnel (splice, idle timer)
 //! ```
 //!
-//! - [`listener`]: TCP and Unix-socket listeners, caller attestation ([`attest`]), worker
-//!   threads;
+//! - [`listener`]: TCP and Unix-socket listeners, caller attestation ([`attest`]);
+//! - [`worker`]: the worker threads, each with its [`worker::Proxy`]: its copy of the
+//!   pipeline, and the dispatch of CONNECT to [`connect`] and of every other request to the
+//!   pipeline;
 //! - [`http`]: the one HTTP/1.1 + HTTP/2 server builder, its header limit and timers;
 //! - [`connect`]: CONNECT, after the pipeline decided: blind tunnel or interception;
 //! - [`intercept`]: TLS termination with leaf certificates from the local CA;
@@ -16,8 +18,10 @@
 //!   guarded against the metadata and admin addresses at connect time;
 //! - [`drain`] and [`idle`]: shutdown draining and idle timers.
 //!
-//! Nothing here imports `config` or a stage's internals: settings arrive as the types below,
-//! built by the loader, and requests go to the stages only through [`crate::pipeline`].
+//! Nothing here imports `config`: settings arrive as the types below, built by the loader.
+//! Requests reach the stages only through [`crate::pipeline`]. This file and [`upstream`],
+//! [`drain`] and [`idle`] sit below the pipeline (its forward stage sends through
+//! [`upstream`]); the rest sits above it (`tests/layers.rs` holds both sides to that).
 
 pub mod attest;
 pub mod connect;
@@ -27,6 +31,7 @@ pub mod idle;
 pub mod intercept;
 pub mod listener;
 pub mod upstream;
+pub mod worker;
 
 use std::fmt;
 use std::net::SocketAddr;

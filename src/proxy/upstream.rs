@@ -23,6 +23,7 @@ use tokio::net::TcpStream;
 use crate::error::{BoxError, ErrorCode, ProxyBody, Rejection, full};
 use crate::policy::Guardrails;
 use crate::proxy::Timeouts;
+use crate::target::Target;
 
 /// Headers that describe one connection, never the message: removed in both directions.
 const HOP_BY_HOP: [&str; 9] = [
@@ -84,6 +85,64 @@ pub fn is_loop(headers: &HeaderMap, pseudonym: &str) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|entry| entry.split_whitespace().nth(1) == Some(pseudonym))
+}
+
+/// Refuse a request that has already passed through this proxy instance (508-style loop).
+pub fn refuse_loop(headers: &HeaderMap, pseudonym: &str) -> Result<(), Rejection> {
+    if is_loop(headers, pseudonym) {
+        return Err(Rejection::new(
+            ErrorCode::LoopDetected,
+            "this request has already passed through this proxy",
+        ));
+    }
+    Ok(())
+}
+
+/// Make a request that went through the stages ready for the wire: the upstream URL from
+/// `target` (with the query the strip stage rewrote, if it did), no hop-by-hop headers,
+/// `Host` for the target (without its scheme's default port), our `Via`, HTTP/1.1 on our
+/// side (the client negotiates h2 by ALPN), and for a buffered body its own length.
+pub fn prepare(
+    parts: &mut http::request::Parts,
+    target: &Target,
+    new_query: Option<&str>,
+    via: &HeaderValue,
+    body: &OutBody,
+) -> Result<(), Rejection> {
+    let path_and_query = match (new_query, &target.query) {
+        (Some(""), _) => target.path.clone(),
+        (Some(q), _) => format!("{}?{}", target.path, q),
+        (None, Some(q)) => format!("{}?{}", target.path, q),
+        (None, None) => target.path.clone(),
+    };
+    let authority = target.authority();
+    parts.uri = Uri::builder()
+        .scheme(target.scheme)
+        .authority(authority.as_str())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|e| {
+            Rejection::new(
+                ErrorCode::BadRequest,
+                format!("cannot build the upstream URL: {e}"),
+            )
+        })?;
+    strip_request_hop_by_hop(&mut parts.headers);
+    parts.headers.insert(
+        header::HOST,
+        HeaderValue::from_str(&authority)
+            .map_err(|_| Rejection::new(ErrorCode::BadRequest, "bad host"))?,
+    );
+    append_via(&mut parts.headers, via);
+    parts.version = http::Version::HTTP_11;
+    if let OutBody::Buffered(b) = body {
+        // The body may have been rewritten: its length, not the client's, frames it.
+        parts.headers.remove(header::TRANSFER_ENCODING);
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(b.len()));
+    }
+    Ok(())
 }
 
 /// A DNS resolver that drops guarded addresses (metadata, link-local) from every answer, so
@@ -324,6 +383,16 @@ impl Upstream {
                 }
                 Err(_) => return Err(timed_out()),
             }
+        }
+    }
+}
+
+impl OutBody {
+    /// The body, when it was read whole (the credential stage may inject into it).
+    pub fn buffered_mut(&mut self) -> Option<&mut Bytes> {
+        match self {
+            OutBody::Buffered(b) => Some(b),
+            _ => None,
         }
     }
 }

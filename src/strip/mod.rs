@@ -19,21 +19,20 @@ mod formats;
 pub mod fuzzing;
 mod names;
 
-use serde::Deserialize;
 use std::borrow::Cow;
+use std::path::PathBuf;
 
 use http::header::{COOKIE, HeaderValue};
 use http::{HeaderMap, HeaderName};
 use percent_encoding::percent_decode_str;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use body::{BodyKind, BodyPlan};
 pub use formats::{Hit, classify, find_tokens, is_placeholder, known_types};
 pub use names::{credential_name, entropy, named_value};
 
+use crate::error::{ErrorCode, Rejection};
 use crate::fingerprint::Fingerprinter;
-
-use std::path::PathBuf;
 /// What happens to a secret the app embedded in a request.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -45,6 +44,17 @@ pub enum StripMode {
     Block,
     /// Forward unchanged and log it (observe mode).
     Report,
+}
+
+impl StripMode {
+    /// The name in the config and the log line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StripMode::Strip => "strip",
+            StripMode::Block => "block",
+            StripMode::Report => "report",
+        }
+    }
 }
 
 /// Validated strip settings.
@@ -166,6 +176,51 @@ pub struct StripReport {
     pub findings: Vec<Finding>,
     /// The rewritten query (without `?`) when the query or userinfo changed.
     pub new_path_and_query: Option<String>,
+}
+
+/// The strip stage's verdict on one request, once its head and body are inspected
+/// (`findings` is all of it, `body` the body's part with the fields they were in): `Ok` when it
+/// may go on (secrets in the head are already removed in strip mode), or the 403
+/// `embedded_secret` that refuses it.
+///
+/// A secret in a body cannot be cut out without changing what the request says: in strip
+/// mode it is replaced when the route's credential goes into that very field (`body_field`),
+/// and otherwise refused rather than forwarded. Block mode refuses any secret; report mode
+/// none.
+pub fn verdict(
+    mode: StripMode,
+    findings: &[Finding],
+    body: &[BodyFinding],
+    body_field: Option<&str>,
+) -> Result<(), Rejection> {
+    let refused: Vec<&Finding> = match mode {
+        StripMode::Block => findings.iter().collect(),
+        StripMode::Strip => body
+            .iter()
+            .filter(|f| body_field != Some(f.field.as_str()))
+            .map(|f| &f.finding)
+            .collect(),
+        StripMode::Report => Vec::new(),
+    };
+    if refused.is_empty() {
+        return Ok(());
+    }
+    let places: Vec<String> = refused
+        .iter()
+        .map(|f| format!("{} in {}", f.kind, f.location))
+        .collect();
+    let advice = if mode == StripMode::Block {
+        "remove them and let the sidecar inject credentials"
+    } else {
+        "a secret in a body is not forwarded; remove it from the app, or set the route's `inject.body_field` to the field that carries the key"
+    };
+    Err(Rejection::new(
+        ErrorCode::EmbeddedSecret,
+        format!(
+            "the request carries embedded secrets ({}); {advice}",
+            places.join(", ")
+        ),
+    ))
 }
 
 /// Every secret in one value held under `name` (a header, cookie, parameter or field name):

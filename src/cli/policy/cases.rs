@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Config, ConfigError, parse_yaml};
 use crate::identify::Identity;
 use crate::policy::{GuardrailHit, Guardrails, PolicyDecision, PolicyEngine, PolicyInput};
-use crate::route::{RouteTable, Target};
+use crate::route::RouteTable;
+use crate::target::Target;
 
 /// One request to decide: the arguments of `policy eval` (clap), or one case of a CASES
 /// file (serde).

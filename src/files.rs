@@ -1,5 +1,6 @@
-//! The files credentials are read from: change detection and secret reading, shared by
-//! static secrets, signing keys, client certificates and token-endpoint secrets.
+//! Files read at run time and watched for change: the secrets credentials are read from
+//! (static secrets, signing keys, client certificates, token-endpoint secrets), the policy
+//! files, and the webhook's serving certificate.
 
 use std::path::Path;
 use std::time::SystemTime;

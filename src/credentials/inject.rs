@@ -1,0 +1,142 @@
+//! The credential stage's one call: obtain the route's credential for this request and put it
+//! where the route says, a header or a field of the buffered body. Fail closed: no credential,
+//! no forwarding.
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
+use secrecy::ExposeSecret;
+
+use super::{Credentials, Issued, MintRequest};
+use crate::error::{ErrorCode, Rejection};
+use crate::identify::Caller;
+use crate::metrics::CredentialLabels;
+use crate::route::{InjectInto, Route};
+use crate::strip::BodyPlan;
+use crate::target::Target;
+
+/// The request a credential is obtained for.
+#[derive(Debug, Clone, Copy)]
+pub struct Call<'a> {
+    /// Who calls.
+    pub caller: &'a Caller,
+    /// Where to.
+    pub target: &'a Target,
+    /// The request method.
+    pub method: &'a str,
+    /// The purpose it serves (after the route's default).
+    pub purpose: &'a str,
+}
+
+impl Credentials {
+    /// Obtain `route`'s credential for `call` and inject it into `headers` or into `body` (the
+    /// buffered request body, when there is one). `Ok(None)` when the route injects nothing;
+    /// the returned [`Issued`] is what the log line says of it.
+    pub async fn inject(
+        &self,
+        route: &Route,
+        call: Call<'_>,
+        headers: &mut HeaderMap,
+        body: Option<&mut Bytes>,
+    ) -> Result<Option<Issued>, Rejection> {
+        let Some(name) = &route.credential else {
+            return Ok(None);
+        };
+        let identity = &call.caller.identity;
+        let audience = route
+            .audience
+            .clone()
+            .unwrap_or_else(|| call.target.origin());
+        let scopes = route.scopes_for(call.purpose);
+        let obtained = self
+            .obtain(
+                name,
+                &MintRequest {
+                    subject: &identity.id,
+                    audience: &audience,
+                    requested_audience: route.audience.as_deref(),
+                    resource: route.resource.as_deref(),
+                    max_ttl: route.max_ttl,
+                    txn: &call.caller.request_id,
+                    scopes: &scopes,
+                    workload: &identity.workload,
+                    stage: &identity.stage,
+                    environment: &identity.environment,
+                    purpose: call.purpose,
+                    method: call.method,
+                    host: &call.target.host,
+                    path: &call.target.path,
+                },
+            )
+            .await;
+        let count = |kind: &'static str, result: &'static str| {
+            self.metrics
+                .credentials_issued
+                .get_or_create(&CredentialLabels {
+                    credential: name.clone(),
+                    kind,
+                    result,
+                })
+                .inc();
+        };
+        let issued = match obtained {
+            Ok(i) => i,
+            Err(e) => {
+                count("unknown", "error");
+                return Err(Rejection::new(
+                    ErrorCode::CredentialUnavailable,
+                    format!("credential `{name}`: {e}"),
+                ));
+            }
+        };
+        count(issued.kind, "ok");
+        let inj = &route.inject;
+        let value = format!(
+            "{}{}{}",
+            inj.prefix,
+            issued.value.expose_secret(),
+            inj.suffix
+        );
+        match &inj.into {
+            InjectInto::Header(header) => {
+                let mut hv = HeaderValue::from_str(&value).map_err(|_| {
+                    Rejection::new(
+                        ErrorCode::CredentialUnavailable,
+                        format!("credential `{name}` is not a valid header value"),
+                    )
+                })?;
+                hv.set_sensitive(true);
+                headers.insert(header.clone(), hv);
+            }
+            InjectInto::BodyField(field) => {
+                into_body(headers, body, field, &value).map_err(|why| {
+                    Rejection::new(
+                        ErrorCode::BadRequest,
+                        format!(
+                            "route `{}` puts its credential into the body field `{field}`: {why}",
+                            route.name
+                        ),
+                    )
+                })?;
+            }
+        }
+        Ok(Some(issued))
+    }
+}
+
+/// Put a credential into a field of a buffered JSON, form or multipart body.
+fn into_body(
+    headers: &HeaderMap,
+    body: Option<&mut Bytes>,
+    field: &str,
+    value: &str,
+) -> Result<(), String> {
+    let (BodyPlan::Inspect(kind), Some(bytes)) = (crate::strip::body::plan(headers), body) else {
+        return Err(
+            "the request needs a JSON, form or multipart body (uncompressed, at most `strip.body_max_bytes`)"
+                .into(),
+        );
+    };
+    let out = crate::strip::body::inject_field(&kind, bytes, field, value)?;
+    *bytes = Bytes::from(out);
+    Ok(())
+}

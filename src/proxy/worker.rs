@@ -1,0 +1,91 @@
+//! Worker threads, each running a single-threaded event loop with its own [`Proxy`]: its
+//! copy of the pipeline (with its own upstream pool) and the transport pieces. A request, the
+//! upstream connection it rides and the tasks between them then share a thread, so a proxied
+//! request costs no cross-thread wakeups (measured: they were most of the added latency on the
+//! shared multi-threaded runtime; see BENCHMARKS.md).
+
+use std::sync::Arc;
+
+use http::{Method, Request, Response};
+use hyper::body::Incoming;
+
+use super::{Timeouts, connect, drain, intercept};
+use crate::error::ProxyBody;
+use crate::identify::Conn;
+use crate::pipeline::Pipeline;
+use crate::target::Target;
+
+/// What one worker thread serves requests with: its copy of the pipeline, and the transport
+/// pieces that act on the pipeline's decisions.
+#[derive(Debug)]
+pub struct Proxy {
+    /// The stages (this worker's copy, with its own upstream pool).
+    pub pipeline: Arc<Pipeline>,
+    /// TLS interception, when a local CA is configured.
+    pub interceptor: Option<Arc<intercept::Interceptor>>,
+    /// Shutdown draining for intercepted connections.
+    pub drain: Arc<drain::Drain>,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+}
+
+impl Proxy {
+    /// Serve one request from `conn`: a CONNECT (on the listener itself) is the proxy's to
+    /// carry out once the pipeline has decided; every other request is the pipeline's. `origin`
+    /// is the tunnel's destination for a request decrypted from an intercepted CONNECT.
+    pub async fn serve(
+        self: Arc<Self>,
+        conn: Arc<Conn>,
+        origin: Option<Arc<Target>>,
+        req: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        if req.method() == Method::CONNECT && origin.is_none() {
+            connect::handle(self, conn, req).await
+        } else {
+            self.pipeline.clone().handle(conn, origin, req).await
+        }
+    }
+}
+
+/// Worker threads, each running a current-thread runtime until stopped.
+pub(crate) struct Workers {
+    pub(crate) handles: Vec<tokio::runtime::Handle>,
+    stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Workers {
+    pub(crate) fn spawn(n: usize) -> std::io::Result<Workers> {
+        let mut w = Workers {
+            handles: Vec::new(),
+            stops: Vec::new(),
+            threads: Vec::new(),
+        };
+        for i in 0..n {
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            w.handles.push(rt.handle().clone());
+            w.stops.push(stop_tx);
+            w.threads.push(
+                std::thread::Builder::new()
+                    .name(format!("chaperone-w{i}"))
+                    .spawn(move || {
+                        rt.block_on(async {
+                            let _ = stop_rx.await;
+                        });
+                    })?,
+            );
+        }
+        Ok(w)
+    }
+
+    /// Stop every worker (tasks still running are dropped) and join the threads.
+    pub(crate) fn stop(self) {
+        drop(self.stops);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! Every request gets exactly one purpose-log line, on whichever path it ends: here the paths
+//! where no response is ever sent (the client resets its HTTP/2 stream, or the shutdown
+//! deadline cuts the request), which used to leave no line at all.
+
+mod common;
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// An upstream that accepts connections, reads the request and never answers.
+struct Silent {
+    port: u16,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl Silent {
+    fn start() -> Silent {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for mut s in listener.incoming().flatten() {
+                let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+                let _ = s.read(&mut [0u8; 4096]);
+                count.fetch_add(1, Ordering::SeqCst);
+                held.push(s);
+            }
+        });
+        Silent { port, accepted }
+    }
+
+    fn wait_accepted(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.accepted.load(Ordering::SeqCst) < n {
+            assert!(
+                Instant::now() < deadline,
+                "the request never reached the upstream"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn config(shutdown_grace: &str) -> String {
+    format!(
+        r#"listen: 127.0.0.1:0
+admin: 127.0.0.1:0
+identity:
+  id: spiffe://test.local/ns/ml/sa/inference
+  workload: test-inference
+  environment: test
+strip:
+  mode: strip
+policy:
+  file: {{dir}}/policy.cedar
+timeouts:
+  shutdown_grace: {shutdown_grace}
+log:
+  format: json
+  output: stdout
+"#
+    )
+}
+
+/// The line for `request_id`, waiting up to `within` for it; every line for it is returned.
+fn lines_for(sc: &Sidecar, request_id: &str, within: Duration) -> Vec<Value> {
+    let deadline = Instant::now() + within;
+    loop {
+        let found: Vec<Value> = sc
+            .log_lines(0)
+            .into_iter()
+            .filter(|l| l["request_id"] == request_id)
+            .collect();
+        if !found.is_empty() || Instant::now() > deadline {
+            // Give a duplicate the chance to show up too.
+            std::thread::sleep(Duration::from_millis(200));
+            return sc
+                .log_lines(0)
+                .into_iter()
+                .filter(|l| l["request_id"] == request_id)
+                .collect();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_client_that_resets_its_http2_stream_still_gets_its_line() {
+    let up = Silent::start();
+    let sc = Sidecar::start(&config("10s"), PERMISSIVE_POLICY, &[]);
+    let secret = fake_openai_key();
+    // h2c with prior knowledge, origin-form (reverse mode): curl gives up after 1 s, closing
+    // the stream while the sidecar still waits for the upstream's response head.
+    let (rc, _, _) = curl_raw(&[
+        "--http2-prior-knowledge",
+        "-m",
+        "1",
+        "-H",
+        &format!("Host: 127.0.0.1:{}", up.port),
+        "-H",
+        "chaperone-request-id: reset-by-client-1",
+        "-H",
+        "chaperone-purpose: answer-question",
+        "-H",
+        &format!("Authorization: Bearer {secret}"),
+        &format!("{}/v1/chat", sc.proxy_url()),
+    ]);
+    assert_eq!(rc, 28, "curl should have timed out");
+    up.wait_accepted(1);
+    let lines = lines_for(&sc, "reset-by-client-1", Duration::from_secs(5));
+    assert_eq!(lines.len(), 1, "exactly one line: {lines:?}");
+    let l = &lines[0];
+    assert_eq!(l["completion"], "client_closed", "{l}");
+    assert_eq!(l["error"], "client_closed", "{l}");
+    assert_eq!(l["decision"], "allow", "{l}");
+    assert_eq!(l["purpose"], "answer-question", "{l}");
+    assert_eq!(l["path"], "/v1/chat", "{l}");
+    assert_eq!(l["stripped"][0]["type"], "openai_project_key", "{l}");
+    sc.assert_never_shows(&[&secret]);
+}
+
+#[test]
+fn a_request_cut_by_the_shutdown_deadline_still_gets_its_line() {
+    let up = Silent::start();
+    let mut sc = Sidecar::start(&config("1s"), PERMISSIVE_POLICY, &[]);
+    let client = Command::new("curl")
+        .args([
+            "-s",
+            "-m",
+            "20",
+            "-x",
+            &sc.proxy_url(),
+            "-H",
+            "chaperone-request-id: cut-by-shutdown-1",
+            &format!("http://127.0.0.1:{}/v1/batch", up.port),
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    up.wait_accepted(1);
+    let status = sc.terminate();
+    assert!(status.success(), "{status}");
+    let lines: Vec<Value> = sc
+        .log_lines(0)
+        .into_iter()
+        .filter(|l| l["request_id"] == "cut-by-shutdown-1")
+        .collect();
+    assert_eq!(lines.len(), 1, "exactly one line: {lines:?}");
+    assert_eq!(lines[0]["completion"], "shutdown", "{}", lines[0]);
+    assert_eq!(lines[0]["error"], "shutdown", "{}", lines[0]);
+    assert_eq!(lines[0]["path"], "/v1/batch", "{}", lines[0]);
+    let _ = client.wait_with_output();
+}
