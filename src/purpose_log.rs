@@ -9,8 +9,10 @@
 use std::io::Write;
 use std::ops::{Deref, DerefMut};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+
+use parking_lot::{Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -282,7 +284,7 @@ pub struct LogWriterGuard {
 impl LogWriterGuard {
     /// Write what is pending and stop the writer.
     pub fn finish(mut self) {
-        self.shared.pending.lock().expect("log lock").closed = true;
+        self.shared.pending.lock().closed = true;
         self.shared.wake.notify_one();
         if let Some(h) = self.handle.take() {
             let _ = h.join();
@@ -373,7 +375,7 @@ impl PurposeLog {
             LogFormat::Pretty => rec.pretty().into_bytes(),
         };
         line.push(b'\n');
-        let mut p = self.shared.pending.lock().expect("log lock");
+        let mut p = self.shared.pending.lock();
         if p.buf.len() + line.len() > MAX_PENDING_BYTES {
             drop(p);
             self.metrics.log_dropped.inc();
@@ -461,13 +463,9 @@ fn writer(shared: &Shared, sink: Box<dyn Write + Send>) {
     let mut spare = Vec::new();
     loop {
         let closed = {
-            let mut p = shared.pending.lock().expect("log lock");
+            let mut p = shared.pending.lock();
             if !p.closed && p.buf.len() < WAKE_AT_BYTES {
-                p = shared
-                    .wake
-                    .wait_timeout(p, FLUSH_EVERY)
-                    .expect("log lock")
-                    .0;
+                shared.wake.wait_for(&mut p, FLUSH_EVERY);
             }
             std::mem::swap(&mut p.buf, &mut spare);
             p.closed
@@ -479,7 +477,7 @@ fn writer(shared: &Shared, sink: Box<dyn Write + Send>) {
         }
         if closed {
             // One more swap: lines emitted between the swap above and `closed` being set.
-            let rest = std::mem::take(&mut shared.pending.lock().expect("log lock").buf);
+            let rest = std::mem::take(&mut shared.pending.lock().buf);
             let _ = out.write_all(&rest);
             let _ = out.flush();
             return;

@@ -6,9 +6,9 @@
 
 mod common;
 
+use parking_lot::Mutex;
 use std::path::Path;
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -84,7 +84,7 @@ impl AuthServer {
 /// start at the same time), so `cargo test` works on a fresh clone.
 fn install_once(support: &Path) {
     static LOCK: Mutex<()> = Mutex::new(());
-    let _held = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _held = LOCK.lock();
     if support.join("node_modules/oidc-provider").is_dir() {
         return;
     }

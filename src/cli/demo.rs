@@ -9,7 +9,9 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -102,12 +104,7 @@ impl ModelApi {
         if let Some(j) = cached.as_ref() {
             return Ok(j.clone());
         }
-        let url = self
-            .jwks_url
-            .lock()
-            .expect("lock")
-            .clone()
-            .ok_or("no JWKS URL yet")?;
+        let url = self.jwks_url.lock().clone().ok_or("no JWKS URL yet")?;
         let (status, body) = http_get(&url).await?;
         if status != StatusCode::OK {
             return Err(format!("JWKS fetch gave {status}"));
@@ -173,7 +170,7 @@ impl ModelApi {
             "jti": seen.claims.get("jti"),
             "choices": [{"message": {"role": "assistant", "content": "Here is your answer."}}],
         });
-        self.seen.lock().expect("lock").push(seen);
+        self.seen.lock().push(seen);
         let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
         *resp.status_mut() = status;
         resp.headers_mut().insert(
@@ -283,7 +280,7 @@ async fn run_inner() -> Result<bool, String> {
         .await
         .map_err(|e| e.to_string())?;
     let proxy = running.proxy_addrs[0].to_string();
-    *api.jwks_url.lock().expect("lock") = Some(format!(
+    *api.jwks_url.lock() = Some(format!(
         "http://{}/.well-known/jwks.json",
         running.admin_addr
     ));
@@ -345,7 +342,7 @@ async fn run_inner() -> Result<bool, String> {
                 br#"{"model":"demo","messages":[{"role":"user","content":"hello"}]}"#,
             )))
             .map_err(|e| e.to_string())?;
-        let seen_before = api.seen.lock().expect("lock").len();
+        let seen_before = api.seen.lock().len();
         let (status, body) = send(&proxy, req).await?;
         let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         println!("{}. {}", i + 1, step.title);
@@ -359,7 +356,6 @@ async fn run_inner() -> Result<bool, String> {
             let seen = api
                 .seen
                 .lock()
-                .expect("lock")
                 .get(seen_before)
                 .cloned()
                 .unwrap_or_default();

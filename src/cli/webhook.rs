@@ -8,7 +8,9 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use base64::Engine;
 use bytes::Bytes;
@@ -332,7 +334,7 @@ impl rustls::server::ResolvesServerCert for ReloadingCert {
     ) -> Option<Arc<rustls::sign::CertifiedKey>> {
         use crate::files::stamp_of;
         let stamp = (stamp_of(&self.cert), stamp_of(&self.key));
-        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cur = self.current.lock();
         if stamp != cur.0 {
             match Self::load(&self.cert, &self.key) {
                 Ok(k) => *cur = (stamp, k),

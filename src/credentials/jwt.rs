@@ -7,7 +7,9 @@
 //! implementation.
 
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::digest;
@@ -202,7 +204,7 @@ impl JwtMinter {
     }
 
     fn ring(&self) -> Arc<KeyRing> {
-        self.ring.read().expect("key ring lock").clone()
+        self.ring.read().clone()
     }
 
     /// Public keys to publish at `now`: the current one and retired ones still needed.
@@ -231,7 +233,7 @@ impl JwtMinter {
     /// Make `key` the signing key; the replaced key stays published until the tokens it
     /// signed have expired (plus verifier leeway).
     fn rotate_at(&self, key: SigningKey, now: Instant, stamp: FileStamp) {
-        let mut guard = self.ring.write().expect("key ring lock");
+        let mut guard = self.ring.write();
         let old = guard.clone();
         let mut next = KeyRing::new(key, now, stamp);
         next.retired = old

@@ -10,8 +10,10 @@ mod oauth;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+
+use parking_lot::{Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use secrecy::{ExposeSecret, SecretString};
@@ -142,7 +144,7 @@ impl WatchedFile {
     /// True when the file changed since the last check.
     fn check(&self) -> bool {
         let now = stamp_of(&self.path);
-        let mut seen = self.stamp.lock().expect("stamp lock");
+        let mut seen = self.stamp.lock();
         if now.is_some() && now != *seen {
             *seen = now;
             self.generation.fetch_add(1, Ordering::AcqRel);
@@ -313,7 +315,7 @@ impl Credentials {
                 }
             }
             Some(Provider::Static(s)) => {
-                let v = s.current.read().expect("static credential lock").clone();
+                let v = s.current.read().clone();
                 Issued {
                     name: name.to_string(),
                     kind: "static",
@@ -416,14 +418,14 @@ impl Credentials {
                         continue;
                     };
                     let stamp = stamp_of(path);
-                    let current = s.current.read().expect("static credential lock").stamp;
+                    let current = s.current.read().stamp;
                     if stamp.is_none() || stamp == current {
                         continue;
                     }
                     match read_static(&s.source, &self.fingerprinter) {
                         Ok(v) => {
                             tracing::info!(credential = %name, fingerprint = %v.fingerprint, "static secret reloaded");
-                            *s.current.write().expect("static credential lock") = Arc::new(v);
+                            *s.current.write() = Arc::new(v);
                         }
                         Err(e) => {
                             tracing::warn!(credential = %name, error = %e, "static secret reload failed; keeping the previous value")

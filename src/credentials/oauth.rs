@@ -7,7 +7,9 @@
 //! reaches an error text.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -292,7 +294,7 @@ impl rustls::client::ResolvesClientCert for FileClientCert {
     ) -> Option<Arc<rustls::sign::CertifiedKey>> {
         let stamps = (stamp_of(&self.cert_file), stamp_of(&self.key_file));
         {
-            let cur = self.current.read().ok()?;
+            let cur = self.current.read();
             // A missing file (mid-renewal) keeps the current pair.
             if stamps.0.is_none() || stamps.1.is_none() || cur.0 == stamps {
                 return Some(cur.1.clone());
@@ -301,14 +303,14 @@ impl rustls::client::ResolvesClientCert for FileClientCert {
         match load_cert(&self.cert_file, &self.key_file, &self.provider) {
             Ok(ck) => {
                 let ck = Arc::new(ck);
-                *self.current.write().ok()? = (stamps, ck.clone());
+                *self.current.write() = (stamps, ck.clone());
                 tracing::info!(cert = %self.cert_file.display(), "client certificate reloaded");
                 Some(ck)
             }
             Err(e) => {
                 // A half-written pair (cert renewed, key not yet): keep the previous pair.
                 tracing::warn!(error = %e, "client certificate changed but cannot be loaded; keeping the previous one");
-                Some(self.current.read().ok()?.1.clone())
+                Some(self.current.read().1.clone())
             }
         }
     }

@@ -5,8 +5,8 @@
 //! some calls and put the 99th percentile of a 2 µs decision at 8 µs (BENCHMARKS.md); these
 //! caches hold a sidecar's few request shapes, so eviction order does not matter.
 
+use parking_lot::RwLock;
 use std::collections::HashMap;
-use std::sync::RwLock;
 
 pub(super) struct Memo<V> {
     map: RwLock<HashMap<String, V>>,
@@ -22,15 +22,11 @@ impl<V: Clone> Memo<V> {
     }
 
     pub(super) fn get(&self, key: &str) -> Option<V> {
-        self.map
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-            .cloned()
+        self.map.read().get(key).cloned()
     }
 
     pub(super) fn insert(&self, key: String, value: V) {
-        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.map.write();
         if map.len() >= self.cap {
             map.clear();
         }

@@ -164,8 +164,8 @@ pub struct PolicyError(String);
 /// one, never a mix, and loading it takes no lock.
 pub struct PolicyStore {
     current: arc_swap::ArcSwap<PolicyEngine>,
-    source: std::sync::Mutex<PolicySource>,
-    stamps: std::sync::Mutex<Vec<crate::files::FileStamp>>,
+    source: parking_lot::Mutex<PolicySource>,
+    stamps: parking_lot::Mutex<Vec<crate::files::FileStamp>>,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -186,8 +186,8 @@ impl PolicyStore {
         engine.log_warnings(&source.origin);
         PolicyStore {
             current: arc_swap::ArcSwap::from_pointee(engine),
-            source: std::sync::Mutex::new(source),
-            stamps: std::sync::Mutex::new(stamps),
+            source: parking_lot::Mutex::new(source),
+            stamps: parking_lot::Mutex::new(stamps),
             metrics,
         }
     }
@@ -210,7 +210,7 @@ impl PolicyStore {
     /// validate, with a schema). On failure the last good set stays in force, and the error
     /// is logged and counted (`chaperone_policy_reloads_total{result="rejected"}`).
     pub fn reload(&self, why: &str) -> Result<usize, PolicyError> {
-        let source = self.source.lock().expect("policy source lock").clone();
+        let source = self.source.lock().clone();
         let result = source
             .reread()
             .map_err(PolicyError)
@@ -220,7 +220,7 @@ impl PolicyStore {
                 let n = engine.len();
                 engine.log_warnings(&source.origin);
                 self.current.store(Arc::new(engine));
-                *self.source.lock().expect("policy source lock") = fresh;
+                *self.source.lock() = fresh;
                 tracing::info!(policies = n, origin = %source.origin, why, "policy reloaded");
                 Ok(n)
             }
@@ -240,9 +240,9 @@ impl PolicyStore {
 
     /// Reload when a policy or schema file changed since the last look.
     pub fn reload_if_changed(&self) {
-        let source = self.source.lock().expect("policy source lock").clone();
+        let source = self.source.lock().clone();
         let now = Self::stamps(&source);
-        let mut seen = self.stamps.lock().expect("policy stamps lock");
+        let mut seen = self.stamps.lock();
         if *seen != now {
             *seen = now;
             drop(seen);
@@ -722,14 +722,14 @@ impl PolicyEngine {
 /// Cached `ip(...)` and `datetime(...)` expressions.
 #[derive(Default)]
 struct ExtensionValues {
-    ips: std::sync::Mutex<HashMap<IpAddr, RestrictedExpression>>,
-    second: std::sync::Mutex<Option<(u64, RestrictedExpression)>>,
+    ips: parking_lot::Mutex<HashMap<IpAddr, RestrictedExpression>>,
+    second: parking_lot::Mutex<Option<(u64, RestrictedExpression)>>,
 }
 
 impl ExtensionValues {
     /// A client address; at most 1024 distinct ones are kept (a sidecar sees its pod).
     fn ip(&self, ip: IpAddr) -> RestrictedExpression {
-        let mut ips = self.ips.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ips = self.ips.lock();
         if let Some(e) = ips.get(&ip) {
             return e.clone();
         }
@@ -746,7 +746,7 @@ impl ExtensionValues {
         let secs = t
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let mut slot = self.second.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.second.lock();
         match &*slot {
             Some((s, e)) if *s == secs => e.clone(),
             _ => {

@@ -8,8 +8,10 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -154,7 +156,7 @@ impl Upstream {
                                     .collect(),
                                 body: String::from_utf8_lossy(&body).into_owned(),
                             };
-                            seen.lock().unwrap().push(rec);
+                            seen.lock().push(rec);
                             if parts.uri.path() == "/slow" {
                                 tokio::time::sleep(Duration::from_millis(600)).await;
                             }
@@ -210,7 +212,7 @@ impl Upstream {
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
-        self.seen.lock().unwrap().clone()
+        self.seen.lock().clone()
     }
 }
 
@@ -570,21 +572,19 @@ impl ServerProcess {
                 if line == "ready" {
                     let _ = ready_tx.send(());
                 }
-                seen.lock().unwrap().push(line);
+                seen.lock().push(line);
             }
         });
         let e = stderr.clone();
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n @ 1..) = err_pipe.read(&mut buf) {
-                e.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+                e.lock().push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
         if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
             let _ = child.kill();
-            panic!("{what} did not start: {}", stderr.lock().unwrap().as_str());
+            panic!("{what} did not start: {}", stderr.lock().as_str());
         }
         ServerProcess {
             child,
@@ -597,7 +597,6 @@ impl ServerProcess {
     pub fn count(&self, needle: &str) -> usize {
         self.lines
             .lock()
-            .unwrap()
             .iter()
             .filter(|l| l.contains(needle))
             .count()
@@ -607,14 +606,13 @@ impl ServerProcess {
     pub fn lines_after(&self, prefix: &str) -> Vec<String> {
         self.lines
             .lock()
-            .unwrap()
             .iter()
             .filter_map(|l| l.strip_prefix(prefix).map(str::to_owned))
             .collect()
     }
 
     pub fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
+        self.stderr.lock().clone()
     }
 }
 
