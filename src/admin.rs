@@ -19,13 +19,13 @@ use crate::metrics::Metrics;
 
 /// What the admin endpoints read.
 #[derive(Clone)]
-pub struct AdminState {
+pub(crate) struct AdminState {
     /// Set once config, keys and policy are loaded and listeners are bound.
-    pub ready: Arc<AtomicBool>,
+    pub(crate) ready: Arc<AtomicBool>,
     /// Metrics to expose.
-    pub metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     /// For the JWKS.
-    pub credentials: Arc<Credentials>,
+    pub(crate) credentials: Arc<Credentials>,
 }
 
 fn respond(
@@ -41,7 +41,7 @@ fn respond(
 }
 
 /// Answer one admin request.
-pub fn route(state: &AdminState, req: &Request<Incoming>) -> Response<ProxyBody> {
+pub(crate) fn route(state: &AdminState, req: &Request<Incoming>) -> Response<ProxyBody> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
     }
@@ -79,7 +79,11 @@ pub fn route(state: &AdminState, req: &Request<Incoming>) -> Response<ProxyBody>
 const HEADER_READ: Duration = Duration::from_secs(10);
 
 /// Serve until shutdown.
-pub async fn serve(listener: TcpListener, state: AdminState, mut shutdown: watch::Receiver<bool>) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    state: AdminState,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             accepted = listener.accept() => {

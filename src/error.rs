@@ -7,22 +7,22 @@ use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use serde::Serialize;
 
 /// Request id header: taken from the app if valid, else generated; on every response.
-pub static REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("chaperone-request-id");
+pub(crate) static REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("chaperone-request-id");
 
 /// Boxed error for bodies.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Body type of every response the proxy sends and every request it forwards.
-pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+pub(crate) type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// A body from bytes.
-pub fn full(b: impl Into<Bytes>) -> ProxyBody {
+pub(crate) fn full(b: impl Into<Bytes>) -> ProxyBody {
     Full::new(b.into())
         .map_err(|never| match never {})
         .boxed_unsync()
 }
 
 /// The innermost cause of an error chain (the OS or TLS error a user can act on).
-pub fn innermost<'a>(
+pub(crate) fn innermost<'a>(
     e: &'a (dyn std::error::Error + 'static),
 ) -> &'a (dyn std::error::Error + 'static) {
     let mut cause = e;
@@ -34,7 +34,7 @@ pub fn innermost<'a>(
 
 /// The error codes of DESIGN §8.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorCode {
+pub(crate) enum ErrorCode {
     /// 403: policy or a guardrail refused the request.
     PolicyDenied,
     /// 403: an embedded secret was found in block mode.
@@ -53,7 +53,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// The `error` string.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ErrorCode::PolicyDenied => "policy_denied",
             ErrorCode::EmbeddedSecret => "embedded_secret",
@@ -66,7 +66,7 @@ impl ErrorCode {
     }
 
     /// The status code.
-    pub fn status(self) -> StatusCode {
+    pub(crate) fn status(self) -> StatusCode {
         match self {
             ErrorCode::PolicyDenied | ErrorCode::EmbeddedSecret => StatusCode::FORBIDDEN,
             ErrorCode::CredentialUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -78,7 +78,7 @@ impl ErrorCode {
     }
 
     /// Whether the request was refused (deny) rather than failed after being allowed.
-    pub fn is_denial(self) -> bool {
+    pub(crate) fn is_denial(self) -> bool {
         matches!(
             self,
             ErrorCode::PolicyDenied
@@ -91,18 +91,18 @@ impl ErrorCode {
 
 /// A refusal or failure, before any upstream response exists.
 #[derive(Debug, Clone)]
-pub struct Rejection {
+pub(crate) struct Rejection {
     /// Which error.
-    pub code: ErrorCode,
+    pub(crate) code: ErrorCode,
     /// Why, in words; must never contain a secret.
-    pub reason: String,
+    pub(crate) reason: String,
     /// Deciding policies, for policy denials.
-    pub policy_ids: Vec<String>,
+    pub(crate) policy_ids: Vec<String>,
 }
 
 impl Rejection {
     /// A rejection with a reason.
-    pub fn new(code: ErrorCode, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(code: ErrorCode, reason: impl Into<String>) -> Self {
         Rejection {
             code,
             reason: reason.into(),
@@ -111,7 +111,7 @@ impl Rejection {
     }
 
     /// The response the app gets.
-    pub fn to_response(&self, request_id: &str) -> Response<ProxyBody> {
+    pub(crate) fn to_response(&self, request_id: &str) -> Response<ProxyBody> {
         #[derive(Serialize)]
         struct Body<'a> {
             error: &'a str,

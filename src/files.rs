@@ -9,10 +9,10 @@ use secrecy::SecretString;
 
 /// Modification time and length of a file; `None` when it cannot be read. Two stamps differ
 /// when the file was replaced or rewritten (kubelet's atomic symlink swap included).
-pub type FileStamp = Option<(SystemTime, u64)>;
+pub(crate) type FileStamp = Option<(SystemTime, u64)>;
 
 /// The file's current stamp.
-pub fn stamp_of(path: &Path) -> FileStamp {
+pub(crate) fn stamp_of(path: &Path) -> FileStamp {
     std::fs::metadata(path)
         .ok()
         .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
@@ -20,7 +20,7 @@ pub fn stamp_of(path: &Path) -> FileStamp {
 
 /// A secret as written by hand or by a mounter: the trailing newline is not part of it, and
 /// an empty value is an error, never an empty credential.
-pub fn nonempty_secret(raw: &str, what: &str) -> Result<SecretString, String> {
+pub(crate) fn nonempty_secret(raw: &str, what: &str) -> Result<SecretString, String> {
     let v = raw.trim_end_matches(['\n', '\r']);
     if v.is_empty() {
         return Err(format!("the {what} is empty"));
@@ -29,7 +29,7 @@ pub fn nonempty_secret(raw: &str, what: &str) -> Result<SecretString, String> {
 }
 
 /// Read a secret file (see [`nonempty_secret`]). Error texts name the file, never its content.
-pub fn read_secret_file(path: &Path, what: &str) -> Result<SecretString, String> {
+pub(crate) fn read_secret_file(path: &Path, what: &str) -> Result<SecretString, String> {
     let raw = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read the {what} file {}: {e}", path.display()))?;
     nonempty_secret(&raw, what).map_err(|e| format!("{e} ({})", path.display()))

@@ -35,7 +35,7 @@ impl Fingerprinter {
     }
 
     /// Load the key from a file (at least 16 bytes), or make a random one.
-    pub fn from_file_or_random(path: Option<&std::path::Path>) -> std::io::Result<Self> {
+    pub(crate) fn from_file_or_random(path: Option<&std::path::Path>) -> std::io::Result<Self> {
         match path {
             None => Ok(Self::random()),
             Some(p) => {

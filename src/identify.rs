@@ -22,33 +22,33 @@ pub struct Identity {
 }
 
 /// Request header naming the call's purpose; removed before forwarding.
-pub static PURPOSE_HEADER: HeaderName = HeaderName::from_static("chaperone-purpose");
+pub(crate) static PURPOSE_HEADER: HeaderName = HeaderName::from_static("chaperone-purpose");
 /// W3C trace context.
-pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub(crate) static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// Purpose used when neither the request nor its route names one, so policy can always read it.
-pub const UNSPECIFIED_PURPOSE: &str = "unspecified";
+pub(crate) const UNSPECIFIED_PURPOSE: &str = "unspecified";
 
 /// Who is calling, and why.
 #[derive(Debug, Clone)]
-pub struct Caller {
+pub(crate) struct Caller {
     /// The identity the listener serves.
-    pub identity: Arc<Identity>,
+    pub(crate) identity: Arc<Identity>,
     /// Purpose from the request header, if it named one.
-    pub purpose: Option<String>,
+    pub(crate) purpose: Option<String>,
     /// Request id (from the app or generated).
-    pub request_id: String,
+    pub(crate) request_id: String,
     /// Trace id from `traceparent`, if present and well formed.
-    pub trace_id: Option<String>,
+    pub(crate) trace_id: Option<String>,
     /// The client's address.
-    pub client: SocketAddr,
+    pub(crate) client: SocketAddr,
 }
 
 /// Who a connection comes from, and whether the listener admits it: the proxy attests it
 /// from the kernel ([`crate::proxy::attest`]), identify refuses a caller the listener does not
 /// admit.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Attestation {
+pub(crate) enum Attestation {
     /// The listener admits any local process; the UID was not looked up.
     Unchecked,
     /// The kernel says the client socket belongs to this UID, which the listener admits.
@@ -59,7 +59,7 @@ pub enum Attestation {
 
 impl Attestation {
     /// The attested UID, if one was looked up and admitted.
-    pub fn uid(&self) -> Option<u32> {
+    pub(crate) fn uid(&self) -> Option<u32> {
         match self {
             Attestation::Admitted(u) => Some(*u),
             _ => None,
@@ -70,19 +70,19 @@ impl Attestation {
 /// One client connection, as accepted: the identity its listener serves, the client's
 /// address, and what the kernel attests about the client.
 #[derive(Debug)]
-pub struct Conn {
+pub(crate) struct Conn {
     /// The identity the listener serves.
-    pub identity: Arc<Identity>,
+    pub(crate) identity: Arc<Identity>,
     /// The client's address (loopback for a Unix-socket client).
-    pub client: SocketAddr,
+    pub(crate) client: SocketAddr,
     /// The client as logged: its address, or `unix:pid=N`.
-    pub label: String,
+    pub(crate) label: String,
     /// Whether the listener admits this client (see [`crate::proxy::attest`]).
-    pub attestation: Attestation,
+    pub(crate) attestation: Attestation,
 }
 
 /// Check a purpose: 1 to 64 characters from `A-Za-z0-9._:/-`.
-pub fn validate_purpose(p: &str) -> Result<(), String> {
+pub(crate) fn validate_purpose(p: &str) -> Result<(), String> {
     let ok_len = (1..=64).contains(&p.len());
     let ok_chars = p
         .bytes()
@@ -97,7 +97,7 @@ pub fn validate_purpose(p: &str) -> Result<(), String> {
 /// Identify the caller and take the purpose header off the request.
 ///
 /// Fails only on a malformed purpose header, which the pipeline answers with 400.
-pub fn identify(
+pub(crate) fn identify(
     identity: &Arc<Identity>,
     headers: &mut HeaderMap,
     client: SocketAddr,

@@ -18,6 +18,7 @@
 //! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+#![warn(unreachable_pub)]
 
 #[cfg(not(feature = "aws-lc-rs"))]
 compile_error!(

@@ -9,108 +9,108 @@ use prometheus_client::registry::Registry;
 
 /// Labels of `chaperone_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
+pub(crate) struct RequestLabels {
     /// Matched route, or `none`.
-    pub route: String,
+    pub(crate) route: String,
     /// `allow` or `deny`.
-    pub decision: &'static str,
+    pub(crate) decision: &'static str,
     /// Status sent to the app.
-    pub status: u16,
+    pub(crate) status: u16,
 }
 
 /// Labels of the latency histogram.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RouteLabels {
+pub(crate) struct RouteLabels {
     /// Matched route, or `none`.
-    pub route: String,
+    pub(crate) route: String,
 }
 
 /// Labels of `chaperone_stripped_secrets_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StrippedLabels {
+pub(crate) struct StrippedLabels {
     /// Credential type.
     pub r#type: &'static str,
     /// Location kind (`header`, `query`, `userinfo`).
-    pub location: String,
+    pub(crate) location: String,
 }
 
 /// Labels of `chaperone_credentials_issued_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CredentialLabels {
+pub(crate) struct CredentialLabels {
     /// Credential name.
-    pub credential: String,
+    pub(crate) credential: String,
     /// Credential kind.
-    pub kind: &'static str,
+    pub(crate) kind: &'static str,
     /// `ok` or `error`.
-    pub result: &'static str,
+    pub(crate) result: &'static str,
 }
 
 /// Labels of `chaperone_token_cache_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CacheLabels {
+pub(crate) struct CacheLabels {
     /// Credential name.
-    pub credential: String,
+    pub(crate) credential: String,
     /// `hit`, `miss` or `backoff` (failed fast after a recent fetch error).
-    pub result: &'static str,
+    pub(crate) result: &'static str,
 }
 
 /// A credential label alone.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CredentialName {
+pub(crate) struct CredentialName {
     /// Credential name.
-    pub credential: String,
+    pub(crate) credential: String,
 }
 
 /// Labels of `chaperone_token_fetches_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct FetchLabels {
+pub(crate) struct FetchLabels {
     /// Credential name.
-    pub credential: String,
+    pub(crate) credential: String,
     /// `ok`, `local`, `unreachable`, `timeout`, `rejected` or `invalid_response`.
-    pub result: &'static str,
+    pub(crate) result: &'static str,
 }
 
 /// Labels of `chaperone_credential_flags_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct FlagLabels {
+pub(crate) struct FlagLabels {
     /// Credential name.
-    pub credential: String,
+    pub(crate) credential: String,
     /// `unrequested_scope`, `ttl_exceeds_max`, `lifetime_unknown` or `no_expiry`.
-    pub flag: &'static str,
+    pub(crate) flag: &'static str,
 }
 
 /// Labels of `chaperone_policy_reloads_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResultLabel {
+pub(crate) struct ResultLabel {
     /// `ok` or `rejected`.
-    pub result: &'static str,
+    pub(crate) result: &'static str,
 }
 
 /// Every metric the proxy exports.
 pub struct Metrics {
     registry: Registry,
     /// Requests by route, decision and status.
-    pub requests: Family<RequestLabels, Counter>,
+    pub(crate) requests: Family<RequestLabels, Counter>,
     /// Request latency (arrival to end of response body), by route.
-    pub duration: Family<RouteLabels, Histogram>,
+    pub(crate) duration: Family<RouteLabels, Histogram>,
     /// Embedded secrets found, by type and location.
-    pub stripped: Family<StrippedLabels, Counter>,
+    pub(crate) stripped: Family<StrippedLabels, Counter>,
     /// Credentials obtained (minted, read, fetched), by result.
-    pub credentials_issued: Family<CredentialLabels, Counter>,
+    pub(crate) credentials_issued: Family<CredentialLabels, Counter>,
     /// Token cache lookups by credential and result.
-    pub token_cache: Family<CacheLabels, Counter>,
+    pub(crate) token_cache: Family<CacheLabels, Counter>,
     /// Token-endpoint fetches by credential and result.
-    pub token_fetches: Family<FetchLabels, Counter>,
+    pub(crate) token_fetches: Family<FetchLabels, Counter>,
     /// Token-endpoint fetch latency by credential.
-    pub token_fetch_duration: Family<CredentialName, Histogram>,
+    pub(crate) token_fetch_duration: Family<CredentialName, Histogram>,
     /// Requests whose credential was broader or longer-lived than the route asks.
-    pub credential_flags: Family<FlagLabels, Counter>,
+    pub(crate) credential_flags: Family<FlagLabels, Counter>,
     /// CONNECT tunnels open now.
-    pub tunnels_open: Gauge,
+    pub(crate) tunnels_open: Gauge,
     /// Purpose-log lines dropped because the writer fell behind.
-    pub log_dropped: Counter,
+    pub(crate) log_dropped: Counter,
     /// Policy reloads (file change, SIGHUP) by result.
-    pub policy_reloads: Family<ResultLabel, Counter>,
+    pub(crate) policy_reloads: Family<ResultLabel, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -222,7 +222,7 @@ impl Metrics {
     }
 
     /// Prometheus text exposition.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut s = String::new();
         prometheus_client::encoding::text::encode(&mut s, &self.registry)
             .expect("writing to a String");

@@ -61,43 +61,43 @@ use crate::target::{self, Target};
 /// Everything the stages need, built once from the configuration. Each worker thread has its
 /// own clone (sharing everything but the upstream connection pool, see [`Pipeline::for_worker`]).
 #[derive(Clone)]
-pub struct Pipeline {
+pub(crate) struct Pipeline {
     /// Routes in match order.
-    pub routes: Arc<RouteTable>,
+    pub(crate) routes: Arc<RouteTable>,
     /// The policy set in force (swapped whole on reload).
-    pub policy: Arc<PolicyStore>,
+    pub(crate) policy: Arc<PolicyStore>,
     /// Addresses refused before policy.
-    pub guardrails: Guardrails,
+    pub(crate) guardrails: Guardrails,
     /// Credential sources.
-    pub credentials: Arc<Credentials>,
+    pub(crate) credentials: Arc<Credentials>,
     /// Fingerprints for embedded secrets.
-    pub fingerprinter: Fingerprinter,
+    pub(crate) fingerprinter: Fingerprinter,
     /// Global strip mode.
-    pub strip_mode: StripMode,
+    pub(crate) strip_mode: StripMode,
     /// Largest request body inspected for embedded secrets.
-    pub body_max_bytes: usize,
+    pub(crate) body_max_bytes: usize,
     /// Purpose log.
-    pub log: PurposeLog,
+    pub(crate) log: PurposeLog,
     /// Metrics.
-    pub metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     /// Upstream client.
-    pub upstream: Upstream,
+    pub(crate) upstream: Upstream,
     /// Upstream TLS settings (each worker's client is built from them).
-    pub upstream_tls: Arc<rustls::ClientConfig>,
+    pub(crate) upstream_tls: Arc<rustls::ClientConfig>,
     /// Whether CONNECT tunnels may be intercepted (a local CA is configured), and for which
     /// hosts never.
-    pub interception: Interception,
+    pub(crate) interception: Interception,
     /// Our `Via` entry.
-    pub via: HeaderValue,
+    pub(crate) via: HeaderValue,
     /// Our `Via` pseudonym, unique per process, for loop detection.
-    pub pseudonym: String,
+    pub(crate) pseudonym: String,
     /// Timeouts.
-    pub timeouts: Timeouts,
+    pub(crate) timeouts: Timeouts,
 }
 
 /// Whether CONNECT tunnels can be intercepted.
 #[derive(Debug, Clone)]
-pub enum Interception {
+pub(crate) enum Interception {
     /// No local CA: tunnels are blind or refused.
     Off,
     /// A local CA is configured; hosts matching `passthrough` are never intercepted.
@@ -127,11 +127,11 @@ impl std::fmt::Debug for Pipeline {
 /// One request on its way through the stages: who sent it (identify's [`Caller`]), and its
 /// purpose-log line, which every later stage fills in and whose guard writes it on whichever
 /// path the request ends.
-pub struct Exchange {
+pub(crate) struct Exchange {
     /// The caller, as identify found it.
-    pub caller: Caller,
+    pub(crate) caller: Caller,
     /// The log line in the making.
-    pub log: LogGuard,
+    pub(crate) log: LogGuard,
 }
 
 impl Exchange {
@@ -159,20 +159,20 @@ fn enforce(log: &mut Record, decision: PolicyDecision) -> Result<(), Rejection> 
 
 /// What a CONNECT may become, as [`Pipeline::decide_connect`] decided.
 #[derive(Debug)]
-pub struct ConnectPlan {
+pub(crate) struct ConnectPlan {
     /// The tunnel's destination.
-    pub target: Target,
+    pub(crate) target: Target,
     /// Intercept (terminate TLS, each request inside through the pipeline) rather than tunnel
     /// blind.
-    pub intercept: bool,
+    pub(crate) intercept: bool,
     /// The guardrail kind a permit lifted for this destination, if any.
-    pub lifted: Option<&'static str>,
+    pub(crate) lifted: Option<&'static str>,
 }
 
 impl Pipeline {
     /// A copy for one worker thread: shared stages, its own upstream pool, so a request and
     /// the upstream connection it uses live on the same thread (no cross-thread wakeups).
-    pub fn for_worker(&self) -> Pipeline {
+    pub(crate) fn for_worker(&self) -> Pipeline {
         let mut p = self.clone();
         p.upstream = Upstream::new(
             &self.timeouts,
@@ -184,7 +184,7 @@ impl Pipeline {
 
     /// Handle one (non-CONNECT, or decrypted) request that came in on `conn`; `origin` is the
     /// CONNECT target when the request was decrypted from an intercepted tunnel.
-    pub async fn handle(
+    pub(crate) async fn handle(
         self: Arc<Self>,
         conn: Arc<Conn>,
         origin: Option<Arc<Target>>,
@@ -205,7 +205,11 @@ impl Pipeline {
 
     /// Identify the caller of a request on `conn` and open its log line; `Err` when the
     /// listener does not admit the caller, or the request's purpose header is malformed.
-    pub fn identify(&self, conn: &Conn, parts: &mut Parts) -> (Exchange, Result<(), Rejection>) {
+    pub(crate) fn identify(
+        &self,
+        conn: &Conn,
+        parts: &mut Parts,
+    ) -> (Exchange, Result<(), Rejection>) {
         let mut log = self.log.begin();
         log.client = conn.label.clone();
         log.caller_uid = conn.attestation.uid();
@@ -360,7 +364,7 @@ impl Pipeline {
     /// route or the strip rules want to see the requests; each decrypted request then goes
     /// through the whole pipeline), tunnel blind (nothing to inject, or a passthrough host;
     /// decided by `Action::"CONNECT"` policy), or refuse.
-    pub fn decide_connect(
+    pub(crate) fn decide_connect(
         &self,
         x: &mut Exchange,
         parts: &Parts,
@@ -510,7 +514,7 @@ impl Pipeline {
     }
 
     /// Answer a refusal or failure with its JSON body, and write its line.
-    pub fn reject(&self, mut x: Exchange, rej: Rejection) -> Response<ProxyBody> {
+    pub(crate) fn reject(&self, mut x: Exchange, rej: Rejection) -> Response<ProxyBody> {
         let resp = rej.to_response(&x.caller.request_id);
         let rec = &mut x.log;
         rec.status = rej.code.status().as_u16();

@@ -23,7 +23,7 @@ use crate::strip::Finding;
 
 /// Purpose-log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     /// One JSON object per line.
     Json,
     /// One human-readable line.
@@ -32,7 +32,7 @@ pub enum LogFormat {
 
 /// Where purpose-log lines go.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LogOutput {
+pub(crate) enum LogOutput {
     /// Standard output.
     Stdout,
     /// Standard error.
@@ -43,21 +43,21 @@ pub enum LogOutput {
 
 /// The credential part of a log line: never the value.
 #[derive(Debug, Clone, Serialize)]
-pub struct CredentialLog {
+pub(crate) struct CredentialLog {
     /// Credential name.
-    pub name: String,
+    pub(crate) name: String,
     /// Kind (`jwt`, `static`, ...).
-    pub kind: &'static str,
+    pub(crate) kind: &'static str,
     /// The token's `jti`, or a fingerprint.
-    pub id: String,
+    pub(crate) id: String,
     /// Expiry (Unix seconds).
-    pub expires_at: Option<u64>,
+    pub(crate) expires_at: Option<u64>,
     /// Scopes.
-    pub scopes: Vec<String>,
+    pub(crate) scopes: Vec<String>,
     /// Checks the credential failed (`unrequested_scope`, `ttl_exceeds_max`, ...); absent
     /// when it passed them all.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub flags: Vec<&'static str>,
+    pub(crate) flags: Vec<&'static str>,
 }
 
 impl From<crate::credentials::Issued> for CredentialLog {
@@ -76,81 +76,81 @@ impl From<crate::credentials::Issued> for CredentialLog {
 
 /// One purpose-log line.
 #[derive(Debug, Clone, Serialize)]
-pub struct Record {
+pub(crate) struct Record {
     /// Time the request arrived (RFC 3339, UTC).
-    pub ts: String,
+    pub(crate) ts: String,
     /// Request id.
-    pub request_id: String,
+    pub(crate) request_id: String,
     /// W3C trace id, if the request carried one.
-    pub trace_id: Option<String>,
+    pub(crate) trace_id: Option<String>,
     /// Workload identity.
-    pub identity: String,
+    pub(crate) identity: String,
     /// Workload name.
-    pub workload: String,
+    pub(crate) workload: String,
     /// Stage.
-    pub stage: String,
+    pub(crate) stage: String,
     /// Environment.
-    pub environment: String,
+    pub(crate) environment: String,
     /// Purpose (as decided: header, route default or `unspecified`).
-    pub purpose: String,
+    pub(crate) purpose: String,
     /// `http` for proxied requests, `tunnel` for CONNECT tunnels.
-    pub kind: &'static str,
+    pub(crate) kind: &'static str,
     /// Method.
-    pub method: String,
+    pub(crate) method: String,
     /// Scheme.
-    pub scheme: String,
+    pub(crate) scheme: String,
     /// Destination host.
-    pub host: String,
+    pub(crate) host: String,
     /// Destination port.
-    pub port: u16,
+    pub(crate) port: u16,
     /// Path, without query.
-    pub path: String,
+    pub(crate) path: String,
     /// Query with every value redacted.
-    pub query: Option<String>,
+    pub(crate) query: Option<String>,
     /// Matched route.
-    pub route: Option<String>,
+    pub(crate) route: Option<String>,
     /// `allow` or `deny`.
-    pub decision: &'static str,
+    pub(crate) decision: &'static str,
     /// Why, in words.
-    pub reason: Option<String>,
+    pub(crate) reason: Option<String>,
     /// Deciding policies.
-    pub policy_ids: Vec<String>,
+    pub(crate) policy_ids: Vec<String>,
     /// Injected credential.
-    pub credential: Option<CredentialLog>,
+    pub(crate) credential: Option<CredentialLog>,
     /// Embedded secrets found.
-    pub stripped: Vec<Finding>,
+    pub(crate) stripped: Vec<Finding>,
     /// What was done with them: `strip`, `block` or `report`.
-    pub strip_mode: &'static str,
+    pub(crate) strip_mode: &'static str,
     /// Whether the body was inspected: `inspected`, `skipped_too_large` (over
     /// `strip.body_max_bytes`) or `skipped_encoded` (compressed); absent for bodies that are
     /// not JSON or form.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub body_scan: Option<&'static str>,
+    pub(crate) body_scan: Option<&'static str>,
     /// Status returned to the app.
-    pub status: u16,
+    pub(crate) status: u16,
     /// Total time until the response body ended.
-    pub duration_ms: f64,
+    pub(crate) duration_ms: f64,
     /// Time from sending upstream to the response head.
-    pub upstream_ms: Option<f64>,
+    pub(crate) upstream_ms: Option<f64>,
     /// Error code (`upstream_unreachable`, ...), if the request failed.
-    pub error: Option<String>,
+    pub(crate) error: Option<String>,
     /// Client address.
-    pub client: String,
+    pub(crate) client: String,
     /// The client's UID as the kernel attests it, on listeners that admit only some UIDs.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub caller_uid: Option<u32>,
+    pub(crate) caller_uid: Option<u32>,
     /// Response body bytes sent to the app (tunnels: bytes from the upstream).
-    pub bytes_out: u64,
+    pub(crate) bytes_out: u64,
     /// Tunnels: bytes from the app.
-    pub bytes_in: Option<u64>,
+    pub(crate) bytes_in: Option<u64>,
     /// How the exchange ended.
-    pub completion: Completion,
+    pub(crate) completion: Completion,
 }
 
 /// How a request ended (DESIGN §7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Completion {
+pub(crate) enum Completion {
     /// The response (or the refusal, or the tunnel) ran to its end.
     Complete,
     /// The client went away (reset its stream, closed the connection) before a response.
@@ -163,7 +163,7 @@ pub enum Completion {
 
 impl Completion {
     /// The name in the log line.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Completion::Complete => "complete",
             Completion::ClientClosed => "client_closed",
@@ -175,7 +175,7 @@ impl Completion {
 
 impl Record {
     /// A record for a request that just arrived; stages fill in the rest.
-    pub fn new(now: SystemTime) -> Record {
+    pub(crate) fn new(now: SystemTime) -> Record {
         Record {
             ts: humantime::format_rfc3339_millis(now).to_string(),
             request_id: String::new(),
@@ -248,11 +248,11 @@ impl Record {
 }
 
 /// Longest a line waits in memory before it is written.
-pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
+pub(crate) const FLUSH_EVERY: Duration = Duration::from_millis(50);
 /// The writer is woken early once this much is pending.
 const WAKE_AT_BYTES: usize = 256 * 1024;
 /// Beyond this much pending output, new lines are dropped and counted.
-pub const MAX_PENDING_BYTES: usize = 16 * 1024 * 1024;
+pub(crate) const MAX_PENDING_BYTES: usize = 16 * 1024 * 1024;
 
 #[derive(Default)]
 struct Pending {
@@ -269,21 +269,21 @@ struct Shared {
 
 /// Handle to the purpose-log writer; cheap to clone.
 #[derive(Clone)]
-pub struct PurposeLog {
+pub(crate) struct PurposeLog {
     shared: Arc<Shared>,
     format: LogFormat,
     metrics: Arc<Metrics>,
 }
 
 /// Stops the writer and waits for it to write everything pending, so nothing is lost at exit.
-pub struct LogWriterGuard {
+pub(crate) struct LogWriterGuard {
     shared: Arc<Shared>,
     handle: Option<JoinHandle<()>>,
 }
 
 impl LogWriterGuard {
     /// Write what is pending and stop the writer.
-    pub fn finish(mut self) {
+    pub(crate) fn finish(mut self) {
         self.shared.pending.lock().closed = true;
         self.shared.wake.notify_one();
         if let Some(h) = self.handle.take() {
@@ -294,7 +294,7 @@ impl LogWriterGuard {
 
 impl PurposeLog {
     /// Start the writer.
-    pub fn start(
+    pub(crate) fn start(
         format: LogFormat,
         output: &LogOutput,
         metrics: Arc<Metrics>,
@@ -333,7 +333,7 @@ impl PurposeLog {
 
     /// A line for a request that arrived just now; the stages fill it in, and the guard writes
     /// it on whichever path the request ends.
-    pub fn begin(&self) -> LogGuard {
+    pub(crate) fn begin(&self) -> LogGuard {
         LogGuard {
             rec: Box::new(Record::new(SystemTime::now())),
             start: Instant::now(),
@@ -344,7 +344,7 @@ impl PurposeLog {
 
     /// Say that the shutdown deadline has passed: requests still running are being cut, and
     /// their lines say `shutdown` rather than `client_closed`.
-    pub fn shutdown_deadline_passed(&self) {
+    pub(crate) fn shutdown_deadline_passed(&self) {
         self.shared.past_deadline.store(true, Ordering::Release);
     }
 
@@ -369,7 +369,7 @@ impl PurposeLog {
     }
 
     /// Write one record.
-    pub fn emit(&self, rec: &Record) {
+    pub(crate) fn emit(&self, rec: &Record) {
         let mut line = match self.format {
             LogFormat::Json => serde_json::to_vec(rec).unwrap_or_default(),
             LogFormat::Pretty => rec.pretty().into_bytes(),
@@ -392,7 +392,7 @@ impl PurposeLog {
 }
 
 /// Milliseconds with microsecond precision, for the log.
-pub fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
 
@@ -402,7 +402,7 @@ pub fn ms(d: Duration) -> f64 {
 /// stream or went away (`client_closed`), or because the shutdown deadline cut it
 /// (`shutdown`). Created on the first line of the pipeline, before anything can fail, so no
 /// request (and no token minted for one) goes unlogged.
-pub struct LogGuard {
+pub(crate) struct LogGuard {
     rec: Box<Record>,
     start: Instant,
     log: PurposeLog,
@@ -411,12 +411,12 @@ pub struct LogGuard {
 
 impl LogGuard {
     /// When the request arrived.
-    pub fn started(&self) -> Instant {
+    pub(crate) fn started(&self) -> Instant {
         self.start
     }
 
     /// Write the line as the record says the request ended.
-    pub fn finish(mut self) {
+    pub(crate) fn finish(mut self) {
         self.write();
     }
 

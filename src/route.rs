@@ -9,7 +9,7 @@ use crate::target::Target;
 
 /// A host matcher: exact, or `*.suffix` for any subdomain.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HostMatch {
+pub(crate) enum HostMatch {
     /// Exact host, lowercase.
     Exact(String),
     /// Any host ending in `.suffix` (the suffix itself excluded).
@@ -18,7 +18,7 @@ pub enum HostMatch {
 
 impl HostMatch {
     /// Parse a configured host pattern.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub(crate) fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim().trim_end_matches('.').to_ascii_lowercase();
         let s = s.trim_start_matches('[').trim_end_matches(']').to_string();
         if s.is_empty() {
@@ -39,7 +39,7 @@ impl HostMatch {
     }
 
     /// Does this pattern match the host (lowercase)?
-    pub fn matches(&self, host: &str) -> bool {
+    pub(crate) fn matches(&self, host: &str) -> bool {
         match self {
             HostMatch::Exact(h) => h == host,
             HostMatch::Subdomains(suffix) => {
@@ -53,7 +53,7 @@ impl HostMatch {
 
 /// The place in a request that carries a route's credential.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum InjectInto {
+pub(crate) enum InjectInto {
     /// A header.
     Header(HeaderName),
     /// A field of the JSON or form body.
@@ -62,18 +62,18 @@ pub enum InjectInto {
 
 /// How a route's credential is placed into the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InjectSpec {
+pub(crate) struct InjectSpec {
     /// Where the credential goes.
-    pub into: InjectInto,
+    pub(crate) into: InjectInto,
     /// Text before `{token}`.
-    pub prefix: String,
+    pub(crate) prefix: String,
     /// Text after `{token}`.
-    pub suffix: String,
+    pub(crate) suffix: String,
 }
 
 impl InjectSpec {
     /// `authorization: Bearer {token}`.
-    pub fn default_bearer() -> Self {
+    pub(crate) fn default_bearer() -> Self {
         InjectSpec {
             into: InjectInto::Header(http::header::AUTHORIZATION),
             prefix: "Bearer ".into(),
@@ -82,7 +82,7 @@ impl InjectSpec {
     }
 
     /// Parse a header name (or a body field) and a value template holding `{token}` once.
-    pub fn parse(
+    pub(crate) fn parse(
         header: Option<&str>,
         body_field: Option<&str>,
         template: &str,
@@ -115,46 +115,46 @@ impl InjectSpec {
 
 /// A validated route.
 #[derive(Debug, Clone)]
-pub struct Route {
+pub(crate) struct Route {
     /// Route name.
-    pub name: String,
+    pub(crate) name: String,
     /// Host matcher.
-    pub host: HostMatch,
+    pub(crate) host: HostMatch,
     /// Required scheme, if any.
-    pub scheme: Option<String>,
+    pub(crate) scheme: Option<String>,
     /// Required port, if any.
-    pub port: Option<u16>,
+    pub(crate) port: Option<u16>,
     /// Required path prefix, if any.
-    pub path_prefix: Option<String>,
+    pub(crate) path_prefix: Option<String>,
     /// Allowed methods; empty means any.
-    pub methods: Vec<Method>,
+    pub(crate) methods: Vec<Method>,
     /// Credential injected on this route.
-    pub credential: Option<String>,
+    pub(crate) credential: Option<String>,
     /// Where the credential goes.
-    pub inject: InjectSpec,
+    pub(crate) inject: InjectSpec,
     /// Purpose when the request names none.
-    pub purpose_default: Option<String>,
+    pub(crate) purpose_default: Option<String>,
     /// Labels handed to policy.
-    pub labels: BTreeMap<String, String>,
+    pub(crate) labels: BTreeMap<String, String>,
     /// Token audience; default the destination origin.
-    pub audience: Option<String>,
+    pub(crate) audience: Option<String>,
     /// RFC 8707 resource indicator for token endpoints.
-    pub resource: Option<String>,
+    pub(crate) resource: Option<String>,
     /// Scopes for this route; `{purpose}` stands for the request's purpose.
-    pub scopes: Vec<String>,
+    pub(crate) scopes: Vec<String>,
     /// Longest credential lifetime the route expects; longer ones are flagged.
-    pub max_ttl: Option<std::time::Duration>,
+    pub(crate) max_ttl: Option<std::time::Duration>,
     /// Strip mode override.
-    pub strip: Option<StripMode>,
+    pub(crate) strip: Option<StripMode>,
 }
 
 /// The placeholder for the request's purpose in a route's scopes.
-pub const PURPOSE_PLACEHOLDER: &str = "{purpose}";
+pub(crate) const PURPOSE_PLACEHOLDER: &str = "{purpose}";
 
 impl Route {
     /// The body field the route's credential goes into, when it has a credential and injects
     /// it into the body.
-    pub fn body_field(&self) -> Option<&str> {
+    pub(crate) fn body_field(&self) -> Option<&str> {
         match &self.inject.into {
             InjectInto::BodyField(f) if self.credential.is_some() => Some(f),
             _ => None,
@@ -162,7 +162,7 @@ impl Route {
     }
 
     /// The scopes for one call: borrowed when they do not name the purpose, else expanded.
-    pub fn scopes_for<'a>(&'a self, purpose: &str) -> std::borrow::Cow<'a, [String]> {
+    pub(crate) fn scopes_for<'a>(&'a self, purpose: &str) -> std::borrow::Cow<'a, [String]> {
         if self.scopes.iter().any(|s| s.contains(PURPOSE_PLACEHOLDER)) {
             std::borrow::Cow::Owned(
                 self.scopes
@@ -189,7 +189,7 @@ impl Route {
 
 /// The purpose a request serves: what the app said (`chaperone-purpose`), else the route's
 /// default, else `unspecified`, so policy can always read one.
-pub fn purpose<'a>(asked: Option<&'a str>, route: Option<&'a Route>) -> &'a str {
+pub(crate) fn purpose<'a>(asked: Option<&'a str>, route: Option<&'a Route>) -> &'a str {
     asked
         .or(route.and_then(|r| r.purpose_default.as_deref()))
         .unwrap_or(crate::identify::UNSPECIFIED_PURPOSE)
@@ -197,23 +197,23 @@ pub fn purpose<'a>(asked: Option<&'a str>, route: Option<&'a Route>) -> &'a str 
 
 /// The routes, in match order.
 #[derive(Debug, Clone, Default)]
-pub struct RouteTable {
+pub(crate) struct RouteTable {
     routes: Vec<Route>,
 }
 
 impl RouteTable {
     /// Build from validated routes.
-    pub fn new(routes: Vec<Route>) -> Self {
+    pub(crate) fn new(routes: Vec<Route>) -> Self {
         RouteTable { routes }
     }
 
     /// The first route that takes this request.
-    pub fn find(&self, method: &Method, target: &Target) -> Option<&Route> {
+    pub(crate) fn find(&self, method: &Method, target: &Target) -> Option<&Route> {
         self.routes.iter().find(|r| r.matches(method, target))
     }
 
     /// Does any route take requests for this host and port?
-    pub fn any_for(&self, host: &str, port: u16) -> bool {
+    pub(crate) fn any_for(&self, host: &str, port: u16) -> bool {
         self.routes.iter().any(|r| {
             r.host.matches(host)
                 && r.port.is_none_or(|p| p == port)
@@ -223,7 +223,7 @@ impl RouteTable {
 
     /// The first route that would inject a credential into HTTPS requests to this host and
     /// port: a CONNECT to it cannot be a blind tunnel.
-    pub fn find_for_tunnel(&self, host: &str, port: u16) -> Option<&Route> {
+    pub(crate) fn find_for_tunnel(&self, host: &str, port: u16) -> Option<&Route> {
         self.routes.iter().find(|r| {
             r.credential.is_some()
                 && r.host.matches(host)

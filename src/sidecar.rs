@@ -35,7 +35,7 @@ use crate::route::RouteTable;
 
 /// Errors at start-up.
 #[derive(Debug, thiserror::Error)]
-pub enum StartError {
+pub(crate) enum StartError {
     /// A listener could not bind.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -50,14 +50,14 @@ pub enum StartError {
 }
 
 /// A running sidecar.
-pub struct Running {
+pub(crate) struct Running {
     /// Bound proxy listener addresses, main listener first, then stages in config order.
-    pub proxy_addrs: Vec<SocketAddr>,
+    pub(crate) proxy_addrs: Vec<SocketAddr>,
     /// Every proxy listener as bound (TCP with its real port, or a Unix socket), in config
     /// order: main first, then stages.
-    pub listening: Vec<ListenAddr>,
+    pub(crate) listening: Vec<ListenAddr>,
     /// Bound admin address.
-    pub admin_addr: SocketAddr,
+    pub(crate) admin_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     log_guard: LogWriterGuard,
@@ -68,13 +68,8 @@ pub struct Running {
 }
 
 impl Running {
-    /// The JWKS document served at `/.well-known/jwks.json`.
-    pub fn jwks(&self) -> serde_json::Value {
-        self.pipeline.credentials.jwks()
-    }
-
     /// Stop accepting, let in-flight requests finish within the grace period, flush the log.
-    pub async fn shutdown(self) {
+    pub(crate) async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let all = futures_join(self.tasks);
         if tokio::time::timeout(self.grace + Duration::from_secs(1), all)
@@ -110,7 +105,7 @@ async fn futures_join(tasks: Vec<JoinHandle<()>>) {
 }
 
 /// Build every stage and bind every listener. The sidecar is ready when this returns.
-pub async fn start(cfg: Config) -> Result<Running, StartError> {
+pub(crate) async fn start(cfg: Config) -> Result<Running, StartError> {
     let build = |e: String| StartError::Build(e);
     let metrics = Arc::new(Metrics::new());
     let fingerprinter =

@@ -12,22 +12,22 @@ use crate::error::{ErrorCode, Rejection};
 
 /// Where a request is going, as the proxy understood it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
+pub(crate) struct Target {
     /// `http` or `https`.
-    pub scheme: &'static str,
+    pub(crate) scheme: &'static str,
     /// Lowercase host name or IP literal (no brackets).
-    pub host: String,
+    pub(crate) host: String,
     /// Destination port.
-    pub port: u16,
+    pub(crate) port: u16,
     /// Path without the query.
-    pub path: String,
+    pub(crate) path: String,
     /// Raw query, if any.
-    pub query: Option<String>,
+    pub(crate) query: Option<String>,
 }
 
 impl Target {
     /// The origin (`scheme://host[:port]`), default ports omitted; the default token audience.
-    pub fn origin(&self) -> String {
+    pub(crate) fn origin(&self) -> String {
         let default = matches!((self.scheme, self.port), ("http", 80) | ("https", 443));
         let host = if self.host.contains(':') {
             format!("[{}]", self.host)
@@ -45,7 +45,7 @@ impl Target {
 impl Target {
     /// The authority the upstream is asked for: brackets around IPv6 literals, and the port
     /// only when it is not the scheme's default (`Host` never carries a default port).
-    pub fn authority(&self) -> String {
+    pub(crate) fn authority(&self) -> String {
         let host = if self.host.contains(':') {
             format!("[{}]", self.host)
         } else {
@@ -74,7 +74,7 @@ pub(crate) fn normalize_host(h: &str) -> String {
 /// Where a (non-CONNECT) request is going, and the URL userinfo if the app put one there:
 /// from its request target, or, for a request decrypted from an intercepted tunnel, the
 /// tunnel's `origin` (see [`intercepted_target`]).
-pub fn resolve(
+pub(crate) fn resolve(
     parts: &Parts,
     origin: Option<&Target>,
 ) -> Result<(Target, Option<String>), Rejection> {
@@ -85,7 +85,7 @@ pub fn resolve(
 }
 
 /// The destination of a non-CONNECT request, and the URL userinfo if the app put one there.
-pub fn target(parts: &Parts) -> Result<(Target, Option<String>), Rejection> {
+pub(crate) fn target(parts: &Parts) -> Result<(Target, Option<String>), Rejection> {
     let uri = &parts.uri;
     let (authority, userinfo) = match uri.scheme_str() {
         Some("http") => {
@@ -137,7 +137,7 @@ pub fn target(parts: &Parts) -> Result<(Target, Option<String>), Rejection> {
 /// The destination of a request decrypted from an intercepted CONNECT to `origin`: always
 /// that host and port over https. A request naming another host is refused, so one CONNECT
 /// authorization cannot carry requests for a different destination.
-pub fn intercepted_target(parts: &Parts, origin: &Target) -> Result<Target, Rejection> {
+pub(crate) fn intercepted_target(parts: &Parts, origin: &Target) -> Result<Target, Rejection> {
     let named = match parts.uri.authority() {
         Some(a) => Some(a.host().to_string()),
         None => parts
@@ -169,7 +169,7 @@ pub fn intercepted_target(parts: &Parts, origin: &Target) -> Result<Target, Reje
 }
 
 /// The destination of a CONNECT request (`host:port`, port required).
-pub fn connect_target(parts: &Parts) -> Result<Target, Rejection> {
+pub(crate) fn connect_target(parts: &Parts) -> Result<Target, Rejection> {
     let a = parts
         .uri
         .authority()

@@ -17,9 +17,9 @@ use rustls::{ClientConfig, RootCertStore};
 use time::OffsetDateTime;
 
 /// How long a new local CA is valid by default: short, so a leaked CA key ages out.
-pub const DEFAULT_CA_DAYS: u32 = 90;
+pub(crate) const DEFAULT_CA_DAYS: u32 = 90;
 /// Validity of issued leaf certificates; they are cached for half of it.
-pub const LEAF_VALIDITY: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const LEAF_VALIDITY: Duration = Duration::from_secs(24 * 3600);
 
 /// Errors in TLS set-up.
 #[derive(Debug, thiserror::Error)]
@@ -114,7 +114,7 @@ impl LeafIssuer {
 
     /// The certificate for `host` (DNS name or IP literal): from the cache, or issued off the
     /// runtime's threads. Concurrent misses for one host issue once.
-    pub async fn get(self: &Arc<Self>, host: &str) -> Result<Arc<CertifiedKey>, TlsError> {
+    pub(crate) async fn get(self: &Arc<Self>, host: &str) -> Result<Arc<CertifiedKey>, TlsError> {
         let me = self.clone();
         let h = host.to_string();
         self.cache
@@ -168,7 +168,7 @@ impl LeafIssuer {
 
 /// Which roots verify upstream certificates.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum UpstreamRoots {
+pub(crate) enum UpstreamRoots {
     /// The operating system's trust store.
     System,
     /// A PEM bundle.
@@ -177,7 +177,7 @@ pub enum UpstreamRoots {
 
 /// Client TLS for upstreams: hostname always verified against the roots; ALPN and session
 /// resumption are set by the connector and rustls' defaults.
-pub fn client_config(roots: &UpstreamRoots) -> Result<ClientConfig, TlsError> {
+pub(crate) fn client_config(roots: &UpstreamRoots) -> Result<ClientConfig, TlsError> {
     let mut store = RootCertStore::empty();
     match roots {
         UpstreamRoots::System => {

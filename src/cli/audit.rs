@@ -75,16 +75,16 @@ struct StrippedLine<'a> {
 
 /// First and last time seen (RFC 3339 UTC strings compare in time order).
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct Seen {
+pub(crate) struct Seen {
     /// Earliest `ts`.
-    pub first: String,
+    pub(crate) first: String,
     /// Latest `ts`.
-    pub last: String,
+    pub(crate) last: String,
 }
 
 impl Seen {
     /// Widen the window to include `ts`.
-    pub fn at(&mut self, ts: &str) {
+    pub(crate) fn at(&mut self, ts: &str) {
         if self.first.is_empty() || ts < self.first.as_str() {
             self.first = ts.to_string();
         }
@@ -96,118 +96,118 @@ impl Seen {
 
 /// Requests of one (identity, stage, purpose, destination).
 #[derive(Debug, Clone, Serialize)]
-pub struct Traffic {
+pub(crate) struct Traffic {
     /// Principal.
-    pub identity: String,
+    pub(crate) identity: String,
     /// Stage.
-    pub stage: String,
+    pub(crate) stage: String,
     /// Purpose.
-    pub purpose: String,
+    pub(crate) purpose: String,
     /// `host:port`.
-    pub destination: String,
+    pub(crate) destination: String,
     /// All requests.
-    pub requests: u64,
+    pub(crate) requests: u64,
     /// Allowed ones.
-    pub allowed: u64,
+    pub(crate) allowed: u64,
     /// Denied ones.
-    pub denied: u64,
+    pub(crate) denied: u64,
     /// Allowed but failed (upstream or credential errors).
-    pub failed: u64,
+    pub(crate) failed: u64,
     /// When.
-    pub seen: Seen,
+    pub(crate) seen: Seen,
 }
 
 /// Denials of one kind: the same stage, error, deciding policies and reason.
 #[derive(Debug, Clone, Serialize)]
-pub struct Denial {
+pub(crate) struct Denial {
     /// Stage refused.
-    pub stage: String,
+    pub(crate) stage: String,
     /// Error code (`policy_denied`, `embedded_secret`, ...).
-    pub error: String,
+    pub(crate) error: String,
     /// Deciding policies (empty: no policy permits, or a guardrail).
-    pub policy_ids: Vec<String>,
+    pub(crate) policy_ids: Vec<String>,
     /// The reason, with numbers (addresses, ports, UIDs) folded to `#` so that one cause
     /// is one row.
-    pub reason: String,
+    pub(crate) reason: String,
     /// How many.
-    pub count: u64,
+    pub(crate) count: u64,
     /// Purposes named.
-    pub purposes: BTreeSet<String>,
+    pub(crate) purposes: BTreeSet<String>,
     /// Destinations asked for (`host:port`).
-    pub destinations: BTreeSet<String>,
+    pub(crate) destinations: BTreeSet<String>,
     /// When.
-    pub seen: Seen,
+    pub(crate) seen: Seen,
 }
 
 /// One embedded secret, by type and fingerprint.
 #[derive(Debug, Clone, Serialize)]
-pub struct Secret {
+pub(crate) struct Secret {
     /// Detector type, e.g. `openai_project_key`.
     #[serde(rename = "type")]
-    pub kind: String,
+    pub(crate) kind: String,
     /// Keyed fingerprint (the same key gives the same fingerprint across lines).
-    pub fingerprint: String,
+    pub(crate) fingerprint: String,
     /// Requests that carried it.
-    pub count: u64,
+    pub(crate) count: u64,
     /// Where in the requests (`header:authorization`, `body:api_key`, ...).
-    pub locations: BTreeSet<String>,
+    pub(crate) locations: BTreeSet<String>,
     /// Who sent it (`identity (stage)`).
-    pub senders: BTreeSet<String>,
+    pub(crate) senders: BTreeSet<String>,
     /// Where it was going.
-    pub destinations: BTreeSet<String>,
+    pub(crate) destinations: BTreeSet<String>,
     /// When.
-    pub seen: Seen,
+    pub(crate) seen: Seen,
 }
 
 /// One credential, as used.
 #[derive(Debug, Clone, Serialize)]
-pub struct CredentialUse {
+pub(crate) struct CredentialUse {
     /// Credential name.
-    pub name: String,
+    pub(crate) name: String,
     /// Kind (`jwt`, `client_credentials`, ...).
-    pub kind: String,
+    pub(crate) kind: String,
     /// Requests it was injected into.
-    pub requests: u64,
+    pub(crate) requests: u64,
     /// Distinct tokens (by id).
-    pub tokens: u64,
+    pub(crate) tokens: u64,
     /// Scopes granted.
-    pub scopes: BTreeSet<String>,
+    pub(crate) scopes: BTreeSet<String>,
     /// Routes it was used on.
-    pub routes: BTreeSet<String>,
+    pub(crate) routes: BTreeSet<String>,
     /// Flags raised (`unrequested_scope`, `ttl_exceeds_max`, ...) and how often.
-    pub flags: BTreeMap<String, u64>,
+    pub(crate) flags: BTreeMap<String, u64>,
     /// When.
-    pub seen: Seen,
+    pub(crate) seen: Seen,
 }
 
 /// The audit of a set of logs.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     /// Purpose-log lines read.
-    pub lines: u64,
+    pub(crate) lines: u64,
     /// Lines skipped as not purpose-log JSON.
-    pub skipped: u64,
+    pub(crate) skipped: u64,
     /// Where the first skipped line was (`FILE:LINE`).
-    pub first_skipped: Option<String>,
+    pub(crate) first_skipped: Option<String>,
     /// The window the lines cover.
-    pub window: Seen,
+    pub(crate) window: Seen,
     /// Requests allowed / denied in all.
-    pub allowed: u64,
+    pub(crate) allowed: u64,
     /// Denied in all.
-    pub denied: u64,
+    pub(crate) denied: u64,
     /// By identity, stage, purpose and destination; busiest first.
-    pub traffic: Vec<Traffic>,
+    pub(crate) traffic: Vec<Traffic>,
     /// Denials, most frequent first.
-    pub denials: Vec<Denial>,
+    pub(crate) denials: Vec<Denial>,
     /// Embedded secrets, most frequent first.
-    pub secrets: Vec<Secret>,
+    pub(crate) secrets: Vec<Secret>,
     /// Credentials, most used first.
-    pub credentials: Vec<CredentialUse>,
+    pub(crate) credentials: Vec<CredentialUse>,
 }
 
 /// Aggregates as lines are read.
 #[derive(Default)]
-pub struct Auditor {
+pub(crate) struct Auditor {
     report: Report,
     traffic: HashMap<(String, String, String, String), Traffic>,
     denials: HashMap<(String, String, String, String), Denial>,
@@ -217,11 +217,11 @@ pub struct Auditor {
 
 /// What is called for each non-empty line: the input's name, the 1-based line number, and
 /// the line without surrounding whitespace.
-pub type LineFn<'a> = dyn FnMut(&str, u64, &[u8]) + 'a;
+pub(crate) type LineFn<'a> = dyn FnMut(&str, u64, &[u8]) + 'a;
 
 /// Call `f` for every non-empty line of the file at `path`: gzip when it starts with the gzip
 /// magic (rotated logs), else plain; `-` is stdin.
-pub fn for_each_line(path: &Path, f: &mut LineFn<'_>) -> std::io::Result<()> {
+pub(crate) fn for_each_line(path: &Path, f: &mut LineFn<'_>) -> std::io::Result<()> {
     let name = path.display().to_string();
     if name == "-" {
         return lines_of("<stdin>", std::io::stdin().lock(), f);
@@ -272,17 +272,18 @@ fn fold_numbers(s: &str) -> String {
 
 impl Auditor {
     /// A new, empty audit.
-    pub fn new() -> Auditor {
+    pub(crate) fn new() -> Auditor {
         Auditor::default()
     }
 
     /// Read every line of `input`; `name` is used to locate skipped lines.
-    pub fn read(&mut self, name: &str, input: impl Read) -> std::io::Result<()> {
+    #[cfg(test)]
+    fn read(&mut self, name: &str, input: impl Read) -> std::io::Result<()> {
         lines_of(name, input, &mut |name, n, line| self.line(name, n, line))
     }
 
     /// Read a file: gzip when it starts with the gzip magic, else plain; `-` is stdin.
-    pub fn read_path(&mut self, path: &Path) -> std::io::Result<()> {
+    pub(crate) fn read_path(&mut self, path: &Path) -> std::io::Result<()> {
         for_each_line(path, &mut |name, n, line| self.line(name, n, line))
     }
 
@@ -431,7 +432,7 @@ impl Auditor {
     }
 
     /// The report, each table sorted by size (then by name, for a stable order).
-    pub fn finish(mut self) -> Report {
+    pub(crate) fn finish(mut self) -> Report {
         let mut r = std::mem::take(&mut self.report);
         r.traffic = self.traffic.into_values().collect();
         r.traffic.sort_by(|a, b| {
@@ -489,7 +490,7 @@ fn insert_capped(set: &mut BTreeSet<String>, v: &str) {
 }
 
 /// The report as tables for people; `top` rows per table.
-pub fn render(r: &Report, top: usize) -> String {
+pub(crate) fn render(r: &Report, top: usize) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(
@@ -676,7 +677,7 @@ fn table(out: &mut String, head: &[&str], rows: &[Vec<String>]) {
 }
 
 /// `chaperone audit LOG...`: 0, or 2 when a log cannot be read.
-pub fn command(logs: &[PathBuf], json: bool, top: usize) -> Exit {
+pub(crate) fn command(logs: &[PathBuf], json: bool, top: usize) -> Exit {
     let mut a = Auditor::new();
     for path in logs {
         if let Err(e) = a.read_path(path) {

@@ -5,7 +5,7 @@ use std::path::Path;
 use super::Exit;
 
 /// Create the CA in `out`: 0 done, 2 on error (an existing CA without `--force`, I/O).
-pub fn init(out: &Path, days: u32, force: bool) -> Exit {
+pub(crate) fn init(out: &Path, days: u32, force: bool) -> Exit {
     match crate::tls::init_ca(out, days, force) {
         Ok((cert, key)) => {
             println!("CA certificate: {} (valid {days} days)", cert.display());

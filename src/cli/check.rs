@@ -6,7 +6,7 @@ use super::Exit;
 use crate::config::Config;
 
 /// Validate `config`: 0 when it would start, 2 (with every error listed) when not.
-pub fn command(config: &Path) -> Exit {
+pub(crate) fn command(config: &Path) -> Exit {
     match Config::load(config) {
         Ok(cfg) => {
             println!(

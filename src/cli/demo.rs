@@ -221,13 +221,13 @@ struct Step {
 
 /// `chaperone demo`: 0 when the product did its job, 1 when a check failed, 2 when the demo
 /// could not run.
-pub fn command() -> Exit {
+pub(crate) fn command() -> Exit {
     super::init_tracing("warn");
     super::runtime().block_on(run())
 }
 
 /// Run the demo; prints a summary and where the purpose log is.
-pub async fn run() -> Exit {
+pub(crate) async fn run() -> Exit {
     match run_inner().await {
         Ok(true) => Exit::Ok,
         Ok(false) => Exit::Finding,

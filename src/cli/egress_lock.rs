@@ -25,11 +25,11 @@ use std::process::{Command, Stdio};
 use ipnet::IpNet;
 
 /// The chain this command owns.
-pub const CHAIN: &str = "CHAPERONE_EGRESS";
+pub(crate) const CHAIN: &str = "CHAPERONE_EGRESS";
 
 /// An address family: each has its own tables and tools.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
+pub(crate) enum Family {
     /// IPv4: `iptables-restore`.
     V4,
     /// IPv6: `ip6tables-restore`.
@@ -38,7 +38,7 @@ pub enum Family {
 
 impl Family {
     /// `IPv4` or `IPv6`, for messages.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Family::V4 => "IPv4",
             Family::V6 => "IPv6",
@@ -66,14 +66,14 @@ impl Family {
 
 /// What may leave the pod without going through the sidecar.
 #[derive(Debug, Clone, Default)]
-pub struct Lock {
+pub(crate) struct Lock {
     /// UIDs whose sockets may connect anywhere: the sidecar's first, then any other exempt
     /// user (a node agent's container, say).
-    pub exempt_uids: Vec<u32>,
+    pub(crate) exempt_uids: Vec<u32>,
     /// Destinations every container may reach directly (services listed in `NO_PROXY`).
-    pub allow: Vec<IpNet>,
+    pub(crate) allow: Vec<IpNet>,
     /// Resolvers every container may query on port 53, UDP and TCP.
-    pub resolvers: Vec<IpAddr>,
+    pub(crate) resolvers: Vec<IpAddr>,
 }
 
 impl Lock {
@@ -92,7 +92,7 @@ impl Lock {
     /// 6. the allowed destinations;
     /// 7. everything else is refused: TCP with a reset, so the client fails at once with
     ///    "connection refused" instead of hanging, and the rest with port-unreachable.
-    pub fn rules(&self, family: Family) -> Vec<String> {
+    pub(crate) fn rules(&self, family: Family) -> Vec<String> {
         let mut r = vec![
             format!("-A {CHAIN} -o lo -j RETURN"),
             format!("-A {CHAIN} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"),
@@ -136,7 +136,7 @@ impl Lock {
     /// The `iptables-restore --noflush` input: the chain (declaring it empties it), its
     /// rules, every existing jump to it removed and one inserted first in `OUTPUT`, in one
     /// transaction. `existing_jumps` is how many `-j CHAPERONE_EGRESS` rules `OUTPUT` holds.
-    pub fn restore_input(&self, family: Family, existing_jumps: usize) -> String {
+    pub(crate) fn restore_input(&self, family: Family, existing_jumps: usize) -> String {
         let mut s = format!("*filter\n:{CHAIN} - [0:0]\n");
         for rule in self.rules(family) {
             s.push_str(&rule);
@@ -152,14 +152,14 @@ impl Lock {
 }
 
 /// A destination on the command line: a CIDR (`10.96.0.0/12`) or one address.
-pub fn parse_destination(s: &str) -> Result<IpNet, String> {
+pub(crate) fn parse_destination(s: &str) -> Result<IpNet, String> {
     s.parse::<IpNet>()
         .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
         .map_err(|_| format!("{s:?} is neither an address nor a CIDR"))
 }
 
 /// A list for messages: `a, b` or `none`.
-pub fn listing<T: std::fmt::Display>(items: &[T]) -> String {
+pub(crate) fn listing<T: std::fmt::Display>(items: &[T]) -> String {
     if items.is_empty() {
         return "none".into();
     }
@@ -171,7 +171,7 @@ pub fn listing<T: std::fmt::Display>(items: &[T]) -> String {
 }
 
 /// The `nameserver` addresses of a resolv.conf (zone indexes such as `%eth0` dropped).
-pub fn resolvers(resolv_conf: &str) -> Vec<IpAddr> {
+pub(crate) fn resolvers(resolv_conf: &str) -> Vec<IpAddr> {
     resolv_conf
         .lines()
         .filter_map(|l| {
@@ -185,17 +185,17 @@ pub fn resolvers(resolv_conf: &str) -> Vec<IpAddr> {
 /// What `iptables-save -t filter` shows of the lock: the jumps in `OUTPUT` (and whether
 /// the first rule of `OUTPUT` is one) and the chain's rules.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Installed {
+pub(crate) struct Installed {
     /// How many `-A OUTPUT -j CHAPERONE_EGRESS` rules there are.
-    pub jumps: usize,
+    pub(crate) jumps: usize,
     /// Whether the first rule of `OUTPUT` is the jump.
-    pub first: bool,
+    pub(crate) first: bool,
     /// The chain's rules as saved.
-    pub rules: Vec<String>,
+    pub(crate) rules: Vec<String>,
 }
 
 /// Read [`Installed`] from `iptables-save -t filter` output.
-pub fn installed(save: &str) -> Installed {
+pub(crate) fn installed(save: &str) -> Installed {
     let jump = format!("-A OUTPUT -j {CHAIN}");
     let chain = format!("-A {CHAIN} ");
     let mut out = Installed::default();
@@ -215,7 +215,7 @@ pub fn installed(save: &str) -> Installed {
 }
 
 /// Apply the lock for `family` and check it took; returns the installed state.
-pub fn apply(lock: &Lock, family: Family) -> Result<Installed, String> {
+pub(crate) fn apply(lock: &Lock, family: Family) -> Result<Installed, String> {
     let before = installed(&save(family)?);
     let input = lock.restore_input(family, before.jumps);
     let mut child = Command::new(family.restore())
@@ -287,12 +287,12 @@ fn tool_error(tool: &str, e: &std::io::Error) -> String {
 }
 
 /// Whether the kernel has IPv6 (no IPv6 packet can leave a pod whose kernel has none).
-pub fn ipv6_enabled() -> bool {
+pub(crate) fn ipv6_enabled() -> bool {
     Path::new("/proc/net/if_inet6").exists()
 }
 
 /// `chaperone egress-lock`: 0 locked (or printed), 2 error (the pod does not start).
-pub fn command(
+pub(crate) fn command(
     exempt_uids: Vec<u32>,
     allow: Vec<ipnet::IpNet>,
     no_dns: bool,

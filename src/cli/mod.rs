@@ -4,15 +4,15 @@
 //! denial (secrets found by `scan`, a request `policy eval` denies, a failed policy case),
 //! 2 a usage, configuration or I/O error (clap's own usage errors are 2 as well).
 
-pub mod audit;
-pub mod ca;
-pub mod check;
-pub mod demo;
-pub mod egress_lock;
-pub mod policy;
-pub mod review;
-pub mod run;
-pub mod scan;
+pub(crate) mod audit;
+pub(crate) mod ca;
+pub(crate) mod check;
+pub(crate) mod demo;
+pub(crate) mod egress_lock;
+pub(crate) mod policy;
+pub(crate) mod review;
+pub(crate) mod run;
+pub(crate) mod scan;
 pub mod webhook;
 
 use std::net::SocketAddr;
@@ -23,7 +23,7 @@ use clap::{Parser, Subcommand};
 
 /// How a subcommand ended; the process exit status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exit {
+pub(crate) enum Exit {
     /// 0: done, valid, allowed, nothing found.
     Ok,
     /// 1: the answer is no: a finding or a denial.
@@ -45,14 +45,14 @@ impl From<Exit> for ExitCode {
 /// Chaperone: just-in-time, scoped credentials for AI workloads, as a sidecar proxy.
 #[derive(Parser)]
 #[command(name = "chaperone", version, about)]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
 }
 
 #[derive(Subcommand)]
 #[allow(missing_docs)] // clap turns doc comments into help text; the variants carry it
-pub enum Cmd {
+pub(crate) enum Cmd {
     /// Run the sidecar. Without --config it starts on embedded defaults in observe mode.
     Run {
         /// Configuration file (YAML).
@@ -177,7 +177,7 @@ pub enum Cmd {
 
 #[derive(Subcommand)]
 #[allow(missing_docs)] // clap turns doc comments into help text; the variants carry it
-pub enum PolicyCmd {
+pub(crate) enum PolicyCmd {
     /// Validate the config's policy against the schema; list the policy ids and warnings.
     Check {
         /// Configuration file (YAML).
@@ -218,7 +218,7 @@ pub enum PolicyCmd {
 
 #[derive(Subcommand)]
 #[allow(missing_docs)] // clap turns doc comments into help text; the variants carry it
-pub enum CaCmd {
+pub(crate) enum CaCmd {
     /// Create a CA (ECDSA P-256): DIR/ca.pem, and DIR/ca-key.pem with mode 0600.
     Init {
         /// Directory for the files.

@@ -77,77 +77,77 @@ struct StrippedLine {
 
 /// A scope a route requests that no token carried in the window.
 #[derive(Debug, Clone, Serialize)]
-pub struct UnusedScope {
+pub(crate) struct UnusedScope {
     /// Route.
-    pub route: String,
+    pub(crate) route: String,
     /// Scope as configured (may hold `{purpose}`).
-    pub scope: String,
+    pub(crate) scope: String,
 }
 
 /// A policy that decided no request in the window.
 #[derive(Debug, Clone, Serialize)]
-pub struct UnusedPolicy {
+pub(crate) struct UnusedPolicy {
     /// Policy id.
-    pub id: String,
+    pub(crate) id: String,
     /// `permit` or `forbid` (a forbid that never fired may still be a needed guard).
-    pub effect: String,
+    pub(crate) effect: String,
 }
 
 /// Allowed traffic from a stage to a kind of destination outside its function.
 #[derive(Debug, Clone, Serialize)]
-pub struct Outlier {
+pub(crate) struct Outlier {
     /// Identity.
-    pub identity: String,
+    pub(crate) identity: String,
     /// Stage.
-    pub stage: String,
+    pub(crate) stage: String,
     /// `host:port`.
-    pub destination: String,
+    pub(crate) destination: String,
     /// Route, or none.
-    pub route: Option<String>,
+    pub(crate) route: Option<String>,
     /// The destination's kind (route `kind` label, else route name, else `unrouted`).
-    pub kind: String,
+    pub(crate) kind: String,
     /// Allowed requests.
-    pub requests: u64,
+    pub(crate) requests: u64,
     /// Share of the stage's allowed requests, in percent.
-    pub share: f64,
+    pub(crate) share: f64,
     /// The kinds that make up the stage's function.
-    pub function: Vec<String>,
+    pub(crate) function: Vec<String>,
 }
 
 /// Whether the suggested policy allows what was seen.
 #[derive(Debug, Clone, Serialize)]
-pub struct SuggestionCheck {
+pub(crate) struct SuggestionCheck {
     /// Allowed requests in the logs that were decided again.
-    pub decided: u64,
+    pub(crate) decided: u64,
     /// Of those, allowed under the suggestion.
-    pub allowed: u64,
+    pub(crate) allowed: u64,
     /// Up to 10 that are not, with the reason.
-    pub refused: Vec<String>,
+    pub(crate) refused: Vec<String>,
 }
 
 /// The review.
 #[derive(Debug, Clone, Serialize)]
-pub struct Review {
+pub(crate) struct Review {
     /// Purpose-log lines read.
-    pub lines: u64,
+    pub(crate) lines: u64,
     /// Lines skipped as not purpose-log JSON.
-    pub skipped: u64,
+    pub(crate) skipped: u64,
     /// The window the logs cover.
-    pub window: Seen,
+    pub(crate) window: Seen,
     /// Routes no allowed request used.
-    pub unused_routes: Vec<String>,
+    pub(crate) unused_routes: Vec<String>,
     /// Credentials never injected.
-    pub unused_credentials: Vec<String>,
+    pub(crate) unused_credentials: Vec<String>,
     /// Scopes no token carried.
-    pub unused_scopes: Vec<UnusedScope>,
+    pub(crate) unused_scopes: Vec<UnusedScope>,
     /// Policies that decided nothing.
-    pub unused_policies: Vec<UnusedPolicy>,
+    pub(crate) unused_policies: Vec<UnusedPolicy>,
     /// Stages reaching destinations outside their function.
-    pub outside_function: Vec<Outlier>,
+    pub(crate) outside_function: Vec<Outlier>,
     /// A tighter policy that allows everything seen.
-    pub suggested_policy: String,
+    pub(crate) suggested_policy: String,
     /// Its check against the logs.
-    pub suggestion_check: SuggestionCheck,
+    pub(crate) suggestion_check: SuggestionCheck,
 }
 
 /// (identity, stage, scheme, host, port, tunnel, route).
@@ -163,7 +163,11 @@ struct Grant {
 }
 
 /// Read the logs and review them against `cfg`.
-pub fn review(cfg: &Config, engine: &PolicyEngine, logs: &[&Path]) -> Result<Review, String> {
+pub(crate) fn review(
+    cfg: &Config,
+    engine: &PolicyEngine,
+    logs: &[&Path],
+) -> Result<Review, String> {
     let mut lines = 0u64;
     let mut skipped = 0u64;
     let mut window = Seen::default();
@@ -502,7 +506,7 @@ fn check(cfg: &Config, text: &str, seen: &[WhatIf]) -> Result<SuggestionCheck, S
 }
 
 /// The review as text for people.
-pub fn render(r: &Review) -> String {
+pub(crate) fn render(r: &Review) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(
@@ -593,7 +597,7 @@ pub fn render(r: &Review) -> String {
 }
 
 /// `chaperone review --config F LOG...`: 0, or 2 on a config or log error.
-pub fn command(
+pub(crate) fn command(
     config: &std::path::Path,
     logs: &[PathBuf],
     json: bool,

@@ -10,7 +10,7 @@ use crate::purpose_log::LogOutput;
 
 /// Load the config (or the embedded defaults), start, serve until SIGTERM or Ctrl-C, drain.
 /// 0 after a clean shutdown, 2 when it could not start.
-pub fn command(
+pub(crate) fn command(
     config: Option<&Path>,
     listen: Option<SocketAddr>,
     admin: Option<SocketAddr>,

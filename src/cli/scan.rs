@@ -18,35 +18,35 @@ use crate::strip::{self, BodyPlan, Finding};
 
 /// One recorded request.
 #[derive(Debug, Default)]
-pub struct Recorded {
+pub(crate) struct Recorded {
     /// Method.
-    pub method: String,
+    pub(crate) method: String,
     /// Full URL as recorded.
-    pub url: String,
+    pub(crate) url: String,
     /// Headers.
-    pub headers: Vec<(String, String)>,
+    pub(crate) headers: Vec<(String, String)>,
     /// Body text, if any.
-    pub body: Option<String>,
+    pub(crate) body: Option<String>,
 }
 
 /// What the detector found in one request.
 #[derive(Debug, Serialize)]
-pub struct Scanned {
+pub(crate) struct Scanned {
     /// 1-based position in the file (entry for HAR, line for JSON lines).
-    pub request: usize,
+    pub(crate) request: usize,
     /// Method.
-    pub method: String,
+    pub(crate) method: String,
     /// URL with query values redacted and userinfo removed.
-    pub url: String,
+    pub(crate) url: String,
     /// Secrets found, as the purpose log would list them.
-    pub findings: Vec<Finding>,
+    pub(crate) findings: Vec<Finding>,
     /// Headers that could not be read (invalid names or values), skipped.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub skipped: Vec<String>,
+    pub(crate) skipped: Vec<String>,
 }
 
 /// Read a HAR document or JSON lines. Errors name the entry or line.
-pub fn parse(text: &str) -> Result<Vec<(usize, Recorded)>, String> {
+pub(crate) fn parse(text: &str) -> Result<Vec<(usize, Recorded)>, String> {
     let trimmed = text.trim_start();
     if trimmed.starts_with('{')
         && let Ok(doc) = serde_json::from_str::<Value>(trimmed)
@@ -201,7 +201,7 @@ fn split_url(url: &str) -> (String, Option<&str>, Option<&str>) {
 }
 
 /// Inspect one recorded request as the strip stage would (in report mode: nothing changes).
-pub fn scan_one(fp: &Fingerprinter, index: usize, r: &Recorded) -> Scanned {
+pub(crate) fn scan_one(fp: &Fingerprinter, index: usize, r: &Recorded) -> Scanned {
     let mut headers = HeaderMap::new();
     let mut skipped = Vec::new();
     for (n, v) in &r.headers {
@@ -235,7 +235,7 @@ pub fn scan_one(fp: &Fingerprinter, index: usize, r: &Recorded) -> Scanned {
 }
 
 /// Scan a whole file's text; the human-readable report and whether anything was found.
-pub fn report(fp: &Fingerprinter, text: &str, json: bool) -> Result<(String, bool), String> {
+pub(crate) fn report(fp: &Fingerprinter, text: &str, json: bool) -> Result<(String, bool), String> {
     let requests = parse(text)?;
     let scanned: Vec<Scanned> = requests.iter().map(|(i, r)| scan_one(fp, *i, r)).collect();
     let mut out = String::new();
@@ -284,7 +284,11 @@ pub fn report(fp: &Fingerprinter, text: &str, json: bool) -> Result<(String, boo
 }
 
 /// `chaperone scan FILE`: 0 no secret found, 1 found, 2 error.
-pub fn command(file: &std::path::Path, json: bool, config: Option<&std::path::Path>) -> Exit {
+pub(crate) fn command(
+    file: &std::path::Path,
+    json: bool,
+    config: Option<&std::path::Path>,
+) -> Exit {
     let key_file = match config.map(crate::config::Config::load).transpose() {
         Ok(cfg) => cfg.and_then(|c| c.strip.fingerprint_key_file),
         Err(errs) => {

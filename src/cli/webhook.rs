@@ -22,9 +22,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 /// The annotation that asks for injection.
-pub const ANNOTATION: &str = "chaperone.dev/inject";
+pub(crate) const ANNOTATION: &str = "chaperone.dev/inject";
 /// The annotation naming the ConfigMap with `chaperone.yaml` and `policy.cedar`.
-pub const CONFIG_ANNOTATION: &str = "chaperone.dev/config";
+pub(crate) const CONFIG_ANNOTATION: &str = "chaperone.dev/config";
 /// The proxy address the app is pointed at.
 const PROXY: &str = "http://127.0.0.1:15001";
 /// Where the app finds the CA certificate.
@@ -41,40 +41,40 @@ pub struct InjectConfig {
     /// ConfigMap with `chaperone.yaml` and `policy.cedar`, unless the pod names another in
     /// the `chaperone.dev/config` annotation. Default `chaperone-config`.
     #[serde(default = "default_config_map")]
-    pub config_map: String,
+    pub(crate) config_map: String,
     /// Secret with `ca.pem` and `ca-key.pem`. Default `chaperone-ca`.
     #[serde(default = "default_ca_secret")]
-    pub ca_secret: String,
+    pub(crate) ca_secret: String,
     /// Secret with the fingerprint key (`key`); none if absent.
     #[serde(default)]
-    pub fingerprint_secret: Option<String>,
+    pub(crate) fingerprint_secret: Option<String>,
     /// Audience of the projected service-account token mounted for token exchange
     /// (`/var/run/secrets/chaperone/token`); no token if absent.
     #[serde(default)]
-    pub token_audience: Option<String>,
+    pub(crate) token_audience: Option<String>,
     /// The sidecar's UID (it must differ from the app's). Default 65532.
     #[serde(default = "default_uid")]
-    pub sidecar_uid: u32,
+    pub(crate) sidecar_uid: u32,
     /// Also add the egress lock, so the sidecar is the app's only way out of the pod (an
     /// init container, first, running `chaperone egress-lock` with NET_ADMIN); none if
     /// absent. Every injected pod gets it: a pod cannot opt out by annotation.
     #[serde(default)]
-    pub egress_lock: Option<EgressLockInject>,
+    pub(crate) egress_lock: Option<EgressLockInject>,
 }
 
 /// The injected egress lock (`egress_lock:` in inject.yaml).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct EgressLockInject {
+pub(crate) struct EgressLockInject {
     /// The egress-lock image (deploy/Dockerfile, target `egress-lock`), preferably by digest.
-    pub image: String,
+    pub(crate) image: String,
     /// Destinations every container may reach directly, as addresses or CIDRs (what the
     /// apps list in `NO_PROXY` beyond loopback).
     #[serde(default, deserialize_with = "destinations")]
-    pub allow: Vec<ipnet::IpNet>,
+    pub(crate) allow: Vec<ipnet::IpNet>,
     /// Let containers query the pod's resolvers directly (port 53). Default true.
     #[serde(default = "default_true")]
-    pub dns: bool,
+    pub(crate) dns: bool,
 }
 
 fn destinations<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
@@ -121,7 +121,7 @@ impl InjectConfig {
 }
 
 /// The pod with the sidecar added, or `None` when the pod does not ask for it.
-pub fn mutate(cfg: &InjectConfig, pod: &Value) -> Option<Value> {
+pub(crate) fn mutate(cfg: &InjectConfig, pod: &Value) -> Option<Value> {
     let annotations = &pod["metadata"]["annotations"];
     if annotations[ANNOTATION].as_str() != Some("true") {
         return None;
@@ -270,7 +270,7 @@ fn egress_lock(sidecar_uid: u32, lock: &EgressLockInject) -> Value {
 }
 
 /// The AdmissionReview response for a request body, or a 400 reason.
-pub fn review(cfg: &InjectConfig, body: &[u8]) -> Result<Value, String> {
+pub(crate) fn review(cfg: &InjectConfig, body: &[u8]) -> Result<Value, String> {
     let review: Value =
         serde_json::from_slice(body).map_err(|e| format!("not an AdmissionReview: {e}"))?;
     if review["apiVersion"] != "admission.k8s.io/v1" || review["kind"] != "AdmissionReview" {
@@ -353,7 +353,12 @@ impl rustls::server::ResolvesServerCert for ReloadingCert {
 const HEADER_READ: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// `chaperone webhook`: 0 on a clean stop, 2 on a config, TLS or bind error.
-pub fn command(config: &Path, listen: SocketAddr, tls_cert: &Path, tls_key: &Path) -> super::Exit {
+pub(crate) fn command(
+    config: &Path,
+    listen: SocketAddr,
+    tls_cert: &Path,
+    tls_key: &Path,
+) -> super::Exit {
     super::init_tracing("info");
     let cfg = match InjectConfig::load(config) {
         Ok(c) => c,
@@ -373,7 +378,7 @@ pub fn command(config: &Path, listen: SocketAddr, tls_cert: &Path, tls_key: &Pat
 
 /// Serve the webhook on `addr` until the process ends: `POST /mutate` (AdmissionReview v1)
 /// and `GET /healthz`.
-pub async fn serve(
+pub(crate) async fn serve(
     addr: SocketAddr,
     cert: &Path,
     key: &Path,

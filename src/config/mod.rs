@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use marked_yaml::{LoaderOptions, Marker, Node};
 
-pub use schema::*;
+pub(crate) use schema::*;
 
 use crate::credentials::{CredentialSpec, JwtSpec, KeySource, StaticSource};
 use crate::identify::Identity;
@@ -27,27 +27,27 @@ use crate::route::{HostMatch, InjectSpec, Route};
 use crate::strip::StripSettings;
 
 /// Default proxy listener.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:15001";
+pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:15001";
 /// Default admin listener.
-pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
+pub(crate) const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
 /// Default inspected body size for embedded secrets.
-pub const DEFAULT_BODY_MAX_BYTES: u64 = 64 * 1024;
+pub(crate) const DEFAULT_BODY_MAX_BYTES: u64 = 64 * 1024;
 /// Longest lifetime a locally minted per-call token may have.
-pub const MAX_JWT_TTL: Duration = Duration::from_secs(300);
+pub(crate) const MAX_JWT_TTL: Duration = Duration::from_secs(300);
 
 /// One configuration problem, located in the source file.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
+pub(crate) struct ConfigError {
     /// The file the problem is in.
-    pub file: String,
+    pub(crate) file: String,
     /// 1-based line, 0 when unknown.
-    pub line: usize,
+    pub(crate) line: usize,
     /// 1-based column, 0 when unknown.
-    pub column: usize,
+    pub(crate) column: usize,
     /// Dotted path of the key, e.g. `routes[0].credential`.
-    pub key: String,
+    pub(crate) key: String,
     /// What is wrong, in words a user can act on.
-    pub message: String,
+    pub(crate) message: String,
 }
 
 impl fmt::Display for ConfigError {
@@ -67,7 +67,7 @@ impl fmt::Display for ConfigError {
 
 /// Every problem found in one configuration.
 #[derive(Debug, Clone)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
+pub(crate) struct ConfigErrors(pub Vec<ConfigError>);
 
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -85,47 +85,45 @@ impl std::error::Error for ConfigErrors {}
 
 /// The validated runtime configuration.
 #[derive(Debug, Clone)]
-pub struct Config {
+pub(crate) struct Config {
     /// The file the configuration came from, or `<embedded defaults>`.
-    pub source: String,
+    pub(crate) source: String,
     /// True when running on embedded defaults: proxy and report, inject nothing.
-    pub observe_mode: bool,
+    pub(crate) observe_mode: bool,
     /// The main listener and then one per stage.
-    pub listeners: Vec<ListenerSpec>,
+    pub(crate) listeners: Vec<ListenerSpec>,
     /// Admin server address.
-    pub admin: SocketAddr,
+    pub(crate) admin: SocketAddr,
     /// TLS interception and upstream TLS.
-    pub tls: TlsSettings,
+    pub(crate) tls: TlsSettings,
     /// Credential sources by name.
-    pub credentials: BTreeMap<String, CredentialSpec>,
+    pub(crate) credentials: BTreeMap<String, CredentialSpec>,
     /// Routes in match order.
-    pub routes: Vec<Route>,
+    pub(crate) routes: Vec<Route>,
     /// Embedded-secret handling.
-    pub strip: StripSettings,
+    pub(crate) strip: StripSettings,
     /// Authorization policy.
-    pub policy: PolicySource,
+    pub(crate) policy: PolicySource,
     /// Purpose-log format.
-    pub log_format: LogFormat,
+    pub(crate) log_format: LogFormat,
     /// Purpose-log output.
-    pub log_output: LogOutput,
+    pub(crate) log_output: LogOutput,
     /// Timeouts.
-    pub timeouts: Timeouts,
-    /// Subject token file for token exchange.
-    pub subject_token_file: Option<PathBuf>,
+    pub(crate) timeouts: Timeouts,
     /// Proxy worker threads.
-    pub workers: usize,
+    pub(crate) workers: usize,
 }
 
 impl Config {
     /// Load and validate a configuration file.
-    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    pub(crate) fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let (file, text) = read_file(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::from_yaml(&file, &text, base, false)
     }
 
     /// The embedded defaults: observe mode, everything proxied and reported, nothing injected.
-    pub fn embedded_default() -> Config {
+    pub(crate) fn embedded_default() -> Config {
         let mut cfg = Self::from_yaml(
             "<embedded defaults>",
             EMBEDDED_DEFAULTS,
@@ -138,7 +136,7 @@ impl Config {
     }
 
     /// Parse and validate YAML text; relative paths resolve against `base`.
-    pub fn from_yaml(
+    pub(crate) fn from_yaml(
         file: &str,
         text: &str,
         base: &Path,
@@ -157,7 +155,7 @@ impl Config {
     /// where the sidecar runs (credential and TLS files, `from_env` variables) may be
     /// missing. The policy files must be readable. Returns the config and what was
     /// overlooked, to be mentioned.
-    pub fn load_offline(path: &Path) -> Result<(Config, Vec<ConfigError>), ConfigErrors> {
+    pub(crate) fn load_offline(path: &Path) -> Result<(Config, Vec<ConfigError>), ConfigErrors> {
         let (file, text) = read_file(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let (cfg, problems) = validate(&file, &text, base, false)?;
@@ -191,7 +189,7 @@ log:
 "#;
 
 /// Observe mode permits everything that passes the guardrails.
-pub const OBSERVE_POLICY: &str =
+pub(crate) const OBSERVE_POLICY: &str =
     "@id(\"observe-mode-permit-all\")\npermit(principal, action, resource);\n";
 
 /// A config file's name and text.
@@ -229,7 +227,7 @@ fn validate(
 
 /// Parse YAML into `T` (unknown keys rejected by `T`), keeping the node for positions. The
 /// error names the file, line and key.
-pub fn parse_yaml<T: serde::de::DeserializeOwned>(
+pub(crate) fn parse_yaml<T: serde::de::DeserializeOwned>(
     file: &str,
     text: &str,
 ) -> Result<(Node, T), ConfigError> {
@@ -636,7 +634,6 @@ impl Validator<'_> {
             log_format,
             log_output,
             timeouts,
-            subject_token_file,
             workers,
         })
     }

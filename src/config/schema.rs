@@ -13,65 +13,65 @@ use crate::strip::StripMode;
 /// The root of `chaperone.yaml`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FileConfig {
+pub(crate) struct FileConfig {
     /// Address of the proxy listener the app's `HTTP_PROXY` points at.
     /// Default `127.0.0.1:15001`.
     #[serde(default)]
-    pub listen: Option<String>,
+    pub(crate) listen: Option<String>,
     /// Address of the admin server (`/healthz`, `/readyz`, `/metrics`, JWKS).
     /// Default `127.0.0.1:15000`.
     #[serde(default)]
-    pub admin: Option<String>,
+    pub(crate) admin: Option<String>,
     /// The workload identity this sidecar serves.
-    pub identity: IdentityConfig,
+    pub(crate) identity: IdentityConfig,
     /// Optional extra listeners, one per pipeline stage, each with its own identity.
     #[serde(default)]
-    pub stages: Vec<StageConfig>,
+    pub(crate) stages: Vec<StageConfig>,
     /// TLS interception (local CA) and upstream TLS.
     #[serde(default)]
-    pub tls: Option<TlsConfig>,
+    pub(crate) tls: Option<TlsConfig>,
     /// Named credential sources that routes refer to.
     #[serde(default)]
-    pub credentials: BTreeMap<String, CredentialConfig>,
+    pub(crate) credentials: BTreeMap<String, CredentialConfig>,
     /// Routes, matched in order; the first match wins.
     #[serde(default)]
-    pub routes: Vec<RouteConfig>,
+    pub(crate) routes: Vec<RouteConfig>,
     /// What to do with secrets the app embedded in its requests.
     #[serde(default)]
-    pub strip: StripConfig,
+    pub(crate) strip: StripConfig,
     /// The Cedar policy that authorizes every request.
-    pub policy: Option<PolicyConfig>,
+    pub(crate) policy: Option<PolicyConfig>,
     /// Where and how the purpose log is written.
     #[serde(default)]
-    pub log: LogConfig,
+    pub(crate) log: LogConfig,
     /// Timeouts on both sides of the proxy.
     #[serde(default)]
-    pub timeouts: TimeoutsConfig,
+    pub(crate) timeouts: TimeoutsConfig,
     /// Worker threads serving proxy connections, each with its own event loop and upstream
     /// pool. Default: the number of CPUs available to the process.
     #[serde(default)]
-    pub workers: Option<usize>,
+    pub(crate) workers: Option<usize>,
 }
 
 /// Who the sidecar speaks for.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct IdentityConfig {
+pub(crate) struct IdentityConfig {
     /// The workload identity: a SPIFFE ID (`spiffe://trust-domain/path`) or a service account.
-    pub id: String,
+    pub(crate) id: String,
     /// The workload's name as SREs know it (e.g. `inference-api`).
-    pub workload: String,
+    pub(crate) workload: String,
     /// Deployment environment (`prod`, `staging`, `dev`, ...).
-    pub environment: String,
+    pub(crate) environment: String,
     /// The stage name of the main listener. Default `main`.
     #[serde(default)]
-    pub stage: Option<String>,
+    pub(crate) stage: Option<String>,
     /// File holding the workload's subject token (for token exchange); re-read when it changes.
     #[serde(default)]
-    pub subject_token_file: Option<String>,
+    pub(crate) subject_token_file: Option<String>,
     /// Who may use the main listener, attested by the kernel. Absent: any local process.
     #[serde(default)]
-    pub callers: Option<CallersConfig>,
+    pub(crate) callers: Option<CallersConfig>,
 }
 
 /// The processes a listener serves, as the kernel attests them: the owning UID of the
@@ -81,53 +81,53 @@ pub struct IdentityConfig {
 /// identity by connecting to its port.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CallersConfig {
+pub(crate) struct CallersConfig {
     /// The UIDs admitted (the `runAsUser` of the stage's container).
-    pub uids: Vec<u32>,
+    pub(crate) uids: Vec<u32>,
 }
 
 /// An extra listener that serves one pipeline stage under its own identity.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct StageConfig {
+pub(crate) struct StageConfig {
     /// Stage name, e.g. `training`; it is handed to policy and logged.
-    pub name: String,
+    pub(crate) name: String,
     /// Address this stage's listener binds: `IP:port`, or `unix:/path` for a Unix socket
     /// (created mode 0666: `callers.uids`, checked with `SO_PEERCRED`, is what admits).
-    pub listen: String,
+    pub(crate) listen: String,
     /// The identity of this stage. Default: the main identity's id.
     #[serde(default)]
-    pub id: Option<String>,
+    pub(crate) id: Option<String>,
     /// Who may use this stage's listener, attested by the kernel. Without it any local
     /// process can speak as this stage.
     #[serde(default)]
-    pub callers: Option<CallersConfig>,
+    pub(crate) callers: Option<CallersConfig>,
 }
 
 /// TLS settings.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TlsConfig {
+pub(crate) struct TlsConfig {
     /// Local CA certificate (PEM) that signs intercepted connections (`chaperone ca init`).
     /// Without `ca_cert` and `ca_key`, CONNECT is never intercepted.
     #[serde(default)]
-    pub ca_cert: Option<String>,
+    pub(crate) ca_cert: Option<String>,
     /// The CA's private key (PEM, keep it mode 0600).
     #[serde(default)]
-    pub ca_key: Option<String>,
+    pub(crate) ca_key: Option<String>,
     /// Roots that verify upstream certificates: `system` or a PEM bundle path. Default `system`.
     #[serde(default)]
-    pub upstream_roots: Option<String>,
+    pub(crate) upstream_roots: Option<String>,
     /// Hosts never intercepted (pinned certificates, mTLS): CONNECT to them is a blind tunnel
     /// after a policy check. `*.example.org` wildcards allowed.
     #[serde(default)]
-    pub passthrough: Vec<String>,
+    pub(crate) passthrough: Vec<String>,
 }
 
 /// A credential source. The secret material itself never appears in the config.
 #[derive(Debug, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum CredentialConfig {
+pub(crate) enum CredentialConfig {
     /// A token minted locally for each call (Transaction-Token shaped JWT).
     Jwt {
         /// Token lifetime, e.g. `60s`; at most 300s. Default `60s`.
@@ -235,141 +235,141 @@ pub enum CredentialConfig {
 /// One route: which requests it matches and what the sidecar does for them.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RouteConfig {
+pub(crate) struct RouteConfig {
     /// Unique route name; it appears in logs, metrics and policy context.
-    pub name: String,
+    pub(crate) name: String,
     /// Which requests this route takes.
     #[serde(rename = "match")]
-    pub match_: MatchConfig,
+    pub(crate) match_: MatchConfig,
     /// Name of the credential (under `credentials:`) injected on this route.
     #[serde(default)]
-    pub credential: Option<String>,
+    pub(crate) credential: Option<String>,
     /// Where the credential goes. Default `authorization: Bearer {token}`.
     #[serde(default)]
-    pub inject: Option<InjectConfig>,
+    pub(crate) inject: Option<InjectConfig>,
     /// Purpose used when the request carries no `chaperone-purpose` header.
     #[serde(default)]
-    pub purpose_default: Option<String>,
+    pub(crate) purpose_default: Option<String>,
     /// Free-form labels handed to policy as `resource.labels`.
     #[serde(default)]
-    pub labels: BTreeMap<String, String>,
+    pub(crate) labels: BTreeMap<String, String>,
     /// `aud` of minted tokens. Default: the destination origin.
     #[serde(default)]
-    pub audience: Option<String>,
+    pub(crate) audience: Option<String>,
     /// RFC 8707 resource indicator asked of token endpoints. Default: none for token
     /// exchange; for client credentials the `audience` is sent as the resource.
     #[serde(default)]
-    pub resource: Option<String>,
+    pub(crate) resource: Option<String>,
     /// Scopes requested or minted for this route. `{purpose}` in a scope is replaced by the
     /// request's purpose, which makes cached tokens per purpose.
     #[serde(default)]
-    pub scopes: Vec<String>,
+    pub(crate) scopes: Vec<String>,
     /// Longest lifetime a credential on this route should have, e.g. `5m`. A longer-lived
     /// (or never-expiring) credential is still used but flagged in the log and metrics.
     #[serde(default)]
-    pub max_ttl: Option<String>,
+    pub(crate) max_ttl: Option<String>,
     /// Overrides the global strip mode on this route.
     #[serde(default)]
-    pub strip: Option<StripMode>,
+    pub(crate) strip: Option<StripMode>,
 }
 
 /// Request matcher; every given field must match.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct MatchConfig {
+pub(crate) struct MatchConfig {
     /// Host name or IP literal; `*.example.org` matches any subdomain.
-    pub host: String,
+    pub(crate) host: String,
     /// `http` or `https`. Default: either.
     #[serde(default)]
-    pub scheme: Option<String>,
+    pub(crate) scheme: Option<String>,
     /// Destination port. Default: any.
     #[serde(default)]
-    pub port: Option<u16>,
+    pub(crate) port: Option<u16>,
     /// Path prefix, e.g. `/v1/`. Default: any path.
     #[serde(default)]
-    pub path_prefix: Option<String>,
+    pub(crate) path_prefix: Option<String>,
     /// Allowed methods. Default: any method.
     #[serde(default)]
-    pub methods: Vec<String>,
+    pub(crate) methods: Vec<String>,
 }
 
 /// How a credential is placed into the forwarded request.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct InjectConfig {
+pub(crate) struct InjectConfig {
     /// Header name, e.g. `authorization` or `x-api-key`. Exactly one of `header` and
     /// `body_field` is set.
     #[serde(default)]
-    pub header: Option<String>,
+    pub(crate) header: Option<String>,
     /// A field of the JSON, form or multipart request body (e.g. `api_key` for APIs that
     /// take the key in the body): every value of that field is replaced by the credential,
     /// and the field is added (to the top-level object, as a form pair or as a part) when
     /// the body has none. An embedded secret found in
     /// this field is then replaced rather than refused (see `strip`).
     #[serde(default)]
-    pub body_field: Option<String>,
+    pub(crate) body_field: Option<String>,
     /// Value template; `{token}` is replaced by the credential. Default `{token}`.
     #[serde(default)]
-    pub value: Option<String>,
+    pub(crate) value: Option<String>,
 }
 
 /// Embedded-secret handling.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct StripConfig {
+pub(crate) struct StripConfig {
     /// `strip`, `block` or `report`. Default `strip`.
     #[serde(default)]
-    pub mode: StripMode,
+    pub(crate) mode: StripMode,
     /// Largest request body inspected for secrets. Default 65536.
     #[serde(default)]
-    pub body_max_bytes: Option<u64>,
+    pub(crate) body_max_bytes: Option<u64>,
     /// File with the key for secret fingerprints (HMAC). Absent: a random key per process,
     /// so fingerprints match within one run only.
     #[serde(default)]
-    pub fingerprint_key_file: Option<String>,
+    pub(crate) fingerprint_key_file: Option<String>,
 }
 
 /// Policy files.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PolicyConfig {
+pub(crate) struct PolicyConfig {
     /// Cedar policy file.
-    pub file: String,
+    pub(crate) file: String,
     /// Optional Cedar schema the policies are validated against.
     #[serde(default)]
-    pub schema: Option<String>,
+    pub(crate) schema: Option<String>,
 }
 
 /// Purpose-log output.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LogConfig {
+pub(crate) struct LogConfig {
     /// `json` (one object per line) or `pretty` (one readable line). Default `json`.
     #[serde(default)]
-    pub format: Option<String>,
+    pub(crate) format: Option<String>,
     /// `stdout`, `stderr` or a file path (appended). Default `stdout`.
     #[serde(default)]
-    pub output: Option<String>,
+    pub(crate) output: Option<String>,
 }
 
 /// Timeouts; durations are strings with units (`500ms`, `30s`, `2m`).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TimeoutsConfig {
+pub(crate) struct TimeoutsConfig {
     /// Connecting to an upstream. Default `5s`.
     #[serde(default)]
-    pub connect: Option<String>,
+    pub(crate) connect: Option<String>,
     /// From sending a request upstream to its response head. Default `30s`.
     #[serde(default)]
-    pub request: Option<String>,
+    pub(crate) request: Option<String>,
     /// Reading a client's request head; also how long an idle keep-alive client connection
     /// waits for its next request. Default `30s`.
     #[serde(default)]
-    pub header_read: Option<String>,
+    pub(crate) header_read: Option<String>,
     /// A CONNECT tunnel with no traffic either way is closed after this. Default `5m`.
     #[serde(default)]
-    pub idle: Option<String>,
+    pub(crate) idle: Option<String>,
     /// On SIGTERM, how long in-flight requests may take to finish. Default `10s`.
     #[serde(default)]
-    pub shutdown_grace: Option<String>,
+    pub(crate) shutdown_grace: Option<String>,
 }

@@ -29,9 +29,9 @@ const CAPACITY: u64 = 10_000;
 
 /// A cached token and its timers.
 #[derive(Debug)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// The token.
-    pub token: Token,
+    pub(crate) token: Token,
     refresh_at: Instant,
     cache_until: Instant,
     refreshing: AtomicBool,
@@ -81,21 +81,21 @@ struct Backoff {
 
 /// Counters and timings of one credential, resolved once so a hit touches no label map.
 #[derive(Clone)]
-pub struct CacheMetrics {
+pub(crate) struct CacheMetrics {
     /// Served from the cache.
-    pub hit: Counter,
+    pub(crate) hit: Counter,
     /// Not cached: the request waited for a fetch.
-    pub miss: Counter,
+    pub(crate) miss: Counter,
     /// Failed fast during a backoff.
-    pub backoff: Counter,
+    pub(crate) backoff: Counter,
     /// Fetch duration.
-    pub fetch_seconds: Histogram,
+    pub(crate) fetch_seconds: Histogram,
     /// Fetch results by kind: `ok` and each [`Failure::kind`].
-    pub fetch_result: Arc<dyn Fn(&'static str) -> Counter + Send + Sync>,
+    pub(crate) fetch_result: Arc<dyn Fn(&'static str) -> Counter + Send + Sync>,
 }
 
 /// One credential's tokens.
-pub struct TokenCache {
+pub(crate) struct TokenCache {
     name: String,
     entries: moka::future::Cache<String, Arc<Entry>>,
     failures: moka::sync::Cache<String, Backoff>,
@@ -113,7 +113,7 @@ impl std::fmt::Debug for TokenCache {
 
 impl TokenCache {
     /// An empty cache.
-    pub fn new(name: &str, metrics: CacheMetrics) -> Self {
+    pub(crate) fn new(name: &str, metrics: CacheMetrics) -> Self {
         TokenCache {
             name: name.to_string(),
             entries: moka::future::Cache::builder()
@@ -138,7 +138,7 @@ impl TokenCache {
         metrics.fetch_seconds.observe(t.elapsed().as_secs_f64());
         (metrics.fetch_result)(match &r {
             Ok(_) => "ok",
-            Err(f) => f.kind,
+            Err(f) => f.kind.as_str(),
         })
         .inc();
         r
@@ -162,7 +162,7 @@ impl TokenCache {
     /// The token for `key`, fetching it on a miss. `make_fetch` builds a fetch that owns
     /// what it needs; it is only called on a miss or when a refresh is due, so a hit
     /// allocates nothing for it.
-    pub async fn get<M, F>(
+    pub(crate) async fn get<M, F>(
         self: &Arc<Self>,
         key: String,
         make_fetch: M,
@@ -333,7 +333,7 @@ mod tests {
             move || async move {
                 n.fetch_add(1, Ordering::SeqCst);
                 Err(Failure {
-                    kind: "unreachable",
+                    kind: crate::credentials::oauth::FailureKind::Unreachable,
                     message: "token endpoint unreachable: connection refused".into(),
                 })
             }

@@ -16,22 +16,22 @@ use crate::target::Target;
 
 /// The request a credential is obtained for.
 #[derive(Debug, Clone, Copy)]
-pub struct Call<'a> {
+pub(crate) struct Call<'a> {
     /// Who calls.
-    pub caller: &'a Caller,
+    pub(crate) caller: &'a Caller,
     /// Where to.
-    pub target: &'a Target,
+    pub(crate) target: &'a Target,
     /// The request method.
-    pub method: &'a str,
+    pub(crate) method: &'a str,
     /// The purpose it serves (after the route's default).
-    pub purpose: &'a str,
+    pub(crate) purpose: &'a str,
 }
 
 impl Credentials {
     /// Obtain `route`'s credential for `call` and inject it into `headers` or into `body` (the
     /// buffered request body, when there is one). `Ok(None)` when the route injects nothing;
     /// the returned [`Issued`] is what the log line says of it.
-    pub async fn inject(
+    pub(crate) async fn inject(
         &self,
         route: &Route,
         call: Call<'_>,

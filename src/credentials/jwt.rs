@@ -91,13 +91,13 @@ pub struct MintRequest<'a> {
 /// A minted token and what the log may say about it.
 pub struct Minted {
     /// The compact JWS.
-    pub token: SecretString,
+    pub(crate) token: SecretString,
     /// `jti`.
-    pub jti: String,
+    pub(crate) jti: String,
     /// `exp` (Unix seconds).
-    pub exp: u64,
+    pub(crate) exp: u64,
     /// `scope` as a list.
-    pub scopes: Vec<String>,
+    pub(crate) scopes: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -221,12 +221,12 @@ impl JwtMinter {
     }
 
     /// The public keys for `/.well-known/jwks.json`.
-    pub fn jwks(&self) -> Vec<serde_json::Value> {
+    pub(crate) fn jwks(&self) -> Vec<serde_json::Value> {
         self.jwks_at(Instant::now())
     }
 
     /// Id of the key that signs now.
-    pub fn kid(&self) -> String {
+    pub(crate) fn kid(&self) -> String {
         self.ring().current.kid().to_string()
     }
 
@@ -253,7 +253,7 @@ impl JwtMinter {
     }
 
     /// Whether the key can change: a key file, or a generated key with `rotate_every`.
-    pub fn rotates(&self) -> bool {
+    pub(crate) fn rotates(&self) -> bool {
         matches!(
             self.source,
             KeySource::File(_)
@@ -265,7 +265,7 @@ impl JwtMinter {
 
     /// Rotate if the key file changed or the generated key is due. A key file that cannot
     /// be read or parsed leaves the current key in place.
-    pub fn maybe_rotate(&self) {
+    pub(crate) fn maybe_rotate(&self) {
         let ring = self.ring();
         match &self.source {
             KeySource::Generated {

@@ -47,7 +47,7 @@ impl std::fmt::Debug for SigningKey {
 
 impl SigningKey {
     /// A fresh Ed25519 key.
-    pub fn generate_ed25519() -> Result<Self, String> {
+    pub(crate) fn generate_ed25519() -> Result<Self, String> {
         let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
             .map_err(|_| "cannot generate an Ed25519 key".to_string())?;
         let k = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
@@ -143,12 +143,12 @@ impl SigningKey {
     }
 
     /// JWS `alg`.
-    pub fn alg(&self) -> &'static str {
+    pub(crate) fn alg(&self) -> &'static str {
         self.alg
     }
 
     /// Key id (RFC 7638 thumbprint).
-    pub fn kid(&self) -> &str {
+    pub(crate) fn kid(&self) -> &str {
         &self.kid
     }
 
@@ -158,7 +158,7 @@ impl SigningKey {
     }
 
     /// Sign the JWS signing input (`header.payload`).
-    pub fn sign(&self, input: &[u8]) -> Result<Vec<u8>, String> {
+    pub(crate) fn sign(&self, input: &[u8]) -> Result<Vec<u8>, String> {
         match &self.inner {
             Inner::Ed25519(k) => Ok(k.sign(input).as_ref().to_vec()),
             Inner::Es256(k) => k
@@ -175,7 +175,7 @@ impl SigningKey {
     }
 
     /// A compact JWS of `claims` with header `{alg, typ, kid}`.
-    pub fn compact(&self, typ: &str, claims: &serde_json::Value) -> Result<String, String> {
+    pub(crate) fn compact(&self, typ: &str, claims: &serde_json::Value) -> Result<String, String> {
         let header = serde_json::json!({ "alg": self.alg, "typ": typ, "kid": self.kid });
         let mut out = B64.encode(header.to_string());
         out.push('.');

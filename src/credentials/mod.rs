@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use secrecy::{ExposeSecret, SecretString};
 
-pub use inject::Call;
+pub(crate) use inject::Call;
 pub use jwt::{JwtMinter, JwtSpec, KeySource, MintRequest, Minted};
 pub use keys::{Allow, SigningKey};
 pub use oauth::{ClientAuth, Exchange, Grant, OAuthSpec, TOKEN_TYPE_JWT, TokenParams, skew};
@@ -72,20 +72,20 @@ pub enum CredentialError {
 /// A credential obtained for one call. The value is redacted in Debug output.
 pub struct Issued {
     /// Credential name.
-    pub name: String,
+    pub(crate) name: String,
     /// `jwt`, `client_credentials`, `token_exchange` or `static`.
-    pub kind: &'static str,
+    pub(crate) kind: &'static str,
     /// The secret to inject.
-    pub value: SecretString,
+    pub(crate) value: SecretString,
     /// Loggable id: the token's `jti`, or a fingerprint.
-    pub id: String,
+    pub(crate) id: String,
     /// Expiry (Unix seconds), when known.
-    pub expires_at: Option<u64>,
+    pub(crate) expires_at: Option<u64>,
     /// Scopes the credential carries.
-    pub scopes: Vec<String>,
+    pub(crate) scopes: Vec<String>,
     /// Why this credential is not as narrow or short-lived as the route asks (see
     /// [`flag`]); empty when it is.
-    pub flags: Vec<&'static str>,
+    pub(crate) flags: Vec<&'static str>,
 }
 
 impl std::fmt::Debug for Issued {
@@ -101,15 +101,15 @@ impl std::fmt::Debug for Issued {
 }
 
 /// Checks on an issued credential; each names a way an "ephemeral" credential falls short.
-pub mod flag {
+pub(crate) mod flag {
     /// The authorization server granted scopes that were not requested.
-    pub const UNREQUESTED_SCOPE: &str = "unrequested_scope";
+    pub(crate) const UNREQUESTED_SCOPE: &str = "unrequested_scope";
     /// The token lives longer than the route's `max_ttl`.
-    pub const TTL_EXCEEDS_MAX: &str = "ttl_exceeds_max";
+    pub(crate) const TTL_EXCEEDS_MAX: &str = "ttl_exceeds_max";
     /// The route has a `max_ttl` but the token's lifetime is not known.
-    pub const LIFETIME_UNKNOWN: &str = "lifetime_unknown";
+    pub(crate) const LIFETIME_UNKNOWN: &str = "lifetime_unknown";
     /// The route has a `max_ttl` but the credential is a static secret that never expires.
-    pub const NO_EXPIRY: &str = "no_expiry";
+    pub(crate) const NO_EXPIRY: &str = "no_expiry";
 }
 
 /// A static secret and its loggable fingerprint.
@@ -280,7 +280,7 @@ impl Credentials {
 
     /// The JWKS document: public keys of every `jwt` credential, including retired keys
     /// whose tokens may still be in use.
-    pub fn jwks(&self) -> serde_json::Value {
+    pub(crate) fn jwks(&self) -> serde_json::Value {
         let keys: Vec<_> = self
             .providers
             .values()
@@ -410,7 +410,7 @@ impl Credentials {
 
     /// Pick up changed files: static secrets (the last good value stays on error), signing
     /// keys (rotation with overlap), subject tokens (a new generation of cached tokens).
-    pub fn refresh_files(&self) {
+    pub(crate) fn refresh_files(&self) {
         for (name, p) in &self.providers {
             match p {
                 Provider::Static(s) => {
@@ -445,7 +445,7 @@ impl Credentials {
     }
 
     /// Check for changed files every `every`.
-    pub fn spawn_file_watch(self: &Arc<Self>, every: Duration) {
+    pub(crate) fn spawn_file_watch(self: &Arc<Self>, every: Duration) {
         let needed = self.providers.values().any(|p| match p {
             Provider::Static(s) => matches!(s.source, StaticSource::File(_)),
             Provider::Jwt(m) => m.rotates(),

@@ -56,30 +56,17 @@ pub enum ClientAuth {
     None,
 }
 
-impl ClientAuth {
-    /// The registered name of the method.
-    pub fn method(&self) -> &'static str {
-        match self {
-            ClientAuth::Basic(_) => "client_secret_basic",
-            ClientAuth::Post(_) => "client_secret_post",
-            ClientAuth::PrivateKeyJwt { .. } => "private_key_jwt",
-            ClientAuth::TlsClientAuth { .. } => "tls_client_auth",
-            ClientAuth::None => "none",
-        }
-    }
-}
-
 /// RFC 8693 settings.
 #[derive(Debug, Clone)]
 pub struct Exchange {
     /// The subject token (a projected service-account token, a JWT-SVID, ...).
-    pub subject_token_file: PathBuf,
+    pub(crate) subject_token_file: PathBuf,
     /// Its `subject_token_type`.
-    pub subject_token_type: String,
+    pub(crate) subject_token_type: String,
     /// Optional actor token file and its type.
-    pub actor: Option<(PathBuf, String)>,
+    pub(crate) actor: Option<(PathBuf, String)>,
     /// `requested_token_type`, if the route needs a specific one.
-    pub requested_token_type: Option<String>,
+    pub(crate) requested_token_type: Option<String>,
 }
 
 /// Which grant the credential uses.
@@ -110,7 +97,7 @@ pub struct OAuthSpec {
 
 impl OAuthSpec {
     /// `client_credentials` or `token_exchange`.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self.grant {
             Grant::ClientCredentials => "client_credentials",
             Grant::TokenExchange(_) => "token_exchange",
@@ -123,16 +110,16 @@ impl OAuthSpec {
 pub struct TokenParams<'a> {
     /// The route's audience (RFC 8693 `audience`; for client credentials it is sent as
     /// `resource` when the route sets no resource, as RFC 6749 has no audience parameter).
-    pub audience: Option<&'a str>,
+    pub(crate) audience: Option<&'a str>,
     /// The route's resource indicator (RFC 8707).
-    pub resource: Option<&'a str>,
+    pub(crate) resource: Option<&'a str>,
     /// Requested scopes.
-    pub scopes: &'a [String],
+    pub(crate) scopes: &'a [String],
 }
 
 /// An owned [`TokenParams`], for refreshes that run after the request has gone.
 #[derive(Debug, Clone)]
-pub struct OwnedParams {
+pub(crate) struct OwnedParams {
     audience: Option<String>,
     resource: Option<String>,
     scopes: Vec<String>,
@@ -140,7 +127,7 @@ pub struct OwnedParams {
 
 impl OwnedParams {
     /// Copy borrowed parameters.
-    pub fn new(p: &TokenParams<'_>) -> Self {
+    pub(crate) fn new(p: &TokenParams<'_>) -> Self {
         OwnedParams {
             audience: p.audience.map(str::to_owned),
             resource: p.resource.map(str::to_owned),
@@ -149,7 +136,7 @@ impl OwnedParams {
     }
 
     /// Borrow them again.
-    pub fn borrow(&self) -> TokenParams<'_> {
+    pub(crate) fn borrow(&self) -> TokenParams<'_> {
         TokenParams {
             audience: self.audience.as_deref(),
             resource: self.resource.as_deref(),
@@ -160,36 +147,58 @@ impl OwnedParams {
 
 /// A token and what may be logged about it.
 #[derive(Debug)]
-pub struct Token {
+pub(crate) struct Token {
     /// The access token (or whatever `requested_token_type` asked for).
-    pub value: SecretString,
+    pub(crate) value: SecretString,
     /// Its `jti` when it is a JWT.
-    pub jti: Option<String>,
+    pub(crate) jti: Option<String>,
     /// Expiry (Unix seconds).
-    pub expires_at: u64,
+    pub(crate) expires_at: u64,
     /// Lifetime as issued, when the server said (`expires_in`) or the JWT shows (`exp - iat`).
-    pub lifetime: Option<Duration>,
+    pub(crate) lifetime: Option<Duration>,
     /// Granted scopes: the response's `scope`, else the JWT's, else those requested.
-    pub scopes: Vec<String>,
+    pub(crate) scopes: Vec<String>,
     /// Granted scopes that were not requested (empty when nothing was requested).
-    pub unrequested_scopes: Vec<String>,
+    pub(crate) unrequested_scopes: Vec<String>,
     /// When the request for it was sent.
-    pub fetched_at: Instant,
+    pub(crate) fetched_at: Instant,
 }
 
-/// Why a fetch failed; `kind` is a bounded metric label.
-#[derive(Debug, Clone)]
-pub struct Failure {
-    /// `local` (a file of ours), `unreachable`, `timeout`, `rejected` (an OAuth error) or
-    /// `invalid_response`.
-    pub kind: &'static str,
+/// Why a fetch failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub(crate) struct Failure {
+    /// What kind of failure: the `result` label of the fetch metric.
+    pub(crate) kind: FailureKind,
     /// Human-readable cause, free of secrets.
-    pub message: String,
+    pub(crate) message: String,
 }
 
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
+/// The kinds of token-fetch failure, a bounded metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FailureKind {
+    /// A file of ours (client secret, subject token, key) could not be read or was empty.
+    Local,
+    /// The token endpoint could not be reached.
+    Unreachable,
+    /// It did not answer in time.
+    Timeout,
+    /// It answered with an OAuth error.
+    Rejected,
+    /// It answered with something that is not a usable token response.
+    InvalidResponse,
+}
+
+impl FailureKind {
+    /// The metric label.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Local => "local",
+            FailureKind::Unreachable => "unreachable",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Rejected => "rejected",
+            FailureKind::InvalidResponse => "invalid_response",
+        }
     }
 }
 
@@ -213,9 +222,9 @@ struct ErrorResponse {
 type TokenClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// One credential's token endpoint and its HTTP client.
-pub struct TokenEndpoint {
+pub(crate) struct TokenEndpoint {
     /// Settings.
-    pub spec: OAuthSpec,
+    pub(crate) spec: OAuthSpec,
     client: TokenClient,
 }
 
@@ -234,7 +243,7 @@ pub fn skew(lifetime: Duration) -> Duration {
 
 fn read_secret(path: &Path, what: &str) -> Result<SecretString, Failure> {
     read_secret_file(path, what).map_err(|message| Failure {
-        kind: "local",
+        kind: FailureKind::Local,
         message,
     })
 }
@@ -322,7 +331,7 @@ impl rustls::client::ResolvesClientCert for FileClientCert {
 
 impl TokenEndpoint {
     /// The endpoint client; with `tls_client_auth`, one that presents the certificate.
-    pub fn new(spec: OAuthSpec, tls: &Arc<rustls::ClientConfig>) -> Result<Self, String> {
+    pub(crate) fn new(spec: OAuthSpec, tls: &Arc<rustls::ClientConfig>) -> Result<Self, String> {
         let mut tls = (**tls).clone();
         if let ClientAuth::TlsClientAuth {
             cert_file,
@@ -402,7 +411,7 @@ impl TokenEndpoint {
                     base64::engine::general_purpose::STANDARD.encode(pair)
                 ))
                 .map_err(|_| Failure {
-                    kind: "local",
+                    kind: FailureKind::Local,
                     message: "client credentials are not a valid header value".into(),
                 })?;
                 v.set_sensitive(true);
@@ -434,7 +443,7 @@ impl TokenEndpoint {
         }
         req.body(Full::new(Bytes::from(form.finish())))
             .map_err(|e| Failure {
-                kind: "local",
+                kind: FailureKind::Local,
                 message: e.to_string(),
             })
     }
@@ -442,7 +451,7 @@ impl TokenEndpoint {
     /// RFC 7523 §3: iss = sub = client id, aud = the token endpoint, short-lived, unique jti.
     fn client_assertion(&self, key_file: &Path, audience: &str) -> Result<SecretString, Failure> {
         let local = |message: String| Failure {
-            kind: "local",
+            kind: FailureKind::Local,
             message,
         };
         let pem = std::fs::read(key_file).map_err(|e| {
@@ -471,13 +480,13 @@ impl TokenEndpoint {
     }
 
     /// Fetch one token.
-    pub async fn fetch(&self, params: &TokenParams<'_>) -> Result<Token, Failure> {
+    pub(crate) async fn fetch(&self, params: &TokenParams<'_>) -> Result<Token, Failure> {
         let spec = &self.spec;
         let req = self.request(params)?;
         let started = Instant::now();
         let (status, body) = tokio::time::timeout(spec.timeout, async {
             let resp = self.client.request(req).await.map_err(|e| Failure {
-                kind: "unreachable",
+                kind: FailureKind::Unreachable,
                 message: format!(
                     "token endpoint unreachable: {}",
                     crate::error::innermost(&e)
@@ -489,7 +498,7 @@ impl TokenEndpoint {
                 .collect()
                 .await
                 .map_err(|e| Failure {
-                    kind: "unreachable",
+                    kind: FailureKind::Unreachable,
                     message: format!("token response cut short: {e}"),
                 })?
                 .to_bytes();
@@ -497,7 +506,7 @@ impl TokenEndpoint {
         })
         .await
         .map_err(|_| Failure {
-            kind: "timeout",
+            kind: FailureKind::Timeout,
             message: format!("token endpoint did not answer within {:?}", spec.timeout),
         })??;
         if status != StatusCode::OK {
@@ -513,17 +522,17 @@ impl TokenEndpoint {
                 })
                 .unwrap_or_else(|_| "no OAuth error body".into());
             return Err(Failure {
-                kind: "rejected",
+                kind: FailureKind::Rejected,
                 message: format!("token endpoint answered {status}: {why}"),
             });
         }
         let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|e| Failure {
-            kind: "invalid_response",
+            kind: FailureKind::InvalidResponse,
             message: format!("token response is not valid JSON: {e}"),
         })?;
         if parsed.access_token.is_empty() {
             return Err(Failure {
-                kind: "invalid_response",
+                kind: FailureKind::InvalidResponse,
                 message: "token response has an empty access_token".into(),
             });
         }

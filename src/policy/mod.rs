@@ -28,17 +28,17 @@ use crate::identify::Identity;
 #[derive(Debug, Clone)]
 pub struct PolicySource {
     /// Where the policies came from (file path or `<embedded>`).
-    pub origin: String,
+    pub(crate) origin: String,
     /// Cedar policy text.
-    pub text: String,
+    pub(crate) text: String,
     /// A Cedar schema of the operator's own (`policy.schema`), replacing the shipped one.
-    pub schema: Option<String>,
+    pub(crate) schema: Option<String>,
     /// The label keys of the configured routes: the shipped schema declares them as
     /// `resource.labels` attributes, so a policy naming any other label does not validate.
-    pub label_keys: BTreeSet<String>,
+    pub(crate) label_keys: BTreeSet<String>,
     /// The policy file and schema file it was read from (none when embedded); watched for
     /// changes and re-read on SIGHUP.
-    pub files: Option<(PathBuf, Option<PathBuf>)>,
+    pub(crate) files: Option<(PathBuf, Option<PathBuf>)>,
 }
 
 impl PolicySource {
@@ -62,7 +62,7 @@ impl PolicySource {
 
     /// The schema policies are validated against: the operator's own, or the shipped one
     /// with the routes' label keys.
-    pub fn schema_text(&self) -> std::borrow::Cow<'_, str> {
+    pub(crate) fn schema_text(&self) -> std::borrow::Cow<'_, str> {
         match &self.schema {
             Some(s) => std::borrow::Cow::Borrowed(s),
             None => std::borrow::Cow::Owned(crate::policy::schema_for(&self.label_keys)),
@@ -70,7 +70,7 @@ impl PolicySource {
     }
 
     /// Read the policy (and schema) files again, as they are now.
-    pub fn reread(&self) -> Result<PolicySource, String> {
+    pub(crate) fn reread(&self) -> Result<PolicySource, String> {
         let Some((policy, schema)) = &self.files else {
             return Ok(self.clone());
         };
@@ -88,13 +88,13 @@ impl PolicySource {
 }
 
 /// The shipped schema, with an empty `Labels` record.
-pub const SHIPPED_SCHEMA: &str = include_str!("policy.cedarschema");
+pub(crate) const SHIPPED_SCHEMA: &str = include_str!("policy.cedarschema");
 
 /// The line of the shipped schema that the routes' label keys replace.
 const LABELS_LINE: &str = "type Labels = {};";
 
 /// The shipped schema with `Labels` declaring these keys, each an optional string.
-pub fn schema_for(label_keys: &BTreeSet<String>) -> String {
+pub(crate) fn schema_for(label_keys: &BTreeSet<String>) -> String {
     debug_assert!(SHIPPED_SCHEMA.contains(LABELS_LINE));
     if label_keys.is_empty() {
         return SHIPPED_SCHEMA.to_string();
@@ -150,9 +150,9 @@ pub struct PolicyDecision {
     /// Whether the request may proceed.
     pub allow: bool,
     /// Ids of the policies that decided (permits on allow, forbids on deny).
-    pub policy_ids: Vec<String>,
+    pub(crate) policy_ids: Vec<String>,
     /// Human-readable reason, for the log and the 403 body.
-    pub reason: String,
+    pub(crate) reason: String,
 }
 
 /// Error compiling policies.
@@ -162,7 +162,7 @@ pub struct PolicyError(String);
 
 /// The policy set in force, swapped whole on reload: a request sees the old set or the new
 /// one, never a mix, and loading it takes no lock.
-pub struct PolicyStore {
+pub(crate) struct PolicyStore {
     current: arc_swap::ArcSwap<PolicyEngine>,
     source: parking_lot::Mutex<PolicySource>,
     stamps: parking_lot::Mutex<Vec<crate::files::FileStamp>>,
@@ -177,7 +177,7 @@ impl std::fmt::Debug for PolicyStore {
 
 impl PolicyStore {
     /// A store holding `engine`, compiled from `source`.
-    pub fn new(
+    pub(crate) fn new(
         engine: PolicyEngine,
         source: PolicySource,
         metrics: Arc<crate::metrics::Metrics>,
@@ -202,14 +202,14 @@ impl PolicyStore {
     }
 
     /// The set in force now.
-    pub fn current(&self) -> arc_swap::Guard<Arc<PolicyEngine>> {
+    pub(crate) fn current(&self) -> arc_swap::Guard<Arc<PolicyEngine>> {
         self.current.load()
     }
 
     /// Re-read and recompile the policy files; swap them in only if they compile (and
     /// validate, with a schema). On failure the last good set stays in force, and the error
     /// is logged and counted (`chaperone_policy_reloads_total{result="rejected"}`).
-    pub fn reload(&self, why: &str) -> Result<usize, PolicyError> {
+    pub(crate) fn reload(&self, why: &str) -> Result<usize, PolicyError> {
         let source = self.source.lock().clone();
         let result = source
             .reread()
@@ -239,7 +239,7 @@ impl PolicyStore {
     }
 
     /// Reload when a policy or schema file changed since the last look.
-    pub fn reload_if_changed(&self) {
+    pub(crate) fn reload_if_changed(&self) {
         let source = self.source.lock().clone();
         let now = Self::stamps(&source);
         let mut seen = self.stamps.lock();
@@ -252,7 +252,7 @@ impl PolicyStore {
 
     /// Poll the files every `every`, and reload on SIGHUP. The handler is installed even for
     /// the embedded policy (which reloads as itself), so a SIGHUP never ends the process.
-    pub fn spawn_watch(self: &Arc<Self>, every: std::time::Duration) {
+    pub(crate) fn spawn_watch(self: &Arc<Self>, every: std::time::Duration) {
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -410,13 +410,8 @@ impl PolicyEngine {
     }
 
     /// Number of policies in force.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.set.policies().count()
-    }
-
-    /// True when no policy is loaded (everything is denied).
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Log each validator warning (mixed scripts, confusable identifiers, ...).
@@ -427,17 +422,17 @@ impl PolicyEngine {
     }
 
     /// Validator warnings, one line each.
-    pub fn warnings(&self) -> &[String] {
+    pub(crate) fn warnings(&self) -> &[String] {
         &self.warnings
     }
 
     /// An annotation of a policy, e.g. `guardrail`.
-    pub fn annotation(&self, id: &str, key: &str) -> Option<&str> {
+    pub(crate) fn annotation(&self, id: &str, key: &str) -> Option<&str> {
         self.set.annotation(&PolicyId::new(id), key)
     }
 
     /// `permit` or `forbid`.
-    pub fn effect(&self, id: &str) -> Option<&'static str> {
+    pub(crate) fn effect(&self, id: &str) -> Option<&'static str> {
         self.set
             .policy(&PolicyId::new(id))
             .map(|p| match p.effect() {
@@ -447,12 +442,12 @@ impl PolicyEngine {
     }
 
     /// A policy's Cedar text, as written.
-    pub fn policy_text(&self, id: &str) -> Option<String> {
+    pub(crate) fn policy_text(&self, id: &str) -> Option<String> {
         self.set.policy(&PolicyId::new(id)).map(|p| p.to_string())
     }
 
     /// Ids of every policy, in file order.
-    pub fn policy_ids(&self) -> Vec<String> {
+    pub(crate) fn policy_ids(&self) -> Vec<String> {
         self.set.policies().map(|p| p.id().to_string()).collect()
     }
 
@@ -787,33 +782,33 @@ fn indexed_values<'a>(input: &PolicyInput<'a>) -> [&'a str; slice::INDEXED.len()
 }
 
 /// The guardrails' kinds, as `@guardrail("...")` annotations and `context.guardrail` name them.
-pub const GUARDRAIL_KINDS: [&str; 3] = ["metadata", "link_local", "own_listener"];
+pub(crate) const GUARDRAIL_KINDS: [&str; 3] = ["metadata", "link_local", "own_listener"];
 
 /// A destination a guardrail refuses, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuardrailHit {
     /// `metadata`, `link_local` or `own_listener`.
-    pub kind: &'static str,
+    pub(crate) kind: &'static str,
     /// What the destination is, for the log and the 403 body.
-    pub why: String,
+    pub(crate) why: String,
 }
 
 /// Destinations refused before policy unless a permit annotated `@guardrail("<kind>")`
 /// allows them: cloud metadata, link-local, and the sidecar's own listeners (which would
 /// loop or expose the admin API).
 #[derive(Debug, Clone, Default)]
-pub struct Guardrails {
+pub(crate) struct Guardrails {
     own: Vec<SocketAddr>,
 }
 
 impl Guardrails {
     /// Guardrails protecting these local listeners.
-    pub fn new(own: Vec<SocketAddr>) -> Self {
+    pub(crate) fn new(own: Vec<SocketAddr>) -> Self {
         Guardrails { own }
     }
 
     /// Whether this destination (as named: host name or IP literal) trips a guardrail.
-    pub fn check(&self, host: &str, port: u16) -> Option<GuardrailHit> {
+    pub(crate) fn check(&self, host: &str, port: u16) -> Option<GuardrailHit> {
         let h = host.trim_end_matches('.').to_ascii_lowercase();
         if h == "metadata.google.internal" || h == "metadata" || h == "instance-data" {
             return Some(GuardrailHit {
@@ -833,7 +828,7 @@ impl Guardrails {
     }
 
     /// Whether this resolved (or connected) address trips a guardrail.
-    pub fn check_addr(&self, addr: SocketAddr) -> Option<GuardrailHit> {
+    pub(crate) fn check_addr(&self, addr: SocketAddr) -> Option<GuardrailHit> {
         if let Some(hit) = Self::check_ip(addr.ip()) {
             return Some(hit);
         }
@@ -854,7 +849,7 @@ impl Guardrails {
     }
 
     /// Whether this address trips a guardrail whatever the port (metadata, link-local).
-    pub fn check_ip(ip: IpAddr) -> Option<GuardrailHit> {
+    pub(crate) fn check_ip(ip: IpAddr) -> Option<GuardrailHit> {
         let ip = unmapped(ip);
         let metadata = [
             IpAddr::from([169, 254, 169, 254]),

@@ -14,7 +14,7 @@ use crate::identify::Attestation;
 
 /// Attest the client at `peer` of the listener at `local`, which admits `admitted`
 /// (`None`: anyone).
-pub fn attest(peer: SocketAddr, local: SocketAddr, admitted: Option<&[u32]>) -> Attestation {
+pub(crate) fn attest(peer: SocketAddr, local: SocketAddr, admitted: Option<&[u32]>) -> Attestation {
     let Some(admitted) = admitted else {
         return Attestation::Unchecked;
     };
@@ -32,7 +32,7 @@ pub fn attest(peer: SocketAddr, local: SocketAddr, admitted: Option<&[u32]>) -> 
 /// Admit or refuse a caller whose UID the kernel reported (`SO_PEERCRED` on a Unix socket,
 /// or the socket table for TCP); `what` names the connection in the reason. With no
 /// `admitted` list the UID is only recorded.
-pub fn attest_uid(uid: u32, what: &str, admitted: Option<&[u32]>) -> Attestation {
+pub(crate) fn attest_uid(uid: u32, what: &str, admitted: Option<&[u32]>) -> Attestation {
     match admitted {
         Some(list_) if !list_.contains(&uid) => Attestation::Refused(format!(
             "caller not admitted: {what} belongs to uid {uid}; this listener admits uid {}",
@@ -63,7 +63,7 @@ fn unmapped(a: SocketAddr) -> SocketAddr {
 /// socket tables (IPv4 and IPv6; v4-mapped addresses compared as v4). The table the client
 /// is likelier in is read first (an IPv4 client in `tcp`, a v4-mapped or IPv6 one in
 /// `tcp6`), and the other only when it is not there.
-pub fn tcp_owner(peer: SocketAddr, local: SocketAddr) -> std::io::Result<Option<u32>> {
+pub(crate) fn tcp_owner(peer: SocketAddr, local: SocketAddr) -> std::io::Result<Option<u32>> {
     use procfs::net::{tcp, tcp6};
     type Table = fn() -> procfs::ProcResult<Vec<procfs::net::TcpNetEntry>>;
     let (peer, local) = (unmapped(peer), unmapped(local));

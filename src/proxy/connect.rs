@@ -23,7 +23,7 @@ use crate::purpose_log::ms;
 use crate::target::Target;
 
 /// Handle a CONNECT that came in on `conn` (not one inside an intercepted tunnel).
-pub async fn handle(
+pub(crate) async fn handle(
     proxy: Arc<Proxy>,
     conn: Arc<Conn>,
     req: Request<Incoming>,
@@ -147,7 +147,7 @@ fn tunnel_established(request_id: &str) -> Response<ProxyBody> {
 /// metadata endpoint between the check and the connect. `lifted` is the guardrail kind a
 /// policy allowed for this destination as named (an IP literal or a metadata host name);
 /// other guardrails still hold.
-pub async fn dial(
+pub(crate) async fn dial(
     target: &Target,
     guard: &Guardrails,
     lifted: Option<&str>,
@@ -200,7 +200,7 @@ pub async fn dial(
 
 /// Splice the upgraded client connection and the upstream until both sides close or the
 /// tunnel is idle for `idle`. Returns bytes (client to upstream, upstream to client).
-pub async fn splice(
+pub(crate) async fn splice(
     req: Request<Incoming>,
     mut upstream: TcpStream,
     idle: Duration,

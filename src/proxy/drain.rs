@@ -10,7 +10,7 @@ use tokio::sync::{Notify, watch};
 
 /// Shared between the server and the connections it drains.
 #[derive(Debug)]
-pub struct Drain {
+pub(crate) struct Drain {
     signal: watch::Receiver<bool>,
     active: AtomicUsize,
     idle: Notify,
@@ -18,7 +18,7 @@ pub struct Drain {
 
 /// Held by a connection while it is being served.
 #[derive(Debug)]
-pub struct Guard(Arc<Drain>);
+pub(crate) struct Guard(Arc<Drain>);
 
 impl Drop for Guard {
     fn drop(&mut self) {
@@ -30,7 +30,7 @@ impl Drop for Guard {
 
 impl Drain {
     /// A drain that fires when `signal` becomes true.
-    pub fn new(signal: watch::Receiver<bool>) -> Arc<Drain> {
+    pub(crate) fn new(signal: watch::Receiver<bool>) -> Arc<Drain> {
         Arc::new(Drain {
             signal,
             active: AtomicUsize::new(0),
@@ -39,19 +39,19 @@ impl Drain {
     }
 
     /// Register a connection.
-    pub fn enter(self: &Arc<Self>) -> Guard {
+    pub(crate) fn enter(self: &Arc<Self>) -> Guard {
         self.active.fetch_add(1, Ordering::AcqRel);
         Guard(self.clone())
     }
 
     /// Resolves when shutdown begins.
-    pub async fn signalled(&self) {
+    pub(crate) async fn signalled(&self) {
         let mut rx = self.signal.clone();
         let _ = rx.wait_for(|stop| *stop).await;
     }
 
     /// Wait until every registered connection is done, at most `grace`. True if all were.
-    pub async fn wait_idle(&self, grace: Duration) -> bool {
+    pub(crate) async fn wait_idle(&self, grace: Duration) -> bool {
         let done = async {
             loop {
                 let notified = self.idle.notified();

@@ -9,12 +9,12 @@ use hyper_util::server::conn::auto;
 
 /// Largest request head (request line and headers) a client may send; more gets 431 on
 /// HTTP/1.1, and a refused stream on HTTP/2 (its header list limit is the same size).
-pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// An HTTP/1.1 and HTTP/2 server with Chaperone's limits: a request head of at most
 /// [`MAX_HEAD_BYTES`], read within `header_read` (also how long an idle keep-alive connection
 /// is kept), and keep-alive on.
-pub fn builder(header_read: Duration) -> auto::Builder<TokioExecutor> {
+pub(crate) fn builder(header_read: Duration) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())

@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 /// See the module docs.
-pub struct IdleTimeout<'a, T> {
+pub(crate) struct IdleTimeout<'a, T> {
     inner: &'a mut T,
     idle: Duration,
     timer: Pin<Box<Sleep>>,
@@ -20,7 +20,7 @@ pub struct IdleTimeout<'a, T> {
 
 impl<'a, T> IdleTimeout<'a, T> {
     /// Wrap `inner`; the clock starts now.
-    pub fn new(inner: &'a mut T, idle: Duration) -> Self {
+    pub(crate) fn new(inner: &'a mut T, idle: Duration) -> Self {
         IdleTimeout {
             inner,
             idle,
@@ -31,7 +31,7 @@ impl<'a, T> IdleTimeout<'a, T> {
     }
 
     /// Bytes (read from, written to) the inner stream so far.
-    pub fn counts(&self) -> (u64, u64) {
+    pub(crate) fn counts(&self) -> (u64, u64) {
         (self.read, self.written)
     }
 

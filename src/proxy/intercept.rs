@@ -19,7 +19,7 @@ use crate::target::Target;
 use crate::tls::{LeafIssuer, TlsError};
 
 /// Everything interception needs, shared by all connections.
-pub struct Interceptor {
+pub(crate) struct Interceptor {
     issuer: Arc<LeafIssuer>,
     sessions: Arc<ServerSessionMemoryCache>,
     ticketer: Arc<dyn rustls::server::ProducesTickets>,
@@ -42,7 +42,7 @@ impl ResolvesServerCert for Fixed {
 
 impl Interceptor {
     /// Build from validated settings; `None` when no CA is configured.
-    pub fn new(settings: &TlsSettings) -> Result<Option<Self>, TlsError> {
+    pub(crate) fn new(settings: &TlsSettings) -> Result<Option<Self>, TlsError> {
         use secrecy::ExposeSecret;
         let Some((cert, key)) = &settings.ca else {
             return Ok(None);
@@ -54,11 +54,6 @@ impl Interceptor {
             ticketer: rustls::crypto::aws_lc_rs::Ticketer::new()
                 .map_err(|e| TlsError(e.to_string()))?,
         }))
-    }
-
-    /// Issue (or fetch) the leaf for `host` now, e.g. to measure issuance.
-    pub async fn leaf(&self, host: &str) -> Result<Arc<CertifiedKey>, TlsError> {
-        self.issuer.get(host).await
     }
 
     async fn server_config(&self, name: &str) -> Result<Arc<ServerConfig>, TlsError> {
@@ -75,7 +70,7 @@ impl Interceptor {
 
 /// Terminate the app's TLS on an upgraded CONNECT stream and serve its requests.
 /// Returns how many requests were served, or why the handshake failed.
-pub async fn serve(
+pub(crate) async fn serve(
     proxy: Arc<Proxy>,
     conn: Arc<crate::identify::Conn>,
     origin: Target,

@@ -23,15 +23,15 @@
 //! [`drain`] and [`idle`] sit below the pipeline (its forward stage sends through
 //! [`upstream`]); the rest sits above it (`tests/layers.rs` holds both sides to that).
 
-pub mod attest;
-pub mod connect;
-pub mod drain;
-pub mod http;
-pub mod idle;
-pub mod intercept;
-pub mod listener;
-pub mod upstream;
-pub mod worker;
+pub(crate) mod attest;
+pub(crate) mod connect;
+pub(crate) mod drain;
+pub(crate) mod http;
+pub(crate) mod idle;
+pub(crate) mod intercept;
+pub(crate) mod listener;
+pub(crate) mod upstream;
+pub(crate) mod worker;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -44,7 +44,7 @@ use crate::tls::UpstreamRoots;
 
 /// Where a proxy listener binds.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum ListenAddr {
+pub(crate) enum ListenAddr {
     /// TCP.
     Tcp(SocketAddr),
     /// A Unix socket at this path (`unix:/path` in the config); its callers are attested
@@ -54,7 +54,7 @@ pub enum ListenAddr {
 
 impl ListenAddr {
     /// The TCP address, if this is one.
-    pub fn tcp(&self) -> Option<SocketAddr> {
+    pub(crate) fn tcp(&self) -> Option<SocketAddr> {
         match self {
             ListenAddr::Tcp(a) => Some(*a),
             ListenAddr::Unix(_) => None,
@@ -73,39 +73,39 @@ impl fmt::Display for ListenAddr {
 
 /// One proxy listener and the identity it serves.
 #[derive(Debug, Clone)]
-pub struct ListenerSpec {
+pub(crate) struct ListenerSpec {
     /// Bind address.
-    pub addr: ListenAddr,
+    pub(crate) addr: ListenAddr,
     /// Identity of callers on this listener.
-    pub identity: Identity,
+    pub(crate) identity: Identity,
     /// UIDs admitted on this listener (kernel-attested); `None` admits any local process.
-    pub callers: Option<Vec<u32>>,
+    pub(crate) callers: Option<Vec<u32>>,
 }
 
 /// Validated timeouts.
 #[derive(Debug, Clone, Copy)]
-pub struct Timeouts {
+pub(crate) struct Timeouts {
     /// Upstream connect.
-    pub connect: Duration,
+    pub(crate) connect: Duration,
     /// Upstream response head.
-    pub request: Duration,
+    pub(crate) request: Duration,
     /// Client request head, and idle keep-alive client connections.
-    pub header_read: Duration,
+    pub(crate) header_read: Duration,
     /// Idle tunnel.
-    pub idle: Duration,
+    pub(crate) idle: Duration,
     /// Drain deadline on SIGTERM.
-    pub shutdown_grace: Duration,
+    pub(crate) shutdown_grace: Duration,
 }
 
 /// Validated TLS settings.
 #[derive(Debug, Clone)]
-pub struct TlsSettings {
+pub(crate) struct TlsSettings {
     /// Local CA (certificate PEM, key PEM) when interception is on.
-    pub ca: Option<(String, secrecy::SecretString)>,
+    pub(crate) ca: Option<(String, secrecy::SecretString)>,
     /// Roots for upstream verification.
-    pub upstream_roots: UpstreamRoots,
+    pub(crate) upstream_roots: UpstreamRoots,
     /// Hosts never intercepted.
-    pub passthrough: Vec<HostMatch>,
+    pub(crate) passthrough: Vec<HostMatch>,
 }
 
 impl Default for TlsSettings {

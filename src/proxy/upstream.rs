@@ -39,7 +39,7 @@ const HOP_BY_HOP: [&str; 9] = [
 ];
 
 /// Remove hop-by-hop headers: the fixed set and every header the `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -59,7 +59,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Remove hop-by-hop headers from a request being forwarded. `TE: trailers` is sent on
 /// when the app asked for it (gRPC requires it): this proxy passes trailers through, so it
 /// can make that promise for its own hop.
-pub fn strip_request_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_request_hop_by_hop(headers: &mut HeaderMap) {
     let trailers = headers
         .get_all(header::TE)
         .iter()
@@ -73,12 +73,12 @@ pub fn strip_request_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Append our `Via` entry, keeping any the message already had.
-pub fn append_via(headers: &mut HeaderMap, via: &HeaderValue) {
+pub(crate) fn append_via(headers: &mut HeaderMap, via: &HeaderValue) {
     headers.append(header::VIA, via.clone());
 }
 
 /// Has this message already passed through this proxy instance?
-pub fn is_loop(headers: &HeaderMap, pseudonym: &str) -> bool {
+pub(crate) fn is_loop(headers: &HeaderMap, pseudonym: &str) -> bool {
     headers
         .get_all(header::VIA)
         .iter()
@@ -88,7 +88,7 @@ pub fn is_loop(headers: &HeaderMap, pseudonym: &str) -> bool {
 }
 
 /// Refuse a request that has already passed through this proxy instance (508-style loop).
-pub fn refuse_loop(headers: &HeaderMap, pseudonym: &str) -> Result<(), Rejection> {
+pub(crate) fn refuse_loop(headers: &HeaderMap, pseudonym: &str) -> Result<(), Rejection> {
     if is_loop(headers, pseudonym) {
         return Err(Rejection::new(
             ErrorCode::LoopDetected,
@@ -102,7 +102,7 @@ pub fn refuse_loop(headers: &HeaderMap, pseudonym: &str) -> Result<(), Rejection
 /// `target` (with the query the strip stage rewrote, if it did), no hop-by-hop headers,
 /// `Host` for the target (without its scheme's default port), our `Via`, HTTP/1.1 on our
 /// side (the client negotiates h2 by ALPN), and for a buffered body its own length.
-pub fn prepare(
+pub(crate) fn prepare(
     parts: &mut http::request::Parts,
     target: &Target,
     new_query: Option<&str>,
@@ -150,7 +150,7 @@ pub fn prepare(
 /// exception is a name guarded itself (`metadata.google.internal`), whose addresses of the
 /// same kind pass: policy saw that guardrail and a permit lifted it.
 #[derive(Clone, Debug, Default)]
-pub struct GuardedResolver;
+pub(crate) struct GuardedResolver;
 
 impl tower::Service<Name> for GuardedResolver {
     type Response = std::vec::IntoIter<SocketAddr>;
@@ -205,14 +205,14 @@ fn screen(name: &str, addrs: Vec<SocketAddr>) -> std::io::Result<Vec<SocketAddr>
 /// already tripped a guardrail as named (an IP literal, `localhost`) was decided by policy
 /// with that knowledge, so it is not checked twice.
 #[derive(Clone)]
-pub struct GuardedConnector<R = GuardedResolver> {
+pub(crate) struct GuardedConnector<R = GuardedResolver> {
     http: HttpConnector<R>,
     guard: Arc<Guardrails>,
 }
 
 impl<R> GuardedConnector<R> {
     /// Wrap a connector.
-    pub fn new(http: HttpConnector<R>, guard: Arc<Guardrails>) -> Self {
+    pub(crate) fn new(http: HttpConnector<R>, guard: Arc<Guardrails>) -> Self {
         GuardedConnector { http, guard }
     }
 }
@@ -263,7 +263,7 @@ type Connector = hyper_rustls::HttpsConnector<GuardedConnector>;
 /// Pooled client to upstreams: HTTP/1.1, and for `https` HTTP/2 or HTTP/1.1 by ALPN, with the
 /// upstream's certificate and host name always verified.
 #[derive(Clone)]
-pub struct Upstream {
+pub(crate) struct Upstream {
     client: Client<Connector, ProxyBody>,
     request_timeout: Duration,
 }
@@ -276,7 +276,11 @@ impl std::fmt::Debug for Upstream {
 
 impl Upstream {
     /// A client with the configured timeouts and upstream TLS settings.
-    pub fn new(t: &Timeouts, tls: Arc<rustls::ClientConfig>, guard: Arc<Guardrails>) -> Self {
+    pub(crate) fn new(
+        t: &Timeouts,
+        tls: Arc<rustls::ClientConfig>,
+        guard: Arc<Guardrails>,
+    ) -> Self {
         let mut http = HttpConnector::new_with_resolver(GuardedResolver);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(t.connect));
@@ -308,7 +312,7 @@ impl Upstream {
     /// buffered so it can be sent again when the connection to the upstream cannot be made
     /// (nothing reached the upstream, so this is safe for any method). Larger or streaming
     /// bodies are streamed and not retried.
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         parts: http::request::Parts,
         body: OutBody,
@@ -389,7 +393,7 @@ impl Upstream {
 
 impl OutBody {
     /// The body, when it was read whole (the credential stage may inject into it).
-    pub fn buffered_mut(&mut self) -> Option<&mut Bytes> {
+    pub(crate) fn buffered_mut(&mut self) -> Option<&mut Bytes> {
         match self {
             OutBody::Buffered(b) => Some(b),
             _ => None,
@@ -399,7 +403,7 @@ impl OutBody {
 
 /// A request body on its way upstream.
 #[derive(Debug)]
-pub enum OutBody {
+pub(crate) enum OutBody {
     /// As the client sends it.
     Stream(Incoming),
     /// Read whole (inspected, perhaps rewritten); sent with its exact length.
@@ -411,7 +415,7 @@ pub enum OutBody {
 
 /// What [`read_up_to`] got.
 #[derive(Debug)]
-pub enum BodyRead {
+pub(crate) enum BodyRead {
     /// The whole body, at most the limit.
     Whole(Bytes),
     /// More than the limit: what was read, and the rest of the stream.
@@ -420,7 +424,7 @@ pub enum BodyRead {
 
 /// Read a request body until it ends or passes `max` bytes. Trailers are not kept (request
 /// trailers are all but unused by HTTP APIs; a buffered body is sent with a length).
-pub async fn read_up_to(mut body: Incoming, max: usize) -> Result<BodyRead, hyper::Error> {
+pub(crate) async fn read_up_to(mut body: Incoming, max: usize) -> Result<BodyRead, hyper::Error> {
     let mut buf = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
         if let Ok(data) = frame?.into_data() {
@@ -457,7 +461,7 @@ impl Body for Prefixed {
 }
 
 /// Bodies up to this size with a known length are buffered so a failed connect can be retried.
-pub const REPLAY_MAX_BYTES: u64 = 64 * 1024;
+pub(crate) const REPLAY_MAX_BYTES: u64 = 64 * 1024;
 
 /// Waits before each retry of a connect that failed (connection refused, reset, timed out).
 const CONNECT_RETRIES: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(400)];

@@ -18,22 +18,22 @@ use crate::target::Target;
 /// What one worker thread serves requests with: its copy of the pipeline, and the transport
 /// pieces that act on the pipeline's decisions.
 #[derive(Debug)]
-pub struct Proxy {
+pub(crate) struct Proxy {
     /// The stages (this worker's copy, with its own upstream pool).
-    pub pipeline: Arc<Pipeline>,
+    pub(crate) pipeline: Arc<Pipeline>,
     /// TLS interception, when a local CA is configured.
-    pub interceptor: Option<Arc<intercept::Interceptor>>,
+    pub(crate) interceptor: Option<Arc<intercept::Interceptor>>,
     /// Shutdown draining for intercepted connections.
-    pub drain: Arc<drain::Drain>,
+    pub(crate) drain: Arc<drain::Drain>,
     /// Timeouts.
-    pub timeouts: Timeouts,
+    pub(crate) timeouts: Timeouts,
 }
 
 impl Proxy {
     /// Serve one request from `conn`: a CONNECT (on the listener itself) is the proxy's to
     /// carry out once the pipeline has decided; every other request is the pipeline's. `origin`
     /// is the tunnel's destination for a request decrypted from an intercepted CONNECT.
-    pub async fn serve(
+    pub(crate) async fn serve(
         self: Arc<Self>,
         conn: Arc<Conn>,
         origin: Option<Arc<Target>>,

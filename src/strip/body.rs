@@ -47,7 +47,7 @@ pub enum BodyPlan {
 }
 
 /// Decide from the request head whether the body is inspected.
-pub fn plan(headers: &HeaderMap) -> BodyPlan {
+pub(crate) fn plan(headers: &HeaderMap) -> BodyPlan {
     let Some(ct) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
         return BodyPlan::NotApplicable;
     };
@@ -144,22 +144,22 @@ fn unescape(raw: &str) -> String {
 }
 
 /// One scalar value in a JSON document.
-pub struct JsonValue<'a> {
+pub(crate) struct JsonValue<'a> {
     /// The innermost field name holding it (`""` at the top level).
-    pub field: &'a str,
+    pub(crate) field: &'a str,
     /// Byte range of the literal, quotes included.
-    pub range: Range<usize>,
+    pub(crate) range: Range<usize>,
     /// The decoded text, for strings.
-    pub text: Option<&'a str>,
+    pub(crate) text: Option<&'a str>,
 }
 
 /// The text given as JSON is not JSON (or nests deeper than the walker goes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NotJson;
+pub(crate) struct NotJson;
 
 /// Visit every scalar value of a JSON text (or of each document of NDJSON) in order.
 /// `Err` when the text is not JSON; values seen before the error were visited.
-pub fn walk_json(s: &str, mut visit: impl FnMut(JsonValue<'_>)) -> Result<(), NotJson> {
+pub(crate) fn walk_json(s: &str, mut visit: impl FnMut(JsonValue<'_>)) -> Result<(), NotJson> {
     let b = s.as_bytes();
     // One frame per open container: whether it is an object, and the field that holds it
     // (which is the field of an array's elements).
@@ -276,13 +276,13 @@ fn string_end(b: &[u8], start: usize) -> Option<(usize, bool)> {
 }
 
 /// One `name=value` pair of a form body: decoded name and value, and the value's byte range.
-pub struct FormPair<'a> {
+pub(crate) struct FormPair<'a> {
     /// Decoded name.
-    pub name: Cow<'a, str>,
+    pub(crate) name: Cow<'a, str>,
     /// Decoded value.
-    pub value: Cow<'a, str>,
+    pub(crate) value: Cow<'a, str>,
     /// Byte range of the encoded value.
-    pub range: Range<usize>,
+    pub(crate) range: Range<usize>,
 }
 
 fn form_decode(raw: &[u8]) -> Cow<'_, str> {
@@ -298,7 +298,7 @@ fn form_decode(raw: &[u8]) -> Cow<'_, str> {
 }
 
 /// Visit every pair of an `application/x-www-form-urlencoded` body.
-pub fn walk_form(b: &[u8], mut visit: impl FnMut(FormPair<'_>)) {
+pub(crate) fn walk_form(b: &[u8], mut visit: impl FnMut(FormPair<'_>)) {
     let mut start = 0;
     for pair in b.split(|&c| c == b'&') {
         let (name, value, vstart) = match pair.iter().position(|&c| c == b'=') {
@@ -318,35 +318,35 @@ pub fn walk_form(b: &[u8], mut visit: impl FnMut(FormPair<'_>)) {
 
 /// One part of a multipart/form-data body.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Part {
+pub(crate) struct Part {
     /// The form field: the `name` of its Content-Disposition (`""` if none).
-    pub name: String,
+    pub(crate) name: String,
     /// The file name, for a file upload.
-    pub filename: Option<String>,
+    pub(crate) filename: Option<String>,
     /// Byte range of the part's content.
-    pub range: Range<usize>,
+    pub(crate) range: Range<usize>,
 }
 
 /// A multipart body whose framing is broken (no closing delimiter, a part without the end of
 /// its headers): it is then inspected as plain text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NotMultipart;
+pub(crate) struct NotMultipart;
 
 /// What of a multipart body lies outside its parts.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Framing {
+pub(crate) struct Framing {
     /// Text before the first delimiter (servers ignore it; it is still sent).
-    pub preamble: Range<usize>,
+    pub(crate) preamble: Range<usize>,
     /// Where the closing delimiter starts (its leading CRLF, if it has one): where a new part
     /// goes.
-    pub close: usize,
+    pub(crate) close: usize,
     /// Text after the closing delimiter.
-    pub epilogue: Range<usize>,
+    pub(crate) epilogue: Range<usize>,
 }
 
 /// Visit every part of a multipart/form-data body with `boundary`, in order, and return
 /// what lies outside them. Linear: each delimiter search starts where the last one ended.
-pub fn walk_multipart(
+pub(crate) fn walk_multipart(
     body: &[u8],
     boundary: &str,
     mut visit: impl FnMut(Part),
@@ -469,7 +469,7 @@ fn param(value: &str, want: &str) -> Option<String> {
 /// the body has none (at any depth), add it: to a JSON body's top-level object, as a new
 /// form pair, or as a new part before the closing delimiter. `Err` with a reason when the
 /// body cannot carry the field (not a JSON object, broken multipart framing).
-pub fn inject_field(
+pub(crate) fn inject_field(
     kind: &BodyKind,
     body: &[u8],
     field: &str,
@@ -563,7 +563,7 @@ pub fn inject_field(
 }
 
 /// `body` with each of the ordered, disjoint `ranges` replaced by `with`.
-pub fn splice(body: &[u8], ranges: &[Range<usize>], with: &[u8]) -> Vec<u8> {
+pub(crate) fn splice(body: &[u8], ranges: &[Range<usize>], with: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + ranges.len() * with.len());
     let mut at = 0;
     for r in ranges {

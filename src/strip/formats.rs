@@ -414,7 +414,7 @@ fn match_at(b: &[u8]) -> Option<(usize, &'static str)> {
 }
 
 /// The credential type of a value that is exactly one known token, if any.
-pub fn classify(v: &str) -> Option<&'static str> {
+pub(crate) fn classify(v: &str) -> Option<&'static str> {
     match match_at(v.as_bytes()) {
         Some((n, kind)) if n == v.len() => Some(kind),
         _ => None,
@@ -423,18 +423,18 @@ pub fn classify(v: &str) -> Option<&'static str> {
 
 /// One known token found in a text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Hit {
+pub(crate) struct Hit {
     /// Byte offset of its first byte.
-    pub start: usize,
+    pub(crate) start: usize,
     /// Byte offset just past it.
-    pub end: usize,
+    pub(crate) end: usize,
     /// Credential type.
-    pub kind: &'static str,
+    pub(crate) kind: &'static str,
 }
 
 impl Hit {
     /// The token within the text it was found in.
-    pub fn of<'t>(&self, text: &'t str) -> &'t str {
+    pub(crate) fn of<'t>(&self, text: &'t str) -> &'t str {
         &text[self.start..self.end]
     }
 }
@@ -466,7 +466,7 @@ fn is_token_byte(c: u8) -> bool {
 /// Tokens start at a word boundary inside a run of token bytes at least [`MIN_TOKEN`] long,
 /// so prose (short words) costs one table lookup a byte. After a hit the search resumes past
 /// it and each try is bounded by the longest format, so the time is linear in the text.
-pub fn find_tokens(text: &str, out: &mut Vec<Hit>) {
+pub(crate) fn find_tokens(text: &str, out: &mut Vec<Hit>) {
     let b = text.as_bytes();
     let push = |start: usize, n: usize, kind: &'static str, out: &mut Vec<Hit>| {
         if !is_placeholder(&text[start..start + n]) {
@@ -541,8 +541,9 @@ pub fn find_tokens(text: &str, out: &mut Vec<Hit>) {
     }
 }
 
-/// Every credential type this table knows, for the corpus and docs.
-pub fn known_types() -> Vec<&'static str> {
+/// Every credential type this table knows.
+#[cfg(test)]
+fn known_types() -> Vec<&'static str> {
     let mut v: Vec<&'static str> = FORMATS.iter().map(|f| f.kind).collect();
     v.extend([
         "jwt",
@@ -561,7 +562,7 @@ pub fn known_types() -> Vec<&'static str> {
 }
 
 /// Values that are clearly not secrets: placeholders and templates left in sample code.
-pub fn is_placeholder(v: &str) -> bool {
+pub(crate) fn is_placeholder(v: &str) -> bool {
     let t = v.trim();
     if t.is_empty() || t.len() < 8 {
         return true;

@@ -13,7 +13,7 @@
 //! a prompt, a `.env` file in a string), then for credential-named fields with high-entropy
 //! values, then for `NAME=value` / `"name": "value"` assignments inside the text.
 
-pub mod body;
+pub(crate) mod body;
 mod formats;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -28,8 +28,8 @@ use percent_encoding::percent_decode_str;
 use serde::{Deserialize, Serialize};
 
 pub use body::{BodyKind, BodyPlan};
-pub use formats::{Hit, classify, find_tokens, is_placeholder, known_types};
-pub use names::{credential_name, entropy, named_value};
+pub(crate) use formats::{Hit, classify, find_tokens, is_placeholder};
+pub(crate) use names::named_value;
 
 use crate::error::{ErrorCode, Rejection};
 use crate::fingerprint::Fingerprinter;
@@ -48,7 +48,7 @@ pub enum StripMode {
 
 impl StripMode {
     /// The name in the config and the log line.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             StripMode::Strip => "strip",
             StripMode::Block => "block",
@@ -59,13 +59,13 @@ impl StripMode {
 
 /// Validated strip settings.
 #[derive(Debug, Clone)]
-pub struct StripSettings {
+pub(crate) struct StripSettings {
     /// Global mode.
-    pub mode: StripMode,
+    pub(crate) mode: StripMode,
     /// Largest body inspected.
-    pub body_max_bytes: u64,
+    pub(crate) body_max_bytes: u64,
     /// Fingerprint key file, if any.
-    pub fingerprint_key_file: Option<PathBuf>,
+    pub(crate) fingerprint_key_file: Option<PathBuf>,
 }
 
 /// How a header's value is judged.
@@ -154,15 +154,15 @@ pub struct Finding {
     #[serde(rename = "type")]
     pub kind: &'static str,
     /// Where it was: `header:NAME`, `cookie:NAME`, `query:NAME`, `userinfo`, `body:FIELD`.
-    pub location: String,
+    pub(crate) location: String,
     /// Keyed fingerprint of the value.
-    pub fingerprint: String,
+    pub(crate) fingerprint: String,
 }
 
 impl Finding {
     /// The kind of place (`header`, `cookie`, `query`, `userinfo`, `body`): a metric label
     /// of bounded cardinality.
-    pub fn place(&self) -> &str {
+    pub(crate) fn place(&self) -> &str {
         self.location
             .split_once(':')
             .map_or(self.location.as_str(), |(p, _)| p)
@@ -175,7 +175,7 @@ pub struct StripReport {
     /// Every secret found.
     pub findings: Vec<Finding>,
     /// The rewritten query (without `?`) when the query or userinfo changed.
-    pub new_path_and_query: Option<String>,
+    pub(crate) new_path_and_query: Option<String>,
 }
 
 /// The strip stage's verdict on one request, once its head and body are inspected
@@ -187,7 +187,7 @@ pub struct StripReport {
 /// mode it is replaced when the route's credential goes into that very field (`body_field`),
 /// and otherwise refused rather than forwarded. Block mode refuses any secret; report mode
 /// none.
-pub fn verdict(
+pub(crate) fn verdict(
     mode: StripMode,
     findings: &[Finding],
     body: &[BodyFinding],
@@ -225,7 +225,7 @@ pub fn verdict(
 
 /// Every secret in one value held under `name` (a header, cookie, parameter or field name):
 /// the type and the secret's text (for its fingerprint).
-pub fn secrets_in<'v>(name: &str, value: &'v str, out: &mut Vec<(&'static str, &'v str)>) {
+pub(crate) fn secrets_in<'v>(name: &str, value: &'v str, out: &mut Vec<(&'static str, &'v str)>) {
     let mut hits: Vec<Hit> = Vec::new();
     find_tokens(value, &mut hits);
     let gcp = hits.iter().any(|h| h.kind == "private_key_pem")
@@ -403,7 +403,7 @@ pub struct BodyFinding {
     /// Type, location `body:FIELD` and fingerprint.
     pub finding: Finding,
     /// The innermost field name holding it (`""` for a top-level value or plain text).
-    pub field: String,
+    pub(crate) field: String,
 }
 
 /// Inspect a JSON, form or multipart body: every string value (every part's content), with
@@ -517,7 +517,7 @@ fn credential_part(v: &str) -> &str {
 }
 
 /// Render a query with every value redacted, for the log: `a=<redacted>&b=<redacted>`.
-pub fn redact_query(q: &str) -> String {
+pub(crate) fn redact_query(q: &str) -> String {
     q.split('&')
         .map(|pair| match pair.split_once('=') {
             Some((k, _)) => format!("{k}=<redacted>"),

@@ -134,7 +134,7 @@ fn one_of(word: &[u8], list: &[&str]) -> bool {
 
 /// What a credential-named field holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NameKind {
+pub(crate) enum NameKind {
     /// A password: people choose them, so a lower bar than for keys.
     Password,
     /// An AWS secret access key (`aws_secret_access_key`, `SecretAccessKey`).
@@ -144,7 +144,7 @@ pub enum NameKind {
 }
 
 /// Whether a field name names a credential.
-pub fn credential_name(name: &str) -> Option<NameKind> {
+pub(crate) fn credential_name(name: &str) -> Option<NameKind> {
     if name.len() > 64 || name.is_empty() {
         return None;
     }
@@ -190,7 +190,7 @@ pub fn credential_name(name: &str) -> Option<NameKind> {
 }
 
 /// Shannon entropy of `v` in bits per byte.
-pub fn entropy(v: &[u8]) -> f64 {
+pub(crate) fn entropy(v: &[u8]) -> f64 {
     let mut counts = [0u32; 256];
     for &b in v {
         counts[usize::from(b)] += 1;
@@ -208,7 +208,7 @@ pub fn entropy(v: &[u8]) -> f64 {
 
 /// The credential type of `value` held in a field named `name`, when the name is a credential
 /// name and the value looks like a secret rather than a description, an enum or a template.
-pub fn named_value(name: &str, value: &str) -> Option<&'static str> {
+pub(crate) fn named_value(name: &str, value: &str) -> Option<&'static str> {
     let kind = credential_name(name)?;
     let v = value.trim();
     if is_placeholder(v)
@@ -256,7 +256,7 @@ fn ends_value(c: u8) -> bool {
 /// Values that overlap a hit already in `hits` are skipped; new ones are appended. Each byte
 /// is looked at a bounded number of times: a value is scanned once, then the search resumes
 /// after it.
-pub fn find_assignments(text: &str, hits: &mut Vec<super::formats::Hit>) {
+pub(crate) fn find_assignments(text: &str, hits: &mut Vec<super::formats::Hit>) {
     let b = text.as_bytes();
     let known = hits.len();
     let mut from = 0;

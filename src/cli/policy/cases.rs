@@ -21,67 +21,67 @@ use crate::target::Target;
 /// file (serde).
 #[derive(Debug, Clone, Default, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
-pub struct WhatIf {
+pub(crate) struct WhatIf {
     /// What the case shows, printed with its result.
     #[serde(default)]
     #[arg(skip)]
-    pub name: Option<String>,
+    pub(crate) name: Option<String>,
     /// HTTP method, or `CONNECT` for a blind tunnel (then `url` may be `host:port`).
     #[arg(long, default_value = "GET")]
-    pub method: String,
+    pub(crate) method: String,
     /// Absolute URL (`http://` or `https://`; for https this is the request as seen inside
     /// the intercepted tunnel).
     #[arg(long)]
-    pub url: String,
+    pub(crate) url: String,
     /// Purpose the app names (`chaperone-purpose`); absent: the route's default.
     #[serde(default)]
     #[arg(long)]
-    pub purpose: Option<String>,
+    pub(crate) purpose: Option<String>,
     /// Stage whose listener the request arrives on (`stages[].name`); absent: the main
     /// identity.
     #[serde(default)]
     #[arg(long)]
-    pub stage: Option<String>,
+    pub(crate) stage: Option<String>,
     /// Override the identity's environment, to ask "what if prod called this?".
     #[serde(default)]
     #[arg(long)]
-    pub environment: Option<String>,
+    pub(crate) environment: Option<String>,
     /// Override the principal id (SPIFFE ID or service account).
     #[serde(default)]
     #[arg(long)]
-    pub principal: Option<String>,
+    pub(crate) principal: Option<String>,
     /// Client address; default 127.0.0.1 (the app in the same pod).
     #[serde(default)]
     #[arg(long)]
-    pub client: Option<IpAddr>,
+    pub(crate) client: Option<IpAddr>,
     /// Request time, RFC 3339 (`2026-11-24T09:00:00Z`); default now.
     #[serde(default)]
     #[arg(long)]
-    pub time: Option<String>,
+    pub(crate) time: Option<String>,
     /// Types of embedded secrets the request carried (`context.stripped_types`); repeat
     /// the flag for several.
     #[serde(default)]
     #[arg(long)]
-    pub stripped: Vec<String>,
+    pub(crate) stripped: Vec<String>,
     /// Expected decision (`allow` or `deny`); required in a CASES file.
     #[serde(default)]
     #[arg(skip)]
-    pub expect: Option<Expected>,
+    pub(crate) expect: Option<Expected>,
     /// Expected deciding policy ids, in any order (permits on allow, forbids on deny; empty
     /// for "no policy permits").
     #[serde(default)]
     #[arg(skip)]
-    pub policies: Option<Vec<String>>,
+    pub(crate) policies: Option<Vec<String>>,
     /// Text the reason must contain.
     #[serde(default)]
     #[arg(skip)]
-    pub reason_contains: Option<String>,
+    pub(crate) reason_contains: Option<String>,
 }
 
 /// An expected decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Expected {
+pub(crate) enum Expected {
     /// The request may proceed.
     Allow,
     /// The request is refused.
@@ -98,63 +98,63 @@ struct CasesFile {
 
 /// A decision and what it was made from.
 #[derive(Debug, Clone, Serialize)]
-pub struct Explained {
+pub(crate) struct Explained {
     /// `allow` or `deny`.
-    pub decision: &'static str,
+    pub(crate) decision: &'static str,
     /// Deciding policy ids.
-    pub policy_ids: Vec<String>,
+    pub(crate) policy_ids: Vec<String>,
     /// Why.
-    pub reason: String,
+    pub(crate) reason: String,
     /// `Workload::"<id>"`.
-    pub principal: String,
+    pub(crate) principal: String,
     /// `Action::"<METHOD>"`.
-    pub action: String,
+    pub(crate) action: String,
     /// `Destination::"<host>"`.
-    pub resource: String,
+    pub(crate) resource: String,
     /// Stage and environment of the principal.
-    pub stage: String,
+    pub(crate) stage: String,
     /// Environment of the principal.
-    pub environment: String,
+    pub(crate) environment: String,
     /// Matched route, if any.
-    pub route: Option<String>,
+    pub(crate) route: Option<String>,
     /// The purpose policy saw.
-    pub purpose: String,
+    pub(crate) purpose: String,
     /// The guardrail the destination trips, if any.
-    pub guardrail: Option<String>,
+    pub(crate) guardrail: Option<String>,
 }
 
 /// The outcome of one case.
 #[derive(Debug, Clone, Serialize)]
-pub struct CaseOutcome {
+pub(crate) struct CaseOutcome {
     /// Case name, or `case N`.
-    pub name: String,
+    pub(crate) name: String,
     /// Line of the case in its file.
-    pub line: usize,
+    pub(crate) line: usize,
     /// Whether every expectation held.
-    pub passed: bool,
+    pub(crate) passed: bool,
     /// The expectations that did not hold.
-    pub problems: Vec<String>,
+    pub(crate) problems: Vec<String>,
     /// The decision.
-    pub got: Option<Explained>,
+    pub(crate) got: Option<Explained>,
 }
 
 /// The outcomes of a CASES file.
 #[derive(Debug, Clone, Serialize)]
-pub struct CaseReport {
+pub(crate) struct CaseReport {
     /// One per case, in file order.
-    pub cases: Vec<CaseOutcome>,
+    pub(crate) cases: Vec<CaseOutcome>,
 }
 
 impl CaseReport {
     /// Whether every case passed.
-    pub fn passed(&self) -> bool {
+    pub(crate) fn passed(&self) -> bool {
         self.cases.iter().all(|c| c.passed)
     }
 }
 
 /// What a what-if request is decided against: a loaded configuration's routes, identities
 /// and listeners, and a policy engine.
-pub struct Bench<'a> {
+pub(crate) struct Bench<'a> {
     cfg: &'a Config,
     engine: &'a PolicyEngine,
     routes: RouteTable,
@@ -163,7 +163,7 @@ pub struct Bench<'a> {
 
 impl<'a> Bench<'a> {
     /// A bench over this configuration and its compiled policy.
-    pub fn new(cfg: &'a Config, engine: &'a PolicyEngine) -> Bench<'a> {
+    pub(crate) fn new(cfg: &'a Config, engine: &'a PolicyEngine) -> Bench<'a> {
         let mut own: Vec<SocketAddr> = cfg.listeners.iter().filter_map(|l| l.addr.tcp()).collect();
         own.push(cfg.admin);
         Bench {
@@ -175,7 +175,7 @@ impl<'a> Bench<'a> {
     }
 
     /// Decide one request.
-    pub fn decide(&self, w: &WhatIf) -> Result<Explained, String> {
+    pub(crate) fn decide(&self, w: &WhatIf) -> Result<Explained, String> {
         let method = Method::from_bytes(w.method.to_ascii_uppercase().as_bytes())
             .map_err(|_| format!("`{}` is not an HTTP method", w.method))?;
         let connect = method == Method::CONNECT;
@@ -260,7 +260,7 @@ impl<'a> Bench<'a> {
 
     /// Decide every case of a CASES file and compare with its expectations. A file that does
     /// not parse is an error naming the line and key.
-    pub fn run(&self, file: &str, text: &str) -> Result<CaseReport, ConfigError> {
+    pub(crate) fn run(&self, file: &str, text: &str) -> Result<CaseReport, ConfigError> {
         let (node, parsed) = parse_yaml::<CasesFile>(file, text)?;
         let lines: Vec<usize> = node
             .as_mapping()

@@ -9,18 +9,18 @@ use std::path::Path;
 
 mod cases;
 
-pub use cases::{Bench, CaseOutcome, CaseReport, Expected, Explained, WhatIf};
+pub(crate) use cases::{Bench, CaseReport, Explained, WhatIf};
 
 use super::Exit;
 use crate::config::Config;
 use crate::policy::{PolicyEngine, SHIPPED_SCHEMA};
 
 /// Exit status (the scheme of every subcommand, [`Exit`]).
-pub type Status = Exit;
+pub(crate) type Status = Exit;
 
 /// The config as `policy` commands need it: validated, but credential and TLS files that
 /// exist only where the sidecar runs may be missing (said once on stderr).
-pub fn load(config: &Path, err: &mut dyn Write) -> Option<(Config, PolicyEngine)> {
+pub(crate) fn load(config: &Path, err: &mut dyn Write) -> Option<(Config, PolicyEngine)> {
     let cfg = match Config::load_offline(config) {
         Ok((c, overlooked)) => {
             if !overlooked.is_empty() {
@@ -50,7 +50,7 @@ pub fn load(config: &Path, err: &mut dyn Write) -> Option<(Config, PolicyEngine)
 }
 
 /// Validate the configuration's policy against its schema; list the policies and warnings.
-pub fn check(config: &Path, out: &mut dyn Write, err: &mut dyn Write) -> Status {
+pub(crate) fn check(config: &Path, out: &mut dyn Write, err: &mut dyn Write) -> Status {
     let Some((cfg, engine)) = load(config, err) else {
         return Exit::Error;
     };
@@ -80,7 +80,7 @@ pub fn check(config: &Path, out: &mut dyn Write, err: &mut dyn Write) -> Status 
 }
 
 /// Decide one request and print the decision, the deciding policies and the reason.
-pub fn eval(
+pub(crate) fn eval(
     config: &Path,
     req: &WhatIf,
     json: bool,
@@ -151,7 +151,7 @@ fn print_explained(out: &mut dyn Write, got: &Explained) {
 }
 
 /// Decide every case of a CASES file against the configuration's policy.
-pub fn test(
+pub(crate) fn test(
     config: &Path,
     cases: &Path,
     json: bool,
@@ -208,7 +208,7 @@ pub fn test(
 /// configuration's route label keys when a config is given (or the config's own schema). A
 /// config whose policy does not validate is an error: without `--config` the shipped
 /// schema is printed.
-pub fn schema(config: Option<&Path>, out: &mut dyn Write, err: &mut dyn Write) -> Status {
+pub(crate) fn schema(config: Option<&Path>, out: &mut dyn Write, err: &mut dyn Write) -> Status {
     let text = match config {
         None => SHIPPED_SCHEMA.to_string(),
         Some(c) => match Config::load_offline(c) {
@@ -226,7 +226,7 @@ pub fn schema(config: Option<&Path>, out: &mut dyn Write, err: &mut dyn Write) -
 }
 
 /// `chaperone policy ...`: the status the subcommand chose (module docs).
-pub fn command(cmd: super::PolicyCmd) -> Exit {
+pub(crate) fn command(cmd: super::PolicyCmd) -> Exit {
     let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
     match cmd {
         super::PolicyCmd::Check { config } => check(&config, &mut out, &mut err),
