@@ -13,10 +13,11 @@ use common::*;
 
 const CLIENT_SECRET: &str = "glewlwyd-client-secret-93be1f0c";
 
-fn start_glewlwyd(port: u16, work: &Path) -> ServerProcess {
+/// glewlwyd on a free port of the helper's choosing (`ServerProcess::port`).
+fn start_glewlwyd(work: &Path) -> ServerProcess {
     let mut cmd = Command::new("python3");
     cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/glewlwyd.py"))
-        .args([&port.to_string(), CLIENT_SECRET, work.to_str().unwrap()])
+        .args(["0", CLIENT_SECRET, work.to_str().unwrap()])
         .env("GLEWLWYD_LOG", "INFO");
     ServerProcess::start(cmd, "glewlwyd (apt-get install glewlwyd)")
 }
@@ -32,8 +33,8 @@ fn bearer(r: &Recorded) -> String {
 async fn glewlwyd_client_credentials_basic_and_post() {
     let up = Upstream::start().await;
     let work = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let gw = start_glewlwyd(port, work.path());
+    let gw = start_glewlwyd(work.path());
+    let port = gw.port.expect("the helper says its port");
     let issuer = format!("http://127.0.0.1:{port}");
     let cfg = format!(
         r#"listen: 127.0.0.1:0

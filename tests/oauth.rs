@@ -25,11 +25,17 @@ struct AuthServer {
 }
 
 impl AuthServer {
-    fn start(port: u16) -> AuthServer {
-        Self::start_with(port, &[])
+    /// On a port of its own choosing.
+    fn start() -> AuthServer {
+        Self::start_with(&[])
     }
 
-    fn start_with(port: u16, env: &[(&str, String)]) -> AuthServer {
+    fn start_with(env: &[(&str, String)]) -> AuthServer {
+        Self::start_on(0, env)
+    }
+
+    /// On `port` (0: any), e.g. again where an earlier one ran.
+    fn start_on(port: u16, env: &[(&str, String)]) -> AuthServer {
         let support = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support");
         install_once(&support);
         let mut cmd = Command::new("node");
@@ -43,10 +49,11 @@ impl AuthServer {
         } else {
             "http"
         };
+        let process = ServerProcess::start(cmd, "oidc-provider");
         AuthServer {
-            port,
+            port: process.port.expect("oidc-provider says its port"),
             scheme,
-            process: ServerProcess::start(cmd, "oidc-provider"),
+            process,
         }
     }
 
@@ -253,7 +260,7 @@ fn claims_jti(token: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_credentials_tokens_are_verified_cached_and_fetched_once() {
     let up = Upstream::start().await;
-    let auth = AuthServer::start(free_port());
+    let auth = AuthServer::start();
     let sc = start_secret_sidecar(up.addr.port(), auth.port);
     let base = format!("http://127.0.0.1:{}", up.addr.port());
 
@@ -324,8 +331,9 @@ async fn client_credentials_tokens_are_verified_cached_and_fetched_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_fails_closed_backs_off_then_recovers() {
     let up = Upstream::start().await;
-    let port = free_port();
-    // No authorization server yet.
+    // The server's address, then an outage there: it is stopped before the sidecar starts
+    // (and comes back on the same port below; nothing else on the machine takes it meanwhile).
+    let port = AuthServer::start().port;
     let sc = start_secret_sidecar(up.addr.port(), port);
     let url = format!("http://127.0.0.1:{}/read/x", up.addr.port());
     let app_key = fake_openai_key();
@@ -381,7 +389,7 @@ async fn an_outage_fails_closed_backs_off_then_recovers() {
     assert_eq!(l["error"], "credential_unavailable");
 
     // The server comes up: calls succeed again within the backoff, nothing to restart.
-    let auth = AuthServer::start(port);
+    let auth = AuthServer::start_on(port, &[]);
     eventually("recovery", || with_app_key(&sc.proxy_url()).0 == 200);
     assert_eq!(auth.token_requests(), 1);
     let forwarded = &up.requests()[0];
@@ -401,10 +409,7 @@ async fn token_exchange_per_purpose_with_subject_rotation() {
     let jwks_dir = tempfile::tempdir().unwrap();
     let jwks_path = jwks_dir.path().join("subject-jwks.json");
     std::fs::write(&jwks_path, k8s.jwks.to_string()).unwrap();
-    let auth = AuthServer::start_with(
-        free_port(),
-        &[("SUBJECT_JWKS", jwks_path.display().to_string())],
-    );
+    let auth = AuthServer::start_with(&[("SUBJECT_JWKS", jwks_path.display().to_string())]);
     let sa = "system:serviceaccount:ml:agent";
     let subject_1 = k8s.token(sa, "subject-1");
     let actor = k8s.token("system:serviceaccount:ml:chaperone", "actor-1");
@@ -515,15 +520,12 @@ async fn private_key_jwt_and_mtls_client_authentication() {
     .jwk()
     .clone();
     std::fs::write(path("client.jwk"), jwk.to_string()).unwrap();
-    let auth = AuthServer::start_with(
-        free_port(),
-        &[
-            ("CLIENT_JWK", path("client.jwk").display().to_string()),
-            ("TLS_CERT", path("server.pem").display().to_string()),
-            ("TLS_KEY", path("server-key.pem").display().to_string()),
-            ("TLS_CA", path("ca.pem").display().to_string()),
-        ],
-    );
+    let auth = AuthServer::start_with(&[
+        ("CLIENT_JWK", path("client.jwk").display().to_string()),
+        ("TLS_CERT", path("server.pem").display().to_string()),
+        ("TLS_KEY", path("server-key.pem").display().to_string()),
+        ("TLS_CA", path("ca.pem").display().to_string()),
+    ]);
     let (mtls_cert, mtls_key) = pki.client_cert("chaperone.client.test");
     let client_key_pem = client_key.serialize_pem();
     let ca_pem = pki.ca_pem.clone();
@@ -599,14 +601,11 @@ async fn refresh_ahead_and_broad_or_long_tokens_are_flagged() {
     let jwks_path = files.path().join("subject-jwks.json");
     std::fs::write(&jwks_path, k8s.jwks.to_string()).unwrap();
     // 14 s tokens: handed out for 4 s (skew 10 s), refreshed from 3 s on.
-    let auth = AuthServer::start_with(
-        free_port(),
-        &[
-            ("TOKEN_TTL", "14".into()),
-            ("SUBJECT_JWKS", jwks_path.display().to_string()),
-            ("EXCHANGE_GRANTS_ALL", "1".into()),
-        ],
-    );
+    let auth = AuthServer::start_with(&[
+        ("TOKEN_TTL", "14".into()),
+        ("SUBJECT_JWKS", jwks_path.display().to_string()),
+        ("EXCHANGE_GRANTS_ALL", "1".into()),
+    ]);
     let subject = k8s.token("system:serviceaccount:ml:agent", "s-1");
     let cfg = format!(
         r#"{HEAD}credentials:

@@ -551,6 +551,8 @@ pub struct ServerProcess {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<String>>,
+    /// The port it bound, when it says so (`ready PORT`).
+    pub port: Option<u16>,
 }
 
 #[allow(dead_code)]
@@ -569,8 +571,8 @@ impl ServerProcess {
         let seen = lines.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line == "ready" {
-                    let _ = ready_tx.send(());
+                if line == "ready" || line.starts_with("ready ") {
+                    let _ = ready_tx.send(line.strip_prefix("ready ").and_then(|p| p.parse().ok()));
                 }
                 seen.lock().push(line);
             }
@@ -582,14 +584,15 @@ impl ServerProcess {
                 e.lock().push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
-        if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
+        let Ok(port) = ready_rx.recv_timeout(Duration::from_secs(30)) else {
             let _ = child.kill();
             panic!("{what} did not start: {}", stderr.lock().as_str());
-        }
+        };
         ServerProcess {
             child,
             lines,
             stderr,
+            port,
         }
     }
 
@@ -621,16 +624,6 @@ impl Drop for ServerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// A free loopback port (bound then released) for servers that take a port argument.
-#[allow(dead_code)]
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Verify a JWT against a JWKS fetched from `jwks_url` (with curl, trusting `ca` if given):

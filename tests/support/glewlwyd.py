@@ -15,6 +15,7 @@ import http.cookiejar
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -26,11 +27,33 @@ BINARY = "/usr/bin/glewlwyd"
 
 
 def main():
-    port, secret, work = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    asked, secret, work = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     os.makedirs(work, exist_ok=True)
     db = os.path.join(work, "glewlwyd.db")
     with gzip.open(SCHEMA, "rt") as f:
         sqlite3.connect(db).executescript(f.read())
+    # Port 0: glewlwyd takes a fixed port (its issuer URL names it), so take a free one and,
+    # should another process bind it first, start again on another.
+    for _ in range(5):
+        port = asked or free_port()
+        proc, call = start(port, db, work)
+        if wait_ready(proc, call):
+            break
+        if asked:
+            break
+    else:
+        print("glewlwyd did not start on any port", file=sys.stderr)
+        sys.exit(1)
+    configure(port, secret, proc, call)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(port, db, work):
     conf = os.path.join(work, "glewlwyd.conf")
     with open(conf, "w") as f:
         f.write(f"""
@@ -72,17 +95,29 @@ database = {{ type = "sqlite3"; path = "{db}"; }};
         with opener.open(req, timeout=5) as r:
             return r.status
 
+    return proc, call
+
+
+def wait_ready(proc, call):
+    """Log in as the admin; False when glewlwyd exited (its port was taken)."""
     deadline = time.time() + 20
     while True:
         try:
             call("POST", "/auth/", {"username": "admin", "password": "password"})
-            break
+            return True
         except Exception:
-            if proc.poll() is not None or time.time() > deadline:
-                print("glewlwyd did not start:", proc.stdout.read(), file=sys.stderr)
+            if proc.poll() is not None:
+                print("glewlwyd exited:", proc.stdout.read(), file=sys.stderr)
+                return False
+            if time.time() > deadline:
+                print("glewlwyd did not start:", file=sys.stderr)
+                proc.kill()
                 sys.exit(1)
             time.sleep(0.1)
 
+
+def configure(port, secret, proc, call):
+    """Set up the OIDC plugin, the scopes and the client, say ready, then relay the log."""
     # glewlwyd publishes a P-256 point's coordinates in its JWKS without their leading zero
     # bytes (RFC 7518 6.2.1.2 wants all 32), so for about one key in 128 a strict verifier
     # such as the test's builds the wrong key and rejects every token. Use a key whose x and
@@ -122,7 +157,7 @@ database = {{ type = "sqlite3"; path = "{db}"; }};
         "token_endpoint_auth_method": ["client_secret_basic", "client_secret_post"],
         "scope": ["tools.read", "tools.write"],
     })
-    print("ready", flush=True)
+    print(f"ready {port}", flush=True)
     for line in proc.stdout:
         print(line.rstrip(), flush=True)
     sys.exit(proc.wait())

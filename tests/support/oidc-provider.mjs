@@ -1,6 +1,6 @@
 // A real OAuth2 authorization server for the tests: npm oidc-provider on 127.0.0.1.
-// Usage: node oidc-provider.mjs PORT CLIENT_SECRET
-// Prints "ready" when listening; one "token" line per token request.
+// Usage: node oidc-provider.mjs PORT CLIENT_SECRET   (PORT 0: any free port)
+// Prints "ready PORT" when listening; one "token" line per token request.
 //
 // Environment (all optional):
 //   TOKEN_TTL          access-token lifetime in seconds (default 120)
@@ -14,6 +14,7 @@
 //                      enables client `chaperone-mtls` (tls_client_auth, RFC 8705) whose
 //                      certificate must carry the DNS name `chaperone.client.test`
 import { readFileSync } from 'node:fs';
+import http from 'node:http';
 import https from 'node:https';
 import Provider, { errors } from 'oidc-provider';
 import { generateKeyPair, exportJWK, jwtVerify, createLocalJWKSet } from 'jose';
@@ -23,7 +24,16 @@ const env = process.env;
 const tls = env.TLS_CERT ? {
   cert: readFileSync(env.TLS_CERT), key: readFileSync(env.TLS_KEY), ca: readFileSync(env.TLS_CA),
 } : null;
-const issuer = `${tls ? 'https' : 'http'}://127.0.0.1:${port}`;
+// Listen first, so that the issuer names the port actually bound (PORT 0 included).
+const server = tls
+  ? https.createServer({ ...tls, requestCert: true, rejectUnauthorized: false })
+  : http.createServer();
+await new Promise((resolve, reject) => {
+  server.once('error', reject);
+  server.listen(Number(port), '127.0.0.1', resolve);
+});
+const bound = server.address().port;
+const issuer = `${tls ? 'https' : 'http'}://127.0.0.1:${bound}`;
 const RESOURCE = 'https://tools.test';
 const TTL = Number(env.TOKEN_TTL || 120);
 const SCOPES = 'tools.read tools.write';
@@ -172,10 +182,5 @@ provider.use(async (ctx, next) => {
   }
   await next();
 });
-const listening = () => console.log('ready');
-if (tls) {
-  https.createServer({ ...tls, requestCert: true, rejectUnauthorized: false }, provider.callback())
-    .listen(Number(port), '127.0.0.1', listening);
-} else {
-  provider.listen(Number(port), '127.0.0.1', listening);
-}
+server.on('request', provider.callback());
+console.log(`ready ${bound}`);
