@@ -18,41 +18,36 @@ use serde_json::Value;
 const STATIC_ENV: &str = "TEST_STATIC_KEY";
 
 fn config(upstream_port: u16, mode: &str) -> String {
+    base(upstream_port, mode).yaml()
+}
+
+/// Two routes to the upstream: a static key under `/static/`, a per-call JWT under `/v1/`.
+fn base(upstream_port: u16, mode: &str) -> Cfg {
+    Cfg::new()
+        .set("credentials", &credentials(""))
+        .set(
+            "routes",
+            &format!(
+                r#"- name: static-route
+  match: {{ host: 127.0.0.1, port: {upstream_port}, path_prefix: /static/ }}
+  credential: app-key
+  inject: {{ header: x-api-key, value: "{{token}}" }}
+- name: jwt-route
+  match: {{ host: 127.0.0.1, port: {upstream_port}, path_prefix: /v1/ }}
+  credential: per-call
+  purpose_default: inference
+  scopes: [model.invoke]
+  labels: {{ sensitivity: high }}"#
+            ),
+        )
+        .set("strip", &format!("mode: {mode}"))
+        .set("timeouts", "shutdown_grace: 5s")
+}
+
+/// The static key and the per-call JWT; `jwt_extra` adds lines to the JWT credential.
+fn credentials(jwt_extra: &str) -> String {
     format!(
-        r#"listen: 127.0.0.1:0
-admin: 127.0.0.1:0
-identity:
-  id: spiffe://test.local/ns/ml/sa/inference
-  workload: test-inference
-  environment: test
-credentials:
-  app-key:
-    kind: static
-    from_env: {STATIC_ENV}
-  per-call:
-    kind: jwt
-    ttl: 90s
-routes:
-  - name: static-route
-    match: {{ host: 127.0.0.1, port: {upstream_port}, path_prefix: /static/ }}
-    credential: app-key
-    inject: {{ header: x-api-key, value: "{{token}}" }}
-  - name: jwt-route
-    match: {{ host: 127.0.0.1, port: {upstream_port}, path_prefix: /v1/ }}
-    credential: per-call
-    purpose_default: inference
-    scopes: [model.invoke]
-    labels: {{ sensitivity: high }}
-strip:
-  mode: {mode}
-policy:
-  file: {{dir}}/policy.cedar
-log:
-  format: json
-  output: stdout
-timeouts:
-  shutdown_grace: 5s
-"#
+        "app-key:\n  kind: static\n  from_env: {STATIC_ENV}\nper-call:\n  kind: jwt\n  ttl: 90s\n{jwt_extra}"
     )
 }
 
@@ -798,10 +793,12 @@ async fn admin_endpoints() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_stage_listener_speaks_for_its_own_identity() {
     let up = Upstream::start().await;
-    let yaml = config(up.addr.port(), "strip").replace(
-        "credentials:",
-        "stages:\n  - name: training\n    listen: 127.0.0.1:0\n    id: spiffe://test.local/ns/ml/sa/training\ncredentials:",
-    );
+    let yaml = base(up.addr.port(), "strip")
+        .set(
+            "stages",
+            "- name: training\n  listen: 127.0.0.1:0\n  id: spiffe://test.local/ns/ml/sa/training",
+        )
+        .yaml();
     let policy = r#"@id("training-reads-datasets")
 permit(principal, action == Action::"GET", resource) when { principal.stage == "training" && context.path like "/datasets/*" };
 @id("main-may-infer")
@@ -846,10 +843,12 @@ permit(principal, action, resource) when { principal.stage == "main" };
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwt_signing_key_rotation_keeps_the_old_key_published() {
     let up = Upstream::start().await;
-    let cfg = config(up.addr.port(), "strip").replace(
-        "    kind: jwt\n    ttl: 90s\n",
-        "    kind: jwt\n    ttl: 90s\n    signing_key: {dir}/signing.pem\n",
-    );
+    let cfg = base(up.addr.port(), "strip")
+        .set(
+            "credentials",
+            &credentials("  signing_key: {dir}/signing.pem"),
+        )
+        .yaml();
     let first = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
     let first_pem = first.serialize_pem();
     let sc = Sidecar::start_with(
@@ -1034,21 +1033,21 @@ async fn a_stage_refuses_callers_of_another_uid() {
     let up = Upstream::start().await;
     let me = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap());
     let other = if me == 0 { 65534 } else { me + 4242 };
-    let yaml = config(up.addr.port(), "strip").replace(
-        "credentials:",
-        &format!(
-            "stages:
-  - name: training
-    listen: 127.0.0.1:0
-    id: spiffe://test.local/ns/ml/sa/training
-    callers: {{ uids: [{other}] }}
-  - name: serving
-    listen: 127.0.0.1:0
-    id: spiffe://test.local/ns/ml/sa/serving
-    callers: {{ uids: [{me}] }}
-credentials:"
-        ),
-    );
+    let yaml = base(up.addr.port(), "strip")
+        .set(
+            "stages",
+            &format!(
+                "- name: training
+  listen: 127.0.0.1:0
+  id: spiffe://test.local/ns/ml/sa/training
+  callers: {{ uids: [{other}] }}
+- name: serving
+  listen: 127.0.0.1:0
+  id: spiffe://test.local/ns/ml/sa/serving
+  callers: {{ uids: [{me}] }}"
+            ),
+        )
+        .yaml();
     let sc = Sidecar::start(&yaml, PERMISSIVE_POLICY, &[(STATIC_ENV, "v")]);
     let (training, serving) = (
         format!("http://{}", sc.proxies[1]),
@@ -1106,21 +1105,21 @@ async fn a_unix_socket_stage_attests_callers_with_peer_credentials() {
     let up = Upstream::start().await;
     let me = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap());
     let other = if me == 0 { 65534 } else { me + 4242 };
-    let yaml = config(up.addr.port(), "strip").replace(
-        "credentials:",
-        &format!(
-            "stages:
-  - name: training
-    listen: unix:{{dir}}/training.sock
-    id: spiffe://test.local/ns/ml/sa/training
-    callers: {{ uids: [{me}] }}
-  - name: evaluation
-    listen: unix:{{dir}}/evaluation.sock
-    id: spiffe://test.local/ns/ml/sa/evaluation
-    callers: {{ uids: [{other}] }}
-credentials:"
-        ),
-    );
+    let yaml = base(up.addr.port(), "strip")
+        .set(
+            "stages",
+            &format!(
+                "- name: training
+  listen: unix:{{dir}}/training.sock
+  id: spiffe://test.local/ns/ml/sa/training
+  callers: {{ uids: [{me}] }}
+- name: evaluation
+  listen: unix:{{dir}}/evaluation.sock
+  id: spiffe://test.local/ns/ml/sa/evaluation
+  callers: {{ uids: [{other}] }}"
+            ),
+        )
+        .yaml();
     let sc = Sidecar::start(&yaml, PERMISSIVE_POLICY, &[(STATIC_ENV, "v")]);
     assert!(
         sc.output().contains(&format!(

@@ -51,24 +51,10 @@ impl Silent {
 }
 
 fn config(shutdown_grace: &str) -> String {
-    format!(
-        r#"listen: 127.0.0.1:0
-admin: 127.0.0.1:0
-identity:
-  id: spiffe://test.local/ns/ml/sa/inference
-  workload: test-inference
-  environment: test
-strip:
-  mode: strip
-policy:
-  file: {{dir}}/policy.cedar
-timeouts:
-  shutdown_grace: {shutdown_grace}
-log:
-  format: json
-  output: stdout
-"#
-    )
+    Cfg::new()
+        .set("strip", "mode: strip")
+        .set("timeouts", &format!("shutdown_grace: {shutdown_grace}"))
+        .yaml()
 }
 
 /// The line for `request_id`, waiting up to `within` for it; every line for it is returned.

@@ -721,3 +721,56 @@ pub fn strs(v: &serde_json::Value) -> Vec<&str> {
         .map(|a| a.as_str().unwrap())
         .collect()
 }
+
+/// A sidecar configuration built from top-level sections: tests set or replace a whole section
+/// (`stages`, `credentials`, ...) by its key, never by editing YAML text. `{dir}` stands for
+/// the sidecar's temp dir, as in [`Sidecar::start`].
+#[derive(Clone, Debug)]
+pub struct Cfg {
+    sections: Vec<(String, String)>,
+}
+
+#[allow(dead_code)]
+impl Cfg {
+    /// Ephemeral listen and admin ports, a test identity, `{dir}/policy.cedar`, JSON lines on
+    /// stdout.
+    pub fn new() -> Cfg {
+        Cfg {
+            sections: Vec::new(),
+        }
+        .set("listen", "127.0.0.1:0")
+        .set("admin", "127.0.0.1:0")
+        .set(
+            "identity",
+            "id: spiffe://test.local/ns/ml/sa/inference\nworkload: test-inference\nenvironment: test",
+        )
+        .set("policy", "file: {dir}/policy.cedar")
+        .set("log", "format: json\noutput: stdout")
+    }
+
+    /// Set section `key` to `value`: a scalar, or a block (indented under the key here).
+    pub fn set(mut self, key: &str, value: &str) -> Cfg {
+        let value = value.trim_end().to_string();
+        match self.sections.iter_mut().find(|(k, _)| k == key) {
+            Some((_, v)) => *v = value,
+            None => self.sections.push((key.to_string(), value)),
+        }
+        self
+    }
+
+    /// The YAML text.
+    pub fn yaml(&self) -> String {
+        let mut out = String::new();
+        for (k, v) in &self.sections {
+            if v.contains('\n') || v.contains(": ") || v.starts_with("- ") {
+                out.push_str(&format!("{k}:\n"));
+                for line in v.lines() {
+                    out.push_str(&format!("  {line}\n"));
+                }
+            } else {
+                out.push_str(&format!("{k}: {v}\n"));
+            }
+        }
+        out
+    }
+}
