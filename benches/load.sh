@@ -147,13 +147,17 @@ for t in $TARGETS; do
   [ "$code" = 200 ] || { echo "$name answered $code; not measuring it" >&2; TARGETS=${TARGETS/$t/}; }
 done
 
-run_wrk() { # port threads conns -> "rps p50_us p99_us"
+# Every response is checked: wrk counts non-2xx/3xx answers and socket errors, and a run with
+# any is reported as failed, never as a speed.
+run_wrk() { # port threads conns -> "rps p50_us p99_us errors"
   wrk -t"$2" -c"$3" -d"${DUR}s" --latency -s "$W/req.lua" "http://127.0.0.1:$1" 2>/dev/null | awk '
     function us(v) { if (v ~ /us$/) return v+0; if (v ~ /ms$/) return (v+0)*1000; if (v ~ /s$/) return (v+0)*1000000; return v+0 }
     /Requests\/sec/ { rps=$2 }
     /^ +50%/ { p50=us($2) }
     /^ +99%/ { p99=us($2) }
-    END { printf "%s %s %s\n", rps, p50, p99 }'
+    /Non-2xx or 3xx responses/ { errors += $NF }
+    /Socket errors/ { gsub(/,/, ""); errors += $4 + $6 + $8 + $10 }
+    END { printf "%s %s %s %d\n", rps, p50, p99, errors }'
 }
 
 echo "duration ${DUR}s per run; serial = wrk -t1 -c1, concurrent = wrk -t2 -c64; $(nproc) cores"
@@ -171,13 +175,22 @@ python3 - "$RESULTS" "$IDLE_RSS" "$LOADED_RSS" <<'PY'
 import sys
 rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
 d = next(r for r in rows if r[0] == "direct")
-d_s_rps, d_s_p50, d_s_p99, d_c_rps = float(d[1]), float(d[2]), float(d[3]), float(d[4])
+d_s_rps, d_s_p50, d_s_p99, d_c_rps = float(d[1]), float(d[2]), float(d[3]), float(d[5])
 print()
 print("| target | serial req/s | serial p50 µs | added p50 µs | serial p99 µs | c64 req/s | c64 ratio to direct | c64 p50 µs | c64 p99 µs |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+failed = []
 for r in rows:
-    name = r[0]; s_rps, s_p50, s_p99, c_rps, c_p50, c_p99 = map(float, r[1:7])
+    name = r[0]; s_rps, s_p50, s_p99, s_err, c_rps, c_p50, c_p99, c_err = map(float, r[1:9])
+    if s_err or c_err:
+        failed.append(f"{name}: {int(s_err)} serial and {int(c_err)} concurrent responses were errors")
+        print(f"| {name} | FAILED ({int(s_err)} errors) | | | | FAILED ({int(c_err)} errors) | | | |")
+        continue
     print(f"| {name} | {s_rps:,.0f} | {s_p50:.0f} | {s_p50 - d_s_p50:+.0f} | {s_p99:.0f} | {c_rps:,.0f} | {c_rps / d_c_rps:.2f}x | {c_p50:.0f} | {c_p99:.0f} |")
 print()
 print(f"Chaperone RSS: idle {int(sys.argv[2]) / 1024:.1f} MiB, after the load {int(sys.argv[3]) / 1024:.1f} MiB")
+print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
+for f in failed:
+    print("FAILED:", f)
+sys.exit(1 if failed else 0)
 PY
