@@ -878,7 +878,7 @@ impl Validator<'_> {
             Err(e) => self.absent(at, format!("cannot read {}: {e}", path.display())),
             Ok(pem) => {
                 if let Err(e) = crate::credentials::SigningKey::from_pem(&pem, allow) {
-                    self.err(at, e);
+                    self.err(at, e.to_string());
                 }
             }
         }

@@ -188,7 +188,10 @@ impl JwtMinter {
     pub fn new(spec: &JwtSpec) -> Result<Self, CredentialError> {
         let bad = |m: String| CredentialError::Config(format!("credential `{}`: {m}", spec.name));
         let (key, stamp) = match &spec.key {
-            KeySource::Generated { .. } => (SigningKey::generate_ed25519().map_err(bad)?, None),
+            KeySource::Generated { .. } => (
+                SigningKey::generate_ed25519().map_err(|e| bad(e.to_string()))?,
+                None,
+            ),
             KeySource::File(path) => {
                 let stamp = stamp_of(path);
                 (load_key(path).map_err(bad)?, stamp)
@@ -335,7 +338,7 @@ impl JwtMinter {
         let sig = ring
             .current
             .sign(token.as_bytes())
-            .map_err(CredentialError::Mint)?;
+            .map_err(|e| CredentialError::Mint(e.to_string()))?;
         token.push('.');
         B64.encode_string(sig, &mut token);
         Ok(Minted {

@@ -45,20 +45,35 @@ impl std::fmt::Debug for SigningKey {
     }
 }
 
+/// What can go wrong with a signing key. The texts never contain key material.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// The system could not make a key.
+    #[error("cannot generate an Ed25519 key")]
+    Generate,
+    /// The PEM is not a PKCS#8 private key.
+    #[error("not a PEM PKCS#8 private key (BEGIN PRIVATE KEY)")]
+    NotPkcs8,
+    /// A key of a kind this use does not take.
+    #[error("must be {0}")]
+    Kind(&'static str),
+    /// Signing failed (the algorithm named).
+    #[error("{0} signing failed")]
+    Sign(&'static str),
+}
+
 impl SigningKey {
     /// A fresh Ed25519 key.
-    pub(crate) fn generate_ed25519() -> Result<Self, String> {
-        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
-            .map_err(|_| "cannot generate an Ed25519 key".to_string())?;
-        let k = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
-            .map_err(|_| "generated key rejected".to_string())?;
+    pub(crate) fn generate_ed25519() -> Result<Self, KeyError> {
+        let pkcs8 =
+            Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| KeyError::Generate)?;
+        let k = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|_| KeyError::Generate)?;
         Ok(Self::build(Inner::Ed25519(k)))
     }
 
-    /// Parse a PEM PKCS#8 private key. Error texts never contain key material.
-    pub fn from_pem(pem: &[u8], allow: Allow) -> Result<Self, String> {
-        let der = PrivatePkcs8KeyDer::from_pem_slice(pem)
-            .map_err(|_| "not a PEM PKCS#8 private key (BEGIN PRIVATE KEY)".to_string())?;
+    /// Parse a PEM PKCS#8 private key.
+    pub fn from_pem(pem: &[u8], allow: Allow) -> Result<Self, KeyError> {
+        let der = PrivatePkcs8KeyDer::from_pem_slice(pem).map_err(|_| KeyError::NotPkcs8)?;
         let der = der.secret_pkcs8_der();
         let inner = if let Ok(k) = Ed25519KeyPair::from_pkcs8(der) {
             Inner::Ed25519(k)
@@ -69,9 +84,11 @@ impl SigningKey {
         {
             Inner::Rs256(k)
         } else if allow == Allow::AnyIncludingRsa {
-            return Err("must be an Ed25519, P-256 or RSA (2048 bits or more) key".into());
+            return Err(KeyError::Kind(
+                "an Ed25519, P-256 or RSA (2048 bits or more) key",
+            ));
         } else {
-            return Err("must be an Ed25519 or P-256 key".into());
+            return Err(KeyError::Kind("an Ed25519 or P-256 key"));
         };
         Ok(Self::build(inner))
     }
@@ -158,24 +175,28 @@ impl SigningKey {
     }
 
     /// Sign the JWS signing input (`header.payload`).
-    pub(crate) fn sign(&self, input: &[u8]) -> Result<Vec<u8>, String> {
+    pub(crate) fn sign(&self, input: &[u8]) -> Result<Vec<u8>, KeyError> {
         match &self.inner {
             Inner::Ed25519(k) => Ok(k.sign(input).as_ref().to_vec()),
             Inner::Es256(k) => k
                 .sign(&SystemRandom::new(), input)
                 .map(|s| s.as_ref().to_vec())
-                .map_err(|_| "ECDSA signing failed".into()),
+                .map_err(|_| KeyError::Sign("ECDSA")),
             Inner::Rs256(k) => {
                 let mut sig = vec![0; k.public_modulus_len()];
                 k.sign(&RSA_PKCS1_SHA256, &SystemRandom::new(), input, &mut sig)
-                    .map_err(|_| "RSA signing failed".to_string())?;
+                    .map_err(|_| KeyError::Sign("RSA"))?;
                 Ok(sig)
             }
         }
     }
 
     /// A compact JWS of `claims` with header `{alg, typ, kid}`.
-    pub(crate) fn compact(&self, typ: &str, claims: &serde_json::Value) -> Result<String, String> {
+    pub(crate) fn compact(
+        &self,
+        typ: &str,
+        claims: &serde_json::Value,
+    ) -> Result<String, KeyError> {
         let header = serde_json::json!({ "alg": self.alg, "typ": typ, "kid": self.kid });
         let mut out = B64.encode(header.to_string());
         out.push('.');
@@ -226,6 +247,6 @@ mod tests {
     fn rsa_is_refused_where_only_ed_or_ec_is_allowed() {
         let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
         let e = SigningKey::from_pem(kp.serialize_pem().as_bytes(), Allow::EdOrEc).unwrap_err();
-        assert!(e.contains("Ed25519 or P-256"), "{e}");
+        assert!(e.to_string().contains("Ed25519 or P-256"), "{e}");
     }
 }

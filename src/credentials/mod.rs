@@ -20,7 +20,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 pub(crate) use inject::Call;
 pub use jwt::{JwtMinter, JwtSpec, KeySource, MintRequest, Minted};
-pub use keys::{Allow, SigningKey};
+pub use keys::{Allow, KeyError, SigningKey};
 pub use oauth::{ClientAuth, Exchange, Grant, OAuthSpec, TOKEN_TYPE_JWT, TokenParams, skew};
 
 use crate::files::{self, FileStamp, stamp_of};

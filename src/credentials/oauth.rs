@@ -476,7 +476,7 @@ impl TokenEndpoint {
         });
         key.compact("JWT", &claims)
             .map(SecretString::from)
-            .map_err(local)
+            .map_err(|e| local(e.to_string()))
     }
 
     /// Fetch one token.
