@@ -28,12 +28,14 @@ command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 [ -x /usr/sbin/iptables-restore ] || missing+=(iptables)
 [ -x /usr/bin/python3 ] || missing+=(python3)
+# tests/conformance.rs: nginx from Debian as an upstream (HTTP/1.1, and TLS with HTTP/2).
+command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
 if [ ${#missing[@]} -gt 0 ]; then
   apt_install "${missing[@]}"
 fi
-if ! python3 -c 'import requests, httpx' >/dev/null 2>&1; then
-  python3 -m pip install --quiet --disable-pip-version-check requests httpx
-fi
+# The Python clients, at the versions tests/support/requirements.txt pins (a no-op, offline,
+# when they are installed already).
+python3 -m pip install --quiet --disable-pip-version-check -r tests/support/requirements.txt
 
 # A real authorization server for the OAuth tests: npm oidc-provider (Node ships with the
 # machine; its version is pinned by tests/support/package-lock.json).

@@ -99,9 +99,15 @@ pub(crate) fn refuse_loop(headers: &HeaderMap, pseudonym: &str) -> Result<(), Re
 }
 
 /// Make a request that went through the stages ready for the wire: the upstream URL from
-/// `target` (with the query the strip stage rewrote, if it did), no hop-by-hop headers,
-/// `Host` for the target (without its scheme's default port), our `Via`, HTTP/1.1 on our
-/// side (the client negotiates h2 by ALPN), and for a buffered body its own length.
+/// `target` (with the query the strip stage rewrote, if it did), no hop-by-hop headers, our
+/// `Via`, HTTP/1.1 on our side (the client negotiates h2 by ALPN), and for a buffered body its
+/// own length.
+///
+/// The host goes only in the URL's authority: the client writes it as `Host` on an HTTP/1.1
+/// connection (without the scheme's default port) and as `:authority` on an HTTP/2 one, where
+/// a `Host` header beside it is a malformed request (RFC 9113 8.3.1; nginx answers 400
+/// "duplicate host header"). Which one a pooled connection speaks is known only when it is
+/// picked, so the app's `Host` is removed here and never rewritten.
 pub(crate) fn prepare(
     parts: &mut http::request::Parts,
     target: &Target,
@@ -128,11 +134,7 @@ pub(crate) fn prepare(
             )
         })?;
     strip_request_hop_by_hop(&mut parts.headers);
-    parts.headers.insert(
-        header::HOST,
-        HeaderValue::from_str(&authority)
-            .map_err(|_| Rejection::new(ErrorCode::BadRequest, "bad host"))?,
-    );
+    parts.headers.remove(header::HOST);
     append_via(&mut parts.headers, via);
     parts.version = http::Version::HTTP_11;
     if let OutBody::Buffered(b) = body {

@@ -774,3 +774,75 @@ impl Cfg {
         out
     }
 }
+
+/// nginx from Debian, on loopback, with a `server { ... }` block of the test's: `{port}` in it
+/// is the port it listens on, `{dir}` its own temp dir (certificates go there). nginx takes a
+/// fixed port, so a free one is picked and, should another process bind it first, nginx is
+/// started again on another.
+#[allow(dead_code)]
+pub struct Nginx {
+    pub port: u16,
+    child: Child,
+    pub dir: tempfile::TempDir,
+}
+
+#[allow(dead_code)]
+impl Nginx {
+    pub fn start(server: &str, files: &[(&str, &str)]) -> Nginx {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let d = dir.path().to_str().unwrap().to_string();
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let conf = format!(
+                "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+                 events {{ worker_connections 256; }}\n\
+                 http {{\n  access_log off;\n  client_body_temp_path {d};\n  proxy_temp_path {d};\n  \
+                 fastcgi_temp_path {d};\n  uwsgi_temp_path {d};\n  scgi_temp_path {d};\n  {}\n}}\n",
+                server
+                    .replace("{port}", &port.to_string())
+                    .replace("{dir}", &d)
+            );
+            let conf_path = dir.path().join("nginx.conf");
+            std::fs::write(&conf_path, conf).unwrap();
+            let mut child = Command::new("nginx")
+                .args(["-c", conf_path.to_str().unwrap(), "-e"])
+                .arg(dir.path().join("error.log"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("nginx (apt-get install nginx-light; tests/run.sh does)");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Nginx { port, child, dir };
+                }
+                if let Some(status) = child.try_wait().unwrap() {
+                    let log =
+                        std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
+                    assert!(
+                        log.contains("Address already in use"),
+                        "nginx exited with {status}: {log}"
+                    );
+                    break;
+                }
+                assert!(Instant::now() < deadline, "nginx did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!("nginx found no free port in 5 tries");
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,187 @@
+//! Real servers behind Chaperone: nginx from Debian over plain HTTP/1.1 and over TLS with
+//! HTTP/2 (`listen ... ssl http2`, nginx 1.22), reached by real clients (curl, Python requests
+//! and httpx) through the forward proxy and through intercepted HTTPS. Each asserts the
+//! status, that nginx saw the injected credential and the right host (one `Host` or
+//! `:authority`, no default port), never the app's key, and that the purpose log says the
+//! same.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use serde_json::Value;
+
+const KEY_ENV: &str = "CONFORMANCE_STATIC_KEY";
+const KEY: &str = "conformance-sidecar-key-0123456789";
+
+/// nginx echoing what it received: protocol, host, the injected key and any Authorization.
+const ECHO: &str = r#"default_type text/plain;
+    return 200 "proto=$server_protocol host=$http_host key=$http_x_api_key auth=$http_authorization\n";"#;
+
+fn nginx_plain() -> Nginx {
+    Nginx::start(
+        &format!("server {{\n    listen 127.0.0.1:{{port}};\n    location / {{ {ECHO} }}\n  }}"),
+        &[],
+    )
+}
+
+fn nginx_h2(pki: &TestPki) -> Nginx {
+    Nginx::start(
+        &format!(
+            "server {{\n    listen 127.0.0.1:{{port}} ssl http2;\n    \
+             ssl_certificate {{dir}}/cert.pem;\n    ssl_certificate_key {{dir}}/key.pem;\n    \
+             location / {{ {ECHO} }}\n  }}"
+        ),
+        &[
+            ("cert.pem", &pki.server_cert_pem),
+            ("key.pem", &pki.server_key_pem),
+        ],
+    )
+}
+
+/// A sidecar injecting `x-api-key` on every route to `localhost`/`127.0.0.1` at `ports`, with
+/// interception (its own CA, trusting `upstream_ca`).
+fn sidecar(ports: &[u16], upstream_ca: &str) -> Sidecar {
+    let routes: String = ports
+        .iter()
+        .flat_map(|p| {
+            ["localhost", "127.0.0.1"].map(|h| {
+                format!(
+                    "- name: {}-{p}\n  match: {{ host: {h}, port: {p} }}\n  credential: app-key\n  inject: {{ header: x-api-key, value: \"{{token}}\" }}\n",
+                    h.replace('.', "-")
+                )
+            })
+        })
+        .collect();
+    let cfg = Cfg::new()
+        .set(
+            "tls",
+            "ca_cert: {dir}/ca.pem\nca_key: {dir}/ca-key.pem\nupstream_roots: {dir}/upstream-ca.pem",
+        )
+        .set(
+            "credentials",
+            &format!("app-key:\n  kind: static\n  from_env: {KEY_ENV}"),
+        )
+        .set("routes", &routes)
+        .set("strip", "mode: strip")
+        .yaml();
+    let ca = upstream_ca.to_string();
+    Sidecar::start_with(
+        &cfg,
+        PERMISSIVE_POLICY,
+        &[(KEY_ENV, KEY)],
+        move |dir: &Path| {
+            std::fs::write(dir.join("upstream-ca.pem"), &ca).unwrap();
+            let (ok, _, err) =
+                run(Command::new(bin()).args(["ca", "init", "--out", dir.to_str().unwrap()]));
+            assert!(ok, "{err}");
+        },
+    )
+}
+
+/// What nginx echoed, as `key=value` pairs.
+fn echoed(body: &str) -> std::collections::HashMap<String, String> {
+    body.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn nginx_http2_over_tls_and_http1_through_the_proxy_with_curl_and_python() {
+    let pki = TestPki::new();
+    let h2 = nginx_h2(&pki);
+    let plain = nginx_plain();
+    let sc = sidecar(&[h2.port, plain.port], &pki.ca_pem);
+    let ca = sc.dir().join("ca.pem");
+    let app_key = fake_openai_key();
+    let proxy = sc.proxy_url();
+    let https_url = format!("https://localhost:{}/v1/chat/completions", h2.port);
+    let http_url = format!("http://127.0.0.1:{}/v1/models", plain.port);
+    let auth = format!("Authorization: Bearer {app_key}");
+
+    // curl, HTTP/1.1 and HTTP/2 to the app's side; the upstream side is HTTP/2 by ALPN.
+    for version in ["--http1.1", "--http2"] {
+        let (rc, code, body) = curl_raw(&[
+            version,
+            "--proxy",
+            &proxy,
+            "--cacert",
+            ca.to_str().unwrap(),
+            "-H",
+            &auth,
+            &https_url,
+        ]);
+        assert_eq!((rc, code), (0, 200), "{version}: {body}");
+        let e = echoed(&body);
+        assert_eq!(e["proto"], "HTTP/2.0", "{body}");
+        assert_eq!(e["host"], format!("localhost:{}", h2.port), "{body}");
+        assert_eq!(e["key"], KEY, "{body}");
+        assert_eq!(e["auth"], "", "the app's key was stripped: {body}");
+    }
+    // Plain HTTP/1.1 upstream through the forward proxy.
+    let (rc, code, body) = curl_raw(&["--proxy", &proxy, "-H", &auth, &http_url]);
+    assert_eq!((rc, code), (0, 200), "{body}");
+    let e = echoed(&body);
+    assert_eq!(e["proto"], "HTTP/1.1", "{body}");
+    assert_eq!(e["host"], format!("127.0.0.1:{}", plain.port), "{body}");
+    assert_eq!(e["key"], KEY, "{body}");
+
+    // Python requests and httpx, the clients under the openai and anthropic SDKs.
+    let script = r#"
+import sys, requests, httpx
+proxy, ca, https_url, http_url, key = sys.argv[1:6]
+headers = {"Authorization": "Bearer " + key}
+proxies = {"http": proxy, "https": proxy}
+for url in (https_url, http_url):
+    r = requests.get(url, headers=headers, proxies=proxies, verify=ca, timeout=10)
+    print("requests", r.status_code, r.text.strip())
+    with httpx.Client(proxy=proxy, verify=ca, timeout=10) as c:
+        r = c.get(url, headers=headers)
+        print("httpx", r.status_code, r.text.strip())
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script, &proxy, ca.to_str().unwrap(), &https_url])
+        .args([&http_url, &app_key])
+        .env_remove("HTTP_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    for l in &lines {
+        let (client, rest) = l.split_once(' ').unwrap();
+        assert!(rest.starts_with("200 "), "{client}: {l}");
+        let e = echoed(rest);
+        assert_eq!(e["key"], KEY, "{l}");
+        assert_eq!(e["auth"], "", "{l}");
+        assert!(
+            !e["host"].ends_with(":443") && !e["host"].ends_with(":80"),
+            "{l}"
+        );
+    }
+
+    // The log says the same: every request allowed, 200, the key stripped, no error.
+    let http: Vec<Value> = sc
+        .log_lines(7)
+        .into_iter()
+        .filter(|l| l["kind"] == "http")
+        .collect();
+    assert_eq!(http.len(), 7, "{http:?}");
+    for l in &http {
+        assert_eq!(l["status"], 200, "{l}");
+        assert_eq!(l["decision"], "allow", "{l}");
+        assert_eq!(l["error"], Value::Null, "{l}");
+        assert_eq!(l["completion"], "complete", "{l}");
+        assert_eq!(l["stripped"][0]["type"], "openai_project_key", "{l}");
+    }
+    sc.assert_never_shows(&[&app_key, KEY]);
+}
