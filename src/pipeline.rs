@@ -506,6 +506,7 @@ impl Pipeline {
         }
         x.log.status = head.status.as_u16();
         let body = LoggedBody {
+            length: body.size_hint().exact(),
             inner: body,
             log: Some(x.log),
             ended: false,
@@ -534,11 +535,20 @@ impl Pipeline {
 }
 
 /// The upstream response body, streamed to the app; the line is written when it ends or is
-/// dropped (client gone), so it has the real duration and byte count.
+/// dropped, so it has the real duration and byte count. How it ended:
+/// - its last frame, its trailers (a response with trailers is over when they arrive, whether
+///   or not the server polls the body once more), or every byte its length promised (a
+///   server writing a sized body stops there, trailers or not): `complete`;
+/// - an error reading the upstream's body: `response_incomplete`, with the error;
+/// - dropped before either (the app went away, e.g. an SSE client that closes after
+///   `[DONE]` while the stream stays open): `client_closed`, not an error, or `shutdown` when
+///   the drain deadline cut it.
 struct LoggedBody {
     inner: Incoming,
     log: Option<LogGuard>,
     ended: bool,
+    /// The body's length, when the upstream declared it.
+    length: Option<u64>,
 }
 
 impl Body for LoggedBody {
@@ -555,11 +565,15 @@ impl Body for LoggedBody {
                 if let (Some(data), Some(log)) = (frame.data_ref(), this.log.as_mut()) {
                     log.bytes_out += data.len() as u64;
                 }
+                if frame.is_trailers() {
+                    this.ended = true;
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
                 if let Some(log) = this.log.as_mut() {
                     log.error = Some(format!("upstream body: {e}"));
+                    log.completion = Completion::ResponseIncomplete;
                 }
                 Poll::Ready(Some(Err(e.into())))
             }
@@ -583,11 +597,10 @@ impl Body for LoggedBody {
 impl Drop for LoggedBody {
     fn drop(&mut self) {
         if let Some(mut log) = self.log.take() {
-            if !self.ended && !self.inner.is_end_stream() {
-                log.completion = Completion::ResponseIncomplete;
-                if log.error.is_none() {
-                    log.error = Some("response_incomplete".into());
-                }
+            let delivered = self.length.is_some_and(|n| n == log.bytes_out);
+            let unfinished = !self.ended && !delivered && !self.inner.is_end_stream();
+            if unfinished && log.completion == Completion::Complete {
+                log.completion = log.abandoned();
             }
             log.finish();
         }

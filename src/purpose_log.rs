@@ -440,16 +440,25 @@ impl DerefMut for LogGuard {
     }
 }
 
+impl LogGuard {
+    /// How a request that is being dropped unfinished ended: cut by the shutdown deadline, or
+    /// left by its client.
+    pub(crate) fn abandoned(&self) -> Completion {
+        if self.log.shared.past_deadline.load(Ordering::Acquire) {
+            Completion::Shutdown
+        } else {
+            Completion::ClientClosed
+        }
+    }
+}
+
 impl Drop for LogGuard {
     fn drop(&mut self) {
         if self.written {
             return;
         }
-        let how = if self.log.shared.past_deadline.load(Ordering::Acquire) {
-            Completion::Shutdown
-        } else {
-            Completion::ClientClosed
-        };
+        // No answer was sent: the line says why, in `error` too (there is no status to read).
+        let how = self.abandoned();
         self.rec.completion = how;
         if self.rec.error.is_none() {
             self.rec.error = Some(how.as_str().to_string());

@@ -434,3 +434,41 @@ async fn an_intercepted_request_head_over_64_kib_is_refused_as_on_the_listener()
     let (rc, code, body) = through(&sc, &ca, &["--http1.1", "-H", "x-small: a", &url]);
     assert_eq!((rc, code), (0, 200), "{body}");
 }
+
+/// A gRPC-shaped response (data, then trailers) from an HTTP/2 upstream through interception
+/// is complete when its trailers arrive: hyper's server stops polling the body there, and the
+/// line must not call the call `response_incomplete`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_ending_in_trailers_is_logged_complete() {
+    let pki = TestPki::new();
+    let up = Upstream::start_tls(&pki).await;
+    let sc = start(&up, &pki.ca_pem);
+    let ca = sc.dir().join("ca.pem");
+    let url = format!("https://localhost:{}/grpc", up.addr.port());
+    for version in ["--http2", "--http1.1"] {
+        let (rc, code, _) = through(
+            &sc,
+            &ca,
+            &[
+                version,
+                "--raw",
+                "-H",
+                "TE: trailers",
+                "-H",
+                "chaperone-request-id: grpc-trailers",
+                &url,
+            ],
+        );
+        assert_eq!((rc, code), (0, 200), "{version}");
+    }
+    let lines: Vec<Value> = sc
+        .log_lines(4)
+        .into_iter()
+        .filter(|l| l["request_id"] == "grpc-trailers")
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for l in &lines {
+        assert_eq!(l["completion"], "complete", "{l}");
+        assert_eq!(l["error"], Value::Null, "{l}");
+    }
+}

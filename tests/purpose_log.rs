@@ -146,3 +146,130 @@ fn a_request_cut_by_the_shutdown_deadline_still_gets_its_line() {
     assert_eq!(lines[0]["path"], "/v1/batch", "{}", lines[0]);
     let _ = client.wait_with_output();
 }
+
+/// An upstream that answers each connection with `respond` (raw bytes, then whatever it does
+/// with the socket).
+fn raw_upstream(respond: fn(std::net::TcpStream)) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+                let _ = s.read(&mut [0u8; 8192]);
+                respond(s);
+            });
+        }
+    });
+    port
+}
+
+fn line_for(sc: &Sidecar, request_id: &str) -> Value {
+    let lines = lines_for(sc, request_id, Duration::from_secs(5));
+    assert_eq!(lines.len(), 1, "exactly one line: {lines:?}");
+    lines.into_iter().next().unwrap()
+}
+
+/// An SSE stream the client closes after `[DONE]` while the upstream keeps it open, as the
+/// SDKs do: the call succeeded, so the line says `client_closed` without an error.
+#[test]
+fn an_sse_client_that_leaves_after_done_is_client_closed_not_a_failure() {
+    use std::io::Write;
+    let port = raw_upstream(|mut s| {
+        let _ = s.write_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n\
+              19\r\ndata: {\"delta\":\"hello\"}\n\n\r\ne\r\ndata: [DONE]\n\n\r\n",
+        );
+        std::thread::sleep(Duration::from_secs(10));
+    });
+    let sc = Sidecar::start(&config("10s"), PERMISSIVE_POLICY, &[]);
+    let script = r#"
+import sys, requests
+proxy, url = sys.argv[1], sys.argv[2]
+with requests.get(url, proxies={"http": proxy}, stream=True, timeout=10,
+                  headers={"chaperone-request-id": "sse-done-1"}) as r:
+    for line in r.iter_lines():
+        if line == b"data: [DONE]":
+            print("done", r.status_code)
+            break
+"#;
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            script,
+            &sc.proxy_url(),
+            &format!("http://127.0.0.1:{port}/v1/chat/completions"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "done 200",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let l = line_for(&sc, "sse-done-1");
+    assert_eq!(l["status"], 200, "{l}");
+    assert_eq!(l["completion"], "client_closed", "{l}");
+    assert_eq!(l["error"], Value::Null, "{l}");
+    assert_eq!(l["bytes_out"], 39, "both events reached the app: {l}");
+}
+
+/// An upstream that breaks off mid-body: `response_incomplete`, with the error.
+#[test]
+fn an_upstream_that_breaks_off_is_response_incomplete() {
+    use std::io::Write;
+    let port = raw_upstream(|mut s| {
+        let _ = s.write_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"partial\":",
+        );
+        let _ = s.flush();
+        std::thread::sleep(Duration::from_millis(200));
+        // Dropped: the connection closes 989 bytes short.
+    });
+    let sc = Sidecar::start(&config("10s"), PERMISSIVE_POLICY, &[]);
+    let (rc, _, _) = curl_raw(&[
+        "-x",
+        &sc.proxy_url(),
+        "-H",
+        "chaperone-request-id: broken-1",
+        &format!("http://127.0.0.1:{port}/v1/batch"),
+    ]);
+    assert_ne!(rc, 0, "curl saw the short body");
+    let l = line_for(&sc, "broken-1");
+    assert_eq!(l["completion"], "response_incomplete", "{l}");
+    assert!(
+        l["error"].as_str().unwrap_or("").contains("upstream body"),
+        "{l}"
+    );
+}
+
+/// A response that ends with trailers (gRPC's shape) is complete when they arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_with_trailers_is_complete() {
+    let up = Upstream::start().await;
+    let sc = Sidecar::start(&config("10s"), PERMISSIVE_POLICY, &[]);
+    // HTTP/1.1 (chunked trailers) through the forward proxy, and HTTP/2 (a trailing HEADERS
+    // frame; hyper's server does not poll the body again after it) in reverse mode.
+    let upstream = format!("127.0.0.1:{}", up.addr.port());
+    let h1 = ["-x", &sc.proxy_url(), "--raw"];
+    let h2 = [
+        "--http2-prior-knowledge",
+        "-H",
+        &format!("Host: {upstream}"),
+    ];
+    for (id, how, url) in [
+        ("trailers-h1", &h1[..], format!("http://{upstream}/grpc")),
+        ("trailers-h2", &h2[..], format!("{}/grpc", sc.proxy_url())),
+    ] {
+        let mut args = how.to_vec();
+        let rid = format!("chaperone-request-id: {id}");
+        args.extend(["-H", "TE: trailers", "-H", &rid, &url]);
+        let (rc, code, _) = curl_raw(&args);
+        assert_eq!((rc, code), (0, 200), "{id}");
+        let l = line_for(&sc, id);
+        assert_eq!(l["completion"], "complete", "{l}");
+        assert_eq!(l["error"], Value::Null, "{l}");
+    }
+}
