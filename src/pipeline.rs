@@ -31,10 +31,11 @@
 //! touches a client connection: CONNECT tunnels and interception are the proxy's
 //! ([`crate::proxy::connect`]), after [`Pipeline::decide_connect`] has decided.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::header::HeaderValue;
@@ -52,7 +53,7 @@ use crate::identify::{self, Caller, Conn};
 use crate::metrics::{Metrics, StrippedLabels};
 use crate::policy::{GuardrailHit, Guardrails, PolicyDecision, PolicyInput, PolicyStore};
 use crate::proxy::Timeouts;
-use crate::proxy::upstream::{self, OutBody, Upstream};
+use crate::proxy::upstream::{self, Deadlines, OutBody, Upstream};
 use crate::purpose_log::{Completion, CredentialLog, LogGuard, PurposeLog, Record, ms};
 use crate::route::{self, HostMatch, Route, RouteTable};
 use crate::strip::{self, BodyPlan, StripMode};
@@ -176,6 +177,7 @@ impl Pipeline {
         let mut p = self.clone();
         p.upstream = Upstream::new(
             &self.timeouts,
+            &self.routes.connect_timeouts(),
             self.upstream_tls.clone(),
             Arc::new(self.guardrails.clone()),
         );
@@ -198,7 +200,7 @@ impl Pipeline {
             Err(rej) => Err(rej),
         };
         match result {
-            Ok(resp) => self.respond(x, resp),
+            Ok((resp, idle)) => self.respond(x, resp, idle),
             Err(rej) => self.reject(x, rej),
         }
     }
@@ -232,14 +234,15 @@ impl Pipeline {
         (Exchange { caller, log }, admitted)
     }
 
-    /// The stages after identify, in order, for an HTTP request; each fills in `x`.
+    /// The stages after identify, in order, for an HTTP request; each fills in `x`. Returns
+    /// the response and how long its body may fall silent.
     async fn run(
         &self,
         x: &mut Exchange,
         origin: Option<&Target>,
         mut parts: Parts,
         body: Incoming,
-    ) -> Result<Response<Incoming>, Rejection> {
+    ) -> Result<(Response<Incoming>, Duration), Rejection> {
         // Stage: target. Where the request goes; a request that looped back is refused.
         let (target, userinfo) = target::resolve(&parts, origin)?;
         x.describe(&target);
@@ -283,11 +286,16 @@ impl Pipeline {
             x.log.credential = issued.map(CredentialLog::from);
         }
 
-        // Stage: forward.
+        // Stage: forward, within the route's timeouts (else the global ones).
         upstream::prepare(&mut parts, &target, new_query.as_deref(), &self.via, &body)?;
-        let (resp, took) = self.upstream.send(parts, body).await?;
+        let own = route.map(|r| r.timeouts).unwrap_or_default();
+        let deadlines = Deadlines {
+            connect: own.connect.unwrap_or(self.timeouts.connect),
+            response_head: own.response_head.unwrap_or(self.timeouts.response_head),
+        };
+        let (resp, took) = self.upstream.send(parts, body, deadlines).await?;
         x.log.upstream_ms = Some(ms(took));
-        Ok(resp)
+        Ok((resp, own.idle.unwrap_or(self.timeouts.idle)))
     }
 
     /// The strip stage: inspect the head (secrets there are removed in strip mode), read and
@@ -452,14 +460,14 @@ impl Pipeline {
             log.body_scan = Some("skipped_too_large");
             return Ok((OutBody::Stream(body), Vec::new()));
         }
-        let read = tokio::time::timeout(self.timeouts.request, upstream::read_up_to(body, max))
+        let read = tokio::time::timeout(self.timeouts.header_read, upstream::read_up_to(body, max))
             .await
             .map_err(|_| {
                 Rejection::new(
                     ErrorCode::BadRequest,
                     format!(
                         "the request body did not arrive within {:?}",
-                        self.timeouts.request
+                        self.timeouts.header_read
                     ),
                 )
             })?
@@ -496,8 +504,14 @@ impl Pipeline {
     }
 
     /// The upstream's response, on its way to the app: hop-by-hop headers out, our `Via` and
-    /// the request id in; the line is written when its body ends (or is dropped).
-    fn respond(&self, mut x: Exchange, resp: Response<Incoming>) -> Response<ProxyBody> {
+    /// the request id in; the line is written when its body ends (or is dropped), and the body
+    /// is given up on when it falls silent for `idle`.
+    fn respond(
+        &self,
+        mut x: Exchange,
+        resp: Response<Incoming>,
+        idle: Duration,
+    ) -> Response<ProxyBody> {
         let (mut head, body) = resp.into_parts();
         upstream::strip_hop_by_hop(&mut head.headers);
         upstream::append_via(&mut head.headers, &self.via);
@@ -510,6 +524,8 @@ impl Pipeline {
             inner: body,
             log: Some(x.log),
             ended: false,
+            idle,
+            silence: None,
         };
         Response::from_parts(head, body.boxed_unsync())
     }
@@ -549,6 +565,10 @@ struct LoggedBody {
     ended: bool,
     /// The body's length, when the upstream declared it.
     length: Option<u64>,
+    /// Longest silence between two frames.
+    idle: Duration,
+    /// The silence timer, from the first time the body had nothing to give.
+    silence: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Body for LoggedBody {
@@ -562,6 +582,11 @@ impl Body for LoggedBody {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                if let Some(timer) = this.silence.as_mut() {
+                    timer
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + this.idle);
+                }
                 if let (Some(data), Some(log)) = (frame.data_ref(), this.log.as_mut()) {
                     log.bytes_out += data.len() as u64;
                 }
@@ -581,7 +606,27 @@ impl Body for LoggedBody {
                 this.ended = true;
                 Poll::Ready(None)
             }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                let idle = this.idle;
+                let timer = this
+                    .silence
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                if timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                // Silent for too long: give up on the upstream (a stream that keeps sending
+                // is never cut; only silence is).
+                let why = format!("upstream body: nothing for {idle:?} (timeouts.idle)");
+                if let Some(log) = this.log.as_mut() {
+                    log.error = Some(why.clone());
+                    log.completion = Completion::ResponseIncomplete;
+                }
+                Poll::Ready(Some(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    why,
+                )
+                .into())))
+            }
         }
     }
 

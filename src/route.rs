@@ -146,6 +146,19 @@ pub(crate) struct Route {
     pub(crate) max_ttl: Option<std::time::Duration>,
     /// Strip mode override.
     pub(crate) strip: Option<StripMode>,
+    /// Timeouts that replace the global ones on this route.
+    pub(crate) timeouts: RouteTimeouts,
+}
+
+/// A route's own timeouts (`routes[].timeouts`); unset ones are the global ones.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct RouteTimeouts {
+    /// Connecting to the upstream.
+    pub(crate) connect: Option<std::time::Duration>,
+    /// From sending the request to the response head.
+    pub(crate) response_head: Option<std::time::Duration>,
+    /// Longest silence between two pieces of the response body.
+    pub(crate) idle: Option<std::time::Duration>,
 }
 
 /// The placeholder for the request's purpose in a route's scopes.
@@ -212,6 +225,14 @@ impl RouteTable {
         self.routes.iter().find(|r| r.matches(method, target))
     }
 
+    /// The connect timeouts routes set for themselves.
+    pub(crate) fn connect_timeouts(&self) -> Vec<std::time::Duration> {
+        self.routes
+            .iter()
+            .filter_map(|r| r.timeouts.connect)
+            .collect()
+    }
+
     /// Does any route take requests for this host and port?
     pub(crate) fn any_for(&self, host: &str, port: u16) -> bool {
         self.routes.iter().any(|r| {
@@ -254,6 +275,7 @@ mod tests {
             scopes: vec![],
             max_ttl: None,
             strip: None,
+            timeouts: Default::default(),
         }
     }
 

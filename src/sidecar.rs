@@ -199,7 +199,12 @@ pub(crate) async fn start(cfg: Config) -> Result<Running, StartError> {
         body_max_bytes: usize::try_from(cfg.strip.body_max_bytes).unwrap_or(usize::MAX),
         log,
         metrics: metrics.clone(),
-        upstream: Upstream::new(&cfg.timeouts, upstream_tls.clone(), Arc::new(guardrails)),
+        upstream: Upstream::new(
+            &cfg.timeouts,
+            &[],
+            upstream_tls.clone(),
+            Arc::new(guardrails),
+        ),
         upstream_tls,
         interception: match &intercept {
             Some(_) => Interception::On {

@@ -4,51 +4,11 @@
 
 mod common;
 
-use std::io::Read;
-use std::net::TcpListener;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
-
-/// An upstream that accepts connections, reads the request and never answers.
-struct Silent {
-    port: u16,
-    accepted: Arc<AtomicUsize>,
-}
-
-impl Silent {
-    fn start() -> Silent {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        std::thread::spawn(move || {
-            let mut held = Vec::new();
-            for mut s in listener.incoming().flatten() {
-                let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
-                let _ = s.read(&mut [0u8; 4096]);
-                count.fetch_add(1, Ordering::SeqCst);
-                held.push(s);
-            }
-        });
-        Silent { port, accepted }
-    }
-
-    fn wait_accepted(&self, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.accepted.load(Ordering::SeqCst) < n {
-            assert!(
-                Instant::now() < deadline,
-                "the request never reached the upstream"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
 
 fn config(shutdown_grace: &str) -> String {
     Cfg::new()
@@ -147,24 +107,6 @@ fn a_request_cut_by_the_shutdown_deadline_still_gets_its_line() {
     let _ = client.wait_with_output();
 }
 
-/// An upstream that answers each connection with `respond` (raw bytes, then whatever it does
-/// with the socket).
-fn raw_upstream(respond: fn(std::net::TcpStream)) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut s = s;
-                let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-                let _ = s.read(&mut [0u8; 8192]);
-                respond(s);
-            });
-        }
-    });
-    port
-}
-
 fn line_for(sc: &Sidecar, request_id: &str) -> Value {
     let lines = lines_for(sc, request_id, Duration::from_secs(5));
     assert_eq!(lines.len(), 1, "exactly one line: {lines:?}");
@@ -176,7 +118,7 @@ fn line_for(sc: &Sidecar, request_id: &str) -> Value {
 #[test]
 fn an_sse_client_that_leaves_after_done_is_client_closed_not_a_failure() {
     use std::io::Write;
-    let port = raw_upstream(|mut s| {
+    let port = raw_upstream(|mut s, _| {
         let _ = s.write_all(
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n\
               19\r\ndata: {\"delta\":\"hello\"}\n\n\r\ne\r\ndata: [DONE]\n\n\r\n",
@@ -220,7 +162,7 @@ with requests.get(url, proxies={"http": proxy}, stream=True, timeout=10,
 #[test]
 fn an_upstream_that_breaks_off_is_response_incomplete() {
     use std::io::Write;
-    let port = raw_upstream(|mut s| {
+    let port = raw_upstream(|mut s, _| {
         let _ = s.write_all(
             b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"partial\":",
         );

@@ -23,7 +23,7 @@ use crate::identify::Identity;
 use crate::policy::PolicySource;
 use crate::proxy::{ListenAddr, ListenerSpec, Timeouts, TlsSettings};
 use crate::purpose_log::{LogFormat, LogOutput};
-use crate::route::{HostMatch, InjectSpec, Route};
+use crate::route::{HostMatch, InjectSpec, Route, RouteTimeouts};
 use crate::strip::StripSettings;
 
 /// Default proxy listener.
@@ -596,7 +596,17 @@ impl Validator<'_> {
         let k = |name| [Key("timeouts"), Key(name)];
         let timeouts = Timeouts {
             connect: self.duration(&k("connect"), t.connect.as_deref(), Duration::from_secs(5)),
-            request: self.duration(&k("request"), t.request.as_deref(), Duration::from_secs(30)),
+            response_head: match (&t.response_head, &t.request) {
+                (Some(_), Some(_)) => {
+                    self.err(
+                        &k("request"),
+                        "`request` is the former name of `response_head`: set one of them",
+                    );
+                    Duration::from_secs(300)
+                }
+                (Some(v), None) => self.duration(&k("response_head"), Some(v), Duration::ZERO),
+                (None, v) => self.duration(&k("request"), v.as_deref(), Duration::from_secs(300)),
+            },
             header_read: self.duration(
                 &k("header_read"),
                 t.header_read.as_deref(),
@@ -1131,6 +1141,25 @@ impl Validator<'_> {
         {
             self.err(&[Key("routes"), Idx(i), Key("purpose_default")], e);
         }
+        let timeouts = match &r.timeouts {
+            None => RouteTimeouts::default(),
+            Some(t) => {
+                let mut d = |key: &'static str, v: &Option<String>| {
+                    v.as_deref().map(|v| {
+                        self.duration(
+                            &[Key("routes"), Idx(i), Key("timeouts"), Key(key)],
+                            Some(v),
+                            Duration::ZERO,
+                        )
+                    })
+                };
+                RouteTimeouts {
+                    connect: d("connect", &t.connect),
+                    response_head: d("response_head", &t.response_head),
+                    idle: d("idle", &t.idle),
+                }
+            }
+        };
         Some(Route {
             name: r.name.clone(),
             host,
@@ -1147,6 +1176,7 @@ impl Validator<'_> {
             scopes: r.scopes.clone(),
             max_ttl,
             strip: r.strip,
+            timeouts,
         })
     }
 

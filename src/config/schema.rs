@@ -271,6 +271,24 @@ pub(crate) struct RouteConfig {
     /// Overrides the global strip mode on this route.
     #[serde(default)]
     pub(crate) strip: Option<StripMode>,
+    /// Overrides the global `connect`, `response_head` and `idle` timeouts on this route.
+    #[serde(default)]
+    pub(crate) timeouts: Option<RouteTimeoutsConfig>,
+}
+
+/// A route's own timeouts.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RouteTimeoutsConfig {
+    /// Connecting to the upstream.
+    #[serde(default)]
+    pub(crate) connect: Option<String>,
+    /// From sending the request to the response head.
+    #[serde(default)]
+    pub(crate) response_head: Option<String>,
+    /// Longest silence between two pieces of the response body.
+    #[serde(default)]
+    pub(crate) idle: Option<String>,
 }
 
 /// Request matcher; every given field must match.
@@ -359,14 +377,20 @@ pub(crate) struct TimeoutsConfig {
     /// Connecting to an upstream. Default `5s`.
     #[serde(default)]
     pub(crate) connect: Option<String>,
-    /// From sending a request upstream to its response head. Default `30s`.
+    /// From sending a request upstream to its response head. Default `300s`: as long as an
+    /// LLM may think before its answer starts.
+    #[serde(default)]
+    pub(crate) response_head: Option<String>,
+    /// The former name of `response_head`, still accepted.
     #[serde(default)]
     pub(crate) request: Option<String>,
     /// Reading a client's request head; also how long an idle keep-alive client connection
     /// waits for its next request. Default `30s`.
     #[serde(default)]
     pub(crate) header_read: Option<String>,
-    /// A CONNECT tunnel with no traffic either way is closed after this. Default `5m`.
+    /// Longest silence: between two pieces of a response body (the upstream is given up on,
+    /// `response_incomplete`), and in a CONNECT tunnel either way (it is closed). An SSE
+    /// stream that keeps sending is never cut. Default `5m`.
     #[serde(default)]
     pub(crate) idle: Option<String>,
     /// On SIGTERM, how long in-flight requests may take to finish. Default `10s`.

@@ -87,11 +87,12 @@ pub(crate) struct ListenerSpec {
 pub(crate) struct Timeouts {
     /// Upstream connect.
     pub(crate) connect: Duration,
-    /// Upstream response head.
-    pub(crate) request: Duration,
-    /// Client request head, and idle keep-alive client connections.
+    /// From sending a request upstream to its response head.
+    pub(crate) response_head: Duration,
+    /// Client request head, a request body read whole for inspection, and idle keep-alive
+    /// client connections.
     pub(crate) header_read: Duration,
-    /// Idle tunnel.
+    /// Longest silence in a response body or a tunnel.
     pub(crate) idle: Duration,
     /// Drain deadline on SIGTERM.
     pub(crate) shutdown_grace: Duration,

@@ -262,12 +262,21 @@ where
 
 type Connector = hyper_rustls::HttpsConnector<GuardedConnector>;
 
-/// Pooled client to upstreams: HTTP/1.1, and for `https` HTTP/2 or HTTP/1.1 by ALPN, with the
-/// upstream's certificate and host name always verified.
+/// Pooled clients to upstreams: HTTP/1.1, and for `https` HTTP/2 or HTTP/1.1 by ALPN, with the
+/// upstream's certificate and host name always verified. One pool per connect timeout in use
+/// (the global one, then each route's own), since a connector has one connect timeout.
 #[derive(Clone)]
 pub(crate) struct Upstream {
-    client: Client<Connector, ProxyBody>,
-    request_timeout: Duration,
+    clients: Vec<(Duration, Client<Connector, ProxyBody>)>,
+}
+
+/// How long one request may take upstream, phase by phase (the route's own, else global).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Deadlines {
+    /// Connecting.
+    pub(crate) connect: Duration,
+    /// From sending the request to the response head.
+    pub(crate) response_head: Duration,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -277,37 +286,35 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    /// A client with the configured timeouts and upstream TLS settings.
+    /// Clients with the global connect timeout and each of `connects` (the routes' own), and
+    /// the upstream TLS settings.
     pub(crate) fn new(
         t: &Timeouts,
+        connects: &[Duration],
         tls: Arc<rustls::ClientConfig>,
         guard: Arc<Guardrails>,
     ) -> Self {
-        let mut http = HttpConnector::new_with_resolver(GuardedResolver);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(t.connect));
-        http.set_keepalive(Some(Duration::from_secs(60)));
-        http.enforce_http(false);
-        let http = GuardedConnector::new(http, guard);
-        let http = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config((*tls).clone())
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .build(http);
-        Upstream {
-            client,
-            request_timeout: t.request,
+        let mut all = vec![t.connect];
+        for c in connects {
+            if !all.contains(c) {
+                all.push(*c);
+            }
         }
+        let clients = all
+            .into_iter()
+            .map(|c| (c, client(c, &tls, &guard)))
+            .collect();
+        Upstream { clients }
     }
 
-    /// Send a request; the response head must arrive within the request timeout.
+    fn client(&self, connect: Duration) -> &Client<Connector, ProxyBody> {
+        self.clients
+            .iter()
+            .find(|(c, _)| *c == connect)
+            .map_or(&self.clients[0].1, |(_, client)| client)
+    }
+
+    /// Send a request; the response head must arrive within `deadlines.response_head`.
     /// Returns the response and the time it took.
     ///
     /// A request whose body is small and of known length (at most [`REPLAY_MAX_BYTES`]) is
@@ -318,15 +325,17 @@ impl Upstream {
         &self,
         parts: http::request::Parts,
         body: OutBody,
+        deadlines: Deadlines,
     ) -> Result<(Response<Incoming>, Duration), Rejection> {
         let start = Instant::now();
-        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        let client = self.client(deadlines.connect);
+        let deadline = tokio::time::Instant::now() + deadlines.response_head;
         let timed_out = || {
             Rejection::new(
                 ErrorCode::UpstreamTimeout,
                 format!(
                     "the upstream did not answer within {:?}",
-                    self.request_timeout
+                    deadlines.response_head
                 ),
             )
         };
@@ -355,7 +364,7 @@ impl Upstream {
             Err(bytes) => bytes,
             Ok(body) => {
                 let req = Request::from_parts(parts, body);
-                return match tokio::time::timeout_at(deadline, self.client.request(req)).await {
+                return match tokio::time::timeout_at(deadline, client.request(req)).await {
                     Ok(Ok(resp)) => Ok((resp, start.elapsed())),
                     Ok(Err(e)) => Err(Rejection::new(ErrorCode::UpstreamUnreachable, describe(&e))),
                     Err(_) => Err(timed_out()),
@@ -369,7 +378,7 @@ impl Upstream {
             *req.uri_mut() = parts.uri.clone();
             *req.version_mut() = parts.version;
             *req.headers_mut() = parts.headers.clone();
-            match tokio::time::timeout_at(deadline, self.client.request(req)).await {
+            match tokio::time::timeout_at(deadline, client.request(req)).await {
                 Ok(Ok(resp)) => return Ok((resp, start.elapsed())),
                 Ok(Err(e))
                     if e.is_connect() && attempt < CONNECT_RETRIES.len() && !is_guardrail(&e) =>
@@ -401,6 +410,32 @@ impl OutBody {
             _ => None,
         }
     }
+}
+
+/// A pooled client whose connector gives up connecting after `connect`.
+fn client(
+    connect: Duration,
+    tls: &Arc<rustls::ClientConfig>,
+    guard: &Arc<Guardrails>,
+) -> Client<Connector, ProxyBody> {
+    let mut http = HttpConnector::new_with_resolver(GuardedResolver);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    http.enforce_http(false);
+    let http = GuardedConnector::new(http, guard.clone());
+    let http = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((**tls).clone())
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .build(http)
 }
 
 /// A request body on its way upstream.

@@ -846,3 +846,62 @@ impl Drop for Nginx {
         let _ = self.child.wait();
     }
 }
+
+/// An upstream that accepts connections, reads the request and never answers.
+#[allow(dead_code)]
+pub struct Silent {
+    pub port: u16,
+    accepted: Arc<AtomicUsize>,
+}
+
+#[allow(dead_code)]
+impl Silent {
+    pub fn start() -> Silent {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for mut s in listener.incoming().flatten() {
+                let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+                let _ = std::io::Read::read(&mut s, &mut [0u8; 4096]);
+                count.fetch_add(1, Ordering::SeqCst);
+                held.push(s);
+            }
+        });
+        Silent { port, accepted }
+    }
+
+    pub fn wait_accepted(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.accepted.load(Ordering::SeqCst) < n {
+            assert!(
+                Instant::now() < deadline,
+                "the request never reached the upstream"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// An upstream that answers each connection with `respond`, given the socket and the request
+/// head it read (raw bytes, then whatever it does with the socket).
+#[allow(dead_code)]
+pub fn raw_upstream(respond: fn(std::net::TcpStream, String)) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+                let mut buf = [0u8; 8192];
+                let n = std::io::Read::read(&mut s, &mut buf).unwrap_or(0);
+                let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+                respond(s, head);
+            });
+        }
+    });
+    port
+}
