@@ -233,13 +233,12 @@ impl RouteTable {
             .collect()
     }
 
-    /// Does any route take requests for this host and port?
+    /// Does any route take requests for this host and port, over either scheme (a CONNECT
+    /// tunnel may carry TLS or plain HTTP)?
     pub(crate) fn any_for(&self, host: &str, port: u16) -> bool {
-        self.routes.iter().any(|r| {
-            r.host.matches(host)
-                && r.port.is_none_or(|p| p == port)
-                && r.scheme.as_deref() != Some("http")
-        })
+        self.routes
+            .iter()
+            .any(|r| r.host.matches(host) && r.port.is_none_or(|p| p == port))
     }
 
     /// The first route that would inject a credential into HTTPS requests to this host and

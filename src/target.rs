@@ -134,8 +134,9 @@ pub(crate) fn target(parts: &Parts) -> Result<(Target, Option<String>), Rejectio
     ))
 }
 
-/// The destination of a request decrypted from an intercepted CONNECT to `origin`: always
-/// that host and port over https. A request naming another host is refused, so one CONNECT
+/// The destination of a request served from a CONNECT tunnel to `origin`: always that host
+/// and port, over the tunnel's scheme (`https` when its TLS was terminated here, `http` for
+/// plain HTTP in the tunnel). A request naming another host is refused, so one CONNECT
 /// authorization cannot carry requests for a different destination.
 pub(crate) fn intercepted_target(parts: &Parts, origin: &Target) -> Result<Target, Rejection> {
     let named = match parts.uri.authority() {
@@ -156,7 +157,7 @@ pub(crate) fn intercepted_target(parts: &Parts, origin: &Target) -> Result<Targe
         )));
     }
     Ok(Target {
-        scheme: "https",
+        scheme: origin.scheme,
         host: origin.host.clone(),
         port: origin.port,
         path: if parts.uri.path().is_empty() {

@@ -185,3 +185,104 @@ for url in (https_url, http_url):
     }
     sc.assert_never_shows(&[&app_key, KEY]);
 }
+
+/// Plain HTTP inside a CONNECT tunnel, as undici's proxy agents and Python WebSocket clients
+/// send `http://`/`ws://` through an HTTPS_PROXY-style tunnel (here curl `--proxytunnel`): with a
+/// CA configured it used to meet a TLS alert; now the first byte tells, and the requests go
+/// through the pipeline like any other.
+#[test]
+fn plain_http_inside_a_connect_tunnel_goes_through_the_pipeline() {
+    let pki = TestPki::new();
+    let plain = nginx_plain();
+    let sc = sidecar(&[plain.port], &pki.ca_pem);
+    let app_key = fake_openai_key();
+    let url = format!("http://127.0.0.1:{}/v1/models", plain.port);
+    let (rc, code, body) = curl_raw(&[
+        "--proxytunnel",
+        "--proxy",
+        &sc.proxy_url(),
+        "-H",
+        &format!("Authorization: Bearer {app_key}"),
+        "-H",
+        "chaperone-request-id: tunnelled-http",
+        &url,
+    ]);
+    assert_eq!((rc, code), (0, 200), "{body}");
+    let e = echoed(&body);
+    assert_eq!(e["key"], KEY, "{body}");
+    assert_eq!(e["auth"], "", "{body}");
+    assert_eq!(e["host"], format!("127.0.0.1:{}", plain.port), "{body}");
+    let lines = sc.log_lines(2);
+    let inner = lines
+        .iter()
+        .find(|l| l["request_id"] == "tunnelled-http")
+        .unwrap_or_else(|| panic!("{lines:?}"));
+    assert_eq!(inner["kind"], "http", "{inner}");
+    assert_eq!(inner["scheme"], "http", "{inner}");
+    assert_eq!(inner["status"], 200, "{inner}");
+    assert_eq!(
+        inner["stripped"][0]["type"], "openai_project_key",
+        "{inner}"
+    );
+    let tunnel = lines
+        .iter()
+        .find(|l| l["kind"] == "intercept")
+        .unwrap_or_else(|| panic!("{lines:?}"));
+    assert_eq!(tunnel["scheme"], "http", "{tunnel}");
+    assert!(
+        tunnel["reason"].as_str().unwrap().contains("plain HTTP"),
+        "{tunnel}"
+    );
+    sc.assert_never_shows(&[&app_key, KEY]);
+}
+
+/// Node's standard proxy agents (undici `ProxyAgent` and `EnvHttpProxyAgent` with
+/// `HTTP_PROXY`) tunnel `http://` through CONNECT: served through the pipeline.
+#[test]
+fn node_undici_proxy_agents_reach_http_upstreams_through_the_tunnel() {
+    let pki = TestPki::new();
+    let plain = nginx_plain();
+    let sc = sidecar(&[plain.port], &pki.ca_pem);
+    let app_key = fake_openai_key();
+    let url = format!("http://127.0.0.1:{}/v1/models", plain.port);
+    let support = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support");
+    let script = r#"
+import { ProxyAgent, EnvHttpProxyAgent, fetch } from 'undici';
+const [proxy, url, key] = process.argv.slice(1);
+for (const [name, agent] of [['ProxyAgent', new ProxyAgent(proxy)], ['EnvHttpProxyAgent', new EnvHttpProxyAgent()]]) {
+  const r = await fetch(url, { dispatcher: agent, headers: { authorization: `Bearer ${key}` } });
+  console.log(name, r.status, (await r.text()).trim());
+}
+"#;
+    let out = Command::new("node")
+        .args([
+            "--input-type=module",
+            "-e",
+            script,
+            &sc.proxy_url(),
+            &url,
+            &app_key,
+        ])
+        .current_dir(&support)
+        .env("HTTP_PROXY", sc.proxy_url())
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    for l in lines {
+        let (agent, rest) = l.split_once(' ').unwrap();
+        assert!(rest.starts_with("200 "), "{agent}: {l}");
+        let e = echoed(rest);
+        assert_eq!(e["key"], KEY, "{l}");
+        assert_eq!(e["auth"], "", "{l}");
+    }
+    sc.assert_never_shows(&[&app_key, KEY]);
+}

@@ -37,9 +37,11 @@ fi
 # when they are installed already).
 python3 -m pip install --quiet --disable-pip-version-check -r tests/support/requirements.txt
 
-# A real authorization server for the OAuth tests: npm oidc-provider (Node ships with the
-# machine; its version is pinned by tests/support/package-lock.json).
-if [ ! -d tests/support/node_modules/oidc-provider ]; then
+# npm packages, pinned by tests/support/package-lock.json (Node ships with the machine): a real
+# authorization server for the OAuth tests (oidc-provider) and Node's proxy-aware HTTP client
+# (undici). Installed again whenever the lock file is newer than the installed tree.
+if [ ! -f tests/support/node_modules/.package-lock.json ] ||
+   [ tests/support/package-lock.json -nt tests/support/node_modules/.package-lock.json ]; then
   npm ci --prefix tests/support --no-audit --no-fund --loglevel=error
 fi
 

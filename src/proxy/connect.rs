@@ -117,9 +117,17 @@ fn intercept(
         };
         let client = conn.client;
         match super::intercept::serve(proxy, conn, target, upgraded).await {
-            Ok(n) => {
+            Ok(served) if served.tls => {
                 x.log.reason = Some(format!(
-                    "intercepted: {n} request(s), each authorized and logged on its own"
+                    "intercepted: {} request(s), each authorized and logged on its own",
+                    served.requests
+                ));
+            }
+            Ok(served) => {
+                x.log.scheme = "http".into();
+                x.log.reason = Some(format!(
+                    "plain HTTP in the tunnel: {} request(s), each authorized and logged on its own",
+                    served.requests
                 ));
             }
             Err(e) => {

@@ -5,15 +5,18 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bytes::Bytes;
 use hyper::service::service_fn;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use rustls::ServerConfig;
 use rustls::server::{Acceptor, ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
+use tokio::io::AsyncReadExt;
 use tokio_rustls::LazyConfigAcceptor;
 
 use super::TlsSettings;
+use super::rewind::Rewind;
 use super::worker::Proxy;
 use crate::target::Target;
 use crate::tls::{LeafIssuer, TlsError};
@@ -68,14 +71,26 @@ impl Interceptor {
     }
 }
 
-/// Terminate the app's TLS on an upgraded CONNECT stream and serve its requests.
-/// Returns how many requests were served, or why the handshake failed.
+/// What a CONNECT tunnel carried, once served.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Served {
+    /// Requests served.
+    pub(crate) requests: u64,
+    /// TLS (terminated here), or plain HTTP.
+    pub(crate) tls: bool,
+}
+
+/// Serve the requests a CONNECT tunnel carries. Its first byte says what it is: a TLS
+/// ClientHello (0x16) is terminated with a leaf for the requested name; anything else is plain
+/// HTTP, which clients such as undici's proxy agents and Python WebSocket clients tunnel for
+/// `http://` and `ws://` URLs, served as it is. Either way each request goes through the
+/// pipeline on its own. Returns what was served, or why the tunnel failed before a request.
 pub(crate) async fn serve(
     proxy: Arc<Proxy>,
     conn: Arc<crate::identify::Conn>,
-    origin: Target,
+    mut origin: Target,
     upgraded: Upgraded,
-) -> Result<u64, String> {
+) -> Result<Served, String> {
     let interceptor = proxy
         .interceptor
         .clone()
@@ -83,8 +98,27 @@ pub(crate) async fn serve(
     let drain = proxy.drain.clone();
     let _guard = drain.enter();
     let handshake_timeout = proxy.timeouts.header_read;
+    let mut io = TokioIo::new(upgraded);
+    let first = match tokio::time::timeout(handshake_timeout, io.read_u8()).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => return Err(format!("the app sent nothing through the tunnel: {e}")),
+        Err(_) => {
+            return Err(format!(
+                "the app sent nothing through the tunnel within {handshake_timeout:?}"
+            ));
+        }
+    };
+    let io = Rewind::new(Bytes::copy_from_slice(&[first]), io);
+    if first != TLS_HANDSHAKE {
+        origin.scheme = "http";
+        let requests = serve_http(proxy, conn, origin, io).await;
+        return Ok(Served {
+            requests,
+            tls: false,
+        });
+    }
     let handshake = async {
-        let start = LazyConfigAcceptor::new(Acceptor::default(), TokioIo::new(upgraded))
+        let start = LazyConfigAcceptor::new(Acceptor::default(), io)
             .await
             .map_err(|e| format!("reading the ClientHello failed: {e}"))?;
         // The certificate names what the app asked for (SNI), else the CONNECT host.
@@ -110,6 +144,30 @@ pub(crate) async fn serve(
             ));
         }
     };
+    origin.scheme = "https";
+    let requests = serve_http(proxy, conn, origin, tls).await;
+    Ok(Served {
+        requests,
+        tls: true,
+    })
+}
+
+/// The first byte of a TLS record carrying a handshake message (RFC 8446 5.1).
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Serve the requests on a tunnel's stream (decrypted, or plain) through the pipeline, with
+/// `origin` as every request's destination; returns how many were served.
+async fn serve_http<I>(
+    proxy: Arc<Proxy>,
+    conn: Arc<crate::identify::Conn>,
+    origin: Target,
+    io: I,
+) -> u64
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let drain = proxy.drain.clone();
+    let header_read = proxy.timeouts.header_read;
     let served = Arc::new(AtomicU64::new(0));
     let conn_client = conn.client;
     let counter = served.clone();
@@ -119,8 +177,8 @@ pub(crate) async fn serve(
         let (p, c, o) = (proxy.clone(), conn.clone(), origin.clone());
         async move { Ok::<_, std::convert::Infallible>(p.serve(c, Some(o), req).await) }
     });
-    let builder = super::http::builder(handshake_timeout);
-    let conn = builder.serve_connection(TokioIo::new(tls), svc);
+    let builder = super::http::builder(header_read);
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
     // On shutdown: finish the requests in flight, take no new ones.
     let result = tokio::select! {
@@ -133,5 +191,5 @@ pub(crate) async fn serve(
     if let Err(e) = result {
         tracing::debug!(client = %conn_client, error = %e, "intercepted connection ended with an error");
     }
-    Ok(served.load(Ordering::Relaxed))
+    served.load(Ordering::Relaxed)
 }

@@ -30,6 +30,7 @@ pub(crate) mod http;
 pub(crate) mod idle;
 pub(crate) mod intercept;
 pub(crate) mod listener;
+mod rewind;
 pub(crate) mod upstream;
 pub(crate) mod worker;
 
