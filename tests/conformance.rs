@@ -81,6 +81,20 @@ fn sidecar(ports: &[u16], upstream_ca: &str) -> Sidecar {
     )
 }
 
+/// nginx over plain HTTP behind a sidecar that has a CA (so it intercepts CONNECT).
+fn plain_behind_a_ca() -> (Nginx, Sidecar) {
+    let plain = nginx_plain();
+    let sc = sidecar(&[plain.port], &TestPki::new().ca_pem);
+    (plain, sc)
+}
+
+/// nginx saw the sidecar's key and no `Authorization` (the app's key was stripped).
+fn assert_injected(echo: &str) {
+    let e = echoed(echo);
+    assert_eq!(e["key"], KEY, "{echo}");
+    assert_eq!(e["auth"], "", "the app's key was stripped: {echo}");
+}
+
 /// What nginx echoed, as `key=value` pairs.
 fn echoed(body: &str) -> std::collections::HashMap<String, String> {
     body.split_whitespace()
@@ -192,9 +206,7 @@ for url in (https_url, http_url):
 /// through the pipeline like any other.
 #[test]
 fn plain_http_inside_a_connect_tunnel_goes_through_the_pipeline() {
-    let pki = TestPki::new();
-    let plain = nginx_plain();
-    let sc = sidecar(&[plain.port], &pki.ca_pem);
+    let (plain, sc) = plain_behind_a_ca();
     let app_key = fake_openai_key();
     let url = format!("http://127.0.0.1:{}/v1/models", plain.port);
     let (rc, code, body) = curl_raw(&[
@@ -208,10 +220,12 @@ fn plain_http_inside_a_connect_tunnel_goes_through_the_pipeline() {
         &url,
     ]);
     assert_eq!((rc, code), (0, 200), "{body}");
-    let e = echoed(&body);
-    assert_eq!(e["key"], KEY, "{body}");
-    assert_eq!(e["auth"], "", "{body}");
-    assert_eq!(e["host"], format!("127.0.0.1:{}", plain.port), "{body}");
+    assert_injected(&body);
+    assert_eq!(
+        echoed(&body)["host"],
+        format!("127.0.0.1:{}", plain.port),
+        "{body}"
+    );
     let lines = sc.log_lines(2);
     let inner = lines
         .iter()
@@ -240,9 +254,7 @@ fn plain_http_inside_a_connect_tunnel_goes_through_the_pipeline() {
 /// `HTTP_PROXY`) tunnel `http://` through CONNECT: served through the pipeline.
 #[test]
 fn node_undici_proxy_agents_reach_http_upstreams_through_the_tunnel() {
-    let pki = TestPki::new();
-    let plain = nginx_plain();
-    let sc = sidecar(&[plain.port], &pki.ca_pem);
+    let (plain, sc) = plain_behind_a_ca();
     let app_key = fake_openai_key();
     let url = format!("http://127.0.0.1:{}/v1/models", plain.port);
     let support = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support");
@@ -280,9 +292,7 @@ for (const [name, agent] of [['ProxyAgent', new ProxyAgent(proxy)], ['EnvHttpPro
     for l in lines {
         let (agent, rest) = l.split_once(' ').unwrap();
         assert!(rest.starts_with("200 "), "{agent}: {l}");
-        let e = echoed(rest);
-        assert_eq!(e["key"], KEY, "{l}");
-        assert_eq!(e["auth"], "", "{l}");
+        assert_injected(rest);
     }
     sc.assert_never_shows(&[&app_key, KEY]);
 }
