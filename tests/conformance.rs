@@ -250,20 +250,27 @@ fn plain_http_inside_a_connect_tunnel_goes_through_the_pipeline() {
     sc.assert_never_shows(&[&app_key, KEY]);
 }
 
-/// Node's standard proxy agents (undici `ProxyAgent` and `EnvHttpProxyAgent` with
-/// `HTTP_PROXY`) tunnel `http://` through CONNECT: served through the pipeline.
+/// Node's standard proxy agents (undici `ProxyAgent`, and `EnvHttpProxyAgent` reading
+/// `HTTP_PROXY`/`HTTPS_PROXY`) through the sidecar: `http://` is tunnelled through CONNECT as
+/// plain HTTP, `https://` intercepted with the CA from `NODE_EXTRA_CA_CERTS` (README's trust
+/// row), both served through the pipeline.
 #[test]
-fn node_undici_proxy_agents_reach_http_upstreams_through_the_tunnel() {
-    let (plain, sc) = plain_behind_a_ca();
+fn node_undici_proxy_agents_through_the_tunnel_for_http_and_https() {
+    let pki = TestPki::new();
+    let (plain, h2) = (nginx_plain(), nginx_h2(&pki));
+    let sc = sidecar(&[plain.port, h2.port], &pki.ca_pem);
     let app_key = fake_openai_key();
-    let url = format!("http://127.0.0.1:{}/v1/models", plain.port);
+    let http_url = format!("http://127.0.0.1:{}/v1/models", plain.port);
+    let https_url = format!("https://localhost:{}/v1/models", h2.port);
     let support = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support");
     let script = r#"
 import { ProxyAgent, EnvHttpProxyAgent, fetch } from 'undici';
-const [proxy, url, key] = process.argv.slice(1);
-for (const [name, agent] of [['ProxyAgent', new ProxyAgent(proxy)], ['EnvHttpProxyAgent', new EnvHttpProxyAgent()]]) {
-  const r = await fetch(url, { dispatcher: agent, headers: { authorization: `Bearer ${key}` } });
-  console.log(name, r.status, (await r.text()).trim());
+const [proxy, key, ...urls] = process.argv.slice(1);
+for (const url of urls) {
+  for (const [name, agent] of [['ProxyAgent', new ProxyAgent(proxy)], ['EnvHttpProxyAgent', new EnvHttpProxyAgent()]]) {
+    const r = await fetch(url, { dispatcher: agent, headers: { authorization: `Bearer ${key}` } });
+    console.log(name, r.status, (await r.text()).trim());
+  }
 }
 "#;
     let out = Command::new("node")
@@ -272,11 +279,13 @@ for (const [name, agent] of [['ProxyAgent', new ProxyAgent(proxy)], ['EnvHttpPro
             "-e",
             script,
             &sc.proxy_url(),
-            &url,
             &app_key,
         ])
+        .args([&http_url, &https_url])
         .current_dir(&support)
         .env("HTTP_PROXY", sc.proxy_url())
+        .env("HTTPS_PROXY", sc.proxy_url())
+        .env("NODE_EXTRA_CA_CERTS", sc.dir().join("ca.pem"))
         .env_remove("NO_PROXY")
         .env_remove("no_proxy")
         .output()
@@ -288,7 +297,7 @@ for (const [name, agent] of [['ProxyAgent', new ProxyAgent(proxy)], ['EnvHttpPro
         String::from_utf8_lossy(&out.stderr)
     );
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 2, "{text}");
+    assert_eq!(lines.len(), 4, "{text}");
     for l in lines {
         let (agent, rest) = l.split_once(' ').unwrap();
         assert!(rest.starts_with("200 "), "{agent}: {l}");
