@@ -15,9 +15,6 @@ use super::Exit;
 use crate::config::Config;
 use crate::policy::{PolicyEngine, SHIPPED_SCHEMA};
 
-/// Exit status (the scheme of every subcommand, [`Exit`]).
-pub(crate) type Status = Exit;
-
 /// The config as `policy` commands need it: validated, but credential and TLS files that
 /// exist only where the sidecar runs may be missing (said once on stderr).
 pub(crate) fn load(config: &Path, err: &mut dyn Write) -> Option<(Config, PolicyEngine)> {
@@ -50,7 +47,7 @@ pub(crate) fn load(config: &Path, err: &mut dyn Write) -> Option<(Config, Policy
 }
 
 /// Validate the configuration's policy against its schema; list the policies and warnings.
-pub(crate) fn check(config: &Path, out: &mut dyn Write, err: &mut dyn Write) -> Status {
+pub(crate) fn check(config: &Path, out: &mut dyn Write, err: &mut dyn Write) -> Exit {
     let Some((cfg, engine)) = load(config, err) else {
         return Exit::Error;
     };
@@ -86,7 +83,7 @@ pub(crate) fn eval(
     json: bool,
     out: &mut dyn Write,
     err: &mut dyn Write,
-) -> Status {
+) -> Exit {
     let Some((cfg, engine)) = load(config, err) else {
         return Exit::Error;
     };
@@ -157,7 +154,7 @@ pub(crate) fn test(
     json: bool,
     out: &mut dyn Write,
     err: &mut dyn Write,
-) -> Status {
+) -> Exit {
     let Some((cfg, engine)) = load(config, err) else {
         return Exit::Error;
     };
@@ -208,7 +205,7 @@ pub(crate) fn test(
 /// configuration's route label keys when a config is given (or the config's own schema). A
 /// config whose policy does not validate is an error: without `--config` the shipped
 /// schema is printed.
-pub(crate) fn schema(config: Option<&Path>, out: &mut dyn Write, err: &mut dyn Write) -> Status {
+pub(crate) fn schema(config: Option<&Path>, out: &mut dyn Write, err: &mut dyn Write) -> Exit {
     let text = match config {
         None => SHIPPED_SCHEMA.to_string(),
         Some(c) => match Config::load_offline(c) {
