@@ -61,7 +61,9 @@ token_audience: sts.example.org
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let url = loop {
-        let text = std::fs::read_to_string(&stderr).unwrap_or_default();
+        let all = std::fs::read_to_string(&stderr).unwrap_or_default();
+        // Whole lines only: the line may be caught half-written.
+        let text = &all[..all.rfind('\n').map_or(0, |i| i + 1)];
         if let Some((_, rest)) = text.split_once("webhook listening on ") {
             break rest.split_whitespace().next().unwrap().to_string();
         }

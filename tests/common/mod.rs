@@ -328,7 +328,9 @@ impl Sidecar {
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let text = std::fs::read_to_string(&sc.stderr).unwrap_or_default();
+            let all = std::fs::read_to_string(&sc.stderr).unwrap_or_default();
+            // Whole lines only: the banner may be caught half-written.
+            let text = &all[..all.rfind('\n').map_or(0, |i| i + 1)];
             let find = |marker: &str| {
                 text.lines().find_map(|l| {
                     l.split_once(marker)
