@@ -95,6 +95,29 @@ fn assert_injected(echo: &str) {
     assert_eq!(e["auth"], "", "the app's key was stripped: {echo}");
 }
 
+/// A client script's output, one `CLIENT STATUS ECHO` line per call: it succeeded, made `n`
+/// calls, each answered 200; returns (client, echo) of each.
+fn replies(out: &std::process::Output, n: usize) -> Vec<(String, String)> {
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let replies: Vec<(String, String)> = text
+        .lines()
+        .map(|l| {
+            let (client, rest) = l.split_once(' ').unwrap();
+            let echo = rest
+                .strip_prefix("200 ")
+                .unwrap_or_else(|| panic!("{client}: {l}"));
+            (client.to_string(), echo.to_string())
+        })
+        .collect();
+    assert_eq!(replies.len(), n, "{text}");
+    replies
+}
+
 /// What nginx echoed, as `key=value` pairs.
 fn echoed(body: &str) -> std::collections::HashMap<String, String> {
     body.split_whitespace()
@@ -163,23 +186,12 @@ for url in (https_url, http_url):
         .env_remove("HTTPS_PROXY")
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 4, "{text}");
-    for l in &lines {
-        let (client, rest) = l.split_once(' ').unwrap();
-        assert!(rest.starts_with("200 "), "{client}: {l}");
-        let e = echoed(rest);
-        assert_eq!(e["key"], KEY, "{l}");
-        assert_eq!(e["auth"], "", "{l}");
+    for (client, echo) in replies(&out, 4) {
+        assert_injected(&echo);
+        let host = &echoed(&echo)["host"];
         assert!(
-            !e["host"].ends_with(":443") && !e["host"].ends_with(":80"),
-            "{l}"
+            !host.ends_with(":443") && !host.ends_with(":80"),
+            "{client}: {echo}"
         );
     }
 
@@ -290,18 +302,8 @@ for (const url of urls) {
         .env_remove("no_proxy")
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 4, "{text}");
-    for l in lines {
-        let (agent, rest) = l.split_once(' ').unwrap();
-        assert!(rest.starts_with("200 "), "{agent}: {l}");
-        assert_injected(rest);
+    for (_, echo) in replies(&out, 4) {
+        assert_injected(&echo);
     }
     sc.assert_never_shows(&[&app_key, KEY]);
 }
