@@ -230,7 +230,6 @@ pub(crate) async fn start(cfg: Config) -> Result<Running, StartError> {
                     pipeline: Arc::new(pipeline.for_worker()),
                     interceptor: intercept.clone(),
                     drain: drain.clone(),
-                    timeouts: cfg.timeouts,
                 };
                 (h.clone(), Arc::new(proxy))
             })

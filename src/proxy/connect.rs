@@ -65,7 +65,7 @@ async fn blind(
         &target,
         &pipeline.guardrails,
         lifted,
-        proxy.timeouts.connect,
+        pipeline.timeouts.connect,
     )
     .await
     {
@@ -75,7 +75,7 @@ async fn blind(
     x.log.upstream_ms = Some(ms(x.log.started().elapsed()));
     x.log.status = 200;
     let response = tunnel_established(&x.caller.request_id);
-    let (metrics, idle) = (pipeline.metrics.clone(), proxy.timeouts.idle);
+    let (metrics, idle) = (pipeline.metrics.clone(), pipeline.timeouts.idle);
     tokio::spawn(async move {
         metrics.tunnels_open.inc();
         let outcome = splice(req, upstream, idle).await;

@@ -97,7 +97,7 @@ pub(crate) async fn serve(
         .ok_or("interception is not configured")?;
     let drain = proxy.drain.clone();
     let _guard = drain.enter();
-    let handshake_timeout = proxy.timeouts.header_read;
+    let handshake_timeout = proxy.pipeline.timeouts.header_read;
     let mut io = TokioIo::new(upgraded);
     let first = match tokio::time::timeout(handshake_timeout, io.read_u8()).await {
         Ok(Ok(b)) => b,
@@ -167,7 +167,7 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let drain = proxy.drain.clone();
-    let header_read = proxy.timeouts.header_read;
+    let header_read = proxy.pipeline.timeouts.header_read;
     let served = Arc::new(AtomicU64::new(0));
     let conn_client = conn.client;
     let counter = served.clone();

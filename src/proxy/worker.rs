@@ -9,7 +9,7 @@ use std::sync::Arc;
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
 
-use super::{Timeouts, connect, drain, intercept};
+use super::{connect, drain, intercept};
 use crate::error::ProxyBody;
 use crate::identify::Conn;
 use crate::pipeline::Pipeline;
@@ -25,8 +25,6 @@ pub(crate) struct Proxy {
     pub(crate) interceptor: Option<Arc<intercept::Interceptor>>,
     /// Shutdown draining for intercepted connections.
     pub(crate) drain: Arc<drain::Drain>,
-    /// Timeouts.
-    pub(crate) timeouts: Timeouts,
 }
 
 impl Proxy {
