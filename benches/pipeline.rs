@@ -293,6 +293,7 @@ fn openai_call<'a>(
         client: std::net::IpAddr::from([127, 0, 0, 1]),
         time: std::time::SystemTime::now(),
         guardrail: None,
+        upgrade: "",
     }
 }
 

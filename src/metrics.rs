@@ -107,6 +107,8 @@ pub struct Metrics {
     pub(crate) credential_flags: Family<FlagLabels, Counter>,
     /// CONNECT tunnels open now.
     pub(crate) tunnels_open: Gauge,
+    /// Upgraded connections (WebSocket) being relayed now.
+    pub(crate) upgrades_open: Gauge,
     /// Purpose-log lines dropped because the writer fell behind.
     pub(crate) log_dropped: Counter,
     /// Policy reloads (file change, SIGHUP) by result.
@@ -142,6 +144,7 @@ impl Metrics {
         let stripped = Family::<StrippedLabels, Counter>::default();
         let credentials_issued = Family::<CredentialLabels, Counter>::default();
         let tunnels_open = Gauge::default();
+        let upgrades_open = Gauge::default();
         let token_cache = Family::<CacheLabels, Counter>::default();
         registry.register(
             "token_cache",
@@ -195,6 +198,11 @@ impl Metrics {
             tunnels_open.clone(),
         );
         registry.register(
+            "upgrades_open",
+            "Upgraded connections (WebSocket) being relayed now",
+            upgrades_open.clone(),
+        );
+        registry.register(
             "log_dropped",
             "Purpose-log lines dropped because the writer fell behind",
             log_dropped.clone(),
@@ -216,6 +224,7 @@ impl Metrics {
             token_fetch_duration,
             credential_flags,
             tunnels_open,
+            upgrades_open,
             log_dropped,
             policy_reloads,
         }

@@ -38,7 +38,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::header::HeaderValue;
+use http::StatusCode;
+use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
@@ -46,13 +47,14 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::credentials::{Call, Credentials};
-use crate::error::{BoxError, ErrorCode, ProxyBody, REQUEST_ID_HEADER, Rejection};
+use crate::error::{BoxError, ErrorCode, ProxyBody, REQUEST_ID_HEADER, Rejection, full};
 use crate::fingerprint::Fingerprinter;
 use crate::identify::Attestation;
 use crate::identify::{self, Caller, Conn};
 use crate::metrics::{Metrics, StrippedLabels};
 use crate::policy::{GuardrailHit, Guardrails, PolicyDecision, PolicyInput, PolicyStore};
 use crate::proxy::Timeouts;
+use crate::proxy::upgrade::{self, Handoff};
 use crate::proxy::upstream::{self, Deadlines, OutBody, Upstream};
 use crate::purpose_log::{Completion, CredentialLog, LogGuard, PurposeLog, Record, ms};
 use crate::route::{self, HostMatch, Route, RouteTable};
@@ -170,6 +172,37 @@ pub(crate) struct ConnectPlan {
     pub(crate) lifted: Option<&'static str>,
 }
 
+/// What the forward stage got back, and what passing it on needs.
+struct Forwarded {
+    /// The upstream's response.
+    response: Response<Incoming>,
+    /// How long its body (or an upgraded connection) may fall silent.
+    idle: Duration,
+    /// The `Upgrade` the request asked for, if it did.
+    upgrade: Option<HeaderValue>,
+}
+
+/// What the authorize stage decides on, besides the caller and what strip found.
+#[derive(Clone, Copy)]
+struct Ask<'a> {
+    action: &'a str,
+    target: &'a Target,
+    route: Option<&'a Route>,
+    purpose: &'a str,
+    /// The protocol the request asks to switch to, or "".
+    upgrade: &'a str,
+}
+
+/// The pipeline's answer to a request, for the proxy to send.
+#[derive(Debug)]
+pub(crate) enum Reply {
+    /// A response; its body writes the line when it ends.
+    Response(Response<ProxyBody>),
+    /// A 101: send it, then relay the switched connection ([`upgrade::relay`]), which writes
+    /// the line at close.
+    Switch(Response<ProxyBody>, Handoff),
+}
+
 impl Pipeline {
     /// A copy for one worker thread: shared stages, its own upstream pool, so a request and
     /// the upstream connection it uses live on the same thread (no cross-thread wakeups).
@@ -191,7 +224,7 @@ impl Pipeline {
         conn: Arc<Conn>,
         origin: Option<Arc<Target>>,
         req: Request<Incoming>,
-    ) -> Response<ProxyBody> {
+    ) -> Reply {
         let (mut parts, body) = req.into_parts();
         // Stage: identify (first, see the module docs). From here on the request has its line.
         let (mut x, admitted) = self.identify(&conn, &mut parts);
@@ -200,8 +233,15 @@ impl Pipeline {
             Err(rej) => Err(rej),
         };
         match result {
-            Ok((resp, idle)) => self.respond(x, resp, idle),
-            Err(rej) => self.reject(x, rej),
+            Ok(Forwarded {
+                response,
+                idle,
+                upgrade: Some(asked),
+            }) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                self.switch(x, response, &asked, idle)
+            }
+            Ok(f) => Reply::Response(self.respond(x, f.response, f.idle)),
+            Err(rej) => Reply::Response(self.reject(x, rej)),
         }
     }
 
@@ -235,14 +275,14 @@ impl Pipeline {
     }
 
     /// The stages after identify, in order, for an HTTP request; each fills in `x`. Returns
-    /// the response and how long its body may fall silent.
+    /// the upstream's response and what the proxy needs to pass it on.
     async fn run(
         &self,
         x: &mut Exchange,
         origin: Option<&Target>,
         mut parts: Parts,
         body: Incoming,
-    ) -> Result<(Response<Incoming>, Duration), Rejection> {
+    ) -> Result<Forwarded, Rejection> {
         // Stage: target. Where the request goes; a request that looped back is refused.
         let (target, userinfo) = target::resolve(&parts, origin)?;
         x.describe(&target);
@@ -253,6 +293,11 @@ impl Pipeline {
         let purpose = route::purpose(x.caller.purpose.as_deref(), route);
         x.log.route = route.map(|r| r.name.clone());
         x.log.purpose = purpose.to_string();
+        // A WebSocket (or other upgrade) handshake is a request like any other; it is only
+        // noted here, for policy and the line, before the forward stage drops hop-by-hop
+        // headers.
+        let asked = upgrade::requested(parts.version, &parts.headers);
+        x.log.upgrade = asked.as_ref().map(upgrade::log_entry);
 
         // Stage: strip. The app's embedded secrets: removed, reported or refused.
         let (mut body, new_query) = self
@@ -268,7 +313,18 @@ impl Pipeline {
 
         // Stage: authorize. Guardrails, then policy (default deny).
         let action = parts.method.as_str();
-        self.authorize(&x.caller, &mut x.log, action, &target, route, purpose)?;
+        let switch_to = asked
+            .as_ref()
+            .map(upgrade::protocol_name)
+            .unwrap_or_default();
+        let ask = Ask {
+            action,
+            target: &target,
+            route,
+            purpose,
+            upgrade: &switch_to,
+        };
+        self.authorize(&x.caller, &mut x.log, &ask)?;
         x.log.decision = "allow";
 
         // Stage: credential. Obtained for this call and injected; fail closed.
@@ -288,14 +344,21 @@ impl Pipeline {
 
         // Stage: forward, within the route's timeouts (else the global ones).
         upstream::prepare(&mut parts, &target, new_query.as_deref(), &self.via, &body)?;
+        if let Some(protocol) = &asked {
+            upgrade::restore(&mut parts.headers, protocol);
+        }
         let own = route.map(|r| r.timeouts).unwrap_or_default();
         let deadlines = Deadlines {
             connect: own.connect.unwrap_or(self.timeouts.connect),
             response_head: own.response_head.unwrap_or(self.timeouts.response_head),
         };
-        let (resp, took) = self.upstream.send(parts, body, deadlines).await?;
+        let (response, took) = self.upstream.send(parts, body, deadlines).await?;
         x.log.upstream_ms = Some(ms(took));
-        Ok((resp, own.idle.unwrap_or(self.timeouts.idle)))
+        Ok(Forwarded {
+            response,
+            idle: own.idle.unwrap_or(self.timeouts.idle),
+            upgrade: asked,
+        })
     }
 
     /// The strip stage: inspect the head (secrets there are removed in strip mode), read and
@@ -338,15 +401,14 @@ impl Pipeline {
     /// in the line already): a destination a guardrail trips is refused unless a permit
     /// annotated `@guardrail("<kind>")` allows it, so no broad permit can open the metadata
     /// endpoint or the admin port by mistake; then Cedar decides, default deny.
-    fn authorize(
-        &self,
-        caller: &Caller,
-        log: &mut Record,
-        action: &str,
-        target: &Target,
-        route: Option<&Route>,
-        purpose: &str,
-    ) -> Result<(), Rejection> {
+    fn authorize(&self, caller: &Caller, log: &mut Record, ask: &Ask<'_>) -> Result<(), Rejection> {
+        let Ask {
+            action,
+            target,
+            route,
+            purpose,
+            upgrade,
+        } = *ask;
         let stripped_types: Vec<&'static str> = log.stripped.iter().map(|f| f.kind).collect();
         let guard = self.guardrails.check(&target.host, target.port);
         let decision = self.policy.current().decide(&PolicyInput {
@@ -364,6 +426,7 @@ impl Pipeline {
             client: caller.client.ip(),
             time: SystemTime::now(),
             guardrail: guard.as_ref(),
+            upgrade,
         });
         enforce(log, decision)
     }
@@ -396,6 +459,7 @@ impl Pipeline {
                 client: x.caller.client.ip(),
                 time: SystemTime::now(),
                 guardrail: guard,
+                upgrade: "",
             })
         };
         // A guarded destination needs a CONNECT permit that lifts the guardrail even when the
@@ -528,6 +592,34 @@ impl Pipeline {
             silence: None,
         };
         Response::from_parts(head, body.boxed_unsync())
+    }
+
+    /// The upstream agreed to switch protocols: pass its 101 on (with the upgrade headers,
+    /// which hop-by-hop removal took, our `Via` and the request id) and hand the proxy what it
+    /// needs to relay the switched connection. The line is written when that closes.
+    fn switch(
+        &self,
+        mut x: Exchange,
+        mut resp: Response<Incoming>,
+        asked: &HeaderValue,
+        idle: Duration,
+    ) -> Reply {
+        let upstream_side = hyper::upgrade::on(&mut resp);
+        let (mut head, _) = resp.into_parts();
+        let agreed = head.headers.get(header::UPGRADE).cloned();
+        upstream::strip_hop_by_hop(&mut head.headers);
+        upgrade::restore(&mut head.headers, agreed.as_ref().unwrap_or(asked));
+        upstream::append_via(&mut head.headers, &self.via);
+        if let Ok(v) = HeaderValue::from_str(&x.caller.request_id) {
+            head.headers.insert(REQUEST_ID_HEADER.clone(), v);
+        }
+        x.log.status = head.status.as_u16();
+        let handoff = Handoff {
+            upstream: upstream_side,
+            log: x.log,
+            idle,
+        };
+        Reply::Switch(Response::from_parts(head, full(Bytes::new())), handoff)
     }
 
     /// Answer a refusal or failure with its JSON body, and write its line.

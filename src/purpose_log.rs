@@ -143,8 +143,23 @@ pub(crate) struct Record {
     pub(crate) bytes_out: u64,
     /// Tunnels: bytes from the app.
     pub(crate) bytes_in: Option<u64>,
+    /// An upgraded connection (WebSocket): the protocol and the bytes relayed each way after
+    /// the 101; the line is written when it closes, so `duration_ms` is the whole conversation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) upgrade: Option<UpgradeLog>,
     /// How the exchange ended.
     pub(crate) completion: Completion,
+}
+
+/// The upgrade part of a line (DESIGN §9).
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct UpgradeLog {
+    /// The protocol switched to, lower-cased without version (`websocket`).
+    pub(crate) protocol: String,
+    /// Bytes relayed from the app after the switch.
+    pub(crate) bytes_in: u64,
+    /// Bytes relayed to the app after the switch.
+    pub(crate) bytes_out: u64,
 }
 
 /// How a request ended (DESIGN §7).
@@ -208,6 +223,7 @@ impl Record {
             caller_uid: None,
             bytes_out: 0,
             bytes_in: None,
+            upgrade: None,
             completion: Completion::Complete,
         }
     }
@@ -219,7 +235,7 @@ impl Record {
             .map(|f| format!("{}@{}#{}", f.kind, f.location, f.fingerprint))
             .collect();
         format!(
-            "{} {} {} {} {}://{}:{}{} route={} purpose={} identity={} stage={} credential={} stripped=[{}] {:.2}ms{}{}",
+            "{} {} {} {} {}://{}:{}{} route={} purpose={} identity={} stage={} credential={} stripped=[{}] {:.2}ms{}{}{}",
             self.ts,
             self.decision,
             self.status,
@@ -243,6 +259,10 @@ impl Record {
             self.error
                 .as_ref()
                 .map_or(String::new(), |e| format!(" error={e}")),
+            self.upgrade.as_ref().map_or(String::new(), |u| format!(
+                " upgrade={} in={} out={}",
+                u.protocol, u.bytes_in, u.bytes_out
+            )),
         )
     }
 }

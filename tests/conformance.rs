@@ -13,8 +13,7 @@ use std::process::Command;
 use common::*;
 use serde_json::Value;
 
-const KEY_ENV: &str = "CONFORMANCE_STATIC_KEY";
-const KEY: &str = "conformance-sidecar-key-0123456789";
+const KEY: &str = INJECTED_KEY;
 
 /// nginx echoing what it received: protocol, host, the injected key and any Authorization.
 const ECHO: &str = r#"default_type text/plain;
@@ -42,43 +41,9 @@ fn nginx_h2(pki: &TestPki) -> Nginx {
 }
 
 /// A sidecar injecting `x-api-key` on every route to `localhost`/`127.0.0.1` at `ports`, with
-/// interception (its own CA, trusting `upstream_ca`).
+/// interception (its own CA, trusting `upstream_ca`), permitting everything.
 fn sidecar(ports: &[u16], upstream_ca: &str) -> Sidecar {
-    let routes: String = ports
-        .iter()
-        .flat_map(|p| {
-            ["localhost", "127.0.0.1"].map(|h| {
-                format!(
-                    "- name: {}-{p}\n  match: {{ host: {h}, port: {p} }}\n  credential: app-key\n  inject: {{ header: x-api-key, value: \"{{token}}\" }}\n",
-                    h.replace('.', "-")
-                )
-            })
-        })
-        .collect();
-    let cfg = Cfg::new()
-        .set(
-            "tls",
-            "ca_cert: {dir}/ca.pem\nca_key: {dir}/ca-key.pem\nupstream_roots: {dir}/upstream-ca.pem",
-        )
-        .set(
-            "credentials",
-            &format!("app-key:\n  kind: static\n  from_env: {KEY_ENV}"),
-        )
-        .set("routes", &routes)
-        .set("strip", "mode: strip")
-        .yaml();
-    let ca = upstream_ca.to_string();
-    Sidecar::start_with(
-        &cfg,
-        PERMISSIVE_POLICY,
-        &[(KEY_ENV, KEY)],
-        move |dir: &Path| {
-            std::fs::write(dir.join("upstream-ca.pem"), &ca).unwrap();
-            let (ok, _, err) =
-                run(Command::new(bin()).args(["ca", "init", "--out", dir.to_str().unwrap()]));
-            assert!(ok, "{err}");
-        },
-    )
+    injecting_sidecar(ports, upstream_ca, PERMISSIVE_POLICY, |c| c)
 }
 
 /// nginx over plain HTTP behind a sidecar that has a CA (so it intercepts CONNECT).

@@ -8,7 +8,8 @@
 //! 3 ingress        proxy (listener, http, worker, connect, intercept, attest), admin
 //! 2 pipeline       the ordered stages
 //! 1 stages         target, identify, route, strip, policy, credentials, purpose_log, and the
-//!                  transport below the pipeline: proxy (settings), proxy::upstream, drain, idle
+//!                  transport below the pipeline: proxy (settings), proxy::upstream, upgrade,
+//!                  drain, idle
 //! 0 foundations    error, metrics, fingerprint, files, tls
 //! ```
 //!
@@ -52,7 +53,10 @@ fn layer(module: &str) -> (u8, bool) {
         ("main" | "cli", _) => (6, false),
         ("sidecar", _) => (5, false),
         ("config", _) => (4, false),
-        ("proxy", "proxy" | "proxy::upstream" | "proxy::drain" | "proxy::idle") => (1, true),
+        (
+            "proxy",
+            "proxy" | "proxy::upstream" | "proxy::upgrade" | "proxy::drain" | "proxy::idle",
+        ) => (1, true),
         ("proxy" | "admin", _) => (3, false),
         ("pipeline", _) => (2, false),
         (

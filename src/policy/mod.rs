@@ -3,7 +3,8 @@
 //! Entity model (DESIGN §6): principal `Workload::"<identity>"` {workload, stage, environment};
 //! action `Action::"<METHOD>"` (`Action::"CONNECT"` for tunnels); resource
 //! `Destination::"<host>"` {scheme, port, labels}; context {path, purpose, route, method,
-//! stripped_types, credential, stage, environment, client_address, request_time, guardrail}.
+//! stripped_types, credential, stage, environment, client_address, request_time, guardrail,
+//! upgrade}.
 //! The shipped schema, `policy.cedarschema` next to this file, is the contract: every policy
 //! is validated against it (strict) at load and on reload.
 
@@ -142,6 +143,8 @@ pub struct PolicyInput<'a> {
     /// The guardrail the destination trips, if any: the request is then allowed only by a
     /// permit annotated `@guardrail("<kind>")` (and policy may test `context.guardrail`).
     pub guardrail: Option<&'a GuardrailHit>,
+    /// The protocol the request asks to switch to (`websocket`), or empty.
+    pub upgrade: &'a str,
 }
 
 /// The authorization outcome.
@@ -512,7 +515,7 @@ impl PolicyEngine {
         // NUL occurs in none of these: paths are URI paths, the rest are validated names.
         let _ = write!(
             key,
-            "{}\0{}\0{}\0{}\0{}\0{}\0{}\0{}\0{secs}\0{}",
+            "{}\0{}\0{}\0{}\0{}\0{}\0{}\0{}\0{secs}\0{}\0{}",
             input.path,
             input.purpose,
             input.route,
@@ -522,6 +525,7 @@ impl PolicyEngine {
             id.environment,
             input.client,
             input.guardrail.map_or("", |g| g.kind),
+            input.upgrade,
         );
         for t in input.stripped_types {
             key.push('\0');
@@ -555,6 +559,7 @@ impl PolicyEngine {
                 "guardrail".to_string(),
                 s(input.guardrail.map_or("", |g| g.kind)),
             ),
+            ("upgrade".to_string(), s(input.upgrade)),
         ])
         .map_err(|e| e.to_string())?;
         self.contexts.insert(key, context.clone());
@@ -923,6 +928,7 @@ mod tests {
             client: IpAddr::from([127, 0, 0, 1]),
             time: SystemTime::now(),
             guardrail: None,
+            upgrade: "",
         }
     }
 

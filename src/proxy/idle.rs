@@ -16,6 +16,10 @@ pub(crate) struct IdleTimeout<'a, T> {
     timer: Pin<Box<Sleep>>,
     read: u64,
     written: u64,
+    /// The idle timer fired.
+    idled: bool,
+    /// The inner stream returned an error.
+    failed: bool,
 }
 
 impl<'a, T> IdleTimeout<'a, T> {
@@ -27,6 +31,8 @@ impl<'a, T> IdleTimeout<'a, T> {
             timer: Box::pin(tokio::time::sleep(idle)),
             read: 0,
             written: 0,
+            idled: false,
+            failed: false,
         }
     }
 
@@ -35,16 +41,29 @@ impl<'a, T> IdleTimeout<'a, T> {
         (self.read, self.written)
     }
 
+    /// Whether the stream fell silent for the whole idle period (the error it then gave).
+    pub(crate) fn idled(&self) -> bool {
+        self.idled
+    }
+
+    /// Whether the inner stream itself failed (as opposed to the other side of a copy).
+    pub(crate) fn failed(&self) -> bool {
+        self.failed
+    }
+
     fn progressed(&mut self) {
         self.timer.as_mut().reset(Instant::now() + self.idle);
     }
 
     fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         match self.timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("idle for {:?}", self.idle),
-            )),
+            Poll::Ready(()) => {
+                self.idled = true;
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("idle for {:?}", self.idle),
+                ))
+            }
             Poll::Pending => Ok(()),
         }
     }
@@ -64,7 +83,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleTimeout<'_, T> {
                 self.progressed();
                 Poll::Ready(Ok(()))
             }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(Err(e)) => {
+                self.failed = true;
+                Poll::Ready(Err(e))
+            }
             Poll::Pending => match self.check(cx) {
                 Ok(()) => Poll::Pending,
                 Err(e) => Poll::Ready(Err(e)),
@@ -85,15 +107,23 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<'_, T> {
                 self.progressed();
                 Poll::Ready(Ok(n))
             }
-            other => other,
+            Poll::Ready(Err(e)) => {
+                self.failed = true;
+                Poll::Ready(Err(e))
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_flush(cx)
+        let r = Pin::new(&mut *self.inner).poll_flush(cx);
+        self.failed |= matches!(r, Poll::Ready(Err(_)));
+        r
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_shutdown(cx)
+        let r = Pin::new(&mut *self.inner).poll_shutdown(cx);
+        self.failed |= matches!(r, Poll::Ready(Err(_)));
+        r
     }
 }

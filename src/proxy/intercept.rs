@@ -178,7 +178,7 @@ where
         async move { Ok::<_, std::convert::Infallible>(p.serve(c, Some(o), req).await) }
     });
     let builder = super::http::builder(header_read);
-    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
     // On shutdown: finish the requests in flight, take no new ones.
     let result = tokio::select! {

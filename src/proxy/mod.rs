@@ -16,11 +16,13 @@
 //! - [`intercept`]: TLS termination with leaf certificates from the local CA;
 //! - [`upstream`]: the pooled upstream client the pipeline's forward stage sends through,
 //!   guarded against the metadata and admin addresses at connect time;
+//! - [`upgrade`]: WebSocket and other upgrades: the upgrade headers across the hop, and the
+//!   relay of the switched connection after the pipeline passed on a 101;
 //! - [`drain`] and [`idle`]: shutdown draining and idle timers.
 //!
 //! Nothing here imports `config`: settings arrive as the types below, built by the loader.
 //! Requests reach the stages only through [`crate::pipeline`]. This file and [`upstream`],
-//! [`drain`] and [`idle`] sit below the pipeline (its forward stage sends through
+//! [`upgrade`], [`drain`] and [`idle`] sit below the pipeline (its forward stage sends through
 //! [`upstream`]); the rest sits above it (`tests/layers.rs` holds both sides to that).
 
 pub(crate) mod attest;
@@ -31,6 +33,7 @@ pub(crate) mod idle;
 pub(crate) mod intercept;
 pub(crate) mod listener;
 mod rewind;
+pub(crate) mod upgrade;
 pub(crate) mod upstream;
 pub(crate) mod worker;
 

@@ -264,10 +264,22 @@ type Connector = hyper_rustls::HttpsConnector<GuardedConnector>;
 
 /// Pooled clients to upstreams: HTTP/1.1, and for `https` HTTP/2 or HTTP/1.1 by ALPN, with the
 /// upstream's certificate and host name always verified. One pool per connect timeout in use
-/// (the global one, then each route's own), since a connector has one connect timeout.
+/// (the global one, then each route's own), since a connector has one connect timeout; each
+/// with a twin that offers only HTTP/1.1, for requests that ask for an upgrade (an HTTP/1.1
+/// mechanism: over an h2 connection the handshake could not switch).
 #[derive(Clone)]
 pub(crate) struct Upstream {
-    clients: Vec<(Duration, Client<Connector, ProxyBody>)>,
+    clients: Vec<Pools>,
+}
+
+/// The pools for one connect timeout.
+#[derive(Clone)]
+struct Pools {
+    connect: Duration,
+    /// HTTP/2 or HTTP/1.1, by ALPN.
+    any: Client<Connector, ProxyBody>,
+    /// HTTP/1.1 only.
+    http1: Client<Connector, ProxyBody>,
 }
 
 /// How long one request may take upstream, phase by phase (the route's own, else global).
@@ -302,16 +314,23 @@ impl Upstream {
         }
         let clients = all
             .into_iter()
-            .map(|c| (c, client(c, &tls, &guard)))
+            .map(|connect| Pools {
+                connect,
+                any: client(connect, &tls, &guard, true),
+                http1: client(connect, &tls, &guard, false),
+            })
             .collect();
         Upstream { clients }
     }
 
-    fn client(&self, connect: Duration) -> &Client<Connector, ProxyBody> {
-        self.clients
+    /// The pool for `connect`, HTTP/1.1-only for a request that asks for an upgrade.
+    fn client(&self, connect: Duration, upgrade: bool) -> &Client<Connector, ProxyBody> {
+        let pools = self
+            .clients
             .iter()
-            .find(|(c, _)| *c == connect)
-            .map_or(&self.clients[0].1, |(_, client)| client)
+            .find(|p| p.connect == connect)
+            .unwrap_or(&self.clients[0]);
+        if upgrade { &pools.http1 } else { &pools.any }
     }
 
     /// Send a request; the response head must arrive within `deadlines.response_head`.
@@ -328,7 +347,10 @@ impl Upstream {
         deadlines: Deadlines,
     ) -> Result<(Response<Incoming>, Duration), Rejection> {
         let start = Instant::now();
-        let client = self.client(deadlines.connect);
+        let client = self.client(
+            deadlines.connect,
+            parts.headers.contains_key(header::UPGRADE),
+        );
         let deadline = tokio::time::Instant::now() + deadlines.response_head;
         let timed_out = || {
             Rejection::new(
@@ -412,11 +434,13 @@ impl OutBody {
     }
 }
 
-/// A pooled client whose connector gives up connecting after `connect`.
+/// A pooled client whose connector gives up connecting after `connect`; it offers HTTP/2 by
+/// ALPN when `h2`.
 fn client(
     connect: Duration,
     tls: &Arc<rustls::ClientConfig>,
     guard: &Arc<Guardrails>,
+    h2: bool,
 ) -> Client<Connector, ProxyBody> {
     let mut http = HttpConnector::new_with_resolver(GuardedResolver);
     http.set_nodelay(true);
@@ -424,12 +448,15 @@ fn client(
     http.set_keepalive(Some(Duration::from_secs(60)));
     http.enforce_http(false);
     let http = GuardedConnector::new(http, guard.clone());
-    let http = hyper_rustls::HttpsConnectorBuilder::new()
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config((**tls).clone())
         .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
+        .enable_http1();
+    let http = if h2 {
+        builder.enable_http2().wrap_connector(http)
+    } else {
+        builder.wrap_connector(http)
+    };
     Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())

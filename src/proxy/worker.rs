@@ -9,10 +9,10 @@ use std::sync::Arc;
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
 
-use super::{connect, drain, intercept};
+use super::{connect, drain, intercept, upgrade};
 use crate::error::ProxyBody;
 use crate::identify::Conn;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, Reply};
 use crate::target::Target;
 
 /// What one worker thread serves requests with: its copy of the pipeline, and the transport
@@ -31,16 +31,35 @@ impl Proxy {
     /// Serve one request from `conn`: a CONNECT (on the listener itself) is the proxy's to
     /// carry out once the pipeline has decided; every other request is the pipeline's. `origin`
     /// is the tunnel's destination for a request decrypted from an intercepted CONNECT.
+    ///
+    /// A 101 from the pipeline (a WebSocket handshake the upstream accepted) is sent, and the
+    /// switched connection relayed beside it ([`upgrade::relay`]).
     pub(crate) async fn serve(
         self: Arc<Self>,
         conn: Arc<Conn>,
         origin: Option<Arc<Target>>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
     ) -> Response<ProxyBody> {
         if req.method() == Method::CONNECT && origin.is_none() {
-            connect::handle(self, conn, req).await
-        } else {
-            self.pipeline.clone().handle(conn, origin, req).await
+            return connect::handle(self, conn, req).await;
+        }
+        // The app's side of a switch, if the request asks for one: only the transport holds it.
+        let app_side =
+            upgrade::requested(req.version(), req.headers()).map(|_| hyper::upgrade::on(&mut req));
+        match self.pipeline.clone().handle(conn, origin, req).await {
+            Reply::Response(resp) => resp,
+            Reply::Switch(resp, handoff) => {
+                if let Some(app_side) = app_side {
+                    tokio::spawn(upgrade::relay(
+                        app_side,
+                        handoff,
+                        self.drain.clone(),
+                        self.pipeline.timeouts.shutdown_grace,
+                        self.pipeline.metrics.clone(),
+                    ));
+                }
+                resp
+            }
         }
     }
 }

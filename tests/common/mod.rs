@@ -907,3 +907,53 @@ pub fn raw_upstream(respond: fn(std::net::TcpStream, String)) -> u16 {
     });
     port
 }
+
+/// The key [`injecting_sidecar`] injects as `x-api-key`, and the variable it reads it from.
+pub const INJECTED_KEY_ENV: &str = "CONFORMANCE_STATIC_KEY";
+pub const INJECTED_KEY: &str = "conformance-sidecar-key-0123456789";
+
+/// A sidecar injecting `x-api-key` on every route to `localhost`/`127.0.0.1` at `ports`, with
+/// interception (its own CA, trusting `upstream_ca`), strip mode, `policy`, and whatever
+/// other sections `more` sets.
+pub fn injecting_sidecar(
+    ports: &[u16],
+    upstream_ca: &str,
+    policy: &str,
+    more: impl FnOnce(Cfg) -> Cfg,
+) -> Sidecar {
+    let routes: String = ports
+        .iter()
+        .flat_map(|p| {
+            ["localhost", "127.0.0.1"].map(|h| {
+                format!(
+                    "- name: {}-{p}\n  match: {{ host: {h}, port: {p} }}\n  credential: app-key\n  inject: {{ header: x-api-key, value: \"{{token}}\" }}\n",
+                    h.replace('.', "-")
+                )
+            })
+        })
+        .collect();
+    let cfg = more(Cfg::new())
+        .set(
+            "tls",
+            "ca_cert: {dir}/ca.pem\nca_key: {dir}/ca-key.pem\nupstream_roots: {dir}/upstream-ca.pem",
+        )
+        .set(
+            "credentials",
+            &format!("app-key:\n  kind: static\n  from_env: {INJECTED_KEY_ENV}"),
+        )
+        .set("routes", &routes)
+        .set("strip", "mode: strip")
+        .yaml();
+    let ca = upstream_ca.to_string();
+    Sidecar::start_with(
+        &cfg,
+        policy,
+        &[(INJECTED_KEY_ENV, INJECTED_KEY)],
+        move |dir: &Path| {
+            std::fs::write(dir.join("upstream-ca.pem"), &ca).unwrap();
+            let (ok, _, err) =
+                run(Command::new(bin()).args(["ca", "init", "--out", dir.to_str().unwrap()]));
+            assert!(ok, "{err}");
+        },
+    )
+}

@@ -63,6 +63,11 @@ pub(crate) struct WhatIf {
     #[serde(default)]
     #[arg(long)]
     pub(crate) stripped: Vec<String>,
+    /// The protocol the request asks to switch to (`context.upgrade`, e.g. `websocket`);
+    /// absent: a plain request.
+    #[serde(default)]
+    #[arg(long)]
+    pub(crate) upgrade: Option<String>,
     /// Expected decision (`allow` or `deny`); required in a CASES file.
     #[serde(default)]
     #[arg(skip)]
@@ -242,6 +247,7 @@ impl<'a> Bench<'a> {
             client: w.client.unwrap_or(IpAddr::from([127, 0, 0, 1])),
             time,
             guardrail: guard.as_ref(),
+            upgrade: w.upgrade.as_deref().unwrap_or(""),
         });
         Ok(Explained {
             decision: if d.allow { "allow" } else { "deny" },
