@@ -136,8 +136,9 @@ from websockets.asyncio.client import connect
 proxy_port, ca, ws_url, wss_url, key = sys.argv[1:6]
 headers = {"Authorization": "Bearer " + key}
 
-async def talk(name, uri, **kw):
+async def talk(name, uri, headers=headers, **kw):
     async with connect(uri, additional_headers=headers, open_timeout=10, **kw) as ws:
+        subprotocol = ws.subprotocol
         hello = json.loads(await ws.recv())
         await ws.send("ping-1")
         echo = await ws.recv()
@@ -147,7 +148,7 @@ async def talk(name, uri, **kw):
             await ws.recv()
             times.append(time.monotonic())
     spread = (times[-1] - times[0]) * 1000
-    print(name, json.dumps({"hello": hello, "echo": echo, "parts": len(times), "spread_ms": spread}), flush=True)
+    print(name, json.dumps({"hello": hello, "echo": echo, "parts": len(times), "spread_ms": spread, "subprotocol": subprotocol}), flush=True)
 
 async def main():
     trust = ssl.create_default_context(cafile=ca)
@@ -158,6 +159,10 @@ async def main():
     # Reverse mode: the connection goes to the sidecar, the Host names the upstream.
     sock = socket.create_connection(("127.0.0.1", int(proxy_port)))
     await talk("ws-reverse", ws_url, proxy=None, sock=sock)
+    # A browser-style client (no Authorization on a browser's handshake): OpenAI Realtime's
+    # key in the subprotocol list.
+    offered = ["realtime", "openai-insecure-api-key." + key, "openai-beta.realtime-v1"]
+    await talk("wss-key-in-subprotocol", wss_url, headers={}, ssl=trust, subprotocols=offered)
 
 asyncio.run(main())
 "#;
@@ -175,10 +180,17 @@ asyncio.run(main())
         .env_remove("no_proxy")
         .output()
         .unwrap();
-    let got = conversations(&out, 3);
+    let got = conversations(&out, 4);
     for (name, c) in &got {
         assert_conversation(name, c);
     }
+    // The key left the subprotocol list; the protocol the server speaks stayed, and was picked.
+    let realtime = &got[3].1;
+    assert_eq!(
+        realtime["hello"]["protocols"], "realtime, openai-beta.realtime-v1",
+        "{realtime}"
+    );
+    assert_eq!(realtime["subprotocol"], "realtime", "{realtime}");
     assert_eq!(got[0].1["hello"]["path"], "/v1/realtime?model=m");
     assert_eq!(
         got[1].1["hello"]["host"],
@@ -187,17 +199,16 @@ asyncio.run(main())
         got[1]
     );
 
-    let lines = upgrade_lines(&sc, 3);
+    let lines = upgrade_lines(&sc, 4);
     for l in &lines {
         assert_relayed(l);
     }
-    let schemes: Vec<&str> = lines
-        .iter()
-        .map(|l| l["scheme"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        schemes.iter().filter(|s| **s == "https").count(),
-        1,
+    let tls = lines.iter().filter(|l| l["scheme"] == "https").count();
+    assert_eq!(tls, 2, "{lines:#?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["stripped"][0]["location"] == "header:sec-websocket-protocol"),
         "{lines:#?}"
     );
     // The query's values are redacted in the line, as for any request.

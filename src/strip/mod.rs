@@ -22,7 +22,7 @@ mod names;
 use std::borrow::Cow;
 use std::path::PathBuf;
 
-use http::header::{COOKIE, HeaderValue};
+use http::header::{COOKIE, HeaderValue, SEC_WEBSOCKET_PROTOCOL};
 use http::{HeaderMap, HeaderName};
 use percent_encoding::percent_decode_str;
 use serde::{Deserialize, Serialize};
@@ -76,6 +76,10 @@ enum HeaderRule {
     ApiKey,
     /// `cookie`: each cookie on its own.
     Cookie,
+    /// `sec-websocket-protocol`: each subprotocol on its own. Browser-style WebSocket clients
+    /// carry keys there (OpenAI Realtime's `openai-insecure-api-key.<key>`, Deepgram's
+    /// `token, <key>`), since a browser cannot set `Authorization` on a handshake.
+    Subprotocols,
     /// A header whose grammar (a length, a media type, a trace context, an entity tag)
     /// leaves no room for a credential: not inspected.
     Structured,
@@ -101,6 +105,7 @@ fn header_rule(name: &HeaderName) -> HeaderRule {
         | "x-functions-key"
         | "x-shopify-access-token" => HeaderRule::ApiKey,
         "cookie" => HeaderRule::Cookie,
+        "sec-websocket-protocol" => HeaderRule::Subprotocols,
         "host"
         | "content-length"
         | "content-type"
@@ -263,6 +268,7 @@ pub fn inspect(
 
     let mut doomed: Vec<HeaderName> = Vec::new();
     let mut cookies: Option<String> = None;
+    let mut subprotocols: Option<String> = None;
     for (name, value) in headers.iter() {
         let Ok(v) = value.to_str() else { continue };
         let mut found: Vec<(&'static str, &str)> = Vec::new();
@@ -271,6 +277,13 @@ pub fn inspect(
                 let kept = inspect_cookies(fp, v, &mut report.findings);
                 if kept.len() != v.len() {
                     cookies = Some(kept);
+                }
+                continue;
+            }
+            HeaderRule::Subprotocols => {
+                let kept = inspect_subprotocols(fp, v, &mut report.findings);
+                if kept.len() != v.len() {
+                    subprotocols = Some(kept);
                 }
                 continue;
             }
@@ -302,12 +315,13 @@ pub fn inspect(
         for name in doomed {
             headers.remove(name);
         }
-        if let Some(kept) = cookies {
-            headers.remove(COOKIE);
+        for (name, kept) in [(COOKIE, cookies), (SEC_WEBSOCKET_PROTOCOL, subprotocols)] {
+            let Some(kept) = kept else { continue };
+            headers.remove(&name);
             if let Ok(v) = HeaderValue::from_str(&kept)
                 && !kept.is_empty()
             {
-                headers.insert(COOKIE, v);
+                headers.insert(name, v);
             }
         }
     }
@@ -394,6 +408,46 @@ fn inspect_cookies(fp: &Fingerprinter, v: &str, findings: &mut Vec<Finding>) -> 
         v.to_string()
     } else {
         kept.join("; ")
+    }
+}
+
+/// The subprotocols of a WebSocket handshake without those that carry a credential: a
+/// protocol holding a known secret format, and the pair a `token` or `bearer` marker makes with
+/// the value after it (`token, <key>`). The rest are kept in order, so the server can still
+/// pick the protocol the app speaks (`realtime`).
+fn inspect_subprotocols(fp: &Fingerprinter, v: &str, findings: &mut Vec<Finding>) -> String {
+    let all: Vec<&str> = v.split(',').map(str::trim).collect();
+    let mut kept: Vec<&str> = Vec::new();
+    let mut marker = false;
+    for p in &all {
+        let mut found = Vec::new();
+        if marker && !p.is_empty() && !is_placeholder(p) {
+            found.push((classify(p).unwrap_or("api_key"), *p));
+        } else {
+            secrets_in("sec-websocket-protocol", p, &mut found);
+        }
+        marker = p.eq_ignore_ascii_case("token") || p.eq_ignore_ascii_case("bearer");
+        for &(kind, secret) in &found {
+            findings.push(Finding {
+                kind,
+                location: "header:sec-websocket-protocol".into(),
+                fingerprint: fp.fingerprint(secret.as_bytes()),
+            });
+        }
+        if found.is_empty() {
+            kept.push(p);
+        } else if kept
+            .last()
+            .is_some_and(|m| m.eq_ignore_ascii_case("token") || m.eq_ignore_ascii_case("bearer"))
+        {
+            // The marker only said what follows; without it, it offers no protocol.
+            kept.pop();
+        }
+    }
+    if kept.len() == all.len() {
+        v.to_string()
+    } else {
+        kept.join(", ")
     }
 }
 
@@ -534,6 +588,60 @@ mod tests {
 
     fn key() -> String {
         format!("sk-proj-{}", "Zx9_".repeat(12))
+    }
+
+    /// Keys browser-style WebSocket clients put in the subprotocol list, as the vendors
+    /// document them: OpenAI Realtime (`realtime`, `openai-insecure-api-key.<key>`,
+    /// `openai-beta.realtime-v1`) and Deepgram (`token, <key>`). The key goes; the protocols
+    /// the server picks from stay, in order.
+    #[test]
+    fn websocket_subprotocols_lose_their_keys_and_keep_their_protocols() {
+        let fp = Fingerprinter::new(b"0123456789abcdef0123456789abcdef");
+        let deepgram_key = "3f1e5c9a7b2d4e6f8a0b1c2d3e4f5a6b7c8d9e0f";
+        let cases = [
+            (
+                format!(
+                    "realtime, openai-insecure-api-key.{}, openai-beta.realtime-v1",
+                    key()
+                ),
+                Some("realtime, openai-beta.realtime-v1"),
+                "openai_project_key",
+            ),
+            (format!("token, {deepgram_key}"), None, "api_key"),
+            (
+                format!("chat, Bearer, {deepgram_key}"),
+                Some("chat"),
+                "api_key",
+            ),
+        ];
+        for (value, kept, kind) in cases {
+            let mut h = HeaderMap::new();
+            h.insert(
+                "sec-websocket-protocol",
+                HeaderValue::from_str(&value).unwrap(),
+            );
+            let r = inspect(&fp, StripMode::Strip, &mut h, None, None);
+            assert_eq!(r.findings.len(), 1, "{value}: {:?}", r.findings);
+            assert_eq!(r.findings[0].kind, kind, "{value}");
+            assert_eq!(r.findings[0].location, "header:sec-websocket-protocol");
+            assert_eq!(
+                h.get("sec-websocket-protocol").map(|v| v.to_str().unwrap()),
+                kept,
+                "{value}"
+            );
+        }
+        // Protocols without a key are left exactly as they were.
+        let mut h = HeaderMap::new();
+        h.insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_static("graphql-transport-ws, mqtt"),
+        );
+        assert!(
+            inspect(&fp, StripMode::Strip, &mut h, None, None)
+                .findings
+                .is_empty()
+        );
+        assert_eq!(h["sec-websocket-protocol"], "graphql-transport-ws, mqtt");
     }
 
     #[test]
