@@ -9,6 +9,10 @@ use serde::Serialize;
 /// Request id header: taken from the app if valid, else generated; on every response.
 pub(crate) static REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("chaperone-request-id");
 
+/// On a response Chaperone made itself (a refusal or a failure), its error code: so the app,
+/// and whatever logs its HTTP errors, can tell a proxy's 502 from an upstream's.
+pub(crate) static ERROR_HEADER: HeaderName = HeaderName::from_static("chaperone-error");
+
 /// Boxed error for bodies.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Body type of every response the proxy sends and every request it forwards.
@@ -135,6 +139,10 @@ impl Rejection {
             HeaderValue::from_static("application/json"),
         );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        h.insert(
+            ERROR_HEADER.clone(),
+            HeaderValue::from_static(self.code.as_str()),
+        );
         if let Ok(v) = HeaderValue::from_str(request_id) {
             h.insert(REQUEST_ID_HEADER.clone(), v);
         }

@@ -583,6 +583,8 @@ impl Pipeline {
             head.headers.insert(REQUEST_ID_HEADER.clone(), v);
         }
         x.log.status = head.status.as_u16();
+        x.log.answered_by = Some("upstream");
+        x.log.upstream_version = Some(version_name(head.version));
         let body = LoggedBody {
             length: body.size_hint().exact(),
             inner: body,
@@ -614,6 +616,8 @@ impl Pipeline {
             head.headers.insert(REQUEST_ID_HEADER.clone(), v);
         }
         x.log.status = head.status.as_u16();
+        x.log.answered_by = Some("upstream");
+        x.log.upstream_version = Some(version_name(head.version));
         let handoff = Handoff {
             upstream: upstream_side,
             log: x.log,
@@ -627,6 +631,7 @@ impl Pipeline {
         let resp = rej.to_response(&x.caller.request_id);
         let rec = &mut x.log;
         rec.status = rej.code.status().as_u16();
+        rec.answered_by = Some("chaperone");
         rec.error = Some(rej.code.as_str().to_string());
         if rej.code.is_denial() {
             rec.decision = "deny";
@@ -639,6 +644,17 @@ impl Pipeline {
         }
         x.log.finish();
         resp
+    }
+}
+
+/// How the log line names an HTTP version.
+fn version_name(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_2 => "HTTP/2.0",
+        http::Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/1.1",
     }
 }
 

@@ -128,6 +128,14 @@ pub(crate) struct Record {
     pub(crate) body_scan: Option<&'static str>,
     /// Status returned to the app.
     pub(crate) status: u16,
+    /// Who chose that status: `upstream` (relayed as the upstream answered) or `chaperone`
+    /// (a refusal or failure of the proxy's, or a tunnel it opened); null when no answer was
+    /// sent (the client left first).
+    pub(crate) answered_by: Option<&'static str>,
+    /// The HTTP version the upstream answered with (`HTTP/1.1`, `HTTP/2.0`), when it did: an
+    /// upstream 4xx that only one protocol gets points at the hop, not the app.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) upstream_version: Option<&'static str>,
     /// Total time until the response body ended.
     pub(crate) duration_ms: f64,
     /// Time from sending upstream to the response head.
@@ -216,6 +224,8 @@ impl Record {
             strip_mode: "strip",
             body_scan: None,
             status: 0,
+            answered_by: None,
+            upstream_version: None,
             duration_ms: 0.0,
             upstream_ms: None,
             error: None,

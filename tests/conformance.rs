@@ -169,12 +169,96 @@ for url in (https_url, http_url):
     assert_eq!(http.len(), 7, "{http:?}");
     for l in &http {
         assert_eq!(l["status"], 200, "{l}");
+        assert_eq!(l["answered_by"], "upstream", "{l}");
         assert_eq!(l["decision"], "allow", "{l}");
         assert_eq!(l["error"], Value::Null, "{l}");
         assert_eq!(l["completion"], "complete", "{l}");
         assert_eq!(l["stripped"][0]["type"], "openai_project_key", "{l}");
+        let tls = l["port"] == h2.port;
+        let version = if tls { "HTTP/2.0" } else { "HTTP/1.1" };
+        assert_eq!(l["upstream_version"], version, "{l}");
     }
     sc.assert_never_shows(&[&app_key, KEY]);
+}
+
+/// A 502 the upstream chose and a 502 Chaperone made are told apart: by the app (ours carry
+/// `chaperone-error` and a JSON reason) and in the line (`answered_by`, `error`). Likewise a
+/// 403 of the upstream's and a policy refusal.
+#[test]
+fn an_upstream_error_status_and_one_the_proxy_made_are_told_apart() {
+    let nginx = Nginx::start(
+        "server {\n    listen 127.0.0.1:{port};\n    location /bad-gateway { return 502 \"nginx says 502\\n\"; }\n    location /not-yours { return 403; }\n  }",
+        &[],
+    );
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let sc = sidecar(&[nginx.port, dead_port], &TestPki::new().ca_pem);
+    let proxy = sc.proxy_url();
+    let get = |url: String, id: &str| {
+        let (rc, code, out) = curl_raw(&[
+            "-s",
+            "-i",
+            "--proxy",
+            &proxy,
+            "-H",
+            &format!("chaperone-request-id: {id}"),
+            &url,
+        ]);
+        assert_eq!(rc, 0, "{out}");
+        (code, out.to_ascii_lowercase())
+    };
+    let (code, theirs) = get(
+        format!("http://127.0.0.1:{}/bad-gateway", nginx.port),
+        "theirs-502",
+    );
+    assert_eq!(code, 502, "{theirs}");
+    assert!(!theirs.contains("chaperone-error"), "{theirs}");
+    let (code, ours) = get(
+        format!("http://127.0.0.1:{dead_port}/v1/models"),
+        "ours-502",
+    );
+    assert_eq!(code, 502, "{ours}");
+    assert!(
+        ours.contains("chaperone-error: upstream_unreachable"),
+        "{ours}"
+    );
+    let (code, theirs403) = get(
+        format!("http://127.0.0.1:{}/not-yours", nginx.port),
+        "theirs-403",
+    );
+    assert_eq!(code, 403, "{theirs403}");
+    assert!(!theirs403.contains("chaperone-error"), "{theirs403}");
+    let (code, ours403) = get(
+        format!("http://127.0.0.1:{}/forbidden/x", nginx.port),
+        "ours-403",
+    );
+    assert_eq!(code, 403, "{ours403}");
+    assert!(
+        ours403.contains("chaperone-error: policy_denied"),
+        "{ours403}"
+    );
+
+    let lines = sc.log_lines(4);
+    let line = |id: &str| {
+        lines
+            .iter()
+            .find(|l| l["request_id"] == id)
+            .unwrap_or_else(|| panic!("{id}: {lines:#?}"))
+            .clone()
+    };
+    for (id, by, error) in [
+        ("theirs-502", "upstream", Value::Null),
+        ("ours-502", "chaperone", "upstream_unreachable".into()),
+        ("theirs-403", "upstream", Value::Null),
+        ("ours-403", "chaperone", "policy_denied".into()),
+    ] {
+        let l = line(id);
+        assert_eq!(l["answered_by"], by, "{l}");
+        assert_eq!(l["error"], error, "{l}");
+    }
+    assert_eq!(line("theirs-502")["upstream_version"], "HTTP/1.1");
+    assert_eq!(line("ours-502")["upstream_version"], Value::Null);
 }
 
 /// Plain HTTP inside a CONNECT tunnel, as undici's proxy agents and Python WebSocket clients

@@ -74,6 +74,7 @@ async fn blind(
     };
     x.log.upstream_ms = Some(ms(x.log.started().elapsed()));
     x.log.status = 200;
+    x.log.answered_by = Some("chaperone");
     let response = tunnel_established(&x.caller.request_id);
     let (metrics, idle) = (pipeline.metrics.clone(), pipeline.timeouts.idle);
     tokio::spawn(async move {
@@ -104,6 +105,7 @@ fn intercept(
     x.log.kind = "intercept";
     x.log.scheme = "https".into();
     x.log.status = 200;
+    x.log.answered_by = Some("chaperone");
     x.log.reason = Some("intercepted: each request inside is authorized on its own".into());
     let response = tunnel_established(&x.caller.request_id);
     tokio::spawn(async move {
