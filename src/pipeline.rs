@@ -165,11 +165,31 @@ fn enforce(log: &mut Record, decision: PolicyDecision) -> Result<(), Rejection> 
 pub(crate) struct ConnectPlan {
     /// The tunnel's destination.
     pub(crate) target: Target,
-    /// Intercept (terminate TLS, each request inside through the pipeline) rather than tunnel
-    /// blind.
-    pub(crate) intercept: bool,
+    /// What the tunnel does with what it carries.
+    pub(crate) mode: TunnelMode,
     /// The guardrail kind a permit lifted for this destination, if any.
     pub(crate) lifted: Option<&'static str>,
+}
+
+/// What a tunnel does with its bytes. Plain HTTP in a tunnel (undici's proxy agents, Python
+/// WebSocket clients and `curl --proxytunnel` send `http://` and `ws://` that way) is always
+/// served through the pipeline, request by request, like the same request sent in absolute
+/// form; the modes differ in what they do with TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TunnelMode {
+    /// TLS is terminated with the local CA, and each request inside goes through the pipeline.
+    Intercept,
+    /// TLS is spliced to the destination unseen (policy permitted the CONNECT). With
+    /// `sniff`, plain HTTP is told apart first and served through the pipeline; without
+    /// (a passthrough host, whose bytes are never looked at), everything is spliced.
+    Blind {
+        /// Tell plain HTTP from TLS by the first byte.
+        sniff: bool,
+    },
+    /// Only plain HTTP may pass: a route wants to see these requests and there is no CA to
+    /// intercept TLS, so a tunnel that turns out to carry TLS is closed, with the reason in its
+    /// line.
+    PlainOnly,
 }
 
 /// What the forward stage got back, and what passing it on needs.
@@ -431,10 +451,12 @@ impl Pipeline {
         enforce(log, decision)
     }
 
-    /// CONNECT, decided before the proxy answers 200: intercept (a CA is configured and a
-    /// route or the strip rules want to see the requests; each decrypted request then goes
-    /// through the whole pipeline), tunnel blind (nothing to inject, or a passthrough host;
-    /// decided by `Action::"CONNECT"` policy), or refuse.
+    /// CONNECT, decided before the proxy answers 200 ([`TunnelMode`]): intercept (a CA is
+    /// configured and a route or the strip rules want to see the requests; each decrypted
+    /// request then goes through the whole pipeline), plain HTTP only (no CA, and a route
+    /// wants the requests: they are served if they are plain HTTP), tunnel blind (nothing to
+    /// inject, or a passthrough host; decided by `Action::"CONNECT"` policy; without a CA,
+    /// plain HTTP inside is still served through the pipeline), or refuse.
     pub(crate) fn decide_connect(
         &self,
         x: &mut Exchange,
@@ -470,36 +492,52 @@ impl Pipeline {
             enforce(&mut x.log, decision)?;
         }
         let lifted = guard.map(|g| g.kind);
-        if self.interception.allows(&target.host)
-            && (self.routes.any_for(&target.host, target.port)
-                || self.strip_mode != StripMode::Report)
-        {
-            return Ok(ConnectPlan {
-                target,
-                intercept: true,
-                lifted,
-            });
+        let plan = |mode| ConnectPlan {
+            target: target.clone(),
+            mode,
+            lifted,
+        };
+        let intercepting = self.interception.allows(&target.host);
+        let wanted = self.routes.any_for(&target.host, target.port);
+        if intercepting && (wanted || self.strip_mode != StripMode::Report) {
+            return Ok(plan(TunnelMode::Intercept));
         }
+        // Without a CA (or for a passthrough host) the requests inside a TLS tunnel cannot be
+        // seen. Plain HTTP can: what a tunnel carries is told by its first byte.
+        let no_ca = matches!(self.interception, Interception::Off);
         // A route that injects a credential cannot be served through a blind tunnel: the
-        // app's requests would go out without it (and perhaps with its own secret).
+        // app's requests would go out without it (and perhaps with its own secret). Plain HTTP
+        // to it can still be served, except on 443, where a tunnel is TLS.
         if let Some(route) = self.routes.find_for_tunnel(&target.host, target.port) {
+            x.log.route = Some(route.name.clone());
+            if no_ca && target.port != 443 {
+                x.log.reason = Some(format!(
+                    "plain HTTP only: route `{}` injects a credential and there is no CA to intercept TLS",
+                    route.name
+                ));
+                return Ok(plan(TunnelMode::PlainOnly));
+            }
             let reason = format!(
                 "route `{}` injects a credential into requests to {}; a blind tunnel cannot do that (TLS interception is needed)",
                 route.name, target.host
             );
-            x.log.route = Some(route.name.clone());
             x.log.reason = Some(reason.clone());
             return Err(Rejection::new(ErrorCode::PolicyDenied, reason));
         }
         if lifted.is_none() {
             let decision = decide(x, None);
+            // A destination routes name needs no CONNECT permit for plain HTTP: each request
+            // inside is authorized on its own, as the same request in absolute form would be.
+            if !decision.allow && no_ca && wanted {
+                x.log.reason = Some(
+                    "plain HTTP only: a route names this destination and policy permits no blind tunnel to it"
+                        .into(),
+                );
+                return Ok(plan(TunnelMode::PlainOnly));
+            }
             enforce(&mut x.log, decision)?;
         }
-        Ok(ConnectPlan {
-            target,
-            intercept: false,
-            lifted,
-        })
+        Ok(plan(TunnelMode::Blind { sniff: no_ca }))
     }
 
     /// Stage: strip, for the body: read a JSON or form body of at most `body_max_bytes` and

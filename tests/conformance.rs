@@ -308,6 +308,35 @@ fn plain_http_inside_a_connect_tunnel_goes_through_the_pipeline() {
         tunnel["reason"].as_str().unwrap().contains("plain HTTP"),
         "{tunnel}"
     );
+    // Neither HTTP nor TLS, in a tunnel opened to see requests (no CONNECT permit was asked):
+    // closed, the reason in the tunnel's line, nothing reaches the destination.
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(sc.proxy).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let a = format!("127.0.0.1:{}", plain.port);
+    write!(s, "CONNECT {a} HTTP/1.1\r\nHost: {a}\r\n\r\n").unwrap();
+    let mut r = reader(s.try_clone().unwrap());
+    assert_eq!(read_status(&mut r), 200);
+    s.write_all(b"ssh-like opaque bytes\r\n").unwrap();
+    let mut rest = Vec::new();
+    let _ = r.read_to_end(&mut rest);
+    assert!(
+        !String::from_utf8_lossy(&rest).contains("proto="),
+        "reached nginx"
+    );
+    let lines = sc.log_lines(3);
+    let refused = lines
+        .iter()
+        .find(|l| l["kind"] == "intercept" && !l["error"].is_null())
+        .unwrap_or_else(|| panic!("{lines:#?}"));
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("neither HTTP nor TLS"),
+        "{refused}"
+    );
     sc.assert_never_shows(&[&app_key, KEY]);
 }
 
@@ -354,5 +383,109 @@ for (const url of urls) {
     for (_, echo) in replies(&out, 4) {
         assert_injected(&echo);
     }
+    sc.assert_never_shows(&[&app_key, KEY]);
+}
+
+/// Without a CA nothing can intercept TLS, but plain HTTP in a CONNECT tunnel can still be
+/// seen: it is served through the pipeline like the same request in absolute form. To a route
+/// that injects a credential, plain HTTP gets the credential and TLS is refused (closed, the
+/// reason in the tunnel's line); to a destination no route names, a CONNECT policy permits
+/// carries TLS spliced unseen and plain HTTP through the pipeline (the app's key stripped).
+#[test]
+fn without_a_ca_tunnelled_plain_http_is_served_and_tls_is_spliced_or_refused() {
+    let pki = TestPki::new();
+    let (routed, unrouted, tls) = (nginx_plain(), nginx_plain(), nginx_h2(&pki));
+    let sc = injecting_sidecar(&[routed.port], "", PERMISSIVE_POLICY, |c| c.unset("tls"));
+    let proxy = sc.proxy_url();
+    let app_key = fake_openai_key();
+    let auth = format!("Authorization: Bearer {app_key}");
+    let tunnelled = |url: &str, id: &str| {
+        curl_raw(&[
+            "--proxytunnel",
+            "--proxy",
+            &proxy,
+            "-H",
+            &auth,
+            "-H",
+            &format!("chaperone-request-id: {id}"),
+            url,
+        ])
+    };
+
+    let (rc, code, body) = tunnelled(
+        &format!("http://127.0.0.1:{}/v1/models", routed.port),
+        "routed",
+    );
+    assert_eq!((rc, code), (0, 200), "{body}");
+    assert_injected(&body);
+    let (rc, code, body) = tunnelled(
+        &format!("http://127.0.0.1:{}/v1/models", unrouted.port),
+        "unrouted",
+    );
+    assert_eq!((rc, code), (0, 200), "{body}");
+    let e = echoed(&body);
+    assert_eq!(
+        (e["key"].as_str(), e["auth"].as_str()),
+        ("", ""),
+        "stripped, nothing injected: {body}"
+    );
+    // TLS to the credentialed route's port: refused after the 200.
+    let (rc, _, body) = curl_raw(&[
+        "--proxy",
+        &proxy,
+        "-k",
+        &format!("https://127.0.0.1:{}/", routed.port),
+    ]);
+    assert_ne!(rc, 0, "TLS passed a plain-only tunnel: {body}");
+    // TLS to a destination no route names: spliced end to end (nginx's own certificate).
+    let ca = temp_file("upstream-ca.pem", &pki.ca_pem);
+    let (rc, code, body) = curl_raw(&[
+        "--proxy",
+        &proxy,
+        "--cacert",
+        ca.1.to_str().unwrap(),
+        &format!("https://localhost:{}/v1/models", tls.port),
+    ]);
+    assert_eq!((rc, code), (0, 200), "{body}");
+    assert_eq!(
+        echoed(&body)["key"],
+        "",
+        "a spliced tunnel is not seen: {body}"
+    );
+
+    let lines = sc.log_lines(6);
+    let by_id = |id: &str| {
+        lines
+            .iter()
+            .find(|l| l["request_id"] == id)
+            .unwrap_or_else(|| panic!("{id}: {lines:#?}"))
+    };
+    for id in ["routed", "unrouted"] {
+        let l = by_id(id);
+        assert_eq!(
+            (l["kind"].as_str(), l["scheme"].as_str()),
+            (Some("http"), Some("http")),
+            "{l}"
+        );
+        assert_eq!(l["stripped"][0]["type"], "openai_project_key", "{l}");
+    }
+    assert_eq!(by_id("routed")["credential"]["name"], "app-key");
+    let connects: Vec<&Value> = lines.iter().filter(|l| l["method"] == "CONNECT").collect();
+    let refused = connects
+        .iter()
+        .find(|l| l["decision"] == "deny")
+        .unwrap_or_else(|| panic!("{connects:#?}"));
+    assert_eq!(refused["port"], routed.port, "{refused}");
+    assert!(
+        refused["reason"].as_str().unwrap().contains("carries TLS"),
+        "{refused}"
+    );
+    let spliced = connects
+        .iter()
+        .find(|l| l["port"] == tls.port)
+        .unwrap_or_else(|| panic!("{connects:#?}"));
+    assert_eq!(spliced["kind"], "tunnel", "{spliced}");
+    assert!(spliced["bytes_in"].as_u64().unwrap() > 0, "{spliced}");
+    assert!(spliced["bytes_out"].as_u64().unwrap() > 0, "{spliced}");
     sc.assert_never_shows(&[&app_key, KEY]);
 }

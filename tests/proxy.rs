@@ -638,8 +638,14 @@ async fn connect_tunnels_are_policy_checked_and_logged() {
             });
         }
     });
+    let routes = base(up.addr.port(), "strip");
+    let mut with_443 = routes.yaml();
+    with_443 = with_443.replace(
+        "routes:\n",
+        "routes:\n  - name: tls-only-api\n    match: { host: api.tls-only.example, port: 443 }\n    credential: app-key\n    inject: { header: x-api-key, value: \"{token}\" }\n",
+    );
     let sc = Sidecar::start(
-        &config(up.addr.port(), "strip"),
+        &with_443,
         PERMISSIVE_POLICY,
         &[(STATIC_ENV, "v-static-value")],
     );
@@ -672,13 +678,37 @@ async fn connect_tunnels_are_policy_checked_and_logged() {
     );
     assert_eq!(code, 403);
     assert!(body.contains("policy_denied"));
-    // A host whose route injects a credential cannot be blindly tunnelled.
+    // A host whose route injects a credential cannot be blindly tunnelled: on 443 (TLS) the
+    // CONNECT is refused, since without a CA nothing can inject into it.
     let (code, body) = raw_request(
         sc.proxy,
-        &format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", up.addr),
+        "CONNECT api.tls-only.example:443 HTTP/1.1\r\nHost: api.tls-only.example:443\r\n\r\n",
     );
     assert_eq!(code, 403);
     assert!(body.contains("TLS interception"), "{body}");
+    // On another port, plain HTTP in the tunnel is served through the pipeline and gets the
+    // credential (undici's proxy agents send http:// that way).
+    let mut s = std::net::TcpStream::connect(sc.proxy).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let a = up.addr;
+    write!(s, "CONNECT {a} HTTP/1.1\r\nHost: {a}\r\n\r\n").unwrap();
+    let mut r = reader(s.try_clone().unwrap());
+    assert_eq!(read_status(&mut r), 200);
+    write!(
+        s,
+        "GET /static/in-tunnel HTTP/1.1\r\nHost: {a}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut rest = String::new();
+    r.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains(" 200 "), "{rest}");
+    let inner = up
+        .requests()
+        .into_iter()
+        .find(|q| q.uri.ends_with("/static/in-tunnel"))
+        .expect("the tunnelled request reached the upstream");
+    assert_eq!(inner.header("x-api-key"), Some("v-static-value"));
+    drop(s);
 
     let lines = sc.log_lines(3);
     let tunnel = lines

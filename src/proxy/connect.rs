@@ -14,10 +14,11 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use super::intercept::{Carried, OnTls};
 use super::worker::Proxy;
 use crate::error::{ErrorCode, ProxyBody, REQUEST_ID_HEADER, Rejection, full};
 use crate::identify::Conn;
-use crate::pipeline::{ConnectPlan, Exchange};
+use crate::pipeline::{ConnectPlan, Exchange, TunnelMode};
 use crate::policy::Guardrails;
 use crate::purpose_log::ms;
 use crate::target::Target;
@@ -41,13 +42,30 @@ pub(crate) async fn handle(
     };
     x.log.decision = "allow";
     let req = Request::from_parts(parts, body);
-    match plan {
-        ConnectPlan {
-            target,
-            intercept: true,
-            ..
-        } => intercept(proxy, conn, target, req, x),
-        ConnectPlan { target, lifted, .. } => blind(proxy, target, lifted, req, x).await,
+    let ConnectPlan {
+        target,
+        mode,
+        lifted,
+    } = plan;
+    match mode {
+        TunnelMode::Intercept => open(proxy, conn, target, req, x, OnTls::Terminate),
+        TunnelMode::PlainOnly => open(proxy, conn, target, req, x, OnTls::Refuse),
+        TunnelMode::Blind { sniff: false } => blind(proxy, target, lifted, req, x).await,
+        TunnelMode::Blind { sniff: true } => {
+            // Connect first, so an unreachable destination is a 502 the app can read, then
+            // tell what the tunnel carries: TLS is spliced to this connection, plain HTTP
+            // served through the pipeline (which makes its own).
+            let pipeline = &proxy.pipeline;
+            let timeouts = pipeline.timeouts;
+            match dial(&target, &pipeline.guardrails, lifted, timeouts.connect).await {
+                Ok(upstream) => {
+                    x.log.upstream_ms = Some(ms(x.log.started().elapsed()));
+                    let on_tls = OnTls::Splice(upstream, timeouts.idle);
+                    open(proxy, conn, target, req, x, on_tls)
+                }
+                Err(rej) => pipeline.reject(x, rej),
+            }
+        }
     }
 }
 
@@ -78,13 +96,17 @@ async fn blind(
     let response = tunnel_established(&x.caller.request_id);
     let (metrics, idle) = (pipeline.metrics.clone(), pipeline.timeouts.idle);
     tokio::spawn(async move {
-        metrics.tunnels_open.inc();
-        let outcome = splice(req, upstream, idle).await;
-        metrics.tunnels_open.dec();
-        let ((up, down), error) = match outcome {
-            Ok(counts) => (counts, None),
-            Err((up, down, e)) => ((up, down), Some(e)),
+        let upgraded = match hyper::upgrade::on(req).await {
+            Ok(u) => u,
+            Err(e) => {
+                x.log.error = Some(format!("upgrade failed: {e}"));
+                x.log.finish();
+                return;
+            }
         };
+        metrics.tunnels_open.inc();
+        let (up, down, error) = splice(TokioIo::new(upgraded), upstream, idle).await;
+        metrics.tunnels_open.dec();
         x.log.bytes_in = Some(up);
         x.log.bytes_out = down;
         x.log.error = error;
@@ -93,20 +115,27 @@ async fn blind(
     response
 }
 
-/// Answer 200 and serve the tunnel's decrypted requests; the CONNECT itself is logged when
-/// the connection ends (kind `intercept`), with any handshake failure.
-fn intercept(
+/// Answer 200 and serve what the tunnel carries ([`super::intercept::serve`]): plain HTTP
+/// through the pipeline, TLS as `on_tls` says. The CONNECT itself is logged when the tunnel
+/// ends (kind `intercept` when requests inside were served, `tunnel` when TLS was spliced),
+/// with any handshake failure or refusal.
+fn open(
     proxy: Arc<Proxy>,
     conn: Arc<Conn>,
     target: Target,
     req: Request<Incoming>,
     mut x: Exchange,
+    on_tls: OnTls,
 ) -> Response<ProxyBody> {
     x.log.kind = "intercept";
     x.log.scheme = "https".into();
     x.log.status = 200;
     x.log.answered_by = Some("chaperone");
-    x.log.reason = Some("intercepted: each request inside is authorized on its own".into());
+    let refuse_tls = matches!(on_tls, OnTls::Refuse);
+    let (metrics, splicing) = (
+        proxy.pipeline.metrics.clone(),
+        matches!(on_tls, OnTls::Splice(..)),
+    );
     let response = tunnel_established(&x.caller.request_id);
     tokio::spawn(async move {
         let upgraded = match hyper::upgrade::on(req).await {
@@ -118,19 +147,35 @@ fn intercept(
             }
         };
         let client = conn.client;
-        match super::intercept::serve(proxy, conn, target, upgraded).await {
-            Ok(served) if served.tls => {
+        if splicing {
+            metrics.tunnels_open.inc();
+        }
+        let carried = super::intercept::serve(proxy, conn, target, upgraded, on_tls).await;
+        if splicing {
+            metrics.tunnels_open.dec();
+        }
+        match carried {
+            Ok(Carried::Terminated(requests)) => {
                 x.log.reason = Some(format!(
-                    "intercepted: {} request(s), each authorized and logged on its own",
-                    served.requests
+                    "intercepted: {requests} request(s), each authorized and logged on its own"
                 ));
             }
-            Ok(served) => {
+            Ok(Carried::Plain(requests)) => {
                 x.log.scheme = "http".into();
                 x.log.reason = Some(format!(
-                    "plain HTTP in the tunnel: {} request(s), each authorized and logged on its own",
-                    served.requests
+                    "plain HTTP in the tunnel: {requests} request(s), each authorized and logged on its own"
                 ));
+            }
+            Ok(Carried::Spliced { up, down, error }) => {
+                x.log.kind = "tunnel";
+                x.log.bytes_in = Some(up);
+                x.log.bytes_out = down;
+                x.log.error = error;
+            }
+            Err(e) if refuse_tls => {
+                x.log.decision = "deny";
+                x.log.error = Some("policy_denied".into());
+                x.log.reason = Some(e);
             }
             Err(e) => {
                 tracing::warn!(client = %client, host = %x.log.host, error = %e, "intercepted TLS handshake failed");
@@ -208,23 +253,18 @@ pub(crate) async fn dial(
     }
 }
 
-/// Splice the upgraded client connection and the upstream until both sides close or the
-/// tunnel is idle for `idle`. Returns bytes (client to upstream, upstream to client).
-pub(crate) async fn splice(
-    req: Request<Incoming>,
+/// Splice the app's side of a tunnel and the upstream until both sides close or nothing
+/// moves for `idle`. Returns bytes (from the app, to the app) and the error that ended it.
+pub(crate) async fn splice<I>(
+    mut client: I,
     mut upstream: TcpStream,
     idle: Duration,
-) -> Result<(u64, u64), (u64, u64, String)> {
-    let upgraded = hyper::upgrade::on(req)
-        .await
-        .map_err(|e| (0, 0, format!("upgrade failed: {e}")))?;
-    let mut client = TokioIo::new(upgraded);
+) -> (u64, u64, Option<String>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let mut client = crate::proxy::idle::IdleTimeout::new(&mut client, idle);
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok((up, down)) => Ok((up, down)),
-        Err(e) => {
-            let (up, down) = client.counts();
-            Err((up, down, format!("tunnel closed: {e}")))
-        }
-    }
+    let ended = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    let (up, down) = client.counts();
+    (up, down, ended.err().map(|e| format!("tunnel closed: {e}")))
 }

@@ -1,22 +1,25 @@
-//! TLS interception of CONNECT tunnels: answer 200, read the app's ClientHello, present a
-//! leaf certificate for the requested name signed by the local CA, then serve the decrypted
-//! HTTP/1.1 or HTTP/2 requests through the same pipeline as plain ones (scheme `https`).
+//! What a CONNECT tunnel carries, once answered 200: its first byte tells. Plain HTTP is
+//! served through the pipeline (scheme `http`). TLS is intercepted (read the app's
+//! ClientHello, present a leaf certificate for the requested name signed by the local CA,
+//! then serve the decrypted HTTP/1.1 or HTTP/2 requests through the same pipeline, scheme
+//! `https`), spliced unseen, or refused, as the pipeline's plan said.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use bytes::Bytes;
 use hyper::service::service_fn;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use rustls::ServerConfig;
 use rustls::server::{Acceptor, ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
-use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 use tokio_rustls::LazyConfigAcceptor;
 
 use super::TlsSettings;
 use super::rewind::Rewind;
+use super::sniff::{Seen, sniff};
 use super::worker::Proxy;
 use crate::target::Target;
 use crate::tls::{LeafIssuer, TlsError};
@@ -71,52 +74,88 @@ impl Interceptor {
     }
 }
 
-/// What a CONNECT tunnel carried, once served.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Served {
-    /// Requests served.
-    pub(crate) requests: u64,
-    /// TLS (terminated here), or plain HTTP.
-    pub(crate) tls: bool,
+/// What to do with a tunnel that turns out to carry TLS.
+#[derive(Debug)]
+pub(crate) enum OnTls {
+    /// Terminate it with a leaf from the local CA and serve the requests inside.
+    Terminate,
+    /// Splice it, unseen, to this connection to the destination, until both sides close or
+    /// nothing moves for the duration.
+    Splice(TcpStream, Duration),
+    /// Close it: only plain HTTP may pass.
+    Refuse,
 }
 
-/// Serve the requests a CONNECT tunnel carries. Its first byte says what it is: a TLS
-/// ClientHello (0x16) is terminated with a leaf for the requested name; anything else is plain
-/// HTTP, which clients such as undici's proxy agents and Python WebSocket clients tunnel for
-/// `http://` and `ws://` URLs, served as it is. Either way each request goes through the
-/// pipeline on its own. Returns what was served, or why the tunnel failed before a request.
+/// What a CONNECT tunnel carried, once it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Carried {
+    /// Plain HTTP: the requests served.
+    Plain(u64),
+    /// TLS, terminated here: the requests served.
+    Terminated(u64),
+    /// TLS, spliced unseen: bytes from and to the app, and the error that ended it.
+    Spliced {
+        /// Bytes from the app.
+        up: u64,
+        /// Bytes to the app.
+        down: u64,
+        /// Why it ended, if not by both sides closing.
+        error: Option<String>,
+    },
+}
+
+/// Serve what a CONNECT tunnel carries, as its first bytes tell ([`sniff`]): plain HTTP, which
+/// clients such as undici's proxy agents and Python WebSocket clients tunnel for `http://` and
+/// `ws://` URLs, is served as it is, each request through the pipeline on its own; TLS is
+/// handled as `on_tls` says; any other protocol is spliced when the tunnel may be blind
+/// (`on_tls` splices) and refused otherwise. Returns what was carried, or why the tunnel
+/// failed before a request.
 pub(crate) async fn serve(
     proxy: Arc<Proxy>,
     conn: Arc<crate::identify::Conn>,
     mut origin: Target,
     upgraded: Upgraded,
-) -> Result<Served, String> {
-    let interceptor = proxy
-        .interceptor
-        .clone()
-        .ok_or("interception is not configured")?;
+    on_tls: OnTls,
+) -> Result<Carried, String> {
     let drain = proxy.drain.clone();
     let _guard = drain.enter();
     let handshake_timeout = proxy.pipeline.timeouts.header_read;
     let mut io = TokioIo::new(upgraded);
-    let first = match tokio::time::timeout(handshake_timeout, io.read_u8()).await {
-        Ok(Ok(b)) => b,
-        Ok(Err(e)) => return Err(format!("the app sent nothing through the tunnel: {e}")),
-        Err(_) => {
-            return Err(format!(
-                "the app sent nothing through the tunnel within {handshake_timeout:?}"
-            ));
+    let server = match &on_tls {
+        OnTls::Splice(upstream, _) => Some(upstream),
+        _ => None,
+    };
+    let (seen, read) = sniff(&mut io, handshake_timeout, server).await?;
+    let io = Rewind::new(read, io);
+    let interceptor = match (seen, on_tls, proxy.interceptor.clone()) {
+        (Seen::Http, ..) => {
+            origin.scheme = "http";
+            let requests = serve_http(proxy, conn, origin, io).await;
+            return Ok(Carried::Plain(requests));
+        }
+        (_, OnTls::Splice(upstream, idle), _) => {
+            let (up, down, error) = super::connect::splice(io, upstream, idle).await;
+            return Ok(Carried::Spliced { up, down, error });
+        }
+        (Seen::Tls, OnTls::Terminate, Some(i)) => i,
+        (Seen::Tls, OnTls::Terminate, None) => {
+            return Err("interception is not configured".into());
+        }
+        (Seen::Tls, OnTls::Refuse, _) => {
+            return Err(
+                "the tunnel carries TLS, which cannot pass: a route injects a credential here and no CA is configured to intercept (set tls.ca_cert and tls.ca_key)"
+                    .into(),
+            );
+        }
+        // Neither HTTP nor TLS, in a tunnel opened for requests to be seen: nothing to serve,
+        // and policy permitted no blind tunnel.
+        (Seen::Other | Seen::ServerFirst, ..) => {
+            return Err(
+                "the tunnel carries neither HTTP nor TLS; only a CONNECT that policy permits as a blind tunnel may carry other protocols"
+                    .into(),
+            );
         }
     };
-    let io = Rewind::new(Bytes::copy_from_slice(&[first]), io);
-    if first != TLS_HANDSHAKE {
-        origin.scheme = "http";
-        let requests = serve_http(proxy, conn, origin, io).await;
-        return Ok(Served {
-            requests,
-            tls: false,
-        });
-    }
     let handshake = async {
         let start = LazyConfigAcceptor::new(Acceptor::default(), io)
             .await
@@ -146,14 +185,8 @@ pub(crate) async fn serve(
     };
     origin.scheme = "https";
     let requests = serve_http(proxy, conn, origin, tls).await;
-    Ok(Served {
-        requests,
-        tls: true,
-    })
+    Ok(Carried::Terminated(requests))
 }
-
-/// The first byte of a TLS record carrying a handshake message (RFC 8446 5.1).
-const TLS_HANDSHAKE: u8 = 0x16;
 
 /// Serve the requests on a tunnel's stream (decrypted, or plain) through the pipeline, with
 /// `origin` as every request's destination; returns how many were served.

@@ -33,6 +33,7 @@ pub(crate) mod idle;
 pub(crate) mod intercept;
 pub(crate) mod listener;
 mod rewind;
+mod sniff;
 pub(crate) mod upgrade;
 pub(crate) mod upstream;
 pub(crate) mod worker;

@@ -760,6 +760,12 @@ impl Cfg {
         self
     }
 
+    /// Leave section `key` out.
+    pub fn unset(mut self, key: &str) -> Cfg {
+        self.sections.retain(|(k, _)| k != key);
+        self
+    }
+
     /// The YAML text.
     pub fn yaml(&self) -> String {
         let mut out = String::new();
@@ -914,7 +920,7 @@ pub const INJECTED_KEY: &str = "conformance-sidecar-key-0123456789";
 
 /// A sidecar injecting `x-api-key` on every route to `localhost`/`127.0.0.1` at `ports`, with
 /// interception (its own CA, trusting `upstream_ca`), strip mode, `policy`, and whatever
-/// other sections `more` sets.
+/// `more` then sets or unsets.
 pub fn injecting_sidecar(
     ports: &[u16],
     upstream_ca: &str,
@@ -932,7 +938,7 @@ pub fn injecting_sidecar(
             })
         })
         .collect();
-    let cfg = more(Cfg::new())
+    let cfg = Cfg::new()
         .set(
             "tls",
             "ca_cert: {dir}/ca.pem\nca_key: {dir}/ca-key.pem\nupstream_roots: {dir}/upstream-ca.pem",
@@ -942,8 +948,8 @@ pub fn injecting_sidecar(
             &format!("app-key:\n  kind: static\n  from_env: {INJECTED_KEY_ENV}"),
         )
         .set("routes", &routes)
-        .set("strip", "mode: strip")
-        .yaml();
+        .set("strip", "mode: strip");
+    let cfg = more(cfg).yaml();
     let ca = upstream_ca.to_string();
     Sidecar::start_with(
         &cfg,
