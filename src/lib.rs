@@ -14,7 +14,8 @@
 //! pipeline            the ordered stages, one call each, over a per-request context
 //! stages              target -> identify -> route -> strip -> policy -> credentials
 //!                     -> (proxy::upstream) -> purpose_log
-//! foundations         error, metrics, fingerprint, tls
+//! foundations         error, metrics, fingerprint, tls, egress (direct or through the
+//!                     upstream proxy)
 //! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -29,6 +30,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod credentials;
+pub mod egress;
 pub mod error;
 pub mod files;
 pub mod fingerprint;

@@ -233,6 +233,7 @@ impl Pipeline {
             &self.routes.connect_timeouts(),
             self.upstream_tls.clone(),
             Arc::new(self.guardrails.clone()),
+            self.upstream.egress().clone(),
         );
         p
     }

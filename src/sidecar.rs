@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 use crate::admin;
 use crate::config::Config;
 use crate::credentials::Credentials;
+use crate::egress::Egress;
 use crate::fingerprint::Fingerprinter;
 use crate::metrics::Metrics;
 use crate::pipeline::{Interception, Pipeline};
@@ -124,12 +125,15 @@ pub(crate) async fn start(cfg: Config) -> Result<Running, StartError> {
                 .with_no_client_auth()
         }
     });
+    // Every connection out (upstreams, tunnels, token endpoints) goes the same way.
+    let egress = Egress::new(cfg.upstream_proxy.as_ref());
     let credentials = Arc::new(
-        Credentials::new(
+        Credentials::new_via(
             &cfg.credentials,
             fingerprinter.clone(),
             upstream_tls.clone(),
             metrics.clone(),
+            &egress,
         )
         .map_err(|e| build(e.to_string()))?,
     );
@@ -204,6 +208,7 @@ pub(crate) async fn start(cfg: Config) -> Result<Running, StartError> {
             &[],
             upstream_tls.clone(),
             Arc::new(guardrails),
+            egress,
         ),
         upstream_tls,
         interception: match &intercept {

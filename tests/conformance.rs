@@ -489,3 +489,97 @@ fn without_a_ca_tunnelled_plain_http_is_served_and_tls_is_spliced_or_refused() {
     assert!(spliced["bytes_out"].as_u64().unwrap() > 0, "{spliced}");
     sc.assert_never_shows(&[&app_key, KEY]);
 }
+
+/// `upstream_proxy` through a real squid that requires proxy authentication: an `http://`
+/// upstream is reached by sending the request to squid in absolute form (with the
+/// credentials from `auth_file`), an intercepted `https://` one through a CONNECT tunnel of
+/// squid's (TLS end to end: the upstream's certificate still verified), and without a CA a
+/// blind tunnel likewise; what `no_proxy` names goes direct. The upstream sees our credential
+/// either way, and squid's credentials appear nowhere in what the sidecar prints.
+#[test]
+fn upstream_proxy_chains_through_squid_except_what_no_proxy_names() {
+    let pki = TestPki::new();
+    let (plain, h2, unrouted) = (nginx_plain(), nginx_h2(&pki), nginx_h2(&pki));
+    let squid = Squid::start();
+    let auth = format!("{}:{}\n", Squid::USER, Squid::PASSWORD);
+    let chained = |c: Cfg| {
+        c.set(
+            "upstream_proxy",
+            &format!(
+                "url: http://127.0.0.1:{}\nno_proxy: [localhost]\nauth_file: {{dir}}/proxy-auth",
+                squid.port
+            ),
+        )
+    };
+    let files = [("proxy-auth", auth.as_str())];
+    let sc = injecting_sidecar_with(
+        &[plain.port, h2.port],
+        &pki.ca_pem,
+        PERMISSIVE_POLICY,
+        chained,
+        &files,
+    );
+    let proxy = sc.proxy_url();
+    let ca = sc.dir().join("ca.pem");
+    let get = |proxy: &str, ca: &Path, url: String| {
+        let (rc, code, body) =
+            curl_raw(&["--proxy", proxy, "--cacert", ca.to_str().unwrap(), &url]);
+        assert_eq!((rc, code), (0, 200), "{url}: {body}");
+        echoed(&body)
+    };
+    // Through squid: http in absolute form, https through its tunnel.
+    let e = get(
+        &proxy,
+        &ca,
+        format!("http://127.0.0.1:{}/via-squid", plain.port),
+    );
+    assert_eq!(e["key"], KEY, "{e:?}");
+    let e = get(
+        &proxy,
+        &ca,
+        format!("https://127.0.0.1:{}/via-squid-tls", h2.port),
+    );
+    assert_eq!(
+        (e["key"].as_str(), e["proto"].as_str()),
+        (KEY, "HTTP/2.0"),
+        "{e:?}"
+    );
+    // Direct: no_proxy names localhost.
+    let e = get(
+        &proxy,
+        &ca,
+        format!("http://localhost:{}/direct", plain.port),
+    );
+    assert_eq!(e["key"], KEY, "{e:?}");
+    sc.assert_never_shows(&[Squid::PASSWORD, INJECTED_KEY]);
+
+    // Without a CA, a blind tunnel policy permits goes through squid as well.
+    let blind = injecting_sidecar_with(
+        &[],
+        &pki.ca_pem,
+        PERMISSIVE_POLICY,
+        |c| chained(c).unset("tls"),
+        &files,
+    );
+    let upstream_ca = blind.dir().join("upstream-ca.pem");
+    let e = get(
+        &blind.proxy_url(),
+        &upstream_ca,
+        format!("https://127.0.0.1:{}/blind", unrouted.port),
+    );
+    assert_eq!(e["key"], "", "a blind tunnel is not seen: {e:?}");
+    blind.assert_never_shows(&[Squid::PASSWORD]);
+
+    // Squid logs a tunnel when it closes: the sidecar's pooled one closes with the sidecar.
+    drop((sc, blind));
+    let log = squid.access(3);
+    let user = Squid::USER;
+    for expected in [
+        format!("GET http://127.0.0.1:{}/via-squid 200 {user}", plain.port),
+        format!("CONNECT 127.0.0.1:{} 200 {user}", h2.port),
+        format!("CONNECT 127.0.0.1:{} 200 {user}", unrouted.port),
+    ] {
+        assert!(log.contains(&expected), "{expected}: {log:#?}");
+    }
+    assert_eq!(log.len(), 3, "no_proxy went through squid: {log:#?}");
+}

@@ -10,7 +10,7 @@
 //! 1 stages         target, identify, route, strip, policy, credentials, purpose_log, and the
 //!                  transport below the pipeline: proxy (settings), proxy::upstream, upgrade,
 //!                  drain, idle
-//! 0 foundations    error, metrics, fingerprint, files, tls
+//! 0 foundations    error, metrics, fingerprint, files, tls, egress
 //! ```
 //!
 //! Within a layer a file may reach its own layer, except that no stage reaches into the
@@ -63,7 +63,7 @@ fn layer(module: &str) -> (u8, bool) {
             "target" | "identify" | "route" | "strip" | "policy" | "credentials" | "purpose_log",
             _,
         ) => (1, false),
-        ("error" | "metrics" | "fingerprint" | "files" | "tls" | "lib", _) => (0, false),
+        ("error" | "metrics" | "fingerprint" | "files" | "tls" | "egress" | "lib", _) => (0, false),
         _ => panic!(
             "src/ has a module the layer map does not place: `{module}` (add it to tests/layers.rs and to the map in src/lib.rs)"
         ),

@@ -12,8 +12,16 @@ apt_install() {
     echo "tests/run.sh: missing Debian packages: $* (install them as root, then run again)" >&2
     exit 2
   fi
+  # Servers installed for the tests (nginx, squid) must not start as system services on
+  # their default ports: tests start their own on loopback. A policy-rc.d of our own says
+  # so for the time of the install (unless the machine has one already).
+  local policy=/usr/sbin/policy-rc.d ours=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && ours=1
+  fi
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  if [ "$ours" = 1 ]; then rm -f "$policy"; fi
 }
 
 # Real clients the integration tests drive: curl, and Python with `requests` and `httpx`.
@@ -30,6 +38,8 @@ command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 [ -x /usr/bin/python3 ] || missing+=(python3)
 # tests/conformance.rs: nginx from Debian as an upstream (HTTP/1.1, and TLS with HTTP/2).
 command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
+# ... and squid from Debian as the corporate egress proxy `upstream_proxy` chains through.
+[ -x /usr/sbin/squid ] || missing+=(squid)
 if [ ${#missing[@]} -gt 0 ]; then
   apt_install "${missing[@]}"
 fi

@@ -19,6 +19,7 @@ use marked_yaml::{LoaderOptions, Marker, Node};
 pub(crate) use schema::*;
 
 use crate::credentials::{CredentialSpec, JwtSpec, KeySource, StaticSource};
+use crate::egress::UpstreamProxy;
 use crate::identify::Identity;
 use crate::policy::PolicySource;
 use crate::proxy::{ListenAddr, ListenerSpec, Timeouts, TlsSettings};
@@ -112,6 +113,8 @@ pub(crate) struct Config {
     pub(crate) timeouts: Timeouts,
     /// Proxy worker threads.
     pub(crate) workers: usize,
+    /// The corporate proxy connections out go through, if any.
+    pub(crate) upstream_proxy: Option<UpstreamProxy>,
 }
 
 impl Config {
@@ -620,6 +623,11 @@ impl Validator<'_> {
             ),
         };
 
+        let upstream_proxy = raw
+            .upstream_proxy
+            .as_ref()
+            .and_then(|p| self.upstream_proxy(p));
+
         let workers = match raw.workers {
             None => std::thread::available_parallelism()
                 .map_or(1, |n| n.get())
@@ -645,6 +653,73 @@ impl Validator<'_> {
             log_output,
             timeouts,
             workers,
+            upstream_proxy,
+        })
+    }
+
+    fn upstream_proxy(&mut self, p: &UpstreamProxyConfig) -> Option<UpstreamProxy> {
+        use Seg::*;
+        let at = |k| [Key("upstream_proxy"), Key(k)];
+        let url: Option<http::Uri> = match p.url.parse::<http::Uri>() {
+            Ok(u) if u.scheme_str() != Some("http") => {
+                self.err(
+                    &at("url"),
+                    "an http:// proxy URL (the proxy is reached in plain HTTP; https:// upstreams stay TLS end to end through its CONNECT tunnels)",
+                );
+                None
+            }
+            Ok(u) if u.authority().is_some_and(|a| a.as_str().contains('@')) => {
+                self.err(
+                    &at("url"),
+                    "credentials never go in the URL: put `user:password` in a file and name it in `auth_file`",
+                );
+                None
+            }
+            Ok(u) if u.host().is_none_or(str::is_empty) => {
+                self.err(&at("url"), "the URL names no host");
+                None
+            }
+            Ok(u) => Some(u),
+            Err(e) => {
+                self.err(&at("url"), format!("not a URL: {e}"));
+                None
+            }
+        };
+        for (i, n) in p.no_proxy.iter().enumerate() {
+            if n.trim().is_empty() || n.contains(',') {
+                self.err(
+                    &[Key("upstream_proxy"), Key("no_proxy"), Idx(i)],
+                    "one host name, IP address, CIDR range or `*` per entry",
+                );
+            }
+        }
+        let credentials = p.auth_file.as_deref().and_then(|f| {
+            let path = self.path(f);
+            match std::fs::read_to_string(&path) {
+                // Never echo the content: it is a secret.
+                Ok(s) if s.trim().contains(':') => {
+                    Some(secrecy::SecretString::from(s.trim().to_string()))
+                }
+                Ok(_) => {
+                    self.err(
+                        &at("auth_file"),
+                        format!("{} does not hold `user:password`", path.display()),
+                    );
+                    None
+                }
+                Err(e) => {
+                    self.absent(
+                        &at("auth_file"),
+                        format!("cannot read {}: {e}", path.display()),
+                    );
+                    None
+                }
+            }
+        });
+        Some(UpstreamProxy {
+            url: url?,
+            no_proxy: p.no_proxy.iter().map(|n| n.trim().to_string()).collect(),
+            credentials,
         })
     }
 
@@ -1378,6 +1453,41 @@ timeouts:
             .find(|e| e.key == "routes[0].credential")
             .unwrap();
         assert_eq!(cred.line, 8, "{cred}");
+    }
+
+    #[test]
+    fn upstream_proxy_urls_are_http_without_credentials() {
+        let cfg = |proxy: &str| {
+            format!(
+                "identity: {{ id: i, workload: w, environment: e }}\nupstream_proxy:\n  url: {proxy}\n  no_proxy: [localhost, '10.0.0.0/8', 'a,b']\n"
+            )
+        };
+        for (url, says) in [
+            ("https://proxy.corp:3128", "an http:// proxy URL"),
+            (
+                "http://user:hunter2@proxy.corp:3128",
+                "credentials never go in the URL",
+            ),
+        ] {
+            let err = load(&cfg(url)).unwrap_err();
+            let e = err
+                .0
+                .iter()
+                .find(|e| e.key == "upstream_proxy.url")
+                .unwrap_or_else(|| panic!("{err}"));
+            assert!(e.message.contains(says), "{e}");
+            assert_eq!(e.line, 3, "{e}");
+            assert!(!err.to_string().contains("hunter2"), "{err}");
+            assert!(
+                err.0.iter().any(|e| e.key == "upstream_proxy.no_proxy[2]"),
+                "{err}"
+            );
+        }
+        let text = "identity: { id: i, workload: w, environment: e }\nupstream_proxy: { url: 'http://proxy.corp:3128', no_proxy: [localhost] }\n";
+        let ok = load(text).unwrap();
+        let p = ok.upstream_proxy.unwrap();
+        assert_eq!(p.url, "http://proxy.corp:3128/");
+        assert_eq!(p.no_proxy, ["localhost"]);
     }
 
     #[test]

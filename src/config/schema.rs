@@ -47,6 +47,9 @@ pub(crate) struct FileConfig {
     /// Timeouts on both sides of the proxy.
     #[serde(default)]
     pub(crate) timeouts: TimeoutsConfig,
+    /// An HTTP proxy that connections out go through (a corporate egress proxy).
+    #[serde(default)]
+    pub(crate) upstream_proxy: Option<UpstreamProxyConfig>,
     /// Worker threads serving proxy connections, each with its own event loop and upstream
     /// pool. Default: the number of CPUs available to the process.
     #[serde(default)]
@@ -368,6 +371,21 @@ pub(crate) struct LogConfig {
     /// `stdout`, `stderr` or a file path (appended). Default `stdout`.
     #[serde(default)]
     pub(crate) output: Option<String>,
+}
+
+/// `upstream_proxy`: chain through a corporate proxy.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UpstreamProxyConfig {
+    /// `http://host:port` of the proxy; credentials never go here (see `auth_file`).
+    pub(crate) url: String,
+    /// Destinations reached directly, as curl's `NO_PROXY` names them: host names (and their
+    /// subdomains; a leading dot is the same), IP addresses, CIDR ranges, `*` for all.
+    #[serde(default)]
+    pub(crate) no_proxy: Vec<String>,
+    /// A file holding `user:password` for the proxy (sent as Basic `Proxy-Authorization`).
+    #[serde(default)]
+    pub(crate) auth_file: Option<String>,
 }
 
 /// Timeouts; durations are strings with units (`500ms`, `30s`, `2m`).

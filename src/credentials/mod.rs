@@ -23,6 +23,7 @@ pub use jwt::{JwtMinter, JwtSpec, KeySource, MintRequest, Minted};
 pub use keys::{Allow, KeyError, SigningKey};
 pub use oauth::{ClientAuth, Exchange, Grant, OAuthSpec, TOKEN_TYPE_JWT, TokenParams, skew};
 
+use crate::egress::Egress;
 use crate::files::{self, FileStamp, stamp_of};
 use crate::fingerprint::Fingerprinter;
 use crate::metrics::{CacheLabels, FetchLabels, FlagLabels, Metrics};
@@ -235,12 +236,25 @@ fn cache_metrics(metrics: &Arc<Metrics>, name: &str) -> cache::CacheMetrics {
 }
 
 impl Credentials {
-    /// Build every source; fails if a key, certificate or secret cannot be loaded.
+    /// Build every source; fails if a key, certificate or secret cannot be loaded. Token
+    /// endpoints are reached directly.
     pub fn new(
         specs: &BTreeMap<String, CredentialSpec>,
         fingerprinter: Fingerprinter,
         tls: Arc<rustls::ClientConfig>,
         metrics: Arc<Metrics>,
+    ) -> Result<Self, CredentialError> {
+        Self::new_via(specs, fingerprinter, tls, metrics, &Egress::direct())
+    }
+
+    /// [`Credentials::new`], with token endpoints reached by `egress` (through the upstream
+    /// proxy where it applies).
+    pub(crate) fn new_via(
+        specs: &BTreeMap<String, CredentialSpec>,
+        fingerprinter: Fingerprinter,
+        tls: Arc<rustls::ClientConfig>,
+        metrics: Arc<Metrics>,
+        egress: &Egress,
     ) -> Result<Self, CredentialError> {
         let mut providers = BTreeMap::new();
         for (name, spec) in specs {
@@ -248,7 +262,7 @@ impl Credentials {
                 CredentialSpec::Jwt(j) => Provider::Jwt(JwtMinter::new(j)?),
                 CredentialSpec::OAuth(o) => Provider::OAuth(OAuth {
                     endpoint: Arc::new(
-                        oauth::TokenEndpoint::new((**o).clone(), &tls)
+                        oauth::TokenEndpoint::new((**o).clone(), &tls, egress)
                             .map_err(CredentialError::Config)?,
                     ),
                     cache: Arc::new(cache::TokenCache::new(name, cache_metrics(&metrics, name))),

@@ -219,7 +219,8 @@ struct ErrorResponse {
 }
 
 /// HTTP client for a token endpoint (HTTPS verified against the configured roots).
-type TokenClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+type TokenClient =
+    Client<hyper_rustls::HttpsConnector<crate::egress::Chain<HttpConnector>>, Full<Bytes>>;
 
 /// One credential's token endpoint and its HTTP client.
 pub(crate) struct TokenEndpoint {
@@ -331,7 +332,11 @@ impl rustls::client::ResolvesClientCert for FileClientCert {
 
 impl TokenEndpoint {
     /// The endpoint client; with `tls_client_auth`, one that presents the certificate.
-    pub(crate) fn new(spec: OAuthSpec, tls: &Arc<rustls::ClientConfig>) -> Result<Self, String> {
+    pub(crate) fn new(
+        spec: OAuthSpec,
+        tls: &Arc<rustls::ClientConfig>,
+        egress: &crate::egress::Egress,
+    ) -> Result<Self, String> {
         let mut tls = (**tls).clone();
         if let ClientAuth::TlsClientAuth {
             cert_file,
@@ -351,7 +356,7 @@ impl TokenEndpoint {
             .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
-            .wrap_connector(http);
+            .wrap_connector(egress.connector(http));
         Ok(TokenEndpoint {
             spec,
             client: Client::builder(TokioExecutor::new()).build(https),

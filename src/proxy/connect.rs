@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 
 use super::intercept::{Carried, OnTls};
 use super::worker::Proxy;
+use crate::egress::Egress;
 use crate::error::{ErrorCode, ProxyBody, REQUEST_ID_HEADER, Rejection, full};
 use crate::identify::Conn;
 use crate::pipeline::{ConnectPlan, Exchange, TunnelMode};
@@ -57,7 +58,8 @@ pub(crate) async fn handle(
             // served through the pipeline (which makes its own).
             let pipeline = &proxy.pipeline;
             let timeouts = pipeline.timeouts;
-            match dial(&target, &pipeline.guardrails, lifted, timeouts.connect).await {
+            let way = pipeline.upstream.egress();
+            match dial(&target, &pipeline.guardrails, lifted, timeouts.connect, way).await {
                 Ok(upstream) => {
                     x.log.upstream_ms = Some(ms(x.log.started().elapsed()));
                     let on_tls = OnTls::Splice(upstream, timeouts.idle);
@@ -84,6 +86,7 @@ async fn blind(
         &pipeline.guardrails,
         lifted,
         pipeline.timeouts.connect,
+        pipeline.upstream.egress(),
     )
     .await
     {
@@ -202,13 +205,37 @@ fn tunnel_established(request_id: &str) -> Response<ProxyBody> {
 /// metadata endpoint between the check and the connect. `lifted` is the guardrail kind a
 /// policy allowed for this destination as named (an IP literal or a metadata host name);
 /// other guardrails still hold.
+///
+/// A destination the upstream proxy covers is reached through a CONNECT tunnel of its own
+/// (the proxy resolves the name; policy decided on it as named).
 pub(crate) async fn dial(
     target: &Target,
     guard: &Guardrails,
     lifted: Option<&str>,
     timeout: Duration,
+    egress: &Egress,
 ) -> Result<TcpStream, Rejection> {
     let unreachable = |m: String| Rejection::new(ErrorCode::UpstreamUnreachable, m);
+    if egress.proxies_tunnel(&target.host, target.port) {
+        let through = egress.tunnel(&target.host, target.port);
+        return match tokio::time::timeout(timeout, through).await {
+            Ok(Some(Ok(s))) => {
+                let _ = s.set_nodelay(true);
+                Ok(s)
+            }
+            Ok(Some(Err(e))) => Err(unreachable(crate::error::innermost(&*e).to_string())),
+            Ok(None) => Err(unreachable(
+                "the upstream proxy does not cover this destination".into(),
+            )),
+            Err(_) => Err(Rejection::new(
+                ErrorCode::UpstreamTimeout,
+                format!(
+                    "the tunnel through the upstream proxy to {} did not open within {timeout:?}",
+                    target.host
+                ),
+            )),
+        };
+    }
     let addrs: Vec<SocketAddr> = tokio::time::timeout(
         timeout,
         tokio::net::lookup_host((target.host.as_str(), target.port)),

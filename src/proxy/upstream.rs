@@ -20,6 +20,7 @@ use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use crate::egress::{Chain, Egress};
 use crate::error::{BoxError, ErrorCode, ProxyBody, Rejection, full};
 use crate::policy::Guardrails;
 use crate::proxy::Timeouts;
@@ -260,7 +261,7 @@ where
     }
 }
 
-type Connector = hyper_rustls::HttpsConnector<GuardedConnector>;
+type Connector = hyper_rustls::HttpsConnector<Chain<GuardedConnector>>;
 
 /// Pooled clients to upstreams: HTTP/1.1, and for `https` HTTP/2 or HTTP/1.1 by ALPN, with the
 /// upstream's certificate and host name always verified. One pool per connect timeout in use
@@ -270,6 +271,8 @@ type Connector = hyper_rustls::HttpsConnector<GuardedConnector>;
 #[derive(Clone)]
 pub(crate) struct Upstream {
     clients: Vec<Pools>,
+    /// Direct, or through the upstream proxy.
+    egress: Egress,
 }
 
 /// The pools for one connect timeout.
@@ -305,6 +308,7 @@ impl Upstream {
         connects: &[Duration],
         tls: Arc<rustls::ClientConfig>,
         guard: Arc<Guardrails>,
+        egress: Egress,
     ) -> Self {
         let mut all = vec![t.connect];
         for c in connects {
@@ -316,11 +320,16 @@ impl Upstream {
             .into_iter()
             .map(|connect| Pools {
                 connect,
-                any: client(connect, &tls, &guard, true),
-                http1: client(connect, &tls, &guard, false),
+                any: client(connect, &tls, &guard, &egress, true),
+                http1: client(connect, &tls, &guard, &egress, false),
             })
             .collect();
-        Upstream { clients }
+        Upstream { clients, egress }
+    }
+
+    /// How this client reaches upstreams (for others that connect out the same way).
+    pub(crate) fn egress(&self) -> &Egress {
+        &self.egress
     }
 
     /// The pool for `connect`, HTTP/1.1-only for a request that asks for an upgrade.
@@ -351,6 +360,12 @@ impl Upstream {
             deadlines.connect,
             parts.headers.contains_key(header::UPGRADE),
         );
+        let mut parts = parts;
+        // An `http://` request through the upstream proxy carries the proxy's credentials
+        // itself (the app's own `Proxy-Authorization` was removed as hop-by-hop).
+        if let Some(auth) = self.egress.authorization_for(&parts.uri) {
+            parts.headers.insert(header::PROXY_AUTHORIZATION, auth);
+        }
         let deadline = tokio::time::Instant::now() + deadlines.response_head;
         let timed_out = || {
             Rejection::new(
@@ -440,6 +455,7 @@ fn client(
     connect: Duration,
     tls: &Arc<rustls::ClientConfig>,
     guard: &Arc<Guardrails>,
+    egress: &Egress,
     h2: bool,
 ) -> Client<Connector, ProxyBody> {
     let mut http = HttpConnector::new_with_resolver(GuardedResolver);
@@ -447,7 +463,7 @@ fn client(
     http.set_connect_timeout(Some(connect));
     http.set_keepalive(Some(Duration::from_secs(60)));
     http.enforce_http(false);
-    let http = GuardedConnector::new(http, guard.clone());
+    let http = egress.connector(GuardedConnector::new(http, guard.clone()));
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config((**tls).clone())
         .https_or_http()

@@ -802,12 +802,8 @@ impl Nginx {
             std::fs::write(dir.path().join(name), text).unwrap();
         }
         let d = dir.path().to_str().unwrap().to_string();
-        for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
+        let log = dir.path().join("error.log");
+        let (port, child) = on_a_free_port("nginx", &log, |port| {
             let conf = format!(
                 "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
                  events {{ worker_connections 256; }}\n\
@@ -819,32 +815,122 @@ impl Nginx {
             );
             let conf_path = dir.path().join("nginx.conf");
             std::fs::write(&conf_path, conf).unwrap();
-            let mut child = Command::new("nginx")
+            Command::new("nginx")
                 .args(["-c", conf_path.to_str().unwrap(), "-e"])
-                .arg(dir.path().join("error.log"))
+                .arg(&log)
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
-                .expect("nginx (apt-get install nginx-light; tests/run.sh does)");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Nginx { port, child, dir };
-                }
-                if let Some(status) = child.try_wait().unwrap() {
-                    let log =
-                        std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
-                    assert!(
-                        log.contains("Address already in use"),
-                        "nginx exited with {status}: {log}"
-                    );
-                    break;
-                }
-                assert!(Instant::now() < deadline, "nginx did not start");
-                std::thread::sleep(Duration::from_millis(20));
+                .expect("nginx (apt-get install nginx-light; tests/run.sh does)")
+        });
+        Nginx { port, child, dir }
+    }
+}
+
+/// Start a server that takes a fixed port (`start` is given one that was free a moment ago)
+/// and wait until it accepts connections; should another process take the port first (the
+/// server exits saying so in `log`), try another.
+fn on_a_free_port(what: &str, log: &Path, start: impl Fn(u16) -> Child) -> (u16, Child) {
+    for _ in 0..5 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = start(port);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return (port, child);
             }
+            if let Some(status) = child.try_wait().unwrap() {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                assert!(
+                    text.contains("Address already in use"),
+                    "{what} exited with {status}: {text}"
+                );
+                break;
+            }
+            assert!(Instant::now() < deadline, "{what} did not start");
+            std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("nginx found no free port in 5 tries");
+    }
+    panic!("{what} found no free port in 5 tries");
+}
+
+/// Squid from Debian as a corporate egress proxy on loopback, requiring Basic proxy
+/// authentication (`user`/`password` below) and logging each request as
+/// `METHOD URL STATUS USER` (`access()`).
+pub struct Squid {
+    pub port: u16,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Squid {
+    pub const USER: &'static str = "svc-egress";
+    pub const PASSWORD: &'static str = "squid-proxy-pw-5b2f";
+
+    pub fn start() -> Squid {
+        let dir = tempfile::tempdir().unwrap();
+        // Squid started as root runs as its own user, which must write its logs here.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let d = dir.path().to_str().unwrap().to_string();
+        let (ok, hash, err) =
+            run(Command::new("openssl").args(["passwd", "-apr1", Self::PASSWORD]));
+        assert!(ok, "{err}");
+        std::fs::write(
+            dir.path().join("passwd"),
+            format!("{}:{}\n", Self::USER, hash.trim()),
+        )
+        .unwrap();
+        let log = dir.path().join("cache.log");
+        let (port, child) = on_a_free_port("squid", &log, |port| {
+            let conf = format!(
+                "http_port 127.0.0.1:{port}\npid_filename {d}/squid.pid\n\
+                 logformat chap %rm %ru %>Hs %un\naccess_log stdio:{d}/access.log chap\n\
+                 cache_log {d}/cache.log\ncache deny all\ncache_mem 8 MB\ncoredump_dir {d}\n\
+                 shutdown_lifetime 0 seconds\n\
+                 auth_param basic program /usr/lib/squid/basic_ncsa_auth {d}/passwd\n\
+                 acl authed proxy_auth REQUIRED\nhttp_access allow authed\nhttp_access deny all\n"
+            );
+            let conf_path = dir.path().join("squid.conf");
+            std::fs::write(&conf_path, conf).unwrap();
+            Command::new("squid")
+                .args(["-N", "-f", conf_path.to_str().unwrap()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("squid (apt-get install squid; tests/run.sh does)")
+        });
+        Squid { port, child, dir }
+    }
+
+    /// The requests squid has logged so far, `METHOD URL STATUS USER` each (it writes its
+    /// log as requests end, so wait for `at_least`).
+    pub fn access(&self, at_least: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let lines: Vec<String> = std::fs::read_to_string(self.dir.path().join("access.log"))
+                .unwrap_or_default()
+                .lines()
+                // The readiness probe: a connection that sent nothing.
+                .filter(|l| !l.contains("error:transaction-end-before-headers"))
+                .map(str::to_owned)
+                .collect();
+            if lines.len() >= at_least || Instant::now() > deadline {
+                return lines;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Squid {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -927,6 +1013,17 @@ pub fn injecting_sidecar(
     policy: &str,
     more: impl FnOnce(Cfg) -> Cfg,
 ) -> Sidecar {
+    injecting_sidecar_with(ports, upstream_ca, policy, more, &[])
+}
+
+/// [`injecting_sidecar`], with `files` (name, text) written to its directory before it starts.
+pub fn injecting_sidecar_with(
+    ports: &[u16],
+    upstream_ca: &str,
+    policy: &str,
+    more: impl FnOnce(Cfg) -> Cfg,
+    files: &[(&str, &str)],
+) -> Sidecar {
     let routes: String = ports
         .iter()
         .flat_map(|p| {
@@ -951,11 +1048,18 @@ pub fn injecting_sidecar(
         .set("strip", "mode: strip");
     let cfg = more(cfg).yaml();
     let ca = upstream_ca.to_string();
+    let files: Vec<(String, String)> = files
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.to_string()))
+        .collect();
     Sidecar::start_with(
         &cfg,
         policy,
         &[(INJECTED_KEY_ENV, INJECTED_KEY)],
         move |dir: &Path| {
+            for (name, text) in &files {
+                std::fs::write(dir.join(name), text).unwrap();
+            }
             std::fs::write(dir.join("upstream-ca.pem"), &ca).unwrap();
             let (ok, _, err) =
                 run(Command::new(bin()).args(["ca", "init", "--out", dir.to_str().unwrap()]));
