@@ -1,6 +1,7 @@
 //! Stage 1, accept: work out where a request is going from its request target.
 //!
-//! - absolute-form `http://host/path` (the app set `HTTP_PROXY`);
+//! - absolute-form `http://host/path` (the app set `HTTP_PROXY`), and `https://host/path`
+//!   from clients that send https URLs to the proxy instead of tunnelling (axios);
 //! - origin-form `/path` with `Host` (reverse mode: the app's base URL or DNS points here);
 //! - authority-form `host:port` (CONNECT), see [`connect_target`].
 
@@ -87,18 +88,17 @@ pub(crate) fn resolve(
 /// The destination of a non-CONNECT request, and the URL userinfo if the app put one there.
 pub(crate) fn target(parts: &Parts) -> Result<(Target, Option<String>), Rejection> {
     let uri = &parts.uri;
-    let (authority, userinfo) = match uri.scheme_str() {
-        Some("http") => {
+    let (scheme, authority, userinfo) = match uri.scheme_str() {
+        // Absolute form. `https://` too: clients such as axios send https URLs to an HTTP
+        // proxy this way instead of tunnelling (the app-to-proxy hop is plain, on loopback,
+        // like every `http://` one), and the proxy makes the TLS connection itself.
+        Some(scheme @ ("http" | "https")) => {
             let a = uri
                 .authority()
                 .ok_or_else(|| bad("absolute URL without a host"))?;
             let userinfo = a.as_str().rsplit_once('@').map(|(u, _)| u.to_string());
-            (a.clone(), userinfo)
-        }
-        Some("https") => {
-            return Err(bad(
-                "https:// URLs go through CONNECT: set HTTPS_PROXY and let the client tunnel",
-            ));
+            let scheme = if scheme == "https" { "https" } else { "http" };
+            (scheme, a.clone(), userinfo)
         }
         Some(other) => return Err(bad(format!("unsupported scheme `{other}`"))),
         None => {
@@ -111,7 +111,7 @@ pub(crate) fn target(parts: &Parts) -> Result<(Target, Option<String>), Rejectio
             if a.as_str().contains('@') {
                 return Err(bad("malformed Host header"));
             }
-            (a, None)
+            ("http", a, None)
         }
     };
     let host = normalize_host(authority.host());
@@ -120,9 +120,11 @@ pub(crate) fn target(parts: &Parts) -> Result<(Target, Option<String>), Rejectio
     }
     Ok((
         Target {
-            scheme: "http",
+            scheme,
             host,
-            port: authority.port_u16().unwrap_or(80),
+            port: authority
+                .port_u16()
+                .unwrap_or(if scheme == "https" { 443 } else { 80 }),
             path: if uri.path().is_empty() {
                 "/".into()
             } else {
@@ -221,9 +223,20 @@ mod tests {
     }
 
     #[test]
-    fn https_absolute_form_is_refused() {
+    fn https_absolute_form_is_an_https_target() {
+        let (t, _) = target(&parts("https://A.test/v1/x?q=1", None)).unwrap();
         assert_eq!(
-            target(&parts("https://a.test/", None)).unwrap_err().code,
+            (t.scheme, t.host.as_str(), t.port),
+            ("https", "a.test", 443)
+        );
+        assert_eq!(
+            (t.path.as_str(), t.query.as_deref()),
+            ("/v1/x", Some("q=1"))
+        );
+        let (t, _) = target(&parts("https://a.test:8443/", None)).unwrap();
+        assert_eq!(t.port, 8443);
+        assert_eq!(
+            target(&parts("ftp://a.test/", None)).unwrap_err().code,
             ErrorCode::BadRequest
         );
     }

@@ -1,5 +1,5 @@
-//! Upgrades: WebSocket, and any other protocol an HTTP/1.1 request switches to with `Upgrade`
-//! (RFC 9110 §7.8). The handshake is a request like any other: it goes through every stage
+//! Upgrades: WebSocket, the one protocol an HTTP/1.1 request may switch to through Chaperone
+//! with `Upgrade` (RFC 9110 §7.8; see [`requested`] for why only it). The handshake is a request like any other: it goes through every stage
 //! (identify, strip and inject on its headers, policy with `context.upgrade`); this module
 //! only keeps the two upgrade headers across the hop (they are hop-by-hop, so the forward
 //! stage would drop them) and, once the upstream answered 101, relays bytes both ways until
@@ -25,7 +25,11 @@ use crate::metrics::Metrics;
 use crate::purpose_log::{Completion, LogGuard, UpgradeLog};
 
 /// The protocol a request asks to switch to: its `Upgrade` header, when its `Connection`
-/// header names `upgrade` (both are needed, RFC 9110 §7.8). Only HTTP/1.1 requests can ask.
+/// header names `upgrade` (both are needed, RFC 9110 §7.8). Only HTTP/1.1 requests can ask,
+/// and only for WebSocket: after a switch the connection is relayed unseen, so a protocol
+/// that carries more requests (`h2c`, which Java's HttpClient offers on every `http://`
+/// request) would carry them past the pipeline. Any other `Upgrade` is dropped as the
+/// hop-by-hop header it is, and the request served as a plain one.
 pub(crate) fn requested(version: http::Version, headers: &HeaderMap) -> Option<HeaderValue> {
     if version != http::Version::HTTP_11 {
         return None;
@@ -37,7 +41,7 @@ pub(crate) fn requested(version: http::Version, headers: &HeaderMap) -> Option<H
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
     let protocol = headers.get(header::UPGRADE)?;
-    (asks && !protocol.is_empty()).then(|| protocol.clone())
+    (asks && protocol_name(protocol) == "websocket").then(|| protocol.clone())
 }
 
 /// The first protocol an `Upgrade` value names, lower-cased without its version
@@ -205,6 +209,12 @@ mod tests {
         // A token that merely contains the word is not it.
         let lookalike = headers(&[("connection", "upgraded"), ("upgrade", "websocket")]);
         assert!(requested(http::Version::HTTP_11, &lookalike).is_none());
+        // h2c would carry further requests past the pipeline: not an upgrade we pass.
+        let h2c = headers(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+        ]);
+        assert!(requested(http::Version::HTTP_11, &h2c).is_none());
     }
 
     #[test]
