@@ -65,7 +65,7 @@ async fn start_holding(mode: &str, body_max: usize, key: &str) -> (Upstream, Sid
 
 /// Run a Python script through the sidecar; its stdout lines.
 fn python(sc: &Sidecar, script: &str) -> Vec<String> {
-    let (ok, out, err) = run(Command::new("python3")
+    let (ok, out, err) = run(Command::new(python())
         .args(["-c", script])
         .env("HTTP_PROXY", sc.proxy_url())
         .env_remove("NO_PROXY")

@@ -144,7 +144,7 @@ for url in (https_url, http_url):
         r = c.get(url, headers=headers)
         print("httpx", r.status_code, r.text.strip())
 "#;
-    let out = Command::new("python3")
+    let out = Command::new(python())
         .args(["-c", script, &proxy, ca.to_str().unwrap(), &https_url])
         .args([&http_url, &app_key])
         .env_remove("HTTP_PROXY")

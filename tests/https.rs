@@ -147,7 +147,7 @@ with httpx.Client(proxy="{proxy}", verify="{ca}") as c:
         proxy = sc.proxy_url(),
         ca = ca.display()
     );
-    let (ok, out, err) = run(Command::new("python3")
+    let (ok, out, err) = run(Command::new(python())
         .args(["-c", &script])
         .env("HTTPS_PROXY", sc.proxy_url())
         .env("REQUESTS_CA_BUNDLE", &ca)

@@ -401,7 +401,7 @@ except (ssl.SSLError, ConnectionResetError):
     data = b""
 print("closed after %.1f s: %r" % (time.monotonic() - start, data[:40]))
 "#;
-    let out = Command::new("python3")
+    let out = Command::new(python())
         .args(["-c", script, host, port, w.ca.to_str().unwrap()])
         .output()
         .unwrap();

@@ -238,7 +238,7 @@ for purpose in ["summarize-ticket", "answer-question"]:
 "#,
         port = up.addr.port()
     );
-    let (ok, out, err) = run(Command::new("python3")
+    let (ok, out, err) = run(Command::new(python())
         .args(["-c", &script])
         .env("HTTP_PROXY", sc.proxy_url())
         .env_remove("NO_PROXY")

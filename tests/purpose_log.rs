@@ -136,7 +136,7 @@ with requests.get(url, proxies={"http": proxy}, stream=True, timeout=10,
             print("done", r.status_code)
             break
 "#;
-    let out = Command::new("python3")
+    let out = Command::new(python())
         .args([
             "-c",
             script,

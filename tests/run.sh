@@ -43,9 +43,19 @@ command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
 if [ ${#missing[@]} -gt 0 ]; then
   apt_install "${missing[@]}"
 fi
-# The Python clients, at the versions tests/support/requirements.txt pins (a no-op, offline,
-# when they are installed already).
-python3 -m pip install --quiet --disable-pip-version-check -r tests/support/requirements.txt
+# The Python clients and servers, at the versions tests/support/requirements.txt pins, in a
+# venv under target/ (the machine's own Python packages are neither needed nor changed);
+# installed again whenever the requirements are newer than the venv.
+py=target/test-python
+if [ ! -x "$py/bin/python3" ] || [ tests/support/requirements.txt -nt "$py/.installed" ]; then
+  mkdir -p target
+  python3 -m venv "$py" 2>/dev/null || {
+    apt_install python3-venv
+    python3 -m venv "$py"
+  }
+  "$py/bin/pip" install --quiet --disable-pip-version-check -r tests/support/requirements.txt
+  touch "$py/.installed"
+fi
 
 # npm packages, pinned by tests/support/package-lock.json (Node ships with the machine): a real
 # authorization server for the OAuth tests (oidc-provider) and Node's proxy-aware HTTP client

@@ -29,7 +29,7 @@ struct Echo {
 
 impl Echo {
     fn start(pki: Option<&TestPki>) -> Echo {
-        let mut cmd = Command::new("python3");
+        let mut cmd = Command::new(python());
         cmd.arg(support().join("ws_echo.py"));
         let certs = pki.map(|pki| {
             let dir = tempfile::tempdir().unwrap();
@@ -168,7 +168,7 @@ asyncio.run(main())
 "#;
     let proxy = sc.proxy_url();
     let proxy_port = proxy.rsplit(':').next().unwrap().to_string();
-    let out = Command::new("python3")
+    let out = Command::new(python())
         .args(["-c", script, &proxy_port])
         .arg(sc.dir().join("ca.pem"))
         .arg(format!("ws://127.0.0.1:{}/v1/realtime?model=m", plain.port))

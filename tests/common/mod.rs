@@ -662,6 +662,19 @@ pub fn verify_with_jwks(
 /// A Kubernetes tool (`kubectl`, `kubernetes-validate`, and the `python3` that has PyYAML)
 /// from the venv `.ci/run` installs in `target/k8s-tools`, else from PATH.
 #[allow(dead_code)]
+/// The Python with the pinned test clients and servers (tests/support/requirements.txt):
+/// the venv tests/run.sh makes under target/, so the machine's own Python packages are
+/// neither needed nor touched.
+pub fn python() -> PathBuf {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-python/bin/python3");
+    assert!(
+        venv.exists(),
+        "{} is missing: run tests/run.sh once, which makes it",
+        venv.display()
+    );
+    venv
+}
+
 pub fn k8s_tool(name: &str) -> PathBuf {
     let venv = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("target/k8s-tools/bin")
