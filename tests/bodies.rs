@@ -64,7 +64,7 @@ async fn start_holding(mode: &str, body_max: usize, key: &str) -> (Upstream, Sid
 }
 
 /// Run a Python script through the sidecar; its stdout lines.
-fn python(sc: &Sidecar, script: &str) -> Vec<String> {
+fn python_through(sc: &Sidecar, script: &str) -> Vec<String> {
     let (ok, out, err) = run(Command::new(python())
         .args(["-c", script])
         .env("HTTP_PROXY", sc.proxy_url())
@@ -116,7 +116,7 @@ print(r.status_code)
 "#,
         proxy = sc.proxy_url()
     );
-    assert_eq!(python(&sc, &script), ["200", "200", "200"]);
+    assert_eq!(python_through(&sc, &script), ["200", "200", "200"]);
 
     let reqs = up.requests();
     assert_eq!(reqs.len(), 3);
@@ -185,7 +185,7 @@ r = requests.post(u + "/benign", json={{"messages": [{{"content": "hello"}}], "r
 print(r.status_code)
 "#
     );
-    let out = python(&sc, &script);
+    let out = python_through(&sc, &script);
     assert!(out[0].starts_with("403 embedded_secret "), "{out:?}");
     assert!(
         out[0].contains("openai_project_key in body:content") && out[0].contains("body_field"),
@@ -315,7 +315,7 @@ def gen():
 print(requests.post(u + "/chunked", data=gen(), headers={{"content-type": "application/json"}}).status_code)
 "#
     );
-    assert_eq!(python(&sc, &script), ["200", "200"]);
+    assert_eq!(python_through(&sc, &script), ["200", "200"]);
     let reqs = up.requests();
     let expected = format!(r#"{{"doc": "{filler}"}}"#);
     assert_eq!(reqs.len(), 2);
@@ -348,7 +348,7 @@ with httpx.Client(proxy="{proxy}") as c:
 "#,
         proxy = sc.proxy_url()
     );
-    assert_eq!(python(&sc, &script), ["200", "200"]);
+    assert_eq!(python_through(&sc, &script), ["200", "200"]);
 
     // A key in an uploaded .env file, on a route that injects no body field: refused.
     let dir = tempfile::tempdir().unwrap();

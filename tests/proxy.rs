@@ -511,10 +511,10 @@ async fn garbage_and_oversized_requests_get_4xx_and_the_proxy_keeps_serving() {
     assert!((400..500).contains(&code), "{code}");
     let (code, body) = raw_request(
         sc.proxy,
-        "GET https://127.0.0.1:1/ HTTP/1.1\r\nHost: 127.0.0.1:1\r\nConnection: close\r\n\r\n",
+        "GET ftp://127.0.0.1:1/ HTTP/1.1\r\nHost: 127.0.0.1:1\r\nConnection: close\r\n\r\n",
     );
     assert_eq!(code, 400);
-    assert!(body.contains("bad_request") && body.contains("CONNECT"));
+    assert!(body.contains("bad_request") && body.contains("unsupported scheme"));
     let (code, body) = raw_request(
         sc.proxy,
         "GET http://127.0.0.1:1/ HTTP/1.1\r\nHost: x\r\nchaperone-purpose: has spaces\r\nConnection: close\r\n\r\n",

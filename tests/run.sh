@@ -40,6 +40,8 @@ command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
 # ... and squid from Debian as the corporate egress proxy `upstream_proxy` chains through.
 [ -x /usr/sbin/squid ] || missing+=(squid)
+# tests/sdks.rs: Java's HttpClient, run as a single-file program (needs the JDK's compiler).
+command -v javac >/dev/null 2>&1 || missing+=(default-jdk-headless)
 if [ ${#missing[@]} -gt 0 ]; then
   apt_install "${missing[@]}"
 fi

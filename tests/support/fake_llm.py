@@ -4,7 +4,7 @@ driven through Chaperone against a real HTTP/2 server.
 
 Usage: python3 fake_llm.py CERT KEY
 
-Prints `ready TLS_PORT` and `plain PLAIN_PORT` once listening. The shapes are the vendors'
+Prints `plain PLAIN_PORT`, then `ready TLS_PORT`, once listening. The shapes are the vendors'
 documented wire formats, as small as the SDKs accept:
 
 - POST /v1/chat/completions: OpenAI Chat Completions, JSON or (`"stream": true`) SSE chunks
@@ -202,8 +202,9 @@ async def main():
     config.insecure_bind = [f"fd://{plain.fileno()}"]
     config.accesslog = None
     config.errorlog = "-"
-    print(f"ready {tls.getsockname()[1]}", flush=True)
+    # `plain` first: the test harness returns at `ready`.
     print(f"plain {plain.getsockname()[1]}", flush=True)
+    print(f"ready {tls.getsockname()[1]}", flush=True)
     await serve(app, config)
 
 

@@ -1,0 +1,293 @@
+//! The clients AI apps are written with, through Chaperone, against a model API served by
+//! hypercorn (an ASGI server speaking HTTP/2 over TLS and HTTP/1.1): the official `openai` and
+//! `anthropic` Python SDKs (plain and streaming, through HTTPS_PROXY-style CONNECT with
+//! interception, HTTP_PROXY-style absolute form, and reverse mode), httpx with `http2=True`,
+//! and aiohttp. Each call sends the app's own key; each must reach the server with ours
+//! instead, streams must arrive as they are sent, and every log line must be complete and
+//! right. Versions are pinned in tests/support/requirements.txt.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use serde_json::Value;
+
+fn support() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support")
+}
+
+/// The model API: hypercorn on a TLS port (h2 and http/1.1 by ALPN) and a plain one.
+pub struct ModelApi {
+    _server: ServerProcess,
+    pub tls: u16,
+    pub plain: u16,
+    _certs: tempfile::TempDir,
+}
+
+impl ModelApi {
+    pub fn start(pki: &TestPki) -> ModelApi {
+        let certs = tempfile::tempdir().unwrap();
+        let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+        std::fs::write(&cert, &pki.server_cert_pem).unwrap();
+        std::fs::write(&key, &pki.server_key_pem).unwrap();
+        let mut cmd = Command::new(python());
+        cmd.arg(support().join("fake_llm.py")).arg(&cert).arg(&key);
+        let server = ServerProcess::start(cmd, "the hypercorn model API");
+        let tls = server.port.unwrap();
+        let plain = server.lines_after("plain ")[0].parse().unwrap();
+        ModelApi {
+            _server: server,
+            tls,
+            plain,
+            _certs: certs,
+        }
+    }
+}
+
+/// An Anthropic API key as the console issues them (`sk-ant-api03-`, 93 URL-safe characters,
+/// `AA`), embedded by the app.
+fn fake_anthropic_key() -> String {
+    let body: String = (0..6)
+        .map(|_| format!("{:016x}", rand_u64()))
+        .collect::<String>()
+        .chars()
+        .take(93)
+        .collect();
+    format!("sk-ant-api03-{body}AA")
+}
+
+/// Run a client script; its `NAME JSON` lines by name.
+fn calls_of(cmd: &mut Command) -> BTreeMap<String, Value> {
+    let out = cmd
+        .env_remove("HTTP_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("ALL_PROXY")
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .map(|l| {
+            let (name, json) = l.split_once(' ').unwrap();
+            let v = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {l}"));
+            (name.to_string(), v)
+        })
+        .collect()
+}
+
+/// Every expected call was made, and each reached the API with our key and not the app's,
+/// over HTTP/2 to the TLS port and HTTP/1.1 to the plain one; each stream arrived in five
+/// parts spread over its 800 ms, not in one piece.
+fn assert_calls(calls: &BTreeMap<String, Value>, expected: &[&str], api: &ModelApi) {
+    let mut want: Vec<&str> = expected.to_vec();
+    want.sort_unstable();
+    assert_eq!(calls.keys().map(String::as_str).collect::<Vec<_>>(), want);
+    for (name, call) in calls {
+        let seen = &call["seen"];
+        assert_eq!(seen["key"], INJECTED_KEY, "{name}: {call}");
+        assert_eq!(
+            seen["auth"], "",
+            "{name}: the app's key reached the API: {call}"
+        );
+        let tls = name.contains("https") || name.starts_with("httpx-http2");
+        let proto = if tls { "HTTP/2" } else { "HTTP/1.1" };
+        assert_eq!(seen["proto"], proto, "{name}: {call}");
+        let port = if tls { api.tls } else { api.plain };
+        let host = seen["host"].as_str().unwrap();
+        assert!(host.ends_with(&format!(":{port}")), "{name}: {call}");
+        if name.ends_with("stream") || name.ends_with("sse") {
+            assert_eq!(call["parts"], 5, "{name}: {call}");
+            let spread = call["spread_ms"].as_f64().unwrap();
+            assert!(spread > 500.0, "{name}: arrived in one piece: {call}");
+        }
+    }
+}
+
+/// One line per call, each right: allowed, 200 from the upstream, our credential, the app's
+/// key stripped, and ended as the client ended it.
+fn assert_lines(sc: &Sidecar, n: usize) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let lines = loop {
+        // Tunnels' own lines come too, and may come first.
+        let lines: Vec<Value> = sc
+            .log_lines(0)
+            .into_iter()
+            .filter(|l| l["kind"] == "http")
+            .collect();
+        if lines.len() >= n || std::time::Instant::now() > deadline {
+            break lines;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(lines.len(), n, "{lines:#?}");
+    for l in &lines {
+        assert_eq!(l["status"], 200, "{l}");
+        assert_eq!(l["answered_by"], "upstream", "{l}");
+        assert_eq!(l["error"], Value::Null, "{l}");
+        assert_eq!(l["credential"]["name"], "app-key", "{l}");
+        assert_eq!(l["stripped"].as_array().unwrap().len(), 1, "{l}");
+        // A client stops reading a stream at its end event (`[DONE]`, `message_stop`) and
+        // may close before the upstream's last frame comes through: that is
+        // `client_closed`, not an error (audit counts it as a good call). The clients name
+        // their calls' purpose, `call` or `stream`.
+        match (l["completion"].as_str().unwrap(), l["purpose"].as_str()) {
+            ("complete", Some("call" | "stream")) | ("client_closed", Some("stream")) => {}
+            _ => panic!("{l}"),
+        }
+    }
+    lines
+}
+
+#[test]
+fn openai_and_anthropic_sdks_httpx_http2_and_aiohttp_against_hypercorn() {
+    let pki = TestPki::new();
+    let api = ModelApi::start(&pki);
+    let sc = injecting_sidecar(&[api.tls, api.plain], &pki.ca_pem, PERMISSIVE_POLICY, |c| c);
+    let (openai_key, anthropic_key) = (fake_openai_key(), fake_anthropic_key());
+    let calls = calls_of(
+        Command::new(python())
+            .arg(support().join("sdk_clients.py"))
+            .arg(sc.proxy_url())
+            .arg(sc.dir().join("ca.pem"))
+            .args([api.tls.to_string(), api.plain.to_string()])
+            .args([&openai_key, &anthropic_key]),
+    );
+    let expected = [
+        "openai-https",
+        "openai-https-stream",
+        "openai-http",
+        "openai-http-stream",
+        "openai-reverse",
+        "openai-reverse-stream",
+        "anthropic-https",
+        "anthropic-https-stream",
+        "anthropic-http",
+        "anthropic-http-stream",
+        "httpx-http2",
+        "httpx-http2-sse",
+        "aiohttp-https",
+        "aiohttp-https-sse",
+        "aiohttp-http",
+        "aiohttp-http-sse",
+    ];
+    assert_calls(&calls, &expected, &api);
+    let lines = assert_lines(&sc, expected.len());
+    // The anthropic SDK (2.x) sends its key as a bearer token; recognized as Anthropic's.
+    let anthropic: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["path"] == "/v1/messages")
+        .collect();
+    assert_eq!(anthropic.len(), 4);
+    for l in anthropic {
+        assert_eq!(l["stripped"][0]["type"], "anthropic_api_key", "{l}");
+    }
+    sc.assert_never_shows(&[&openai_key, &anthropic_key, INJECTED_KEY]);
+}
+
+/// axios (npm, pinned in tests/support/package-lock.json) the three ways Node apps point it
+/// at a proxy: the `proxy` option, `https_proxy` from the environment (axios 1.21 tunnels
+/// https through CONNECT itself), and an `HttpsProxyAgent`.
+#[test]
+fn node_axios_through_the_proxy_option_the_environment_and_an_agent() {
+    let pki = TestPki::new();
+    let api = ModelApi::start(&pki);
+    let sc = injecting_sidecar(&[api.tls, api.plain], &pki.ca_pem, PERMISSIVE_POLICY, |c| c);
+    let key = fake_openai_key();
+    let calls = calls_of(
+        Command::new("node")
+            .arg(support().join("axios_client.mjs"))
+            .arg(sc.proxy_url())
+            .arg(format!("https://localhost:{}", api.tls))
+            .arg(format!("http://127.0.0.1:{}", api.plain))
+            .arg(&key)
+            .current_dir(support())
+            .env("NODE_EXTRA_CA_CERTS", sc.dir().join("ca.pem"))
+            .env("https_proxy", sc.proxy_url()),
+    );
+    let expected = [
+        "axios-http",
+        "axios-http-sse",
+        "axios-https-env",
+        "axios-https-env-sse",
+        "axios-https-agent",
+        "axios-https-agent-sse",
+    ];
+    assert_calls(&calls, &expected, &api);
+    assert_lines(&sc, expected.len());
+    sc.assert_never_shows(&[&key, INJECTED_KEY]);
+}
+
+/// A request for an `https://` URL sent to the proxy in absolute form, over plain HTTP (older
+/// axios releases and some HTTP libraries do this instead of tunnelling): the proxy makes the
+/// TLS connection, verifying the upstream, and the request goes through every stage.
+#[test]
+fn an_https_url_in_absolute_form_is_served_over_tls_upstream() {
+    let pki = TestPki::new();
+    let api = ModelApi::start(&pki);
+    let sc = injecting_sidecar(&[api.tls], &pki.ca_pem, PERMISSIVE_POLICY, |c| c);
+    let key = fake_openai_key();
+    let target = format!("https://localhost:{}/echo", api.tls);
+    let (code, body) = raw_request(
+        sc.proxy,
+        &format!(
+            "GET {target} HTTP/1.1\r\nHost: localhost:{}\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n",
+            api.tls
+        ),
+    );
+    assert_eq!(code, 200, "{body}");
+    let (_, json) = body.split_once("\r\n\r\n").unwrap();
+    let seen: Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!(seen["key"], INJECTED_KEY, "{seen}");
+    assert_eq!(seen["auth"], "", "{seen}");
+    assert_eq!(seen["proto"], "HTTP/2", "{seen}");
+    let l = &sc.log_lines(1)[0];
+    assert_eq!(
+        (l["scheme"].as_str(), l["status"].as_u64()),
+        (Some("https"), Some(200)),
+        "{l}"
+    );
+    sc.assert_never_shows(&[&key, INJECTED_KEY]);
+}
+
+/// Java's `java.net.http.HttpClient` (the JDK on the machine): HTTP/2 through the intercepted
+/// tunnel, and on `http://` its h2c upgrade offer is not passed on (the request is served
+/// as HTTP/1.1 through the pipeline).
+#[test]
+fn java_httpclient_through_the_proxy() {
+    let pki = TestPki::new();
+    let api = ModelApi::start(&pki);
+    let sc = injecting_sidecar(&[api.tls, api.plain], &pki.ca_pem, PERMISSIVE_POLICY, |c| c);
+    let key = fake_openai_key();
+    let proxy = sc.proxy_url();
+    let (host, port) = proxy
+        .trim_start_matches("http://")
+        .rsplit_once(':')
+        .unwrap();
+    let calls = calls_of(
+        Command::new("java")
+            .arg(support().join("java/Client.java"))
+            .args([host, port])
+            .arg(sc.dir().join("ca.pem"))
+            .arg(format!("https://localhost:{}", api.tls))
+            .arg(format!("http://127.0.0.1:{}", api.plain))
+            .arg(&key),
+    );
+    let expected = ["java-https", "java-https-sse", "java-http", "java-http-sse"];
+    assert_calls(&calls, &expected, &api);
+    assert_eq!(calls["java-https"]["client_version"], "HTTP_2");
+    assert_eq!(calls["java-http"]["client_version"], "HTTP_1_1");
+    let lines = assert_lines(&sc, expected.len());
+    for l in &lines {
+        assert!(l["upgrade"].is_null(), "{l}");
+    }
+    sc.assert_never_shows(&[&key, INJECTED_KEY]);
+}
