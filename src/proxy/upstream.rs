@@ -264,10 +264,10 @@ where
 type Connector = hyper_rustls::HttpsConnector<Chain<GuardedConnector>>;
 
 /// Pooled clients to upstreams: HTTP/1.1, and for `https` HTTP/2 or HTTP/1.1 by ALPN, with the
-/// upstream's certificate and host name always verified. One pool per connect timeout in use
-/// (the global one, then each route's own), since a connector has one connect timeout; each
-/// with a twin that offers only HTTP/1.1, for requests that ask for an upgrade (an HTTP/1.1
-/// mechanism: over an h2 connection the handshake could not switch).
+/// upstream's certificate and host name always verified. One set of pools per connect timeout
+/// in use (the global one, then each route's own), since a connector has one connect timeout;
+/// in each set, beside that pool, one that speaks only HTTP/1.1 (for upgrades) and one only
+/// HTTP/2 (for gRPC, also to plain `http://` upstreams): see [`Wire`].
 #[derive(Clone)]
 pub(crate) struct Upstream {
     clients: Vec<Pools>,
@@ -279,10 +279,40 @@ pub(crate) struct Upstream {
 #[derive(Clone)]
 struct Pools {
     connect: Duration,
-    /// HTTP/2 or HTTP/1.1, by ALPN.
+    /// HTTP/2 or HTTP/1.1 by ALPN for `https`, HTTP/1.1 for `http`.
     any: Client<Connector, ProxyBody>,
     /// HTTP/1.1 only.
     http1: Client<Connector, ProxyBody>,
+    /// HTTP/2 only, also for `http` (prior knowledge, h2c).
+    http2: Client<Connector, ProxyBody>,
+}
+
+/// Which HTTP version a request needs upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    /// Whatever the upstream offers (ALPN), HTTP/1.1 in plain text.
+    Any,
+    /// HTTP/1.1: an upgrade (WebSocket) is an HTTP/1.1 mechanism.
+    Http1,
+    /// HTTP/2: gRPC runs only on HTTP/2, so to a plain `http://` upstream it goes as h2c
+    /// with prior knowledge (RFC 9113 3.3), as gRPC clients send it.
+    Http2,
+}
+
+impl Wire {
+    fn of(headers: &http::HeaderMap) -> Wire {
+        let grpc = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| t.starts_with("application/grpc"));
+        if headers.contains_key(header::UPGRADE) {
+            Wire::Http1
+        } else if grpc {
+            Wire::Http2
+        } else {
+            Wire::Any
+        }
+    }
 }
 
 /// How long one request may take upstream, phase by phase (the route's own, else global).
@@ -320,8 +350,9 @@ impl Upstream {
             .into_iter()
             .map(|connect| Pools {
                 connect,
-                any: client(connect, &tls, &guard, &egress, true),
-                http1: client(connect, &tls, &guard, &egress, false),
+                any: client(connect, &tls, &guard, &egress, Wire::Any),
+                http1: client(connect, &tls, &guard, &egress, Wire::Http1),
+                http2: client(connect, &tls, &guard, &egress, Wire::Http2),
             })
             .collect();
         Upstream { clients, egress }
@@ -332,14 +363,18 @@ impl Upstream {
         &self.egress
     }
 
-    /// The pool for `connect`, HTTP/1.1-only for a request that asks for an upgrade.
-    fn client(&self, connect: Duration, upgrade: bool) -> &Client<Connector, ProxyBody> {
+    /// The pool for `connect` and the HTTP version the request needs.
+    fn client(&self, connect: Duration, wire: Wire) -> &Client<Connector, ProxyBody> {
         let pools = self
             .clients
             .iter()
             .find(|p| p.connect == connect)
             .unwrap_or(&self.clients[0]);
-        if upgrade { &pools.http1 } else { &pools.any }
+        match wire {
+            Wire::Any => &pools.any,
+            Wire::Http1 => &pools.http1,
+            Wire::Http2 => &pools.http2,
+        }
     }
 
     /// Send a request; the response head must arrive within `deadlines.response_head`.
@@ -356,10 +391,7 @@ impl Upstream {
         deadlines: Deadlines,
     ) -> Result<(Response<Incoming>, Duration), Rejection> {
         let start = Instant::now();
-        let client = self.client(
-            deadlines.connect,
-            parts.headers.contains_key(header::UPGRADE),
-        );
+        let client = self.client(deadlines.connect, Wire::of(&parts.headers));
         let mut parts = parts;
         // An `http://` request through the upstream proxy carries the proxy's credentials
         // itself (the app's own `Proxy-Authorization` was removed as hop-by-hop).
@@ -449,14 +481,13 @@ impl OutBody {
     }
 }
 
-/// A pooled client whose connector gives up connecting after `connect`; it offers HTTP/2 by
-/// ALPN when `h2`.
+/// A pooled client whose connector gives up connecting after `connect`, speaking `wire`.
 fn client(
     connect: Duration,
     tls: &Arc<rustls::ClientConfig>,
     guard: &Arc<Guardrails>,
     egress: &Egress,
-    h2: bool,
+    wire: Wire,
 ) -> Client<Connector, ProxyBody> {
     let mut http = HttpConnector::new_with_resolver(GuardedResolver);
     http.set_nodelay(true);
@@ -468,12 +499,12 @@ fn client(
         .with_tls_config((**tls).clone())
         .https_or_http()
         .enable_http1();
-    let http = if h2 {
-        builder.enable_http2().wrap_connector(http)
-    } else {
-        builder.wrap_connector(http)
+    let http = match wire {
+        Wire::Http1 => builder.wrap_connector(http),
+        Wire::Any | Wire::Http2 => builder.enable_http2().wrap_connector(http),
     };
     Client::builder(TokioExecutor::new())
+        .http2_only(wire == Wire::Http2)
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(90))
