@@ -616,14 +616,7 @@ impl Pipeline {
         idle: Duration,
     ) -> Response<ProxyBody> {
         let (mut head, body) = resp.into_parts();
-        upstream::strip_hop_by_hop(&mut head.headers);
-        upstream::append_via(&mut head.headers, &self.via);
-        if let Ok(v) = HeaderValue::from_str(&x.caller.request_id) {
-            head.headers.insert(REQUEST_ID_HEADER.clone(), v);
-        }
-        x.log.status = head.status.as_u16();
-        x.log.answered_by = Some("upstream");
-        x.log.upstream_version = Some(version_name(head.version));
+        self.pass_on(&mut x, &mut head, None);
         let body = LoggedBody {
             length: body.size_hint().exact(),
             inner: body,
@@ -633,6 +626,28 @@ impl Pipeline {
             silence: None,
         };
         Response::from_parts(head, body.boxed_unsync())
+    }
+
+    /// An upstream response head on its way to the app: hop-by-hop headers out (the upgrade
+    /// ones back in for a switch to `upgrade`), our `Via` and the request id in; the line
+    /// notes who answered and how.
+    fn pass_on(
+        &self,
+        x: &mut Exchange,
+        head: &mut http::response::Parts,
+        upgrade: Option<&HeaderValue>,
+    ) {
+        upstream::strip_hop_by_hop(&mut head.headers);
+        if let Some(protocol) = upgrade {
+            upgrade::restore(&mut head.headers, protocol);
+        }
+        upstream::append_via(&mut head.headers, &self.via);
+        if let Ok(v) = HeaderValue::from_str(&x.caller.request_id) {
+            head.headers.insert(REQUEST_ID_HEADER.clone(), v);
+        }
+        x.log.status = head.status.as_u16();
+        x.log.answered_by = Some("upstream");
+        x.log.upstream_version = Some(version_name(head.version));
     }
 
     /// The upstream agreed to switch protocols: pass its 101 on (with the upgrade headers,
@@ -648,15 +663,7 @@ impl Pipeline {
         let upstream_side = hyper::upgrade::on(&mut resp);
         let (mut head, _) = resp.into_parts();
         let agreed = head.headers.get(header::UPGRADE).cloned();
-        upstream::strip_hop_by_hop(&mut head.headers);
-        upgrade::restore(&mut head.headers, agreed.as_ref().unwrap_or(asked));
-        upstream::append_via(&mut head.headers, &self.via);
-        if let Ok(v) = HeaderValue::from_str(&x.caller.request_id) {
-            head.headers.insert(REQUEST_ID_HEADER.clone(), v);
-        }
-        x.log.status = head.status.as_u16();
-        x.log.answered_by = Some("upstream");
-        x.log.upstream_version = Some(version_name(head.version));
+        self.pass_on(&mut x, &mut head, Some(agreed.as_ref().unwrap_or(asked)));
         let handoff = Handoff {
             upstream: upstream_side,
             log: x.log,

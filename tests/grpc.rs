@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -49,19 +48,7 @@ fn grpcio_unary_and_streaming_over_insecure_and_tls_channels() {
         .env_remove("no_proxy")
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let calls: BTreeMap<String, Value> = text
-        .lines()
-        .map(|l| {
-            let (name, json) = l.split_once(' ').unwrap();
-            (name.to_string(), serde_json::from_str(json).unwrap())
-        })
-        .collect();
+    let calls = named_lines(&out);
     assert_eq!(
         calls.keys().map(String::as_str).collect::<Vec<_>>(),
         [
@@ -70,7 +57,6 @@ fn grpcio_unary_and_streaming_over_insecure_and_tls_channels() {
             "grpc-tls",
             "grpc-tls-stream"
         ],
-        "{text}"
     );
     for (name, call) in &calls {
         assert_eq!(call["seen"]["key"], INJECTED_KEY, "{name}: {call}");
@@ -82,18 +68,7 @@ fn grpcio_unary_and_streaming_over_insecure_and_tls_channels() {
         }
     }
 
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let lines = loop {
-        let lines: Vec<Value> = sc
-            .log_lines(0)
-            .into_iter()
-            .filter(|l| l["kind"] == "http")
-            .collect();
-        if lines.len() >= 4 || std::time::Instant::now() > deadline {
-            break lines;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let lines = sc.lines_where(4, |l| l["kind"] == "http");
     assert_eq!(lines.len(), 4, "{lines:#?}");
     for l in &lines {
         assert_eq!(l["status"], 200, "{l}");

@@ -59,7 +59,8 @@ fn fake_anthropic_key() -> String {
     format!("sk-ant-api03-{body}AA")
 }
 
-/// Run a client script; its `NAME JSON` lines by name.
+/// Run a client script, with no proxy in its environment but what the test sets; its
+/// `NAME JSON` lines by name.
 fn calls_of(cmd: &mut Command) -> BTreeMap<String, Value> {
     let out = cmd
         .env_remove("HTTP_PROXY")
@@ -69,19 +70,7 @@ fn calls_of(cmd: &mut Command) -> BTreeMap<String, Value> {
         .env_remove("no_proxy")
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text.lines()
-        .map(|l| {
-            let (name, json) = l.split_once(' ').unwrap();
-            let v = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {l}"));
-            (name.to_string(), v)
-        })
-        .collect()
+    named_lines(&out)
 }
 
 /// Every expected call was made, and each reached the API with our key and not the app's,
@@ -115,19 +104,7 @@ fn assert_calls(calls: &BTreeMap<String, Value>, expected: &[&str], api: &ModelA
 /// One line per call, each right: allowed, 200 from the upstream, our credential, the app's
 /// key stripped, and ended as the client ended it.
 fn assert_lines(sc: &Sidecar, n: usize) -> Vec<Value> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let lines = loop {
-        // Tunnels' own lines come too, and may come first.
-        let lines: Vec<Value> = sc
-            .log_lines(0)
-            .into_iter()
-            .filter(|l| l["kind"] == "http")
-            .collect();
-        if lines.len() >= n || std::time::Instant::now() > deadline {
-            break lines;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let lines = sc.lines_where(n, |l| l["kind"] == "http");
     assert_eq!(lines.len(), n, "{lines:#?}");
     for l in &lines {
         assert_eq!(l["status"], 200, "{l}");

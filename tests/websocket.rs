@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -55,21 +56,11 @@ fn assert_handshake_injected(hello: &Value) {
     assert_eq!(hello["auth"], "", "the app's key was stripped: {hello}");
 }
 
-/// The lines of upgraded connections, once `n` of them are written.
+/// The lines of upgraded connections, once `n` of them are written; exactly `n`.
 fn upgrade_lines(sc: &Sidecar, n: usize) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let lines: Vec<Value> = sc
-            .log_lines(0)
-            .into_iter()
-            .filter(|l| !l["upgrade"].is_null())
-            .collect();
-        if lines.len() >= n || Instant::now() > deadline {
-            assert_eq!(lines.len(), n, "{lines:#?}");
-            return lines;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let lines = sc.lines_where(n, |l| !l["upgrade"].is_null());
+    assert_eq!(lines.len(), n, "{lines:#?}");
+    lines
 }
 
 /// A WebSocket line that ran to a normal close: 101, our credential, the app's key stripped,
@@ -86,23 +77,23 @@ fn assert_relayed(l: &Value) {
     assert_eq!(l["stripped"][0]["type"], "openai_project_key", "{l}");
 }
 
-/// A client script's output: one `NAME JSON` line per conversation.
-fn conversations(out: &std::process::Output, n: usize) -> Vec<(String, Value)> {
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got: Vec<(String, Value)> = text
-        .lines()
-        .map(|l| {
-            let (name, json) = l.split_once(' ').unwrap();
-            (name.to_string(), serde_json::from_str(json).unwrap())
-        })
-        .collect();
-    assert_eq!(got.len(), n, "{text}");
+/// A client script's conversations by name: exactly `names`.
+fn conversations(out: &std::process::Output, names: &[&str]) -> BTreeMap<String, Value> {
+    let got = named_lines(out);
+    let mut want = names.to_vec();
+    want.sort_unstable();
+    assert_eq!(got.keys().map(String::as_str).collect::<Vec<_>>(), want);
     got
+}
+
+/// The two echo servers (`ws://`, and `wss://` with the test PKI) and a sidecar injecting our
+/// key on both.
+fn echoes() -> (Echo, Echo, Sidecar) {
+    let pki = TestPki::new();
+    let (plain, tls) = (Echo::start(None), Echo::start(Some(&pki)));
+    let ports = [plain.port, tls.port];
+    let sc = injecting_sidecar(&ports, &pki.ca_pem, PERMISSIVE_POLICY, |c| c);
+    (plain, tls, sc)
 }
 
 /// One conversation as each client script reports it: the handshake carried our key, an echo
@@ -121,14 +112,7 @@ fn assert_conversation(name: &str, c: &Value) {
 
 #[test]
 fn python_websockets_over_ws_and_wss_through_the_proxy_and_in_reverse_mode() {
-    let pki = TestPki::new();
-    let (plain, tls) = (Echo::start(None), Echo::start(Some(&pki)));
-    let sc = injecting_sidecar(
-        &[plain.port, tls.port],
-        &pki.ca_pem,
-        PERMISSIVE_POLICY,
-        |c| c,
-    );
+    let (plain, tls, sc) = echoes();
     let app_key = fake_openai_key();
     let script = r#"
 import asyncio, json, socket, ssl, sys, time
@@ -180,23 +164,31 @@ asyncio.run(main())
         .env_remove("no_proxy")
         .output()
         .unwrap();
-    let got = conversations(&out, 4);
+    let got = conversations(
+        &out,
+        &[
+            "ws-proxy",
+            "wss-proxy",
+            "ws-reverse",
+            "wss-key-in-subprotocol",
+        ],
+    );
     for (name, c) in &got {
         assert_conversation(name, c);
     }
     // The key left the subprotocol list; the protocol the server speaks stayed, and was picked.
-    let realtime = &got[3].1;
+    let realtime = &got["wss-key-in-subprotocol"];
     assert_eq!(
         realtime["hello"]["protocols"], "realtime, openai-beta.realtime-v1",
         "{realtime}"
     );
     assert_eq!(realtime["subprotocol"], "realtime", "{realtime}");
-    assert_eq!(got[0].1["hello"]["path"], "/v1/realtime?model=m");
+    assert_eq!(got["ws-proxy"]["hello"]["path"], "/v1/realtime?model=m");
+    let wss = &got["wss-proxy"];
     assert_eq!(
-        got[1].1["hello"]["host"],
+        wss["hello"]["host"],
         format!("localhost:{}", tls.port),
-        "{:?}",
-        got[1]
+        "{wss}"
     );
 
     let lines = upgrade_lines(&sc, 4);
@@ -229,14 +221,7 @@ asyncio.run(main())
 /// CA from `NODE_EXTRA_CA_CERTS`, README's trust row).
 #[test]
 fn node_ws_through_http_and_https_proxy_agents() {
-    let pki = TestPki::new();
-    let (plain, tls) = (Echo::start(None), Echo::start(Some(&pki)));
-    let sc = injecting_sidecar(
-        &[plain.port, tls.port],
-        &pki.ca_pem,
-        PERMISSIVE_POLICY,
-        |c| c,
-    );
+    let (plain, tls, sc) = echoes();
     let app_key = fake_openai_key();
     let script = r#"
 import WebSocket from 'ws';
@@ -287,7 +272,8 @@ await talk('wss-https-proxy-agent', wssUrl, new HttpsProxyAgent(proxy));
         .env("NODE_EXTRA_CA_CERTS", sc.dir().join("ca.pem"))
         .output()
         .unwrap();
-    for (name, c) in conversations(&out, 2) {
+    let names = ["ws-http-proxy-agent", "wss-https-proxy-agent"];
+    for (name, c) in conversations(&out, &names) {
         assert_conversation(&name, &c);
     }
     let lines = upgrade_lines(&sc, 2);

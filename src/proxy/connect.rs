@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
+use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
@@ -99,13 +100,8 @@ async fn blind(
     let response = tunnel_established(&x.caller.request_id);
     let (metrics, idle) = (pipeline.metrics.clone(), pipeline.timeouts.idle);
     tokio::spawn(async move {
-        let upgraded = match hyper::upgrade::on(req).await {
-            Ok(u) => u,
-            Err(e) => {
-                x.log.error = Some(format!("upgrade failed: {e}"));
-                x.log.finish();
-                return;
-            }
+        let Some((upgraded, mut x)) = switched(req, x).await else {
+            return;
         };
         metrics.tunnels_open.inc();
         let (up, down, error) = splice(TokioIo::new(upgraded), upstream, idle).await;
@@ -141,13 +137,8 @@ fn open(
     );
     let response = tunnel_established(&x.caller.request_id);
     tokio::spawn(async move {
-        let upgraded = match hyper::upgrade::on(req).await {
-            Ok(u) => u,
-            Err(e) => {
-                x.log.error = Some(format!("upgrade failed: {e}"));
-                x.log.finish();
-                return;
-            }
+        let Some((upgraded, mut x)) = switched(req, x).await else {
+            return;
         };
         let client = conn.client;
         if splicing {
@@ -188,6 +179,19 @@ fn open(
         x.log.finish();
     });
     response
+}
+
+/// The app's side of a tunnel once the 200 went out; `None` (the line written with the
+/// reason) when the connection was gone before it switched.
+async fn switched(req: Request<Incoming>, mut x: Exchange) -> Option<(Upgraded, Exchange)> {
+    match hyper::upgrade::on(req).await {
+        Ok(u) => Some((u, x)),
+        Err(e) => {
+            x.log.error = Some(format!("upgrade failed: {e}"));
+            x.log.finish();
+            None
+        }
+    }
 }
 
 /// The empty 200 that opens a CONNECT tunnel (blind or intercepted).

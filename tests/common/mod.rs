@@ -378,6 +378,24 @@ impl Sidecar {
         }
     }
 
+    /// The lines `keep` picks, once there are `n` of them (or after 10 s, with what there
+    /// is): lines of other kinds, a tunnel's, say, may come first or in between.
+    pub fn lines_where(
+        &self,
+        n: usize,
+        keep: impl Fn(&serde_json::Value) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let lines: Vec<serde_json::Value> =
+                self.log_lines(0).into_iter().filter(|l| keep(l)).collect();
+            if lines.len() >= n || Instant::now() > deadline {
+                return lines;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Everything the process printed.
     pub fn output(&self) -> String {
         format!(
@@ -1079,4 +1097,26 @@ pub fn injecting_sidecar_with(
             assert!(ok, "{err}");
         },
     )
+}
+
+/// A client script's report: it ran to success, printing one `NAME JSON` line per call;
+/// the calls by name.
+pub fn named_lines(
+    out: &std::process::Output,
+) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .map(|l| {
+            let (name, json) = l
+                .split_once(' ')
+                .unwrap_or_else(|| panic!("not `NAME JSON`: {l}"));
+            let v = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {l}"));
+            (name.to_string(), v)
+        })
+        .collect()
 }
