@@ -352,7 +352,6 @@ fn node_undici_proxy_agents_through_the_tunnel_for_http_and_https() {
     let app_key = fake_openai_key();
     let http_url = format!("http://127.0.0.1:{}/v1/models", plain.port);
     let https_url = format!("https://localhost:{}/v1/models", h2.port);
-    let support = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support");
     let script = r#"
 import { ProxyAgent, EnvHttpProxyAgent, fetch } from 'undici';
 const [proxy, key, ...urls] = process.argv.slice(1);
@@ -363,19 +362,10 @@ for (const url of urls) {
   }
 }
 "#;
-    let out = Command::new("node")
-        .args([
-            "--input-type=module",
-            "-e",
-            script,
-            &sc.proxy_url(),
-            &app_key,
-        ])
+    let out = node_script(script, &sc, &app_key)
         .args([&http_url, &https_url])
-        .current_dir(&support)
         .env("HTTP_PROXY", sc.proxy_url())
         .env("HTTPS_PROXY", sc.proxy_url())
-        .env("NODE_EXTRA_CA_CERTS", sc.dir().join("ca.pem"))
         .env_remove("NO_PROXY")
         .env_remove("no_proxy")
         .output()

@@ -258,18 +258,9 @@ function talk(name, url, agent) {
 await talk('ws-http-proxy-agent', wsUrl, new HttpProxyAgent(proxy));
 await talk('wss-https-proxy-agent', wssUrl, new HttpsProxyAgent(proxy));
 "#;
-    let out = Command::new("node")
-        .args([
-            "--input-type=module",
-            "-e",
-            script,
-            &sc.proxy_url(),
-            &app_key,
-        ])
+    let out = node_script(script, &sc, &app_key)
         .arg(format!("ws://127.0.0.1:{}/v1/realtime", plain.port))
         .arg(format!("wss://localhost:{}/v1/realtime", tls.port))
-        .current_dir(support())
-        .env("NODE_EXTRA_CA_CERTS", sc.dir().join("ca.pem"))
         .output()
         .unwrap();
     let names = ["ws-http-proxy-agent", "wss-https-proxy-agent"];

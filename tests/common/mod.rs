@@ -1120,3 +1120,20 @@ pub fn named_lines(
         })
         .collect()
 }
+
+/// A Node ES module given inline, run from tests/support (so it imports the pinned npm
+/// packages there), with the proxy URL and the app's key as its first two arguments and
+/// `NODE_EXTRA_CA_CERTS` trusting the sidecar's CA.
+pub fn node_script(script: &str, sc: &Sidecar, app_key: &str) -> Command {
+    let mut cmd = Command::new("node");
+    cmd.args([
+        "--input-type=module",
+        "-e",
+        script,
+        &sc.proxy_url(),
+        app_key,
+    ])
+    .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support"))
+    .env("NODE_EXTRA_CA_CERTS", sc.dir().join("ca.pem"));
+    cmd
+}
