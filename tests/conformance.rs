@@ -161,11 +161,7 @@ for url in (https_url, http_url):
     }
 
     // The log says the same: every request allowed, 200, the key stripped, no error.
-    let http: Vec<Value> = sc
-        .log_lines(7)
-        .into_iter()
-        .filter(|l| l["kind"] == "http")
-        .collect();
+    let http = sc.lines_where(7, |l| l["kind"] == "http");
     assert_eq!(http.len(), 7, "{http:?}");
     for l in &http {
         assert_eq!(l["status"], 200, "{l}");
