@@ -53,6 +53,9 @@ pub(crate) enum ErrorCode {
     BadRequest,
     /// 508: the request has already passed through this proxy.
     LoopDetected,
+    /// 413: the body is larger than the proxy can take for this route (a signed request's
+    /// body must be read whole).
+    BodyTooLarge,
 }
 
 impl ErrorCode {
@@ -66,6 +69,7 @@ impl ErrorCode {
             ErrorCode::UpstreamTimeout => "upstream_timeout",
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::LoopDetected => "loop_detected",
+            ErrorCode::BodyTooLarge => "body_too_large",
         }
     }
 
@@ -78,6 +82,7 @@ impl ErrorCode {
             ErrorCode::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
             ErrorCode::LoopDetected => StatusCode::LOOP_DETECTED,
+            ErrorCode::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 

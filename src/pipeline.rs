@@ -350,11 +350,23 @@ impl Pipeline {
 
         // Stage: credential. Obtained for this call and injected; fail closed.
         if let Some(route) = route {
+            // A credential that signs the whole request (`aws`) needs the whole body first.
+            if let Some(limit) = route
+                .credential
+                .as_deref()
+                .and_then(|c| self.credentials.body_to_sign(c))
+            {
+                body = self.whole_body(body, limit).await?;
+            }
             let call = Call {
                 caller: &x.caller,
                 target: &target,
                 method: parts.method.as_str(),
                 purpose,
+                query: match new_query.as_deref() {
+                    Some(q) => Some(q),
+                    None => target.query.as_deref(),
+                },
             };
             let issued = self
                 .credentials
@@ -590,6 +602,53 @@ impl Pipeline {
                 log.body_scan = Some("skipped_too_large");
                 Ok((OutBody::Prefixed(head, rest), Vec::new()))
             }
+        }
+    }
+
+    /// Read a request body whole, up to `limit` bytes (a request signed over its body's hash
+    /// cannot be streamed); a larger one is refused with 413.
+    async fn whole_body(&self, body: OutBody, limit: usize) -> Result<OutBody, Rejection> {
+        let too_large = || {
+            Rejection::new(
+                ErrorCode::BodyTooLarge,
+                format!(
+                    "the request body is larger than the {limit} bytes this route's credential can sign"
+                ),
+            )
+        };
+        let (head, rest) = match body {
+            OutBody::Buffered(b) if b.len() > limit => return Err(too_large()),
+            OutBody::Buffered(b) => return Ok(OutBody::Buffered(b)),
+            OutBody::Stream(s) => (Bytes::new(), s),
+            OutBody::Prefixed(head, rest) => (head, rest),
+        };
+        let room = limit.checked_sub(head.len()).ok_or_else(too_large)?;
+        let read =
+            tokio::time::timeout(self.timeouts.header_read, upstream::read_up_to(rest, room))
+                .await
+                .map_err(|_| {
+                    Rejection::new(
+                        ErrorCode::BadRequest,
+                        format!(
+                            "the request body did not arrive within {:?}",
+                            self.timeouts.header_read
+                        ),
+                    )
+                })?
+                .map_err(|e| {
+                    Rejection::new(
+                        ErrorCode::BadRequest,
+                        format!("reading the request body failed: {e}"),
+                    )
+                })?;
+        match read {
+            upstream::BodyRead::Whole(tail) if head.is_empty() => Ok(OutBody::Buffered(tail)),
+            upstream::BodyRead::Whole(tail) => {
+                let mut all = bytes::BytesMut::from(&head[..]);
+                all.extend_from_slice(&tail);
+                Ok(OutBody::Buffered(all.freeze()))
+            }
+            upstream::BodyRead::Partial(..) => Err(too_large()),
         }
     }
 

@@ -148,9 +148,20 @@ pub(crate) struct Route {
     pub(crate) strip: Option<StripMode>,
     /// Timeouts that replace the global ones on this route.
     pub(crate) timeouts: RouteTimeouts,
+    /// SigV4 scope overrides, for an `aws` credential.
+    pub(crate) sign: Option<SignScope>,
 }
 
-/// A route's own timeouts (`routes[].timeouts`); unset ones are the global ones.
+/// `routes[].sign`: what an `aws` credential signs for when the host does not say.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct SignScope {
+    /// SigV4 signing name, where the host does not say.
+    pub(crate) service: Option<String>,
+    /// Region, where the host does not say.
+    pub(crate) region: Option<String>,
+}
+
+/// A route's own timeouts; each absent one is the global one.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct RouteTimeouts {
     /// Connecting to the upstream.
@@ -275,6 +286,7 @@ mod tests {
             max_ttl: None,
             strip: None,
             timeouts: Default::default(),
+            sign: None,
         }
     }
 

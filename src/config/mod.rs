@@ -953,6 +953,85 @@ impl Validator<'_> {
                     source,
                 })
             }
+            CredentialConfig::Aws {
+                region,
+                role_arn,
+                web_identity_token_file,
+                sts_endpoint,
+                session_duration,
+                session_name,
+                body_max_bytes,
+                timeout,
+            } => {
+                if !role_arn.starts_with("arn:aws") || !role_arn.contains(":role/") {
+                    self.err(
+                        &at("role_arn"),
+                        "an IAM role ARN (arn:aws:iam::ACCOUNT:role/NAME)",
+                    );
+                }
+                self.nonempty(&at("region"), region);
+                let token_file = self.path(web_identity_token_file);
+                if let Err(e) = std::fs::metadata(&token_file) {
+                    self.absent(
+                        &at("web_identity_token_file"),
+                        format!("cannot read {}: {e}", token_file.display()),
+                    );
+                }
+                let endpoint = sts_endpoint
+                    .clone()
+                    .unwrap_or_else(|| format!("https://sts.{region}.amazonaws.com"));
+                let sts_endpoint = match endpoint.parse::<http::Uri>() {
+                    Ok(u)
+                        if matches!(u.scheme_str(), Some("https" | "http"))
+                            && u.host().is_some() =>
+                    {
+                        u
+                    }
+                    _ => {
+                        self.err(&at("sts_endpoint"), "an https:// URL");
+                        return None;
+                    }
+                };
+                let session_duration = self.duration(
+                    &at("session_duration"),
+                    session_duration.as_deref(),
+                    Duration::from_secs(3600),
+                );
+                if !(900..=43_200).contains(&session_duration.as_secs()) {
+                    self.err(
+                        &at("session_duration"),
+                        "between 15m and 12h (STS's limits)",
+                    );
+                }
+                let session_name = session_name
+                    .clone()
+                    .unwrap_or_else(|| format!("chaperone-{}", identity.workload));
+                let valid_name = (2..=64).contains(&session_name.len())
+                    && session_name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "=,.@-_".contains(c));
+                if !valid_name {
+                    self.err(
+                        &at("session_name"),
+                        "2 to 64 characters of letters, digits and =,.@-_ (STS's rule)",
+                    );
+                }
+                Some(CredentialSpec::Aws(crate::credentials::AwsSpec {
+                    name: name.to_string(),
+                    region: region.clone(),
+                    role_arn: role_arn.clone(),
+                    web_identity_token_file: token_file,
+                    sts_endpoint,
+                    session_duration,
+                    session_name,
+                    body_max_bytes: body_max_bytes.unwrap_or(8 * 1024 * 1024),
+                    timeout: self.duration(
+                        &at("timeout"),
+                        timeout.as_deref(),
+                        Duration::from_secs(5),
+                    ),
+                }))
+            }
         }
     }
 
@@ -1216,6 +1295,25 @@ impl Validator<'_> {
         {
             self.err(&[Key("routes"), Idx(i), Key("purpose_default")], e);
         }
+        let signs = r
+            .credential
+            .as_ref()
+            .and_then(|c| credentials.get(c))
+            .is_some_and(|c| matches!(c, CredentialSpec::Aws(_)));
+        let sign = match (&r.sign, signs) {
+            (Some(_), false) => {
+                self.err(
+                    &[Key("routes"), Idx(i), Key("sign")],
+                    "`sign` goes with a credential of kind aws",
+                );
+                None
+            }
+            (Some(s), true) => Some(crate::route::SignScope {
+                service: s.service.clone(),
+                region: s.region.clone(),
+            }),
+            (None, _) => None,
+        };
         let timeouts = match &r.timeouts {
             None => RouteTimeouts::default(),
             Some(t) => {
@@ -1252,6 +1350,7 @@ impl Validator<'_> {
             max_ttl,
             strip: r.strip,
             timeouts,
+            sign,
         })
     }
 
@@ -1347,7 +1446,9 @@ impl<'a> EndpointFields<'a> {
                 timeout: timeout.as_deref(),
                 allow_none: matches!(c, CredentialConfig::TokenExchange { .. }),
             }),
-            CredentialConfig::Jwt { .. } | CredentialConfig::Static { .. } => None,
+            CredentialConfig::Jwt { .. }
+            | CredentialConfig::Static { .. }
+            | CredentialConfig::Aws { .. } => None,
         }
     }
 }
@@ -1488,6 +1589,36 @@ timeouts:
         let p = ok.upstream_proxy.unwrap();
         assert_eq!(p.url, "http://proxy.corp:3128/");
         assert_eq!(p.no_proxy, ["localhost"]);
+    }
+
+    #[test]
+    fn aws_credentials_are_checked_as_a_whole() {
+        let text = "\
+identity: { id: i, workload: w, environment: e }
+credentials:
+  a:
+    kind: aws
+    region: us-east-1
+    role_arn: inference
+    web_identity_token_file: /nonexistent/token
+    session_duration: 5m
+    session_name: 'has spaces'
+routes:
+  - name: r
+    match: { host: api.example.org }
+    sign: { service: bedrock }
+";
+        let err = load(text).unwrap_err();
+        let keys: Vec<_> = err.0.iter().map(|e| e.key.as_str()).collect();
+        for want in [
+            "credentials.a.role_arn",
+            "credentials.a.web_identity_token_file",
+            "credentials.a.session_duration",
+            "credentials.a.session_name",
+            "routes[0].sign",
+        ] {
+            assert!(keys.contains(&want), "missing {want} in {err}");
+        }
     }
 
     #[test]

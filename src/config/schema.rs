@@ -233,6 +233,32 @@ pub(crate) enum CredentialConfig {
         #[serde(default)]
         from_file: Option<String>,
     },
+    /// AWS session credentials from STS `AssumeRoleWithWebIdentity`; requests on its routes
+    /// are signed with SigV4.
+    Aws {
+        /// Region signed for when the host does not name one.
+        region: String,
+        /// The role to assume.
+        role_arn: String,
+        /// The projected web identity token (EKS IRSA); re-read on every fetch.
+        web_identity_token_file: String,
+        /// STS endpoint. Default `https://sts.<region>.amazonaws.com`.
+        #[serde(default)]
+        sts_endpoint: Option<String>,
+        /// Session lifetime asked for, 15m to 12h. Default `1h`.
+        #[serde(default)]
+        session_duration: Option<String>,
+        /// Role session name. Default `chaperone-<workload>`.
+        #[serde(default)]
+        session_name: Option<String>,
+        /// Largest request body signed (the signature covers its hash); larger ones get 413.
+        /// Default 8 MiB.
+        #[serde(default)]
+        body_max_bytes: Option<usize>,
+        /// How long the STS call may take. Default `5s`.
+        #[serde(default)]
+        timeout: Option<String>,
+    },
 }
 
 /// One route: which requests it matches and what the sidecar does for them.
@@ -274,9 +300,25 @@ pub(crate) struct RouteConfig {
     /// Overrides the global strip mode on this route.
     #[serde(default)]
     pub(crate) strip: Option<StripMode>,
+    /// For an `aws` credential: the service and region signed for, where the host does not
+    /// say (or says otherwise).
+    #[serde(default)]
+    pub(crate) sign: Option<SignConfig>,
     /// Overrides the global `connect`, `response_head` and `idle` timeouts on this route.
     #[serde(default)]
     pub(crate) timeouts: Option<RouteTimeoutsConfig>,
+}
+
+/// `routes[].sign`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SignConfig {
+    /// SigV4 signing name (`bedrock`, `secretsmanager`, `s3`, ...).
+    #[serde(default)]
+    pub(crate) service: Option<String>,
+    /// Region.
+    #[serde(default)]
+    pub(crate) region: Option<String>,
 }
 
 /// A route's own timeouts.

@@ -1,4 +1,5 @@
-//! The token cache of one token-endpoint credential.
+//! The token cache of one fetched credential: a token-endpoint token, or a cloud's session
+//! credentials ([`Fetched`] says what the cache needs to know of either).
 //!
 //! - A token is handed out until `exp - skew` (skew: 10% of its lifetime, at least 10 s).
 //! - In the last quarter of that window the first request that sees it starts one refresh in
@@ -20,6 +21,24 @@ use prometheus_client::metrics::histogram::Histogram;
 
 use super::oauth::{Failure, Token, skew};
 
+/// What the cache needs to know of a fetched credential: when it was asked for, and how long
+/// it lives.
+pub(crate) trait Fetched: Send + Sync + 'static {
+    /// When the request for it was sent.
+    fn fetched_at(&self) -> Instant;
+    /// Its lifetime as issued, when known.
+    fn lifetime(&self) -> Option<Duration>;
+}
+
+impl Fetched for Token {
+    fn fetched_at(&self) -> Instant {
+        self.fetched_at
+    }
+    fn lifetime(&self) -> Option<Duration> {
+        self.lifetime
+    }
+}
+
 /// First backoff after a failed fetch.
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 /// Longest backoff.
@@ -29,18 +48,18 @@ const CAPACITY: u64 = 10_000;
 
 /// A cached token and its timers.
 #[derive(Debug)]
-pub(crate) struct Entry {
+pub(crate) struct Entry<T = Token> {
     /// The token.
-    pub(crate) token: Token,
+    pub(crate) token: T,
     refresh_at: Instant,
     cache_until: Instant,
     refreshing: AtomicBool,
 }
 
-impl Entry {
-    fn new(token: Token) -> Self {
-        let life = token.lifetime.unwrap_or(Duration::from_secs(60));
-        let start = token.fetched_at;
+impl<T: Fetched> Entry<T> {
+    fn new(token: T) -> Self {
+        let life = token.lifetime().unwrap_or(Duration::from_secs(60));
+        let start = token.fetched_at();
         let cache_until = (start + life.saturating_sub(skew(life))).max(start);
         let refresh_at = start + cache_until.saturating_duration_since(start) * 3 / 4;
         Entry {
@@ -54,8 +73,8 @@ impl Entry {
 
 struct EntryExpiry;
 
-impl moka::Expiry<String, Arc<Entry>> for EntryExpiry {
-    fn expire_after_create(&self, _: &String, e: &Arc<Entry>, now: Instant) -> Option<Duration> {
+impl<T> moka::Expiry<String, Arc<Entry<T>>> for EntryExpiry {
+    fn expire_after_create(&self, _: &String, e: &Arc<Entry<T>>, now: Instant) -> Option<Duration> {
         Some(e.cache_until.saturating_duration_since(now))
     }
 
@@ -64,7 +83,7 @@ impl moka::Expiry<String, Arc<Entry>> for EntryExpiry {
     fn expire_after_update(
         &self,
         _: &String,
-        e: &Arc<Entry>,
+        e: &Arc<Entry<T>>,
         now: Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
@@ -95,14 +114,14 @@ pub(crate) struct CacheMetrics {
 }
 
 /// One credential's tokens.
-pub(crate) struct TokenCache {
+pub(crate) struct TokenCache<T = Token> {
     name: String,
-    entries: moka::future::Cache<String, Arc<Entry>>,
+    entries: moka::future::Cache<String, Arc<Entry<T>>>,
     failures: moka::sync::Cache<String, Backoff>,
     metrics: CacheMetrics,
 }
 
-impl std::fmt::Debug for TokenCache {
+impl<T> std::fmt::Debug for TokenCache<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenCache")
             .field("name", &self.name)
@@ -111,7 +130,7 @@ impl std::fmt::Debug for TokenCache {
     }
 }
 
-impl TokenCache {
+impl<T: Fetched> TokenCache<T> {
     /// An empty cache.
     pub(crate) fn new(name: &str, metrics: CacheMetrics) -> Self {
         TokenCache {
@@ -129,9 +148,9 @@ impl TokenCache {
     }
 
     /// Time a fetch and count its result.
-    async fn timed<F>(metrics: &CacheMetrics, fetch: F) -> Result<Token, Failure>
+    async fn timed<F>(metrics: &CacheMetrics, fetch: F) -> Result<T, Failure>
     where
-        F: Future<Output = Result<Token, Failure>>,
+        F: Future<Output = Result<T, Failure>>,
     {
         let t = Instant::now();
         let r = fetch.await;
@@ -166,10 +185,10 @@ impl TokenCache {
         self: &Arc<Self>,
         key: String,
         make_fetch: M,
-    ) -> Result<Arc<Entry>, String>
+    ) -> Result<Arc<Entry<T>>, String>
     where
         M: FnOnce() -> F,
-        F: Future<Output = Result<Token, Failure>> + Send + 'static,
+        F: Future<Output = Result<T, Failure>> + Send + 'static,
     {
         if let Some(e) = self.entries.get(&key).await {
             self.metrics.hit.inc();
@@ -211,9 +230,9 @@ impl TokenCache {
             .map_err(|e: Arc<String>| (*e).clone())
     }
 
-    fn spawn_refresh<F>(self: &Arc<Self>, key: String, old: Arc<Entry>, fetch: F)
+    fn spawn_refresh<F>(self: &Arc<Self>, key: String, old: Arc<Entry<T>>, fetch: F)
     where
-        F: Future<Output = Result<Token, Failure>> + Send + 'static,
+        F: Future<Output = Result<T, Failure>> + Send + 'static,
     {
         let me = self.clone();
         tokio::spawn(async move {

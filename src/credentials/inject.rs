@@ -25,6 +25,8 @@ pub(crate) struct Call<'a> {
     pub(crate) method: &'a str,
     /// The purpose it serves (after the route's default).
     pub(crate) purpose: &'a str,
+    /// The query the request goes upstream with (after the strip stage), if any.
+    pub(crate) query: Option<&'a str>,
 }
 
 impl Credentials {
@@ -41,6 +43,12 @@ impl Credentials {
         let Some(name) = &route.credential else {
             return Ok(None);
         };
+        if let Some(super::Provider::Aws(source)) = self.providers.get(name) {
+            return self
+                .sign(source, name, route, call, headers, body.map(|b| &b[..]))
+                .await
+                .map(Some);
+        }
         let identity = &call.caller.identity;
         let audience = route
             .audience
@@ -120,6 +128,88 @@ impl Credentials {
             }
         }
         Ok(Some(issued))
+    }
+}
+
+impl Credentials {
+    /// An `aws` route: sign the request with the current session (fail closed: no session,
+    /// no forwarding). The app's own signature headers are replaced.
+    async fn sign(
+        &self,
+        source: &super::aws::AwsSource,
+        name: &str,
+        route: &Route,
+        call: Call<'_>,
+        headers: &mut HeaderMap,
+        body: Option<&[u8]>,
+    ) -> Result<Issued, Rejection> {
+        let unavailable = |why: String| {
+            Rejection::new(
+                ErrorCode::CredentialUnavailable,
+                format!("credential `{name}`: {why}"),
+            )
+        };
+        let count = |result: &'static str| {
+            self.metrics
+                .credentials_issued
+                .get_or_create(&CredentialLabels {
+                    credential: name.to_string(),
+                    kind: "aws",
+                    result,
+                })
+                .inc();
+        };
+        let session = source.session().await.map_err(|e| {
+            count("error");
+            unavailable(e)
+        })?;
+        let target = call.target;
+        let from_host = super::aws::scope_of(&target.host);
+        let own = route.sign.clone().unwrap_or_default();
+        let service = own
+            .service
+            .or_else(|| from_host.as_ref().map(|(s, _)| s.clone()))
+            .ok_or_else(|| {
+                unavailable(format!(
+                    "cannot tell which AWS service {} is: set `sign.service` on route `{}`",
+                    target.host, route.name
+                ))
+            })?;
+        let region = own
+            .region
+            .or_else(|| from_host.map(|(_, r)| r))
+            .unwrap_or_else(|| source.spec.region.clone());
+        let authority = target.authority();
+        let url = match call.query {
+            Some(q) if !q.is_empty() => {
+                format!("{}://{authority}{}?{q}", target.scheme, target.path)
+            }
+            _ => format!("{}://{authority}{}", target.scheme, target.path),
+        };
+        let s = &session.token;
+        let req = super::aws::ToSign {
+            service: &service,
+            region: &region,
+            method: call.method,
+            url: &url,
+            authority: &authority,
+            body: body.unwrap_or_default(),
+            time: std::time::SystemTime::now(),
+        };
+        super::aws::sign(s, &req, headers).map_err(|e| {
+            count("error");
+            unavailable(e)
+        })?;
+        count("ok");
+        Ok(Issued {
+            name: name.to_string(),
+            kind: "aws",
+            value: secrecy::SecretString::from(String::new()),
+            id: s.assumed_role.clone(),
+            expires_at: Some(s.expires_at),
+            scopes: vec![format!("{service}:{region}")],
+            flags: Vec::new(),
+        })
     }
 }
 

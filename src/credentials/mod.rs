@@ -1,6 +1,7 @@
 //! Stage 6, credential: obtain the short-lived credential for this call and say how it is
 //! injected. Failure is closed: the pipeline forwards nothing without its credential.
 
+pub(crate) mod aws;
 mod cache;
 mod inject;
 mod jwt;
@@ -18,6 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use secrecy::{ExposeSecret, SecretString};
 
+pub use aws::AwsSpec;
 pub(crate) use inject::Call;
 pub use jwt::{JwtMinter, JwtSpec, KeySource, MintRequest, Minted};
 pub use keys::{Allow, KeyError, SigningKey};
@@ -44,6 +46,8 @@ pub enum CredentialSpec {
     Jwt(JwtSpec),
     /// A token from an authorization server: client credentials or token exchange.
     OAuth(Box<OAuthSpec>),
+    /// AWS session credentials; requests are signed with SigV4.
+    Aws(AwsSpec),
     /// Secret held only by the sidecar.
     Static {
         /// Credential name.
@@ -166,6 +170,7 @@ enum Provider {
     Jwt(JwtMinter),
     Static(StaticCred),
     OAuth(OAuth),
+    Aws(Box<aws::AwsSource>),
 }
 
 /// All credential sources, by name.
@@ -273,6 +278,12 @@ impl Credentials {
                         Grant::ClientCredentials => None,
                     },
                 }),
+                CredentialSpec::Aws(spec) => Provider::Aws(Box::new(aws::AwsSource::new(
+                    spec.clone(),
+                    &tls,
+                    egress,
+                    cache::TokenCache::new(name, cache_metrics(&metrics, name)),
+                ))),
                 CredentialSpec::Static { source, .. } => {
                     let v = read_static(source, &fingerprinter).map_err(|e| {
                         CredentialError::Config(format!("credential `{name}`: {e}"))
@@ -300,7 +311,7 @@ impl Credentials {
             .values()
             .filter_map(|p| match p {
                 Provider::Jwt(m) => Some(m.jwks()),
-                Provider::Static(_) | Provider::OAuth(_) => None,
+                Provider::Static(_) | Provider::OAuth(_) | Provider::Aws(_) => None,
             })
             .flatten()
             .collect();
@@ -316,6 +327,11 @@ impl Credentials {
         let mut issued = match self.providers.get(name) {
             None => return Err(CredentialError::Unknown(name.to_string())),
             Some(Provider::OAuth(o)) => self.fetch_cached(name, o, call).await?,
+            Some(Provider::Aws(_)) => {
+                return Err(CredentialError::Config(format!(
+                    "credential `{name}` signs requests (kind aws); it has no value to inject"
+                )));
+            }
             Some(Provider::Jwt(m)) => {
                 let t = m.mint(call)?;
                 Issued {
@@ -422,6 +438,15 @@ impl Credentials {
         })
     }
 
+    /// For a credential that signs whole requests (`aws`), the largest body it can sign: the
+    /// pipeline reads such a body whole first. `None` for the others.
+    pub(crate) fn body_to_sign(&self, name: &str) -> Option<usize> {
+        match self.providers.get(name) {
+            Some(Provider::Aws(a)) => Some(a.spec.body_max_bytes),
+            _ => None,
+        }
+    }
+
     /// Pick up changed files: static secrets (the last good value stays on error), signing
     /// keys (rotation with overlap), subject tokens (a new generation of cached tokens).
     pub(crate) fn refresh_files(&self) {
@@ -447,6 +472,8 @@ impl Credentials {
                     }
                 }
                 Provider::Jwt(m) => m.maybe_rotate(),
+                // The web identity token is read on every fetch.
+                Provider::Aws(_) => {}
                 Provider::OAuth(o) => {
                     if let Some(w) = &o.subject
                         && w.check()
@@ -464,6 +491,7 @@ impl Credentials {
             Provider::Static(s) => matches!(s.source, StaticSource::File(_)),
             Provider::Jwt(m) => m.rotates(),
             Provider::OAuth(o) => o.subject.is_some(),
+            Provider::Aws(_) => false,
         });
         if !needed {
             return;

@@ -103,7 +103,9 @@ fn header_rule(name: &HeaderName) -> HeaderRule {
         | "dd-application-key"
         | "ocp-apim-subscription-key"
         | "x-functions-key"
-        | "x-shopify-access-token" => HeaderRule::ApiKey,
+        | "x-shopify-access-token"
+        // An AWS session token the app signs with: a credential whatever its shape.
+        | "x-amz-security-token" => HeaderRule::ApiKey,
         "cookie" => HeaderRule::Cookie,
         "sec-websocket-protocol" => HeaderRule::Subprotocols,
         "host"

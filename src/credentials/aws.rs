@@ -1,0 +1,498 @@
+//! `kind: aws`: short-lived AWS session credentials, and SigV4 signing with them.
+//!
+//! Session credentials come from STS `AssumeRoleWithWebIdentity` (EKS IRSA: a role ARN and a
+//! projected service-account token, re-read on every fetch), cached and refreshed ahead of
+//! their expiry by the same cache as the OAuth tokens (one fetch for concurrent misses, fail
+//! closed, backoff). The STS call is a plain form POST with no signature (the web identity
+//! token is the proof), made through the same way out as every other connection; its XML
+//! answer has four fields we need, read by [`xml_text`] rather than a general XML parser.
+//!
+//! A route whose credential is `aws` is signed rather than given a header: the app's own
+//! signature headers go, and the request is signed with the session (AWS's `aws-sigv4` crate
+//! does the canonicalisation), for the service and region its host names
+//! ([`scope_of`]) or its route's `sign:` says.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use secrecy::{ExposeSecret, SecretString};
+
+use super::cache::{Fetched, TokenCache};
+use super::oauth::{Failure, FailureKind};
+use crate::egress::{Chain, Egress};
+
+/// Validated `kind: aws` settings.
+#[derive(Debug, Clone)]
+pub struct AwsSpec {
+    /// Credential name.
+    pub name: String,
+    /// The region signed for when the host does not say.
+    pub region: String,
+    /// The role to assume.
+    pub role_arn: String,
+    /// The web identity token (re-read on every fetch).
+    pub web_identity_token_file: PathBuf,
+    /// STS endpoint.
+    pub sts_endpoint: Uri,
+    /// Session lifetime asked for.
+    pub session_duration: Duration,
+    /// Role session name (shows in the assumed role's ARN and in CloudTrail).
+    pub session_name: String,
+    /// Largest request body signed (the signature covers the body's hash).
+    pub body_max_bytes: usize,
+    /// How long the STS call may take.
+    pub timeout: Duration,
+}
+
+/// One set of session credentials.
+pub(crate) struct Session {
+    pub(crate) access_key_id: String,
+    secret_access_key: SecretString,
+    session_token: SecretString,
+    /// The assumed role session's ARN: what the log line names.
+    pub(crate) assumed_role: String,
+    /// Expiry (Unix seconds).
+    pub(crate) expires_at: u64,
+    lifetime: Option<Duration>,
+    fetched_at: Instant,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("assumed_role", &self.assumed_role)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Fetched for Session {
+    fn fetched_at(&self) -> Instant {
+        self.fetched_at
+    }
+    fn lifetime(&self) -> Option<Duration> {
+        self.lifetime
+    }
+}
+
+type StsClient = Client<hyper_rustls::HttpsConnector<Chain<HttpConnector>>, Full<Bytes>>;
+
+/// One `aws` credential: its settings, its STS client, its session cache.
+pub(crate) struct AwsSource {
+    pub(crate) spec: AwsSpec,
+    client: StsClient,
+    pub(crate) cache: Arc<TokenCache<Session>>,
+}
+
+impl std::fmt::Debug for AwsSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AwsSource")
+            .field("name", &self.spec.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AwsSource {
+    pub(crate) fn new(
+        spec: AwsSpec,
+        tls: &Arc<rustls::ClientConfig>,
+        egress: &Egress,
+        cache: TokenCache<Session>,
+    ) -> AwsSource {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((**tls).clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(egress.connector(http));
+        AwsSource {
+            spec,
+            client: Client::builder(TokioExecutor::new()).build(https),
+            cache: Arc::new(cache),
+        }
+    }
+
+    /// The current session, fetched when there is none (fail closed).
+    pub(crate) async fn session(&self) -> Result<Arc<super::cache::Entry<Session>>, String> {
+        self.cache
+            .get(String::new(), || {
+                let (spec, client) = (self.spec.clone(), self.client.clone());
+                async move { assume_role_with_web_identity(&spec, &client).await }
+            })
+            .await
+    }
+}
+
+fn failure(kind: FailureKind, message: impl Into<String>) -> Failure {
+    Failure {
+        kind,
+        message: message.into(),
+    }
+}
+
+/// STS `AssumeRoleWithWebIdentity` (an unsigned form POST; the token is the proof).
+async fn assume_role_with_web_identity(
+    spec: &AwsSpec,
+    client: &StsClient,
+) -> Result<Session, Failure> {
+    let token = std::fs::read_to_string(&spec.web_identity_token_file).map_err(|e| {
+        failure(
+            FailureKind::Local,
+            format!(
+                "cannot read the web identity token {}: {e}",
+                spec.web_identity_token_file.display()
+            ),
+        )
+    })?;
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(failure(
+            FailureKind::Local,
+            format!(
+                "the web identity token {} is empty",
+                spec.web_identity_token_file.display()
+            ),
+        ));
+    }
+    let form = form_urlencoded::Serializer::new(String::new())
+        .append_pair("Action", "AssumeRoleWithWebIdentity")
+        .append_pair("Version", "2011-06-15")
+        .append_pair("RoleArn", &spec.role_arn)
+        .append_pair("RoleSessionName", &spec.session_name)
+        .append_pair(
+            "DurationSeconds",
+            &spec.session_duration.as_secs().to_string(),
+        )
+        .append_pair("WebIdentityToken", token)
+        .finish();
+    let req = Request::post(spec.sts_endpoint.clone())
+        .header(
+            http::header::CONTENT_TYPE,
+            "application/x-www-form-urlencoded",
+        )
+        .header(http::header::ACCEPT, "text/xml")
+        .body(Full::new(Bytes::from(form)))
+        .map_err(|e| failure(FailureKind::Local, e.to_string()))?;
+    let fetched_at = Instant::now();
+    let sent = tokio::time::timeout(spec.timeout, async {
+        let resp = client
+            .request(req)
+            .await
+            .map_err(|e| crate::error::innermost(&e).to_string())?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok::<_, String>((status, body))
+    })
+    .await;
+    let (status, body) = match sent {
+        Err(_) => {
+            return Err(failure(
+                FailureKind::Timeout,
+                format!("STS did not answer within {:?}", spec.timeout),
+            ));
+        }
+        Ok(Err(e)) => {
+            return Err(failure(
+                FailureKind::Unreachable,
+                format!("cannot reach STS at {}: {e}", spec.sts_endpoint),
+            ));
+        }
+        Ok(Ok(r)) => r,
+    };
+    let text = String::from_utf8_lossy(&body);
+    if !status.is_success() {
+        // STS errors carry a code and a message, never a secret.
+        let code = xml_text(&text, "Code").unwrap_or_default();
+        let message = xml_text(&text, "Message").unwrap_or_default();
+        return Err(failure(
+            FailureKind::Rejected,
+            format!("STS refused AssumeRoleWithWebIdentity ({status}): {code} {message}")
+                .trim_end()
+                .to_string(),
+        ));
+    }
+    let field = |tag: &str| {
+        xml_text(&text, tag).ok_or_else(|| {
+            failure(
+                FailureKind::InvalidResponse,
+                format!("the STS answer has no <{tag}>"),
+            )
+        })
+    };
+    let expiration = field("Expiration")?;
+    let expires = humantime::parse_rfc3339_weak(&expiration).map_err(|e| {
+        failure(
+            FailureKind::InvalidResponse,
+            format!("the STS answer's <Expiration> `{expiration}`: {e}"),
+        )
+    })?;
+    let expires_at = expires
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Ok(Session {
+        access_key_id: field("AccessKeyId")?,
+        secret_access_key: SecretString::from(field("SecretAccessKey")?),
+        session_token: SecretString::from(field("SessionToken")?),
+        assumed_role: xml_text(&text, "Arn").unwrap_or_else(|| spec.role_arn.clone()),
+        expires_at,
+        lifetime: expires.duration_since(SystemTime::now()).ok(),
+        fetched_at,
+    })
+}
+
+/// The text of the first `<tag>...</tag>` in `xml`, with the five predefined entities
+/// unescaped. Enough for STS answers, whose fields are flat text.
+pub(crate) fn xml_text(xml: &str, tag: &str) -> Option<String> {
+    let open = format!("<{tag}>");
+    let start = xml.find(&open)? + open.len();
+    let end = start + xml[start..].find(&format!("</{tag}>"))?;
+    Some(
+        xml[start..end]
+            .trim()
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&quot;", "\"")
+            .replace("&apos;", "'")
+            .replace("&amp;", "&"),
+    )
+}
+
+/// The signing name and region an AWS host names: `{service}.{region}.amazonaws.com` (and
+/// `.amazonaws.com.cn`), with the endpoint prefixes whose signing name differs
+/// (`bedrock-runtime` signs as `bedrock`), and the global endpoints in us-east-1.
+pub(crate) fn scope_of(host: &str) -> Option<(String, String)> {
+    let host = host.trim_end_matches('.');
+    let rest = host
+        .strip_suffix(".amazonaws.com")
+        .or_else(|| host.strip_suffix(".amazonaws.com.cn"))?;
+    let labels: Vec<&str> = rest.split('.').collect();
+    let signing_name = |endpoint: &str| -> String {
+        let endpoint = endpoint.trim_end_matches("-fips");
+        match endpoint {
+            "bedrock-runtime" | "bedrock-agent" | "bedrock-agent-runtime" => "bedrock",
+            "runtime.sagemaker" | "runtime-sagemaker" | "api.sagemaker" => "sagemaker",
+            "execute-api" => "execute-api",
+            other => other,
+        }
+        .to_string()
+    };
+    match labels.as_slice() {
+        // Global endpoints.
+        [svc @ ("sts" | "iam" | "s3" | "route53" | "cloudfront")] => {
+            Some((signing_name(svc), "us-east-1".to_string()))
+        }
+        // Virtual-hosted S3: bucket.s3.region
+        [.., "s3", region] if region.contains('-') => Some(("s3".into(), region.to_string())),
+        // runtime.sagemaker.us-east-1: a two-label endpoint prefix.
+        [.., a @ ("runtime" | "api"), "sagemaker", region] if region.contains('-') => {
+            Some((signing_name(&format!("{a}.sagemaker")), region.to_string()))
+        }
+        // service.region, or a resource in front of it: id.execute-api.region
+        [.., svc, region] if region.contains('-') => Some((signing_name(svc), region.to_string())),
+        _ => None,
+    }
+}
+
+/// The headers an app signs its own requests with: they go before ours are set.
+pub(crate) const APP_SIGNATURE_HEADERS: [&str; 4] = [
+    "authorization",
+    "x-amz-date",
+    "x-amz-security-token",
+    "x-amz-content-sha256",
+];
+
+/// What a signature covers, besides the headers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ToSign<'a> {
+    /// SigV4 signing name.
+    pub(crate) service: &'a str,
+    /// Region.
+    pub(crate) region: &'a str,
+    /// Method.
+    pub(crate) method: &'a str,
+    /// The whole URL as it goes upstream.
+    pub(crate) url: &'a str,
+    /// Its authority, sent as `Host`/`:authority`.
+    pub(crate) authority: &'a str,
+    /// The body.
+    pub(crate) body: &'a [u8],
+    /// The signing time.
+    pub(crate) time: SystemTime,
+}
+
+/// Sign a request with `session` for `service` in `region`, setting the signature headers
+/// in `headers` (`authorization`, `x-amz-date`, `x-amz-security-token`, and for S3
+/// `x-amz-content-sha256`). Signed: `host` (the URL's authority, which the client sends as
+/// `Host` or `:authority`), `content-type` and every `x-amz-*` header the request carries.
+pub(crate) fn sign(
+    session: &Session,
+    req: &ToSign<'_>,
+    headers: &mut HeaderMap,
+) -> Result<(), String> {
+    let ToSign {
+        service,
+        region,
+        method,
+        url,
+        authority,
+        body,
+        time,
+    } = *req;
+    use aws_sigv4::http_request::{
+        PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest, SigningSettings,
+        UriPathNormalizationMode, sign as sigv4,
+    };
+    for h in APP_SIGNATURE_HEADERS {
+        headers.remove(h);
+    }
+    let creds = aws_credential_types::Credentials::new(
+        session.access_key_id.clone(),
+        session.secret_access_key.expose_secret().to_string(),
+        Some(session.session_token.expose_secret().to_string()),
+        None,
+        "chaperone",
+    );
+    let identity: aws_smithy_runtime_api::client::identity::Identity = creds.into();
+    let mut settings = SigningSettings::default();
+    if service == "s3" {
+        // S3 signs the path as sent, and wants the payload hash as a header.
+        settings.percent_encoding_mode = PercentEncodingMode::Single;
+        settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
+        settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
+    }
+    let params = aws_sigv4::sign::v4::SigningParams::builder()
+        .identity(&identity)
+        .region(region)
+        .name(service)
+        .time(time)
+        .settings(settings)
+        .build()
+        .map_err(|e| e.to_string())?
+        .into();
+    let mut signed: Vec<(&str, &str)> = vec![("host", authority)];
+    for (name, value) in headers.iter() {
+        let n = name.as_str();
+        if (n == "content-type" || n.starts_with("x-amz-"))
+            && let Ok(v) = value.to_str()
+        {
+            signed.push((n, v));
+        }
+    }
+    let signable = SignableRequest::new(method, url, signed.into_iter(), SignableBody::Bytes(body))
+        .map_err(|e| format!("cannot sign this request: {e}"))?;
+    let (instructions, _) = sigv4(signable, &params)
+        .map_err(|e| format!("signing failed: {e}"))?
+        .into_parts();
+    for (name, value) in instructions.headers() {
+        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|e| e.to_string())?;
+        let mut value = HeaderValue::from_str(value).map_err(|e| e.to_string())?;
+        value.set_sensitive(true);
+        headers.insert(name, value);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_and_region_from_aws_hosts() {
+        let s = |h: &str| scope_of(h).map(|(a, b)| format!("{a}/{b}"));
+        assert_eq!(
+            s("bedrock-runtime.us-east-1.amazonaws.com").as_deref(),
+            Some("bedrock/us-east-1")
+        );
+        assert_eq!(
+            s("bedrock-runtime-fips.us-west-2.amazonaws.com").as_deref(),
+            Some("bedrock/us-west-2")
+        );
+        assert_eq!(
+            s("secretsmanager.eu-west-1.amazonaws.com").as_deref(),
+            Some("secretsmanager/eu-west-1")
+        );
+        assert_eq!(s("sts.amazonaws.com").as_deref(), Some("sts/us-east-1"));
+        assert_eq!(
+            s("runtime.sagemaker.us-east-1.amazonaws.com").as_deref(),
+            Some("sagemaker/us-east-1")
+        );
+        assert_eq!(
+            s("my-bucket.s3.us-east-2.amazonaws.com").as_deref(),
+            Some("s3/us-east-2")
+        );
+        assert_eq!(
+            s("abc123.execute-api.ap-south-1.amazonaws.com").as_deref(),
+            Some("execute-api/ap-south-1")
+        );
+        assert_eq!(s("api.openai.com"), None);
+        assert_eq!(s("127.0.0.1"), None);
+    }
+
+    #[test]
+    fn xml_fields_are_read_and_unescaped() {
+        let xml = "<AssumeRoleWithWebIdentityResponse><Result><Credentials>\
+            <AccessKeyId>ASIAEXAMPLE</AccessKeyId><SessionToken>a+b/c==&amp;x</SessionToken>\
+            </Credentials></Result></AssumeRoleWithWebIdentityResponse>";
+        assert_eq!(xml_text(xml, "AccessKeyId").as_deref(), Some("ASIAEXAMPLE"));
+        assert_eq!(xml_text(xml, "SessionToken").as_deref(), Some("a+b/c==&x"));
+        assert_eq!(xml_text(xml, "Missing"), None);
+    }
+
+    /// The AWS SigV4 test suite's `get-vanilla` case (credentials AKIDEXAMPLE, 2015-08-30
+    /// 12:36:00 UTC, service `service`, us-east-1), with a session token: the signature
+    /// covers host and x-amz-date, and the token is sent and signed.
+    #[test]
+    fn signs_as_the_sigv4_suite_says_and_replaces_the_apps_signature() {
+        let session = Session {
+            access_key_id: "AKIDEXAMPLE".into(),
+            secret_access_key: SecretString::from("wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"),
+            session_token: SecretString::from("session-token-example"),
+            assumed_role: "arn:aws:sts::123456789012:assumed-role/r/s".into(),
+            expires_at: 0,
+            lifetime: None,
+            fetched_at: Instant::now(),
+        };
+        let mut h = HeaderMap::new();
+        h.insert(
+            "authorization",
+            HeaderValue::from_static("AWS4-HMAC-SHA256 Credential=AKIAAPPKEY/x, Signature=00"),
+        );
+        h.insert("x-amz-date", HeaderValue::from_static("19990101T000000Z"));
+        let time = SystemTime::UNIX_EPOCH + Duration::from_secs(1_440_938_160);
+        let req = ToSign {
+            service: "service",
+            region: "us-east-1",
+            method: "GET",
+            url: "https://example.amazonaws.com/",
+            authority: "example.amazonaws.com",
+            body: b"",
+            time,
+        };
+        sign(&session, &req, &mut h).unwrap();
+        assert_eq!(h["x-amz-date"], "20150830T123600Z");
+        assert_eq!(h["x-amz-security-token"], "session-token-example");
+        let auth = h["authorization"].to_str().unwrap();
+        assert!(
+            auth.starts_with(
+                "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, SignedHeaders=host;x-amz-date;x-amz-security-token, Signature="
+            ),
+            "{auth}"
+        );
+        assert!(!auth.contains("AKIAAPPKEY"));
+        assert!(h["authorization"].is_sensitive());
+    }
+}
