@@ -21,54 +21,79 @@ const APP_SECRET: &str = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYAPPSECRET1";
 const WEB_IDENTITY_TOKEN: &str =
     "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6bWw6aW5mZXJlbmNlIn0.c2lnbmF0dXJl";
 
-/// boto3 calls `sts get-caller-identity` signed with the app's own key, through `proxy`
-/// (or straight to moto when `proxy` is empty); prints the ARN or the error code.
-fn caller_identity(moto: u16, proxy: &str) -> String {
+/// boto3 calls `sts get-caller-identity` at `endpoint`, signed with the app's own key,
+/// through `proxy` (or straight there when `proxy` is empty), trusting `ca` for HTTPS; prints
+/// the ARN or the error code.
+fn caller_identity(endpoint: &str, proxy: &str, ca: &str) -> String {
     let script = r#"
 import sys, boto3, botocore
-port, proxy = sys.argv[1], sys.argv[2]
-config = botocore.config.Config(proxies={"http": proxy} if proxy else {}, retries={"max_attempts": 1})
-sts = boto3.client("sts", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
-    aws_access_key_id=sys.argv[3], aws_secret_access_key=sys.argv[4], config=config)
+endpoint, proxy, ca = sys.argv[1:4]
+scheme = endpoint.split(":")[0]
+config = botocore.config.Config(proxies={scheme: proxy} if proxy else {}, retries={"max_attempts": 1})
+sts = boto3.client("sts", endpoint_url=endpoint, region_name="us-east-1", verify=ca or None,
+    aws_access_key_id=sys.argv[4], aws_secret_access_key=sys.argv[5], config=config)
 try:
     print(sts.get_caller_identity()["Arn"])
 except botocore.exceptions.ClientError as e:
     print("error", e.response["Error"]["Code"])
 "#;
     let (ok, out, err) = run(Command::new(python())
-        .args([
-            "-c",
-            script,
-            &moto.to_string(),
-            proxy,
-            APP_KEY_ID,
-            APP_SECRET,
-        ])
+        .args(["-c", script, endpoint, proxy, ca, APP_KEY_ID, APP_SECRET])
         .env_remove("HTTP_PROXY")
         .env_remove("HTTPS_PROXY"));
     assert!(ok, "{out}{err}");
     out.trim().to_string()
 }
 
+/// moto, over HTTPS with the test PKI's certificate when `pki` is given.
+fn moto(pki: Option<&TestPki>) -> (ServerProcess, Option<tempfile::TempDir>) {
+    let mut cmd = Command::new(python());
+    cmd.arg(support().join("moto_aws.py"));
+    let certs = pki.map(|pki| {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cert.pem"), &pki.server_cert_pem).unwrap();
+        std::fs::write(dir.path().join("key.pem"), &pki.server_key_pem).unwrap();
+        cmd.arg(dir.path().join("cert.pem"))
+            .arg(dir.path().join("key.pem"));
+        dir
+    });
+    (ServerProcess::start(cmd, "moto (AWS emulator)"), certs)
+}
+
+/// The `aws` credential for the role `inference`, getting its session from `sts`.
+fn aws_credential(sts: &str, extra: &str) -> String {
+    format!(
+        "aws-inference:\n  kind: aws\n  region: us-east-1\n  role_arn: arn:aws:iam::123456789012:role/inference\n  web_identity_token_file: {{dir}}/token\n  sts_endpoint: {sts}\n  session_duration: 15m\n{extra}"
+    )
+}
+
+const ASSUMED: &str = "arn:aws:sts::123456789012:assumed-role/inference/chaperone-test-inference";
+
+/// Both calls answered by the role's session; their lines say so, and the app's key was
+/// stripped.
+fn assert_signed_lines(sc: &Sidecar) {
+    let lines: Vec<Value> = sc.lines_where(2, |l| l["route"] == "aws-sts");
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    for l in &lines {
+        assert_eq!(l["status"], 200, "{l}");
+        assert_eq!(l["credential"]["kind"], "aws", "{l}");
+        assert_eq!(l["credential"]["id"], ASSUMED, "{l}");
+        assert_eq!(l["credential"]["scopes"][0], "sts:us-east-1", "{l}");
+        assert!(l["credential"]["expires_at"].as_u64().unwrap() > 0, "{l}");
+        // The app's SigV4 Authorization carried its access key id: stripped, fingerprinted.
+        assert_eq!(l["stripped"][0]["type"], "aws_access_key_id", "{l}");
+        assert_eq!(l["stripped"][0]["location"], "header:authorization", "{l}");
+    }
+    sc.assert_never_shows(&[APP_SECRET, WEB_IDENTITY_TOKEN]);
+}
+
 #[test]
 fn boto3_signed_with_a_hard_coded_key_succeeds_only_re_signed_with_the_roles_session() {
-    let moto = ServerProcess::start(
-        {
-            let mut c = Command::new(python());
-            c.arg(support().join("moto_aws.py"));
-            c
-        },
-        "moto (AWS emulator)",
-    );
+    let (moto, _) = moto(None);
     let port = moto.port.unwrap();
-
+    let endpoint = format!("http://127.0.0.1:{port}");
     let cfg = Cfg::new()
-        .set(
-            "credentials",
-            &format!(
-                "aws-inference:\n  kind: aws\n  region: us-east-1\n  role_arn: arn:aws:iam::123456789012:role/inference\n  web_identity_token_file: {{dir}}/token\n  sts_endpoint: http://127.0.0.1:{port}\n  session_duration: 15m"
-            ),
-        )
+        .set("credentials", &aws_credential(&endpoint, ""))
         .set(
             "routes",
             &format!(
@@ -81,25 +106,97 @@ fn boto3_signed_with_a_hard_coded_key_succeeds_only_re_signed_with_the_roles_ses
         std::fs::write(dir.join("token"), WEB_IDENTITY_TOKEN).unwrap();
     });
     let proxy = sc.proxy_url();
-    let arn = "arn:aws:sts::123456789012:assumed-role/inference/chaperone-test-inference";
     // Twice: the second is served from the cached session (moto would refuse another
     // unsigned AssumeRoleWithWebIdentity).
-    assert_eq!(caller_identity(port, &proxy), arn);
-    assert_eq!(caller_identity(port, &proxy), arn);
+    assert_eq!(caller_identity(&endpoint, &proxy, ""), ASSUMED);
+    assert_eq!(caller_identity(&endpoint, &proxy, ""), ASSUMED);
     // Without the sidecar, moto refuses the app's hard-coded key (asked after the sidecar's
     // STS call: moto counts the unauthenticated actions it allows, see moto_aws.py).
-    assert_eq!(caller_identity(port, ""), "error InvalidClientTokenId");
+    assert_eq!(
+        caller_identity(&endpoint, "", ""),
+        "error InvalidClientTokenId"
+    );
+    assert_signed_lines(&sc);
+}
 
-    let lines: Vec<Value> = sc.lines_where(2, |l| l["route"] == "aws-sts");
-    assert_eq!(lines.len(), 2, "{lines:#?}");
-    for l in &lines {
-        assert_eq!(l["status"], 200, "{l}");
-        assert_eq!(l["credential"]["kind"], "aws", "{l}");
-        assert_eq!(l["credential"]["id"], arn, "{l}");
-        assert_eq!(l["credential"]["scopes"][0], "sts:us-east-1", "{l}");
-        assert!(l["credential"]["expires_at"].as_u64().unwrap() > 0, "{l}");
-        // The app's SigV4 Authorization carried its access key id: stripped, fingerprinted.
-        assert_eq!(l["stripped"][0]["location"], "header:authorization", "{l}");
-    }
-    sc.assert_never_shows(&[APP_SECRET, WEB_IDENTITY_TOKEN]);
+/// boto3 speaks HTTPS: through HTTPS_PROXY the tunnel is intercepted, the request re-signed
+/// and sent on over TLS to moto (its certificate verified against `upstream_roots`); STS is
+/// reached over TLS too.
+#[test]
+fn boto3_over_https_is_intercepted_and_re_signed() {
+    let pki = TestPki::new();
+    let (moto, _certs) = moto(Some(&pki));
+    let port = moto.port.unwrap();
+    let endpoint = format!("https://localhost:{port}");
+    let cfg = Cfg::new()
+        .set(
+            "tls",
+            "ca_cert: {dir}/ca.pem\nca_key: {dir}/ca-key.pem\nupstream_roots: {dir}/upstream-ca.pem",
+        )
+        .set("credentials", &aws_credential(&endpoint, ""))
+        .set(
+            "routes",
+            &format!(
+                "- name: aws-sts\n  match: {{ host: localhost, port: {port} }}\n  credential: aws-inference\n  sign: {{ service: sts }}"
+            ),
+        )
+        .set("strip", "mode: strip")
+        .yaml();
+    let ca = pki.ca_pem.clone();
+    let sc = Sidecar::start_with(&cfg, PERMISSIVE_POLICY, &[], move |dir: &Path| {
+        std::fs::write(dir.join("token"), WEB_IDENTITY_TOKEN).unwrap();
+        std::fs::write(dir.join("upstream-ca.pem"), &ca).unwrap();
+        let (ok, _, err) =
+            run(Command::new(bin()).args(["ca", "init", "--out", dir.to_str().unwrap()]));
+        assert!(ok, "{err}");
+    });
+    let trust = sc.dir().join("ca.pem");
+    let trust = trust.to_str().unwrap();
+    assert_eq!(caller_identity(&endpoint, &sc.proxy_url(), trust), ASSUMED);
+    assert_eq!(caller_identity(&endpoint, &sc.proxy_url(), trust), ASSUMED);
+    assert_signed_lines(&sc);
+}
+
+/// Fail closed: with STS unreachable no request goes out (503 `credential_unavailable`, the
+/// reason naming STS); a body larger than the credential signs is refused with 413 before
+/// anything is fetched.
+#[test]
+fn no_session_no_request_and_oversized_bodies_are_413() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = closed.local_addr().unwrap().port();
+    drop(closed);
+    let up = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up_port = up.local_addr().unwrap().port();
+    let cfg = Cfg::new()
+        .set(
+            "credentials",
+            &aws_credential(&format!("http://127.0.0.1:{dead}"), "  body_max_bytes: 64\n"),
+        )
+        .set(
+            "routes",
+            &format!(
+                "- name: aws-sts\n  match: {{ host: 127.0.0.1, port: {up_port} }}\n  credential: aws-inference\n  sign: {{ service: sts }}"
+            ),
+        )
+        .yaml();
+    let sc = Sidecar::start_with(&cfg, PERMISSIVE_POLICY, &[], |dir: &Path| {
+        std::fs::write(dir.join("token"), WEB_IDENTITY_TOKEN).unwrap();
+    });
+    let url = format!("http://127.0.0.1:{up_port}/");
+    let (code, body) = curl(&["-s", "-x", &sc.proxy_url(), &url]);
+    assert_eq!(code, 503, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"], "credential_unavailable", "{v}");
+    assert!(v["reason"].as_str().unwrap().contains("STS"), "{v}");
+    let big = "a".repeat(1000);
+    let (code, body) = curl(&["-s", "-x", &sc.proxy_url(), "--data", &big, &url]);
+    assert_eq!(code, 413, "{body}");
+    assert!(body.contains("body_too_large"), "{body}");
+    // Nothing reached the upstream.
+    up.set_nonblocking(true).unwrap();
+    assert!(
+        up.accept().is_err(),
+        "a request went out without a signature"
+    );
+    sc.assert_never_shows(&[WEB_IDENTITY_TOKEN]);
 }

@@ -1024,7 +1024,14 @@ impl Validator<'_> {
                     sts_endpoint,
                     session_duration,
                     session_name,
-                    body_max_bytes: body_max_bytes.unwrap_or(8 * 1024 * 1024),
+                    body_max_bytes: match body_max_bytes.as_deref().map(str::parse::<usize>) {
+                        None => 8 * 1024 * 1024,
+                        Some(Ok(n)) if n > 0 => n,
+                        Some(_) => {
+                            self.err(&at("body_max_bytes"), "a number of bytes, above 0");
+                            8 * 1024 * 1024
+                        }
+                    },
                     timeout: self.duration(
                         &at("timeout"),
                         timeout.as_deref(),

@@ -252,9 +252,10 @@ pub(crate) enum CredentialConfig {
         #[serde(default)]
         session_name: Option<String>,
         /// Largest request body signed (the signature covers its hash); larger ones get 413.
-        /// Default 8 MiB.
+        /// Default 8388608 (8 MiB). (A string here: the YAML reader hands scalars of an
+        /// internally tagged `kind` over as text.)
         #[serde(default)]
-        body_max_bytes: Option<usize>,
+        body_max_bytes: Option<String>,
         /// How long the STS call may take. Default `5s`.
         #[serde(default)]
         timeout: Option<String>,

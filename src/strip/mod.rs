@@ -547,6 +547,9 @@ fn decode_query_value(v: &str) -> Cow<'_, str> {
 
 /// `authorization` values are credentials whatever their shape, unless a placeholder.
 fn authorization_kind(v: &str) -> Option<&'static str> {
+    if let Some(key_id) = sigv4_key_id(v) {
+        return Some(classify(key_id).unwrap_or("aws_access_key_id"));
+    }
     let (scheme, rest) = v.trim().split_once(' ').unwrap_or(("", v.trim()));
     let token = rest.trim();
     if is_placeholder(token) {
@@ -559,8 +562,26 @@ fn authorization_kind(v: &str) -> Option<&'static str> {
     })
 }
 
-/// The credential within a header value: after an auth scheme if there is one.
+/// The access key id an AWS SigV4 (or SigV4a) `Authorization` value signs with:
+/// `AWS4-HMAC-SHA256 Credential=AKIA.../20260101/us-east-1/sts/aws4_request, ...`. The key
+/// id is what identifies the hard-coded key (the signature changes with every request).
+fn sigv4_key_id(v: &str) -> Option<&str> {
+    let (scheme, rest) = v.trim().split_once(' ')?;
+    if !scheme.starts_with("AWS4-") {
+        return None;
+    }
+    let cred = rest
+        .split(',')
+        .find_map(|p| p.trim().strip_prefix("Credential="))?;
+    cred.split('/').next().filter(|k| !k.is_empty())
+}
+
+/// The credential within a header value: after an auth scheme if there is one (for an AWS
+/// signature, the access key id it names).
 fn credential_part(v: &str) -> &str {
+    if let Some(key_id) = sigv4_key_id(v) {
+        return key_id;
+    }
     let v = v.trim();
     match v.split_once(' ') {
         Some((scheme, rest))
@@ -590,6 +611,31 @@ mod tests {
 
     fn key() -> String {
         format!("sk-proj-{}", "Zx9_".repeat(12))
+    }
+
+    /// An app signing its own AWS requests: the access key id in its SigV4 `Authorization`
+    /// is what is found and fingerprinted (the same key, the same fingerprint, whatever the
+    /// signature).
+    #[test]
+    fn a_sigv4_authorization_is_found_by_its_access_key_id() {
+        let fp = Fingerprinter::new(b"0123456789abcdef0123456789abcdef");
+        let value = |sig: &str| {
+            format!(
+                "AWS4-HMAC-SHA256 Credential=AKIA2OGYBAH6VQRPXU4N/20261201/us-east-1/bedrock/aws4_request, SignedHeaders=host;x-amz-date, Signature={sig}"
+            )
+        };
+        let mut prints = Vec::new();
+        for sig in ["00aa", "11bb"] {
+            let mut h = HeaderMap::new();
+            h.insert("authorization", HeaderValue::from_str(&value(sig)).unwrap());
+            let r = inspect(&fp, StripMode::Strip, &mut h, None, None);
+            assert_eq!(r.findings.len(), 1);
+            assert_eq!(r.findings[0].kind, "aws_access_key_id");
+            prints.push(r.findings[0].fingerprint.clone());
+            assert!(h.get("authorization").is_none());
+        }
+        assert_eq!(prints[0], prints[1]);
+        assert_eq!(prints[0], fp.fingerprint(b"AKIA2OGYBAH6VQRPXU4N"));
     }
 
     /// Keys browser-style WebSocket clients put in the subprotocol list, as the vendors

@@ -1,6 +1,6 @@
 """AWS on loopback: PyPI moto in server mode with request authentication on, for tests/aws.rs.
 
-Usage: python3 moto_aws.py
+Usage: python3 moto_aws.py [CERT KEY]   (with a certificate and key: HTTPS)
 
 Creates the IAM role `inference` (trusting a web identity, allowed everything), then prints
 `ready PORT`. Authentication is off for the first three actions only: creating the role,
@@ -13,25 +13,32 @@ valid SigV4 signature by credentials moto issued: a hard-coded key is refused
 import json
 import os
 import socket
+import ssl
+import sys
+import threading
 
 os.environ["INITIAL_NO_AUTH_ACTION_COUNT"] = "3"
 
 import boto3  # noqa: E402
-from moto.server import ThreadedMotoServer  # noqa: E402
+from moto.server import DomainDispatcherApplication, create_backend_app  # noqa: E402
+from werkzeug.serving import make_server  # noqa: E402
 
-s = socket.socket()
-s.bind(("127.0.0.1", 0))
-port = s.getsockname()[1]
-s.close()
-server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-server.start()
+tls = None
+if len(sys.argv) == 3:
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(sys.argv[1], sys.argv[2])
+app = DomainDispatcherApplication(create_backend_app)
+server = make_server("127.0.0.1", 0, app, threaded=True, ssl_context=tls)
+port = server.server_port
+threading.Thread(target=server.serve_forever, daemon=True).start()
 
 iam = boto3.client(
     "iam",
-    endpoint_url=f"http://127.0.0.1:{port}",
+    endpoint_url=f"{'https' if tls else 'http'}://localhost:{port}",
     region_name="us-east-1",
     aws_access_key_id="AKIAIOSFODNN7EXAMPLE",
     aws_secret_access_key="setup-only-" + "x" * 29,
+    verify=False,
 )
 trust = {
     "Version": "2012-10-17",
@@ -47,4 +54,4 @@ iam.create_role(RoleName="inference", AssumeRolePolicyDocument=json.dumps(trust)
 allow_all = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
 iam.put_role_policy(RoleName="inference", PolicyName="all", PolicyDocument=json.dumps(allow_all))
 print(f"ready {port}", flush=True)
-server._thread.join()
+threading.Event().wait()
