@@ -504,8 +504,50 @@ fn bench_leaf(c: &mut Criterion) {
     });
 }
 
+/// SigV4 signing of a Bedrock-shaped request: a 4 KiB JSON body to `InvokeModel`, session
+/// credentials, the headers boto3 sends (issue 17's target: at most 15 µs).
+fn bench_sigv4(c: &mut Criterion) {
+    use chaperone::credentials::aws::{Session, ToSign, sign};
+    let session = Session::new(
+        "ASIAEXAMPLEEXAMPLE00",
+        "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+        &"FwoGZXIvYXdzEBYaDH".repeat(40),
+    );
+    let body = format!(
+        r#"{{"anthropic_version":"bedrock-2023-05-31","max_tokens":512,"messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(4096 - 110)
+    );
+    let mut base = http::HeaderMap::new();
+    base.insert("content-type", "application/json".parse().unwrap());
+    base.insert("accept", "application/json".parse().unwrap());
+    base.insert(
+        "x-amz-user-agent",
+        "Boto3/1.44.8 md/Botocore#1.44.8".parse().unwrap(),
+    );
+    let req = ToSign {
+        service: "bedrock",
+        region: "us-east-1",
+        method: "POST",
+        url: "https://bedrock-runtime.us-east-1.amazonaws.com/model/anthropic.claude-sonnet-4-5-20250929-v1%3A0/invoke",
+        authority: "bedrock-runtime.us-east-1.amazonaws.com",
+        body: body.as_bytes(),
+        time: std::time::SystemTime::now(),
+    };
+    c.bench_function("aws/sigv4_bedrock_4k", |b| {
+        b.iter_batched(
+            || base.clone(),
+            |mut h| {
+                sign(&session, &req, &mut h).unwrap();
+                black_box(h)
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
 criterion_group!(
     benches,
+    bench_sigv4,
     bench_strip,
     bench_strip_body,
     bench_policy,

@@ -79,8 +79,14 @@ impl Running {
         {
             tracing::warn!("listeners did not stop in time");
         }
-        // Intercepted connections were told by the same signal; give them the same grace.
-        if !self.drain.wait_idle(self.grace).await {
+        // Intercepted connections were told by the same signal; give them the same grace,
+        // and a moment more: upgraded (WebSocket) relays cut themselves at the grace period
+        // and write their own lines, with the bytes each way, if they get to.
+        if !self
+            .drain
+            .wait_idle(self.grace + Duration::from_millis(500))
+            .await
+        {
             tracing::warn!(
                 "intercepted connections still open at the shutdown deadline; closing them"
             );

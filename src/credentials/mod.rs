@@ -1,7 +1,7 @@
 //! Stage 6, credential: obtain the short-lived credential for this call and say how it is
 //! injected. Failure is closed: the pipeline forwards nothing without its credential.
 
-pub(crate) mod aws;
+pub mod aws;
 mod cache;
 mod inject;
 mod jwt;
