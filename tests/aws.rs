@@ -200,3 +200,57 @@ fn no_session_no_request_and_oversized_bodies_are_413() {
     );
     sc.assert_never_shows(&[WEB_IDENTITY_TOKEN]);
 }
+
+/// Without `role_arn`: the container credentials endpoint the environment names, as EKS Pod
+/// Identity sets it up (`AWS_CONTAINER_CREDENTIALS_FULL_URI` and the token file), read with
+/// the token on every fetch.
+#[test]
+fn the_container_credentials_endpoint_of_eks_pod_identity() {
+    let token = "pod-identity-token-3c1f9e";
+    let mut cmd = Command::new(python());
+    cmd.arg(support().join("moto_aws.py"))
+        .args(["--container", token]);
+    let moto = ServerProcess::start(cmd, "moto (AWS emulator)");
+    let port = moto.port.unwrap();
+    let container: u16 = moto.lines_after("container ")[0].parse().unwrap();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let cfg = Cfg::new()
+        .set(
+            "credentials",
+            "aws-pod:\n  kind: aws\n  region: us-east-1",
+        )
+        .set(
+            "routes",
+            &format!(
+                "- name: aws-sts\n  match: {{ host: 127.0.0.1, port: {port} }}\n  credential: aws-pod\n  sign: {{ service: sts }}"
+            ),
+        )
+        .yaml();
+    let uri = format!("http://127.0.0.1:{container}/v1/credentials");
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("eks-pod-identity-token");
+    std::fs::write(&token_file, token).unwrap();
+    let sc = Sidecar::start(
+        &cfg,
+        PERMISSIVE_POLICY,
+        &[
+            ("AWS_CONTAINER_CREDENTIALS_FULL_URI", &uri),
+            (
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+                token_file.to_str().unwrap(),
+            ),
+        ],
+    );
+    let assumed = "arn:aws:sts::123456789012:assumed-role/inference/pod-identity";
+    assert_eq!(caller_identity(&endpoint, &sc.proxy_url(), ""), assumed);
+    let l = &sc.lines_where(1, |l| l["route"] == "aws-sts")[0];
+    assert_eq!(l["credential"]["kind"], "aws", "{l}");
+    assert!(
+        l["credential"]["id"]
+            .as_str()
+            .unwrap()
+            .starts_with("container-credentials:ASIA"),
+        "{l}"
+    );
+    sc.assert_never_shows(&[token, APP_SECRET]);
+}

@@ -963,67 +963,29 @@ impl Validator<'_> {
                 body_max_bytes,
                 timeout,
             } => {
-                if !role_arn.starts_with("arn:aws") || !role_arn.contains(":role/") {
-                    self.err(
-                        &at("role_arn"),
-                        "an IAM role ARN (arn:aws:iam::ACCOUNT:role/NAME)",
-                    );
-                }
                 self.nonempty(&at("region"), region);
-                let token_file = self.path(web_identity_token_file);
-                if let Err(e) = std::fs::metadata(&token_file) {
-                    self.absent(
-                        &at("web_identity_token_file"),
-                        format!("cannot read {}: {e}", token_file.display()),
-                    );
-                }
-                let endpoint = sts_endpoint
-                    .clone()
-                    .unwrap_or_else(|| format!("https://sts.{region}.amazonaws.com"));
-                let sts_endpoint = match endpoint.parse::<http::Uri>() {
-                    Ok(u)
-                        if matches!(u.scheme_str(), Some("https" | "http"))
-                            && u.host().is_some() =>
-                    {
-                        u
-                    }
+                let source = match (role_arn, web_identity_token_file) {
+                    (Some(role_arn), Some(token_file)) => self.web_identity(
+                        p,
+                        region,
+                        role_arn,
+                        token_file,
+                        sts_endpoint.as_deref(),
+                        session_duration.as_deref(),
+                        session_name
+                            .clone()
+                            .unwrap_or_else(|| format!("chaperone-{}", identity.workload)),
+                    )?,
+                    (None, None) => self.container_endpoint(p)?,
                     _ => {
-                        self.err(&at("sts_endpoint"), "an https:// URL");
+                        self.err(p, "role_arn and web_identity_token_file go together (without both, the container credentials endpoint is used)");
                         return None;
                     }
                 };
-                let session_duration = self.duration(
-                    &at("session_duration"),
-                    session_duration.as_deref(),
-                    Duration::from_secs(3600),
-                );
-                if !(900..=43_200).contains(&session_duration.as_secs()) {
-                    self.err(
-                        &at("session_duration"),
-                        "between 15m and 12h (STS's limits)",
-                    );
-                }
-                let session_name = session_name
-                    .clone()
-                    .unwrap_or_else(|| format!("chaperone-{}", identity.workload));
-                let valid_name = (2..=64).contains(&session_name.len())
-                    && session_name
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "=,.@-_".contains(c));
-                if !valid_name {
-                    self.err(
-                        &at("session_name"),
-                        "2 to 64 characters of letters, digits and =,.@-_ (STS's rule)",
-                    );
-                }
                 Some(CredentialSpec::Aws(crate::credentials::AwsSpec {
                     name: name.to_string(),
                     region: region.clone(),
-                    role_arn: role_arn.clone(),
-                    web_identity_token_file: token_file,
-                    sts_endpoint,
-                    session_duration,
-                    session_name,
+                    source,
                     body_max_bytes: match body_max_bytes.as_deref().map(str::parse::<usize>) {
                         None => 8 * 1024 * 1024,
                         Some(Ok(n)) if n > 0 => n,
@@ -1040,6 +1002,120 @@ impl Validator<'_> {
                 }))
             }
         }
+    }
+
+    /// `kind: aws` with a role: STS AssumeRoleWithWebIdentity.
+    #[allow(clippy::too_many_arguments)]
+    fn web_identity(
+        &mut self,
+        p: &[Seg<'_>],
+        region: &str,
+        role_arn: &str,
+        token_file: &str,
+        sts_endpoint: Option<&str>,
+        session_duration: Option<&str>,
+        session_name: String,
+    ) -> Option<crate::credentials::aws::SessionSource> {
+        let at = |k: &'static str| -> Vec<Seg<'_>> {
+            let mut v = p.to_vec();
+            v.push(Seg::Key(k));
+            v
+        };
+        if !role_arn.starts_with("arn:aws") || !role_arn.contains(":role/") {
+            self.err(
+                &at("role_arn"),
+                "an IAM role ARN (arn:aws:iam::ACCOUNT:role/NAME)",
+            );
+        }
+        let token_file = self.path(token_file);
+        if let Err(e) = std::fs::metadata(&token_file) {
+            self.absent(
+                &at("web_identity_token_file"),
+                format!("cannot read {}: {e}", token_file.display()),
+            );
+        }
+        let endpoint = sts_endpoint
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("https://sts.{region}.amazonaws.com"));
+        let Some(sts_endpoint) = endpoint
+            .parse::<http::Uri>()
+            .ok()
+            .filter(|u| matches!(u.scheme_str(), Some("https" | "http")) && u.host().is_some())
+        else {
+            self.err(&at("sts_endpoint"), "an https:// URL");
+            return None;
+        };
+        let session_duration = self.duration(
+            &at("session_duration"),
+            session_duration,
+            Duration::from_secs(3600),
+        );
+        if !(900..=43_200).contains(&session_duration.as_secs()) {
+            self.err(
+                &at("session_duration"),
+                "between 15m and 12h (STS's limits)",
+            );
+        }
+        let valid_name = (2..=64).contains(&session_name.len())
+            && session_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "=,.@-_".contains(c));
+        if !valid_name {
+            self.err(
+                &at("session_name"),
+                "2 to 64 characters of letters, digits and =,.@-_ (STS's rule)",
+            );
+        }
+        Some(crate::credentials::aws::SessionSource::WebIdentity {
+            role_arn: role_arn.to_string(),
+            web_identity_token_file: token_file,
+            sts_endpoint,
+            session_duration,
+            session_name,
+        })
+    }
+
+    /// `kind: aws` without a role: the container credentials endpoint the environment names
+    /// (EKS Pod Identity and ECS set it in the pod), as the AWS SDKs find it.
+    fn container_endpoint(
+        &mut self,
+        p: &[Seg<'_>],
+    ) -> Option<crate::credentials::aws::SessionSource> {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let uri = match (
+            env("AWS_CONTAINER_CREDENTIALS_FULL_URI"),
+            env("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"),
+        ) {
+            (Some(full), _) => full,
+            (None, Some(relative)) => format!("http://169.254.170.2{relative}"),
+            (None, None) => {
+                self.absent(
+                    p,
+                    "without role_arn the container credentials endpoint is used, but AWS_CONTAINER_CREDENTIALS_FULL_URI (EKS Pod Identity) and AWS_CONTAINER_CREDENTIALS_RELATIVE_URI (ECS) are not set",
+                );
+                return None;
+            }
+        };
+        let Some(uri) = uri.parse::<http::Uri>().ok().filter(|u| u.host().is_some()) else {
+            self.err(
+                p,
+                format!("AWS_CONTAINER_CREDENTIALS_FULL_URI is not a URL: {uri}"),
+            );
+            return None;
+        };
+        let token_file = env("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE").map(PathBuf::from);
+        if let Some(f) = &token_file
+            && let Err(e) = std::fs::metadata(f)
+        {
+            self.absent(
+                p,
+                format!(
+                    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE: cannot read {}: {e}",
+                    f.display()
+                ),
+            );
+        }
+        Some(crate::credentials::aws::SessionSource::Container { uri, token_file })
     }
 
     /// Read and parse a PEM signing key now, so a bad key is a config error at `at`, not a

@@ -238,10 +238,13 @@ pub(crate) enum CredentialConfig {
     Aws {
         /// Region signed for when the host does not name one.
         region: String,
-        /// The role to assume.
-        role_arn: String,
+        /// The role to assume (with `web_identity_token_file`); absent: the container
+        /// credentials endpoint (EKS Pod Identity, ECS) from the environment.
+        #[serde(default)]
+        role_arn: Option<String>,
         /// The projected web identity token (EKS IRSA); re-read on every fetch.
-        web_identity_token_file: String,
+        #[serde(default)]
+        web_identity_token_file: Option<String>,
         /// STS endpoint. Default `https://sts.<region>.amazonaws.com`.
         #[serde(default)]
         sts_endpoint: Option<String>,

@@ -35,20 +35,38 @@ pub struct AwsSpec {
     pub name: String,
     /// The region signed for when the host does not say.
     pub region: String,
-    /// The role to assume.
-    pub role_arn: String,
-    /// The web identity token (re-read on every fetch).
-    pub web_identity_token_file: PathBuf,
-    /// STS endpoint.
-    pub sts_endpoint: Uri,
-    /// Session lifetime asked for.
-    pub session_duration: Duration,
-    /// Role session name (shows in the assumed role's ARN and in CloudTrail).
-    pub session_name: String,
+    /// Where session credentials come from.
+    pub source: SessionSource,
     /// Largest request body signed (the signature covers the body's hash).
     pub body_max_bytes: usize,
-    /// How long the STS call may take.
+    /// How long fetching a session may take.
     pub timeout: Duration,
+}
+
+/// Where an `aws` credential's sessions come from.
+#[derive(Debug, Clone)]
+pub enum SessionSource {
+    /// STS `AssumeRoleWithWebIdentity` (EKS IRSA).
+    WebIdentity {
+        /// The role to assume.
+        role_arn: String,
+        /// The web identity token (re-read on every fetch).
+        web_identity_token_file: PathBuf,
+        /// STS endpoint.
+        sts_endpoint: Uri,
+        /// Session lifetime asked for.
+        session_duration: Duration,
+        /// Role session name (shows in the assumed role's ARN and in CloudTrail).
+        session_name: String,
+    },
+    /// The container credentials endpoint (EKS Pod Identity, ECS): a GET to `uri` with the
+    /// authorization token, read from `token_file` on every fetch, when there is one.
+    Container {
+        /// `AWS_CONTAINER_CREDENTIALS_FULL_URI` (or ECS's relative one on 169.254.170.2).
+        uri: Uri,
+        /// `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`.
+        token_file: Option<PathBuf>,
+    },
 }
 
 /// One set of session credentials.
@@ -142,7 +160,17 @@ impl AwsSource {
         self.cache
             .get(String::new(), || {
                 let (spec, client) = (self.spec.clone(), self.client.clone());
-                async move { assume_role_with_web_identity(&spec, &client).await }
+                async move {
+                    match &spec.source {
+                        SessionSource::WebIdentity { .. } => {
+                            assume_role_with_web_identity(&spec, &client).await
+                        }
+                        SessionSource::Container { uri, token_file } => {
+                            container_credentials(uri, token_file.as_ref(), spec.timeout, &client)
+                                .await
+                        }
+                    }
+                }
             })
             .await
     }
@@ -155,51 +183,33 @@ fn failure(kind: FailureKind, message: impl Into<String>) -> Failure {
     }
 }
 
-/// STS `AssumeRoleWithWebIdentity` (an unsigned form POST; the token is the proof).
-async fn assume_role_with_web_identity(
-    spec: &AwsSpec,
-    client: &StsClient,
-) -> Result<Session, Failure> {
-    let token = std::fs::read_to_string(&spec.web_identity_token_file).map_err(|e| {
+/// A token file's content, trimmed; an error naming `what` when it cannot be read or is
+/// empty.
+fn read_token(path: &std::path::Path, what: &str) -> Result<String, Failure> {
+    let token = std::fs::read_to_string(path).map_err(|e| {
         failure(
             FailureKind::Local,
-            format!(
-                "cannot read the web identity token {}: {e}",
-                spec.web_identity_token_file.display()
-            ),
+            format!("cannot read the {what} {}: {e}", path.display()),
         )
     })?;
     let token = token.trim();
     if token.is_empty() {
         return Err(failure(
             FailureKind::Local,
-            format!(
-                "the web identity token {} is empty",
-                spec.web_identity_token_file.display()
-            ),
+            format!("the {what} {} is empty", path.display()),
         ));
     }
-    let form = form_urlencoded::Serializer::new(String::new())
-        .append_pair("Action", "AssumeRoleWithWebIdentity")
-        .append_pair("Version", "2011-06-15")
-        .append_pair("RoleArn", &spec.role_arn)
-        .append_pair("RoleSessionName", &spec.session_name)
-        .append_pair(
-            "DurationSeconds",
-            &spec.session_duration.as_secs().to_string(),
-        )
-        .append_pair("WebIdentityToken", token)
-        .finish();
-    let req = Request::post(spec.sts_endpoint.clone())
-        .header(
-            http::header::CONTENT_TYPE,
-            "application/x-www-form-urlencoded",
-        )
-        .header(http::header::ACCEPT, "text/xml")
-        .body(Full::new(Bytes::from(form)))
-        .map_err(|e| failure(FailureKind::Local, e.to_string()))?;
-    let fetched_at = Instant::now();
-    let sent = tokio::time::timeout(spec.timeout, async {
+    Ok(token.to_string())
+}
+
+/// Send `req` within `timeout`: the status and body, or why not (naming `what`).
+async fn exchange(
+    client: &StsClient,
+    req: Request<Full<Bytes>>,
+    timeout: Duration,
+    what: &str,
+) -> Result<(http::StatusCode, Bytes), Failure> {
+    let sent = tokio::time::timeout(timeout, async {
         let resp = client
             .request(req)
             .await
@@ -214,21 +224,68 @@ async fn assume_role_with_web_identity(
         Ok::<_, String>((status, body))
     })
     .await;
-    let (status, body) = match sent {
-        Err(_) => {
-            return Err(failure(
-                FailureKind::Timeout,
-                format!("STS did not answer within {:?}", spec.timeout),
-            ));
-        }
-        Ok(Err(e)) => {
-            return Err(failure(
-                FailureKind::Unreachable,
-                format!("cannot reach STS at {}: {e}", spec.sts_endpoint),
-            ));
-        }
-        Ok(Ok(r)) => r,
+    match sent {
+        Err(_) => Err(failure(
+            FailureKind::Timeout,
+            format!("{what} did not answer within {timeout:?}"),
+        )),
+        Ok(Err(e)) => Err(failure(
+            FailureKind::Unreachable,
+            format!("cannot reach {what}: {e}"),
+        )),
+        Ok(Ok(r)) => Ok(r),
+    }
+}
+
+/// An RFC 3339 expiry: Unix seconds, and how long from now.
+fn expiry(expiration: &str) -> Result<(u64, Option<Duration>), Failure> {
+    let expires = humantime::parse_rfc3339_weak(expiration).map_err(|e| {
+        failure(
+            FailureKind::InvalidResponse,
+            format!("the credentials' expiration `{expiration}`: {e}"),
+        )
+    })?;
+    let at = expires
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Ok((at, expires.duration_since(SystemTime::now()).ok()))
+}
+
+/// STS `AssumeRoleWithWebIdentity` (an unsigned form POST; the token is the proof).
+async fn assume_role_with_web_identity(
+    spec: &AwsSpec,
+    client: &StsClient,
+) -> Result<Session, Failure> {
+    let SessionSource::WebIdentity {
+        role_arn,
+        web_identity_token_file,
+        sts_endpoint,
+        session_duration,
+        session_name,
+    } = &spec.source
+    else {
+        return Err(failure(FailureKind::Local, "not a web identity credential"));
     };
+    let token = read_token(web_identity_token_file, "web identity token")?;
+    let form = form_urlencoded::Serializer::new(String::new())
+        .append_pair("Action", "AssumeRoleWithWebIdentity")
+        .append_pair("Version", "2011-06-15")
+        .append_pair("RoleArn", role_arn)
+        .append_pair("RoleSessionName", session_name)
+        .append_pair("DurationSeconds", &session_duration.as_secs().to_string())
+        .append_pair("WebIdentityToken", &token)
+        .finish();
+    let req = Request::post(sts_endpoint.clone())
+        .header(
+            http::header::CONTENT_TYPE,
+            "application/x-www-form-urlencoded",
+        )
+        .header(http::header::ACCEPT, "text/xml")
+        .body(Full::new(Bytes::from(form)))
+        .map_err(|e| failure(FailureKind::Local, e.to_string()))?;
+    let fetched_at = Instant::now();
+    let what = format!("STS at {sts_endpoint}");
+    let (status, body) = exchange(client, req, spec.timeout, &what).await?;
     let text = String::from_utf8_lossy(&body);
     if !status.is_success() {
         // STS errors carry a code and a message, never a secret.
@@ -249,23 +306,76 @@ async fn assume_role_with_web_identity(
             )
         })
     };
-    let expiration = field("Expiration")?;
-    let expires = humantime::parse_rfc3339_weak(&expiration).map_err(|e| {
-        failure(
-            FailureKind::InvalidResponse,
-            format!("the STS answer's <Expiration> `{expiration}`: {e}"),
-        )
-    })?;
-    let expires_at = expires
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let (expires_at, lifetime) = expiry(&field("Expiration")?)?;
     Ok(Session {
         access_key_id: field("AccessKeyId")?,
         secret_access_key: SecretString::from(field("SecretAccessKey")?),
         session_token: SecretString::from(field("SessionToken")?),
-        assumed_role: xml_text(&text, "Arn").unwrap_or_else(|| spec.role_arn.clone()),
+        assumed_role: xml_text(&text, "Arn").unwrap_or_else(|| role_arn.clone()),
         expires_at,
-        lifetime: expires.duration_since(SystemTime::now()).ok(),
+        lifetime,
+        fetched_at,
+    })
+}
+
+/// The container credentials endpoint (EKS Pod Identity, ECS): a GET with the
+/// authorization token; JSON `{AccessKeyId, SecretAccessKey, Token, Expiration, RoleArn?}`.
+async fn container_credentials(
+    uri: &Uri,
+    token_file: Option<&PathBuf>,
+    timeout: Duration,
+    client: &StsClient,
+) -> Result<Session, Failure> {
+    let mut req = Request::get(uri.clone()).header(http::header::ACCEPT, "application/json");
+    if let Some(f) = token_file {
+        let token = read_token(f, "container authorization token")?;
+        let mut token = HeaderValue::from_str(&token).map_err(|_| {
+            failure(
+                FailureKind::Local,
+                "the container authorization token is not a valid header value",
+            )
+        })?;
+        token.set_sensitive(true);
+        req = req.header(http::header::AUTHORIZATION, token);
+    }
+    let req = req
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| failure(FailureKind::Local, e.to_string()))?;
+    let fetched_at = Instant::now();
+    let what = format!("the container credentials endpoint {uri}");
+    let (status, body) = exchange(client, req, timeout, &what).await?;
+    if !status.is_success() {
+        return Err(failure(
+            FailureKind::Rejected,
+            format!("{what} answered {status}"),
+        ));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+        failure(
+            FailureKind::InvalidResponse,
+            format!("{what} answered something that is not JSON: {e}"),
+        )
+    })?;
+    let field = |k: &str| {
+        v[k].as_str().map(str::to_string).ok_or_else(|| {
+            failure(
+                FailureKind::InvalidResponse,
+                format!("{what} answered without `{k}`"),
+            )
+        })
+    };
+    let (expires_at, lifetime) = expiry(&field("Expiration")?)?;
+    let access_key_id = field("AccessKeyId")?;
+    Ok(Session {
+        assumed_role: v["RoleArn"].as_str().map_or_else(
+            || format!("container-credentials:{access_key_id}"),
+            str::to_string,
+        ),
+        access_key_id,
+        secret_access_key: SecretString::from(field("SecretAccessKey")?),
+        session_token: SecretString::from(field("Token")?),
+        expires_at,
+        lifetime,
         fetched_at,
     })
 }

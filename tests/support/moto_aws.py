@@ -1,6 +1,10 @@
 """AWS on loopback: PyPI moto in server mode with request authentication on, for tests/aws.rs.
 
 Usage: python3 moto_aws.py [CERT KEY]   (with a certificate and key: HTTPS)
+       python3 moto_aws.py --container TOKEN
+           also a container credentials endpoint (as EKS Pod Identity serves one): it takes
+           the role's session itself (the third unauthenticated action) and hands it to
+           GETs that carry `Authorization: TOKEN`; prints `container PORT` before `ready`.
 
 Creates the IAM role `inference` (trusting a web identity, allowed everything), then prints
 `ready PORT`. Authentication is off for the first three actions only: creating the role,
@@ -23,6 +27,10 @@ import boto3  # noqa: E402
 from moto.server import DomainDispatcherApplication, create_backend_app  # noqa: E402
 from werkzeug.serving import make_server  # noqa: E402
 
+container_token = None
+if sys.argv[1:2] == ["--container"]:
+    container_token = sys.argv[2]
+    sys.argv = sys.argv[:1]
 tls = None
 if len(sys.argv) == 3:
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -53,5 +61,45 @@ trust = {
 iam.create_role(RoleName="inference", AssumeRolePolicyDocument=json.dumps(trust))
 allow_all = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
 iam.put_role_policy(RoleName="inference", PolicyName="all", PolicyDocument=json.dumps(allow_all))
+if container_token is not None:
+    import botocore
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    sts = boto3.client(
+        "sts",
+        endpoint_url=f"http://localhost:{port}",
+        region_name="us-east-1",
+        config=botocore.config.Config(signature_version=botocore.UNSIGNED),
+    )
+    answer = sts.assume_role_with_web_identity(
+        RoleArn="arn:aws:iam::123456789012:role/inference",
+        RoleSessionName="pod-identity",
+        WebIdentityToken="eyJhbGciOiJub25lIn0.e30.",
+    )
+    c = answer["Credentials"]
+    body = json.dumps(
+        {
+            "AccessKeyId": c["AccessKeyId"],
+            "SecretAccessKey": c["SecretAccessKey"],
+            "Token": c["SessionToken"],
+            "AccountId": "123456789012",
+            "Expiration": c["Expiration"].strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+    ).encode()
+
+    class Endpoint(BaseHTTPRequestHandler):
+        def do_GET(self):
+            ok = self.headers.get("Authorization") == container_token
+            self.send_response(200 if ok else 401)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(body if ok else b'{"message":"unauthorized"}')
+
+        def log_message(self, *args):
+            pass
+
+    endpoint = ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
+    threading.Thread(target=endpoint.serve_forever, daemon=True).start()
+    print(f"container {endpoint.server_port}", flush=True)
 print(f"ready {port}", flush=True)
 threading.Event().wait()
