@@ -575,23 +575,7 @@ impl Pipeline {
             log.body_scan = Some("skipped_too_large");
             return Ok((OutBody::Stream(body), Vec::new()));
         }
-        let read = tokio::time::timeout(self.timeouts.header_read, upstream::read_up_to(body, max))
-            .await
-            .map_err(|_| {
-                Rejection::new(
-                    ErrorCode::BadRequest,
-                    format!(
-                        "the request body did not arrive within {:?}",
-                        self.timeouts.header_read
-                    ),
-                )
-            })?
-            .map_err(|e| {
-                Rejection::new(
-                    ErrorCode::BadRequest,
-                    format!("reading the request body failed: {e}"),
-                )
-            })?;
+        let read = self.read_within(body, max).await?;
         match read {
             upstream::BodyRead::Whole(bytes) => {
                 log.body_scan = Some("inspected");
@@ -623,24 +607,7 @@ impl Pipeline {
             OutBody::Prefixed(head, rest) => (head, rest),
         };
         let room = limit.checked_sub(head.len()).ok_or_else(too_large)?;
-        let read =
-            tokio::time::timeout(self.timeouts.header_read, upstream::read_up_to(rest, room))
-                .await
-                .map_err(|_| {
-                    Rejection::new(
-                        ErrorCode::BadRequest,
-                        format!(
-                            "the request body did not arrive within {:?}",
-                            self.timeouts.header_read
-                        ),
-                    )
-                })?
-                .map_err(|e| {
-                    Rejection::new(
-                        ErrorCode::BadRequest,
-                        format!("reading the request body failed: {e}"),
-                    )
-                })?;
+        let read = self.read_within(rest, room).await?;
         match read {
             upstream::BodyRead::Whole(tail) if head.is_empty() => Ok(OutBody::Buffered(tail)),
             upstream::BodyRead::Whole(tail) => {
@@ -650,6 +617,29 @@ impl Pipeline {
             }
             upstream::BodyRead::Partial(..) => Err(too_large()),
         }
+    }
+
+    /// Read a request body until it ends or passes `max` bytes, within `header_read`.
+    async fn read_within(
+        &self,
+        body: Incoming,
+        max: usize,
+    ) -> Result<upstream::BodyRead, Rejection> {
+        let within = self.timeouts.header_read;
+        tokio::time::timeout(within, upstream::read_up_to(body, max))
+            .await
+            .map_err(|_| {
+                Rejection::new(
+                    ErrorCode::BadRequest,
+                    format!("the request body did not arrive within {within:?}"),
+                )
+            })?
+            .map_err(|e| {
+                Rejection::new(
+                    ErrorCode::BadRequest,
+                    format!("reading the request body failed: {e}"),
+                )
+            })
     }
 
     fn count_findings(&self, findings: &[strip::Finding]) {

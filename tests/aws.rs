@@ -50,11 +50,8 @@ fn moto(pki: Option<&TestPki>) -> (ServerProcess, Option<tempfile::TempDir>) {
     let mut cmd = Command::new(python());
     cmd.arg(support().join("moto_aws.py"));
     let certs = pki.map(|pki| {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("cert.pem"), &pki.server_cert_pem).unwrap();
-        std::fs::write(dir.path().join("key.pem"), &pki.server_key_pem).unwrap();
-        cmd.arg(dir.path().join("cert.pem"))
-            .arg(dir.path().join("key.pem"));
+        let (dir, cert, key) = pki.server_files();
+        cmd.arg(cert).arg(key);
         dir
     });
     (ServerProcess::start(cmd, "moto (AWS emulator)"), certs)

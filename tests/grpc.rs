@@ -21,10 +21,7 @@ fn support() -> PathBuf {
 #[test]
 fn grpcio_unary_and_streaming_over_insecure_and_tls_channels() {
     let pki = TestPki::new();
-    let certs = tempfile::tempdir().unwrap();
-    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
-    std::fs::write(&cert, &pki.server_cert_pem).unwrap();
-    std::fs::write(&key, &pki.server_key_pem).unwrap();
+    let (_certs, cert, key) = pki.server_files();
     let mut serve = Command::new(python());
     serve
         .arg(support().join("grpc_echo.py"))

@@ -29,10 +29,7 @@ pub struct ModelApi {
 
 impl ModelApi {
     pub fn start(pki: &TestPki) -> ModelApi {
-        let certs = tempfile::tempdir().unwrap();
-        let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
-        std::fs::write(&cert, &pki.server_cert_pem).unwrap();
-        std::fs::write(&key, &pki.server_key_pem).unwrap();
+        let (certs, cert, key) = pki.server_files();
         let mut cmd = Command::new(python());
         cmd.arg(support().join("fake_llm.py")).arg(&cert).arg(&key);
         let server = ServerProcess::start(cmd, "the hypercorn model API");

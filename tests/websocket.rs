@@ -33,11 +33,8 @@ impl Echo {
         let mut cmd = Command::new(python());
         cmd.arg(support().join("ws_echo.py"));
         let certs = pki.map(|pki| {
-            let dir = tempfile::tempdir().unwrap();
-            std::fs::write(dir.path().join("cert.pem"), &pki.server_cert_pem).unwrap();
-            std::fs::write(dir.path().join("key.pem"), &pki.server_key_pem).unwrap();
-            cmd.arg(dir.path().join("cert.pem"))
-                .arg(dir.path().join("key.pem"));
+            let (dir, cert, key) = pki.server_files();
+            cmd.arg(cert).arg(key);
             dir
         });
         let server = ServerProcess::start(cmd, "the WebSocket echo server");

@@ -98,6 +98,16 @@ impl TestPki {
         }
     }
 
+    /// The server certificate and key as files, for servers not in Rust: (their directory,
+    /// cert.pem, key.pem).
+    pub fn server_files(&self) -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert, &self.server_cert_pem).unwrap();
+        std::fs::write(&key, &self.server_key_pem).unwrap();
+        (dir, cert, key)
+    }
+
     /// A client certificate for `dns_name` signed by the test CA: (cert PEM, key PEM).
     #[allow(dead_code)]
     pub fn client_cert(&self, dns_name: &str) -> (String, String) {
