@@ -475,6 +475,32 @@ fn check_lists_every_error_with_file_line_and_key() {
     assert!(err.contains("not started"), "{err}");
 }
 
+/// The Bedrock example, with the files a pod would have (the CA, the service-account token)
+/// put where it names them: every key is one the loader takes, and it checks clean.
+#[test]
+fn examples_bedrock_passes_check_where_its_files_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (ok, _, err) = run(Command::new(bin()).args(["ca", "init", "--out", d.to_str().unwrap()]));
+    assert!(ok, "{err}");
+    std::fs::write(d.join("token"), "eyJhbGciOiJSUzI1NiJ9.e30.c2ln").unwrap();
+    std::fs::copy("examples/policy.cedar", d.join("policy.cedar")).unwrap();
+    let text = std::fs::read_to_string("examples/bedrock.yaml")
+        .unwrap()
+        .replace("/etc/chaperone/", &format!("{}/", d.display()))
+        .replace(
+            "/var/run/secrets/eks.amazonaws.com/serviceaccount/token",
+            d.join("token").to_str().unwrap(),
+        );
+    std::fs::write(d.join("bedrock.yaml"), text).unwrap();
+    let (ok, out, err) = run(Command::new(bin()).args([
+        "check",
+        "--config",
+        d.join("bedrock.yaml").to_str().unwrap(),
+    ]));
+    assert!(ok, "{out}{err}");
+}
+
 #[test]
 fn examples_quickstart_passes_check() {
     let (ok, out, err) =
