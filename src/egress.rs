@@ -130,11 +130,6 @@ impl Egress {
         self.via(uri)?.authorization.clone()
     }
 
-    /// Whether `host:port` is reached through the proxy (as a tunnel).
-    pub(crate) fn proxies_tunnel(&self, host: &str, port: u16) -> bool {
-        tunnel_uri(host, port).is_some_and(|u| self.via(&u).is_some())
-    }
-
     /// A CONNECT tunnel to `host:port` through the proxy, for a blind tunnel of our own.
     /// `None` when the destination is reached directly.
     pub(crate) async fn tunnel(
@@ -317,9 +312,11 @@ mod tests {
         assert!(through("https://notinternal.example/"));
         assert!(!through("http://10.1.2.3:8000/"));
         assert!(!through("http://localhost:8080/"));
-        assert!(!Egress::direct().proxies_tunnel("api.openai.com", 443));
-        assert!(e.proxies_tunnel("api.openai.com", 443));
-        assert!(!e.proxies_tunnel("10.9.9.9", 5432));
+        let tunnelled =
+            |e: &Egress, h: &str, p: u16| tunnel_uri(h, p).is_some_and(|u| e.via(&u).is_some());
+        assert!(!tunnelled(&Egress::direct(), "api.openai.com", 443));
+        assert!(tunnelled(&e, "api.openai.com", 443));
+        assert!(!tunnelled(&e, "10.9.9.9", 5432));
     }
 
     #[test]

@@ -18,15 +18,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Uri};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::Full;
 use secrecy::{ExposeSecret, SecretString};
 
 use super::cache::{Fetched, TokenCache};
-use super::oauth::{Failure, FailureKind};
-use crate::egress::{Chain, Egress};
+use super::oauth::{Failure, FailureKind, exchange};
+use crate::egress::Egress;
 
 /// Validated `kind: aws` settings.
 #[derive(Debug, Clone)]
@@ -116,7 +113,8 @@ impl Fetched for Session {
     }
 }
 
-type StsClient = Client<hyper_rustls::HttpsConnector<Chain<HttpConnector>>, Full<Bytes>>;
+/// STS and the container endpoint are fetched like token endpoints.
+type StsClient = super::oauth::TokenClient;
 
 /// One `aws` credential: its settings, its STS client, its session cache.
 pub(crate) struct AwsSource {
@@ -140,17 +138,9 @@ impl AwsSource {
         egress: &Egress,
         cache: TokenCache<Session>,
     ) -> AwsSource {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config((**tls).clone())
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(egress.connector(http));
         AwsSource {
             spec,
-            client: Client::builder(TokioExecutor::new()).build(https),
+            client: super::oauth::endpoint_client((**tls).clone(), egress),
             cache: Arc::new(cache),
         }
     }
@@ -200,41 +190,6 @@ fn read_token(path: &std::path::Path, what: &str) -> Result<String, Failure> {
         ));
     }
     Ok(token.to_string())
-}
-
-/// Send `req` within `timeout`: the status and body, or why not (naming `what`).
-async fn exchange(
-    client: &StsClient,
-    req: Request<Full<Bytes>>,
-    timeout: Duration,
-    what: &str,
-) -> Result<(http::StatusCode, Bytes), Failure> {
-    let sent = tokio::time::timeout(timeout, async {
-        let resp = client
-            .request(req)
-            .await
-            .map_err(|e| crate::error::innermost(&e).to_string())?;
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok::<_, String>((status, body))
-    })
-    .await;
-    match sent {
-        Err(_) => Err(failure(
-            FailureKind::Timeout,
-            format!("{what} did not answer within {timeout:?}"),
-        )),
-        Ok(Err(e)) => Err(failure(
-            FailureKind::Unreachable,
-            format!("cannot reach {what}: {e}"),
-        )),
-        Ok(Ok(r)) => Ok(r),
-    }
 }
 
 /// An RFC 3339 expiry: Unix seconds, and how long from now.

@@ -76,16 +76,7 @@ impl Credentials {
                 },
             )
             .await;
-        let count = |kind: &'static str, result: &'static str| {
-            self.metrics
-                .credentials_issued
-                .get_or_create(&CredentialLabels {
-                    credential: name.clone(),
-                    kind,
-                    result,
-                })
-                .inc();
-        };
+        let count = |kind, result| self.count_issued(name, kind, result);
         let issued = match obtained {
             Ok(i) => i,
             Err(e) => {
@@ -132,6 +123,18 @@ impl Credentials {
 }
 
 impl Credentials {
+    /// Count one credential handed out (or not) for a call.
+    fn count_issued(&self, name: &str, kind: &'static str, result: &'static str) {
+        self.metrics
+            .credentials_issued
+            .get_or_create(&CredentialLabels {
+                credential: name.to_string(),
+                kind,
+                result,
+            })
+            .inc();
+    }
+
     /// An `aws` route: sign the request with the current session (fail closed: no session,
     /// no forwarding). The app's own signature headers are replaced.
     async fn sign(
@@ -149,16 +152,7 @@ impl Credentials {
                 format!("credential `{name}`: {why}"),
             )
         };
-        let count = |result: &'static str| {
-            self.metrics
-                .credentials_issued
-                .get_or_create(&CredentialLabels {
-                    credential: name.to_string(),
-                    kind: "aws",
-                    result,
-                })
-                .inc();
-        };
+        let count = |result| self.count_issued(name, "aws", result);
         let session = source.session().await.map_err(|e| {
             count("error");
             unavailable(e)

@@ -218,9 +218,58 @@ struct ErrorResponse {
     error_description: Option<String>,
 }
 
-/// HTTP client for a token endpoint (HTTPS verified against the configured roots).
-type TokenClient =
+/// HTTP client for a token endpoint, STS or a container credentials endpoint (HTTPS verified
+/// against the configured roots, reached the way `egress` says).
+pub(crate) type TokenClient =
     Client<hyper_rustls::HttpsConnector<crate::egress::Chain<HttpConnector>>, Full<Bytes>>;
+
+/// A [`TokenClient`] with `tls`.
+pub(crate) fn endpoint_client(
+    tls: rustls::ClientConfig,
+    egress: &crate::egress::Egress,
+) -> TokenClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(egress.connector(http));
+    Client::builder(TokioExecutor::new()).build(https)
+}
+
+/// Send `req` and read the whole answer within `timeout`; the failures name `what` (`token
+/// endpoint`, `STS at URL`) and are the fetch metric's kinds.
+pub(crate) async fn exchange(
+    client: &TokenClient,
+    req: Request<Full<Bytes>>,
+    timeout: Duration,
+    what: &str,
+) -> Result<(StatusCode, Bytes), Failure> {
+    tokio::time::timeout(timeout, async {
+        let resp = client.request(req).await.map_err(|e| Failure {
+            kind: FailureKind::Unreachable,
+            message: format!("{what} unreachable: {}", crate::error::innermost(&e)),
+        })?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| Failure {
+                kind: FailureKind::Unreachable,
+                message: format!("{what} response cut short: {e}"),
+            })?
+            .to_bytes();
+        Ok((status, body))
+    })
+    .await
+    .map_err(|_| Failure {
+        kind: FailureKind::Timeout,
+        message: format!("{what} did not answer within {timeout:?}"),
+    })?
+}
 
 /// One credential's token endpoint and its HTTP client.
 pub(crate) struct TokenEndpoint {
@@ -349,17 +398,9 @@ impl TokenEndpoint {
                     .map_err(|e| format!("credential `{}`: client certificate: {e}", spec.name))?,
             );
         }
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(egress.connector(http));
         Ok(TokenEndpoint {
             spec,
-            client: Client::builder(TokioExecutor::new()).build(https),
+            client: endpoint_client(tls, egress),
         })
     }
 
@@ -489,31 +530,7 @@ impl TokenEndpoint {
         let spec = &self.spec;
         let req = self.request(params)?;
         let started = Instant::now();
-        let (status, body) = tokio::time::timeout(spec.timeout, async {
-            let resp = self.client.request(req).await.map_err(|e| Failure {
-                kind: FailureKind::Unreachable,
-                message: format!(
-                    "token endpoint unreachable: {}",
-                    crate::error::innermost(&e)
-                ),
-            })?;
-            let status = resp.status();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| Failure {
-                    kind: FailureKind::Unreachable,
-                    message: format!("token response cut short: {e}"),
-                })?
-                .to_bytes();
-            Ok::<_, Failure>((status, body))
-        })
-        .await
-        .map_err(|_| Failure {
-            kind: FailureKind::Timeout,
-            message: format!("token endpoint did not answer within {:?}", spec.timeout),
-        })??;
+        let (status, body) = exchange(&self.client, req, spec.timeout, "token endpoint").await?;
         if status != StatusCode::OK {
             let why = serde_json::from_slice::<ErrorResponse>(&body)
                 .map(|e| {

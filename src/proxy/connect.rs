@@ -220,25 +220,23 @@ pub(crate) async fn dial(
     egress: &Egress,
 ) -> Result<TcpStream, Rejection> {
     let unreachable = |m: String| Rejection::new(ErrorCode::UpstreamUnreachable, m);
-    if egress.proxies_tunnel(&target.host, target.port) {
-        let through = egress.tunnel(&target.host, target.port);
-        return match tokio::time::timeout(timeout, through).await {
-            Ok(Some(Ok(s))) => {
-                let _ = s.set_nodelay(true);
-                Ok(s)
-            }
-            Ok(Some(Err(e))) => Err(unreachable(crate::error::innermost(&*e).to_string())),
-            Ok(None) => Err(unreachable(
-                "the upstream proxy does not cover this destination".into(),
-            )),
-            Err(_) => Err(Rejection::new(
+    // `None` at once when the destination is reached directly.
+    match tokio::time::timeout(timeout, egress.tunnel(&target.host, target.port)).await {
+        Ok(None) => {}
+        Ok(Some(Ok(s))) => {
+            let _ = s.set_nodelay(true);
+            return Ok(s);
+        }
+        Ok(Some(Err(e))) => return Err(unreachable(crate::error::innermost(&*e).to_string())),
+        Err(_) => {
+            return Err(Rejection::new(
                 ErrorCode::UpstreamTimeout,
                 format!(
                     "the tunnel through the upstream proxy to {} did not open within {timeout:?}",
                     target.host
                 ),
-            )),
-        };
+            ));
+        }
     }
     let addrs: Vec<SocketAddr> = tokio::time::timeout(
         timeout,

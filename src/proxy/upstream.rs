@@ -386,13 +386,12 @@ impl Upstream {
     /// bodies are streamed and not retried.
     pub(crate) async fn send(
         &self,
-        parts: http::request::Parts,
+        mut parts: http::request::Parts,
         body: OutBody,
         deadlines: Deadlines,
     ) -> Result<(Response<Incoming>, Duration), Rejection> {
         let start = Instant::now();
         let client = self.client(deadlines.connect, Wire::of(&parts.headers));
-        let mut parts = parts;
         // An `http://` request through the upstream proxy carries the proxy's credentials
         // itself (the app's own `Proxy-Authorization` was removed as hop-by-hop).
         if let Some(auth) = self.egress.authorization_for(&parts.uri) {
