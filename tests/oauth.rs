@@ -586,6 +586,106 @@ routes:
     assert_eq!(auth.token_requests(), 2);
 }
 
+/// `client_assertion`: an assertion somebody else issued (Azure workload identity's
+/// federated token, a CI OIDC token) sent from a file that is re-read on every fetch. The
+/// server refuses an assertion it has seen (oidc-provider's replay detection), so the second
+/// fetch fails closed until the file is rotated, and succeeds right after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_assertion_from_a_file_is_reread_on_every_fetch() {
+    let up = Upstream::start().await;
+    let files = tempfile::tempdir().unwrap();
+    let client_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+    let jwk = chaperone::credentials::SigningKey::from_pem(
+        client_key.serialize_pem().as_bytes(),
+        chaperone::credentials::Allow::AnyIncludingRsa,
+    )
+    .unwrap()
+    .jwk()
+    .clone();
+    let jwk_path = files.path().join("client.jwk");
+    std::fs::write(&jwk_path, jwk.to_string()).unwrap();
+    let auth = AuthServer::start_with(&[("CLIENT_JWK", jwk_path.display().to_string())]);
+    let token_url = format!("http://127.0.0.1:{}/token", auth.port);
+    // What the issuer (a federation webhook, a CI system) writes: RFC 7523 §3 claims.
+    let key = EncodingKey::from_rsa_pem(client_key.serialize_pem().as_bytes()).unwrap();
+    let assertion = |jti: &str| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = jwk["kid"].as_str().map(str::to_owned);
+        jsonwebtoken::encode(
+            &header,
+            &json!({"iss": "chaperone-jwt", "sub": "chaperone-jwt", "aud": token_url,
+                    "iat": now, "exp": now + 600, "jti": jti}),
+            &key,
+        )
+        .unwrap()
+    };
+    let (first, second) = (assertion("federated-1"), assertion("federated-2"));
+    let cfg = format!(
+        r#"{HEAD}credentials:
+  federated:
+    kind: client_credentials
+    token_url: {token_url}
+    client_id: chaperone-jwt
+    auth_method: client_assertion
+    client_assertion_file: {{dir}}/federated-token
+routes:
+  - name: read
+    match: {{ host: 127.0.0.1, port: {upstream}, path_prefix: /read/ }}
+    credential: federated
+    scopes: [tools.read]
+    audience: https://tools.test
+  - name: write
+    match: {{ host: 127.0.0.1, port: {upstream}, path_prefix: /write/ }}
+    credential: federated
+    scopes: [tools.write]
+    audience: https://tools.test
+{TAIL}"#,
+        upstream = up.addr.port()
+    );
+    let first_file = first.clone();
+    let sc = Sidecar::start_with(&cfg, PERMISSIVE_POLICY, &[], move |dir: &Path| {
+        std::fs::write(dir.join("federated-token"), first_file).unwrap();
+    });
+    let base = format!("http://127.0.0.1:{}", up.addr.port());
+
+    let (code, body) = curl_via(&sc.proxy_url(), &format!("{base}/read/a"));
+    assert_eq!(code, 200, "{body} {}", auth.stderr());
+    let claims = auth.verify(
+        &bearer(up.requests().last().unwrap()),
+        "https://tools.test",
+        None,
+    );
+    assert_eq!(claims["client_id"], "chaperone-jwt");
+    assert_eq!(claims["scope"], "tools.read");
+
+    // A second fetch (other scopes) with the same assertion: refused as a replay, fail closed.
+    let (code, body) = curl_via(&sc.proxy_url(), &format!("{base}/write/a"));
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(
+        up.requests().len(),
+        1,
+        "nothing reaches the upstream without a credential"
+    );
+
+    // The issuer rotates the file: the next fetch reads the new assertion.
+    std::fs::write(sc.dir().join("federated-token"), &second).unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await; // past the first backoff
+    let (code, body) = curl_via(&sc.proxy_url(), &format!("{base}/write/b"));
+    assert_eq!(code, 200, "{body} {}", auth.stderr());
+    let claims = auth.verify(
+        &bearer(up.requests().last().unwrap()),
+        "https://tools.test",
+        None,
+    );
+    assert_eq!(claims["scope"], "tools.write");
+    assert_eq!(auth.token_requests(), 3);
+    sc.assert_never_shows(&[&first, &second]);
+}
+
 fn path_of(dir: &tempfile::TempDir, name: &str) -> std::path::PathBuf {
     dir.path().join(name)
 }

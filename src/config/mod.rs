@@ -1189,10 +1189,12 @@ impl Validator<'_> {
             ("client_key_file", f.client_key_file),
             ("client_cert_file", f.client_cert_file),
             ("assertion_audience", f.assertion_audience),
+            ("client_assertion_file", f.client_assertion_file),
         ];
         let used: &[&str] = match method {
             "client_secret_basic" | "client_secret_post" => &["client_secret_file"],
             "private_key_jwt" => &["client_key_file", "assertion_audience"],
+            "client_assertion" => &["client_assertion_file"],
             "tls_client_auth" | "self_signed_tls_client_auth" => {
                 &["client_key_file", "client_cert_file"]
             }
@@ -1233,6 +1235,20 @@ impl Validator<'_> {
                         .map_or_else(|| f.token_url.to_string(), str::to_owned),
                 }
             }
+            "client_assertion" => {
+                // The Azure workload identity webhook names the projected token file so.
+                let from_env = std::env::var(AZURE_FEDERATED_TOKEN_FILE).ok();
+                let Some(given) = f.client_assertion_file.or(from_env.as_deref()) else {
+                    self.err(p, format!("client_assertion needs client_assertion_file (or {AZURE_FEDERATED_TOKEN_FILE} in the environment)"));
+                    return None;
+                };
+                ClientAuth::AssertionFile(file(
+                    self,
+                    "client_assertion_file",
+                    Some(given),
+                    "client_assertion",
+                )?)
+            }
             // Both differ only in how the server checks the certificate (RFC 8705 §2.1, §2.2).
             "tls_client_auth" | "self_signed_tls_client_auth" => {
                 let cert_file = file(self, "client_cert_file", f.client_cert_file, method);
@@ -1247,7 +1263,7 @@ impl Validator<'_> {
                 self.err(
                     &at("auth_method"),
                     format!(
-                        "`{other}` is not one of client_secret_basic, client_secret_post, private_key_jwt, tls_client_auth{}",
+                        "`{other}` is not one of client_secret_basic, client_secret_post, private_key_jwt, client_assertion, tls_client_auth{}",
                         if f.allow_none { ", none" } else { "" }
                     ),
                 );
@@ -1480,6 +1496,9 @@ impl Validator<'_> {
     }
 }
 
+/// Where the Azure workload identity webhook puts the federated token's path.
+const AZURE_FEDERATED_TOKEN_FILE: &str = "AZURE_FEDERATED_TOKEN_FILE";
+
 /// The token-endpoint keys both OAuth kinds share.
 struct EndpointFields<'a> {
     token_url: &'a str,
@@ -1489,6 +1508,7 @@ struct EndpointFields<'a> {
     client_key_file: Option<&'a str>,
     client_cert_file: Option<&'a str>,
     assertion_audience: Option<&'a str>,
+    client_assertion_file: Option<&'a str>,
     timeout: Option<&'a str>,
     /// Token exchange may use a public client.
     allow_none: bool,
@@ -1506,6 +1526,7 @@ impl<'a> EndpointFields<'a> {
                 client_key_file,
                 client_cert_file,
                 assertion_audience,
+                client_assertion_file,
                 timeout,
             }
             | CredentialConfig::TokenExchange {
@@ -1516,6 +1537,7 @@ impl<'a> EndpointFields<'a> {
                 client_key_file,
                 client_cert_file,
                 assertion_audience,
+                client_assertion_file,
                 timeout,
                 ..
             } => Some(EndpointFields {
@@ -1526,6 +1548,7 @@ impl<'a> EndpointFields<'a> {
                 client_key_file: client_key_file.as_deref(),
                 client_cert_file: client_cert_file.as_deref(),
                 assertion_audience: assertion_audience.as_deref(),
+                client_assertion_file: client_assertion_file.as_deref(),
                 timeout: timeout.as_deref(),
                 allow_none: matches!(c, CredentialConfig::TokenExchange { .. }),
             }),
@@ -1766,6 +1789,7 @@ identity: {{ id: a, workload: w, environment: e }}
 credentials:
   te: {{ kind: token_exchange, token_url: 'https://sts.test/token', client_id: c }}
   pk: {{ kind: client_credentials, token_url: 'https://idp.test/token', client_id: c, auth_method: private_key_jwt }}
+  fed: {{ kind: client_credentials, token_url: 'https://idp.test/token', client_id: c, auth_method: client_assertion, client_key_file: {s} }}
   extra: {{ kind: client_credentials, token_url: 'https://idp.test/token', client_id: c, client_secret_file: {s}, client_cert_file: {s} }}
   plain: {{ kind: client_credentials, token_url: 'http://idp.test/token', client_id: c, client_secret_file: {s} }}
   rot: {{ kind: jwt, signing_key: {s}, rotate_every: 1h }}
@@ -1787,6 +1811,22 @@ routes:
         assert!(found("credentials.te", "subject token"), "{err}");
         assert!(
             found("credentials.pk", "private_key_jwt needs client_key_file"),
+            "{err}"
+        );
+        if std::env::var_os(AZURE_FEDERATED_TOKEN_FILE).is_none() {
+            assert!(
+                found(
+                    "credentials.fed",
+                    "client_assertion needs client_assertion_file"
+                ),
+                "{err}"
+            );
+        }
+        assert!(
+            found(
+                "credentials.fed.client_key_file",
+                "not used by auth_method client_assertion"
+            ),
             "{err}"
         );
         assert!(

@@ -157,7 +157,8 @@ pub(crate) enum CredentialConfig {
         /// Client id.
         client_id: String,
         /// `client_secret_basic` (default), `client_secret_post`, `private_key_jwt`
-        /// (RFC 7523) or `tls_client_auth` (RFC 8705).
+        /// (RFC 7523, signed here), `client_assertion` (RFC 7523, an assertion issued
+        /// elsewhere, read from a file) or `tls_client_auth` (RFC 8705).
         #[serde(default)]
         auth_method: Option<String>,
         /// File holding the client secret (read on every fetch); for the two secret methods.
@@ -171,6 +172,11 @@ pub(crate) enum CredentialConfig {
         /// next connection.
         #[serde(default)]
         client_cert_file: Option<String>,
+        /// File holding the client assertion for `client_assertion` (a federated token: Azure
+        /// workload identity, a CI OIDC token), re-read on every fetch. Default:
+        /// `$AZURE_FEDERATED_TOKEN_FILE`.
+        #[serde(default)]
+        client_assertion_file: Option<String>,
         /// `aud` of `private_key_jwt` assertions. Default: the token URL.
         #[serde(default)]
         assertion_audience: Option<String>,
@@ -186,7 +192,7 @@ pub(crate) enum CredentialConfig {
         /// Client id.
         client_id: String,
         /// `client_secret_basic` (default when a secret file is given), `client_secret_post`,
-        /// `private_key_jwt`, `tls_client_auth`, or `none` (default without a secret file:
+        /// `private_key_jwt`, `client_assertion`, `tls_client_auth`, or `none` (default without a secret file:
         /// the subject token is the proof).
         #[serde(default)]
         auth_method: Option<String>,
@@ -199,6 +205,11 @@ pub(crate) enum CredentialConfig {
         /// PEM client certificate chain for `tls_client_auth`.
         #[serde(default)]
         client_cert_file: Option<String>,
+        /// File holding the client assertion for `client_assertion` (a federated token: Azure
+        /// workload identity, a CI OIDC token), re-read on every fetch. Default:
+        /// `$AZURE_FEDERATED_TOKEN_FILE`.
+        #[serde(default)]
+        client_assertion_file: Option<String>,
         /// `aud` of `private_key_jwt` assertions. Default: the token URL.
         #[serde(default)]
         assertion_audience: Option<String>,

@@ -52,6 +52,10 @@ pub enum ClientAuth {
         /// PEM private key of the leaf.
         key_file: PathBuf,
     },
+    /// `client_assertion` (RFC 7523 §2.2 with an assertion someone else issued): the JWT in
+    /// this file is sent as it is, re-read on every fetch. Azure workload identity
+    /// (`AZURE_FEDERATED_TOKEN_FILE`), MCP workload federation and CI OIDC tokens work so.
+    AssertionFile(PathBuf),
     /// `none`: a public client; `client_id` in the body only.
     None,
 }
@@ -298,6 +302,20 @@ fn read_secret(path: &Path, what: &str) -> Result<SecretString, Failure> {
     })
 }
 
+/// RFC 7523 §2.2 client authentication fields.
+fn add_assertion(
+    form: &mut form_urlencoded::Serializer<'_, String>,
+    client_id: &str,
+    assertion: &SecretString,
+) {
+    form.append_pair("client_id", client_id);
+    form.append_pair(
+        "client_assertion_type",
+        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+    );
+    form.append_pair("client_assertion", assertion.expose_secret());
+}
+
 /// A client certificate read from files, re-read when either file changes, so a renewed
 /// certificate (cert-manager, SPIFFE X.509-SVID) is presented on the next connection.
 #[derive(Debug)]
@@ -470,12 +488,11 @@ impl TokenEndpoint {
             }
             ClientAuth::PrivateKeyJwt { key_file, audience } => {
                 let assertion = self.client_assertion(key_file, audience)?;
-                form.append_pair("client_id", &spec.client_id);
-                form.append_pair(
-                    "client_assertion_type",
-                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-                );
-                form.append_pair("client_assertion", assertion.expose_secret());
+                add_assertion(&mut form, &spec.client_id, &assertion);
+            }
+            ClientAuth::AssertionFile(file) => {
+                let assertion = read_secret(file, "client assertion")?;
+                add_assertion(&mut form, &spec.client_id, &assertion);
             }
             ClientAuth::TlsClientAuth { .. } | ClientAuth::None => {
                 form.append_pair("client_id", &spec.client_id);
