@@ -475,30 +475,46 @@ fn check_lists_every_error_with_file_line_and_key() {
     assert!(err.contains("not started"), "{err}");
 }
 
-/// The Bedrock example, with the files a pod would have (the CA, the service-account token)
-/// put where it names them: every key is one the loader takes, and it checks clean.
+/// The cloud examples, with the files a pod would have (the CA, the projected token) put
+/// where they name them: every key is one the loader takes, each checks clean, and `check`
+/// shows what its `provider:` route expanded to.
 #[test]
-fn examples_bedrock_passes_check_where_its_files_exist() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let (ok, _, err) = run(Command::new(bin()).args(["ca", "init", "--out", d.to_str().unwrap()]));
-    assert!(ok, "{err}");
-    std::fs::write(d.join("token"), "eyJhbGciOiJSUzI1NiJ9.e30.c2ln").unwrap();
-    std::fs::copy("examples/policy.cedar", d.join("policy.cedar")).unwrap();
-    let text = std::fs::read_to_string("examples/bedrock.yaml")
-        .unwrap()
-        .replace("/etc/chaperone/", &format!("{}/", d.display()))
-        .replace(
-            "/var/run/secrets/eks.amazonaws.com/serviceaccount/token",
-            d.join("token").to_str().unwrap(),
-        );
-    std::fs::write(d.join("bedrock.yaml"), text).unwrap();
-    let (ok, out, err) = run(Command::new(bin()).args([
-        "check",
-        "--config",
-        d.join("bedrock.yaml").to_str().unwrap(),
-    ]));
-    assert!(ok, "{out}{err}");
+fn cloud_examples_pass_check_where_their_files_exist() {
+    for (example, expanded) in [
+        (
+            "bedrock.yaml",
+            "route bedrock (provider bedrock): https://bedrock-runtime.*.amazonaws.com, bedrock-runtime-fips.*.amazonaws.com, bedrock-agent-runtime.*.amazonaws.com, bedrock-agent.*.amazonaws.com, bedrock.*.amazonaws.com; credential bedrock signs SigV4 (service bedrock, region from the host)",
+        ),
+        (
+            "azure-openai.yaml",
+            "route azure-openai (provider azure_openai): https://*.openai.azure.com, *.cognitiveservices.azure.com, *.services.ai.azure.com; credential entra into authorization: Bearer {token}; scopes https://cognitiveservices.azure.com/.default",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (ok, _, err) =
+            run(Command::new(bin()).args(["ca", "init", "--out", d.to_str().unwrap()]));
+        assert!(ok, "{err}");
+        std::fs::write(d.join("token"), "eyJhbGciOiJSUzI1NiJ9.e30.c2ln").unwrap();
+        std::fs::copy("examples/policy.cedar", d.join("policy.cedar")).unwrap();
+        let token = d.join("token");
+        let text = std::fs::read_to_string(format!("examples/{example}"))
+            .unwrap()
+            .replace("/etc/chaperone/", &format!("{}/", d.display()))
+            .replace(
+                "/var/run/secrets/eks.amazonaws.com/serviceaccount/token",
+                token.to_str().unwrap(),
+            )
+            .replace(
+                "/var/run/secrets/azure/tokens/azure-identity-token",
+                token.to_str().unwrap(),
+            );
+        std::fs::write(d.join(example), text).unwrap();
+        let (ok, out, err) =
+            run(Command::new(bin()).args(["check", "--config", d.join(example).to_str().unwrap()]));
+        assert!(ok, "{example}: {out}{err}");
+        assert!(out.contains(expanded), "{example}: {out}");
+    }
 }
 
 #[test]

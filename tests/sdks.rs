@@ -265,3 +265,116 @@ fn java_httpclient_through_the_proxy() {
     }
     sc.assert_never_shows(&[&key, INJECTED_KEY]);
 }
+
+/// Routes that name a `provider:` instead of spelling out the vendor's shape. The official
+/// SDKs, each sending the app's own key: the `anthropic` SDK gets `x-api-key`, the `openai`
+/// SDK's `AzureOpenAI` (which sends `api-key`) gets an Entra-style bearer. GitHub's required
+/// version header is added when the app sends none and left alone when it does. A provider's
+/// route is HTTPS only: the same host over plain HTTP gets no credential. `chaperone check`
+/// shows what each route expanded to.
+#[test]
+fn provider_routes_give_each_vendor_its_documented_shape() {
+    let pki = TestPki::new();
+    let api = ModelApi::start(&pki);
+    let (tls, plain) = (api.tls, api.plain);
+    let routes = format!(
+        "- name: claude\n  provider: anthropic\n  match: {{ host: localhost, port: {tls}, path_prefix: /v1/messages }}\n  credential: app-key\n\
+         - name: azure\n  provider: azure_openai\n  match: {{ host: localhost, port: {tls}, path_prefix: /openai/ }}\n  credential: app-key\n\
+         - name: gh\n  provider: github\n  match: {{ host: [localhost, 127.0.0.1], port: {tls}, path_prefix: /echo }}\n  credential: app-key\n\
+         - name: gh-plain\n  provider: github\n  match: {{ host: 127.0.0.1, port: {plain} }}\n  credential: app-key\n"
+    );
+    let sc = injecting_sidecar(&[], &pki.ca_pem, PERMISSIVE_POLICY, |c| {
+        c.set("routes", &routes)
+    });
+
+    let (ok, out, err) = run(Command::new(bin())
+        .args([
+            "check",
+            "--config",
+            sc.dir().join("config.yaml").to_str().unwrap(),
+        ])
+        .env(INJECTED_KEY_ENV, INJECTED_KEY));
+    assert!(ok, "{out}{err}");
+    for expanded in [
+        format!(
+            "route claude (provider anthropic): https://localhost port {tls} /v1/messages*; credential app-key into x-api-key: {{token}}"
+        ),
+        format!(
+            "route azure (provider azure_openai): https://localhost port {tls} /openai/*; credential app-key into authorization: Bearer {{token}}"
+        ),
+        format!(
+            "route gh (provider github): https://localhost, 127.0.0.1 port {tls} /echo*; credential app-key into authorization: Bearer {{token}}; adds x-github-api-version: 2022-11-28 unless sent"
+        ),
+    ] {
+        assert!(out.contains(&expanded), "{expanded}\nnot in\n{out}");
+    }
+
+    let (anthropic_key, azure_key) = (
+        fake_anthropic_key(),
+        format!("{:016x}{:016x}", rand_u64(), rand_u64()),
+    );
+    let calls = calls_of(
+        Command::new(python())
+            .arg(support().join("provider_clients.py"))
+            .arg(sc.proxy_url())
+            .arg(sc.dir().join("ca.pem"))
+            .arg(tls.to_string())
+            .args([&anthropic_key, &azure_key]),
+    );
+    let claude = &calls["anthropic"]["seen"];
+    assert_eq!(claude["key"], INJECTED_KEY, "{claude}");
+    assert_eq!(claude["auth"], "", "{claude}");
+    // The SDK pins its own version (2.x sends a newer one than the catalog's); it goes through.
+    assert!(
+        claude["other"]["anthropic-version"]
+            .as_str()
+            .is_some_and(|v| v != "2023-06-01"),
+        "{claude}"
+    );
+    let azure = &calls["azure"]["seen"];
+    assert_eq!(azure["auth"], format!("Bearer {INJECTED_KEY}"), "{azure}");
+    assert_eq!(azure["key"], "", "{azure}");
+    assert!(
+        azure["other"].get("api-key").is_none(),
+        "the app's Azure key reached the API: {azure}"
+    );
+    assert_eq!(
+        azure["path"],
+        "/openai/deployments/gpt-4o-prod/chat/completions"
+    );
+
+    let (proxy, ca) = (sc.proxy_url(), sc.dir().join("ca.pem"));
+    let echo = |url: &str, extra: &[&str]| -> Value {
+        let mut args = vec!["--proxy", &proxy, "--cacert", ca.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args.push(url);
+        let (code, body) = curl(&args);
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    };
+    let gh = echo(&format!("https://127.0.0.1:{tls}/echo"), &[]);
+    assert_eq!(gh["auth"], format!("Bearer {INJECTED_KEY}"), "{gh}");
+    assert_eq!(gh["other"]["x-github-api-version"], "2022-11-28", "{gh}");
+    let pinned = echo(
+        &format!("https://localhost:{tls}/echo"),
+        &["-H", "X-GitHub-Api-Version: 2026-03-10"],
+    );
+    assert_eq!(pinned["other"]["x-github-api-version"], "2026-03-10");
+    let clear = echo(&format!("http://127.0.0.1:{plain}/echo"), &[]);
+    assert_eq!(
+        clear["auth"], "",
+        "a provider's credential went out in clear: {clear}"
+    );
+    assert!(clear["other"].get("x-github-api-version").is_none());
+
+    let lines = sc.lines_where(5, |l| l["kind"] == "http");
+    let routes: Vec<&str> = lines
+        .iter()
+        .map(|l| l["route"].as_str().unwrap_or("-"))
+        .collect();
+    assert_eq!(routes, ["claude", "azure", "gh", "gh", "-"], "{lines:#?}");
+    for l in &lines[..2] {
+        assert_eq!(l["stripped"].as_array().unwrap().len(), 1, "{l}");
+    }
+    sc.assert_never_shows(&[&anthropic_key, &azure_key, INJECTED_KEY]);
+}

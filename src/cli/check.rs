@@ -16,6 +16,15 @@ pub(crate) fn command(config: &Path) -> Exit {
                 cfg.routes.len(),
                 cfg.credentials.len()
             );
+            for r in &cfg.routes {
+                let signs = r.credential.as_ref().is_some_and(|c| {
+                    matches!(
+                        cfg.credentials.get(c),
+                        Some(crate::credentials::CredentialSpec::Aws(_))
+                    )
+                });
+                println!("  {}", r.describe(signs));
+            }
             Exit::Ok
         }
         Err(errs) => {

@@ -10,6 +10,7 @@ pub(crate) mod check;
 pub(crate) mod demo;
 pub(crate) mod egress_lock;
 pub(crate) mod policy;
+pub(crate) mod providers;
 pub(crate) mod review;
 pub(crate) mod run;
 pub(crate) mod scan;
@@ -74,6 +75,13 @@ pub(crate) enum Cmd {
     },
     /// Run the whole job end to end on loopback: a model API, the sidecar and a scripted agent.
     Demo,
+    /// List the provider catalog (`provider: NAME` on a route): each vendor's hosts, how it
+    /// takes a credential, the version headers it requires, and where it documents them.
+    Providers {
+        /// One JSON array instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Report the embedded secrets `strip` would remove from recorded requests (a HAR file or
     /// JSON lines), without sending anything. Exit status: 0 none found, 1 found, 2 error.
     Scan {
@@ -238,6 +246,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let exit = match cli.cmd {
         Cmd::Check { config } => check::command(&config),
+        Cmd::Providers { json } => providers::command(json),
         Cmd::Run {
             config,
             listen,
@@ -311,12 +320,23 @@ fn print_config_errors(errs: &crate::config::ConfigErrors) {
 /// A report on stdout: one JSON line with `--json`, else its text rendering.
 fn print_report<T: serde::Serialize>(json: bool, report: &T, text: impl Fn(&T) -> String) -> Exit {
     if json {
-        println!(
-            "{}",
-            serde_json::to_string(report).expect("reports serialize")
-        );
+        let mut line = serde_json::to_string(report).expect("reports serialize");
+        line.push('\n');
+        emit(&line);
     } else {
-        print!("{}", text(report));
+        emit(&text(report));
     }
     Exit::Ok
+}
+
+/// Write a report to stdout. A reader that went away (`| head`) ends the output quietly,
+/// as it does for any Unix tool, instead of a panic.
+fn emit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush())
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        eprintln!("chaperone: cannot write to stdout: {e}");
+    }
 }

@@ -1290,17 +1290,56 @@ impl Validator<'_> {
         credentials: &BTreeMap<String, CredentialSpec>,
     ) -> Option<Route> {
         use Seg::*;
-        let m = &r.match_;
+        let no_match = MatchConfig::default();
+        let m = r.match_.as_ref().unwrap_or(&no_match);
         let mp = |k: &'static str| [Key("routes"), Idx(i), Key("match"), Key(k)];
         self.nonempty(&[Key("routes"), Idx(i), Key("name")], &r.name);
-        let host = match HostMatch::parse(&m.host) {
-            Ok(h) => h,
-            Err(e) => {
-                self.err(&mp("host"), e);
+        let provider = r.provider.as_deref().and_then(|n| {
+            let found = crate::route::providers::find(n);
+            if found.is_none() {
+                self.err(
+                    &[Key("routes"), Idx(i), Key("provider")],
+                    format!(
+                        "`{n}` is not in the provider catalog ({}); `chaperone providers` lists them",
+                        crate::route::providers::names()
+                    ),
+                );
+            }
+            found
+        });
+        let patterns: Vec<&str> = match (&m.host, provider) {
+            (Some(h), _) => h.0.iter().map(String::as_str).collect(),
+            (None, Some(p)) => p.hosts.to_vec(),
+            (None, None) if r.provider.is_some() => return None, // reported above
+            (None, None) => {
+                self.err(
+                    &[Key("routes"), Idx(i)],
+                    "a route needs `match.host` or a `provider`",
+                );
                 return None;
             }
         };
+        if patterns.is_empty() {
+            self.err(&mp("host"), "the list of hosts is empty");
+            return None;
+        }
+        let mut host = Vec::new();
+        for (j, h) in patterns.iter().enumerate() {
+            match HostMatch::parse(h) {
+                Ok(h) => host.push(h),
+                Err(e) if m.host.as_ref().is_some_and(|h| h.0.len() > 1) => self.err(
+                    &[Key("routes"), Idx(i), Key("match"), Key("host"), Idx(j)],
+                    e,
+                ),
+                Err(e) => self.err(&mp("host"), e),
+            }
+        }
+        if host.len() < patterns.len() {
+            return None;
+        }
         let scheme = match m.scheme.as_deref() {
+            // Vendors are served over HTTPS: a provider's credential never goes out in clear.
+            None if provider.is_some() => Some("https".to_string()),
             None => None,
             Some(s @ ("http" | "https")) => Some(s.to_string()),
             Some(s) => {
@@ -1336,8 +1375,14 @@ impl Validator<'_> {
                 ),
             );
         }
+        let by_provider = match provider.map(|p| p.auth) {
+            Some(crate::route::providers::Auth::Header { name, value }) => {
+                InjectSpec::parse(Some(name), None, value).ok()
+            }
+            _ => None,
+        };
         let inject = match &r.inject {
-            None => InjectSpec::default_bearer(),
+            None => by_provider.unwrap_or_else(InjectSpec::default_bearer),
             Some(inj) => {
                 match InjectSpec::parse(
                     inj.header.as_deref(),
@@ -1394,11 +1439,32 @@ impl Validator<'_> {
         {
             self.err(&[Key("routes"), Idx(i), Key("purpose_default")], e);
         }
-        let signs = r
-            .credential
-            .as_ref()
-            .and_then(|c| credentials.get(c))
-            .is_some_and(|c| matches!(c, CredentialSpec::Aws(_)));
+        let credential = r.credential.as_ref().and_then(|c| credentials.get(c));
+        let signs = credential.is_some_and(|c| matches!(c, CredentialSpec::Aws(_)));
+        let provider_signs = match provider.map(|p| p.auth) {
+            Some(crate::route::providers::Auth::SigV4 { service }) => Some(service),
+            _ => None,
+        };
+        if let (Some(p), Some(_)) = (provider, credential) {
+            let at = [Key("routes"), Idx(i), Key("credential")];
+            match (provider_signs, signs) {
+                (Some(_), false) => self.err(
+                    &at,
+                    format!(
+                        "provider {} takes SigV4-signed requests: it needs a credential of kind aws",
+                        p.name
+                    ),
+                ),
+                (None, true) => self.err(
+                    &at,
+                    format!(
+                        "provider {} takes `{}`, not a SigV4 signature: a credential of kind aws does not fit",
+                        p.name, p.auth
+                    ),
+                ),
+                _ => {}
+            }
+        }
         let sign = match (&r.sign, signs) {
             (Some(_), false) => {
                 self.err(
@@ -1408,11 +1474,36 @@ impl Validator<'_> {
                 None
             }
             (Some(s), true) => Some(crate::route::SignScope {
-                service: s.service.clone(),
+                service: s.service.clone().or(provider_signs.map(str::to_owned)),
                 region: s.region.clone(),
             }),
-            (None, _) => None,
+            (None, true) => provider_signs.map(|service| crate::route::SignScope {
+                service: Some(service.to_owned()),
+                region: None,
+            }),
+            (None, false) => None,
         };
+        // A vendor's token issuer expects its own scopes (Entra's `.default`, Google's
+        // cloud-platform); a locally minted or static credential has none to ask for.
+        let scopes = match (r.scopes.is_empty(), provider, credential) {
+            (true, Some(p), Some(CredentialSpec::OAuth(_))) => {
+                p.scopes.iter().map(|s| s.to_string()).collect()
+            }
+            _ => r.scopes.clone(),
+        };
+        let add_headers = provider
+            .map(|p| {
+                p.headers
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            http::HeaderName::from_static(k),
+                            http::HeaderValue::from_static(v),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         let timeouts = match &r.timeouts {
             None => RouteTimeouts::default(),
             Some(t) => {
@@ -1434,7 +1525,7 @@ impl Validator<'_> {
         };
         Some(Route {
             name: r.name.clone(),
-            host,
+            host: crate::route::Hosts(host),
             scheme,
             port: m.port,
             path_prefix: m.path_prefix.clone(),
@@ -1445,11 +1536,13 @@ impl Validator<'_> {
             labels: r.labels.clone(),
             audience: r.audience.clone(),
             resource: r.resource.clone(),
-            scopes: r.scopes.clone(),
+            scopes,
             max_ttl,
             strip: r.strip,
             timeouts,
             sign,
+            provider,
+            add_headers,
         })
     }
 
@@ -1725,6 +1818,84 @@ routes:
         ] {
             assert!(keys.contains(&want), "missing {want} in {err}");
         }
+    }
+
+    #[test]
+    fn provider_routes_expand_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, "k").unwrap();
+        let text = format!(
+            "\
+identity: {{ id: i, workload: w, environment: e }}
+credentials:
+  key: {{ kind: static, from_file: {k} }}
+  entra: {{ kind: client_credentials, token_url: 'https://login.test/token', client_id: c, client_secret_file: {k} }}
+routes:
+  - {{ name: claude, provider: anthropic, credential: key }}
+  - {{ name: az, provider: azure_openai, credential: entra }}
+  - {{ name: az-own, provider: azure_openai, credential: entra, scopes: [a.b], inject: {{ header: api-key }} }}
+  - {{ name: many, match: {{ host: [a.example, '*.b.example', 'c-*.example.org'] }} }}
+",
+            k = key.display()
+        );
+        let cfg = load(&text).unwrap();
+        let r = &cfg.routes;
+        assert_eq!(r[0].host.to_string(), "api.anthropic.com");
+        assert_eq!(r[0].scheme.as_deref(), Some("https"));
+        assert_eq!(
+            r[0].inject,
+            InjectSpec::parse(Some("x-api-key"), None, "{token}").unwrap()
+        );
+        assert_eq!(r[0].add_headers.len(), 1);
+        assert!(r[0].scopes.is_empty(), "a static key asks for no scopes");
+        assert_eq!(
+            r[1].scopes,
+            ["https://cognitiveservices.azure.com/.default"]
+        );
+        assert_eq!(r[1].inject, InjectSpec::default_bearer());
+        assert_eq!(r[2].scopes, ["a.b"], "the route's own keys win");
+        assert_eq!(
+            r[2].inject,
+            InjectSpec::parse(Some("api-key"), None, "{token}").unwrap()
+        );
+        assert_eq!(r[3].scheme, None);
+        assert!(r[3].host.matches("x.b.example") && r[3].host.matches("c-1.example.org"));
+
+        let bad = format!(
+            "\
+identity: {{ id: i, workload: w, environment: e }}
+credentials:
+  key: {{ kind: static, from_file: {k} }}
+  aws: {{ kind: aws, region: us-east-1, role_arn: 'arn:aws:iam::123456789012:role/r', web_identity_token_file: {k} }}
+routes:
+  - {{ name: typo, provider: open-ai }}
+  - {{ name: nothing }}
+  - {{ name: unsigned, provider: bedrock, credential: key }}
+  - {{ name: signed, provider: openai, credential: aws }}
+  - {{ name: hosts, match: {{ host: [ok.example, 'bad*'] }} }}
+  - {{ name: empty, match: {{ host: [] }} }}
+",
+            k = key.display()
+        );
+        let err = load(&bad).unwrap_err();
+        let found = |key: &str, text: &str| {
+            err.0
+                .iter()
+                .any(|e| e.key == key && e.message.contains(text))
+        };
+        assert!(
+            found("routes[0].provider", "not in the provider catalog"),
+            "{err}"
+        );
+        assert!(
+            found("routes[1]", "needs `match.host` or a `provider`"),
+            "{err}"
+        );
+        assert!(found("routes[2].credential", "kind aws"), "{err}");
+        assert!(found("routes[3].credential", "does not fit"), "{err}");
+        assert!(found("routes[4].match.host[1]", "wildcard"), "{err}");
+        assert!(found("routes[5].match.host", "empty"), "{err}");
     }
 
     #[test]

@@ -282,9 +282,14 @@ pub(crate) enum CredentialConfig {
 pub(crate) struct RouteConfig {
     /// Unique route name; it appears in logs, metrics and policy context.
     pub(crate) name: String,
-    /// Which requests this route takes.
-    #[serde(rename = "match")]
-    pub(crate) match_: MatchConfig,
+    /// A vendor from the provider catalog (`chaperone providers`): fills in the hosts (HTTPS
+    /// only), the credential's place, required version headers and OAuth scopes. The route's
+    /// own keys override it.
+    #[serde(default)]
+    pub(crate) provider: Option<String>,
+    /// Which requests this route takes. Required without `provider`.
+    #[serde(rename = "match", default)]
+    pub(crate) match_: Option<MatchConfig>,
     /// Name of the credential (under `credentials:`) injected on this route.
     #[serde(default)]
     pub(crate) credential: Option<String>,
@@ -355,8 +360,11 @@ pub(crate) struct RouteTimeoutsConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct MatchConfig {
-    /// Host name or IP literal; `*.example.org` matches any subdomain.
-    pub(crate) host: String,
+    /// Host name or IP literal, or a list of them; `*.example.org` matches any subdomain, one
+    /// `*` inside a name part of one label (`bedrock-runtime.*.amazonaws.com`). Required
+    /// without `provider`.
+    #[serde(default)]
+    pub(crate) host: Option<HostField>,
     /// `http` or `https`. Default: either.
     #[serde(default)]
     pub(crate) scheme: Option<String>,
@@ -369,6 +377,36 @@ pub(crate) struct MatchConfig {
     /// Allowed methods. Default: any method.
     #[serde(default)]
     pub(crate) methods: Vec<String>,
+}
+
+/// `match.host`: one pattern or a list.
+#[derive(Debug, Clone)]
+pub(crate) struct HostField(pub(crate) Vec<String>);
+
+impl<'de> Deserialize<'de> for HostField {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = HostField;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a host name or a list of host names")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<HostField, E> {
+                Ok(HostField(vec![v.to_string()]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<HostField, A::Error> {
+                let mut v = Vec::new();
+                while let Some(h) = seq.next_element::<String>()? {
+                    v.push(h);
+                }
+                Ok(HostField(v))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// How a credential is placed into the forwarded request.

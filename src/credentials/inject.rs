@@ -40,6 +40,13 @@ impl Credentials {
         headers: &mut HeaderMap,
         body: Option<&mut Bytes>,
     ) -> Result<Option<Issued>, Rejection> {
+        // The vendor's required version headers, unless the app pinned its own; before any
+        // signature, which covers them.
+        for (name, value) in &route.add_headers {
+            if !headers.contains_key(name) {
+                headers.insert(name.clone(), value.clone());
+            }
+        }
         let Some(name) = &route.credential else {
             return Ok(None);
         };

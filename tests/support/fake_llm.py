@@ -8,14 +8,15 @@ Prints `plain PLAIN_PORT`, then `ready TLS_PORT`, once listening. The shapes are
 documented wire formats, as small as the SDKs accept:
 
 - POST /v1/chat/completions: OpenAI Chat Completions, JSON or (`"stream": true`) SSE chunks
-  ending in `data: [DONE]`;
+  ending in `data: [DONE]`; also at Azure OpenAI's
+  /openai/deployments/NAME/chat/completions?api-version=...;
 - POST /v1/messages: Anthropic Messages, JSON or (`"stream": true`) the SSE event sequence
   message_start ... message_stop;
 - GET /echo: what the request carried, as JSON;
 - GET /sse: five SSE events.
 
 Every answer carries what the server saw (`seen`: protocol, host, the `x-api-key` and
-`authorization` headers, path): in the first text of a completion or message, in /echo's
+`authorization` headers, path, and the vendors' other key and version headers): in the first text of a completion or message, in /echo's
 body, in /sse's first event. Streams send five parts 200 ms apart, so a test can tell a stream
 relayed as it comes from one delivered in one piece.
 """
@@ -41,6 +42,11 @@ def seen(scope):
             "key": headers.get("x-api-key", ""),
             "auth": headers.get("authorization", ""),
             "path": scope["path"],
+            "other": {
+                k: headers[k]
+                for k in ("api-key", "x-goog-api-key", "anthropic-version", "x-github-api-version")
+                if k in headers
+            },
         }
     )
 
@@ -170,7 +176,8 @@ async def app(scope, receive, send):
                 return
     body = await read_body(receive)
     path, method = scope["path"], scope["method"]
-    if method == "POST" and path in ("/v1/chat/completions", "/v1/messages"):
+    azure = path.startswith("/openai/deployments/") and path.endswith("/chat/completions")
+    if method == "POST" and (path in ("/v1/chat/completions", "/v1/messages") or azure):
         request = json.loads(body or b"{}")
         out = chat(scope, request) if path.endswith("completions") else messages(scope, request)
         if isinstance(out, list):

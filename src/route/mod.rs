@@ -1,4 +1,9 @@
 //! Stage 3, route: match a request's destination to the first route that takes it.
+//!
+//! `providers` is the catalog a route's `provider:` expands from (hosts, credential shape,
+//! version headers of each vendor).
+
+pub(crate) mod providers;
 
 use std::collections::BTreeMap;
 
@@ -7,13 +12,22 @@ use http::{HeaderName, Method};
 use crate::strip::StripMode;
 use crate::target::Target;
 
-/// A host matcher: exact, or `*.suffix` for any subdomain.
+/// A host matcher: exact; `*.suffix` for any subdomain; or one `*` inside a name standing
+/// for part of one label (`bedrock-runtime.*.amazonaws.com`, `*-aiplatform.googleapis.com`),
+/// the shape of regional endpoints.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum HostMatch {
     /// Exact host, lowercase.
     Exact(String),
     /// Any host ending in `.suffix` (the suffix itself excluded).
     Subdomains(String),
+    /// `prefix`, then one or more characters other than `.`, then `suffix`.
+    InLabel {
+        /// Text before the `*`.
+        prefix: String,
+        /// Text after the `*`.
+        suffix: String,
+    },
 }
 
 impl HostMatch {
@@ -30,10 +44,20 @@ impl HostMatch {
             }
             return Ok(HostMatch::Subdomains(suffix.to_string()));
         }
-        if s.contains('*') || s.contains('/') || s.contains(' ') {
-            return Err(format!(
-                "`{s}` is not a host name (a wildcard goes first: *.example.org)"
-            ));
+        if s.contains(['/', ' ']) || (s.contains(':') && s.contains('*')) {
+            return Err(format!("`{s}` is not a host name"));
+        }
+        if let Some((prefix, suffix)) = s.split_once('*') {
+            // One `*` that leaves a dotted name on at least one side: a regional endpoint.
+            if suffix.contains('*') || !(prefix.contains('.') || suffix.contains('.')) {
+                return Err(format!(
+                    "`{s}` is not a valid wildcard (use *.example.org, or one * within a label as in bedrock-runtime.*.amazonaws.com)"
+                ));
+            }
+            return Ok(HostMatch::InLabel {
+                prefix: prefix.to_string(),
+                suffix: suffix.to_string(),
+            });
         }
         Ok(HostMatch::Exact(s))
     }
@@ -47,7 +71,47 @@ impl HostMatch {
                     && host.ends_with(suffix.as_str())
                     && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
             }
+            HostMatch::InLabel { prefix, suffix } => {
+                host.len() > prefix.len() + suffix.len()
+                    && host.starts_with(prefix.as_str())
+                    && host.ends_with(suffix.as_str())
+                    && !host[prefix.len()..host.len() - suffix.len()].contains('.')
+            }
         }
+    }
+}
+
+impl std::fmt::Display for HostMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HostMatch::Exact(h) if h.contains(':') => write!(f, "[{h}]"),
+            HostMatch::Exact(h) => f.write_str(h),
+            HostMatch::Subdomains(s) => write!(f, "*.{s}"),
+            HostMatch::InLabel { prefix, suffix } => write!(f, "{prefix}*{suffix}"),
+        }
+    }
+}
+
+/// The hosts a route takes: any of them matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Hosts(pub(crate) Vec<HostMatch>);
+
+impl Hosts {
+    /// Does any pattern match the host (lowercase)?
+    pub(crate) fn matches(&self, host: &str) -> bool {
+        self.0.iter().any(|h| h.matches(host))
+    }
+}
+
+impl std::fmt::Display for Hosts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, h) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{h}")?;
+        }
+        Ok(())
     }
 }
 
@@ -118,8 +182,8 @@ impl InjectSpec {
 pub(crate) struct Route {
     /// Route name.
     pub(crate) name: String,
-    /// Host matcher.
-    pub(crate) host: HostMatch,
+    /// Host matchers.
+    pub(crate) host: Hosts,
     /// Required scheme, if any.
     pub(crate) scheme: Option<String>,
     /// Required port, if any.
@@ -150,6 +214,11 @@ pub(crate) struct Route {
     pub(crate) timeouts: RouteTimeouts,
     /// SigV4 scope overrides, for an `aws` credential.
     pub(crate) sign: Option<SignScope>,
+    /// The catalog entry the route was expanded from.
+    pub(crate) provider: Option<&'static providers::Provider>,
+    /// Headers added to the forwarded request when the app sent none of that name (the
+    /// version headers a vendor requires).
+    pub(crate) add_headers: Vec<(HeaderName, http::HeaderValue)>,
 }
 
 /// `routes[].sign`: what an `aws` credential signs for when the host does not say.
@@ -197,6 +266,61 @@ impl Route {
         } else {
             std::borrow::Cow::Borrowed(&self.scopes)
         }
+    }
+
+    /// What the route takes and does, in one line (what `chaperone check` prints, so a
+    /// `provider:` expansion can be read).
+    pub(crate) fn describe(&self, signs: bool) -> String {
+        let mut out = format!("route {}", self.name);
+        if let Some(p) = self.provider {
+            out.push_str(&format!(" (provider {})", p.name));
+        }
+        out.push_str(&format!(
+            ": {}://{}",
+            self.scheme.as_deref().unwrap_or("http(s)"),
+            self.host
+        ));
+        if let Some(port) = self.port {
+            out.push_str(&format!(" port {port}"));
+        }
+        if let Some(p) = &self.path_prefix {
+            out.push_str(&format!(" {p}*"));
+        }
+        if !self.methods.is_empty() {
+            let m: Vec<&str> = self.methods.iter().map(Method::as_str).collect();
+            out.push_str(&format!(" [{}]", m.join(" ")));
+        }
+        match &self.credential {
+            None => out.push_str("; no credential"),
+            Some(c) if signs => {
+                let s = self.sign.clone().unwrap_or_default();
+                out.push_str(&format!(
+                    "; credential {c} signs SigV4 (service {}, region {})",
+                    s.service.as_deref().unwrap_or("from the host"),
+                    s.region.as_deref().unwrap_or("from the host")
+                ));
+            }
+            Some(c) => {
+                let into = match &self.inject.into {
+                    InjectInto::Header(h) => format!("{h}: "),
+                    InjectInto::BodyField(f) => format!("body field {f} = "),
+                };
+                out.push_str(&format!(
+                    "; credential {c} into {into}{}{{token}}{}",
+                    self.inject.prefix, self.inject.suffix
+                ));
+            }
+        }
+        if !self.scopes.is_empty() {
+            out.push_str(&format!("; scopes {}", self.scopes.join(" ")));
+        }
+        for (k, v) in &self.add_headers {
+            out.push_str(&format!(
+                "; adds {k}: {} unless sent",
+                v.to_str().unwrap_or("?")
+            ));
+        }
+        out
     }
 
     fn matches(&self, method: &Method, t: &Target) -> bool {
@@ -271,7 +395,7 @@ mod tests {
     fn route(host: &str) -> Route {
         Route {
             name: "r".into(),
-            host: HostMatch::parse(host).unwrap(),
+            host: Hosts(vec![HostMatch::parse(host).unwrap()]),
             scheme: None,
             port: None,
             path_prefix: Some("/v1/".into()),
@@ -287,6 +411,8 @@ mod tests {
             strip: None,
             timeouts: Default::default(),
             sign: None,
+            provider: None,
+            add_headers: vec![],
         }
     }
 
@@ -323,6 +449,26 @@ mod tests {
             t.find(&Method::POST, &target("api.example.org", "/v2/x"))
                 .is_none()
         );
+    }
+
+    #[test]
+    fn wildcards_within_a_label() {
+        let h = HostMatch::parse("bedrock-runtime.*.amazonaws.com").unwrap();
+        assert!(h.matches("bedrock-runtime.us-east-1.amazonaws.com"));
+        assert!(!h.matches("bedrock-runtime.amazonaws.com"));
+        assert!(
+            !h.matches("bedrock-runtime.a.b.amazonaws.com"),
+            "one label only"
+        );
+        assert!(!h.matches("bedrock-runtime.evil.com.amazonaws.com.evil"));
+        let v = HostMatch::parse("*-aiplatform.googleapis.com").unwrap();
+        assert!(v.matches("us-central1-aiplatform.googleapis.com"));
+        assert!(!v.matches("aiplatform.googleapis.com"));
+        assert!(!v.matches("evil.us-aiplatform.googleapis.com"));
+        assert_eq!(v.to_string(), "*-aiplatform.googleapis.com");
+        for bad in ["*", "a*b", "*.*.example.org", "x.*.*.y", "*.", "a b"] {
+            assert!(HostMatch::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
