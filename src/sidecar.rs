@@ -228,6 +228,7 @@ pub(crate) async fn start(cfg: Config) -> Result<Running, StartError> {
         timeouts: cfg.timeouts,
     });
     credentials.spawn_file_watch(Duration::from_secs(2));
+    credentials.spawn_store_reads();
     policy.spawn_watch(Duration::from_secs(2));
 
     let ready = Arc::new(AtomicBool::new(false));

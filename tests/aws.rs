@@ -251,3 +251,114 @@ fn the_container_credentials_endpoint_of_eks_pod_identity() {
     );
     sc.assert_never_shows(&[token, APP_SECRET]);
 }
+
+/// Secret stores as the source of `static` credentials, read from moto (authentication on)
+/// with the role's session: a JSON secret's field from Secrets Manager and a SecureString
+/// from SSM are injected; a rotated secret is picked up at the next refresh; when the store
+/// goes away the last good value serves until `max_stale`, then the route fails closed with
+/// the reason. No value reaches a log line, an error body or a metric.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_manager_and_ssm_values_are_injected_refreshed_and_kept_through_an_outage() {
+    let up = Upstream::start().await;
+    let (first, second) = (fake_openai_key(), fake_openai_key());
+    let slack = format!(
+        "xoxb-{}-{}-{:016x}",
+        rand_u64() % 1_000_000_000,
+        rand_u64() % 1_000_000_000,
+        rand_u64()
+    );
+    let mut cmd = Command::new(python());
+    cmd.arg(support().join("moto_aws.py"))
+        .env(
+            "SEED_SECRET",
+            format!(
+                "prod/openai={}",
+                serde_json::json!({"api_key": first, "org": "org-1"})
+            ),
+        )
+        .env("SEED_PARAMETER", format!("/prod/slack/token={slack}"));
+    let moto = ServerProcess::start(cmd, "moto (AWS emulator)");
+    let port = moto.port.unwrap();
+    let control: u16 = moto.lines_after("control ")[0].parse().unwrap();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let upstream = up.addr.port();
+    let cfg = Cfg::new()
+        .set(
+            "credentials",
+            &format!(
+                "{}openai:\n  kind: static\n  from_aws_secret: {{ credential: aws-inference, secret_id: prod/openai, json_key: api_key, endpoint: '{endpoint}' }}\n  refresh: 1s\n  max_stale: 10s\nslack:\n  kind: static\n  from_aws_parameter: {{ credential: aws-inference, name: /prod/slack/token, endpoint: '{endpoint}' }}\n",
+                aws_credential(&endpoint, "")
+            ),
+        )
+        .set(
+            "routes",
+            &format!(
+                "- name: openai\n  match: {{ host: 127.0.0.1, port: {upstream}, path_prefix: /openai/ }}\n  credential: openai\n- name: slack\n  match: {{ host: 127.0.0.1, port: {upstream}, path_prefix: /slack/ }}\n  credential: slack\n"
+            ),
+        )
+        .yaml();
+    let sc = Sidecar::start_with(&cfg, PERMISSIVE_POLICY, &[], |dir: &Path| {
+        std::fs::write(dir.join("token"), WEB_IDENTITY_TOKEN).unwrap();
+    });
+    let proxy = sc.proxy_url();
+    let get = |path: &str| curl(&["-x", &proxy, &format!("http://127.0.0.1:{upstream}{path}")]);
+    let until = |what: &str, ok: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: {}",
+                sc.output()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    // Read in the background at start; until then the route fails closed.
+    until("the first read", &|| get("/openai/a").0 == 200);
+    assert_eq!(bearer(up.requests().last().unwrap()), first);
+    assert_eq!(get("/slack/a").0, 200);
+    assert_eq!(bearer(up.requests().last().unwrap()), slack);
+
+    // Rotation: a new version of the secret is used from the next refresh on.
+    let (code, _) = curl(&[
+        "-X",
+        "POST",
+        "--data",
+        &serde_json::json!({"api_key": second}).to_string(),
+        &format!("http://127.0.0.1:{control}/"),
+    ]);
+    assert_eq!(code, 204);
+    until("the rotated value", &|| {
+        get("/openai/b").0 == 200 && bearer(up.requests().last().unwrap()) == second
+    });
+
+    // The store goes away: the last good value serves, then the route fails closed.
+    drop(moto);
+    let (code, body) = get("/openai/c");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(bearer(up.requests().last().unwrap()), second);
+    until("failing closed after max_stale", &|| {
+        get("/openai/d").0 == 503
+    });
+    let (code, body) = get("/openai/e");
+    assert_eq!(code, 503);
+    assert!(
+        body.contains("credential_unavailable") && body.contains("max_stale"),
+        "{body}"
+    );
+
+    let lines = sc.lines_where(4, |l| l["route"] == "openai" && l["status"] == 200);
+    for l in &lines {
+        assert_eq!(l["credential"]["kind"], "static", "{l}");
+        assert!(
+            l["credential"]["id"].as_str().unwrap().starts_with("fp:"),
+            "{l}"
+        );
+    }
+    assert!(
+        sc.output().contains("secret read from the store"),
+        "{}",
+        sc.output()
+    );
+    sc.assert_never_shows(&[&first, &second, &slack, WEB_IDENTITY_TOKEN]);
+}

@@ -22,13 +22,6 @@ fn start_glewlwyd(work: &Path) -> ServerProcess {
     ServerProcess::start(cmd, "glewlwyd (apt-get install glewlwyd)")
 }
 
-fn bearer(r: &Recorded) -> String {
-    r.header("authorization")
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .expect("bearer token")
-        .to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn glewlwyd_client_credentials_basic_and_post() {
     let up = Upstream::start().await;

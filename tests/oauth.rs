@@ -164,13 +164,6 @@ fn curl_purpose(proxy: &str, url: &str, purpose: &str) -> (u16, String) {
     ])
 }
 
-fn bearer(r: &Recorded) -> String {
-    r.header("authorization")
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .expect("bearer token")
-        .to_string()
-}
-
 fn metric(admin: std::net::SocketAddr, line_prefix: &str) -> f64 {
     let (_, text) = admin_get(admin, "/metrics");
     text.lines()

@@ -514,6 +514,43 @@ impl Validator<'_> {
             }
         }
 
+        // A secret store is read with one of the `aws` credentials.
+        for (name, spec) in &credentials {
+            if let CredentialSpec::Static {
+                source: StaticSource::Store(s),
+                ..
+            } = spec
+                && !matches!(credentials.get(&s.credential), Some(CredentialSpec::Aws(_)))
+            {
+                let key = match s.store {
+                    crate::credentials::stores::Store::SecretsManager { .. } => "from_aws_secret",
+                    crate::credentials::stores::Store::Parameter { .. } => "from_aws_parameter",
+                };
+                let aws: Vec<&str> = credentials
+                    .iter()
+                    .filter(|(_, c)| matches!(c, CredentialSpec::Aws(_)))
+                    .map(|(n, _)| n.as_str())
+                    .collect();
+                self.err(
+                    &[
+                        Key("credentials"),
+                        Key(name.as_str()),
+                        Key(key),
+                        Key("credential"),
+                    ],
+                    format!(
+                        "`{}` is not a credential of kind aws (those defined: {})",
+                        s.credential,
+                        if aws.is_empty() {
+                            "none".into()
+                        } else {
+                            aws.join(", ")
+                        }
+                    ),
+                );
+            }
+        }
+
         let mut routes = Vec::new();
         let mut route_names = HashSet::new();
         for (i, r) in raw.routes.iter().enumerate() {
@@ -922,9 +959,84 @@ impl Validator<'_> {
             CredentialConfig::Static {
                 from_env,
                 from_file,
+                from_aws_secret,
+                from_aws_parameter,
+                refresh,
+                max_stale,
             } => {
+                let stored = from_aws_secret.is_some() || from_aws_parameter.is_some();
+                if !stored {
+                    for (k, v) in [("refresh", refresh), ("max_stale", max_stale)] {
+                        if v.is_some() {
+                            self.err(&at(k), "only a secret store (from_aws_secret, from_aws_parameter) is refreshed");
+                        }
+                    }
+                }
+                let store = match (from_aws_secret, from_aws_parameter) {
+                    (Some(sm), None) => Some((
+                        crate::credentials::stores::Store::SecretsManager {
+                            secret_id: sm.secret_id.clone(),
+                            version_stage: sm.version_stage.clone(),
+                            json_key: sm.json_key.clone(),
+                        },
+                        &sm.credential,
+                        &sm.endpoint,
+                        "from_aws_secret",
+                    )),
+                    (None, Some(ps)) => Some((
+                        crate::credentials::stores::Store::Parameter {
+                            name: ps.name.clone(),
+                        },
+                        &ps.credential,
+                        &ps.endpoint,
+                        "from_aws_parameter",
+                    )),
+                    _ => None,
+                };
                 let source = match (from_env, from_file) {
-                    (Some(var), None) => {
+                    (None, None)
+                        if store.is_some()
+                            && !(from_aws_secret.is_some() && from_aws_parameter.is_some()) =>
+                    {
+                        let (store, credential, endpoint, key) = store?;
+                        let endpoint = endpoint.as_deref().and_then(|e| match e.parse::<http::Uri>() {
+                            Ok(u) if matches!(u.scheme_str(), Some("https"))
+                                || (u.scheme_str() == Some("http") && u.host().is_some_and(is_loopback_host)) =>
+                            {
+                                Some(u)
+                            }
+                            _ => {
+                                let mut at_e = at(key);
+                                at_e.push(Seg::Key("endpoint"));
+                                self.err(&at_e, format!("`{e}` is not an https URL (http is allowed on loopback addresses only)"));
+                                None
+                            }
+                        });
+                        let refresh = self.duration(
+                            &at("refresh"),
+                            refresh.as_deref(),
+                            Duration::from_secs(300),
+                        );
+                        let max_stale = self.duration(
+                            &at("max_stale"),
+                            max_stale.as_deref(),
+                            Duration::from_secs(3600),
+                        );
+                        if refresh.is_zero() {
+                            self.err(&at("refresh"), "must be longer than 0s");
+                        }
+                        if max_stale < refresh {
+                            self.err(&at("max_stale"), format!("shorter than refresh ({}s): the value would go stale between two reads", refresh.as_secs()));
+                        }
+                        StaticSource::Store(crate::credentials::stores::StoreSpec {
+                            store,
+                            credential: credential.clone(),
+                            endpoint,
+                            refresh,
+                            max_stale,
+                        })
+                    }
+                    (Some(var), None) if !stored => {
                         if std::env::var_os(var).is_none_or(|v| v.is_empty()) {
                             self.absent(
                                 &at("from_env"),
@@ -933,7 +1045,7 @@ impl Validator<'_> {
                         }
                         StaticSource::Env(var.clone())
                     }
-                    (None, Some(f)) => {
+                    (None, Some(f)) if !stored => {
                         let path = self.path(f);
                         if let Err(e) = std::fs::read(&path) {
                             self.absent(
@@ -944,7 +1056,7 @@ impl Validator<'_> {
                         StaticSource::File(path)
                     }
                     _ => {
-                        self.err(p, "a static credential takes exactly one of from_env or from_file (secrets are never inline)");
+                        self.err(p, "a static credential takes exactly one of from_env, from_file, from_aws_secret or from_aws_parameter (secrets are never inline)");
                         return None;
                     }
                 };
@@ -1896,6 +2008,53 @@ routes:
         assert!(found("routes[3].credential", "does not fit"), "{err}");
         assert!(found("routes[4].match.host[1]", "wildcard"), "{err}");
         assert!(found("routes[5].match.host", "empty"), "{err}");
+    }
+
+    #[test]
+    fn secret_store_sources_are_checked() {
+        let text = "\
+identity: { id: i, workload: w, environment: e }
+credentials:
+  key: { kind: static, from_env: HOME }
+  a: { kind: static, from_aws_secret: { credential: key, secret_id: s } }
+  b: { kind: static, from_aws_parameter: { credential: nope, name: /p }, refresh: 10m, max_stale: 1m }
+  c: { kind: static, from_env: HOME, from_aws_secret: { credential: key, secret_id: s } }
+  d: { kind: static, from_env: HOME, refresh: 1m }
+  e: { kind: static, from_aws_secret: { credential: key, secret_id: s, endpoint: 'http://sm.example' } }
+";
+        let err = load(text).unwrap_err();
+        let found = |key: &str, text: &str| {
+            err.0
+                .iter()
+                .any(|e| e.key == key && e.message.contains(text))
+        };
+        assert!(
+            found(
+                "credentials.a.from_aws_secret.credential",
+                "not a credential of kind aws"
+            ),
+            "{err}"
+        );
+        assert!(
+            found(
+                "credentials.b.from_aws_parameter.credential",
+                "(those defined: none)"
+            ),
+            "{err}"
+        );
+        assert!(
+            found("credentials.b.max_stale", "shorter than refresh"),
+            "{err}"
+        );
+        assert!(found("credentials.c", "exactly one of"), "{err}");
+        assert!(
+            found("credentials.d.refresh", "only a secret store"),
+            "{err}"
+        );
+        assert!(
+            found("credentials.e.from_aws_secret.endpoint", "loopback"),
+            "{err}"
+        );
     }
 
     #[test]

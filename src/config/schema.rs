@@ -243,6 +243,19 @@ pub(crate) enum CredentialConfig {
         /// File holding the secret (trailing newline trimmed); re-read when it changes.
         #[serde(default)]
         from_file: Option<String>,
+        /// AWS Secrets Manager: the secret, read with an `aws` credential's session.
+        #[serde(default)]
+        from_aws_secret: Option<AwsSecretConfig>,
+        /// AWS SSM Parameter Store: the parameter (a SecureString is decrypted).
+        #[serde(default)]
+        from_aws_parameter: Option<AwsParameterConfig>,
+        /// How often a store's value is read again. Default `5m`.
+        #[serde(default)]
+        refresh: Option<String>,
+        /// How long the last good value from a store is used while reading it fails; then
+        /// the credential fails closed. Default `1h`.
+        #[serde(default)]
+        max_stale: Option<String>,
     },
     /// AWS session credentials from STS `AssumeRoleWithWebIdentity`; requests on its routes
     /// are signed with SigV4.
@@ -274,6 +287,39 @@ pub(crate) enum CredentialConfig {
         #[serde(default)]
         timeout: Option<String>,
     },
+}
+
+/// `from_aws_secret`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AwsSecretConfig {
+    /// The `aws` credential whose session reads the secret.
+    pub(crate) credential: String,
+    /// The secret's name or ARN.
+    pub(crate) secret_id: String,
+    /// For a JSON secret (`{"api_key": "..."}`), the key whose value is the credential.
+    #[serde(default)]
+    pub(crate) json_key: Option<String>,
+    /// Version stage. Default `AWSCURRENT`.
+    #[serde(default)]
+    pub(crate) version_stage: Option<String>,
+    /// Endpoint. Default `https://secretsmanager.REGION.amazonaws.com`, REGION the aws
+    /// credential's.
+    #[serde(default)]
+    pub(crate) endpoint: Option<String>,
+}
+
+/// `from_aws_parameter`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AwsParameterConfig {
+    /// The `aws` credential whose session reads the parameter.
+    pub(crate) credential: String,
+    /// The parameter's name (`/prod/slack/token`) or ARN.
+    pub(crate) name: String,
+    /// Endpoint. Default `https://ssm.REGION.amazonaws.com`.
+    #[serde(default)]
+    pub(crate) endpoint: Option<String>,
 }
 
 /// One route: which requests it matches and what the sidecar does for them.

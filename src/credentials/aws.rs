@@ -166,6 +166,84 @@ impl AwsSource {
     }
 }
 
+impl AwsSource {
+    /// One call to an AWS JSON API (`X-Amz-Target` protocol: Secrets Manager, SSM) at
+    /// `endpoint` for `service`, signed with the current session; the answer's JSON. Errors
+    /// carry AWS's error type and message, never a secret.
+    pub(crate) async fn json_call(
+        &self,
+        service: &str,
+        endpoint: &Uri,
+        target: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, Failure> {
+        let session = self
+            .session()
+            .await
+            .map_err(|e| failure(FailureKind::Unreachable, e))?;
+        let body = Bytes::from(body.to_string());
+        let authority = endpoint
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .ok_or_else(|| failure(FailureKind::Local, format!("{endpoint} has no host")))?;
+        let region = scope_of(endpoint.host().unwrap_or_default())
+            .map_or_else(|| self.spec.region.clone(), |(_, r)| r);
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-amz-json-1.1"),
+        );
+        headers.insert(
+            HeaderName::from_static("x-amz-target"),
+            HeaderValue::from_str(target)
+                .map_err(|e| failure(FailureKind::Local, e.to_string()))?,
+        );
+        let url = endpoint.to_string();
+        sign(
+            &session.token,
+            &ToSign {
+                service,
+                region: &region,
+                method: "POST",
+                url: &url,
+                authority: &authority,
+                body: &body,
+                time: SystemTime::now(),
+            },
+            &mut headers,
+        )
+        .map_err(|e| failure(FailureKind::Local, e))?;
+        let mut req = Request::post(endpoint.clone())
+            .body(Full::new(body))
+            .map_err(|e| failure(FailureKind::Local, e.to_string()))?;
+        *req.headers_mut() = headers;
+        let what = format!("{service} at {endpoint}");
+        let (status, answer) = exchange(&self.client, req, self.spec.timeout, &what).await?;
+        let v: serde_json::Value = serde_json::from_slice(&answer).map_err(|e| {
+            failure(
+                FailureKind::InvalidResponse,
+                format!("{what} answered {status} with something that is not JSON: {e}"),
+            )
+        })?;
+        if !status.is_success() {
+            // `__type` is `namespace#Code` or `Code`; `message`/`Message` explains.
+            let code = v["__type"].as_str().unwrap_or("");
+            let code = code.rsplit('#').next().unwrap_or(code);
+            let message = v["message"]
+                .as_str()
+                .or(v["Message"].as_str())
+                .unwrap_or("");
+            return Err(failure(
+                FailureKind::Rejected,
+                format!("{what} refused {target} ({status}): {code} {message}")
+                    .trim_end()
+                    .to_string(),
+            ));
+        }
+        Ok(v)
+    }
+}
+
 fn failure(kind: FailureKind, message: impl Into<String>) -> Failure {
     Failure {
         kind,

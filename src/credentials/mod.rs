@@ -7,6 +7,7 @@ mod inject;
 mod jwt;
 mod keys;
 mod oauth;
+pub mod stores;
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -37,6 +38,8 @@ pub enum StaticSource {
     Env(String),
     /// A file, re-read when it changes.
     File(PathBuf),
+    /// A secret store (Secrets Manager, SSM Parameter Store), read every `refresh`.
+    Store(stores::StoreSpec),
 }
 
 /// A validated credential source.
@@ -171,6 +174,7 @@ enum Provider {
     Static(StaticCred),
     OAuth(OAuth),
     Aws(Box<aws::AwsSource>),
+    Stored(stores::StoredCred),
 }
 
 /// All credential sources, by name.
@@ -199,6 +203,12 @@ fn read_static(source: &StaticSource, fp: &Fingerprinter) -> Result<StaticValue,
             files::read_secret_file(path, "static secret"),
             stamp_of(path),
         ),
+        StaticSource::Store(s) => {
+            return Err(CredentialError::Config(format!(
+                "{} is read in the background, not at start",
+                s.describe()
+            )));
+        }
     };
     let value = value.map_err(CredentialError::Unavailable)?;
     Ok(StaticValue {
@@ -206,6 +216,29 @@ fn read_static(source: &StaticSource, fp: &Fingerprinter) -> Result<StaticValue,
         value,
         stamp,
     })
+}
+
+/// What a static secret (from env, a file or a store) issues: the value, named by its
+/// fingerprint; it never expires, which a route's `max_ttl` flags.
+fn static_issued(
+    name: &str,
+    value: &SecretString,
+    fingerprint: &str,
+    call: &MintRequest<'_>,
+) -> Issued {
+    Issued {
+        name: name.to_string(),
+        kind: "static",
+        value: value.clone(),
+        id: format!("fp:{fingerprint}"),
+        expires_at: None,
+        scopes: call.scopes.to_vec(),
+        flags: if call.max_ttl.is_some() {
+            vec![flag::NO_EXPIRY]
+        } else {
+            Vec::new()
+        },
+    }
 }
 
 fn cache_metrics(metrics: &Arc<Metrics>, name: &str) -> cache::CacheMetrics {
@@ -284,6 +317,10 @@ impl Credentials {
                     egress,
                     cache::TokenCache::new(name, cache_metrics(&metrics, name)),
                 ))),
+                CredentialSpec::Static {
+                    source: StaticSource::Store(spec),
+                    ..
+                } => Provider::Stored(stores::StoredCred::new(spec.clone())),
                 CredentialSpec::Static { source, .. } => {
                     let v = read_static(source, &fingerprinter).map_err(|e| {
                         CredentialError::Config(format!("credential `{name}`: {e}"))
@@ -311,7 +348,10 @@ impl Credentials {
             .values()
             .filter_map(|p| match p {
                 Provider::Jwt(m) => Some(m.jwks()),
-                Provider::Static(_) | Provider::OAuth(_) | Provider::Aws(_) => None,
+                Provider::Static(_)
+                | Provider::OAuth(_)
+                | Provider::Aws(_)
+                | Provider::Stored(_) => None,
             })
             .flatten()
             .collect();
@@ -346,19 +386,11 @@ impl Credentials {
             }
             Some(Provider::Static(s)) => {
                 let v = s.current.read().clone();
-                Issued {
-                    name: name.to_string(),
-                    kind: "static",
-                    value: v.value.clone(),
-                    id: format!("fp:{}", v.fingerprint),
-                    expires_at: None,
-                    scopes: call.scopes.to_vec(),
-                    flags: if call.max_ttl.is_some() {
-                        vec![flag::NO_EXPIRY]
-                    } else {
-                        Vec::new()
-                    },
-                }
+                static_issued(name, &v.value, &v.fingerprint, call)
+            }
+            Some(Provider::Stored(s)) => {
+                let v = s.value().map_err(CredentialError::Unavailable)?;
+                static_issued(name, &v.value, &v.fingerprint, call)
             }
         };
         issued.flags.sort_unstable();
@@ -472,8 +504,8 @@ impl Credentials {
                     }
                 }
                 Provider::Jwt(m) => m.maybe_rotate(),
-                // The web identity token is read on every fetch.
-                Provider::Aws(_) => {}
+                // The web identity token is read on every fetch; stores on their own clock.
+                Provider::Aws(_) | Provider::Stored(_) => {}
                 Provider::OAuth(o) => {
                     if let Some(w) = &o.subject
                         && w.check()
@@ -485,13 +517,91 @@ impl Credentials {
         }
     }
 
+    /// Read every store-backed secret now, then every `refresh`; after a failed read, again
+    /// sooner (1 s doubling up to `refresh`), keeping the last good value meanwhile.
+    pub(crate) fn spawn_store_reads(self: &Arc<Self>) {
+        for (name, p) in &self.providers {
+            let Provider::Stored(_) = p else { continue };
+            let me = Arc::downgrade(self);
+            let name = name.clone();
+            tokio::spawn(async move {
+                let mut retry = Duration::from_secs(1);
+                loop {
+                    let Some(c) = me.upgrade() else { break };
+                    let wait = match c.read_store(&name).await {
+                        Some(true) => {
+                            retry = Duration::from_secs(1);
+                            c.store_refresh(&name)
+                        }
+                        _ => {
+                            let w = retry.min(c.store_refresh(&name));
+                            retry = (retry * 2).min(c.store_refresh(&name));
+                            w
+                        }
+                    };
+                    drop(c);
+                    tokio::time::sleep(wait).await;
+                }
+            });
+        }
+    }
+
+    fn store_refresh(&self, name: &str) -> Duration {
+        match self.providers.get(name) {
+            Some(Provider::Stored(s)) => s.spec.refresh,
+            _ => Duration::from_secs(300),
+        }
+    }
+
+    /// One read of store-backed credential `name`: `Some(true)` when it succeeded.
+    async fn read_store(&self, name: &str) -> Option<bool> {
+        let Some(Provider::Stored(s)) = self.providers.get(name) else {
+            return None;
+        };
+        let Some(Provider::Aws(aws)) = self.providers.get(&s.spec.credential) else {
+            return None; // refused by the config
+        };
+        let started = std::time::Instant::now();
+        let outcome = stores::read(&s.spec, aws).await.map(|value| stores::Read {
+            fingerprint: self
+                .fingerprinter
+                .fingerprint(value.expose_secret().as_bytes()),
+            value,
+            read_at: started,
+        });
+        let fingerprint = outcome.as_ref().ok().map(|r| r.fingerprint.clone());
+        let result = match &outcome {
+            Ok(_) => "ok",
+            Err(e) => e.kind.as_str(),
+        };
+        self.metrics
+            .token_fetches
+            .get_or_create(&FetchLabels {
+                credential: name.to_string(),
+                result,
+            })
+            .inc();
+        let from = s.spec.describe();
+        match s.record(outcome) {
+            Ok(true) => {
+                tracing::info!(credential = %name, from = %from, fingerprint = %fingerprint.unwrap_or_default(), "secret read from the store");
+                Some(true)
+            }
+            Ok(false) => Some(true),
+            Err(e) => {
+                tracing::warn!(credential = %name, from = %from, error = %e, "reading the secret store failed; the last good value stays until max_stale");
+                Some(false)
+            }
+        }
+    }
+
     /// Check for changed files every `every`.
     pub(crate) fn spawn_file_watch(self: &Arc<Self>, every: Duration) {
         let needed = self.providers.values().any(|p| match p {
             Provider::Static(s) => matches!(s.source, StaticSource::File(_)),
             Provider::Jwt(m) => m.rotates(),
             Provider::OAuth(o) => o.subject.is_some(),
-            Provider::Aws(_) => false,
+            Provider::Aws(_) | Provider::Stored(_) => false,
         });
         if !needed {
             return;

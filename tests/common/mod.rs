@@ -32,6 +32,15 @@ pub struct Recorded {
     pub body: String,
 }
 
+/// The bearer token a recorded request carried.
+#[allow(dead_code)]
+pub fn bearer(r: &Recorded) -> String {
+    r.header("authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .expect("bearer token")
+        .to_string()
+}
+
 impl Recorded {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
