@@ -679,6 +679,106 @@ routes:
     sc.assert_never_shows(&[&first, &second]);
 }
 
+/// GCP workload identity federation's shape: a public client exchanges the pod's projected
+/// token (RFC 8693, the workload identity provider as the credential's `audience`) and trades
+/// the federated token for a service account's access token with IAM Credentials
+/// `generateAccessToken`, served on loopback by a stand-in that verifies the bearer against the
+/// authorization server's JWKS, issuer and audience as Google does. The service account's
+/// token is what the upstream gets, cached like any token; a service account the federated
+/// identity may not impersonate fails closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gcp_shaped_exchange_then_service_account_impersonation() {
+    let up = Upstream::start().await;
+    let k8s = SubjectIssuer::new();
+    let files = tempfile::tempdir().unwrap();
+    let jwks_path = files.path().join("subject-jwks.json");
+    std::fs::write(&jwks_path, k8s.jwks.to_string()).unwrap();
+    let auth = AuthServer::start_with(&[("SUBJECT_JWKS", jwks_path.display().to_string())]);
+    let wif = "//iam.googleapis.com/projects/123456789/locations/global/workloadIdentityPools/pool/providers/k8s";
+    let sa = "vertex-caller@proj.iam.gserviceaccount.com";
+    let mut cmd = Command::new("node");
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/gcp_iamcredentials.mjs"))
+        .args([&format!("{}/jwks", auth.issuer()), &auth.issuer(), wif, sa]);
+    let iam = ServerProcess::start(cmd, "IAM Credentials stand-in");
+    let subject = k8s.token("system:serviceaccount:ml:vertex", "projected-1");
+    let cfg = format!(
+        r#"{HEAD}credentials:
+  gcp:
+    kind: token_exchange
+    token_url: http://127.0.0.1:{port}/token
+    client_id: chaperone-public
+    auth_method: none
+    subject_token_file: {{dir}}/sa-token
+    requested_token_type: urn:ietf:params:oauth:token-type:access_token
+    audience: '{wif}'
+    impersonate: {{ service_account: {sa}, endpoint: 'http://127.0.0.1:{iam}', lifetime: 10m }}
+  gcp-other:
+    kind: token_exchange
+    token_url: http://127.0.0.1:{port}/token
+    client_id: chaperone-public
+    subject_token_file: {{dir}}/sa-token
+    audience: '{wif}'
+    impersonate: {{ service_account: admin@proj.iam.gserviceaccount.com, endpoint: 'http://127.0.0.1:{iam}' }}
+routes:
+  - name: vertex
+    match: {{ host: 127.0.0.1, port: {upstream}, path_prefix: /v1/ }}
+    credential: gcp
+    scopes: [tools.read]
+  - name: admin
+    match: {{ host: 127.0.0.1, port: {upstream}, path_prefix: /admin/ }}
+    credential: gcp-other
+    scopes: [tools.read]
+{TAIL}"#,
+        port = auth.port,
+        iam = iam.port.unwrap(),
+        upstream = up.addr.port()
+    );
+    let s = subject.clone();
+    let sc = Sidecar::start_with(&cfg, PERMISSIVE_POLICY, &[], move |dir: &Path| {
+        std::fs::write(dir.join("sa-token"), s).unwrap();
+    });
+    let base = format!("http://127.0.0.1:{}", up.addr.port());
+    let model =
+        "/v1/projects/p/locations/us-central1/publishers/google/models/gemini:generateContent";
+    for _ in 0..2 {
+        let (code, body) = curl_via(&sc.proxy_url(), &format!("{base}{model}"));
+        assert_eq!(code, 200, "{body} {} {}", auth.stderr(), iam.stderr());
+    }
+    let issued = iam.lines_after("issued ");
+    assert_eq!(
+        issued.len(),
+        1,
+        "the service account's token is cached: {issued:?}"
+    );
+    let fields: Vec<&str> = issued[0].split(' ').collect();
+    assert_eq!(
+        fields[1..],
+        ["tools.read", "600"],
+        "scopes and lifetime asked for"
+    );
+    let sa_token = fields[0];
+    for r in up.requests() {
+        assert_eq!(
+            bearer(&r),
+            sa_token,
+            "the upstream gets the service account's token"
+        );
+    }
+    assert_eq!(auth.exchanges(), ["projected-1"]);
+
+    let (code, body) = curl_via(&sc.proxy_url(), &format!("{base}/admin/x"));
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("PERMISSION_DENIED"), "{body}");
+    assert_eq!(up.requests().len(), 2);
+
+    let lines = sc.lines_where(2, |l| l["route"] == "vertex");
+    for l in &lines {
+        assert_eq!(l["credential"]["kind"], "token_exchange", "{l}");
+        assert!(l["credential"]["expires_at"].as_u64().unwrap() > 0, "{l}");
+    }
+    sc.assert_never_shows(&[&subject, sa_token]);
+}
+
 fn path_of(dir: &tempfile::TempDir, name: &str) -> std::path::PathBuf {
     dir.path().join(name)
 }

@@ -489,6 +489,10 @@ fn cloud_examples_pass_check_where_their_files_exist() {
             "azure-openai.yaml",
             "route azure-openai (provider azure_openai): https://*.openai.azure.com, *.cognitiveservices.azure.com, *.services.ai.azure.com; credential entra into authorization: Bearer {token}; scopes https://cognitiveservices.azure.com/.default",
         ),
+        (
+            "vertex.yaml",
+            "route vertex (provider vertex): https://aiplatform.googleapis.com, *-aiplatform.googleapis.com; credential gcp into authorization: Bearer {token}; scopes https://www.googleapis.com/auth/cloud-platform",
+        ),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
@@ -508,7 +512,8 @@ fn cloud_examples_pass_check_where_their_files_exist() {
             .replace(
                 "/var/run/secrets/azure/tokens/azure-identity-token",
                 token.to_str().unwrap(),
-            );
+            )
+            .replace("/var/run/secrets/tokens/gcp-token", token.to_str().unwrap());
         std::fs::write(d.join(example), text).unwrap();
         let (ok, out, err) =
             run(Command::new(bin()).args(["check", "--config", d.join(example).to_str().unwrap()]));

@@ -894,8 +894,43 @@ impl Validator<'_> {
                 actor_token_file,
                 actor_token_type,
                 requested_token_type,
+                audience,
+                impersonate: impersonate_cfg,
                 ..
             } => {
+                let impersonate = impersonate_cfg.as_ref().and_then(|i| {
+                    let mut ip = at("impersonate");
+                    ip.push(Seg::Key("service_account"));
+                    let sa = &i.service_account;
+                    if !sa.contains('@') || sa.contains(['/', ' ']) {
+                        self.err(&ip, format!("`{sa}` is not a service account email (NAME@PROJECT.iam.gserviceaccount.com)"));
+                    }
+                    let endpoint = i.endpoint.as_deref().unwrap_or(crate::credentials::IAM_CREDENTIALS);
+                    let endpoint = match endpoint.parse::<http::Uri>() {
+                        Ok(u) if u.scheme_str() == Some("https") && u.host().is_some() => Some(u),
+                        Ok(u) if u.scheme_str() == Some("http") && u.host().is_some_and(is_loopback_host) => Some(u),
+                        _ => {
+                            ip.pop();
+                            ip.push(Seg::Key("endpoint"));
+                            self.err(&ip, format!("`{endpoint}` is not an https URL (http is allowed on loopback addresses only)"));
+                            None
+                        }
+                    };
+                    let mut lp = at("impersonate");
+                    lp.push(Seg::Key("lifetime"));
+                    let lifetime = self.duration(&lp, i.lifetime.as_deref(), Duration::from_secs(3600));
+                    if lifetime < Duration::from_secs(60) || lifetime > Duration::from_secs(3600) {
+                        self.err(&lp, "between 1m and 1h (longer needs an organization policy exception; ask for it deliberately)");
+                    }
+                    Some(crate::credentials::Impersonate {
+                        service_account: sa.clone(),
+                        endpoint: endpoint?,
+                        lifetime,
+                    })
+                });
+                if impersonate.is_none() && impersonate_cfg.is_some() {
+                    return None; // reported above
+                }
                 let subject = match subject_token_file
                     .as_deref()
                     .map(|f| self.path(f))
@@ -952,6 +987,8 @@ impl Validator<'_> {
                         subject_token_type,
                         actor,
                         requested_token_type: requested_token_type.clone(),
+                        audience: audience.clone(),
+                        impersonate: impersonate.clone(),
                     })
                 });
                 self.oauth(p, name, EndpointFields::of(c)?, grant)
@@ -1276,7 +1313,12 @@ impl Validator<'_> {
                 None
             }
         };
-        self.nonempty(&at("client_id"), f.client_id);
+        if f.auth_method.is_some_and(|m| m != "none")
+            || f.client_secret_file.is_some()
+            || !f.allow_none
+        {
+            self.nonempty(&at("client_id"), f.client_id);
+        }
         let file =
             |v: &mut Self, key: &'static str, value: Option<&str>, needed_by: &str| match value {
                 Some(x) => {
@@ -2120,6 +2162,8 @@ credentials:
   te: {{ kind: token_exchange, token_url: 'https://sts.test/token', client_id: c }}
   pk: {{ kind: client_credentials, token_url: 'https://idp.test/token', client_id: c, auth_method: private_key_jwt }}
   fed: {{ kind: client_credentials, token_url: 'https://idp.test/token', client_id: c, auth_method: client_assertion, client_key_file: {s} }}
+  imp: {{ kind: token_exchange, token_url: 'https://sts.test/token', subject_token_file: {s}, impersonate: {{ service_account: nobody, lifetime: 2h }} }}
+  nameless: {{ kind: token_exchange, token_url: 'https://sts.test/token', subject_token_file: {s}, client_secret_file: {s} }}
   extra: {{ kind: client_credentials, token_url: 'https://idp.test/token', client_id: c, client_secret_file: {s}, client_cert_file: {s} }}
   plain: {{ kind: client_credentials, token_url: 'http://idp.test/token', client_id: c, client_secret_file: {s} }}
   rot: {{ kind: jwt, signing_key: {s}, rotate_every: 1h }}
@@ -2152,6 +2196,22 @@ routes:
                 "{err}"
             );
         }
+        assert!(
+            found(
+                "credentials.imp.impersonate.service_account",
+                "not a service account email"
+            ),
+            "{err}"
+        );
+        assert!(
+            found("credentials.imp.impersonate.lifetime", "between 1m and 1h"),
+            "{err}"
+        );
+        assert!(
+            !err.0.iter().any(|e| e.key == "credentials.imp.client_id"),
+            "a public client needs no id: {err}"
+        );
+        assert!(found("credentials.nameless.client_id", ""), "{err}");
         assert!(
             found(
                 "credentials.fed.client_key_file",

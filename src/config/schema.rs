@@ -189,7 +189,8 @@ pub(crate) enum CredentialConfig {
     TokenExchange {
         /// Token endpoint; `https`, or `http` on a loopback address only.
         token_url: String,
-        /// Client id.
+        /// Client id. Not needed by a public client (`auth_method: none`, e.g. GCP's STS).
+        #[serde(default)]
         client_id: String,
         /// `client_secret_basic` (default when a secret file is given), `client_secret_post`,
         /// `private_key_jwt`, `client_assertion`, `tls_client_auth`, or `none` (default without a secret file:
@@ -231,6 +232,14 @@ pub(crate) enum CredentialConfig {
         /// Default: not sent (the server's choice).
         #[serde(default)]
         requested_token_type: Option<String>,
+        /// `audience` asked for when the route names none (GCP workload identity federation:
+        /// `//iam.googleapis.com/projects/NUMBER/locations/global/workloadIdentityPools/POOL/providers/PROVIDER`).
+        #[serde(default)]
+        audience: Option<String>,
+        /// Trade the exchanged token for a service account's access token (GCP IAM
+        /// Credentials `generateAccessToken`).
+        #[serde(default)]
+        impersonate: Option<ImpersonateConfig>,
         /// Bound on one token fetch. Default `2s`.
         #[serde(default)]
         timeout: Option<String>,
@@ -287,6 +296,20 @@ pub(crate) enum CredentialConfig {
         #[serde(default)]
         timeout: Option<String>,
     },
+}
+
+/// `token_exchange.impersonate`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ImpersonateConfig {
+    /// The service account's email (`NAME@PROJECT.iam.gserviceaccount.com`).
+    pub(crate) service_account: String,
+    /// IAM Credentials endpoint. Default `https://iamcredentials.googleapis.com`.
+    #[serde(default)]
+    pub(crate) endpoint: Option<String>,
+    /// Lifetime asked for, up to 1h. Default `1h`.
+    #[serde(default)]
+    pub(crate) lifetime: Option<String>,
 }
 
 /// `from_aws_secret`.

@@ -24,7 +24,10 @@ pub use aws::AwsSpec;
 pub(crate) use inject::Call;
 pub use jwt::{JwtMinter, JwtSpec, KeySource, MintRequest, Minted};
 pub use keys::{Allow, KeyError, SigningKey};
-pub use oauth::{ClientAuth, Exchange, Grant, OAuthSpec, TOKEN_TYPE_JWT, TokenParams, skew};
+pub use oauth::{
+    ClientAuth, Exchange, Grant, IAM_CREDENTIALS, Impersonate, OAuthSpec, TOKEN_TYPE_JWT,
+    TokenParams, skew,
+};
 
 use crate::egress::Egress;
 use crate::files::{self, FileStamp, stamp_of};

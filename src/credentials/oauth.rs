@@ -71,7 +71,29 @@ pub struct Exchange {
     pub(crate) actor: Option<(PathBuf, String)>,
     /// `requested_token_type`, if the route needs a specific one.
     pub(crate) requested_token_type: Option<String>,
+    /// `audience` when the route names none (GCP's workload identity provider).
+    pub(crate) audience: Option<String>,
+    /// Trade the exchanged token for a service account's token.
+    pub(crate) impersonate: Option<Impersonate>,
 }
+
+/// GCP service account impersonation: IAM Credentials `generateAccessToken`, authorized by
+/// the exchanged (federated) token.
+#[derive(Debug, Clone)]
+pub struct Impersonate {
+    /// The service account's email.
+    pub service_account: String,
+    /// IAM Credentials endpoint.
+    pub endpoint: Uri,
+    /// Lifetime asked for.
+    pub lifetime: Duration,
+}
+
+/// GCP's IAM Credentials API.
+pub const IAM_CREDENTIALS: &str = "https://iamcredentials.googleapis.com";
+
+/// The scope a GCP access token needs when the route names none.
+const GCP_CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
 
 /// Which grant the credential uses.
 #[derive(Debug, Clone)]
@@ -451,7 +473,7 @@ impl TokenEndpoint {
                 if let Some(t) = &x.requested_token_type {
                     form.append_pair("requested_token_type", t);
                 }
-                if let Some(a) = params.audience {
+                if let Some(a) = params.audience.or(x.audience.as_deref()) {
                     form.append_pair("audience", a);
                 }
                 if let Some(r) = params.resource {
@@ -494,8 +516,14 @@ impl TokenEndpoint {
                 let assertion = read_secret(file, "client assertion")?;
                 add_assertion(&mut form, &spec.client_id, &assertion);
             }
-            ClientAuth::TlsClientAuth { .. } | ClientAuth::None => {
+            ClientAuth::TlsClientAuth { .. } => {
                 form.append_pair("client_id", &spec.client_id);
+            }
+            ClientAuth::None => {
+                // A public client names itself when it has a name (GCP's STS takes none).
+                if !spec.client_id.is_empty() {
+                    form.append_pair("client_id", &spec.client_id);
+                }
             }
         }
         let mut req = Request::post(spec.token_url.clone())
@@ -575,7 +603,97 @@ impl TokenEndpoint {
                 message: "token response has an empty access_token".into(),
             });
         }
-        Ok(token_from(parsed, params.scopes, started))
+        let token = token_from(parsed, params.scopes, started);
+        match &spec.grant {
+            Grant::TokenExchange(Exchange {
+                impersonate: Some(imp),
+                ..
+            }) => self.impersonate(imp, &token, params.scopes).await,
+            _ => Ok(token),
+        }
+    }
+
+    /// IAM Credentials `generateAccessToken` for `imp.service_account`, authorized by the
+    /// federated token: the service account's access token, with its `expireTime`.
+    async fn impersonate(
+        &self,
+        imp: &Impersonate,
+        federated: &Token,
+        scopes: &[String],
+    ) -> Result<Token, Failure> {
+        let base = imp.endpoint.to_string();
+        let url = format!(
+            "{}/v1/projects/-/serviceAccounts/{}:generateAccessToken",
+            base.trim_end_matches('/'),
+            form_urlencoded::byte_serialize(imp.service_account.as_bytes()).collect::<String>()
+        );
+        let scopes: Vec<&str> = if scopes.is_empty() {
+            vec![GCP_CLOUD_PLATFORM]
+        } else {
+            scopes.iter().map(String::as_str).collect()
+        };
+        let body = serde_json::json!({
+            "scope": scopes,
+            "lifetime": format!("{}s", imp.lifetime.as_secs()),
+        });
+        let local = |message: String| Failure {
+            kind: FailureKind::Local,
+            message,
+        };
+        let mut bearer =
+            http::HeaderValue::from_str(&format!("Bearer {}", federated.value.expose_secret()))
+                .map_err(|_| local("the exchanged token is not a valid header value".into()))?;
+        bearer.set_sensitive(true);
+        let req = Request::post(url)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, "application/json")
+            .header(header::AUTHORIZATION, bearer)
+            .body(Full::new(Bytes::from(body.to_string())))
+            .map_err(|e| local(e.to_string()))?;
+        let started = Instant::now();
+        let what = format!("IAM Credentials at {base}");
+        let (status, answer) = exchange(&self.client, req, self.spec.timeout, &what).await?;
+        let v: serde_json::Value = serde_json::from_slice(&answer).unwrap_or_default();
+        if !status.is_success() {
+            // Google's error shape: {"error": {"code", "message", "status"}}.
+            let e = &v["error"];
+            return Err(Failure {
+                kind: FailureKind::Rejected,
+                message: format!(
+                    "{what} refused generateAccessToken for {} ({status}): {} {}",
+                    imp.service_account,
+                    e["status"].as_str().unwrap_or(""),
+                    e["message"].as_str().unwrap_or("")
+                )
+                .trim_end()
+                .to_string(),
+            });
+        }
+        let invalid = |message: String| Failure {
+            kind: FailureKind::InvalidResponse,
+            message,
+        };
+        let value = v["accessToken"]
+            .as_str()
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| invalid(format!("{what} answered without an accessToken")))?;
+        let expire = v["expireTime"]
+            .as_str()
+            .ok_or_else(|| invalid(format!("{what} answered without an expireTime")))?;
+        let expires = humantime::parse_rfc3339_weak(expire)
+            .map_err(|e| invalid(format!("{what}: expireTime `{expire}`: {e}")))?;
+        let expires_at = expires
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Ok(Token {
+            value: SecretString::from(value.to_string()),
+            jti: None,
+            expires_at,
+            lifetime: expires.duration_since(SystemTime::now()).ok(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            unrequested_scopes: Vec::new(),
+            fetched_at: started,
+        })
     }
 }
 

@@ -7,7 +7,8 @@
 //   CLIENT_JWK         path of a public JWK (JSON): enables client `chaperone-jwt`
 //                      (private_key_jwt, RFC 7523)
 //   SUBJECT_JWKS       path of a JWKS (JSON) that signs subject and actor tokens: enables
-//                      RFC 8693 token exchange, registered with provider.registerGrantType
+//                      RFC 8693 token exchange, registered with provider.registerGrantType,
+//                      and the public client `chaperone-public` that may only exchange
 //   EXCHANGE_GRANTS_ALL=1  the exchange grants every scope of the client whatever was asked
 //                      (a misconfigured server, for the scope checks)
 //   TLS_CERT, TLS_KEY, TLS_CA  serve HTTPS and ask for client certificates signed by TLS_CA:
@@ -64,6 +65,14 @@ if (env.CLIENT_JWK) {
     token_endpoint_auth_method: 'private_key_jwt',
     token_endpoint_auth_signing_alg: jwk.alg,
     jwks: { keys: [jwk] },
+  }));
+}
+if (env.SUBJECT_JWKS) {
+  // A public client that only exchanges tokens (the subject token is the proof), as GCP's
+  // STS is used for workload identity federation.
+  clients.push(client('chaperone-public', {
+    token_endpoint_auth_method: 'none',
+    grant_types: [TOKEN_EXCHANGE],
   }));
 }
 if (tls) {
