@@ -982,14 +982,16 @@ impl Validator<'_> {
                     token_type(self, "requested_token_type", requested_token_type);
                 }
                 let grant = subject.map(|subject_token_file| {
-                    crate::credentials::Grant::TokenExchange(crate::credentials::Exchange {
-                        subject_token_file,
-                        subject_token_type,
-                        actor,
-                        requested_token_type: requested_token_type.clone(),
-                        audience: audience.clone(),
-                        impersonate: impersonate.clone(),
-                    })
+                    crate::credentials::Grant::TokenExchange(Box::new(
+                        crate::credentials::Exchange {
+                            subject_token_file,
+                            subject_token_type,
+                            actor,
+                            requested_token_type: requested_token_type.clone(),
+                            audience: audience.clone(),
+                            impersonate: impersonate.clone(),
+                        },
+                    ))
                 });
                 self.oauth(p, name, EndpointFields::of(c)?, grant)
             }

@@ -101,7 +101,7 @@ pub enum Grant {
     /// `client_credentials`.
     ClientCredentials,
     /// `urn:ietf:params:oauth:grant-type:token-exchange`.
-    TokenExchange(Exchange),
+    TokenExchange(Box<Exchange>),
 }
 
 /// Settings of one token-endpoint credential.
@@ -605,11 +605,11 @@ impl TokenEndpoint {
         }
         let token = token_from(parsed, params.scopes, started);
         match &spec.grant {
-            Grant::TokenExchange(Exchange {
-                impersonate: Some(imp),
-                ..
-            }) => self.impersonate(imp, &token, params.scopes).await,
-            _ => Ok(token),
+            Grant::TokenExchange(x) => match &x.impersonate {
+                Some(imp) => self.impersonate(imp, &token, params.scopes).await,
+                None => Ok(token),
+            },
+            Grant::ClientCredentials => Ok(token),
         }
     }
 
