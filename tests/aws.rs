@@ -362,3 +362,144 @@ async fn secrets_manager_and_ssm_values_are_injected_refreshed_and_kept_through_
     );
     sc.assert_never_shows(&[&first, &second, &slack, WEB_IDENTITY_TOKEN]);
 }
+
+/// Bedrock Runtime as boto3 calls it, InvokeModel and InvokeModelWithResponseStream, through
+/// HTTP_PROXY against a loopback Bedrock that recomputes each signature with botocore (so our
+/// canonicalisation, `:` in the model id included, is checked against the SDK's own) and
+/// streams its answer in AWS's event-stream framing. The app signs with a hard-coded key,
+/// which the server refuses when called directly; through the sidecar every call is re-signed
+/// with the session from the container credentials endpoint, and the stream's events arrive
+/// as they are sent.
+#[test]
+fn boto3_bedrock_runtime_invoke_and_event_stream_are_re_signed() {
+    let token = "pod-identity-token-bedrock";
+    let mut cmd = Command::new(python());
+    cmd.arg(support().join("fake_bedrock.py")).arg(token);
+    let bedrock = ServerProcess::start(cmd, "the loopback Bedrock Runtime");
+    let port = bedrock.port.unwrap();
+    let cfg = Cfg::new()
+        .set("credentials", "aws-pod:\n  kind: aws\n  region: us-east-1")
+        .set(
+            "routes",
+            &format!(
+                "- name: bedrock\n  match: {{ host: 127.0.0.1, port: {port}, path_prefix: /model/ }}\n  credential: aws-pod\n  sign: {{ service: bedrock, region: us-east-1 }}"
+            ),
+        )
+        .set("strip", "mode: strip")
+        .yaml();
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("eks-pod-identity-token");
+    std::fs::write(&token_file, token).unwrap();
+    let uri = format!("http://127.0.0.1:{port}/v1/credentials");
+    let sc = Sidecar::start(
+        &cfg,
+        PERMISSIVE_POLICY,
+        &[
+            ("AWS_CONTAINER_CREDENTIALS_FULL_URI", &uri),
+            (
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+                token_file.to_str().unwrap(),
+            ),
+        ],
+    );
+    let script = r#"
+import json, sys, time, boto3, botocore
+endpoint, proxy, key_id, secret = sys.argv[1:5]
+def client(proxies):
+    return boto3.client("bedrock-runtime", endpoint_url=endpoint, region_name="us-east-1",
+        aws_access_key_id=key_id, aws_secret_access_key=secret,
+        config=botocore.config.Config(proxies=proxies, retries={"max_attempts": 1}))
+model = "anthropic.claude-3-haiku-20240307-v1:0"
+ask = json.dumps({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 16,
+                  "messages": [{"role": "user", "content": "hello"}]})
+try:
+    client({}).invoke_model(modelId=model, body=ask)
+    print("direct", json.dumps("accepted"))
+except botocore.exceptions.ClientError as e:
+    print("direct", json.dumps(e.response["Error"]["Code"]))
+br = client({"http": proxy})
+r = br.invoke_model(modelId=model, body=ask, contentType="application/json")
+print("invoke", r["body"].read().decode())
+r = br.invoke_model_with_response_stream(modelId=model, body=ask)
+parts, times = [], []
+for ev in r["body"]:
+    parts.append(json.loads(ev["chunk"]["bytes"]))
+    times.append(time.monotonic())
+print("stream", json.dumps({"first": parts[0], "parts": len(parts),
+                            "spread_ms": (times[-1] - times[0]) * 1000}))
+"#;
+    let out = Command::new(python())
+        .args(["-c", script])
+        .arg(format!("http://127.0.0.1:{port}"))
+        .arg(sc.proxy_url())
+        .args([APP_KEY_ID, APP_SECRET])
+        .env_remove("HTTP_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .output()
+        .unwrap();
+    let calls = named_lines(&out);
+    assert_eq!(calls["direct"], "UnrecognizedClientException", "{calls:?}");
+    let seen = &calls["invoke"]["seen"];
+    assert_eq!(seen["key"], "ASIAFAKEBEDROCK00001", "{seen}");
+    assert_eq!(
+        (&seen["service"], &seen["region"]),
+        (&"bedrock".into(), &"us-east-1".into())
+    );
+    assert_eq!(
+        seen["path"], "/model/anthropic.claude-3-haiku-20240307-v1%3A0/invoke",
+        "the model id's `:` as boto3 encodes it, signed as AWS canonicalises it"
+    );
+    assert_eq!(
+        calls["invoke"]["asked"]["max_tokens"], 16,
+        "the body arrived whole"
+    );
+    let stream = &calls["stream"];
+    assert_eq!(stream["parts"], 5, "{stream}");
+    assert_eq!(stream["first"]["seen"]["key"], "ASIAFAKEBEDROCK00001");
+    assert!(
+        stream["spread_ms"].as_f64().unwrap() > 500.0,
+        "the event stream arrived in one piece: {stream}"
+    );
+    assert_eq!(
+        bedrock.lines_after("refused ").len(),
+        1,
+        "only the direct call was refused"
+    );
+    // The server is no pushover: the session's key with a made-up signature is refused.
+    let (code, _) = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "Authorization: AWS4-HMAC-SHA256 Credential=ASIAFAKEBEDROCK00001/20261201/us-east-1/bedrock/aws4_request, SignedHeaders=host;x-amz-date, Signature=0000000000000000000000000000000000000000000000000000000000000000",
+        "-H",
+        "X-Amz-Date: 20261201T000000Z",
+        "-H",
+        &format!("X-Amz-Security-Token: FwoGZXIvYXdzEFAKE{}", "t".repeat(120)),
+        "--data",
+        "{}",
+        &format!("http://127.0.0.1:{port}/model/m/invoke"),
+    ]);
+    assert_eq!(code, 403);
+    assert_eq!(
+        bedrock.lines_after("refused ").last().map(String::as_str),
+        Some("SignatureDoesNotMatch")
+    );
+
+    let lines = sc.lines_where(2, |l| l["route"] == "bedrock");
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    for l in &lines {
+        assert_eq!(l["status"], 200, "{l}");
+        assert_eq!(l["credential"]["kind"], "aws", "{l}");
+        assert_eq!(
+            l["credential"]["id"], "arn:aws:iam::123456789012:role/bedrock-caller",
+            "{l}"
+        );
+        assert_eq!(l["stripped"][0]["type"], "aws_access_key_id", "{l}");
+    }
+    sc.assert_never_shows(&[
+        APP_SECRET,
+        token,
+        "fake/bedrock/secret/",
+        "FwoGZXIvYXdzEFAKE",
+    ]);
+}
