@@ -507,7 +507,7 @@ fn bench_leaf(c: &mut Criterion) {
 /// SigV4 signing of a Bedrock-shaped request: a 4 KiB JSON body to `InvokeModel`, session
 /// credentials, the headers boto3 sends (issue 17's target: at most 15 µs).
 fn bench_sigv4(c: &mut Criterion) {
-    use chaperone::credentials::aws::{Session, ToSign, sign};
+    use chaperone::credentials::aws::{Payload, Session, ToSign, sign};
     let session = Session::new(
         "ASIAEXAMPLEEXAMPLE00",
         "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
@@ -530,7 +530,7 @@ fn bench_sigv4(c: &mut Criterion) {
         method: "POST",
         url: "https://bedrock-runtime.us-east-1.amazonaws.com/model/anthropic.claude-sonnet-4-5-20250929-v1%3A0/invoke",
         authority: "bedrock-runtime.us-east-1.amazonaws.com",
-        body: body.as_bytes(),
+        body: Payload::Bytes(body.as_bytes()),
         time: std::time::SystemTime::now(),
     };
     c.bench_function("aws/sigv4_bedrock_4k", |b| {

@@ -319,6 +319,10 @@ impl Pipeline {
         // headers.
         let asked = upgrade::requested(parts.version, &parts.headers);
         x.log.upgrade = asked.as_ref().map(upgrade::log_entry);
+        // An AWS request names the service and region it was signed for (not secret); an
+        // `aws` route re-signs for the same where neither its `sign:` nor the host says. Read
+        // now: the strip stage removes the app's signature.
+        let signed_for = crate::credentials::aws::signed_for(&parts.headers);
 
         // Stage: strip. The app's embedded secrets: removed, reported or refused.
         let (mut body, new_query) = self
@@ -351,11 +355,15 @@ impl Pipeline {
         // Stage: credential. Obtained for this call and injected; fail closed.
         if let Some(route) = route {
             // A credential that signs the whole request (`aws`) needs the whole body first.
-            if let Some(limit) = route
-                .credential
-                .as_deref()
-                .and_then(|c| self.credentials.body_to_sign(c))
-            {
+            if let Some(limit) = route.credential.as_deref().and_then(|c| {
+                self.credentials.body_to_sign(
+                    c,
+                    route,
+                    &target,
+                    &parts.headers,
+                    signed_for.as_ref(),
+                )
+            }) {
                 body = self.whole_body(body, limit).await?;
             }
             let call = Call {
@@ -367,6 +375,7 @@ impl Pipeline {
                     Some(q) => Some(q),
                     None => target.query.as_deref(),
                 },
+                signed_for: signed_for.as_ref(),
             };
             let issued = self
                 .credentials

@@ -368,8 +368,10 @@ async fn secrets_manager_and_ssm_values_are_injected_refreshed_and_kept_through_
 /// canonicalisation, `:` in the model id included, is checked against the SDK's own) and
 /// streams its answer in AWS's event-stream framing. The app signs with a hard-coded key,
 /// which the server refuses when called directly; through the sidecar every call is re-signed
-/// with the session from the container credentials endpoint, and the stream's events arrive
-/// as they are sent.
+/// with the session from the container credentials endpoint, for the service and region the
+/// app's own signature named (the loopback host names none, and the route has no `sign:`),
+/// and the stream's events arrive as they are sent. A request with no signature to go by is
+/// refused, saying what to set.
 #[test]
 fn boto3_bedrock_runtime_invoke_and_event_stream_are_re_signed() {
     let token = "pod-identity-token-bedrock";
@@ -382,7 +384,7 @@ fn boto3_bedrock_runtime_invoke_and_event_stream_are_re_signed() {
         .set(
             "routes",
             &format!(
-                "- name: bedrock\n  match: {{ host: 127.0.0.1, port: {port}, path_prefix: /model/ }}\n  credential: aws-pod\n  sign: {{ service: bedrock, region: us-east-1 }}"
+                "- name: bedrock\n  match: {{ host: 127.0.0.1, port: {port}, path_prefix: /model/ }}\n  credential: aws-pod"
             ),
         )
         .set("strip", "mode: strip")
@@ -496,10 +498,134 @@ print("stream", json.dumps({"first": parts[0], "parts": len(parts),
         );
         assert_eq!(l["stripped"][0]["type"], "aws_access_key_id", "{l}");
     }
+    let (code, body) = curl(&[
+        "-x",
+        &sc.proxy_url(),
+        "--data",
+        "{}",
+        &format!("http://127.0.0.1:{port}/model/m/invoke"),
+    ]);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("set `sign.service`"), "{body}");
     sc.assert_never_shows(&[
         APP_SECRET,
         token,
         "fake/bedrock/secret/",
         "FwoGZXIvYXdzEFAKE",
     ]);
+}
+
+/// S3 through intercepted HTTPS, as boto3 talks to it: uploads larger than `body_max_bytes`
+/// stream, signed over their headers (`UNSIGNED-PAYLOAD`, or boto3's own `aws-chunked` framing
+/// with a CRC trailer, `STREAMING-UNSIGNED-PAYLOAD-TRAILER`, kept as framed); moto checks the
+/// signatures and the checksums, and what comes back is what was sent. An upload in signed
+/// chunks cannot be re-signed and gets a 400 that says so.
+#[test]
+fn s3_uploads_stream_past_the_signing_bound_over_https() {
+    let pki = TestPki::new();
+    let (moto, _certs) = moto(Some(&pki));
+    let port = moto.port.unwrap();
+    let endpoint = format!("https://localhost:{port}");
+    let cfg = Cfg::new()
+        .set(
+            "tls",
+            "ca_cert: {dir}/ca.pem\nca_key: {dir}/ca-key.pem\nupstream_roots: {dir}/upstream-ca.pem",
+        )
+        .set(
+            "credentials",
+            &aws_credential(&endpoint, "  body_max_bytes: '1048576'\n"),
+        )
+        .set(
+            "routes",
+            &format!(
+                "- name: s3\n  match: {{ host: localhost, port: {port} }}\n  credential: aws-inference\n  sign: {{ service: s3 }}\n- name: s3-plain\n  match: {{ host: 127.0.0.1, port: {port} }}\n  credential: aws-inference\n  sign: {{ service: s3 }}"
+            ),
+        )
+        .set("strip", "mode: strip")
+        .yaml();
+    let ca = pki.ca_pem.clone();
+    let sc = Sidecar::start_with(&cfg, PERMISSIVE_POLICY, &[], move |dir: &Path| {
+        std::fs::write(dir.join("token"), WEB_IDENTITY_TOKEN).unwrap();
+        std::fs::write(dir.join("upstream-ca.pem"), &ca).unwrap();
+        let (ok, _, err) =
+            run(Command::new(bin()).args(["ca", "init", "--out", dir.to_str().unwrap()]));
+        assert!(ok, "{err}");
+    });
+    let script = r#"
+import hashlib, json, os, sys, boto3, botocore
+endpoint, proxy, ca, key_id, secret = sys.argv[1:6]
+s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", verify=ca,
+    aws_access_key_id=key_id, aws_secret_access_key=secret,
+    config=botocore.config.Config(proxies={"https": proxy}, retries={"max_attempts": 1},
+                                  s3={"addressing_style": "path"}))
+sha = lambda b: hashlib.sha256(b).hexdigest()
+s3.create_bucket(Bucket="models")
+for key, body, kind in [("weights.bin", os.urandom(3 * 1024 * 1024), "application/octet-stream"),
+                        ("small.json", json.dumps({"k": "v" * 100}).encode(), "application/json")]:
+    s3.put_object(Bucket="models", Key=key, Body=body, ContentType=kind)
+    got = s3.get_object(Bucket="models", Key=key)["Body"].read()
+    print(key, json.dumps({"sent": sha(body), "got": sha(got), "size": len(got)}))
+# After the sidecar's one STS call (moto counts the unauthenticated actions it allows).
+direct = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", verify=False,
+    aws_access_key_id=key_id, aws_secret_access_key=secret,
+    config=botocore.config.Config(retries={"max_attempts": 1}, s3={"addressing_style": "path"}))
+try:
+    direct.list_buckets()
+    print("direct", json.dumps("accepted"))
+except botocore.exceptions.ClientError as e:
+    print("direct", json.dumps(e.response["Error"]["Code"]))
+"#;
+    let trust = sc.dir().join("ca.pem");
+    let out = Command::new(python())
+        .args([
+            "-c",
+            script,
+            &endpoint,
+            &sc.proxy_url(),
+            trust.to_str().unwrap(),
+        ])
+        .args([APP_KEY_ID, APP_SECRET])
+        .env_remove("HTTP_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .output()
+        .unwrap();
+    let calls = named_lines(&out);
+    assert_eq!(
+        calls["direct"], "InvalidAccessKeyId",
+        "moto refuses the app's own key"
+    );
+    for (key, size) in [("weights.bin", 3 * 1024 * 1024), ("small.json", 109)] {
+        let c = &calls[key];
+        assert_eq!(c["sent"], c["got"], "{key}: {c}");
+        assert_eq!(c["size"], size, "{key}: {c}");
+    }
+    let lines = sc.lines_where(5, |l| l["route"] == "s3");
+    assert_eq!(lines.len(), 5, "{lines:#?}");
+    for l in &lines {
+        assert_eq!(l["status"], 200, "{l}");
+        assert_eq!(l["credential"]["scopes"][0], "s3:us-east-1", "{l}");
+    }
+    // The 3 MiB upload passed a 1 MiB signing bound: it streamed.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["method"] == "PUT" && l["path"] == "/models/weights.bin"),
+        "{lines:#?}"
+    );
+
+    // Signed chunks (the Java SDK v1 over HTTP) cannot be re-signed: a clear 400.
+    let (code, body) = curl(&[
+        "-x",
+        &sc.proxy_url(),
+        "-X",
+        "PUT",
+        "-H",
+        "x-amz-content-sha256: STREAMING-AWS4-HMAC-SHA256-PAYLOAD",
+        "--data",
+        "5;chunk-signature=00\r\nhello\r\n",
+        &format!("http://127.0.0.1:{port}/models/chunked"),
+    ]);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("signed chunks"), "{body}");
+    sc.assert_never_shows(&[APP_SECRET, WEB_IDENTITY_TOKEN]);
 }

@@ -207,7 +207,7 @@ impl AwsSource {
                 method: "POST",
                 url: &url,
                 authority: &authority,
-                body: &body,
+                body: Payload::Bytes(&body),
                 time: SystemTime::now(),
             },
             &mut headers,
@@ -438,6 +438,8 @@ pub(crate) fn scope_of(host: &str) -> Option<(String, String)> {
     let rest = host
         .strip_suffix(".amazonaws.com")
         .or_else(|| host.strip_suffix(".amazonaws.com.cn"))?;
+    // Interface VPC endpoints: vpce-ID.SERVICE.REGION.vpce.amazonaws.com.
+    let rest = rest.strip_suffix(".vpce").unwrap_or(rest);
     let labels: Vec<&str> = rest.split('.').collect();
     let signing_name = |endpoint: &str| -> String {
         let endpoint = endpoint.trim_end_matches("-fips");
@@ -466,6 +468,28 @@ pub(crate) fn scope_of(host: &str) -> Option<(String, String)> {
     }
 }
 
+/// The service and region an app's own SigV4 `Authorization` was signed for
+/// (`Credential=AKID/DATE/REGION/SERVICE/aws4_request`): not secret, and what an `aws` route
+/// re-signs for when neither its `sign:` nor the host says (a custom endpoint, a proxy name).
+pub(crate) fn signed_for(headers: &HeaderMap) -> Option<(String, String)> {
+    let v = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let rest = v.trim().strip_prefix("AWS4-HMAC-SHA256 ")?;
+    let cred = rest
+        .split(',')
+        .find_map(|p| p.trim().strip_prefix("Credential="))?;
+    let mut parts = cred.split('/');
+    let (_key, _date) = (parts.next()?, parts.next()?);
+    let (region, service, term) = (parts.next()?, parts.next()?, parts.next()?);
+    let label = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 64
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    (term == "aws4_request" && label(region) && label(service))
+        .then(|| (service.to_string(), region.to_string()))
+}
+
 /// The headers an app signs its own requests with: they go before ours are set.
 pub(crate) const APP_SIGNATURE_HEADERS: [&str; 4] = [
     "authorization",
@@ -473,6 +497,45 @@ pub(crate) const APP_SIGNATURE_HEADERS: [&str; 4] = [
     "x-amz-security-token",
     "x-amz-content-sha256",
 ];
+
+/// What a signature says of the body.
+#[derive(Debug, Clone, Copy)]
+pub enum Payload<'a> {
+    /// The whole body, read first: its SHA-256 is signed.
+    Bytes(&'a [u8]),
+    /// `UNSIGNED-PAYLOAD`: S3 over HTTPS (TLS protects the body), which then streams.
+    Unsigned,
+    /// `STREAMING-UNSIGNED-PAYLOAD-TRAILER`: S3's `aws-chunked` upload with a checksum
+    /// trailer, framed by the app (the AWS SDKs' default PutObject over HTTPS); the body
+    /// streams as it was framed.
+    UnsignedTrailer,
+}
+
+/// `x-amz-content-sha256` values that announce signed chunks (`STREAMING-AWS4-HMAC-SHA256-
+/// PAYLOAD`, `-TRAILER`, the ECDSA ones): each chunk carries a signature chained from the
+/// app's, which cannot be re-signed without re-framing the body.
+const SIGNED_CHUNKS: &str = "STREAMING-AWS4-";
+
+/// How an S3 request's body is signed without reading it first, from the scheme it goes
+/// upstream with and what the app announced: `Ok(None)` when the body is read and hashed
+/// (every service but S3, and S3 over plain HTTP).
+pub(crate) fn streamed_payload(
+    service: &str,
+    scheme: &str,
+    announced: Option<&HeaderValue>,
+) -> Result<Option<Payload<'static>>, String> {
+    if service != "s3" {
+        return Ok(None);
+    }
+    match announced.and_then(|v| v.to_str().ok()) {
+        Some("STREAMING-UNSIGNED-PAYLOAD-TRAILER") => Ok(Some(Payload::UnsignedTrailer)),
+        Some(v) if v.starts_with(SIGNED_CHUNKS) => Err(format!(
+            "an S3 upload in signed chunks ({v}) cannot be re-signed; send it over HTTPS, where the AWS SDKs sign headers only"
+        )),
+        _ if scheme == "https" => Ok(Some(Payload::Unsigned)),
+        _ => Ok(None),
+    }
+}
 
 /// What a signature covers, besides the headers.
 #[derive(Debug, Clone, Copy)]
@@ -487,8 +550,8 @@ pub struct ToSign<'a> {
     pub url: &'a str,
     /// Its authority, sent as `Host`/`:authority`.
     pub authority: &'a str,
-    /// The body.
-    pub body: &'a [u8],
+    /// The body, or how it streams.
+    pub body: Payload<'a>,
     /// The signing time.
     pub time: SystemTime,
 }
@@ -547,17 +610,19 @@ pub fn sign(session: &Session, req: &ToSign<'_>, headers: &mut HeaderMap) -> Res
             signed.push((n, v));
         }
     }
-    // The payload hash, with the process's crypto library (hardware SHA-256 where the CPU
-    // has it) rather than inside aws-sigv4.
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, body);
-    let payload = hex(digest.as_ref());
-    let signable = SignableRequest::new(
-        method,
-        url,
-        signed.into_iter(),
-        SignableBody::Precomputed(payload),
-    )
-    .map_err(|e| format!("cannot sign this request: {e}"))?;
+    let body = match body {
+        // The payload hash, with the process's crypto library (hardware SHA-256 where the
+        // CPU has it) rather than inside aws-sigv4.
+        Payload::Bytes(b) => SignableBody::Precomputed(hex(aws_lc_rs::digest::digest(
+            &aws_lc_rs::digest::SHA256,
+            b,
+        )
+        .as_ref())),
+        Payload::Unsigned => SignableBody::UnsignedPayload,
+        Payload::UnsignedTrailer => SignableBody::StreamingUnsignedPayloadTrailer,
+    };
+    let signable = SignableRequest::new(method, url, signed.into_iter(), body)
+        .map_err(|e| format!("cannot sign this request: {e}"))?;
     let (instructions, _) = sigv4(signable, &params)
         .map_err(|e| format!("signing failed: {e}"))?
         .into_parts();
@@ -585,6 +650,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_scope_an_app_signed_for() {
+        let mut h = HeaderMap::new();
+        let with = |h: &mut HeaderMap, v: &str| {
+            h.insert(http::header::AUTHORIZATION, v.parse().unwrap());
+        };
+        with(
+            &mut h,
+            "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20261201/eu-west-1/bedrock/aws4_request, SignedHeaders=host;x-amz-date, Signature=abc",
+        );
+        assert_eq!(
+            signed_for(&h),
+            Some(("bedrock".to_string(), "eu-west-1".to_string()))
+        );
+        with(
+            &mut h,
+            "AWS4-HMAC-SHA256 Credential=AKID/20261201/eu west/x/aws4_request",
+        );
+        assert_eq!(signed_for(&h), None, "not a region");
+        with(&mut h, "Bearer abc");
+        assert_eq!(signed_for(&h), None);
+    }
+
+    #[test]
     fn service_and_region_from_aws_hosts() {
         let s = |h: &str| scope_of(h).map(|(a, b)| format!("{a}/{b}"));
         assert_eq!(
@@ -594,6 +682,10 @@ mod tests {
         assert_eq!(
             s("bedrock-runtime-fips.us-west-2.amazonaws.com").as_deref(),
             Some("bedrock/us-west-2")
+        );
+        assert_eq!(
+            s("vpce-0a1b2c3d-4e5f6a7b.bedrock-runtime.eu-central-1.vpce.amazonaws.com").as_deref(),
+            Some("bedrock/eu-central-1")
         );
         assert_eq!(
             s("secretsmanager.eu-west-1.amazonaws.com").as_deref(),
@@ -653,7 +745,7 @@ mod tests {
             method: "GET",
             url: "https://example.amazonaws.com/",
             authority: "example.amazonaws.com",
-            body: b"",
+            body: Payload::Bytes(b""),
             time,
         };
         sign(&session, &req, &mut h).unwrap();

@@ -27,6 +27,8 @@ pub(crate) struct Call<'a> {
     pub(crate) purpose: &'a str,
     /// The query the request goes upstream with (after the strip stage), if any.
     pub(crate) query: Option<&'a str>,
+    /// The service and region the app's own SigV4 signature named, if it sent one.
+    pub(crate) signed_for: Option<&'a (String, String)>,
 }
 
 impl Credentials {
@@ -165,21 +167,22 @@ impl Credentials {
             unavailable(e)
         })?;
         let target = call.target;
-        let from_host = super::aws::scope_of(&target.host);
-        let own = route.sign.clone().unwrap_or_default();
-        let service = own
-            .service
-            .or_else(|| from_host.as_ref().map(|(s, _)| s.clone()))
-            .ok_or_else(|| {
-                unavailable(format!(
-                    "cannot tell which AWS service {} is: set `sign.service` on route `{}`",
-                    target.host, route.name
-                ))
-            })?;
-        let region = own
-            .region
-            .or_else(|| from_host.map(|(_, r)| r))
-            .unwrap_or_else(|| source.spec.region.clone());
+        let (service, region) = signing_scope(route, target, call.signed_for, &source.spec.region)
+            .map_err(unavailable)?;
+        let payload = match super::aws::streamed_payload(
+            &service,
+            target.scheme,
+            headers.get("x-amz-content-sha256"),
+        ) {
+            Err(why) => {
+                count("error");
+                return Err(Rejection::new(ErrorCode::BadRequest, why));
+            }
+            // Framed by the app: signed as framed, whether or not it was read.
+            Ok(Some(p @ super::aws::Payload::UnsignedTrailer)) => p,
+            Ok(Some(p)) if body.is_none() => p,
+            _ => super::aws::Payload::Bytes(body.unwrap_or_default()),
+        };
         let authority = target.authority();
         let url = match call.query {
             Some(q) if !q.is_empty() => {
@@ -194,7 +197,7 @@ impl Credentials {
             method: call.method,
             url: &url,
             authority: &authority,
-            body: body.unwrap_or_default(),
+            body: payload,
             time: std::time::SystemTime::now(),
         };
         super::aws::sign(s, &req, headers).map_err(|e| {
@@ -212,6 +215,35 @@ impl Credentials {
             flags: Vec::new(),
         })
     }
+}
+
+/// The SigV4 service and region a request on `route` to `target` is signed for: the route's
+/// `sign:` first, then what the host names, then what the app's own signature named, then
+/// (region only) the credential's region.
+pub(super) fn signing_scope(
+    route: &Route,
+    target: &Target,
+    app: Option<&(String, String)>,
+    default_region: &str,
+) -> Result<(String, String), String> {
+    let from_host = super::aws::scope_of(&target.host);
+    let own = route.sign.clone().unwrap_or_default();
+    let service = own
+        .service
+        .or_else(|| from_host.as_ref().map(|(s, _)| s.clone()))
+        .or_else(|| app.map(|(s, _)| s.clone()))
+        .ok_or_else(|| {
+            format!(
+                "cannot tell which AWS service {} is (the host does not say, nor does a signature from the app): set `sign.service` on route `{}`",
+                target.host, route.name
+            )
+        })?;
+    let region = own
+        .region
+        .or_else(|| from_host.map(|(_, r)| r))
+        .or_else(|| app.map(|(_, r)| r.clone()))
+        .unwrap_or_else(|| default_region.to_string());
+    Ok((service, region))
 }
 
 /// Put a credential into a field of a buffered JSON, form or multipart body.

@@ -474,12 +474,34 @@ impl Credentials {
     }
 
     /// For a credential that signs whole requests (`aws`), the largest body it can sign: the
-    /// pipeline reads such a body whole first. `None` for the others.
-    pub(crate) fn body_to_sign(&self, name: &str) -> Option<usize> {
-        match self.providers.get(name) {
-            Some(Provider::Aws(a)) => Some(a.spec.body_max_bytes),
-            _ => None,
-        }
+    /// pipeline reads such a body whole first. `None` for the others, and for a body signed
+    /// without being read (S3 over HTTPS: `UNSIGNED-PAYLOAD`, or the app's own unsigned
+    /// `aws-chunked` framing), which streams.
+    pub(crate) fn body_to_sign(
+        &self,
+        name: &str,
+        route: &crate::route::Route,
+        target: &crate::target::Target,
+        headers: &http::HeaderMap,
+        signed_for: Option<&(String, String)>,
+    ) -> Option<usize> {
+        let Some(Provider::Aws(a)) = self.providers.get(name) else {
+            return None;
+        };
+        let streams = inject::signing_scope(route, target, signed_for, &a.spec.region).is_ok_and(
+            |(service, _)| {
+                // A refused framing is not read either: the credential stage says why.
+                !matches!(
+                    aws::streamed_payload(
+                        &service,
+                        target.scheme,
+                        headers.get("x-amz-content-sha256")
+                    ),
+                    Ok(None)
+                )
+            },
+        );
+        (!streams).then_some(a.spec.body_max_bytes)
     }
 
     /// Pick up changed files: static secrets (the last good value stays on error), signing
