@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Load comparison on loopback, one run, same machine: the same wrk load sent
 #   direct to the upstream, through Chaperone (forward-proxy mode, whole pipeline on: strip,
-#   policy, credential, purpose log to a file), and through haproxy, nginx and squid where
+#   policy, credential, purpose log to a file; with a static key, a per-call JWT, and an `aws`
+#   credential that signs every request with SigV4, its session from a local container
+#   credentials endpoint), and through haproxy, nginx and squid where
 #   installed (each rewriting one header, as Chaperone injects one).
 # Prints requests/s and p50/p99 side by side with ratios to direct, and Chaperone's idle RSS.
 #
@@ -22,7 +24,7 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$W"; }
 trap cleanup EXIT
 
-UP=18300; CH_STATIC=18301; CH_JWT=18302; HAP=18303; NGX=18304; SQD=18305
+UP=18300; CH_STATIC=18301; CH_JWT=18302; HAP=18303; NGX=18304; SQD=18305; CH_AWS=18306; CREDS=18307
 
 # Upstream: nginx answering a small JSON body from memory, one worker.
 nginx_upstream "$W" "127.0.0.1:$UP"
@@ -43,11 +45,13 @@ identity: { id: spiffe://bench.local/ns/ml/sa/inference, workload: bench, enviro
 credentials:
   static-key: { kind: static, from_env: BENCH_STATIC_KEY }
   per-call: { kind: jwt, ttl: 60s }
+  aws-session: { kind: aws, region: us-east-1 }
 routes:
   - name: upstream
     match: { host: 127.0.0.1, port: $UP }
     credential: $3
     scopes: [model.invoke]
+    ${4:-}
 strip: { mode: strip }
 policy: { file: $W/policy.cedar }
 log: { format: json, output: $W/purpose-$1.jsonl }
@@ -55,11 +59,29 @@ EOF
 }
 chaperone_config $CH_STATIC 18311 static-key > "$W/ch-static.yaml"
 chaperone_config $CH_JWT 18312 per-call > "$W/ch-jwt.yaml"
+chaperone_config $CH_AWS 18313 aws-session "sign: { service: bedrock, region: us-east-1 }" > "$W/ch-aws.yaml"
 export BENCH_STATIC_KEY=bench-static-secret-value
+# A container credentials endpoint (as EKS Pod Identity serves one) handing out one session.
+python3 - "$CREDS" <<'PY' & PIDS+=($!)
+import json, sys, time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"AccessKeyId": "ASIABENCHBENCHBENCH0", "SecretAccessKey": "bench/" + "s" * 34,
+            "Token": "bench-session-token-" + "t" * 200,
+            "Expiration": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))}).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+PY
+export AWS_CONTAINER_CREDENTIALS_FULL_URI="http://127.0.0.1:$CREDS/v1/credentials"
+for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$CREDS) 2>/dev/null && break; sleep 0.05; done
 "$BIN" run --config "$W/ch-static.yaml" 2>"$W/ch-static.err" & CH_STATIC_PID=$!; PIDS+=($CH_STATIC_PID)
 "$BIN" run --config "$W/ch-jwt.yaml" 2>"$W/ch-jwt.err" & PIDS+=($!)
+"$BIN" run --config "$W/ch-aws.yaml" 2>"$W/ch-aws.err" & PIDS+=($!)
 
-TARGETS="direct:$UP chaperone-static:$CH_STATIC chaperone-jwt:$CH_JWT"
+TARGETS="direct:$UP chaperone-static:$CH_STATIC chaperone-jwt:$CH_JWT chaperone-aws:$CH_AWS"
 if command -v haproxy >/dev/null; then
   cat > "$W/haproxy.cfg" <<EOF
 global
@@ -133,7 +155,7 @@ wrk.headers["chaperone-purpose"] = "bench"
 wrk.headers["Accept"] = "application/json"
 EOF
 
-for port in 18311 18312 $(for t in $TARGETS; do echo "${t##*:}"; done); do
+for port in 18311 18312 18313 $(for t in $TARGETS; do echo "${t##*:}"; done); do
   for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.05; done
 done
 sleep 0.5
