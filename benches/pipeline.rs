@@ -368,6 +368,7 @@ fn bench_mint(c: &mut Criterion) {
         ttl: Duration::from_secs(60),
         issuer: "spiffe://example.org/ns/ml/sa/inference".into(),
         key: KeySource::Generated { rotate_every: None },
+        profile: chaperone::credentials::Profile::AccessToken,
     })
     .unwrap();
     let scopes = vec!["model.invoke".to_string()];

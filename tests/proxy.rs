@@ -208,7 +208,7 @@ async fn jwks(sc: &Sidecar) -> JwkSet {
 
 fn verify(jwks: &JwkSet, token: &str, aud: &str) -> Value {
     let header = jsonwebtoken::decode_header(token).unwrap();
-    assert_eq!(header.typ.as_deref(), Some("txntoken+jwt"));
+    assert_eq!(header.typ.as_deref(), Some("at+jwt"));
     let jwk = jwks
         .find(header.kid.as_deref().unwrap())
         .expect("kid in JWKS");

@@ -1,11 +1,15 @@
 //! `chaperone demo`: the main job end to end on loopback, with nothing else installed.
 //!
-//! A "model API" upstream verifies every bearer token against the sidecar's JWKS (fetched over
-//! HTTP from the admin port, as a real API would) and reports what it received. The sidecar
-//! runs on ephemeral ports with an embedded demo config. A scripted agent then calls through
-//! it: once with a hard-coded key, under two purposes, once for a purpose policy forbids, once
-//! at the cloud metadata endpoint. The demo checks every outcome and exits non-zero if the
-//! product did not do its job.
+//! Two upstreams verify every token against the sidecar's JWKS (fetched over HTTP from the
+//! admin port, as a real service would), each by the rules of the token profile it takes: a
+//! "model API" outside the trust domain takes RFC 9068 access tokens (`at+jwt`, its own origin
+//! as `aud`, `Authorization: Bearer`); an internal "ticket service" inside the trust domain
+//! takes transaction tokens (`txntoken+jwt`, the trust domain as `aud`, the `Txn-Token`
+//! header, never `Authorization`). The sidecar runs on ephemeral ports with an embedded demo
+//! config. A scripted agent then calls through it: once with a hard-coded key, under two
+//! purposes and both hops, once for a purpose policy forbids, once at the cloud metadata
+//! endpoint. The demo checks every outcome and exits non-zero if the product did not do its
+//! job.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -44,22 +48,44 @@ when {
   ["answer-question", "summarize-ticket"].contains(context.purpose)
 };
 
+@id("support-agent-may-read-tickets")
+permit (principal, action == Action::"POST", resource)
+when {
+  context.route == "ticket-service" &&
+  principal.workload == "support-agent" &&
+  context.purpose == "summarize-ticket"
+};
+
 @id("no-bulk-export")
 forbid (principal, action, resource)
 when { context.purpose == "export-data" };
 "#;
 
-fn config_yaml(upstream: SocketAddr, policy: &std::path::Path, log: &std::path::Path) -> String {
+/// The demo's trust domain: the transaction token's audience.
+const TRUST_DOMAIN: &str = "demo.local";
+
+fn config_yaml(
+    upstream: SocketAddr,
+    tickets: SocketAddr,
+    policy: &std::path::Path,
+    log: &std::path::Path,
+) -> String {
     format!(
         r#"listen: 127.0.0.1:0
 admin: 127.0.0.1:0
 identity:
   id: {IDENTITY}
+  trust_domain: {TRUST_DOMAIN}
   workload: support-agent
   environment: demo
 credentials:
   per-call:
     kind: jwt
+    profile: access_token   # RFC 9068, for an API outside the trust domain
+    ttl: 60s
+  txn:
+    kind: jwt
+    profile: txn_token      # for services inside the trust domain (Txn-Token header)
     ttl: 60s
 routes:
   - name: model-api
@@ -67,6 +93,11 @@ routes:
     credential: per-call
     inject: {{ header: authorization, value: "Bearer {{token}}" }}
     scopes: [model.invoke]
+    labels: {{ data: customer-tickets, sensitivity: high }}
+  - name: ticket-service
+    match: {{ host: 127.0.0.1, port: {tickets_port}, path_prefix: /internal/ }}
+    credential: txn
+    scopes: [tickets.read]
     labels: {{ data: customer-tickets, sensitivity: high }}
 strip:
   mode: strip
@@ -77,6 +108,7 @@ log:
   output: {log}
 "#,
         port = upstream.port(),
+        tickets_port = tickets.port(),
         policy = policy.display(),
         log = log.display(),
     )
@@ -91,11 +123,21 @@ struct Seen {
     app_key_seen: bool,
 }
 
+/// Which token profile an upstream takes, and so how it verifies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Takes {
+    /// RFC 9068 access tokens as `Authorization: Bearer`, `aud` = its origin.
+    AccessToken,
+    /// Transaction tokens in `Txn-Token`, `aud` = the trust domain.
+    TxnToken,
+}
+
 struct ModelApi {
     jwks_url: Mutex<Option<String>>,
     jwks: tokio::sync::Mutex<Option<JwkSet>>,
     seen: Mutex<Vec<Seen>>,
     origin: String,
+    takes: Takes,
 }
 
 impl ModelApi {
@@ -114,22 +156,61 @@ impl ModelApi {
         Ok(set)
     }
 
+    /// Verify by the profile's rules: `typ`, `aud`, the claims it requires.
     async fn verify(&self, token: &str) -> Result<Value, String> {
         let header = jsonwebtoken::decode_header(token).map_err(|e| e.to_string())?;
-        if header.typ.as_deref() != Some("txntoken+jwt") {
-            return Err("not a transaction token".into());
+        let (typ, audience) = match self.takes {
+            Takes::AccessToken => ("at+jwt", self.origin.as_str()),
+            Takes::TxnToken => ("txntoken+jwt", TRUST_DOMAIN),
+        };
+        if header.typ.as_deref() != Some(typ) {
+            return Err(format!("typ is {:?}, not {typ}", header.typ));
         }
         let kid = header.kid.ok_or("token has no kid")?;
         let set = self.jwks().await?;
         let jwk = set.find(&kid).ok_or("kid not in the JWKS")?;
         let key = DecodingKey::from_jwk(jwk).map_err(|e| e.to_string())?;
         let mut v = Validation::new(Algorithm::EdDSA);
-        v.set_audience(&[&self.origin]);
+        v.set_audience(&[audience]);
         v.set_issuer(&[IDENTITY]);
         v.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
-        jsonwebtoken::decode::<Value>(token, &key, &v)
+        let claims = jsonwebtoken::decode::<Value>(token, &key, &v)
             .map(|d| d.claims)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        let required: &[&str] = match self.takes {
+            // RFC 9068 §2.2.
+            Takes::AccessToken => &["client_id", "iat", "jti"],
+            // The Transaction Tokens draft's required claims.
+            Takes::TxnToken => &["iat", "txn", "scope"],
+        };
+        match required.iter().find(|c| claims.get(**c).is_none()) {
+            Some(missing) => Err(format!("no `{missing}` claim")),
+            None => Ok(claims),
+        }
+    }
+
+    /// The token where the profile says it travels; a transaction token presented as an
+    /// access token is refused.
+    fn token_of(&self, headers: &http::HeaderMap) -> Result<String, String> {
+        let bearer = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match self.takes {
+            Takes::AccessToken => bearer
+                .map(str::to_owned)
+                .ok_or_else(|| "no bearer token".into()),
+            Takes::TxnToken => {
+                if bearer.is_some() {
+                    return Err("an Authorization header on a transaction-token service".into());
+                }
+                headers
+                    .get("txn-token")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+                    .ok_or_else(|| "no Txn-Token header".into())
+            }
+        }
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -138,19 +219,13 @@ impl ModelApi {
             .headers()
             .values()
             .any(|v| v.to_str().is_ok_and(|s| s.contains(&app_key)));
-        let token = req
-            .headers()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::to_owned);
         let mut seen = Seen {
             app_key_seen,
             ..Seen::default()
         };
-        match token {
-            None => seen.error = Some("no bearer token".into()),
-            Some(t) => match self.verify(&t).await {
+        match self.token_of(req.headers()) {
+            Err(e) => seen.error = Some(e),
+            Ok(t) => match self.verify(&t).await {
                 Ok(claims) => {
                     seen.verified = true;
                     seen.claims = claims;
@@ -179,6 +254,37 @@ impl ModelApi {
         );
         resp
     }
+}
+
+/// Start an upstream that takes `takes` on a loopback port of its own.
+async fn serve_api(takes: Takes) -> Result<(Arc<ModelApi>, SocketAddr), String> {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let api = Arc::new(ModelApi {
+        jwks_url: Mutex::new(None),
+        jwks: tokio::sync::Mutex::new(None),
+        seen: Mutex::new(Vec::new()),
+        origin: format!("http://{addr}"),
+        takes,
+    });
+    let served = api.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let api = served.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let api = api.clone();
+                    async move { Ok::<_, Infallible>(api.handle(req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    Ok((api, addr))
 }
 
 async fn http_get(url: &str) -> Result<(StatusCode, Bytes), String> {
@@ -246,52 +352,37 @@ async fn run_inner() -> Result<bool, String> {
     std::fs::write(&policy_path, POLICY).map_err(|e| e.to_string())?;
     let _ = std::fs::remove_file(&log_path);
 
-    // The model API.
-    let api_listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| e.to_string())?;
-    let api_addr = api_listener.local_addr().map_err(|e| e.to_string())?;
-    let api = Arc::new(ModelApi {
-        jwks_url: Mutex::new(None),
-        jwks: tokio::sync::Mutex::new(None),
-        seen: Mutex::new(Vec::new()),
-        origin: format!("http://{api_addr}"),
-    });
-    let api2 = api.clone();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = api_listener.accept().await {
-            let api = api2.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let api = api.clone();
-                    async move { Ok::<_, Infallible>(api.handle(req).await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
+    // The model API (outside the trust domain) and the ticket service (inside it).
+    let (api, api_addr) = serve_api(Takes::AccessToken).await?;
+    let (tickets, tickets_addr) = serve_api(Takes::TxnToken).await?;
 
     // The sidecar, on the same config loader users run.
-    let yaml = config_yaml(api_addr, &policy_path, &log_path);
+    let yaml = config_yaml(api_addr, tickets_addr, &policy_path, &log_path);
     let cfg = Config::from_yaml("<demo config>", &yaml, &dir, false).map_err(|e| e.to_string())?;
     let running = crate::sidecar::start(cfg)
         .await
         .map_err(|e| e.to_string())?;
     let proxy = running.proxy_addrs[0].to_string();
-    *api.jwks_url.lock() = Some(format!(
-        "http://{}/.well-known/jwks.json",
-        running.admin_addr
-    ));
+    for s in [&api, &tickets] {
+        *s.jwks_url.lock() = Some(format!(
+            "http://{}/.well-known/jwks.json",
+            running.admin_addr
+        ));
+    }
 
     println!(
         "Chaperone demo: an AI agent calls a model API through the sidecar (all on 127.0.0.1).\n"
     );
-    println!("  model API  http://{api_addr}  verifies every token against the sidecar's JWKS");
-    println!("  sidecar    http://{proxy}  identity {IDENTITY}");
     println!(
-        "  admin      http://{}  /healthz /readyz /metrics /.well-known/jwks.json\n",
+        "  model API       http://{api_addr}  takes access tokens (at+jwt, Authorization: Bearer)"
+    );
+    println!(
+        "  ticket service  http://{tickets_addr}  takes transaction tokens (txntoken+jwt, Txn-Token, aud {TRUST_DOMAIN})"
+    );
+    println!("  both verify every token against the sidecar's JWKS");
+    println!("  sidecar         http://{proxy}  identity {IDENTITY}");
+    println!(
+        "  admin           http://{}  /healthz /readyz /metrics /.well-known/jwks.json\n",
         running.admin_addr
     );
 
@@ -307,6 +398,13 @@ async fn run_inner() -> Result<bool, String> {
             title: "summarize a support ticket",
             purpose: Some("summarize-ticket"),
             url: format!("http://{api_addr}/v1/chat/completions"),
+            app_key: false,
+            expect: StatusCode::OK,
+        },
+        Step {
+            title: "read the ticket's history from the internal ticket service",
+            purpose: Some("summarize-ticket"),
+            url: format!("http://{tickets_addr}/internal/tickets/4711"),
             app_key: false,
             expect: StatusCode::OK,
         },
@@ -342,7 +440,12 @@ async fn run_inner() -> Result<bool, String> {
                 br#"{"model":"demo","messages":[{"role":"user","content":"hello"}]}"#,
             )))
             .map_err(|e| e.to_string())?;
-        let seen_before = api.seen.lock().len();
+        let service = if step.url.contains(&tickets_addr.to_string()) {
+            &tickets
+        } else {
+            &api
+        };
+        let seen_before = service.seen.lock().len();
         let (status, body) = send(&proxy, req).await?;
         let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         println!("{}. {}", i + 1, step.title);
@@ -353,7 +456,7 @@ async fn run_inner() -> Result<bool, String> {
         }
         if status == StatusCode::OK {
             allowed += 1;
-            let seen = api
+            let seen = service
                 .seen
                 .lock()
                 .get(seen_before)
@@ -362,8 +465,12 @@ async fn run_inner() -> Result<bool, String> {
             if !seen.verified || seen.app_key_seen {
                 ok = false;
             }
+            let (who, what) = match service.takes {
+                Takes::AccessToken => ("the model API", "an access token"),
+                Takes::TxnToken => ("the ticket service", "a transaction token"),
+            };
             println!(
-                "   -> {status}: the model API verified a per-call token (jti {}, purpose {}, scope \"{}\", expires in {}s)",
+                "   -> {status}: {who} verified {what} minted for this call (jti {}, purpose {}, scope \"{}\", expires in {}s)",
                 seen.claims["jti"].as_str().unwrap_or("?"),
                 seen.claims
                     .pointer("/tctx/purpose")
@@ -377,7 +484,7 @@ async fn run_inner() -> Result<bool, String> {
             );
             if step.app_key {
                 println!(
-                    "      the hard-coded key was stripped before forwarding; the model API {} it",
+                    "      the hard-coded key was stripped before forwarding; {who} {} it",
                     if seen.app_key_seen {
                         "SAW"
                     } else {

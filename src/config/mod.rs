@@ -505,11 +505,31 @@ impl Validator<'_> {
         };
 
         let subject_token_file = id.subject_token_file.as_deref().map(|f| self.path(f));
+        let trust_domain = match &id.trust_domain {
+            Some(td) if td.trim().is_empty() || td.contains(char::is_whitespace) => {
+                self.err(
+                    &[Key("identity"), Key("trust_domain")],
+                    "a trust domain is one name without spaces (example.org)",
+                );
+                None
+            }
+            Some(td) => Some(td.clone()),
+            None => identity
+                .id
+                .strip_prefix("spiffe://")
+                .map(|rest| rest.split('/').next().unwrap_or(rest).to_string()),
+        };
         let mut credentials = BTreeMap::new();
         for (name, c) in &raw.credentials {
             let p = [Key("credentials"), Key(name.as_str())];
-            if let Some(spec) = self.credential(&p, name, c, &identity, subject_token_file.as_ref())
-            {
+            if let Some(spec) = self.credential(
+                &p,
+                name,
+                c,
+                &identity,
+                subject_token_file.as_ref(),
+                trust_domain.as_deref(),
+            ) {
                 credentials.insert(name.clone(), spec);
             }
         }
@@ -832,6 +852,7 @@ impl Validator<'_> {
         c: &CredentialConfig,
         identity: &Identity,
         default_subject: Option<&PathBuf>,
+        trust_domain: Option<&str>,
     ) -> Option<CredentialSpec> {
         let at = |k: &'static str| -> Vec<Seg<'_>> {
             let mut v = p.to_vec();
@@ -844,7 +865,27 @@ impl Validator<'_> {
                 signing_key,
                 rotate_every,
                 issuer,
+                profile,
             } => {
+                let profile = match profile.as_deref() {
+                    None | Some("access_token") => crate::credentials::Profile::AccessToken,
+                    Some("txn_token") => match trust_domain {
+                        Some(td) => crate::credentials::Profile::TxnToken {
+                            trust_domain: td.to_string(),
+                        },
+                        None => {
+                            self.err(&at("profile"), "a transaction token's audience is the trust domain: set identity.trust_domain (or use a spiffe:// identity id)");
+                            return None;
+                        }
+                    },
+                    Some(other) => {
+                        self.err(
+                            &at("profile"),
+                            format!("`{other}` is not access_token or txn_token"),
+                        );
+                        return None;
+                    }
+                };
                 let ttl = self.duration(&at("ttl"), ttl.as_deref(), Duration::from_secs(60));
                 if ttl > MAX_JWT_TTL {
                     self.err(&at("ttl"), "per-call tokens live at most 300s");
@@ -879,6 +920,7 @@ impl Validator<'_> {
                     ttl,
                     issuer: issuer.clone().unwrap_or_else(|| identity.id.clone()),
                     key,
+                    profile,
                 };
                 Some(CredentialSpec::Jwt(spec))
             }
@@ -1537,7 +1579,18 @@ impl Validator<'_> {
             }
             _ => None,
         };
+        // A transaction token travels in its own header, never as an access token.
+        let txn_token = r.credential.as_ref().and_then(|c| credentials.get(c)).is_some_and(|c| {
+            matches!(c, CredentialSpec::Jwt(j) if matches!(j.profile, crate::credentials::Profile::TxnToken { .. }))
+        });
         let inject = match &r.inject {
+            None if txn_token => InjectSpec {
+                into: crate::route::InjectInto::Header(http::HeaderName::from_static(
+                    crate::credentials::TXN_TOKEN_HEADER,
+                )),
+                prefix: String::new(),
+                suffix: String::new(),
+            },
             None => by_provider.unwrap_or_else(InjectSpec::default_bearer),
             Some(inj) => {
                 match InjectSpec::parse(
@@ -1553,6 +1606,18 @@ impl Validator<'_> {
                 }
             }
         };
+        if txn_token
+            && r.inject.is_some()
+            && inject.into
+                != crate::route::InjectInto::Header(http::HeaderName::from_static(
+                    crate::credentials::TXN_TOKEN_HEADER,
+                ))
+        {
+            self.err(
+                &[Key("routes"), Idx(i), Key("inject")],
+                "a transaction token goes in the Txn-Token header only: the draft forbids using one as an access token (use profile: access_token for an Authorization bearer)",
+            );
+        }
         if r.inject.is_some() && r.credential.is_none() {
             self.err(
                 &[Key("routes"), Idx(i), Key("inject")],

@@ -72,6 +72,10 @@ pub(crate) struct IdentityConfig {
     /// File holding the workload's subject token (for token exchange); re-read when it changes.
     #[serde(default)]
     pub(crate) subject_token_file: Option<String>,
+    /// The trust domain transaction tokens are scoped to (their `aud`). Default: the trust
+    /// domain of a SPIFFE `id`.
+    #[serde(default)]
+    pub(crate) trust_domain: Option<String>,
     /// Who may use the main listener, attested by the kernel. Absent: any local process.
     #[serde(default)]
     pub(crate) callers: Option<CallersConfig>,
@@ -148,6 +152,12 @@ pub(crate) enum CredentialConfig {
         /// The `iss` claim. Default: the identity id.
         #[serde(default)]
         issuer: Option<String>,
+        /// `access_token` (default): an RFC 9068 JWT access token (`typ: at+jwt`, `aud` the
+        /// route's audience or the destination's origin), sent as `Authorization: Bearer`.
+        /// `txn_token`: an OAuth Transaction Token (`typ: txntoken+jwt`, `aud` the trust
+        /// domain), sent in the `Txn-Token` header, never as `Authorization`.
+        #[serde(default)]
+        profile: Option<String>,
     },
     /// OAuth 2.0 client credentials (RFC 6749 §4.4): a token fetched from an authorization
     /// server, cached until shortly before it expires.

@@ -1,4 +1,13 @@
-//! Per-call JWTs shaped like IETF OAuth Transaction Tokens (DESIGN §4).
+//! Per-call JWTs (DESIGN §4), in one of two profiles, each as its standard says:
+//! - `access_token` (default): an RFC 9068 JWT access token, `typ: at+jwt`, `aud` the route's
+//!   audience or the destination's origin, `client_id` the workload; sent as
+//!   `Authorization: Bearer`.
+//! - `txn_token`: an IETF OAuth Transaction Token, `typ: txntoken+jwt`, `aud` the trust domain;
+//!   sent in the `Txn-Token` header, never as `Authorization` (the draft forbids using one as
+//!   an access token).
+//!
+//! Both carry what binds the token to the call: `txn` (the request id), `scope` with
+//! `purpose:<p>`, `req_wl`, `tctx`, `rctx`.
 //!
 //! The key pair is parsed once and held. Signing goes straight to aws-lc-rs rather than
 //! through `jsonwebtoken::encode`, which re-parses the PKCS#8 key and re-derives the public
@@ -34,6 +43,33 @@ pub enum KeySource {
     File(PathBuf),
 }
 
+/// Which standard a minted token follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Profile {
+    /// RFC 9068 JWT access token.
+    AccessToken,
+    /// IETF OAuth Transaction Token; `aud` is the trust domain.
+    TxnToken {
+        /// `identity.trust_domain`.
+        trust_domain: String,
+    },
+}
+
+impl Profile {
+    /// The JOSE `typ` of its tokens.
+    pub fn typ(&self) -> &'static str {
+        match self {
+            Profile::AccessToken => "at+jwt",
+            Profile::TxnToken { .. } => TXN_TOKEN_TYP,
+        }
+    }
+}
+
+/// `typ` of a transaction token.
+pub const TXN_TOKEN_TYP: &str = "txntoken+jwt";
+/// The header a transaction token travels in.
+pub const TXN_TOKEN_HEADER: &str = "txn-token";
+
 /// Settings of one `jwt` credential.
 #[derive(Debug, Clone)]
 pub struct JwtSpec {
@@ -45,6 +81,8 @@ pub struct JwtSpec {
     pub issuer: String,
     /// Signing key source.
     pub key: KeySource,
+    /// The standard its tokens follow.
+    pub profile: Profile,
 }
 
 /// How long a retired public key stays in the JWKS after the last token it signed expires:
@@ -104,6 +142,9 @@ pub struct Minted {
 struct Claims<'a> {
     iss: &'a str,
     sub: &'a str,
+    /// RFC 9068 §2.2: the client the token was issued to (the workload); access tokens only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_id: Option<&'a str>,
     aud: &'a str,
     iat: u64,
     exp: u64,
@@ -144,9 +185,8 @@ struct KeyRing {
 }
 
 impl KeyRing {
-    fn new(key: SigningKey, now: Instant, stamp: FileStamp) -> Self {
-        let header =
-            serde_json::json!({ "alg": key.alg(), "typ": "txntoken+jwt", "kid": key.kid() });
+    fn new(key: SigningKey, typ: &str, now: Instant, stamp: FileStamp) -> Self {
+        let header = serde_json::json!({ "alg": key.alg(), "typ": typ, "kid": key.kid() });
         KeyRing {
             header_b64: format!("{}.", B64.encode(header.to_string())),
             current: key,
@@ -165,6 +205,7 @@ pub struct JwtMinter {
     ttl: Duration,
     issuer: String,
     source: KeySource,
+    profile: Profile,
     ring: RwLock<Arc<KeyRing>>,
 }
 
@@ -202,7 +243,13 @@ impl JwtMinter {
             ttl: spec.ttl,
             issuer: spec.issuer.clone(),
             source: spec.key.clone(),
-            ring: RwLock::new(Arc::new(KeyRing::new(key, Instant::now(), stamp))),
+            ring: RwLock::new(Arc::new(KeyRing::new(
+                key,
+                spec.profile.typ(),
+                Instant::now(),
+                stamp,
+            ))),
+            profile: spec.profile.clone(),
         })
     }
 
@@ -238,7 +285,7 @@ impl JwtMinter {
     fn rotate_at(&self, key: SigningKey, now: Instant, stamp: FileStamp) {
         let mut guard = self.ring.write();
         let old = guard.clone();
-        let mut next = KeyRing::new(key, now, stamp);
+        let mut next = KeyRing::new(key, self.profile.typ(), now, stamp);
         next.retired = old
             .retired
             .iter()
@@ -308,10 +355,15 @@ impl JwtMinter {
         let mut scopes: Vec<String> = r.scopes.to_vec();
         scopes.push(format!("purpose:{}", r.purpose));
         let scope = scopes.join(" ");
+        let (aud, client_id) = match &self.profile {
+            Profile::AccessToken => (r.audience, Some(r.subject)),
+            Profile::TxnToken { trust_domain } => (trust_domain.as_str(), None),
+        };
         let claims = Claims {
             iss: &self.issuer,
             sub: r.subject,
-            aud: r.audience,
+            client_id,
+            aud,
             iat: now,
             exp,
             jti: &jti,
@@ -377,8 +429,18 @@ mod tests {
 
     /// Verify against the published JWKS, choosing the key by the token's `kid`.
     fn verify(jwks: &[serde_json::Value], token: &str, alg: Algorithm) -> serde_json::Value {
+        verify_as(jwks, token, alg, "at+jwt", "http://api.test")
+    }
+
+    fn verify_as(
+        jwks: &[serde_json::Value],
+        token: &str,
+        alg: Algorithm,
+        typ: &str,
+        aud: &str,
+    ) -> serde_json::Value {
         let header = decode_header(token).unwrap();
-        assert_eq!(header.typ.as_deref(), Some("txntoken+jwt"));
+        assert_eq!(header.typ.as_deref(), Some(typ));
         let kid = header.kid.unwrap();
         let jwk = jwks
             .iter()
@@ -387,7 +449,7 @@ mod tests {
         let jwk: Jwk = serde_json::from_value(jwk.clone()).unwrap();
         let key = DecodingKey::from_jwk(&jwk).unwrap();
         let mut v = Validation::new(alg);
-        v.set_audience(&["http://api.test"]);
+        v.set_audience(&[aud]);
         decode::<serde_json::Value>(token, &key, &v).unwrap().claims
     }
 
@@ -397,6 +459,7 @@ mod tests {
             ttl: Duration::from_secs(ttl),
             issuer: "spiffe://t/ns/ml/sa/inference".into(),
             key: KeySource::Generated { rotate_every: None },
+            profile: Profile::AccessToken,
         })
         .unwrap()
     }
@@ -419,6 +482,37 @@ mod tests {
             60
         );
         assert_eq!(claims["jti"], a.jti.as_str());
+        assert_eq!(
+            claims["client_id"], "spiffe://t/ns/ml/sa/inference",
+            "RFC 9068 §2.2"
+        );
+    }
+
+    /// A transaction token: its own `typ`, the trust domain as `aud` whatever the route's
+    /// audience, and no `client_id` (it is not an access token).
+    #[test]
+    fn txn_token_profile() {
+        let m = JwtMinter::new(&JwtSpec {
+            name: "t".into(),
+            ttl: Duration::from_secs(60),
+            issuer: "spiffe://t/ns/ml/sa/inference".into(),
+            key: KeySource::Generated { rotate_every: None },
+            profile: Profile::TxnToken {
+                trust_domain: "t".into(),
+            },
+        })
+        .unwrap();
+        let t = m.mint(&request(&[])).unwrap();
+        let claims = verify_as(
+            &m.jwks(),
+            t.token.expose_secret(),
+            Algorithm::EdDSA,
+            "txntoken+jwt",
+            "t",
+        );
+        assert_eq!(claims.get("client_id"), None);
+        assert_eq!(claims["txn"], "req-1");
+        assert_eq!(claims["req_wl"], "inference");
     }
 
     #[test]
@@ -432,6 +526,7 @@ mod tests {
             ttl: Duration::from_secs(30),
             issuer: "iss".into(),
             key: KeySource::File(path.clone()),
+            profile: Profile::AccessToken,
         })
         .unwrap();
         let old = m.mint(&request(&[])).unwrap();
@@ -475,6 +570,7 @@ mod tests {
             key: KeySource::Generated {
                 rotate_every: Some(Duration::ZERO),
             },
+            profile: Profile::AccessToken,
         })
         .unwrap();
         let mut kids = std::collections::HashSet::new();
@@ -496,6 +592,7 @@ mod tests {
             ttl: Duration::from_secs(30),
             issuer: "iss".into(),
             key: KeySource::File(path),
+            profile: Profile::AccessToken,
         })
         .unwrap_err();
         assert!(e.to_string().contains("PEM PKCS#8"), "{e}");

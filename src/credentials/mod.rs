@@ -22,7 +22,9 @@ use secrecy::{ExposeSecret, SecretString};
 
 pub use aws::AwsSpec;
 pub(crate) use inject::Call;
-pub use jwt::{JwtMinter, JwtSpec, KeySource, MintRequest, Minted};
+pub use jwt::{
+    JwtMinter, JwtSpec, KeySource, MintRequest, Minted, Profile, TXN_TOKEN_HEADER, TXN_TOKEN_TYP,
+};
 pub use keys::{Allow, KeyError, SigningKey};
 pub use oauth::{
     ClientAuth, Exchange, Grant, IAM_CREDENTIALS, Impersonate, OAuthSpec, TOKEN_TYPE_JWT,
