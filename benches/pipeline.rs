@@ -294,6 +294,7 @@ fn openai_call<'a>(
         time: std::time::SystemTime::now(),
         guardrail: None,
         upgrade: "",
+        on_behalf_of: None,
     }
 }
 
@@ -387,6 +388,7 @@ fn bench_mint(c: &mut Criterion) {
         method: "POST",
         host: "api.openai.com",
         path: "/v1/chat/completions",
+        user: None,
     };
     c.bench_function("credential/mint_per_call_jwt_ed25519", |b| {
         b.iter(|| black_box(m.mint(&req).unwrap()))
@@ -478,6 +480,7 @@ fn bench_token_cache(c: &mut Criterion) {
         method: "GET",
         host: "tools.example.org",
         path: "/v1/items",
+        user: None,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

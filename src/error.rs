@@ -56,6 +56,10 @@ pub(crate) enum ErrorCode {
     /// 413: the body is larger than the proxy can take for this route (a signed request's
     /// body must be read whole).
     BodyTooLarge,
+    /// 401: the route acts on behalf of a user and the request carries no user token.
+    UserTokenRequired,
+    /// 401: the user token did not verify.
+    UserTokenInvalid,
 }
 
 impl ErrorCode {
@@ -70,6 +74,8 @@ impl ErrorCode {
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::LoopDetected => "loop_detected",
             ErrorCode::BodyTooLarge => "body_too_large",
+            ErrorCode::UserTokenRequired => "user_token_required",
+            ErrorCode::UserTokenInvalid => "user_token_invalid",
         }
     }
 
@@ -83,6 +89,7 @@ impl ErrorCode {
             ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
             ErrorCode::LoopDetected => StatusCode::LOOP_DETECTED,
             ErrorCode::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::UserTokenRequired | ErrorCode::UserTokenInvalid => StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -94,6 +101,8 @@ impl ErrorCode {
                 | ErrorCode::EmbeddedSecret
                 | ErrorCode::BadRequest
                 | ErrorCode::LoopDetected
+                | ErrorCode::UserTokenRequired
+                | ErrorCode::UserTokenInvalid
         )
     }
 }

@@ -211,6 +211,8 @@ struct Ask<'a> {
     purpose: &'a str,
     /// The protocol the request asks to switch to, or "".
     upgrade: &'a str,
+    /// The user it acts for.
+    user: Option<&'a crate::credentials::Delegation>,
 }
 
 /// The pipeline's answer to a request, for the proxy to send.
@@ -324,6 +326,19 @@ impl Pipeline {
         // now: the strip stage removes the app's signature.
         let signed_for = crate::credentials::aws::signed_for(&parts.headers);
 
+        // Stage: on behalf of. A route whose credential exchanges a user's token takes it out
+        // of the request here (it reaches neither the strip stage, the line nor the upstream)
+        // and verifies it; a request without one is refused (401).
+        let user = match route {
+            Some(r) => self.credentials.user_for(r, &mut parts.headers).await?,
+            None => None,
+        };
+        x.log.on_behalf_of = user.as_ref().map(|u| crate::purpose_log::OnBehalfLog {
+            iss: u.issuer.clone(),
+            sub: u.subject.clone(),
+            verified: u.verified,
+        });
+
         // Stage: strip. The app's embedded secrets: removed, reported or refused.
         let (mut body, new_query) = self
             .strip(
@@ -348,6 +363,7 @@ impl Pipeline {
             route,
             purpose,
             upgrade: &switch_to,
+            user: user.as_ref(),
         };
         self.authorize(&x.caller, &mut x.log, &ask)?;
         x.log.decision = "allow";
@@ -376,6 +392,7 @@ impl Pipeline {
                     None => target.query.as_deref(),
                 },
                 signed_for: signed_for.as_ref(),
+                user: user.as_ref(),
             };
             let issued = self
                 .credentials
@@ -450,6 +467,7 @@ impl Pipeline {
             route,
             purpose,
             upgrade,
+            user,
         } = *ask;
         let stripped_types: Vec<&'static str> = log.stripped.iter().map(|f| f.kind).collect();
         let guard = self.guardrails.check(&target.host, target.port);
@@ -469,6 +487,11 @@ impl Pipeline {
             time: SystemTime::now(),
             guardrail: guard.as_ref(),
             upgrade,
+            on_behalf_of: user.map(|u| crate::policy::OnBehalfOf {
+                issuer: &u.issuer,
+                subject: &u.subject,
+                verified: u.verified,
+            }),
         });
         enforce(log, decision)
     }
@@ -504,6 +527,7 @@ impl Pipeline {
                 time: SystemTime::now(),
                 guardrail: guard,
                 upgrade: "",
+                on_behalf_of: None,
             })
         };
         // A guarded destination needs a CONNECT permit that lifts the guardrail even when the

@@ -74,6 +74,17 @@ impl From<crate::credentials::Issued> for CredentialLog {
     }
 }
 
+/// `on_behalf_of` in a line.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct OnBehalfLog {
+    /// The user token's `iss`.
+    pub(crate) iss: String,
+    /// Its `sub`.
+    pub(crate) sub: String,
+    /// Whether it was verified against the issuer's keys.
+    pub(crate) verified: bool,
+}
+
 /// One purpose-log line.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Record {
@@ -115,6 +126,10 @@ pub(crate) struct Record {
     pub(crate) reason: Option<String>,
     /// Deciding policies.
     pub(crate) policy_ids: Vec<String>,
+    /// The user the request acted for (an on-behalf-of exchange): the user token's issuer
+    /// and subject, never the token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) on_behalf_of: Option<OnBehalfLog>,
     /// Injected credential.
     pub(crate) credential: Option<CredentialLog>,
     /// Embedded secrets found.
@@ -219,6 +234,7 @@ impl Record {
             decision: "deny",
             reason: None,
             policy_ids: Vec::new(),
+            on_behalf_of: None,
             credential: None,
             stripped: Vec::new(),
             strip_mode: "strip",

@@ -894,3 +894,143 @@ routes:
         1.0
     );
 }
+
+/// On behalf of a user (RFC 8693 delegation): the user's token comes in a request header, is
+/// verified against the issuer's JWKS before it goes anywhere, removed before forwarding, and
+/// exchanged with the workload's own token as the actor. The upstream gets a token that says
+/// both (`sub` the user, `act.sub` the workload); tokens are cached per user token and
+/// purpose, never handed to another user; policy sees `context.on_behalf_of`; the line says who.
+/// A request without a user token, or with a forged one, is 401 and nothing is exchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_behalf_of_a_user_the_exchange_carries_both_user_and_workload() {
+    let up = Upstream::start().await;
+    let idp = SubjectIssuer::new();
+    let files = tempfile::tempdir().unwrap();
+    let jwks_path = files.path().join("subject-jwks.json");
+    std::fs::write(&jwks_path, idp.jwks.to_string()).unwrap();
+    let auth = AuthServer::start_with(&[("SUBJECT_JWKS", jwks_path.display().to_string())]);
+    let workload = idp.token("system:serviceaccount:ml:chaperone", "workload-1");
+    let (alice, alice_2, bob) = (
+        idp.token("alice", "alice-1"),
+        idp.token("alice", "alice-2"),
+        idp.token("bob", "bob-1"),
+    );
+    let forged = SubjectIssuer::new().token("alice", "forged-1");
+    let cfg = format!(
+        r#"{HEAD}  subject_token_file: {{dir}}/workload-token
+credentials:
+  for-user:
+    kind: token_exchange
+    token_url: http://127.0.0.1:{port}/token
+    client_id: chaperone
+    client_secret_file: {{dir}}/client-secret
+    subject_from: {{ header: x-user-token }}
+    subject_jwks_url: http://127.0.0.1:{port}/subject-jwks
+    subject_issuer: https://kubernetes.default.svc
+    subject_audience: sts.test
+    requested_token_type: urn:ietf:params:oauth:token-type:access_token
+routes:
+  - name: tickets
+    match: {{ host: 127.0.0.1, port: {upstream} }}
+    credential: for-user
+    audience: https://tools.test
+    scopes: [tools.read]
+{TAIL}"#,
+        port = auth.port,
+        upstream = up.addr.port()
+    );
+    // Bob may read, but not delete; nobody may act for an unverified user.
+    let policy = r#"permit(principal, action, resource) when { context has on_behalf_of && context.on_behalf_of.verified };
+@id("bob-may-not-delete")
+forbid(principal, action, resource) when { context has on_behalf_of && context.on_behalf_of.subject == "bob" && context.purpose == "delete" };
+"#;
+    let w = workload.clone();
+    let sc = Sidecar::start_with(&cfg, policy, &[], move |dir: &Path| {
+        std::fs::write(dir.join("client-secret"), CLIENT_SECRET).unwrap();
+        std::fs::write(dir.join("workload-token"), w).unwrap();
+    });
+    let base = format!("http://127.0.0.1:{}", up.addr.port());
+    let proxy = sc.proxy_url();
+    let call = |user: Option<&str>, purpose: &str| -> (u16, String) {
+        let mut args = vec![
+            "-x".to_string(),
+            proxy.clone(),
+            "-H".into(),
+            format!("chaperone-purpose: {purpose}"),
+        ];
+        if let Some(u) = user {
+            args.extend(["-H".into(), format!("x-user-token: Bearer {u}")]);
+        }
+        args.push(format!("{base}/tickets"));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        curl(&args)
+    };
+    let verify = |token: &str| auth.verify(token, "https://tools.test", None);
+
+    let (code, body) = call(Some(&alice), "read");
+    assert_eq!(code, 200, "{body} {}", auth.stderr());
+    let alice_token = bearer(up.requests().last().unwrap());
+    let claims = verify(&alice_token);
+    assert_eq!(claims["sub"], "alice");
+    assert_eq!(claims["act"]["sub"], "system:serviceaccount:ml:chaperone");
+    assert!(
+        up.requests()
+            .last()
+            .unwrap()
+            .header("x-user-token")
+            .is_none(),
+        "the user's token is removed before forwarding"
+    );
+    // The same user token again: served from the cache.
+    assert_eq!(call(Some(&alice), "read").0, 200);
+    assert_eq!(bearer(up.requests().last().unwrap()), alice_token);
+    assert_eq!(auth.exchanges(), ["alice-1"]);
+    // Another token, even of the same user, and another user: exchanged for themselves.
+    assert_eq!(call(Some(&alice_2), "read").0, 200);
+    assert_eq!(call(Some(&bob), "read").0, 200);
+    let bob_token = bearer(up.requests().last().unwrap());
+    assert_ne!(bob_token, alice_token);
+    assert_eq!(verify(&bob_token)["sub"], "bob");
+    assert_eq!(auth.exchanges(), ["alice-1", "alice-2", "bob-1"]);
+
+    // Policy sees the user.
+    let (code, body) = call(Some(&bob), "delete");
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("bob-may-not-delete"), "{body}");
+    // No user, or a forged one: 401, and nothing exchanged.
+    let (code, body) = call(None, "read");
+    assert_eq!(code, 401, "{body}");
+    assert!(
+        body.contains("user_token_required") && body.contains("x-user-token"),
+        "{body}"
+    );
+    let (code, body) = call(Some(&forged), "read");
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("user_token_invalid"), "{body}");
+    assert_eq!(auth.exchanges().len(), 3);
+    assert_eq!(up.requests().len(), 4);
+
+    let lines = sc.lines_where(7, |l| l["kind"] == "http");
+    assert_eq!(lines.len(), 7, "{lines:#?}");
+    assert_eq!(lines[0]["on_behalf_of"]["sub"], "alice", "{}", lines[0]);
+    assert_eq!(
+        lines[0]["on_behalf_of"]["iss"],
+        "https://kubernetes.default.svc"
+    );
+    assert_eq!(lines[0]["on_behalf_of"]["verified"], true);
+    assert_eq!(lines[4]["on_behalf_of"]["sub"], "bob");
+    assert_eq!(lines[4]["decision"], "deny");
+    assert_eq!(lines[5]["status"], 401);
+    assert_eq!(lines[5]["on_behalf_of"], serde_json::Value::Null);
+    assert_eq!(lines[6]["status"], 401);
+    sc.assert_never_shows(&[
+        &alice,
+        &alice_2,
+        &bob,
+        &forged,
+        &workload,
+        &alice_token,
+        &bob_token,
+        CLIENT_SECRET,
+    ]);
+}

@@ -314,3 +314,50 @@ policy:
         "{err}"
     );
 }
+
+/// `--user` puts `context.on_behalf_of` in the question, so rules about users can be tested
+/// before any user token exists; the schema accepts `context has on_behalf_of`.
+#[test]
+fn eval_can_ask_on_behalf_of_a_user() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("policy.cedar"),
+        r#"@id("users-only")
+permit(principal, action, resource) when { context has on_behalf_of && context.on_behalf_of.verified };
+@id("not-mallory")
+forbid(principal, action, resource) when { context has on_behalf_of && context.on_behalf_of.subject == "mallory" };
+"#,
+    )
+    .unwrap();
+    let cfg = dir.path().join("chaperone.yaml");
+    std::fs::write(
+        &cfg,
+        "identity: { id: spiffe://example.org/ns/ml/sa/agent, workload: agent, environment: prod }\npolicy: { file: policy.cedar }\n",
+    )
+    .unwrap();
+    let cfg = cfg.to_string_lossy().into_owned();
+    let ask = |extra: &[&str]| {
+        let mut all = vec![
+            "eval",
+            "--config",
+            &cfg,
+            "--url",
+            "https://api.example.org/x",
+        ];
+        all.extend_from_slice(extra);
+        policy(&all)
+    };
+    let (code, out, err) = ask(&[
+        "--user",
+        "alice",
+        "--user-issuer",
+        "https://idp.example.org",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("users-only"), "{out}");
+    let (code, out, _) = ask(&["--user", "mallory"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("not-mallory"), "{out}");
+    let (code, out, _) = ask(&[]);
+    assert_eq!(code, 1, "no user, no permit: {out}");
+}

@@ -938,8 +938,76 @@ impl Validator<'_> {
                 requested_token_type,
                 audience,
                 impersonate: impersonate_cfg,
+                subject_from,
+                subject_jwks_url,
+                subject_issuer,
+                subject_audience,
                 ..
             } => {
+                let user = match subject_from {
+                    None => {
+                        for (k, v) in [
+                            ("subject_jwks_url", subject_jwks_url),
+                            ("subject_issuer", subject_issuer),
+                            ("subject_audience", subject_audience),
+                        ] {
+                            if v.is_some() {
+                                self.err(&at(k), "verifies a user's token: needs subject_from");
+                            }
+                        }
+                        None
+                    }
+                    Some(sf) => {
+                        let mut hp = at("subject_from");
+                        hp.push(Seg::Key("header"));
+                        let header = match http::HeaderName::from_bytes(sf.header.as_bytes()) {
+                            Ok(h) if h != http::header::HOST => Some(h),
+                            _ => {
+                                self.err(
+                                    &hp,
+                                    format!(
+                                        "`{}` is not a header a user token can come in",
+                                        sf.header
+                                    ),
+                                );
+                                None
+                            }
+                        };
+                        if subject_token_file.is_some() {
+                            self.err(&at("subject_token_file"), "with subject_from the subject is the user's token from the request; the workload's own token goes as actor_token_file");
+                        }
+                        let jwks = subject_jwks_url.as_deref().and_then(|u| match u.parse::<http::Uri>() {
+                            Ok(uri) if uri.scheme_str() == Some("https") && uri.host().is_some() => Some(uri),
+                            Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some_and(is_loopback_host) => Some(uri),
+                            _ => {
+                                self.err(&at("subject_jwks_url"), format!("`{u}` is not an https URL (http is allowed on loopback addresses only)"));
+                                None
+                            }
+                        });
+                        if jwks.is_none() && subject_jwks_url.is_none() {
+                            for (k, v) in [
+                                ("subject_issuer", subject_issuer),
+                                ("subject_audience", subject_audience),
+                            ] {
+                                if v.is_some() {
+                                    self.err(
+                                        &at(k),
+                                        "checked against the JWKS: needs subject_jwks_url",
+                                    );
+                                }
+                            }
+                        }
+                        header.map(|header| crate::credentials::UserSubject {
+                            header,
+                            jwks_url: jwks,
+                            issuer: subject_issuer.clone(),
+                            audience: subject_audience.clone(),
+                        })
+                    }
+                };
+                if subject_from.is_some() && user.is_none() {
+                    return None; // reported above
+                }
                 let impersonate = impersonate_cfg.as_ref().and_then(|i| {
                     let mut ip = at("impersonate");
                     ip.push(Seg::Key("service_account"));
@@ -978,6 +1046,7 @@ impl Validator<'_> {
                     .map(|f| self.path(f))
                     .or_else(|| default_subject.cloned())
                 {
+                    _ if user.is_some() => Some(PathBuf::new()),
                     Some(path) => {
                         if let Err(e) = std::fs::metadata(&path) {
                             self.absent(
@@ -1002,9 +1071,16 @@ impl Validator<'_> {
                     t
                 };
                 let subject_token_type = token_type(self, "subject_token_type", subject_token_type);
-                let actor = match actor_token_file {
-                    Some(f) => {
-                        let path = self.path(f);
+                // On behalf of a user, the workload's own token is the actor.
+                let actor_file = actor_token_file
+                    .as_deref()
+                    .map(|f| self.path(f))
+                    .or_else(|| user.as_ref().and(default_subject.cloned()));
+                if user.is_some() && actor_file.is_none() {
+                    self.err(p, "on behalf of a user the workload's own token goes as the actor: set actor_token_file or identity.subject_token_file");
+                }
+                let actor = match actor_file {
+                    Some(path) => {
                         if let Err(e) = std::fs::metadata(&path) {
                             self.absent(
                                 &at("actor_token_file"),
@@ -1026,7 +1102,10 @@ impl Validator<'_> {
                 let grant = subject.map(|subject_token_file| {
                     crate::credentials::Grant::TokenExchange(Box::new(
                         crate::credentials::Exchange {
-                            subject_token_file,
+                            subject: match user {
+                                Some(u) => crate::credentials::Subject::User(u),
+                                None => crate::credentials::Subject::File(subject_token_file),
+                            },
                             subject_token_type,
                             actor,
                             requested_token_type: requested_token_type.clone(),
@@ -2231,6 +2310,9 @@ credentials:
   fed: {{ kind: client_credentials, token_url: 'https://idp.test/token', client_id: c, auth_method: client_assertion, client_key_file: {s} }}
   imp: {{ kind: token_exchange, token_url: 'https://sts.test/token', subject_token_file: {s}, impersonate: {{ service_account: nobody, lifetime: 2h }} }}
   nameless: {{ kind: token_exchange, token_url: 'https://sts.test/token', subject_token_file: {s}, client_secret_file: {s} }}
+  obo-file: {{ kind: token_exchange, token_url: 'https://sts.test/token', client_id: c, client_secret_file: {s}, subject_from: {{ header: x-user }}, subject_token_file: {s}, actor_token_file: {s} }}
+  obo-noactor: {{ kind: token_exchange, token_url: 'https://sts.test/token', client_id: c, client_secret_file: {s}, subject_from: {{ header: x-user }} }}
+  jwks-alone: {{ kind: token_exchange, token_url: 'https://sts.test/token', client_id: c, subject_token_file: {s}, subject_jwks_url: 'https://idp.test/jwks' }}
   extra: {{ kind: client_credentials, token_url: 'https://idp.test/token', client_id: c, client_secret_file: {s}, client_cert_file: {s} }}
   plain: {{ kind: client_credentials, token_url: 'http://idp.test/token', client_id: c, client_secret_file: {s} }}
   rot: {{ kind: jwt, signing_key: {s}, rotate_every: 1h }}
@@ -2279,6 +2361,24 @@ routes:
             "a public client needs no id: {err}"
         );
         assert!(found("credentials.nameless.client_id", ""), "{err}");
+        assert!(
+            found(
+                "credentials.obo-file.subject_token_file",
+                "the user's token"
+            ),
+            "{err}"
+        );
+        assert!(
+            found("credentials.obo-noactor", "goes as the actor"),
+            "{err}"
+        );
+        assert!(
+            found(
+                "credentials.jwks-alone.subject_jwks_url",
+                "needs subject_from"
+            ),
+            "{err}"
+        );
         assert!(
             found(
                 "credentials.fed.client_key_file",

@@ -134,6 +134,8 @@ pub(crate) struct TlsConfig {
 /// A credential source. The secret material itself never appears in the config.
 #[derive(Debug, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+// Parsed once at start: boxing the large variants would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum CredentialConfig {
     /// A token minted locally for each call (Transaction-Token shaped JWT).
     Jwt {
@@ -250,6 +252,19 @@ pub(crate) enum CredentialConfig {
         /// Credentials `generateAccessToken`).
         #[serde(default)]
         impersonate: Option<ImpersonateConfig>,
+        /// On behalf of a user: the subject token is the user's, taken from this request
+        /// header (and removed before forwarding); the workload's own token goes as the actor.
+        #[serde(default)]
+        subject_from: Option<SubjectFromConfig>,
+        /// JWKS URL the user's token is verified against before it is sent anywhere.
+        #[serde(default)]
+        subject_jwks_url: Option<String>,
+        /// Expected `iss` of the user's token (with `subject_jwks_url`).
+        #[serde(default)]
+        subject_issuer: Option<String>,
+        /// Expected `aud` of the user's token (with `subject_jwks_url`).
+        #[serde(default)]
+        subject_audience: Option<String>,
         /// Bound on one token fetch. Default `2s`.
         #[serde(default)]
         timeout: Option<String>,
@@ -306,6 +321,14 @@ pub(crate) enum CredentialConfig {
         #[serde(default)]
         timeout: Option<String>,
     },
+}
+
+/// `token_exchange.subject_from`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SubjectFromConfig {
+    /// The request header carrying the user's token (`Bearer ` prefix optional).
+    pub(crate) header: String,
 }
 
 /// `token_exchange.impersonate`.

@@ -29,6 +29,8 @@ pub(crate) struct Call<'a> {
     pub(crate) query: Option<&'a str>,
     /// The service and region the app's own SigV4 signature named, if it sent one.
     pub(crate) signed_for: Option<&'a (String, String)>,
+    /// The user the call acts for, when its route exchanges a user's token.
+    pub(crate) user: Option<&'a super::Delegation>,
 }
 
 impl Credentials {
@@ -82,6 +84,7 @@ impl Credentials {
                     method: call.method,
                     host: &call.target.host,
                     path: &call.target.path,
+                    user: call.user,
                 },
             )
             .await;

@@ -124,6 +124,8 @@ pub struct MintRequest<'a> {
     pub host: &'a str,
     /// Path of this call (hashed into the token).
     pub path: &'a str,
+    /// The user the call acts for (an on-behalf-of exchange).
+    pub user: Option<&'a super::Delegation>,
 }
 
 /// A minted token and what the log may say about it.
@@ -424,6 +426,7 @@ mod tests {
             method: "POST",
             host: "api.test",
             path: "/v1/chat",
+            user: None,
         }
     }
 

@@ -8,6 +8,7 @@ mod jwt;
 mod keys;
 mod oauth;
 pub mod stores;
+pub mod user;
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -27,9 +28,10 @@ pub use jwt::{
 };
 pub use keys::{Allow, KeyError, SigningKey};
 pub use oauth::{
-    ClientAuth, Exchange, Grant, IAM_CREDENTIALS, Impersonate, OAuthSpec, TOKEN_TYPE_JWT,
-    TokenParams, skew,
+    ClientAuth, Exchange, Grant, IAM_CREDENTIALS, Impersonate, OAuthSpec, Subject, TOKEN_TYPE_JWT,
+    TokenParams, UserSubject, skew,
 };
+pub use user::Delegation;
 
 use crate::egress::Egress;
 use crate::files::{self, FileStamp, stamp_of};
@@ -172,12 +174,14 @@ struct OAuth {
     endpoint: Arc<oauth::TokenEndpoint>,
     cache: Arc<cache::TokenCache>,
     subject: Option<WatchedFile>,
+    /// On behalf of a user: where the user's token comes from and its issuer's keys.
+    user: Option<user::UserTokens>,
 }
 
 enum Provider {
     Jwt(JwtMinter),
     Static(StaticCred),
-    OAuth(OAuth),
+    OAuth(Box<OAuth>),
     Aws(Box<aws::AwsSource>),
     Stored(stores::StoredCred),
 }
@@ -303,19 +307,31 @@ impl Credentials {
         for (name, spec) in specs {
             let p = match spec {
                 CredentialSpec::Jwt(j) => Provider::Jwt(JwtMinter::new(j)?),
-                CredentialSpec::OAuth(o) => Provider::OAuth(OAuth {
+                CredentialSpec::OAuth(o) => Provider::OAuth(Box::new(OAuth {
                     endpoint: Arc::new(
                         oauth::TokenEndpoint::new((**o).clone(), &tls, egress)
                             .map_err(CredentialError::Config)?,
                     ),
                     cache: Arc::new(cache::TokenCache::new(name, cache_metrics(&metrics, name))),
                     subject: match &o.grant {
-                        Grant::TokenExchange(x) => {
-                            Some(WatchedFile::new(x.subject_token_file.clone()))
-                        }
+                        Grant::TokenExchange(x) => match &x.subject {
+                            Subject::File(f) => Some(WatchedFile::new(f.clone())),
+                            Subject::User(_) => None,
+                        },
                         Grant::ClientCredentials => None,
                     },
-                }),
+                    user: match &o.grant {
+                        Grant::TokenExchange(x) => match &x.subject {
+                            Subject::User(u) => Some(user::UserTokens::new(
+                                u.clone(),
+                                oauth::endpoint_client((*tls).clone(), egress),
+                                o.timeout,
+                            )),
+                            Subject::File(_) => None,
+                        },
+                        Grant::ClientCredentials => None,
+                    },
+                })),
                 CredentialSpec::Aws(spec) => Provider::Aws(Box::new(aws::AwsSource::new(
                     spec.clone(),
                     &tls,
@@ -421,6 +437,7 @@ impl Credentials {
             audience: call.requested_audience,
             resource: call.resource,
             scopes: call.scopes,
+            subject: call.user.map(|u| &u.token),
         };
         // Keyed by everything the token is scoped to (and, for token exchange, the subject
         // token's generation), so a token is never handed to a request it was not issued
@@ -438,6 +455,13 @@ impl Credentials {
         for s in params.scopes {
             key.push('\0');
             key.push_str(s);
+        }
+        // On behalf of a user: per user token and purpose, never shared between users.
+        if let Some(u) = call.user {
+            key.push_str("\0user\0");
+            key.push_str(&u.digest);
+            key.push('\0');
+            key.push_str(call.purpose);
         }
         let entry = o
             .cache
@@ -472,6 +496,31 @@ impl Credentials {
             expires_at: Some(t.expires_at),
             scopes: t.scopes.clone(),
             flags,
+        })
+    }
+
+    /// On behalf of a user: for a route whose credential exchanges the user's token, take it
+    /// out of `headers` and verify it (401 when it is missing or does not verify). `Ok(None)`
+    /// for every other route.
+    pub(crate) async fn user_for(
+        &self,
+        route: &crate::route::Route,
+        headers: &mut http::HeaderMap,
+    ) -> Result<Option<Delegation>, crate::error::Rejection> {
+        use crate::error::{ErrorCode, Rejection};
+        let Some(u) = route
+            .credential
+            .as_ref()
+            .and_then(|c| match self.providers.get(c) {
+                Some(Provider::OAuth(o)) => o.user.as_ref(),
+                _ => None,
+            })
+        else {
+            return Ok(None);
+        };
+        u.take(headers).await.map(Some).map_err(|r| match r {
+            user::Refusal::Missing(why) => Rejection::new(ErrorCode::UserTokenRequired, why),
+            user::Refusal::Invalid(why) => Rejection::new(ErrorCode::UserTokenInvalid, why),
         })
     }
 
@@ -678,6 +727,7 @@ mod tests {
             method: "GET",
             host: "h",
             path: "/",
+            user: None,
         }
     }
 

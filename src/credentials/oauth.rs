@@ -63,8 +63,8 @@ pub enum ClientAuth {
 /// RFC 8693 settings.
 #[derive(Debug, Clone)]
 pub struct Exchange {
-    /// The subject token (a projected service-account token, a JWT-SVID, ...).
-    pub(crate) subject_token_file: PathBuf,
+    /// The subject token: the workload's own, or a user's from the request.
+    pub(crate) subject: Subject,
     /// Its `subject_token_type`.
     pub(crate) subject_token_type: String,
     /// Optional actor token file and its type.
@@ -75,6 +75,29 @@ pub struct Exchange {
     pub(crate) audience: Option<String>,
     /// Trade the exchanged token for a service account's token.
     pub(crate) impersonate: Option<Impersonate>,
+}
+
+/// Whose token a token exchange sends as the subject.
+#[derive(Debug, Clone)]
+pub enum Subject {
+    /// The workload's own (a projected service-account token, a JWT-SVID), from this file,
+    /// re-read on every fetch.
+    File(PathBuf),
+    /// A user's, from the request, for an on-behalf-of exchange.
+    User(UserSubject),
+}
+
+/// On behalf of a user: where the user's token comes from and how it is verified.
+#[derive(Debug, Clone)]
+pub struct UserSubject {
+    /// The request header carrying it (removed before forwarding).
+    pub header: http::HeaderName,
+    /// JWKS it is verified against before it is sent anywhere.
+    pub jwks_url: Option<Uri>,
+    /// Expected `iss`.
+    pub issuer: Option<String>,
+    /// Expected `aud`.
+    pub audience: Option<String>,
 }
 
 /// GCP service account impersonation: IAM Credentials `generateAccessToken`, authorized by
@@ -141,6 +164,8 @@ pub struct TokenParams<'a> {
     pub(crate) resource: Option<&'a str>,
     /// Requested scopes.
     pub(crate) scopes: &'a [String],
+    /// The user's token, for an on-behalf-of exchange.
+    pub(crate) subject: Option<&'a SecretString>,
 }
 
 /// An owned [`TokenParams`], for refreshes that run after the request has gone.
@@ -149,6 +174,7 @@ pub(crate) struct OwnedParams {
     audience: Option<String>,
     resource: Option<String>,
     scopes: Vec<String>,
+    subject: Option<SecretString>,
 }
 
 impl OwnedParams {
@@ -158,6 +184,7 @@ impl OwnedParams {
             audience: p.audience.map(str::to_owned),
             resource: p.resource.map(str::to_owned),
             scopes: p.scopes.to_vec(),
+            subject: p.subject.cloned(),
         }
     }
 
@@ -167,6 +194,7 @@ impl OwnedParams {
             audience: self.audience.as_deref(),
             resource: self.resource.as_deref(),
             scopes: &self.scopes,
+            subject: self.subject.as_ref(),
         }
     }
 }
@@ -462,7 +490,16 @@ impl TokenEndpoint {
                     "grant_type",
                     "urn:ietf:params:oauth:grant-type:token-exchange",
                 );
-                let subject = read_secret(&x.subject_token_file, "subject token")?;
+                let subject = match (&x.subject, params.subject) {
+                    (Subject::File(f), _) => read_secret(f, "subject token")?,
+                    (Subject::User(_), Some(user)) => user.clone(),
+                    (Subject::User(_), None) => {
+                        return Err(Failure {
+                            kind: FailureKind::Local,
+                            message: "no user token for an on-behalf-of exchange".into(),
+                        });
+                    }
+                };
                 form.append_pair("subject_token", subject.expose_secret());
                 form.append_pair("subject_token_type", &x.subject_token_type);
                 if let Some((file, ty)) = &x.actor {

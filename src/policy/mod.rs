@@ -145,6 +145,19 @@ pub struct PolicyInput<'a> {
     pub guardrail: Option<&'a GuardrailHit>,
     /// The protocol the request asks to switch to (`websocket`), or empty.
     pub upgrade: &'a str,
+    /// The user the request acts for, when its route exchanges a user's token.
+    pub on_behalf_of: Option<OnBehalfOf<'a>>,
+}
+
+/// `context.on_behalf_of`: the user a request acts for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OnBehalfOf<'a> {
+    /// The user token's `iss`.
+    pub issuer: &'a str,
+    /// Its `sub`.
+    pub subject: &'a str,
+    /// Whether its signature was checked against the issuer's keys.
+    pub verified: bool,
 }
 
 /// The authorization outcome.
@@ -527,6 +540,9 @@ impl PolicyEngine {
             input.guardrail.map_or("", |g| g.kind),
             input.upgrade,
         );
+        if let Some(u) = input.on_behalf_of {
+            let _ = write!(key, "\0user\0{}\0{}\0{}", u.issuer, u.subject, u.verified);
+        }
         for t in input.stripped_types {
             key.push('\0');
             key.push_str(t);
@@ -535,32 +551,48 @@ impl PolicyEngine {
             return Ok(hit);
         }
         let s = |v: &str| RestrictedExpression::new_string(v.to_string());
-        let context = Context::from_pairs([
-            ("path".to_string(), s(input.path)),
-            ("purpose".to_string(), s(input.purpose)),
-            ("route".to_string(), s(input.route)),
-            ("method".to_string(), s(input.action)),
-            (
-                "stripped_types".to_string(),
-                RestrictedExpression::new_set(input.stripped_types.iter().map(|t| s(t))),
-            ),
-            ("credential".to_string(), s(input.credential)),
-            ("stage".to_string(), s(&id.stage)),
-            ("environment".to_string(), s(&id.environment)),
-            (
-                "client_address".to_string(),
-                self.extension_values.ip(input.client),
-            ),
-            (
-                "request_time".to_string(),
-                self.extension_values.datetime(input.time),
-            ),
-            (
-                "guardrail".to_string(),
-                s(input.guardrail.map_or("", |g| g.kind)),
-            ),
-            ("upgrade".to_string(), s(input.upgrade)),
-        ])
+        let user = input.on_behalf_of.map(|u| {
+            let record = RestrictedExpression::new_record([
+                ("issuer".to_string(), s(u.issuer)),
+                ("subject".to_string(), s(u.subject)),
+                (
+                    "verified".to_string(),
+                    RestrictedExpression::new_bool(u.verified),
+                ),
+            ]);
+            record.map(|r| ("on_behalf_of".to_string(), r))
+        });
+        let user = user.transpose().map_err(|e| e.to_string())?;
+        let context = Context::from_pairs(
+            [
+                ("path".to_string(), s(input.path)),
+                ("purpose".to_string(), s(input.purpose)),
+                ("route".to_string(), s(input.route)),
+                ("method".to_string(), s(input.action)),
+                (
+                    "stripped_types".to_string(),
+                    RestrictedExpression::new_set(input.stripped_types.iter().map(|t| s(t))),
+                ),
+                ("credential".to_string(), s(input.credential)),
+                ("stage".to_string(), s(&id.stage)),
+                ("environment".to_string(), s(&id.environment)),
+                (
+                    "client_address".to_string(),
+                    self.extension_values.ip(input.client),
+                ),
+                (
+                    "request_time".to_string(),
+                    self.extension_values.datetime(input.time),
+                ),
+                (
+                    "guardrail".to_string(),
+                    s(input.guardrail.map_or("", |g| g.kind)),
+                ),
+                ("upgrade".to_string(), s(input.upgrade)),
+            ]
+            .into_iter()
+            .chain(user),
+        )
         .map_err(|e| e.to_string())?;
         self.contexts.insert(key, context.clone());
         Ok(context)
@@ -929,6 +961,7 @@ mod tests {
             time: SystemTime::now(),
             guardrail: None,
             upgrade: "",
+            on_behalf_of: None,
         }
     }
 

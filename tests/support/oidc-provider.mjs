@@ -8,7 +8,8 @@
 //                      (private_key_jwt, RFC 7523)
 //   SUBJECT_JWKS       path of a JWKS (JSON) that signs subject and actor tokens: enables
 //                      RFC 8693 token exchange, registered with provider.registerGrantType,
-//                      and the public client `chaperone-public` that may only exchange
+//                      the public client `chaperone-public` that may only exchange, and
+//                      GET /subject-jwks serving that JWKS
 //   EXCHANGE_GRANTS_ALL=1  the exchange grants every scope of the client whatever was asked
 //                      (a misconfigured server, for the scope checks)
 //   TLS_CERT, TLS_KEY, TLS_CA  serve HTTPS and ask for client certificates signed by TLS_CA:
@@ -188,6 +189,14 @@ provider.on('grant.error', (_ctx, err) => console.error('grant.error', err.messa
 provider.use(async (ctx, next) => {
   if (ctx.path === '/token') {
     console.log('token');
+  }
+  // The subject tokens' issuer publishes its keys here (as an IdP does), for a sidecar that
+  // verifies a user's token before exchanging it.
+  if (ctx.path === '/subject-jwks' && env.SUBJECT_JWKS) {
+    console.log('subject-jwks');
+    ctx.type = 'application/json';
+    ctx.body = readFileSync(env.SUBJECT_JWKS, 'utf8');
+    return;
   }
   await next();
 });

@@ -68,6 +68,15 @@ pub(crate) struct WhatIf {
     #[serde(default)]
     #[arg(long)]
     pub(crate) upgrade: Option<String>,
+    /// The user the request acts for (`context.on_behalf_of.subject`), for routes that
+    /// exchange a user's token (taken as verified).
+    #[serde(default)]
+    #[arg(long)]
+    pub(crate) user: Option<String>,
+    /// The user token's issuer (`context.on_behalf_of.issuer`).
+    #[serde(default)]
+    #[arg(long)]
+    pub(crate) user_issuer: Option<String>,
     /// Expected decision (`allow` or `deny`); required in a CASES file.
     #[serde(default)]
     #[arg(skip)]
@@ -248,6 +257,11 @@ impl<'a> Bench<'a> {
             time,
             guardrail: guard.as_ref(),
             upgrade: w.upgrade.as_deref().unwrap_or(""),
+            on_behalf_of: w.user.as_deref().map(|sub| crate::policy::OnBehalfOf {
+                issuer: w.user_issuer.as_deref().unwrap_or(""),
+                subject: sub,
+                verified: true,
+            }),
         });
         Ok(Explained {
             decision: if d.allow { "allow" } else { "deny" },
