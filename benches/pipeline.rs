@@ -452,6 +452,7 @@ fn bench_token_cache(c: &mut Criterion) {
             auth: ClientAuth::Basic(secret),
             grant: Grant::ClientCredentials,
             timeout: Duration::from_secs(2),
+            dpop: None,
         })),
     )]);
     let tls = rustls::ClientConfig::builder()
@@ -510,6 +511,24 @@ fn bench_leaf(c: &mut Criterion) {
 
 /// SigV4 signing of a Bedrock-shaped request: a 4 KiB JSON body to `InvokeModel`, session
 /// credentials, the headers boto3 sends (issue 17's target: at most 15 µs).
+/// A DPoP proof (RFC 9449) for one resource request: ES256 over `{jti, htm, htu, iat, ath}`
+/// with the token's SHA-256 (issue 18's target: at most 30 µs).
+fn bench_dpop(c: &mut Criterion) {
+    use chaperone::credentials::dpop::DpopKey;
+    let key = DpopKey::new(std::time::Duration::from_secs(86400)).unwrap();
+    let token = "eyJhbGciOiJFUzI1NiIsInR5cCI6ImF0K2p3dCJ9.".repeat(12);
+    c.bench_function("dpop/proof", |b| {
+        b.iter(|| {
+            key.proof(
+                "POST",
+                "https://api.example.org/v1/chat/completions",
+                Some(&token),
+            )
+            .unwrap()
+        })
+    });
+}
+
 fn bench_sigv4(c: &mut Criterion) {
     use chaperone::credentials::aws::{Payload, Session, ToSign, sign};
     let session = Session::new(
@@ -552,6 +571,7 @@ fn bench_sigv4(c: &mut Criterion) {
 criterion_group!(
     benches,
     bench_sigv4,
+    bench_dpop,
     bench_strip,
     bench_strip_body,
     bench_policy,

@@ -411,7 +411,46 @@ impl Pipeline {
             connect: own.connect.unwrap_or(self.timeouts.connect),
             response_head: own.response_head.unwrap_or(self.timeouts.response_head),
         };
-        let (response, took) = self.upstream.send(parts, body, deadlines).await?;
+        // DPoP: a request whose body is in hand can be sent again, once, with a new proof,
+        // when the upstream asks for a nonce (RFC 9449 §9).
+        let dpop = route.filter(|r| {
+            r.credential
+                .as_deref()
+                .is_some_and(|c| self.credentials.dpop_of(c).is_some())
+        });
+        let htu = dpop.map(|_| {
+            crate::credentials::dpop::htu(target.scheme, &target.authority(), &target.path)
+        });
+        let replay = match (dpop, &body) {
+            (Some(_), OutBody::Buffered(b)) => Some(b.clone()),
+            (Some(_), OutBody::Stream(s)) if s.is_end_stream() => Some(Bytes::new()),
+            _ => None,
+        };
+        let again = replay.map(|b| {
+            let mut head = Request::new(()).into_parts().0;
+            head.method = parts.method.clone();
+            head.uri = parts.uri.clone();
+            head.version = parts.version;
+            head.headers = parts.headers.clone();
+            (head, b)
+        });
+        let (mut response, mut took) = self.upstream.send(parts, body, deadlines).await?;
+        if let (Some(r), Some(htu)) = (dpop, htu.as_deref()) {
+            let wants_nonce =
+                self.credentials
+                    .dpop_answer(r, htu, response.status(), response.headers());
+            if let (true, Some((mut head, b))) = (wants_nonce, again) {
+                self.credentials.dpop_reproof(r, htu, &mut head)?;
+                let (second, t) = self
+                    .upstream
+                    .send(head, OutBody::Buffered(b), deadlines)
+                    .await?;
+                self.credentials
+                    .dpop_answer(r, htu, second.status(), second.headers());
+                response = second;
+                took += t;
+            }
+        }
         x.log.upstream_ms = Some(ms(took));
         Ok(Forwarded {
             response,

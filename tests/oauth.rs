@@ -1034,3 +1034,123 @@ forbid(principal, action, resource) when { context has on_behalf_of && context.o
         CLIENT_SECRET,
     ]);
 }
+
+/// DPoP (RFC 9449) against oidc-provider demanding nonces at its token endpoint and a `jose`
+/// resource server demanding them too: the token comes bound to the sidecar's key
+/// (`token_type: DPoP`, `cnf.jkt`), every request carries `Authorization: DPoP` and a fresh
+/// proof bound to its method, URL and token; each server's first `use_dpop_nonce` is answered
+/// by one retry with the nonce, after which the nonce is sent from the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dpop_bound_tokens_with_a_proof_per_request_and_nonces_honoured() {
+    let auth = AuthServer::start_with(&[("DPOP_NONCE", "1".into())]);
+    let mut cmd = Command::new("node");
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/dpop_resource.mjs"))
+        .args([&auth.issuer(), "https://tools.test", "nonce"]);
+    let rs = ServerProcess::start(cmd, "the DPoP resource server");
+    let port = rs.port.unwrap();
+    let cfg = format!(
+        r#"{HEAD}credentials:
+  bound:
+    kind: client_credentials
+    token_url: http://127.0.0.1:{auth_port}/token
+    client_id: chaperone
+    client_secret_file: {{dir}}/client-secret
+    dpop: true
+routes:
+  - name: tools
+    match: {{ host: 127.0.0.1, port: {port} }}
+    credential: bound
+    audience: https://tools.test
+    scopes: [tools.read]
+{TAIL}"#,
+        auth_port = auth.port,
+    );
+    let sc = Sidecar::start_with(&cfg, PERMISSIVE_POLICY, &[], |dir: &Path| {
+        std::fs::write(dir.join("client-secret"), CLIENT_SECRET).unwrap();
+    });
+    let url = format!("http://127.0.0.1:{port}/tickets/1?expand=all");
+    let (code, body) = curl_via(&sc.proxy_url(), &url);
+    assert_eq!(code, 200, "{body} {} {}", auth.stderr(), rs.stderr());
+    let first: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(first["client_id"], "chaperone");
+    assert_eq!(
+        auth.token_requests(),
+        2,
+        "the token endpoint asked for a nonce once"
+    );
+    assert_eq!(
+        rs.lines_after("refused "),
+        ["no nonce"],
+        "the resource server too"
+    );
+    // Again, and with a body: the nonce goes from the start, the token is the cached one,
+    // every proof is new.
+    let (code, body) = curl(&["-x", &sc.proxy_url(), "--json", r#"{"note":"x"}"#, &url]);
+    assert_eq!(code, 200, "{body} {}", rs.stderr());
+    let (code, _) = curl_via(&sc.proxy_url(), &url);
+    assert_eq!(code, 200);
+    assert_eq!(auth.token_requests(), 2);
+    let accepted = rs.lines_after("accepted ");
+    assert_eq!(accepted.len(), 3, "{accepted:?}");
+    let jkts: std::collections::BTreeSet<&str> = accepted
+        .iter()
+        .map(|l| l.split(' ').next().unwrap())
+        .collect();
+    assert_eq!(jkts.len(), 1, "one key: {accepted:?}");
+    assert_eq!(rs.lines_after("refused ").len(), 1);
+    sc.assert_never_shows(&[CLIENT_SECRET]);
+}
+
+/// A DPoP credential whose server issues plain bearer tokens fails closed rather than send a
+/// bearer token as if it were bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dpop_credential_refuses_an_unbound_token() {
+    let up = Upstream::start().await;
+    // A token endpoint that ignores DPoP: answers bearer tokens.
+    let (_dir, tokens) = temp_file(
+        "serve.py",
+        r#"import json, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+class H(BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = json.dumps({"access_token": "plain-bearer-token-123", "token_type": "Bearer", "expires_in": 300}).encode()
+        self.send_response(200); self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+s = HTTPServer(("127.0.0.1", 0), H)
+print("ready", s.server_port, flush=True)
+s.serve_forever()
+"#,
+    );
+    let mut cmd = Command::new("python3");
+    cmd.arg(&tokens);
+    let ts = ServerProcess::start(cmd, "a bearer-only token endpoint");
+    let cfg = format!(
+        r#"{HEAD}credentials:
+  bound:
+    kind: client_credentials
+    token_url: http://127.0.0.1:{tp}/token
+    client_id: chaperone
+    client_secret_file: {{dir}}/client-secret
+    dpop: true
+routes:
+  - name: tools
+    match: {{ host: 127.0.0.1, port: {upstream} }}
+    credential: bound
+{TAIL}"#,
+        tp = ts.port.unwrap(),
+        upstream = up.addr.port()
+    );
+    let sc = Sidecar::start_with(&cfg, PERMISSIVE_POLICY, &[], |dir: &Path| {
+        std::fs::write(dir.join("client-secret"), CLIENT_SECRET).unwrap();
+    });
+    let (code, body) = curl_via(
+        &sc.proxy_url(),
+        &format!("http://127.0.0.1:{}/x", up.addr.port()),
+    );
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("token_type Bearer"), "{body}");
+    assert!(up.requests().is_empty());
+    sc.assert_never_shows(&["plain-bearer-token-123", CLIENT_SECRET]);
+}

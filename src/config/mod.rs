@@ -1548,6 +1548,20 @@ impl Validator<'_> {
             }
         };
         let timeout = self.duration(&at("timeout"), f.timeout, Duration::from_secs(2));
+        let dpop = match (f.dpop, f.dpop_rotate_every) {
+            (Some(true), every) => {
+                let d = self.duration(&at("dpop_rotate_every"), every, Duration::from_secs(86400));
+                if d < Duration::from_secs(60) {
+                    self.err(&at("dpop_rotate_every"), "at least 1m");
+                }
+                Some(d)
+            }
+            (_, Some(_)) => {
+                self.err(&at("dpop_rotate_every"), "needs dpop: true");
+                None
+            }
+            _ => None,
+        };
         Some(CredentialSpec::OAuth(Box::new(
             crate::credentials::OAuthSpec {
                 name: name.to_string(),
@@ -1556,6 +1570,7 @@ impl Validator<'_> {
                 auth,
                 grant: grant?,
                 timeout,
+                dpop,
             },
         )))
     }
@@ -1658,6 +1673,18 @@ impl Validator<'_> {
             }
             _ => None,
         };
+        // A DPoP-bound token goes as `Authorization: DPoP`, beside its proof.
+        let dpop = r
+            .credential
+            .as_ref()
+            .and_then(|c| credentials.get(c))
+            .is_some_and(|c| matches!(c, CredentialSpec::OAuth(o) if o.dpop.is_some()));
+        if dpop && r.inject.is_some() {
+            self.err(
+                &[Key("routes"), Idx(i), Key("inject")],
+                "a DPoP-bound token goes in `Authorization: DPoP` with its proof in `DPoP`; leave inject out",
+            );
+        }
         // A transaction token travels in its own header, never as an access token.
         let txn_token = r.credential.as_ref().and_then(|c| credentials.get(c)).is_some_and(|c| {
             matches!(c, CredentialSpec::Jwt(j) if matches!(j.profile, crate::credentials::Profile::TxnToken { .. }))
@@ -1668,6 +1695,11 @@ impl Validator<'_> {
                     crate::credentials::TXN_TOKEN_HEADER,
                 )),
                 prefix: String::new(),
+                suffix: String::new(),
+            },
+            None if dpop => InjectSpec {
+                into: crate::route::InjectInto::Header(http::header::AUTHORIZATION),
+                prefix: "DPoP ".into(),
                 suffix: String::new(),
             },
             None => by_provider.unwrap_or_else(InjectSpec::default_bearer),
@@ -1902,6 +1934,8 @@ struct EndpointFields<'a> {
     client_cert_file: Option<&'a str>,
     assertion_audience: Option<&'a str>,
     client_assertion_file: Option<&'a str>,
+    dpop: Option<bool>,
+    dpop_rotate_every: Option<&'a str>,
     timeout: Option<&'a str>,
     /// Token exchange may use a public client.
     allow_none: bool,
@@ -1920,6 +1954,8 @@ impl<'a> EndpointFields<'a> {
                 client_cert_file,
                 assertion_audience,
                 client_assertion_file,
+                dpop,
+                dpop_rotate_every,
                 timeout,
             }
             | CredentialConfig::TokenExchange {
@@ -1931,6 +1967,8 @@ impl<'a> EndpointFields<'a> {
                 client_cert_file,
                 assertion_audience,
                 client_assertion_file,
+                dpop,
+                dpop_rotate_every,
                 timeout,
                 ..
             } => Some(EndpointFields {
@@ -1942,6 +1980,8 @@ impl<'a> EndpointFields<'a> {
                 client_cert_file: client_cert_file.as_deref(),
                 assertion_audience: assertion_audience.as_deref(),
                 client_assertion_file: client_assertion_file.as_deref(),
+                dpop: *dpop,
+                dpop_rotate_every: dpop_rotate_every.as_deref(),
                 timeout: timeout.as_deref(),
                 allow_none: matches!(c, CredentialConfig::TokenExchange { .. }),
             }),

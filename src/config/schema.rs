@@ -189,6 +189,14 @@ pub(crate) enum CredentialConfig {
         /// `$AZURE_FEDERATED_TOKEN_FILE`.
         #[serde(default)]
         client_assertion_file: Option<String>,
+        /// DPoP (RFC 9449): ask for tokens bound to a key that lives only in the sidecar,
+        /// and send a fresh proof with each request (`Authorization: DPoP`).
+        #[serde(default, deserialize_with = "lenient_bool")]
+        dpop: Option<bool>,
+        /// Replace the DPoP key this often; tokens bound to the old key are fetched again.
+        /// Default `24h`.
+        #[serde(default)]
+        dpop_rotate_every: Option<String>,
         /// `aud` of `private_key_jwt` assertions. Default: the token URL.
         #[serde(default)]
         assertion_audience: Option<String>,
@@ -223,6 +231,14 @@ pub(crate) enum CredentialConfig {
         /// `$AZURE_FEDERATED_TOKEN_FILE`.
         #[serde(default)]
         client_assertion_file: Option<String>,
+        /// DPoP (RFC 9449): ask for tokens bound to a key that lives only in the sidecar,
+        /// and send a fresh proof with each request (`Authorization: DPoP`).
+        #[serde(default, deserialize_with = "lenient_bool")]
+        dpop: Option<bool>,
+        /// Replace the DPoP key this often; tokens bound to the old key are fetched again.
+        /// Default `24h`.
+        #[serde(default)]
+        dpop_rotate_every: Option<String>,
         /// `aud` of `private_key_jwt` assertions. Default: the token URL.
         #[serde(default)]
         assertion_audience: Option<String>,
@@ -611,4 +627,27 @@ pub(crate) struct TimeoutsConfig {
     /// On SIGTERM, how long in-flight requests may take to finish. Default `10s`.
     #[serde(default)]
     pub(crate) shutdown_grace: Option<String>,
+}
+
+/// A boolean inside a `kind`-tagged credential: serde's internally tagged enums hand the
+/// YAML loader's scalars over as text, so `true` arrives as `"true"`.
+fn lenient_bool<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = Option<bool>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("true or false")
+        }
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Self::Value, E> {
+            Ok(Some(v))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            match v {
+                "true" => Ok(Some(true)),
+                "false" => Ok(Some(false)),
+                _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+            }
+        }
+    }
+    d.deserialize_any(V)
 }

@@ -117,6 +117,22 @@ impl Credentials {
                 })?;
                 hv.set_sensitive(true);
                 headers.insert(header.clone(), hv);
+                // DPoP: a fresh proof of possession for this very request.
+                if let Some(k) = self.dpop_of(name) {
+                    let t = call.target;
+                    let htu = super::dpop::htu(t.scheme, &t.authority(), &t.path);
+                    let proof = k
+                        .proof(call.method, &htu, Some(issued.value.expose_secret()))
+                        .ok()
+                        .and_then(|p| HeaderValue::from_str(&p).ok())
+                        .ok_or_else(|| {
+                            Rejection::new(
+                                ErrorCode::CredentialUnavailable,
+                                format!("credential `{name}`: cannot make a DPoP proof"),
+                            )
+                        })?;
+                    headers.insert("dpop", proof);
+                }
             }
             InjectInto::BodyField(field) => {
                 into_body(headers, body, field, &value).map_err(|why| {

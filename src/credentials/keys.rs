@@ -71,6 +71,27 @@ impl SigningKey {
         Ok(Self::build(Inner::Ed25519(k)))
     }
 
+    /// A fresh P-256 key (ES256).
+    pub(crate) fn generate_p256() -> Result<Self, KeyError> {
+        let rng = SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+            .map_err(|_| KeyError::Generate)?;
+        let k = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref())
+            .map_err(|_| KeyError::Generate)?;
+        Ok(Self::build(Inner::Es256(k)))
+    }
+
+    /// The public key's required members only (RFC 7638), as a DPoP proof's `jwk` carries it.
+    pub(crate) fn public_jwk(&self) -> serde_json::Value {
+        let mut jwk = self.jwk.clone();
+        if let Some(m) = jwk.as_object_mut() {
+            for k in ["kid", "alg", "use"] {
+                m.remove(k);
+            }
+        }
+        jwk
+    }
+
     /// Parse a PEM PKCS#8 private key.
     pub fn from_pem(pem: &[u8], allow: Allow) -> Result<Self, KeyError> {
         let der = PrivatePkcs8KeyDer::from_pem_slice(pem).map_err(|_| KeyError::NotPkcs8)?;

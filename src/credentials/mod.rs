@@ -3,6 +3,7 @@
 
 pub mod aws;
 mod cache;
+pub mod dpop;
 mod inject;
 mod jwt;
 mod keys;
@@ -456,6 +457,11 @@ impl Credentials {
             key.push('\0');
             key.push_str(s);
         }
+        // DPoP: per key, so a token bound to a replaced key is never sent with new proofs.
+        if let Some(k) = &o.endpoint.dpop {
+            key.push_str("\0jkt\0");
+            key.push_str(&k.jkt());
+        }
         // On behalf of a user: per user token and purpose, never shared between users.
         if let Some(u) = call.user {
             key.push_str("\0user\0");
@@ -497,6 +503,74 @@ impl Credentials {
             scopes: t.scopes.clone(),
             flags,
         })
+    }
+
+    /// The DPoP key of `name`, when it is a DPoP credential.
+    pub(crate) fn dpop_of(&self, name: &str) -> Option<&dpop::DpopKey> {
+        match self.providers.get(name) {
+            Some(Provider::OAuth(o)) => o.endpoint.dpop.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// A response from an upstream a DPoP credential was sent to: remember the nonce it asks
+    /// for (`DPoP-Nonce`); `true` when it refused the request for want of one
+    /// (`WWW-Authenticate: DPoP error="use_dpop_nonce"`), so a request that can be sent again
+    /// should be, once, with a new proof.
+    pub(crate) fn dpop_answer(
+        &self,
+        route: &crate::route::Route,
+        url: &str,
+        status: http::StatusCode,
+        headers: &http::HeaderMap,
+    ) -> bool {
+        let Some(k) = route.credential.as_deref().and_then(|c| self.dpop_of(c)) else {
+            return false;
+        };
+        let Some(nonce) = headers.get(dpop::DPOP_NONCE).and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        k.learn_nonce(url, nonce);
+        status == http::StatusCode::UNAUTHORIZED
+            && headers
+                .get_all(http::header::WWW_AUTHENTICATE)
+                .iter()
+                .any(|v| v.to_str().is_ok_and(|v| v.contains(dpop::USE_DPOP_NONCE)))
+    }
+
+    /// A fresh DPoP proof (with the nonce just learnt) for a request about to be sent again:
+    /// the token is the one already in its `Authorization`.
+    pub(crate) fn dpop_reproof(
+        &self,
+        route: &crate::route::Route,
+        htu: &str,
+        head: &mut http::request::Parts,
+    ) -> Result<(), crate::error::Rejection> {
+        use crate::error::{ErrorCode, Rejection};
+        let fail = || {
+            Rejection::new(
+                ErrorCode::CredentialUnavailable,
+                "cannot make a DPoP proof for the retry",
+            )
+        };
+        let k = route
+            .credential
+            .as_deref()
+            .and_then(|c| self.dpop_of(c))
+            .ok_or_else(fail)?;
+        let token = head
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("DPoP "))
+            .ok_or_else(fail)?;
+        let proof = k
+            .proof(head.method.as_str(), htu, Some(token))
+            .ok()
+            .and_then(|p| http::HeaderValue::from_str(&p).ok())
+            .ok_or_else(fail)?;
+        head.headers.insert("dpop", proof);
+        Ok(())
     }
 
     /// On behalf of a user: for a route whose credential exchanges the user's token, take it
@@ -588,6 +662,9 @@ impl Credentials {
                     {
                         tracing::info!(credential = %name, "subject token changed; new tokens will be exchanged for it");
                     }
+                    if let Some(k) = &o.endpoint.dpop {
+                        k.maybe_rotate();
+                    }
                 }
             }
         }
@@ -676,7 +753,7 @@ impl Credentials {
         let needed = self.providers.values().any(|p| match p {
             Provider::Static(s) => matches!(s.source, StaticSource::File(_)),
             Provider::Jwt(m) => m.rotates(),
-            Provider::OAuth(o) => o.subject.is_some(),
+            Provider::OAuth(o) => o.subject.is_some() || o.endpoint.dpop.is_some(),
             Provider::Aws(_) | Provider::Stored(_) => false,
         });
         if !needed {

@@ -142,6 +142,8 @@ pub struct OAuthSpec {
     pub grant: Grant,
     /// Bound on one fetch, connect to response.
     pub timeout: Duration,
+    /// DPoP (RFC 9449): ask for tokens bound to a key of ours, replaced this often.
+    pub dpop: Option<Duration>,
 }
 
 impl OAuthSpec {
@@ -260,6 +262,8 @@ impl FailureKind {
 struct TokenResponse {
     access_token: String,
     #[serde(default)]
+    token_type: Option<String>,
+    #[serde(default)]
     expires_in: Option<u64>,
     #[serde(default)]
     scope: Option<String>,
@@ -301,14 +305,27 @@ pub(crate) async fn exchange(
     timeout: Duration,
     what: &str,
 ) -> Result<(StatusCode, Bytes), Failure> {
+    exchange_full(client, req, timeout, what)
+        .await
+        .map(|(status, _, body)| (status, body))
+}
+
+/// [`exchange`], with the answer's headers.
+pub(crate) async fn exchange_full(
+    client: &TokenClient,
+    req: Request<Full<Bytes>>,
+    timeout: Duration,
+    what: &str,
+) -> Result<(StatusCode, http::HeaderMap, Bytes), Failure> {
     tokio::time::timeout(timeout, async {
         let resp = client.request(req).await.map_err(|e| Failure {
             kind: FailureKind::Unreachable,
             message: format!("{what} unreachable: {}", crate::error::innermost(&e)),
         })?;
         let status = resp.status();
-        let body = resp
-            .into_body()
+        let (head, body) = resp.into_parts();
+        let headers = head.headers;
+        let body = body
             .collect()
             .await
             .map_err(|e| Failure {
@@ -316,7 +333,7 @@ pub(crate) async fn exchange(
                 message: format!("{what} response cut short: {e}"),
             })?
             .to_bytes();
-        Ok((status, body))
+        Ok((status, headers, body))
     })
     .await
     .map_err(|_| Failure {
@@ -330,6 +347,8 @@ pub(crate) struct TokenEndpoint {
     /// Settings.
     pub(crate) spec: OAuthSpec,
     client: TokenClient,
+    /// With `dpop`: the key tokens are bound to.
+    pub(crate) dpop: Option<super::dpop::DpopKey>,
 }
 
 impl std::fmt::Debug for TokenEndpoint {
@@ -466,9 +485,17 @@ impl TokenEndpoint {
                     .map_err(|e| format!("credential `{}`: client certificate: {e}", spec.name))?,
             );
         }
+        let dpop = match spec.dpop {
+            Some(every) => Some(
+                super::dpop::DpopKey::new(every)
+                    .map_err(|e| format!("credential `{}`: DPoP key: {e}", spec.name))?,
+            ),
+            None => None,
+        };
         Ok(TokenEndpoint {
             spec,
             client: endpoint_client(tls, egress),
+            dpop,
         })
     }
 
@@ -610,9 +637,41 @@ impl TokenEndpoint {
     /// Fetch one token.
     pub(crate) async fn fetch(&self, params: &TokenParams<'_>) -> Result<Token, Failure> {
         let spec = &self.spec;
-        let req = self.request(params)?;
         let started = Instant::now();
-        let (status, body) = exchange(&self.client, req, spec.timeout, "token endpoint").await?;
+        let mut retried = false;
+        let (status, body) = loop {
+            let mut req = self.request(params)?;
+            let htu = self.token_htu();
+            if let Some(k) = &self.dpop {
+                let proof = k.proof("POST", &htu, None).map_err(|e| Failure {
+                    kind: FailureKind::Local,
+                    message: format!("DPoP proof: {e}"),
+                })?;
+                if let Ok(v) = http::HeaderValue::from_str(&proof) {
+                    req.headers_mut().insert("dpop", v);
+                }
+            }
+            let (status, headers, body) =
+                exchange_full(&self.client, req, spec.timeout, "token endpoint").await?;
+            // RFC 9449 §8: a server that wants a nonce says which, and the request is made
+            // again once with it.
+            if let (Some(k), Some(n)) = (
+                &self.dpop,
+                headers
+                    .get(super::dpop::DPOP_NONCE)
+                    .and_then(|v| v.to_str().ok()),
+            ) {
+                k.learn_nonce(&htu, n);
+                let wants_nonce = status == StatusCode::BAD_REQUEST
+                    && serde_json::from_slice::<ErrorResponse>(&body)
+                        .is_ok_and(|e| e.error == super::dpop::USE_DPOP_NONCE);
+                if wants_nonce && !retried {
+                    retried = true;
+                    continue;
+                }
+            }
+            break (status, body);
+        };
         if status != StatusCode::OK {
             let why = serde_json::from_slice::<ErrorResponse>(&body)
                 .map(|e| {
@@ -640,6 +699,22 @@ impl TokenEndpoint {
                 message: "token response has an empty access_token".into(),
             });
         }
+        // A DPoP credential must get a bound token: a bearer token would be sent as if it
+        // were bound, and anyone holding it could use it.
+        if self.dpop.is_some()
+            && !parsed
+                .token_type
+                .as_deref()
+                .is_some_and(|t| t.eq_ignore_ascii_case("DPoP"))
+        {
+            return Err(Failure {
+                kind: FailureKind::InvalidResponse,
+                message: format!(
+                    "asked for a DPoP-bound token, the token endpoint issued token_type {}",
+                    parsed.token_type.as_deref().unwrap_or("(none)")
+                ),
+            });
+        }
         let token = token_from(parsed, params.scopes, started);
         match &spec.grant {
             Grant::TokenExchange(x) => match &x.impersonate {
@@ -648,6 +723,17 @@ impl TokenEndpoint {
             },
             Grant::ClientCredentials => Ok(token),
         }
+    }
+
+    /// The token endpoint's URL without query or fragment: a DPoP proof's `htu`.
+    fn token_htu(&self) -> String {
+        let u = &self.spec.token_url;
+        format!(
+            "{}://{}{}",
+            u.scheme_str().unwrap_or("https"),
+            u.authority().map_or("", |a| a.as_str()),
+            u.path()
+        )
     }
 
     /// IAM Credentials `generateAccessToken` for `imp.service_account`, authorized by the
@@ -815,6 +901,7 @@ mod tests {
     fn response(token: String, expires_in: Option<u64>, scope: Option<&str>) -> TokenResponse {
         TokenResponse {
             access_token: token,
+            token_type: None,
             expires_in,
             scope: scope.map(str::to_owned),
         }

@@ -10,12 +10,14 @@
 //                      RFC 8693 token exchange, registered with provider.registerGrantType,
 //                      the public client `chaperone-public` that may only exchange, and
 //                      GET /subject-jwks serving that JWKS
+//   DPOP_NONCE=1       the token endpoint demands DPoP nonces (use_dpop_nonce, RFC 9449 §8)
 //   EXCHANGE_GRANTS_ALL=1  the exchange grants every scope of the client whatever was asked
 //                      (a misconfigured server, for the scope checks)
 //   TLS_CERT, TLS_KEY, TLS_CA  serve HTTPS and ask for client certificates signed by TLS_CA:
 //                      enables client `chaperone-mtls` (tls_client_auth, RFC 8705) whose
 //                      certificate must carry the DNS name `chaperone.client.test`
 import { readFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
 import http from 'node:http';
 import https from 'node:https';
 import Provider, { errors } from 'oidc-provider';
@@ -98,6 +100,12 @@ const provider = new Provider(issuer, {
     ...(tls ? ['tls_client_auth'] : [])],
   features: {
     devInteractions: { enabled: false },
+    // DPoP (RFC 9449) is on by default; DPOP_NONCE=1 makes the token endpoint demand
+    // server-provided nonces (400 use_dpop_nonce with a DPoP-Nonce header).
+    dPoP: {
+      enabled: true,
+      ...(env.DPOP_NONCE ? { nonceSecret: randomBytes(32), requireNonce: () => true } : {}),
+    },
     clientCredentials: { enabled: true },
     resourceIndicators: {
       enabled: true,
