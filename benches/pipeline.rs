@@ -453,6 +453,8 @@ fn bench_token_cache(c: &mut Criterion) {
             grant: Grant::ClientCredentials,
             timeout: Duration::from_secs(2),
             dpop: None,
+            per_call: false,
+            revocation_url: None,
         })),
     )]);
     let tls = rustls::ClientConfig::builder()

@@ -101,6 +101,8 @@ pub struct Metrics {
     pub(crate) token_cache: Family<CacheLabels, Counter>,
     /// Token-endpoint fetches by credential and result.
     pub(crate) token_fetches: Family<FetchLabels, Counter>,
+    /// Revocations of per-call tokens by credential and result.
+    pub(crate) token_revocations: Family<FetchLabels, Counter>,
     /// Token-endpoint fetch latency by credential.
     pub(crate) token_fetch_duration: Family<CredentialName, Histogram>,
     /// Requests whose credential was broader or longer-lived than the route asks.
@@ -156,6 +158,12 @@ impl Metrics {
             "token_fetches",
             "Token-endpoint fetches by credential and result (ok, local, unreachable, timeout, rejected, invalid_response)",
             token_fetches.clone(),
+        );
+        let token_revocations = Family::<FetchLabels, Counter>::default();
+        registry.register(
+            "token_revocations",
+            "Revocations (RFC 7009) of per-call tokens once their response ended, by credential and result (ok, local, unreachable, timeout, rejected)",
+            token_revocations.clone(),
         );
         let token_fetch_duration = Family::<CredentialName, Histogram>::new_with_constructor(
             latency_histogram as fn() -> Histogram,
@@ -221,6 +229,7 @@ impl Metrics {
             credentials_issued,
             token_cache,
             token_fetches,
+            token_revocations,
             token_fetch_duration,
             credential_flags,
             tunnels_open,

@@ -394,10 +394,14 @@ impl Pipeline {
                 signed_for: signed_for.as_ref(),
                 user: user.as_ref(),
             };
-            let issued = self
+            let mut issued = self
                 .credentials
                 .inject(route, call, &mut parts.headers, body.buffered_mut())
                 .await?;
+            // A per-call token is revoked once the request is over, however it ends.
+            if let Some(r) = issued.as_mut().and_then(|i| i.revoke.take()) {
+                x.log.then(move || r.spawn());
+            }
             x.log.credential = issued.map(CredentialLog::from);
         }
 

@@ -385,6 +385,7 @@ impl PurposeLog {
             start: Instant::now(),
             log: self.clone(),
             written: false,
+            then: None,
         }
     }
 
@@ -453,6 +454,9 @@ pub(crate) struct LogGuard {
     start: Instant,
     log: PurposeLog,
     written: bool,
+    /// Run once the line is written, on whichever path ends the request (revoking a
+    /// per-call token).
+    then: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl LogGuard {
@@ -469,7 +473,15 @@ impl LogGuard {
     fn write(&mut self) {
         if !std::mem::replace(&mut self.written, true) {
             self.log.finish(&mut self.rec, self.start);
+            if let Some(f) = self.then.take() {
+                f();
+            }
         }
+    }
+
+    /// Do `f` when the request is over, however it ends.
+    pub(crate) fn then(&mut self, f: impl FnOnce() + Send + 'static) {
+        self.then = Some(Box::new(f));
     }
 }
 

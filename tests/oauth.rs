@@ -1154,3 +1154,89 @@ routes:
     assert!(up.requests().is_empty());
     sc.assert_never_shows(&["plain-bearer-token-123", CLIENT_SECRET]);
 }
+
+/// `per_call: true` fetches a token for each request and caches none; with
+/// `revoke_on_completion` each is revoked (RFC 7009) once its response has ended, off the
+/// response path: oidc-provider's introspection then says it is no longer active, while a
+/// per-call token without revocation stays active until it expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_call_tokens_are_revoked_once_their_response_has_ended() {
+    let up = Upstream::start().await;
+    let auth = AuthServer::start_with(&[("OPAQUE_TOKENS", "1".into())]);
+    let port = auth.port;
+    let cfg = format!(
+        r#"{HEAD}credentials:
+  one-shot:
+    kind: client_credentials
+    token_url: http://127.0.0.1:{port}/token
+    client_id: chaperone
+    client_secret_file: {{dir}}/client-secret
+    per_call: true
+    revoke_on_completion: true
+    revocation_url: http://127.0.0.1:{port}/token/revocation
+  kept:
+    kind: client_credentials
+    token_url: http://127.0.0.1:{port}/token
+    client_id: chaperone
+    client_secret_file: {{dir}}/client-secret
+    per_call: true
+routes:
+  - name: revoked
+    match: {{ host: 127.0.0.1, port: {upstream}, path_prefix: /revoked/ }}
+    credential: one-shot
+    scopes: [tools.read]
+  - name: kept
+    match: {{ host: 127.0.0.1, port: {upstream}, path_prefix: /kept/ }}
+    credential: kept
+    scopes: [tools.read]
+{TAIL}"#,
+        upstream = up.addr.port()
+    );
+    let sc = Sidecar::start_with(&cfg, PERMISSIVE_POLICY, &[], |dir: &Path| {
+        std::fs::write(dir.join("client-secret"), CLIENT_SECRET).unwrap();
+    });
+    let base = format!("http://127.0.0.1:{}", up.addr.port());
+    let active = |token: &str| -> bool {
+        let (code, body) = curl(&[
+            "-u",
+            &format!("chaperone:{CLIENT_SECRET}"),
+            "-d",
+            &format!("token={token}"),
+            &format!("http://127.0.0.1:{port}/token/introspection"),
+        ]);
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["active"] == true
+    };
+    let mut tokens = Vec::new();
+    for path in ["/revoked/a", "/revoked/b"] {
+        let (code, body) = curl_via(&sc.proxy_url(), &format!("{base}{path}"));
+        assert_eq!(code, 200, "{body} {}", auth.stderr());
+        tokens.push(bearer(up.requests().last().unwrap()));
+    }
+    assert_ne!(tokens[0], tokens[1], "a token per request");
+    assert_eq!(auth.token_requests(), 2, "nothing cached");
+    for t in &tokens {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while active(t) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still active after its response"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+    let (code, _) = curl_via(&sc.proxy_url(), &format!("{base}/kept/a"));
+    assert_eq!(code, 200);
+    let kept = bearer(up.requests().last().unwrap());
+    assert!(
+        active(&kept),
+        "without revoke_on_completion a token lives on"
+    );
+    let (_, metrics) = admin_get(sc.admin, "/metrics");
+    assert!(
+        metrics
+            .contains(r#"chaperone_token_revocations_total{credential="one-shot",result="ok"} 2"#),
+        "{metrics}"
+    );
+    sc.assert_never_shows(&[&tokens[0], &tokens[1], &kept, CLIENT_SECRET]);
+}

@@ -1562,6 +1562,41 @@ impl Validator<'_> {
             }
             _ => None,
         };
+        let per_call = f.per_call == Some(true);
+        let revocation_url = match (f.revoke_on_completion == Some(true), f.revocation_url) {
+            (true, Some(u)) => {
+                if !per_call {
+                    self.err(
+                        &at("revoke_on_completion"),
+                        "revokes a token used by one request only: needs per_call: true",
+                    );
+                }
+                match u.parse::<http::Uri>() {
+                    Ok(uri) if uri.scheme_str() == Some("https") && uri.host().is_some() => {
+                        Some(uri)
+                    }
+                    Ok(uri)
+                        if uri.scheme_str() == Some("http")
+                            && uri.host().is_some_and(is_loopback_host) =>
+                    {
+                        Some(uri)
+                    }
+                    _ => {
+                        self.err(&at("revocation_url"), format!("`{u}` is not an https URL (http is allowed on loopback addresses only)"));
+                        None
+                    }
+                }
+            }
+            (true, None) => {
+                self.err(&at("revoke_on_completion"), "needs revocation_url");
+                None
+            }
+            (false, Some(_)) => {
+                self.err(&at("revocation_url"), "used by revoke_on_completion: true");
+                None
+            }
+            (false, None) => None,
+        };
         Some(CredentialSpec::OAuth(Box::new(
             crate::credentials::OAuthSpec {
                 name: name.to_string(),
@@ -1571,6 +1606,8 @@ impl Validator<'_> {
                 grant: grant?,
                 timeout,
                 dpop,
+                per_call,
+                revocation_url,
             },
         )))
     }
@@ -1936,6 +1973,9 @@ struct EndpointFields<'a> {
     client_assertion_file: Option<&'a str>,
     dpop: Option<bool>,
     dpop_rotate_every: Option<&'a str>,
+    per_call: Option<bool>,
+    revoke_on_completion: Option<bool>,
+    revocation_url: Option<&'a str>,
     timeout: Option<&'a str>,
     /// Token exchange may use a public client.
     allow_none: bool,
@@ -1956,6 +1996,9 @@ impl<'a> EndpointFields<'a> {
                 client_assertion_file,
                 dpop,
                 dpop_rotate_every,
+                per_call,
+                revoke_on_completion,
+                revocation_url,
                 timeout,
             }
             | CredentialConfig::TokenExchange {
@@ -1969,6 +2012,9 @@ impl<'a> EndpointFields<'a> {
                 client_assertion_file,
                 dpop,
                 dpop_rotate_every,
+                per_call,
+                revoke_on_completion,
+                revocation_url,
                 timeout,
                 ..
             } => Some(EndpointFields {
@@ -1982,6 +2028,9 @@ impl<'a> EndpointFields<'a> {
                 client_assertion_file: client_assertion_file.as_deref(),
                 dpop: *dpop,
                 dpop_rotate_every: dpop_rotate_every.as_deref(),
+                per_call: *per_call,
+                revoke_on_completion: *revoke_on_completion,
+                revocation_url: revocation_url.as_deref(),
                 timeout: timeout.as_deref(),
                 allow_none: matches!(c, CredentialConfig::TokenExchange { .. }),
             }),
@@ -2353,6 +2402,9 @@ credentials:
   obo-file: {{ kind: token_exchange, token_url: 'https://sts.test/token', client_id: c, client_secret_file: {s}, subject_from: {{ header: x-user }}, subject_token_file: {s}, actor_token_file: {s} }}
   obo-noactor: {{ kind: token_exchange, token_url: 'https://sts.test/token', client_id: c, client_secret_file: {s}, subject_from: {{ header: x-user }} }}
   jwks-alone: {{ kind: token_exchange, token_url: 'https://sts.test/token', client_id: c, subject_token_file: {s}, subject_jwks_url: 'https://idp.test/jwks' }}
+  revoke-cached: {{ kind: client_credentials, token_url: 'https://idp.test/token', client_id: c, client_secret_file: {s}, revoke_on_completion: true, revocation_url: 'https://idp.test/revoke' }}
+  revoke-nowhere: {{ kind: client_credentials, token_url: 'https://idp.test/token', client_id: c, client_secret_file: {s}, per_call: true, revoke_on_completion: true }}
+  dpop-fast: {{ kind: client_credentials, token_url: 'https://idp.test/token', client_id: c, client_secret_file: {s}, dpop: true, dpop_rotate_every: 10s }}
   extra: {{ kind: client_credentials, token_url: 'https://idp.test/token', client_id: c, client_secret_file: {s}, client_cert_file: {s} }}
   plain: {{ kind: client_credentials, token_url: 'http://idp.test/token', client_id: c, client_secret_file: {s} }}
   rot: {{ kind: jwt, signing_key: {s}, rotate_every: 1h }}
@@ -2419,6 +2471,19 @@ routes:
             ),
             "{err}"
         );
+        for (key, text) in [
+            (
+                "credentials.revoke-cached.revoke_on_completion",
+                "needs per_call",
+            ),
+            (
+                "credentials.revoke-nowhere.revoke_on_completion",
+                "needs revocation_url",
+            ),
+            ("credentials.dpop-fast.dpop_rotate_every", "at least 1m"),
+        ] {
+            assert!(found(key, text), "{key}: {err}");
+        }
         assert!(
             found(
                 "credentials.fed.client_key_file",

@@ -197,6 +197,16 @@ pub(crate) enum CredentialConfig {
         /// Default `24h`.
         #[serde(default)]
         dpop_rotate_every: Option<String>,
+        /// Fetch a token for each request, never cached (one token endpoint round trip per
+        /// request).
+        #[serde(default, deserialize_with = "lenient_bool")]
+        per_call: Option<bool>,
+        /// With `per_call`: revoke each token (RFC 7009) once its response has ended.
+        #[serde(default, deserialize_with = "lenient_bool")]
+        revoke_on_completion: Option<bool>,
+        /// The revocation endpoint, for `revoke_on_completion`.
+        #[serde(default)]
+        revocation_url: Option<String>,
         /// `aud` of `private_key_jwt` assertions. Default: the token URL.
         #[serde(default)]
         assertion_audience: Option<String>,
@@ -239,6 +249,16 @@ pub(crate) enum CredentialConfig {
         /// Default `24h`.
         #[serde(default)]
         dpop_rotate_every: Option<String>,
+        /// Fetch a token for each request, never cached (one token endpoint round trip per
+        /// request).
+        #[serde(default, deserialize_with = "lenient_bool")]
+        per_call: Option<bool>,
+        /// With `per_call`: revoke each token (RFC 7009) once its response has ended.
+        #[serde(default, deserialize_with = "lenient_bool")]
+        revoke_on_completion: Option<bool>,
+        /// The revocation endpoint, for `revoke_on_completion`.
+        #[serde(default)]
+        revocation_url: Option<String>,
         /// `aud` of `private_key_jwt` assertions. Default: the token URL.
         #[serde(default)]
         assertion_audience: Option<String>,

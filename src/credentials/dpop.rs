@@ -92,12 +92,7 @@ impl DpopKey {
 
     /// A proof for `htm` `htu`; `token` (the access token it accompanies) sets `ath`. The
     /// nonce the origin of `htu` last asked for goes in.
-    pub fn proof(
-        &self,
-        htm: &str,
-        htu: &str,
-        token: Option<&str>,
-    ) -> Result<String, KeyError> {
+    pub fn proof(&self, htm: &str, htu: &str, token: Option<&str>) -> Result<String, KeyError> {
         let cur = self.current.read().clone();
         let iat = SystemTime::now()
             .duration_since(UNIX_EPOCH)

@@ -232,6 +232,7 @@ impl Credentials {
             expires_at: Some(s.expires_at),
             scopes: vec![format!("{service}:{region}")],
             flags: Vec::new(),
+            revoke: None,
         })
     }
 }

@@ -144,6 +144,11 @@ pub struct OAuthSpec {
     pub timeout: Duration,
     /// DPoP (RFC 9449): ask for tokens bound to a key of ours, replaced this often.
     pub dpop: Option<Duration>,
+    /// A token for each request, never cached.
+    pub per_call: bool,
+    /// With `per_call`: revoke each token (RFC 7009) at this endpoint once its response has
+    /// ended.
+    pub revocation_url: Option<Uri>,
 }
 
 impl OAuthSpec {
@@ -548,6 +553,27 @@ impl TokenEndpoint {
         if !params.scopes.is_empty() {
             form.append_pair("scope", &params.scopes.join(" "));
         }
+        let basic = self.authenticate(&mut form)?;
+        let mut req = Request::post(spec.token_url.clone())
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(header::ACCEPT, "application/json");
+        if let Some(v) = basic {
+            req = req.header(header::AUTHORIZATION, v);
+        }
+        req.body(Full::new(Bytes::from(form.finish())))
+            .map_err(|e| Failure {
+                kind: FailureKind::Local,
+                message: e.to_string(),
+            })
+    }
+
+    /// Client authentication (RFC 6749 §2.3, RFC 7523, RFC 8705) into `form`, or the Basic
+    /// `Authorization` value it takes; the same for token and revocation requests.
+    fn authenticate(
+        &self,
+        form: &mut form_urlencoded::Serializer<'_, String>,
+    ) -> Result<Option<http::HeaderValue>, Failure> {
+        let spec = &self.spec;
         let mut basic = None;
         match &spec.auth {
             ClientAuth::Basic(file) => {
@@ -574,11 +600,11 @@ impl TokenEndpoint {
             }
             ClientAuth::PrivateKeyJwt { key_file, audience } => {
                 let assertion = self.client_assertion(key_file, audience)?;
-                add_assertion(&mut form, &spec.client_id, &assertion);
+                add_assertion(form, &spec.client_id, &assertion);
             }
             ClientAuth::AssertionFile(file) => {
                 let assertion = read_secret(file, "client assertion")?;
-                add_assertion(&mut form, &spec.client_id, &assertion);
+                add_assertion(form, &spec.client_id, &assertion);
             }
             ClientAuth::TlsClientAuth { .. } => {
                 form.append_pair("client_id", &spec.client_id);
@@ -590,17 +616,47 @@ impl TokenEndpoint {
                 }
             }
         }
-        let mut req = Request::post(spec.token_url.clone())
+        Ok(basic)
+    }
+
+    /// Revoke `token` (RFC 7009 §2.1), authenticated as for the token endpoint. A 200 is
+    /// success whatever the body (§2.2: also for a token the server no longer knows).
+    pub(crate) async fn revoke(&self, url: &Uri, token: &SecretString) -> Result<(), Failure> {
+        let (body, basic) = {
+            let mut form = form_urlencoded::Serializer::new(String::new());
+            form.append_pair("token", token.expose_secret());
+            form.append_pair("token_type_hint", "access_token");
+            let basic = self.authenticate(&mut form)?;
+            (form.finish(), basic)
+        };
+        let mut req = Request::post(url.clone())
             .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
             .header(header::ACCEPT, "application/json");
         if let Some(v) = basic {
             req = req.header(header::AUTHORIZATION, v);
         }
-        req.body(Full::new(Bytes::from(form.finish())))
+        let req = req
+            .body(Full::new(Bytes::from(body)))
             .map_err(|e| Failure {
                 kind: FailureKind::Local,
                 message: e.to_string(),
-            })
+            })?;
+        let what = format!("revocation endpoint {url}");
+        let (status, body) = exchange(&self.client, req, self.spec.timeout, &what).await?;
+        if status == StatusCode::OK {
+            return Ok(());
+        }
+        let why = serde_json::from_slice::<ErrorResponse>(&body)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| "no OAuth error body".into());
+        Err(Failure {
+            kind: if status.is_server_error() {
+                FailureKind::Unreachable
+            } else {
+                FailureKind::Rejected
+            },
+            message: format!("{what} answered {status}: {why}"),
+        })
     }
 
     /// RFC 7523 §3: iss = sub = client id, aud = the token endpoint, short-lived, unique jti.

@@ -10,6 +10,7 @@
 //                      RFC 8693 token exchange, registered with provider.registerGrantType,
 //                      the public client `chaperone-public` that may only exchange, and
 //                      GET /subject-jwks serving that JWKS
+//   OPAQUE_TOKENS=1    opaque access tokens (revocable, introspectable) instead of JWTs
 //   DPOP_NONCE=1       the token endpoint demands DPoP nonces (use_dpop_nonce, RFC 9449 §8)
 //   EXCHANGE_GRANTS_ALL=1  the exchange grants every scope of the client whatever was asked
 //                      (a misconfigured server, for the scope checks)
@@ -88,7 +89,7 @@ if (tls) {
 const resourceServer = (audience) => ({
   scope: SCOPES,
   audience,
-  accessTokenFormat: 'jwt',
+  accessTokenFormat: env.OPAQUE_TOKENS ? 'opaque' : 'jwt',
   accessTokenTTL: TTL,
   jwt: { sign: { alg: 'ES256' } },
 });
@@ -107,6 +108,10 @@ const provider = new Provider(issuer, {
       ...(env.DPOP_NONCE ? { nonceSecret: randomBytes(32), requireNonce: () => true } : {}),
     },
     clientCredentials: { enabled: true },
+    // RFC 7009 revocation at /token/revocation, RFC 7662 introspection at
+    // /token/introspection (a test asks whether a token is still active).
+    revocation: { enabled: true },
+    introspection: { enabled: true },
     resourceIndicators: {
       enabled: true,
       defaultResource: () => RESOURCE,
@@ -197,6 +202,9 @@ provider.on('grant.error', (_ctx, err) => console.error('grant.error', err.messa
 provider.use(async (ctx, next) => {
   if (ctx.path === '/token') {
     console.log('token');
+  }
+  if (ctx.path === '/token/revocation') {
+    console.log('revocation');
   }
   // The subject tokens' issuer publishes its keys here (as an IdP does), for a sidecar that
   // verifies a user's token before exchanging it.
