@@ -1023,6 +1023,59 @@ forbid(principal, action, resource) when { context has on_behalf_of && context.o
     assert_eq!(lines[5]["status"], 401);
     assert_eq!(lines[5]["on_behalf_of"], serde_json::Value::Null);
     assert_eq!(lines[6]["status"], 401);
+    // `chaperone audit` over these lines says who acted for whom, for what.
+    let (_dir, log) = temp_file(
+        "purpose.jsonl",
+        &lines
+            .iter()
+            .map(|l| l.to_string())
+            .collect::<Vec<_>>()
+            .join("\n"),
+    );
+    let (ok, out, err) = run(Command::new(bin()).args(["audit", "--json", log.to_str().unwrap()]));
+    assert!(ok, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let who: Vec<(String, u64, u64)> = report["delegations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                format!(
+                    "{} {}",
+                    d["user"].as_str().unwrap(),
+                    d["purpose"].as_str().unwrap()
+                ),
+                d["allowed"].as_u64().unwrap(),
+                d["denied"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        who,
+        [
+            ("alice read".to_string(), 3, 0),
+            ("bob delete".to_string(), 0, 1),
+            ("bob read".to_string(), 1, 0),
+        ],
+        "{out}"
+    );
+    // `chaperone review` says which routes acted for users, and whether every token was
+    // verified.
+    let (ok, out, err) = run(Command::new(bin()).args([
+        "review",
+        "--json",
+        "--config",
+        sc.dir().join("config.yaml").to_str().unwrap(),
+        log.to_str().unwrap(),
+    ]));
+    assert!(ok, "{err}");
+    let review: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let d = &review["delegation"][0];
+    assert_eq!(d["route"], "tickets", "{out}");
+    assert_eq!(d["users"], 2, "alice and bob: {out}");
+    assert_eq!(d["unverified"], 0, "{out}");
+    assert_eq!(d["requests"], 4, "the allowed ones: {out}");
     sc.assert_never_shows(&[
         &alice,
         &alice_2,

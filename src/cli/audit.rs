@@ -47,6 +47,18 @@ struct Line<'a> {
     stripped: Vec<StrippedLine<'a>>,
     #[serde(borrow, default)]
     error: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    on_behalf_of: Option<OnBehalfLine<'a>>,
+}
+
+#[derive(Deserialize)]
+struct OnBehalfLine<'a> {
+    #[serde(borrow, default)]
+    iss: Cow<'a, str>,
+    #[serde(borrow, default)]
+    sub: Cow<'a, str>,
+    #[serde(default)]
+    verified: bool,
 }
 
 #[derive(Deserialize)]
@@ -203,6 +215,32 @@ pub(crate) struct Report {
     pub(crate) secrets: Vec<Secret>,
     /// Credentials, most used first.
     pub(crate) credentials: Vec<CredentialUse>,
+    /// Who acted for whom, for what: requests made on behalf of users.
+    pub(crate) delegations: Vec<Delegation>,
+}
+
+/// Requests one workload (identity and stage) made on behalf of one user, for one purpose.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Delegation {
+    /// The user: the user token's `sub`.
+    pub(crate) user: String,
+    /// The user token's issuer.
+    pub(crate) issuer: String,
+    /// Whether every one of these requests had the user's token verified.
+    pub(crate) verified: bool,
+    /// The workload that acted.
+    pub(crate) identity: String,
+    /// Its stage.
+    pub(crate) stage: String,
+    /// For what.
+    pub(crate) purpose: String,
+    /// Requests, allowed and denied.
+    pub(crate) requests: u64,
+    pub(crate) allowed: u64,
+    pub(crate) denied: u64,
+    /// Where to.
+    pub(crate) destinations: BTreeSet<String>,
+    pub(crate) seen: Seen,
 }
 
 /// Aggregates as lines are read.
@@ -213,6 +251,7 @@ pub(crate) struct Auditor {
     denials: HashMap<(String, String, String, String), Denial>,
     secrets: HashMap<(String, String), Secret>,
     credentials: HashMap<(String, String), (CredentialUse, HashSet<u64>)>,
+    delegations: HashMap<(String, String, String, String, String), Delegation>,
 }
 
 /// What is called for each non-empty line: the input's name, the 1-based line number, and
@@ -393,6 +432,40 @@ impl Auditor {
             e.seen.at(&l.ts);
         }
 
+        if let Some(u) = &l.on_behalf_of {
+            let d = self
+                .delegations
+                .entry((
+                    u.iss.to_string(),
+                    u.sub.to_string(),
+                    l.identity.to_string(),
+                    l.stage.to_string(),
+                    l.purpose.to_string(),
+                ))
+                .or_insert_with(|| Delegation {
+                    user: u.sub.to_string(),
+                    issuer: u.iss.to_string(),
+                    verified: true,
+                    identity: l.identity.to_string(),
+                    stage: l.stage.to_string(),
+                    purpose: l.purpose.to_string(),
+                    requests: 0,
+                    allowed: 0,
+                    denied: 0,
+                    destinations: BTreeSet::new(),
+                    seen: Seen::default(),
+                });
+            d.requests += 1;
+            if denied {
+                d.denied += 1;
+            } else {
+                d.allowed += 1;
+            }
+            d.verified &= u.verified;
+            insert_capped(&mut d.destinations, &destination);
+            d.seen.at(&l.ts);
+        }
+
         if let Some(c) = &l.credential {
             let (u, ids) = self
                 .credentials
@@ -469,6 +542,12 @@ impl Auditor {
             b.requests
                 .cmp(&a.requests)
                 .then_with(|| a.name.cmp(&b.name))
+        });
+        r.delegations = self.delegations.into_values().collect();
+        r.delegations.sort_by(|a, b| {
+            b.requests.cmp(&a.requests).then_with(|| {
+                (&a.user, &a.identity, &a.purpose).cmp(&(&b.user, &b.identity, &b.purpose))
+            })
         });
         r
     }
@@ -620,6 +699,42 @@ pub(crate) fn render(r: &Report, top: usize) -> String {
             ]
         },
     );
+    if !r.delegations.is_empty() {
+        section(
+            &mut out,
+            "On behalf of users: who acted for whom, for what",
+            &[
+                "user",
+                "issuer",
+                "verified",
+                "acting identity",
+                "stage",
+                "purpose",
+                "requests",
+                "allowed",
+                "denied",
+                "destinations",
+                "last seen",
+            ],
+            &r.delegations,
+            top,
+            |d| {
+                vec![
+                    d.user.clone(),
+                    d.issuer.clone(),
+                    if d.verified { "yes" } else { "NO" }.into(),
+                    d.identity.clone(),
+                    d.stage.clone(),
+                    d.purpose.clone(),
+                    d.requests.to_string(),
+                    d.allowed.to_string(),
+                    d.denied.to_string(),
+                    join(&d.destinations),
+                    d.seen.last.clone(),
+                ]
+            },
+        );
+    }
     out
 }
 
@@ -700,6 +815,45 @@ mod tests {
             "the connection from #.#.#.#:# belongs to uid #"
         );
         assert_eq!(fold_numbers("no policy permits"), "no policy permits");
+    }
+
+    #[test]
+    fn delegations_say_who_acted_for_whom_for_what() {
+        let mut a = Auditor::new();
+        let line = |sub: &str, purpose: &str, decision: &str, verified: bool| {
+            format!(
+                r#"{{"ts":"2026-12-01T10:00:00.000Z","identity":"spiffe://t/agent","stage":"main","purpose":"{purpose}","host":"tickets.internal","port":443,"decision":"{decision}","on_behalf_of":{{"iss":"https://idp","sub":"{sub}","verified":{verified}}}}}"#
+            )
+        };
+        let text = [
+            line("alice", "read", "allow", true),
+            line("alice", "read", "allow", true),
+            line("bob", "delete", "deny", true),
+            line("mallory", "read", "allow", false),
+            r#"{"ts":"2026-12-01T10:00:01.000Z","identity":"spiffe://t/agent","decision":"allow"}"#
+                .to_string(),
+        ]
+        .join("\n");
+        a.read("log", text.as_bytes()).unwrap();
+        let r = a.finish();
+        assert_eq!(r.delegations.len(), 3, "{:?}", r.delegations);
+        let alice = &r.delegations[0];
+        assert_eq!(
+            (alice.user.as_str(), alice.requests, alice.verified),
+            ("alice", 2, true)
+        );
+        let bob = r.delegations.iter().find(|d| d.user == "bob").unwrap();
+        assert_eq!((bob.denied, bob.purpose.as_str()), (1, "delete"));
+        assert!(
+            !r.delegations
+                .iter()
+                .find(|d| d.user == "mallory")
+                .unwrap()
+                .verified
+        );
+        let text = render(&r, 20);
+        assert!(text.contains("On behalf of users"), "{text}");
+        assert!(text.contains("tickets.internal:443"), "{text}");
     }
 
     #[test]

@@ -60,6 +60,18 @@ struct Line {
     stripped: Vec<StrippedLine>,
     #[serde(default)]
     client: String,
+    #[serde(default)]
+    on_behalf_of: Option<OnBehalfLine>,
+}
+
+#[derive(Deserialize)]
+struct OnBehalfLine {
+    #[serde(default)]
+    iss: String,
+    #[serde(default)]
+    sub: String,
+    #[serde(default)]
+    verified: bool,
 }
 
 #[derive(Deserialize)]
@@ -144,10 +156,27 @@ pub(crate) struct Review {
     pub(crate) unused_policies: Vec<UnusedPolicy>,
     /// Stages reaching destinations outside their function.
     pub(crate) outside_function: Vec<Outlier>,
+    /// Routes that acted for users: how many users, for what, and whether any user token
+    /// went unverified.
+    pub(crate) delegation: Vec<DelegatedRoute>,
     /// A tighter policy that allows everything seen.
     pub(crate) suggested_policy: String,
     /// Its check against the logs.
     pub(crate) suggestion_check: SuggestionCheck,
+}
+
+/// A route's allowed requests on behalf of users.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct DelegatedRoute {
+    pub(crate) route: String,
+    /// Distinct users (issuer and subject).
+    pub(crate) users: u64,
+    /// Requests whose user token was not verified against the issuer's keys.
+    pub(crate) unverified: u64,
+    pub(crate) requests: u64,
+    pub(crate) purposes: BTreeSet<String>,
+    /// The acting workloads (identity and stage).
+    pub(crate) actors: BTreeSet<String>,
 }
 
 /// (identity, stage, scheme, host, port, tunnel, route).
@@ -178,6 +207,8 @@ pub(crate) fn review(
     let mut grants: BTreeMap<GrantKey, Grant> = BTreeMap::new();
     let mut seen_allowed: Vec<WhatIf> = Vec::new();
     let mut lifted: BTreeSet<String> = BTreeSet::new();
+    let mut delegated: BTreeMap<String, (DelegatedRoute, BTreeSet<(String, String)>)> =
+        BTreeMap::new();
 
     for path in logs {
         for_each_line(path, &mut |_, _, bytes| {
@@ -195,6 +226,17 @@ pub(crate) fn review(
             }
             if let Some(r) = &l.route {
                 routes_used.insert(r.clone());
+            }
+            if let (Some(u), Some(r)) = (&l.on_behalf_of, &l.route) {
+                let (d, users) = delegated.entry(r.clone()).or_default();
+                d.route = r.clone();
+                d.requests += 1;
+                if !u.verified {
+                    d.unverified += 1;
+                }
+                d.purposes.insert(l.purpose.clone());
+                d.actors.insert(format!("{} ({})", l.identity, l.stage));
+                users.insert((u.iss.clone(), u.sub.clone()));
             }
             if let Some(c) = &l.credential {
                 credentials_used.insert(c.name.clone());
@@ -273,6 +315,13 @@ pub(crate) fn review(
     let outside_function = outliers(cfg, &grants);
     let suggested_policy = suggest(engine, &grants, &lifted);
     let suggestion_check = check(cfg, &suggested_policy, &seen_allowed)?;
+    let delegation = delegated
+        .into_values()
+        .map(|(mut d, users)| {
+            d.users = users.len() as u64;
+            d
+        })
+        .collect();
     Ok(Review {
         lines,
         skipped,
@@ -282,6 +331,7 @@ pub(crate) fn review(
         unused_scopes,
         unused_policies,
         outside_function,
+        delegation,
         suggested_policy,
         suggestion_check,
     })
@@ -576,6 +626,31 @@ pub(crate) fn render(r: &Review) -> String {
                     o.requests,
                     o.share,
                     o.function.join(", ")
+                )
+            })
+            .collect(),
+    );
+    list(
+        &mut out,
+        "Routes acting for users",
+        r.delegation
+            .iter()
+            .map(|d| {
+                format!(
+                    "{}: {} users, {} requests by {} for {}{}",
+                    d.route,
+                    d.users,
+                    d.requests,
+                    d.actors.iter().cloned().collect::<Vec<_>>().join(", "),
+                    d.purposes.iter().cloned().collect::<Vec<_>>().join(", "),
+                    if d.unverified > 0 {
+                        format!(
+                            "; {} with an UNVERIFIED user token (set subject_jwks_url)",
+                            d.unverified
+                        )
+                    } else {
+                        String::new()
+                    }
                 )
             })
             .collect(),
