@@ -1293,3 +1293,85 @@ routes:
     );
     sc.assert_never_shows(&[&tokens[0], &tokens[1], &kept, CLIENT_SECRET]);
 }
+
+/// RFC 7523 §2.1 as a grant: an assertion traded for an access token. From a file (a
+/// federated JWT), and chained (the MCP enterprise-managed authorization shape: an ID-JAG
+/// obtained by token exchange, then traded at the resource's authorization server): the
+/// exchange's token becomes the jwt-bearer grant's assertion, and the upstream's token
+/// names the original subject.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_bearer_grant_from_a_file_and_chained_after_an_exchange() {
+    let up = Upstream::start().await;
+    let k8s = SubjectIssuer::new();
+    let files = tempfile::tempdir().unwrap();
+    let jwks_path = files.path().join("subject-jwks.json");
+    std::fs::write(&jwks_path, k8s.jwks.to_string()).unwrap();
+    let auth = AuthServer::start_with(&[("SUBJECT_JWKS", jwks_path.display().to_string())]);
+    let federated = k8s.token("system:serviceaccount:ml:agent", "fed-1");
+    let cfg = format!(
+        r#"{HEAD}credentials:
+  from-file:
+    kind: jwt_bearer
+    token_url: http://127.0.0.1:{port}/token
+    client_id: chaperone
+    client_secret_file: {{dir}}/client-secret
+    assertion_file: {{dir}}/federated
+  id-jag:
+    kind: token_exchange
+    token_url: http://127.0.0.1:{port}/token
+    client_id: chaperone
+    client_secret_file: {{dir}}/client-secret
+    subject_token_file: {{dir}}/federated
+  chained:
+    kind: jwt_bearer
+    token_url: http://127.0.0.1:{port}/token
+    client_id: chaperone
+    client_secret_file: {{dir}}/client-secret
+    assertion_from: id-jag
+routes:
+  - name: file
+    match: {{ host: 127.0.0.1, port: {upstream}, path_prefix: /file/ }}
+    credential: from-file
+    audience: https://tools.test
+    scopes: [tools.read]
+  - name: chained
+    match: {{ host: 127.0.0.1, port: {upstream}, path_prefix: /chained/ }}
+    credential: chained
+    audience: https://tools.test
+    scopes: [tools.read]
+{TAIL}"#,
+        port = auth.port,
+        upstream = up.addr.port()
+    );
+    let f = federated.clone();
+    let sc = Sidecar::start_with(&cfg, PERMISSIVE_POLICY, &[], move |dir: &Path| {
+        std::fs::write(dir.join("client-secret"), CLIENT_SECRET).unwrap();
+        std::fs::write(dir.join("federated"), f).unwrap();
+    });
+    let base = format!("http://127.0.0.1:{}", up.addr.port());
+    for path in ["/file/a", "/chained/a", "/chained/b"] {
+        let (code, body) = curl_via(&sc.proxy_url(), &format!("{base}{path}"));
+        assert_eq!(code, 200, "{path}: {body} {}", auth.stderr());
+        let claims = auth.verify(
+            &bearer(up.requests().last().unwrap()),
+            "https://tools.test",
+            None,
+        );
+        assert_eq!(
+            claims["sub"], "system:serviceaccount:ml:agent",
+            "{path}: {claims}"
+        );
+    }
+    assert_eq!(
+        auth.process.lines_after("jwt-bearer "),
+        [
+            "external system:serviceaccount:ml:agent",
+            "chained system:serviceaccount:ml:agent"
+        ],
+        "the chained token was cached for the second request"
+    );
+    assert_eq!(auth.exchanges(), ["fed-1"]);
+    let lines = sc.lines_where(3, |l| l["kind"] == "http");
+    assert_eq!(lines[1]["credential"]["kind"], "jwt_bearer", "{}", lines[1]);
+    sc.assert_never_shows(&[&federated, CLIENT_SECRET]);
+}

@@ -534,6 +534,30 @@ impl Validator<'_> {
             }
         }
 
+        // A chained assertion comes from a token-endpoint credential that is not chained
+        // itself (no cycles).
+        for (name, spec) in &credentials {
+            if let CredentialSpec::OAuth(o) = spec
+                && let crate::credentials::Grant::JwtBearer(crate::credentials::Assertion::From(
+                    other,
+                )) = &o.grant
+            {
+                let fits = matches!(credentials.get(other), Some(CredentialSpec::OAuth(x))
+                    if !matches!(x.grant, crate::credentials::Grant::JwtBearer(_)));
+                if !fits {
+                    self.err(
+                        &[
+                            Key("credentials"),
+                            Key(name.as_str()),
+                            Key("assertion_from"),
+                        ],
+                        format!(
+                            "`{other}` is not a client_credentials or token_exchange credential"
+                        ),
+                    );
+                }
+            }
+        }
         // A secret store is read with one of the `aws` credentials.
         for (name, spec) in &credentials {
             if let CredentialSpec::Static {
@@ -930,6 +954,35 @@ impl Validator<'_> {
                 EndpointFields::of(c)?,
                 Some(crate::credentials::Grant::ClientCredentials),
             ),
+            CredentialConfig::JwtBearer {
+                assertion_file,
+                assertion_from,
+                ..
+            } => {
+                let assertion = match (assertion_file, assertion_from) {
+                    (Some(f), None) => {
+                        let path = self.path(f);
+                        if let Err(e) = std::fs::metadata(&path) {
+                            self.absent(
+                                &at("assertion_file"),
+                                format!("cannot read {}: {e}", path.display()),
+                            );
+                        }
+                        Some(crate::credentials::Assertion::File(path))
+                    }
+                    (None, Some(other)) => Some(crate::credentials::Assertion::From(other.clone())),
+                    _ => {
+                        self.err(p, "a jwt_bearer credential takes exactly one of assertion_file or assertion_from");
+                        None
+                    }
+                };
+                self.oauth(
+                    p,
+                    name,
+                    EndpointFields::of(c)?,
+                    assertion.map(crate::credentials::Grant::JwtBearer),
+                )
+            }
             CredentialConfig::TokenExchange {
                 subject_token_file,
                 subject_token_type,
@@ -2001,6 +2054,23 @@ impl<'a> EndpointFields<'a> {
                 revocation_url,
                 timeout,
             }
+            | CredentialConfig::JwtBearer {
+                token_url,
+                client_id,
+                auth_method,
+                client_secret_file,
+                client_key_file,
+                client_cert_file,
+                assertion_audience,
+                client_assertion_file,
+                dpop,
+                dpop_rotate_every,
+                per_call,
+                revoke_on_completion,
+                revocation_url,
+                timeout,
+                ..
+            }
             | CredentialConfig::TokenExchange {
                 token_url,
                 client_id,
@@ -2032,7 +2102,10 @@ impl<'a> EndpointFields<'a> {
                 revoke_on_completion: *revoke_on_completion,
                 revocation_url: revocation_url.as_deref(),
                 timeout: timeout.as_deref(),
-                allow_none: matches!(c, CredentialConfig::TokenExchange { .. }),
+                allow_none: matches!(
+                    c,
+                    CredentialConfig::TokenExchange { .. } | CredentialConfig::JwtBearer { .. }
+                ),
             }),
             CredentialConfig::Jwt { .. }
             | CredentialConfig::Static { .. }
@@ -2405,6 +2478,8 @@ credentials:
   revoke-cached: {{ kind: client_credentials, token_url: 'https://idp.test/token', client_id: c, client_secret_file: {s}, revoke_on_completion: true, revocation_url: 'https://idp.test/revoke' }}
   revoke-nowhere: {{ kind: client_credentials, token_url: 'https://idp.test/token', client_id: c, client_secret_file: {s}, per_call: true, revoke_on_completion: true }}
   dpop-fast: {{ kind: client_credentials, token_url: 'https://idp.test/token', client_id: c, client_secret_file: {s}, dpop: true, dpop_rotate_every: 10s }}
+  jb-neither: {{ kind: jwt_bearer, token_url: 'https://idp.test/token', client_id: c }}
+  jb-loop: {{ kind: jwt_bearer, token_url: 'https://idp.test/token', client_id: c, assertion_from: jb-neither }}
   extra: {{ kind: client_credentials, token_url: 'https://idp.test/token', client_id: c, client_secret_file: {s}, client_cert_file: {s} }}
   plain: {{ kind: client_credentials, token_url: 'http://idp.test/token', client_id: c, client_secret_file: {s} }}
   rot: {{ kind: jwt, signing_key: {s}, rotate_every: 1h }}
@@ -2481,6 +2556,14 @@ routes:
                 "needs revocation_url",
             ),
             ("credentials.dpop-fast.dpop_rotate_every", "at least 1m"),
+            (
+                "credentials.jb-neither",
+                "exactly one of assertion_file or assertion_from",
+            ),
+            (
+                "credentials.jb-loop.assertion_from",
+                "is not a client_credentials or token_exchange credential",
+            ),
         ] {
             assert!(found(key, text), "{key}: {err}");
         }

@@ -214,6 +214,67 @@ pub(crate) enum CredentialConfig {
         #[serde(default)]
         timeout: Option<String>,
     },
+    /// RFC 7523 §2.1 JWT bearer grant: an assertion (an ID-JAG for MCP enterprise-managed
+    /// authorization, a federated JWT) traded for an access token.
+    JwtBearer {
+        /// Token endpoint; `https`, or `http` on a loopback address only.
+        token_url: String,
+        /// Client id. Not needed by a public client (`auth_method: none`).
+        #[serde(default)]
+        client_id: String,
+        /// `client_secret_basic` (default), `client_secret_post`, `private_key_jwt`
+        /// (RFC 7523, signed here), `client_assertion` (RFC 7523, an assertion issued
+        /// elsewhere, read from a file) or `tls_client_auth` (RFC 8705).
+        #[serde(default)]
+        auth_method: Option<String>,
+        /// File holding the client secret (read on every fetch); for the two secret methods.
+        #[serde(default)]
+        client_secret_file: Option<String>,
+        /// PEM private key: signs `private_key_jwt` assertions (Ed25519, P-256 or RSA), or is
+        /// the key of the `tls_client_auth` certificate. Read on every fetch.
+        #[serde(default)]
+        client_key_file: Option<String>,
+        /// PEM client certificate chain for `tls_client_auth`; a renewed file is used on the
+        /// next connection.
+        #[serde(default)]
+        client_cert_file: Option<String>,
+        /// File holding the client assertion for `client_assertion` (a federated token: Azure
+        /// workload identity, a CI OIDC token), re-read on every fetch. Default:
+        /// `$AZURE_FEDERATED_TOKEN_FILE`.
+        #[serde(default)]
+        client_assertion_file: Option<String>,
+        /// DPoP (RFC 9449): ask for tokens bound to a key that lives only in the sidecar,
+        /// and send a fresh proof with each request (`Authorization: DPoP`).
+        #[serde(default, deserialize_with = "lenient_bool")]
+        dpop: Option<bool>,
+        /// Replace the DPoP key this often; tokens bound to the old key are fetched again.
+        /// Default `24h`.
+        #[serde(default)]
+        dpop_rotate_every: Option<String>,
+        /// Fetch a token for each request, never cached (one token endpoint round trip per
+        /// request).
+        #[serde(default, deserialize_with = "lenient_bool")]
+        per_call: Option<bool>,
+        /// With `per_call`: revoke each token (RFC 7009) once its response has ended.
+        #[serde(default, deserialize_with = "lenient_bool")]
+        revoke_on_completion: Option<bool>,
+        /// The revocation endpoint, for `revoke_on_completion`.
+        #[serde(default)]
+        revocation_url: Option<String>,
+        /// `aud` of `private_key_jwt` assertions. Default: the token URL.
+        #[serde(default)]
+        assertion_audience: Option<String>,
+        /// Bound on one token fetch. Default `2s`.
+        #[serde(default)]
+        timeout: Option<String>,
+        /// File holding the assertion (an ID-JAG, a federated JWT), re-read on every fetch.
+        #[serde(default)]
+        assertion_file: Option<String>,
+        /// Another credential (`token_exchange` or `client_credentials`) whose token is the
+        /// assertion: an ID-JAG obtained by token exchange, traded here for an access token.
+        #[serde(default)]
+        assertion_from: Option<String>,
+    },
     /// OAuth 2.0 token exchange (RFC 8693): the workload's own token (a projected
     /// service-account token or a JWT-SVID) exchanged for one scoped to the route.
     TokenExchange {

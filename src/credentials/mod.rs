@@ -29,8 +29,8 @@ pub use jwt::{
 };
 pub use keys::{Allow, KeyError, SigningKey};
 pub use oauth::{
-    ClientAuth, Exchange, Grant, IAM_CREDENTIALS, Impersonate, OAuthSpec, Subject, TOKEN_TYPE_JWT,
-    TokenParams, UserSubject, skew,
+    Assertion, ClientAuth, Exchange, Grant, IAM_CREDENTIALS, Impersonate, OAuthSpec, Subject,
+    TOKEN_TYPE_JWT, TokenParams, UserSubject, skew,
 };
 pub use user::Delegation;
 
@@ -373,7 +373,7 @@ impl Credentials {
                             Subject::File(f) => Some(WatchedFile::new(f.clone())),
                             Subject::User(_) => None,
                         },
-                        Grant::ClientCredentials => None,
+                        Grant::ClientCredentials | Grant::JwtBearer(_) => None,
                     },
                     user: match &o.grant {
                         Grant::TokenExchange(x) => match &x.subject {
@@ -384,7 +384,7 @@ impl Credentials {
                             )),
                             Subject::File(_) => None,
                         },
-                        Grant::ClientCredentials => None,
+                        Grant::ClientCredentials | Grant::JwtBearer(_) => None,
                     },
                 })),
                 CredentialSpec::Aws(spec) => Provider::Aws(Box::new(aws::AwsSource::new(
@@ -489,11 +489,18 @@ impl Credentials {
         o: &OAuth,
         call: &MintRequest<'_>,
     ) -> Result<Issued, CredentialError> {
+        // A JWT bearer grant whose assertion is another credential's token: that first.
+        let chained = match &o.endpoint.spec.grant {
+            Grant::JwtBearer(Assertion::From(other)) => {
+                Some(Box::pin(self.obtain(other, call)).await?.value)
+            }
+            _ => None,
+        };
         let params = TokenParams {
             audience: call.requested_audience,
             resource: call.resource,
             scopes: call.scopes,
-            subject: call.user.map(|u| &u.token),
+            subject: chained.as_ref().or(call.user.map(|u| &u.token)),
         };
         // Keyed by everything the token is scoped to (and, for token exchange, the subject
         // token's generation), so a token is never handed to a request it was not issued
@@ -511,6 +518,15 @@ impl Credentials {
         for s in params.scopes {
             key.push('\0');
             key.push_str(s);
+        }
+        // A chained assertion: per assertion, so a new one is traded for a new token.
+        if let Some(a) = &chained {
+            let d =
+                aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, a.expose_secret().as_bytes());
+            key.push_str("\0assertion\0");
+            for b in d.as_ref() {
+                write!(key, "{b:02x}").expect("writing to a String");
+            }
         }
         // DPoP: per key, so a token bound to a replaced key is never sent with new proofs.
         if let Some(k) = &o.endpoint.dpop {

@@ -125,6 +125,17 @@ pub enum Grant {
     ClientCredentials,
     /// `urn:ietf:params:oauth:grant-type:token-exchange`.
     TokenExchange(Box<Exchange>),
+    /// `urn:ietf:params:oauth:grant-type:jwt-bearer` (RFC 7523 §2.1).
+    JwtBearer(Assertion),
+}
+
+/// Where a JWT bearer grant's assertion comes from.
+#[derive(Debug, Clone)]
+pub enum Assertion {
+    /// A file, re-read on every fetch.
+    File(PathBuf),
+    /// The token of another credential (an ID-JAG from a token exchange).
+    From(String),
 }
 
 /// Settings of one token-endpoint credential.
@@ -157,6 +168,7 @@ impl OAuthSpec {
         match self.grant {
             Grant::ClientCredentials => "client_credentials",
             Grant::TokenExchange(_) => "token_exchange",
+            Grant::JwtBearer(_) => "jwt_bearer",
         }
     }
 }
@@ -517,6 +529,23 @@ impl TokenEndpoint {
                     form.append_pair("resource", r);
                 }
             }
+            Grant::JwtBearer(a) => {
+                form.append_pair("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer");
+                let assertion = match (a, params.subject) {
+                    (Assertion::File(f), _) => read_secret(f, "assertion")?,
+                    (Assertion::From(_), Some(t)) => t.clone(),
+                    (Assertion::From(other), None) => {
+                        return Err(Failure {
+                            kind: FailureKind::Local,
+                            message: format!("no assertion from credential `{other}`"),
+                        });
+                    }
+                };
+                form.append_pair("assertion", assertion.expose_secret());
+                if let Some(r) = params.resource.or(params.audience) {
+                    form.append_pair("resource", r);
+                }
+            }
             Grant::TokenExchange(x) => {
                 form.append_pair(
                     "grant_type",
@@ -777,7 +806,7 @@ impl TokenEndpoint {
                 Some(imp) => self.impersonate(imp, &token, params.scopes).await,
                 None => Ok(token),
             },
-            Grant::ClientCredentials => Ok(token),
+            Grant::ClientCredentials | Grant::JwtBearer(_) => Ok(token),
         }
     }
 

@@ -9,7 +9,8 @@
 //   SUBJECT_JWKS       path of a JWKS (JSON) that signs subject and actor tokens: enables
 //                      RFC 8693 token exchange, registered with provider.registerGrantType,
 //                      the public client `chaperone-public` that may only exchange, and
-//                      GET /subject-jwks serving that JWKS
+//                      GET /subject-jwks serving that JWKS, and the RFC 7523 jwt-bearer grant
+//                      (assertions from that issuer, or tokens this server issued)
 //   OPAQUE_TOKENS=1    opaque access tokens (revocable, introspectable) instead of JWTs
 //   DPOP_NONCE=1       the token endpoint demands DPoP nonces (use_dpop_nonce, RFC 9449 §8)
 //   EXCHANGE_GRANTS_ALL=1  the exchange grants every scope of the client whatever was asked
@@ -48,7 +49,8 @@ const ACCESS_TOKEN_TYPE = 'urn:ietf:params:oauth:token-type:access_token';
 const SUBJECT_ISSUER = 'https://kubernetes.default.svc';
 const { privateKey } = await generateKeyPair('ES256', { extractable: true });
 const signing = { ...(await exportJWK(privateKey)), alg: 'ES256', use: 'sig', kid: 'test-es256' };
-const grantTypes = ['client_credentials', ...(env.SUBJECT_JWKS ? [TOKEN_EXCHANGE] : [])];
+const JWT_BEARER = 'urn:ietf:params:oauth:grant-type:jwt-bearer';
+const grantTypes = ['client_credentials', ...(env.SUBJECT_JWKS ? [TOKEN_EXCHANGE, JWT_BEARER] : [])];
 
 const client = (id, extra) => ({
   client_id: id,
@@ -195,6 +197,35 @@ if (env.SUBJECT_JWKS) {
     };
   }, ['subject_token', 'subject_token_type', 'actor_token', 'actor_token_type',
     'requested_token_type', 'audience', 'resource', 'scope']);
+
+  // RFC 7523 §2.1: an assertion signed by the subject issuer, or a token this server issued
+  // itself (a chained grant: an exchanged token traded on, as ID-JAG is), for an access token
+  // whose `sub` is the assertion's.
+  const own = createLocalJWKSet({ keys: [(({ d, ...pub }) => pub)(signing)] });
+  provider.registerGrantType(JWT_BEARER, async (ctx) => {
+    const { params, client: c } = ctx.oidc;
+    if (!params.assertion) {
+      throw new errors.InvalidRequest('missing assertion');
+    }
+    let subject;
+    try {
+      ({ payload: subject } = await jwtVerify(params.assertion, trusted, { issuer: SUBJECT_ISSUER, audience: 'sts.test' }));
+    } catch {
+      try {
+        ({ payload: subject } = await jwtVerify(params.assertion, own, { issuer }));
+      } catch (e) {
+        throw new errors.InvalidGrant(`assertion rejected: ${e.code || e.message}`);
+      }
+    }
+    const asked = (params.scope || '').split(' ').filter(Boolean);
+    const token = new ctx.oidc.provider.ClientCredentials({ client: c, scope: asked.join(' ') || undefined });
+    const audience = params.resource || RESOURCE;
+    token.resourceServer = new ctx.oidc.provider.ResourceServer(audience, resourceServer(audience));
+    ctx.exchangeClaims = { exchanged_sub: subject.sub };
+    const value = await token.save();
+    console.log(`jwt-bearer ${subject.iss === issuer ? 'chained' : 'external'} ${subject.sub}`);
+    ctx.body = { access_token: value, token_type: 'Bearer', expires_in: token.expiration, scope: token.scope };
+  }, ['assertion', 'scope', 'resource']);
 }
 
 provider.on('server_error', (_ctx, err) => console.error('server_error', err));
