@@ -295,6 +295,7 @@ fn openai_call<'a>(
         guardrail: None,
         upgrade: "",
         on_behalf_of: None,
+        mcp: None,
     }
 }
 

@@ -116,6 +116,9 @@ pub(crate) struct Rejection {
     pub(crate) reason: String,
     /// Deciding policies, for policy denials.
     pub(crate) policy_ids: Vec<String>,
+    /// The JSON-RPC id of the MCP request refused: the answer is then the JSON-RPC error an
+    /// MCP client expects (HTTP 200), not Chaperone's own body.
+    pub(crate) jsonrpc_id: Option<Box<serde_json::Value>>,
 }
 
 impl Rejection {
@@ -125,6 +128,7 @@ impl Rejection {
             code,
             reason: reason.into(),
             policy_ids: Vec::new(),
+            jsonrpc_id: None,
         }
     }
 
@@ -138,15 +142,30 @@ impl Rejection {
             #[serde(skip_serializing_if = "<[String]>::is_empty")]
             policy_ids: &'a [String],
         }
-        let body = serde_json::to_vec(&Body {
-            error: self.code.as_str(),
-            reason: &self.reason,
-            request_id,
-            policy_ids: &self.policy_ids,
-        })
-        .unwrap_or_default();
+        let (body, status) = match &self.jsonrpc_id {
+            Some(id) => (
+                jsonrpc_refusal(
+                    id,
+                    &self.reason,
+                    self.code.as_str(),
+                    &self.policy_ids,
+                    request_id,
+                ),
+                StatusCode::OK,
+            ),
+            None => (
+                serde_json::to_vec(&Body {
+                    error: self.code.as_str(),
+                    reason: &self.reason,
+                    request_id,
+                    policy_ids: &self.policy_ids,
+                })
+                .unwrap_or_default(),
+                self.code.status(),
+            ),
+        };
         let mut resp = Response::new(full(body));
-        *resp.status_mut() = self.code.status();
+        *resp.status_mut() = status;
         let h = resp.headers_mut();
         h.insert(
             header::CONTENT_TYPE,
@@ -162,4 +181,26 @@ impl Rejection {
         }
         resp
     }
+}
+
+/// The JSON-RPC error an MCP client gets for a refused call: its own id, the reason, and
+/// what Chaperone's own error body would have said (`error`, `policy_ids`, `request_id`).
+fn jsonrpc_refusal(
+    id: &serde_json::Value,
+    reason: &str,
+    error: &str,
+    policy_ids: &[String],
+    request_id: &str,
+) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": id,
+        "error": {
+            // JSON-RPC's range for implementation-defined server errors.
+            "code": -32001,
+            "message": reason,
+            "data": { "error": error, "policy_ids": policy_ids, "request_id": request_id },
+        },
+    }))
+    .unwrap_or_default()
 }

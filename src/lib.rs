@@ -5,15 +5,16 @@
 //!
 //! ```text
 //! main.rs, cli/       one module per subcommand (run, check, demo, ca, policy, scan, audit,
-//!                     review, webhook, egress-lock)
+//!                     review, webhook, egress-lock, providers)
 //! sidecar             the composition root: Config -> every stage -> pipeline -> listeners
 //! config/             the loader: YAML with positions, validation; builds each stage's
 //!                     own settings type (no stage imports config)
 //! proxy/ (ingress)    listeners, the one HTTP server builder, CONNECT, interception, drain
 //! admin               health, readiness, metrics, JWKS
 //! pipeline            the ordered stages, one call each, over a per-request context
-//! stages              target -> identify -> route -> strip -> policy -> credentials
-//!                     -> (proxy::upstream) -> purpose_log
+//! stages              target -> identify -> route -> (on behalf of: credentials::user)
+//!                     -> strip -> mcp -> policy -> credentials -> (proxy::upstream)
+//!                     -> purpose_log
 //! foundations         error, metrics, fingerprint, tls, egress (direct or through the
 //!                     upstream proxy)
 //! ```
@@ -35,6 +36,7 @@ pub mod error;
 pub mod files;
 pub mod fingerprint;
 pub mod identify;
+pub(crate) mod mcp;
 pub mod metrics;
 pub mod pipeline;
 pub mod policy;

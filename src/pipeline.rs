@@ -213,6 +213,8 @@ struct Ask<'a> {
     upgrade: &'a str,
     /// The user it acts for.
     user: Option<&'a crate::credentials::Delegation>,
+    /// The MCP message decided.
+    mcp: Option<&'a crate::mcp::McpCall>,
 }
 
 /// The pipeline's answer to a request, for the proxy to send.
@@ -351,7 +353,32 @@ impl Pipeline {
             )
             .await?;
 
-        // Stage: authorize. Guardrails, then policy (default deny).
+        // Stage: MCP. On an MCP route, a POST's JSON-RPC messages: each is decided on its
+        // own below, and a tool call serves `tool:<name>` unless the app named a purpose.
+        let mcp_calls = match route {
+            Some(r) if r.mcp && parts.method == http::Method::POST => {
+                body = self.whole_body(body, self.body_max_bytes).await?;
+                let bytes = body.buffered_mut().map(|b| b.clone()).unwrap_or_default();
+                let calls = crate::mcp::calls(&parts.headers, &bytes)
+                    .map_err(|why| Rejection::new(ErrorCode::BadRequest, why))?;
+                x.log.mcp = crate::mcp::McpLog::of(&calls, &parts.headers);
+                calls
+            }
+            _ => Vec::new(),
+        };
+        let tool_purpose = match mcp_calls.as_slice() {
+            [c] if x.caller.purpose.is_none() && !c.name.is_empty() => {
+                Some(format!("tool:{}", c.name))
+                    .filter(|p| crate::identify::validate_purpose(p).is_ok())
+            }
+            _ => None,
+        };
+        let purpose = tool_purpose.as_deref().unwrap_or(purpose);
+        x.log.purpose = purpose.to_string();
+
+        // Stage: authorize. Guardrails, then policy (default deny); on an MCP route, every
+        // message of the POST, and a refused request gets the JSON-RPC error its client
+        // expects.
         let action = parts.method.as_str();
         let switch_to = asked
             .as_ref()
@@ -364,8 +391,22 @@ impl Pipeline {
             purpose,
             upgrade: &switch_to,
             user: user.as_ref(),
+            mcp: None,
         };
-        self.authorize(&x.caller, &mut x.log, &ask)?;
+        if mcp_calls.is_empty() {
+            self.authorize(&x.caller, &mut x.log, &ask)?;
+        }
+        for call in &mcp_calls {
+            let ask = Ask {
+                mcp: Some(call),
+                ..ask
+            };
+            self.authorize(&x.caller, &mut x.log, &ask)
+                .map_err(|mut rej| {
+                    rej.jsonrpc_id = call.id.clone().map(Box::new);
+                    rej
+                })?;
+        }
         x.log.decision = "allow";
 
         // Stage: credential. Obtained for this call and injected; fail closed.
@@ -511,6 +552,7 @@ impl Pipeline {
             purpose,
             upgrade,
             user,
+            mcp,
         } = *ask;
         let stripped_types: Vec<&'static str> = log.stripped.iter().map(|f| f.kind).collect();
         let guard = self.guardrails.check(&target.host, target.port);
@@ -534,6 +576,10 @@ impl Pipeline {
                 issuer: &u.issuer,
                 subject: &u.subject,
                 verified: u.verified,
+            }),
+            mcp: mcp.map(|m| crate::policy::McpContext {
+                method: &m.method,
+                name: &m.name,
             }),
         });
         enforce(log, decision)
@@ -571,6 +617,7 @@ impl Pipeline {
                 guardrail: guard,
                 upgrade: "",
                 on_behalf_of: None,
+                mcp: None,
             })
         };
         // A guarded destination needs a CONNECT permit that lifts the guardrail even when the
@@ -672,7 +719,7 @@ impl Pipeline {
             Rejection::new(
                 ErrorCode::BodyTooLarge,
                 format!(
-                    "the request body is larger than the {limit} bytes this route's credential can sign"
+                    "the request body is larger than the {limit} bytes this route reads whole (to sign it, or to read its MCP messages)"
                 ),
             )
         };

@@ -130,6 +130,9 @@ pub(crate) struct Record {
     /// and subject, never the token.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) on_behalf_of: Option<OnBehalfLog>,
+    /// On an MCP route, the JSON-RPC message the POST carried (the first of a batch).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) mcp: Option<crate::mcp::McpLog>,
     /// Injected credential.
     pub(crate) credential: Option<CredentialLog>,
     /// Embedded secrets found.
@@ -235,6 +238,7 @@ impl Record {
             reason: None,
             policy_ids: Vec::new(),
             on_behalf_of: None,
+            mcp: None,
             credential: None,
             stripped: Vec::new(),
             strip_mode: "strip",

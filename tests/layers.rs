@@ -7,7 +7,7 @@
 //! 4 config         the loader: builds each stage's settings
 //! 3 ingress        proxy (listener, http, worker, connect, intercept, attest), admin
 //! 2 pipeline       the ordered stages
-//! 1 stages         target, identify, route, strip, policy, credentials, purpose_log, and the
+//! 1 stages         target, identify, route, mcp, strip, policy, credentials, purpose_log, and the
 //!                  transport below the pipeline: proxy (settings), proxy::upstream, upgrade,
 //!                  drain, idle
 //! 0 foundations    error, metrics, fingerprint, files, tls, egress
@@ -60,7 +60,8 @@ fn layer(module: &str) -> (u8, bool) {
         ("proxy" | "admin", _) => (3, false),
         ("pipeline", _) => (2, false),
         (
-            "target" | "identify" | "route" | "strip" | "policy" | "credentials" | "purpose_log",
+            "target" | "identify" | "route" | "strip" | "policy" | "credentials" | "purpose_log"
+            | "mcp",
             _,
         ) => (1, false),
         ("error" | "metrics" | "fingerprint" | "files" | "tls" | "egress" | "lib", _) => (0, false),

@@ -1965,6 +1965,7 @@ impl Validator<'_> {
             sign,
             provider,
             add_headers,
+            mcp: r.mcp,
         })
     }
 

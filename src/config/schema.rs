@@ -526,6 +526,10 @@ pub(crate) struct RouteConfig {
     /// Overrides the global `connect`, `response_head` and `idle` timeouts on this route.
     #[serde(default)]
     pub(crate) timeouts: Option<RouteTimeoutsConfig>,
+    /// An MCP server (streamable HTTP): each JSON-RPC message of a POST is read, so policy
+    /// decides and the line names each tool call (`context.mcp`).
+    #[serde(default)]
+    pub(crate) mcp: bool,
 }
 
 /// `routes[].sign`.

@@ -147,6 +147,17 @@ pub struct PolicyInput<'a> {
     pub upgrade: &'a str,
     /// The user the request acts for, when its route exchanges a user's token.
     pub on_behalf_of: Option<OnBehalfOf<'a>>,
+    /// The MCP message decided, on a route with `mcp: true`.
+    pub mcp: Option<McpContext<'a>>,
+}
+
+/// `context.mcp`: one JSON-RPC message of an MCP POST.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct McpContext<'a> {
+    /// `tools/call`, `tools/list`, ...
+    pub method: &'a str,
+    /// The tool or prompt name, or the resource uri; "" when the method names none.
+    pub name: &'a str,
 }
 
 /// `context.on_behalf_of`: the user a request acts for.
@@ -543,6 +554,9 @@ impl PolicyEngine {
         if let Some(u) = input.on_behalf_of {
             let _ = write!(key, "\0user\0{}\0{}\0{}", u.issuer, u.subject, u.verified);
         }
+        if let Some(m) = input.mcp {
+            let _ = write!(key, "\0mcp\0{}\0{}", m.method, m.name);
+        }
         for t in input.stripped_types {
             key.push('\0');
             key.push_str(t);
@@ -563,6 +577,17 @@ impl PolicyEngine {
             record.map(|r| ("on_behalf_of".to_string(), r))
         });
         let user = user.transpose().map_err(|e| e.to_string())?;
+        let mcp = input
+            .mcp
+            .map(|m| {
+                RestrictedExpression::new_record([
+                    ("method".to_string(), s(m.method)),
+                    ("name".to_string(), s(m.name)),
+                ])
+                .map(|r| ("mcp".to_string(), r))
+            })
+            .transpose()
+            .map_err(|e| e.to_string())?;
         let context = Context::from_pairs(
             [
                 ("path".to_string(), s(input.path)),
@@ -591,7 +616,8 @@ impl PolicyEngine {
                 ("upgrade".to_string(), s(input.upgrade)),
             ]
             .into_iter()
-            .chain(user),
+            .chain(user)
+            .chain(mcp),
         )
         .map_err(|e| e.to_string())?;
         self.contexts.insert(key, context.clone());
@@ -962,6 +988,7 @@ mod tests {
             guardrail: None,
             upgrade: "",
             on_behalf_of: None,
+            mcp: None,
         }
     }
 

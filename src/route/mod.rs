@@ -219,6 +219,8 @@ pub(crate) struct Route {
     /// Headers added to the forwarded request when the app sent none of that name (the
     /// version headers a vendor requires).
     pub(crate) add_headers: Vec<(HeaderName, http::HeaderValue)>,
+    /// An MCP server: its POSTs are read message by message.
+    pub(crate) mcp: bool,
 }
 
 /// `routes[].sign`: what an `aws` credential signs for when the host does not say.
@@ -413,6 +415,7 @@ mod tests {
             sign: None,
             provider: None,
             add_headers: vec![],
+            mcp: false,
         }
     }
 

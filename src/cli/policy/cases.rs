@@ -77,6 +77,14 @@ pub(crate) struct WhatIf {
     #[serde(default)]
     #[arg(long)]
     pub(crate) user_issuer: Option<String>,
+    /// The MCP method asked (`context.mcp.method`, e.g. `tools/call`), for `mcp: true` routes.
+    #[serde(default)]
+    #[arg(long)]
+    pub(crate) mcp_method: Option<String>,
+    /// The tool or prompt name, or resource uri (`context.mcp.name`).
+    #[serde(default)]
+    #[arg(long)]
+    pub(crate) mcp_name: Option<String>,
     /// Expected decision (`allow` or `deny`); required in a CASES file.
     #[serde(default)]
     #[arg(skip)]
@@ -262,6 +270,13 @@ impl<'a> Bench<'a> {
                 subject: sub,
                 verified: true,
             }),
+            mcp: w
+                .mcp_method
+                .as_deref()
+                .map(|method| crate::policy::McpContext {
+                    method,
+                    name: w.mcp_name.as_deref().unwrap_or(""),
+                }),
         });
         Ok(Explained {
             decision: if d.allow { "allow" } else { "deny" },
