@@ -514,6 +514,44 @@ fn bench_leaf(c: &mut Criterion) {
 
 /// SigV4 signing of a Bedrock-shaped request: a 4 KiB JSON body to `InvokeModel`, session
 /// credentials, the headers boto3 sends (issue 17's target: at most 15 µs).
+/// An MCP `tools/call` with a 2 KiB arguments object: read the JSON-RPC message (with the
+/// `Mcp-Method`/`Mcp-Name` agreement check) and decide it against a policy on the tool name
+/// (issue 19's target: at most 10 µs on top of the pipeline).
+fn bench_mcp(c: &mut Criterion) {
+    let id = identity();
+    let labels = BTreeMap::new();
+    let engine = PolicyEngine::compile(&PolicySource::inline(
+        "bench",
+        r#"@id("search") permit(principal, action, resource) when { context has mcp && context.mcp.name == "search_docs" };
+@id("never-delete") forbid(principal, action, resource) when { context has mcp && context.mcp.name == "delete_repository" };"#,
+    ))
+    .unwrap();
+    let body = serde_json::json!({
+        "jsonrpc": "2.0", "id": 42, "method": "tools/call",
+        "params": {"name": "search_docs", "arguments": {"query": "x".repeat(2000), "repo": "public", "limit": 10}},
+    })
+    .to_string();
+    let mut headers = HeaderMap::new();
+    headers.insert("mcp-method", HeaderValue::from_static("tools/call"));
+    headers.insert("mcp-name", HeaderValue::from_static("search_docs"));
+    c.bench_function("mcp/parse_and_decide_tools_call_2k", |b| {
+        b.iter(|| {
+            let calls = chaperone::mcp::calls(&headers, black_box(body.as_bytes())).unwrap();
+            let call = &calls[0];
+            let mut input = openai_call(&id, &labels, "tools.internal");
+            input.route = "tools";
+            input.path = "/mcp";
+            input.mcp = Some(chaperone::policy::McpContext {
+                method: &call.method,
+                name: &call.name,
+            });
+            let d = engine.decide(&input);
+            assert!(d.allow);
+            d
+        })
+    });
+}
+
 /// A DPoP proof (RFC 9449) for one resource request: ES256 over `{jti, htm, htu, iat, ath}`
 /// with the token's SHA-256 (issue 18's target: at most 30 µs).
 fn bench_dpop(c: &mut Criterion) {
@@ -575,6 +613,7 @@ criterion_group!(
     benches,
     bench_sigv4,
     bench_dpop,
+    bench_mcp,
     bench_strip,
     bench_strip_body,
     bench_policy,

@@ -36,7 +36,7 @@ pub mod error;
 pub mod files;
 pub mod fingerprint;
 pub mod identify;
-pub(crate) mod mcp;
+pub mod mcp;
 pub mod metrics;
 pub mod pipeline;
 pub mod policy;

@@ -20,14 +20,14 @@ pub(crate) const SESSION_HEADER: &str = "mcp-session-id";
 
 /// One JSON-RPC request or notification of an MCP POST.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub(crate) struct McpCall {
+pub struct McpCall {
     /// `tools/call`, `tools/list`, `initialize`, ...
-    pub(crate) method: String,
+    pub method: String,
     /// The tool or prompt name, or the resource uri; "" when the method names none.
-    pub(crate) name: String,
+    pub name: String,
     /// The request id (absent on notifications).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) id: Option<Value>,
+    pub id: Option<Value>,
 }
 
 /// What the line says of an MCP POST: its (first) call and the session.
@@ -63,7 +63,7 @@ impl McpLog {
 
 /// The calls of one POST body (a message or a batch); responses the client sends back (to a
 /// server's request) carry no method and are not calls.
-pub(crate) fn calls(headers: &HeaderMap, body: &[u8]) -> Result<Vec<McpCall>, String> {
+pub fn calls(headers: &HeaderMap, body: &[u8]) -> Result<Vec<McpCall>, String> {
     let v: Value = serde_json::from_slice(body).map_err(|e| {
         format!("an MCP route takes JSON-RPC messages; this body is not JSON ({e})")
     })?;
