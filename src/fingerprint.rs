@@ -54,12 +54,23 @@ impl Fingerprinter {
     /// 12 hex characters (48 bits) of HMAC-SHA256 over the value.
     pub fn fingerprint(&self, value: &[u8]) -> String {
         let tag = hmac::sign(&self.key, value);
-        let mut out = String::with_capacity(12);
-        for b in &tag.as_ref()[..6] {
-            out.push_str(&format!("{b:02x}"));
-        }
-        out
+        hex(&tag.as_ref()[..6])
     }
+}
+
+/// Lower-case hex.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// SHA-256 of `bytes`, in lower-case hex (a payload hash, a cache key for a secret).
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes).as_ref())
 }
 
 #[cfg(test)]

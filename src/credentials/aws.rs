@@ -613,11 +613,7 @@ pub fn sign(session: &Session, req: &ToSign<'_>, headers: &mut HeaderMap) -> Res
     let body = match body {
         // The payload hash, with the process's crypto library (hardware SHA-256 where the
         // CPU has it) rather than inside aws-sigv4.
-        Payload::Bytes(b) => SignableBody::Precomputed(hex(aws_lc_rs::digest::digest(
-            &aws_lc_rs::digest::SHA256,
-            b,
-        )
-        .as_ref())),
+        Payload::Bytes(b) => SignableBody::Precomputed(crate::fingerprint::sha256_hex(b)),
         Payload::Unsigned => SignableBody::UnsignedPayload,
         Payload::UnsignedTrailer => SignableBody::StreamingUnsignedPayloadTrailer,
     };
@@ -633,16 +629,6 @@ pub fn sign(session: &Session, req: &ToSign<'_>, headers: &mut HeaderMap) -> Res
         headers.insert(name, value);
     }
     Ok(())
-}
-
-/// Lower-case hex.
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
 }
 
 #[cfg(test)]

@@ -521,12 +521,10 @@ impl Credentials {
         }
         // A chained assertion: per assertion, so a new one is traded for a new token.
         if let Some(a) = &chained {
-            let d =
-                aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, a.expose_secret().as_bytes());
             key.push_str("\0assertion\0");
-            for b in d.as_ref() {
-                write!(key, "{b:02x}").expect("writing to a String");
-            }
+            key.push_str(&crate::fingerprint::sha256_hex(
+                a.expose_secret().as_bytes(),
+            ));
         }
         // DPoP: per key, so a token bound to a replaced key is never sent with new proofs.
         if let Some(k) = &o.endpoint.dpop {

@@ -119,10 +119,7 @@ impl UserTokens {
             return Err(Refusal::Missing(format!("the `{name}` header is empty")));
         }
         let token = SecretString::from(raw.to_string());
-        let digest = {
-            let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, raw.as_bytes());
-            d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
-        };
+        let digest = crate::fingerprint::sha256_hex(raw.as_bytes());
         let (issuer, subject, verified) = match &self.spec.jwks_url {
             Some(_) => {
                 let (iss, sub) = self.verify(raw).await?;
