@@ -64,6 +64,28 @@ fn aws_credential(sts: &str, extra: &str) -> String {
     )
 }
 
+/// A sidecar that intercepts HTTPS with a CA of its own and trusts the test PKI's CA
+/// upstream (moto over TLS), with the `aws` credential (`extra` appended to it) and `routes`.
+fn intercepting_sidecar(pki: &TestPki, sts: &str, extra: &str, routes: &str) -> Sidecar {
+    let cfg = Cfg::new()
+        .set(
+            "tls",
+            "ca_cert: {dir}/ca.pem\nca_key: {dir}/ca-key.pem\nupstream_roots: {dir}/upstream-ca.pem",
+        )
+        .set("credentials", &aws_credential(sts, extra))
+        .set("routes", routes)
+        .set("strip", "mode: strip")
+        .yaml();
+    let ca = pki.ca_pem.clone();
+    Sidecar::start_with(&cfg, PERMISSIVE_POLICY, &[], move |dir: &Path| {
+        std::fs::write(dir.join("token"), WEB_IDENTITY_TOKEN).unwrap();
+        std::fs::write(dir.join("upstream-ca.pem"), &ca).unwrap();
+        let (ok, _, err) =
+            run(Command::new(bin()).args(["ca", "init", "--out", dir.to_str().unwrap()]));
+        assert!(ok, "{err}");
+    })
+}
+
 const ASSUMED: &str = "arn:aws:sts::123456789012:assumed-role/inference/chaperone-test-inference";
 
 /// Both calls answered by the role's session; their lines say so, and the app's key was
@@ -125,28 +147,14 @@ fn boto3_over_https_is_intercepted_and_re_signed() {
     let (moto, _certs) = moto(Some(&pki));
     let port = moto.port.unwrap();
     let endpoint = format!("https://localhost:{port}");
-    let cfg = Cfg::new()
-        .set(
-            "tls",
-            "ca_cert: {dir}/ca.pem\nca_key: {dir}/ca-key.pem\nupstream_roots: {dir}/upstream-ca.pem",
-        )
-        .set("credentials", &aws_credential(&endpoint, ""))
-        .set(
-            "routes",
-            &format!(
-                "- name: aws-sts\n  match: {{ host: localhost, port: {port} }}\n  credential: aws-inference\n  sign: {{ service: sts }}"
-            ),
-        )
-        .set("strip", "mode: strip")
-        .yaml();
-    let ca = pki.ca_pem.clone();
-    let sc = Sidecar::start_with(&cfg, PERMISSIVE_POLICY, &[], move |dir: &Path| {
-        std::fs::write(dir.join("token"), WEB_IDENTITY_TOKEN).unwrap();
-        std::fs::write(dir.join("upstream-ca.pem"), &ca).unwrap();
-        let (ok, _, err) =
-            run(Command::new(bin()).args(["ca", "init", "--out", dir.to_str().unwrap()]));
-        assert!(ok, "{err}");
-    });
+    let sc = intercepting_sidecar(
+        &pki,
+        &endpoint,
+        "",
+        &format!(
+            "- name: aws-sts\n  match: {{ host: localhost, port: {port} }}\n  credential: aws-inference\n  sign: {{ service: sts }}"
+        ),
+    );
     let trust = sc.dir().join("ca.pem");
     let trust = trust.to_str().unwrap();
     assert_eq!(caller_identity(&endpoint, &sc.proxy_url(), trust), ASSUMED);
@@ -526,31 +534,14 @@ fn s3_uploads_stream_past_the_signing_bound_over_https() {
     let (moto, _certs) = moto(Some(&pki));
     let port = moto.port.unwrap();
     let endpoint = format!("https://localhost:{port}");
-    let cfg = Cfg::new()
-        .set(
-            "tls",
-            "ca_cert: {dir}/ca.pem\nca_key: {dir}/ca-key.pem\nupstream_roots: {dir}/upstream-ca.pem",
-        )
-        .set(
-            "credentials",
-            &aws_credential(&endpoint, "  body_max_bytes: '1048576'\n"),
-        )
-        .set(
-            "routes",
-            &format!(
-                "- name: s3\n  match: {{ host: localhost, port: {port} }}\n  credential: aws-inference\n  sign: {{ service: s3 }}\n- name: s3-plain\n  match: {{ host: 127.0.0.1, port: {port} }}\n  credential: aws-inference\n  sign: {{ service: s3 }}"
-            ),
-        )
-        .set("strip", "mode: strip")
-        .yaml();
-    let ca = pki.ca_pem.clone();
-    let sc = Sidecar::start_with(&cfg, PERMISSIVE_POLICY, &[], move |dir: &Path| {
-        std::fs::write(dir.join("token"), WEB_IDENTITY_TOKEN).unwrap();
-        std::fs::write(dir.join("upstream-ca.pem"), &ca).unwrap();
-        let (ok, _, err) =
-            run(Command::new(bin()).args(["ca", "init", "--out", dir.to_str().unwrap()]));
-        assert!(ok, "{err}");
-    });
+    let sc = intercepting_sidecar(
+        &pki,
+        &endpoint,
+        "  body_max_bytes: '1048576'\n",
+        &format!(
+            "- name: s3\n  match: {{ host: localhost, port: {port} }}\n  credential: aws-inference\n  sign: {{ service: s3 }}\n- name: s3-plain\n  match: {{ host: 127.0.0.1, port: {port} }}\n  credential: aws-inference\n  sign: {{ service: s3 }}"
+        ),
+    );
     let script = r#"
 import hashlib, json, os, sys, boto3, botocore
 endpoint, proxy, ca, key_id, secret = sys.argv[1:6]
