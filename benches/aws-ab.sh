@@ -22,21 +22,8 @@ UP=18400; STATIC=18401; AWS=18402; CREDS=18407
 nginx_upstream "$W" "127.0.0.1:$UP"
 nginx -c "$W/upstream.conf" -e "$W/upstream-error.log" & PIDS+=($!)
 echo 'permit(principal, action, resource);' > "$W/policy.cedar"
-# A container credentials endpoint (as EKS Pod Identity serves one) handing out one session.
-python3 - "$CREDS" <<'PY' & PIDS+=($!)
-import json, sys, time
-from http.server import BaseHTTPRequestHandler, HTTPServer
-class H(BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = json.dumps({"AccessKeyId": "ASIABENCHBENCHBENCH0", "SecretAccessKey": "bench/" + "s" * 34,
-            "Token": "bench-session-token-" + "t" * 200,
-            "Expiration": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))}).encode()
-        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a): pass
-HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-PY
-export AWS_CONTAINER_CREDENTIALS_FULL_URI="http://127.0.0.1:$CREDS/v1/credentials" BENCH_STATIC_KEY=bench-static
+container_credentials "$CREDS"; PIDS+=("$CREDS_PID")
+export BENCH_STATIC_KEY=bench-static
 config() { # port admin credential [extra route line]
   cat <<EOF
 listen: 127.0.0.1:$1
@@ -56,7 +43,6 @@ log: { format: json, output: $W/purpose-$1.jsonl }
 workers: 1
 EOF
 }
-for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$CREDS) 2>/dev/null && break; sleep 0.05; done
 config $STATIC 18411 static-key > "$W/static.yaml"
 config $AWS 18412 aws-session "sign: { service: bedrock, region: us-east-1 }" > "$W/aws.yaml"
 "$BIN" run --config "$W/static.yaml" 2>"$W/static.err" & S=$!; PIDS+=($S)

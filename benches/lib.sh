@@ -37,3 +37,26 @@ http {
 }
 EOF2
 }
+
+# container_credentials PORT: a container credentials endpoint on 127.0.0.1:PORT (as EKS Pod
+# Identity serves one) handing out one fixed session, in the background (its pid in
+# CREDS_PID); exports AWS_CONTAINER_CREDENTIALS_FULL_URI for an `aws` credential without
+# role_arn, and returns once it listens.
+container_credentials() {
+  python3 - "$1" <<'PY' &
+import json, sys, time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"AccessKeyId": "ASIABENCHBENCHBENCH0", "SecretAccessKey": "bench/" + "s" * 34,
+            "Token": "bench-session-token-" + "t" * 200,
+            "Expiration": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))}).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+PY
+  CREDS_PID=$!
+  export AWS_CONTAINER_CREDENTIALS_FULL_URI="http://127.0.0.1:$1/v1/credentials"
+  for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && break; sleep 0.05; done
+}

@@ -61,22 +61,7 @@ chaperone_config $CH_STATIC 18311 static-key > "$W/ch-static.yaml"
 chaperone_config $CH_JWT 18312 per-call > "$W/ch-jwt.yaml"
 chaperone_config $CH_AWS 18313 aws-session "sign: { service: bedrock, region: us-east-1 }" > "$W/ch-aws.yaml"
 export BENCH_STATIC_KEY=bench-static-secret-value
-# A container credentials endpoint (as EKS Pod Identity serves one) handing out one session.
-python3 - "$CREDS" <<'PY' & PIDS+=($!)
-import json, sys, time
-from http.server import BaseHTTPRequestHandler, HTTPServer
-class H(BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = json.dumps({"AccessKeyId": "ASIABENCHBENCHBENCH0", "SecretAccessKey": "bench/" + "s" * 34,
-            "Token": "bench-session-token-" + "t" * 200,
-            "Expiration": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))}).encode()
-        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a): pass
-HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-PY
-export AWS_CONTAINER_CREDENTIALS_FULL_URI="http://127.0.0.1:$CREDS/v1/credentials"
-for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$CREDS) 2>/dev/null && break; sleep 0.05; done
+container_credentials "$CREDS"; PIDS+=("$CREDS_PID")
 "$BIN" run --config "$W/ch-static.yaml" 2>"$W/ch-static.err" & CH_STATIC_PID=$!; PIDS+=($CH_STATIC_PID)
 "$BIN" run --config "$W/ch-jwt.yaml" 2>"$W/ch-jwt.err" & PIDS+=($!)
 "$BIN" run --config "$W/ch-aws.yaml" 2>"$W/ch-aws.err" & PIDS+=($!)
