@@ -1757,6 +1757,8 @@ impl Validator<'_> {
                 ),
             );
         }
+        // The route's credential, once: how it is injected depends on its kind.
+        let credential = r.credential.as_ref().and_then(|c| credentials.get(c));
         let by_provider = match provider.map(|p| p.auth) {
             Some(crate::route::providers::Auth::Header { name, value }) => {
                 InjectSpec::parse(Some(name), None, value).ok()
@@ -1764,11 +1766,8 @@ impl Validator<'_> {
             _ => None,
         };
         // A DPoP-bound token goes as `Authorization: DPoP`, beside its proof.
-        let dpop = r
-            .credential
-            .as_ref()
-            .and_then(|c| credentials.get(c))
-            .is_some_and(|c| matches!(c, CredentialSpec::OAuth(o) if o.dpop.is_some()));
+        let dpop =
+            credential.is_some_and(|c| matches!(c, CredentialSpec::OAuth(o) if o.dpop.is_some()));
         if dpop && r.inject.is_some() {
             self.err(
                 &[Key("routes"), Idx(i), Key("inject")],
@@ -1776,7 +1775,7 @@ impl Validator<'_> {
             );
         }
         // A transaction token travels in its own header, never as an access token.
-        let txn_token = r.credential.as_ref().and_then(|c| credentials.get(c)).is_some_and(|c| {
+        let txn_token = credential.is_some_and(|c| {
             matches!(c, CredentialSpec::Jwt(j) if matches!(j.profile, crate::credentials::Profile::TxnToken { .. }))
         });
         let inject = match &r.inject {
@@ -1861,7 +1860,6 @@ impl Validator<'_> {
         {
             self.err(&[Key("routes"), Idx(i), Key("purpose_default")], e);
         }
-        let credential = r.credential.as_ref().and_then(|c| credentials.get(c));
         let signs = credential.is_some_and(|c| matches!(c, CredentialSpec::Aws(_)));
         let provider_signs = match provider.map(|p| p.auth) {
             Some(crate::route::providers::Auth::SigV4 { service }) => Some(service),
