@@ -771,7 +771,8 @@ impl Credentials {
     /// sooner (1 s doubling up to `refresh`), keeping the last good value meanwhile.
     pub(crate) fn spawn_store_reads(self: &Arc<Self>) {
         for (name, p) in &self.providers {
-            let Provider::Stored(_) = p else { continue };
+            let Provider::Stored(s) = p else { continue };
+            let refresh = s.spec.refresh;
             let me = Arc::downgrade(self);
             let name = name.clone();
             tokio::spawn(async move {
@@ -781,11 +782,11 @@ impl Credentials {
                     let wait = match c.read_store(&name).await {
                         Some(true) => {
                             retry = Duration::from_secs(1);
-                            c.store_refresh(&name)
+                            refresh
                         }
                         _ => {
-                            let w = retry.min(c.store_refresh(&name));
-                            retry = (retry * 2).min(c.store_refresh(&name));
+                            let w = retry.min(refresh);
+                            retry = (retry * 2).min(refresh);
                             w
                         }
                     };
@@ -793,13 +794,6 @@ impl Credentials {
                     tokio::time::sleep(wait).await;
                 }
             });
-        }
-    }
-
-    fn store_refresh(&self, name: &str) -> Duration {
-        match self.providers.get(name) {
-            Some(Provider::Stored(s)) => s.spec.refresh,
-            _ => Duration::from_secs(300),
         }
     }
 
