@@ -373,8 +373,10 @@ impl Pipeline {
             }
             _ => None,
         };
+        if let Some(p) = &tool_purpose {
+            x.log.purpose.clone_from(p);
+        }
         let purpose = tool_purpose.as_deref().unwrap_or(purpose);
-        x.log.purpose = purpose.to_string();
 
         // Stage: authorize. Guardrails, then policy (default deny); on an MCP route, every
         // message of the POST, and a refused request gets the JSON-RPC error its client
