@@ -512,19 +512,26 @@ fn bench_leaf(c: &mut Criterion) {
     });
 }
 
-/// SigV4 signing of a Bedrock-shaped request: a 4 KiB JSON body to `InvokeModel`, session
-/// credentials, the headers boto3 sends (issue 17's target: at most 15 µs).
 /// An MCP `tools/call` with a 2 KiB arguments object: read the JSON-RPC message (with the
 /// `Mcp-Method`/`Mcp-Name` agreement check) and decide it against a policy on the tool name
-/// (issue 19's target: at most 10 µs on top of the pipeline).
+/// and two of its arguments (issue 19's target: at most 10 µs on top of the pipeline). The
+/// arguments policy reads are never memoised, so this is the full cost of a context.
 fn bench_mcp(c: &mut Criterion) {
+    use chaperone::policy::arguments::ArgType;
     let id = identity();
     let labels = BTreeMap::new();
-    let engine = PolicyEngine::compile(&PolicySource::inline(
-        "bench",
-        r#"@id("search") permit(principal, action, resource) when { context has mcp && context.mcp.name == "search_docs" };
+    let declared = BTreeMap::from([
+        ("repo".to_string(), ArgType::String),
+        ("limit".to_string(), ArgType::Long),
+    ]);
+    let engine = PolicyEngine::compile(
+        &PolicySource::inline(
+            "bench",
+            r#"@id("search") permit(principal, action, resource) when { context has mcp && context.mcp.name == "search_docs" && context.mcp has arguments && context.mcp.arguments has repo && context.mcp.arguments.repo == "public" };
 @id("never-delete") forbid(principal, action, resource) when { context has mcp && context.mcp.name == "delete_repository" };"#,
-    ))
+        )
+        .with_arguments(declared),
+    )
     .unwrap();
     let body = serde_json::json!({
         "jsonrpc": "2.0", "id": 42, "method": "tools/call",
@@ -541,10 +548,7 @@ fn bench_mcp(c: &mut Criterion) {
             let mut input = openai_call(&id, &labels, "tools.internal");
             input.route = "tools";
             input.path = "/mcp";
-            input.mcp = Some(chaperone::policy::McpContext {
-                method: &call.method,
-                name: &call.name,
-            });
+            input.mcp = Some(call.context());
             let d = engine.decide(&input);
             assert!(d.allow);
             d
@@ -570,6 +574,8 @@ fn bench_dpop(c: &mut Criterion) {
     });
 }
 
+/// SigV4 signing of a Bedrock-shaped request: a 4 KiB JSON body to `InvokeModel`, session
+/// credentials, the headers boto3 sends (issue 17's target: at most 15 µs).
 fn bench_sigv4(c: &mut Criterion) {
     use chaperone::credentials::aws::{Payload, Session, ToSign, sign};
     let session = Session::new(

@@ -28,6 +28,23 @@ pub struct McpCall {
     /// The request id (absent on notifications).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<Value>,
+    /// A tool call's `params.arguments` (never logged: they may hold anything).
+    #[serde(skip)]
+    pub arguments: Option<Value>,
+}
+
+impl McpCall {
+    /// What policy is told of this message.
+    pub fn context(&self) -> crate::policy::McpContext<'_> {
+        crate::policy::McpContext {
+            method: &self.method,
+            name: &self.name,
+            arguments: match &self.arguments {
+                Some(a) if self.method == "tools/call" => crate::policy::McpArguments::Given(a),
+                _ => crate::policy::McpArguments::None,
+            },
+        }
+    }
 }
 
 /// What the line says of an MCP POST: its (first) call and the session.
@@ -67,13 +84,13 @@ pub fn calls(headers: &HeaderMap, body: &[u8]) -> Result<Vec<McpCall>, String> {
     let v: Value = serde_json::from_slice(body).map_err(|e| {
         format!("an MCP route takes JSON-RPC messages; this body is not JSON ({e})")
     })?;
-    let messages: Vec<&Value> = match &v {
-        Value::Array(items) => items.iter().collect(),
+    let messages: Vec<Value> = match v {
+        Value::Array(items) => items,
         one => vec![one],
     };
     let mut out = Vec::with_capacity(messages.len());
     for m in messages {
-        let Some(obj) = m.as_object() else {
+        let Value::Object(mut obj) = m else {
             return Err("a JSON-RPC message is an object".into());
         };
         let Some(method) = obj.get("method") else {
@@ -104,10 +121,15 @@ pub fn calls(headers: &HeaderMap, body: &[u8]) -> Result<Vec<McpCall>, String> {
         {
             return Err(format!("`{method}` without a name"));
         }
+        let arguments = match obj.get_mut("params") {
+            Some(Value::Object(p)) if method == "tools/call" => p.remove("arguments"),
+            _ => None,
+        };
         out.push(McpCall {
             method,
             name,
-            id: obj.get("id").cloned(),
+            id: obj.remove("id"),
+            arguments,
         });
     }
     agree(headers, &out)?;

@@ -411,7 +411,13 @@ impl Pipeline {
         }
         x.log.decision = "allow";
 
-        // Stage: credential. Obtained for this call and injected; fail closed.
+        // Stage: credential. Obtained for this call and injected; fail closed. An MCP tool
+        // call's token is scoped to its tool where the route says.
+        let tools: Vec<&str> = mcp_calls
+            .iter()
+            .filter(|c| c.method == "tools/call")
+            .map(|c| c.name.as_str())
+            .collect();
         if let Some(route) = route {
             // A credential that signs the whole request (`aws`) needs the whole body first.
             if let Some(limit) = route.credential.as_deref().and_then(|c| {
@@ -436,6 +442,7 @@ impl Pipeline {
                 },
                 signed_for: signed_for.as_ref(),
                 user: user.as_ref(),
+                tools: &tools,
             };
             let mut issued = self
                 .credentials
@@ -579,10 +586,7 @@ impl Pipeline {
                 subject: &u.subject,
                 verified: u.verified,
             }),
-            mcp: mcp.map(|m| crate::policy::McpContext {
-                method: &m.method,
-                name: &m.name,
-            }),
+            mcp: mcp.map(crate::mcp::McpCall::context),
         });
         enforce(log, decision)
     }

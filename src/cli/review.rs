@@ -525,6 +525,7 @@ fn slug(s: &str) -> String {
 fn check(cfg: &Config, text: &str, seen: &[WhatIf]) -> Result<SuggestionCheck, String> {
     let mut src = PolicySource::inline("suggested policy", text);
     src.label_keys = cfg.policy.label_keys.clone();
+    src.mcp_arguments = cfg.policy.mcp_arguments.clone();
     src.schema = cfg.policy.schema.clone();
     let engine = PolicyEngine::compile(&src)
         .map_err(|e| format!("the suggested policy does not compile (please report this): {e}"))?;

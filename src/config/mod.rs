@@ -636,15 +636,16 @@ impl Validator<'_> {
             .iter()
             .flat_map(|r| r.labels.keys().cloned())
             .collect();
+        let mcp_arguments = self.mcp_arguments(&raw.routes);
         let policy = match (&raw.policy, embedded) {
-            (None, true) => {
-                PolicySource::inline("<embedded>", OBSERVE_POLICY).with_labels(label_keys)
-            }
+            (None, true) => PolicySource::inline("<embedded>", OBSERVE_POLICY)
+                .with_labels(label_keys)
+                .with_arguments(mcp_arguments),
             (None, false) => {
                 self.err(&[Key("policy")], "a policy file is required (`policy: { file: policy.cedar }`); without one every request is denied");
                 PolicySource::inline("", "")
             }
-            (Some(p), _) => self.policy(p, label_keys),
+            (Some(p), _) => self.policy(p, label_keys, mcp_arguments),
         };
 
         let log_format = match raw.log.format.as_deref() {
@@ -1911,6 +1912,18 @@ impl Validator<'_> {
             }
             _ => r.scopes.clone(),
         };
+        if !r.tools.is_empty() && !r.mcp {
+            self.err(
+                &[Key("routes"), Idx(i), Key("tools")],
+                "`tools` names an MCP server's tools: it goes with `mcp: true`",
+            );
+        }
+        let tools = r
+            .tools
+            .iter()
+            .filter(|(_, t)| !t.scopes.is_empty())
+            .map(|(name, t)| (name.clone(), t.scopes.clone()))
+            .collect();
         let add_headers = provider
             .map(|p| {
                 p.headers
@@ -1964,10 +1977,61 @@ impl Validator<'_> {
             provider,
             add_headers,
             mcp: r.mcp,
+            tools,
         })
     }
 
-    fn policy(&mut self, p: &PolicyConfig, label_keys: BTreeSet<String>) -> PolicySource {
+    /// The MCP tool arguments the routes declare for policy (`tools.<tool>.arguments`), one
+    /// type per name across all routes, as the schema has one `McpArguments` record.
+    fn mcp_arguments(&mut self, routes: &[RouteConfig]) -> crate::policy::arguments::Declared {
+        use crate::policy::arguments::ArgType;
+        use Seg::*;
+        let mut declared: crate::policy::arguments::Declared = BTreeMap::new();
+        for (i, r) in routes.iter().enumerate() {
+            for (tool, t) in &r.tools {
+                for (name, ty) in &t.arguments {
+                    let at = [
+                        Key("routes"),
+                        Idx(i),
+                        Key("tools"),
+                        Key(tool),
+                        Key("arguments"),
+                        Key(name),
+                    ];
+                    let Some(ty) = ArgType::parse(ty) else {
+                        self.err(
+                            &at,
+                            format!(
+                                "`{ty}` is not an argument type policy can read: use one of {}",
+                                ArgType::NAMES.join(", ")
+                            ),
+                        );
+                        continue;
+                    };
+                    match declared.get(name) {
+                        Some(other) if *other != ty => self.err(
+                            &at,
+                            format!(
+                                "argument `{name}` is declared {} elsewhere; policy reads one type per argument name (`context.mcp.arguments.{name}`)",
+                                other.cedar()
+                            ),
+                        ),
+                        _ => {
+                            declared.insert(name.clone(), ty);
+                        }
+                    }
+                }
+            }
+        }
+        declared
+    }
+
+    fn policy(
+        &mut self,
+        p: &PolicyConfig,
+        label_keys: BTreeSet<String>,
+        mcp_arguments: crate::policy::arguments::Declared,
+    ) -> PolicySource {
         use Seg::*;
         let path = self.path(&p.file);
         let text = match std::fs::read_to_string(&path) {
@@ -1999,6 +2063,7 @@ impl Validator<'_> {
             text,
             schema,
             label_keys,
+            mcp_arguments,
             files: Some((path, schema_path)),
         };
         if !src.text.is_empty()

@@ -530,6 +530,68 @@ pub(crate) struct RouteConfig {
     /// decides and the line names each tool call (`context.mcp`).
     #[serde(default)]
     pub(crate) mcp: bool,
+    /// On an MCP route, per tool: the scopes its calls' token is asked for (or minted with)
+    /// instead of the route's, and the types of the arguments policy reads
+    /// (`context.mcp.arguments`). `search_docs: [docs.read]` is short for
+    /// `search_docs: {scopes: [docs.read]}`.
+    #[serde(default)]
+    pub(crate) tools: BTreeMap<String, ToolConfig>,
+}
+
+/// `routes[].tools.<name>`: a list of scopes, or `{scopes, arguments}`.
+#[derive(Debug, Default)]
+pub(crate) struct ToolConfig {
+    /// Scopes for this tool's calls.
+    pub(crate) scopes: Vec<String>,
+    /// Argument name -> Cedar type (`String`, `Long`, `Bool`, `Set<String>`, `Set<Long>`).
+    pub(crate) arguments: BTreeMap<String, String>,
+}
+
+/// The long form of [`ToolConfig`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ToolSpec {
+    #[serde(default)]
+    scopes: Vec<String>,
+    #[serde(default)]
+    arguments: BTreeMap<String, String>,
+}
+
+impl<'de> Deserialize<'de> for ToolConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ToolConfig;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of scopes, or `{scopes: [...], arguments: {name: Type}}`")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<ToolConfig, A::Error> {
+                let scopes =
+                    Vec::<String>::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?;
+                Ok(ToolConfig {
+                    scopes,
+                    arguments: BTreeMap::new(),
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<ToolConfig, A::Error> {
+                let s = ToolSpec::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(ToolConfig {
+                    scopes: s.scopes,
+                    arguments: s.arguments,
+                })
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<ToolConfig, E> {
+                Ok(ToolConfig::default())
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// `routes[].sign`.

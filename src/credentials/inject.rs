@@ -31,6 +31,8 @@ pub(crate) struct Call<'a> {
     pub(crate) signed_for: Option<&'a (String, String)>,
     /// The user the call acts for, when its route exchanges a user's token.
     pub(crate) user: Option<&'a super::Delegation>,
+    /// On an MCP route, the tools the request calls (their scopes replace the route's).
+    pub(crate) tools: &'a [&'a str],
 }
 
 impl Credentials {
@@ -65,7 +67,7 @@ impl Credentials {
             .audience
             .clone()
             .unwrap_or_else(|| call.target.origin());
-        let scopes = route.scopes_for(call.purpose);
+        let scopes = route.scopes_for(call.purpose, call.tools);
         let obtained = self
             .obtain(
                 name,

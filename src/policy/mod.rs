@@ -8,6 +8,7 @@
 //! The shipped schema, `policy.cedarschema` next to this file, is the contract: every policy
 //! is validated against it (strict) at load and on reload.
 
+pub mod arguments;
 mod memo;
 mod slice;
 
@@ -37,6 +38,9 @@ pub struct PolicySource {
     /// The label keys of the configured routes: the shipped schema declares them as
     /// `resource.labels` attributes, so a policy naming any other label does not validate.
     pub(crate) label_keys: BTreeSet<String>,
+    /// The MCP tool arguments the routes declare: the shipped schema declares them as
+    /// `context.mcp.arguments` attributes, and calls' arguments are read by these types.
+    pub(crate) mcp_arguments: arguments::Declared,
     /// The policy file and schema file it was read from (none when embedded); watched for
     /// changes and re-read on SIGHUP.
     pub(crate) files: Option<(PathBuf, Option<PathBuf>)>,
@@ -51,6 +55,7 @@ impl PolicySource {
             text: text.into(),
             schema: None,
             label_keys: BTreeSet::new(),
+            mcp_arguments: BTreeMap::new(),
             files: None,
         }
     }
@@ -61,12 +66,21 @@ impl PolicySource {
         self
     }
 
+    /// The same, with these MCP tool arguments declared.
+    pub fn with_arguments(mut self, declared: arguments::Declared) -> Self {
+        self.mcp_arguments = declared;
+        self
+    }
+
     /// The schema policies are validated against: the operator's own, or the shipped one
     /// with the routes' label keys.
     pub(crate) fn schema_text(&self) -> std::borrow::Cow<'_, str> {
         match &self.schema {
             Some(s) => std::borrow::Cow::Borrowed(s),
-            None => std::borrow::Cow::Owned(crate::policy::schema_for(&self.label_keys)),
+            None => std::borrow::Cow::Owned(crate::policy::schema_for(
+                &self.label_keys,
+                &self.mcp_arguments,
+            )),
         }
     }
 
@@ -83,6 +97,7 @@ impl PolicySource {
             text: read(policy)?,
             schema: schema.as_deref().map(read).transpose()?,
             label_keys: self.label_keys.clone(),
+            mcp_arguments: self.mcp_arguments.clone(),
             files: self.files.clone(),
         })
     }
@@ -94,21 +109,30 @@ pub(crate) const SHIPPED_SCHEMA: &str = include_str!("policy.cedarschema");
 /// The line of the shipped schema that the routes' label keys replace.
 const LABELS_LINE: &str = "type Labels = {};";
 
-/// The shipped schema with `Labels` declaring these keys, each an optional string.
-pub(crate) fn schema_for(label_keys: &BTreeSet<String>) -> String {
+/// The line of the shipped schema that the routes' declared tool arguments replace.
+const ARGUMENTS_LINE: &str = "type McpArguments = {};";
+
+/// The shipped schema with `Labels` declaring these keys, each an optional string, and
+/// `McpArguments` these arguments.
+pub(crate) fn schema_for(label_keys: &BTreeSet<String>, declared: &arguments::Declared) -> String {
     debug_assert!(SHIPPED_SCHEMA.contains(LABELS_LINE));
-    if label_keys.is_empty() {
-        return SHIPPED_SCHEMA.to_string();
+    debug_assert!(SHIPPED_SCHEMA.contains(ARGUMENTS_LINE));
+    let mut text = SHIPPED_SCHEMA.to_string();
+    if !label_keys.is_empty() {
+        let fields: Vec<String> = label_keys
+            .iter()
+            .map(|k| format!("{}?: String", serde_json::Value::String(k.clone())))
+            .collect();
+        text = text.replacen(
+            LABELS_LINE,
+            &format!("type Labels = {{ {} }};", fields.join(", ")),
+            1,
+        );
     }
-    let fields: Vec<String> = label_keys
-        .iter()
-        .map(|k| format!("{}?: String", serde_json::Value::String(k.clone())))
-        .collect();
-    SHIPPED_SCHEMA.replacen(
-        LABELS_LINE,
-        &format!("type Labels = {{ {} }};", fields.join(", ")),
-        1,
-    )
+    if !declared.is_empty() {
+        text = text.replacen(ARGUMENTS_LINE, &arguments::schema_type(declared), 1);
+    }
+    text
 }
 
 /// What the policy sees of one request.
@@ -158,6 +182,17 @@ pub struct McpContext<'a> {
     pub method: &'a str,
     /// The tool or prompt name, or the resource uri; "" when the method names none.
     pub name: &'a str,
+    /// A tool call's arguments.
+    pub arguments: McpArguments<'a>,
+}
+
+/// What is known of a tool call's arguments when it is decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum McpArguments<'a> {
+    /// Not a tool call, or it has none.
+    None,
+    /// The call's `params.arguments`.
+    Given(&'a serde_json::Value),
 }
 
 /// `context.on_behalf_of`: the user a request acts for.
@@ -332,6 +367,10 @@ pub struct PolicyEngine {
     extension_values: ExtensionValues,
     /// Request contexts by exact content, for the second they describe.
     contexts: memo::Memo<Context>,
+    /// The MCP tool arguments policy reads, and their types.
+    mcp_arguments: arguments::Declared,
+    /// The policies as `tools/list` filtering asks them ([`listing_set`]).
+    listing: PolicySet,
     workload_type: EntityTypeName,
     destination_type: EntityTypeName,
     action_type: EntityTypeName,
@@ -421,6 +460,12 @@ impl PolicyEngine {
         }
         let warnings = result.validation_warnings().map(|w| render(w)).collect();
         let ty = |s: &str| EntityTypeName::from_str(s).expect("valid type name");
+        let listing = listing_set(&set).map_err(|e| {
+            PolicyError(format!(
+                "{}: cannot prepare the policies for tools/list filtering (please report this): {e}",
+                src.origin
+            ))
+        })?;
         Ok(PolicyEngine {
             slices: slice::Slices::new(&set),
             set,
@@ -430,6 +475,8 @@ impl PolicyEngine {
             extension_values: ExtensionValues::default(),
             // The second is part of the key, so stale entries only wait for the next clear.
             contexts: memo::Memo::new(1024),
+            mcp_arguments: src.mcp_arguments.clone(),
+            listing,
             workload_type: ty("Workload"),
             destination_type: ty("Destination"),
             action_type: ty("Action"),
@@ -488,6 +535,28 @@ impl PolicyEngine {
                 reason: format!("policy evaluation failed: {e}"),
             },
         }
+    }
+
+    /// Whether policy could permit this tool call for some arguments (a `tools/list` answer
+    /// is being filtered; the input's arguments are ignored): `false` only when it is denied
+    /// whatever they are. Decided over [`listing_set`], where what policies read of the
+    /// arguments is unknown, by Cedar's partial evaluation. An error counts as a denial.
+    pub fn may_permit(&self, input: &PolicyInput<'_>) -> bool {
+        let without = input.mcp.map(|m| McpContext {
+            arguments: McpArguments::None,
+            ..m
+        });
+        let input = PolicyInput {
+            mcp: without,
+            ..*input
+        };
+        let Ok((request, entities)) = self.request(&input, None) else {
+            return false;
+        };
+        let partial = self
+            .authorizer
+            .is_authorized_partial(&request, &self.listing, &entities);
+        partial.decision() != Some(Decision::Deny)
     }
 
     fn evaluate(&self, input: &PolicyInput<'_>) -> Result<PolicyDecision, String> {
@@ -554,6 +623,22 @@ impl PolicyEngine {
         if let Some(u) = input.on_behalf_of {
             let _ = write!(key, "\0user\0{}\0{}\0{}", u.issuer, u.subject, u.verified);
         }
+        // A call's arguments are in the key only when none of them is one policy reads
+        // (the record is then `{}`); a context with argument values is built each time, so
+        // client-chosen values never fill the memo.
+        let mut memo = true;
+        let arguments = match input.mcp.map(|m| m.arguments) {
+            _ if self.mcp_arguments.is_empty() => None,
+            None | Some(McpArguments::None) => None,
+            Some(McpArguments::Given(v)) => {
+                let read = v
+                    .as_object()
+                    .is_some_and(|m| self.mcp_arguments.keys().any(|k| m.contains_key(k)));
+                memo = !read && (v.is_object() || v.is_null());
+                key.push_str("\0args{}");
+                Some(arguments::record(&self.mcp_arguments, Some(v)))
+            }
+        };
         if let Some(m) = input.mcp {
             let _ = write!(key, "\0mcp\0{}\0{}", m.method, m.name);
         }
@@ -561,7 +646,7 @@ impl PolicyEngine {
             key.push('\0');
             key.push_str(t);
         }
-        if let Some(hit) = self.contexts.get(&key) {
+        if memo && let Some(hit) = self.contexts.get(&key) {
             return Ok(hit);
         }
         let s = |v: &str| RestrictedExpression::new_string(v.to_string());
@@ -580,10 +665,15 @@ impl PolicyEngine {
         let mcp = input
             .mcp
             .map(|m| {
-                RestrictedExpression::new_record([
-                    ("method".to_string(), s(m.method)),
-                    ("name".to_string(), s(m.name)),
-                ])
+                let args = arguments.flatten().map(|a| ("arguments".to_string(), a));
+                RestrictedExpression::new_record(
+                    [
+                        ("method".to_string(), s(m.method)),
+                        ("name".to_string(), s(m.name)),
+                    ]
+                    .into_iter()
+                    .chain(args),
+                )
                 .map(|r| ("mcp".to_string(), r))
             })
             .transpose()
@@ -620,7 +710,9 @@ impl PolicyEngine {
             .chain(mcp),
         )
         .map_err(|e| e.to_string())?;
-        self.contexts.insert(key, context.clone());
+        if memo {
+            self.contexts.insert(key, context.clone());
+        }
         Ok(context)
     }
 
@@ -842,6 +934,60 @@ fn indexed_values<'a>(input: &PolicyInput<'a>) -> [&'a str; slice::INDEXED.len()
         &input.identity.environment,
         input.guardrail.map_or("", |g| g.kind),
     ]
+}
+
+/// The policies as `tools/list` filtering asks them: whatever a policy reads of an MCP tool
+/// call's arguments (`context.mcp.arguments`, `context.mcp has arguments`) is made an unknown
+/// (Cedar's `unknown(...)`), so partial evaluation tells a tool no call could be permitted
+/// (a forbid that holds whatever the arguments, or no permit that could) from one some calls
+/// could. Cedar's evaluator leaves `has` on a record holding an unknown undecided, so the
+/// unknowns go into the policies rather than into the context.
+fn listing_set(set: &PolicySet) -> Result<PolicySet, String> {
+    let mut out = PolicySet::new();
+    for p in set.policies() {
+        let mut est = p.to_json().map_err(|e| e.to_string())?;
+        let policy = if unknown_arguments(&mut est) {
+            cedar_policy::Policy::from_json(Some(p.id().clone()), est).map_err(|e| e.to_string())?
+        } else {
+            p.clone()
+        };
+        out.add(policy).map_err(|e| e.to_string())?;
+    }
+    Ok(out)
+}
+
+/// Replace, in a policy's JSON form, every `context.mcp.arguments` and `context.mcp has
+/// arguments` with an unknown; whether any was.
+fn unknown_arguments(v: &mut serde_json::Value) -> bool {
+    use serde_json::{Value, json};
+    let context_mcp = json!({".": {"left": {"Var": "context"}, "attr": "mcp"}});
+    match v {
+        Value::Object(m) => {
+            for (op, name) in [(".", "arguments"), ("has", "has_arguments")] {
+                if m.len() == 1
+                    && let Some(inner) = m.get(op)
+                    && inner["attr"] == "arguments"
+                    && inner["left"] == context_mcp
+                {
+                    *v = json!({"unknown": [{"Value": name}]});
+                    return true;
+                }
+            }
+            let mut any = false;
+            for x in m.values_mut() {
+                any |= unknown_arguments(x);
+            }
+            any
+        }
+        Value::Array(items) => {
+            let mut any = false;
+            for x in items {
+                any |= unknown_arguments(x);
+            }
+            any
+        }
+        _ => false,
+    }
 }
 
 /// The guardrails' kinds, as `@guardrail("...")` annotations and `context.guardrail` name them.
@@ -1103,7 +1249,7 @@ forbid(principal, action, resource) when { resource.labels has sensitivity && re
     #[test]
     fn schema_for_quotes_label_keys() {
         let keys: BTreeSet<String> = ["data-class".to_string(), "sensitivity".into()].into();
-        let text = schema_for(&keys);
+        let text = schema_for(&keys, &BTreeMap::new());
         assert!(
             text.contains(r#"type Labels = { "data-class"?: String, "sensitivity"?: String };"#)
         );
@@ -1122,9 +1268,12 @@ forbid(principal, action, resource) when { resource.labels has sensitivity && re
     fn runtime_request_matches_the_shipped_schema() {
         let id = ident();
         let e = engine("");
-        let schema = Schema::from_cedarschema_str(&schema_for(&["sensitivity".to_string()].into()))
-            .unwrap()
-            .0;
+        let schema = Schema::from_cedarschema_str(&schema_for(
+            &["sensitivity".to_string()].into(),
+            &BTreeMap::new(),
+        ))
+        .unwrap()
+        .0;
         let labels = BTreeMap::from([("sensitivity".to_string(), "high".to_string())]);
         for labels in [None, Some(&labels)] {
             let inp = input(&id, "inference", labels);
@@ -1138,6 +1287,99 @@ forbid(principal, action, resource) when { resource.labels has sensitivity && re
         connect.action = "CONNECT";
         e.request(&connect, Some(&schema))
             .expect("CONNECT fits the schema");
+    }
+
+    fn tools_engine(text: &str) -> PolicyEngine {
+        use arguments::ArgType;
+        let declared = BTreeMap::from([
+            ("repo".to_string(), ArgType::String),
+            ("limit".to_string(), ArgType::Long),
+        ]);
+        PolicyEngine::compile(&PolicySource::inline("tools.cedar", text).with_arguments(declared))
+            .unwrap()
+    }
+
+    const TOOL_POLICY: &str = r#"@id("session")
+permit(principal, action, resource) when { context has mcp && context.mcp.method != "tools/call" };
+@id("public-search")
+permit(principal, action, resource) when {
+  context has mcp && context.mcp.name == "search_docs" &&
+  context.mcp has arguments && context.mcp.arguments has repo && context.mcp.arguments.repo == "public" &&
+  (if context.mcp.arguments has limit then context.mcp.arguments.limit <= 50 else true)
+};
+@id("never-delete")
+forbid(principal, action, resource) when { context has mcp && context.mcp.name == "delete_repository" };
+@id("no-private")
+forbid(principal, action, resource) when { context has mcp && context.mcp has arguments && context.mcp.arguments has repo && context.mcp.arguments.repo == "private" };
+@id("admins-delete")
+permit(principal, action, resource) when { context has mcp && context.mcp.name == "delete_repository" };
+"#;
+
+    #[test]
+    fn tool_arguments_are_read_by_their_declared_types() {
+        let id = ident();
+        let e = tools_engine(TOOL_POLICY);
+        let call = |args: serde_json::Value| {
+            let mut i = input(&id, "tool:search_docs", None);
+            i.mcp = Some(McpContext {
+                method: "tools/call",
+                name: "search_docs",
+                arguments: McpArguments::Given(&args),
+            });
+            e.decide(&i)
+        };
+        let d = call(serde_json::json!({"query": "x", "repo": "public"}));
+        assert!(d.allow, "{d:?}");
+        assert_eq!(d.policy_ids, vec!["public-search"]);
+        assert!(call(serde_json::json!({"repo": "public", "limit": 10})).allow);
+        assert!(!call(serde_json::json!({"repo": "public", "limit": 500})).allow);
+        let private = call(serde_json::json!({"repo": "private"}));
+        assert_eq!(
+            (private.allow, private.policy_ids),
+            (false, vec!["no-private".to_string()])
+        );
+        assert!(!call(serde_json::json!({"query": "x"})).allow);
+        // Of another type than declared: `arguments` is absent, the permit does not apply.
+        assert!(!call(serde_json::json!({"repo": ["public"]})).allow);
+        assert!(!call(serde_json::json!({"repo": "public", "limit": "10"})).allow);
+        // The context memo never keeps argument values: a second ask decides afresh.
+        assert!(call(serde_json::json!({"repo": "public"})).allow);
+        assert!(!call(serde_json::json!({"repo": "private"})).allow);
+    }
+
+    #[test]
+    fn a_tool_is_offered_unless_denied_whatever_its_arguments() {
+        let id = ident();
+        let e = tools_engine(TOOL_POLICY);
+        let offered = |name: &str| {
+            let purpose = format!("tool:{name}");
+            let mut i = input(&id, &purpose, None);
+            i.mcp = Some(McpContext {
+                method: "tools/call",
+                name,
+                arguments: McpArguments::None,
+            });
+            e.may_permit(&i)
+        };
+        assert!(
+            offered("search_docs"),
+            "permitted for some arguments, forbidden for others"
+        );
+        assert!(
+            !offered("delete_repository"),
+            "forbidden whatever the arguments"
+        );
+        assert!(!offered("drop_tables"), "no permit could apply");
+        let open = tools_engine(
+            r#"permit(principal, action, resource) when { context has mcp && context.mcp.name like "*" };"#,
+        );
+        let mut i = input(&id, "tool:x", None);
+        i.mcp = Some(McpContext {
+            method: "tools/call",
+            name: "anything",
+            arguments: McpArguments::None,
+        });
+        assert!(open.may_permit(&i));
     }
 
     #[test]

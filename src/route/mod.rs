@@ -221,6 +221,8 @@ pub(crate) struct Route {
     pub(crate) add_headers: Vec<(HeaderName, http::HeaderValue)>,
     /// An MCP server: its POSTs are read message by message.
     pub(crate) mcp: bool,
+    /// On an MCP route, the scopes of each tool's calls (instead of `scopes`).
+    pub(crate) tools: BTreeMap<String, Vec<String>>,
 }
 
 /// `routes[].sign`: what an `aws` credential signs for when the host does not say.
@@ -246,6 +248,20 @@ pub(crate) struct RouteTimeouts {
 /// The placeholder for the request's purpose in a route's scopes.
 pub(crate) const PURPOSE_PLACEHOLDER: &str = "{purpose}";
 
+/// Scopes with the purpose put in for its placeholder (borrowed when none names it).
+fn expand<'a>(scopes: &'a [String], purpose: &str) -> std::borrow::Cow<'a, [String]> {
+    if scopes.iter().any(|s| s.contains(PURPOSE_PLACEHOLDER)) {
+        std::borrow::Cow::Owned(
+            scopes
+                .iter()
+                .map(|s| s.replace(PURPOSE_PLACEHOLDER, purpose))
+                .collect(),
+        )
+    } else {
+        std::borrow::Cow::Borrowed(scopes)
+    }
+}
+
 impl Route {
     /// The body field the route's credential goes into, when it has a credential and injects
     /// it into the body.
@@ -257,17 +273,25 @@ impl Route {
     }
 
     /// The scopes for one call: borrowed when they do not name the purpose, else expanded.
-    pub(crate) fn scopes_for<'a>(&'a self, purpose: &str) -> std::borrow::Cow<'a, [String]> {
-        if self.scopes.iter().any(|s| s.contains(PURPOSE_PLACEHOLDER)) {
-            std::borrow::Cow::Owned(
-                self.scopes
-                    .iter()
-                    .map(|s| s.replace(PURPOSE_PLACEHOLDER, purpose))
-                    .collect(),
-            )
-        } else {
-            std::borrow::Cow::Borrowed(&self.scopes)
-        }
+    /// On an MCP route, a POST calling tools the route lists gets those tools' scopes (all
+    /// of them, for a batch) instead of the route's.
+    pub(crate) fn scopes_for<'a>(
+        &'a self,
+        purpose: &str,
+        tools: &[&str],
+    ) -> std::borrow::Cow<'a, [String]> {
+        let own: Vec<&Vec<String>> = tools.iter().filter_map(|t| self.tools.get(*t)).collect();
+        let scopes = match own.as_slice() {
+            [] => &self.scopes,
+            [one] => *one,
+            many => {
+                let mut all: Vec<String> = many.iter().flat_map(|s| s.iter().cloned()).collect();
+                all.sort_unstable();
+                all.dedup();
+                return std::borrow::Cow::Owned(expand(&all, purpose).into_owned());
+            }
+        };
+        expand(scopes, purpose)
     }
 
     /// What the route takes and does, in one line (what `chaperone check` prints, so a
@@ -315,6 +339,12 @@ impl Route {
         }
         if !self.scopes.is_empty() {
             out.push_str(&format!("; scopes {}", self.scopes.join(" ")));
+        }
+        if self.mcp {
+            out.push_str("; MCP");
+        }
+        for (tool, scopes) in &self.tools {
+            out.push_str(&format!("; tool {tool} scopes {}", scopes.join(" ")));
         }
         for (k, v) in &self.add_headers {
             out.push_str(&format!(
@@ -416,6 +446,7 @@ mod tests {
             provider: None,
             add_headers: vec![],
             mcp: false,
+            tools: BTreeMap::new(),
         }
     }
 

@@ -85,6 +85,11 @@ pub(crate) struct WhatIf {
     #[serde(default)]
     #[arg(long)]
     pub(crate) mcp_name: Option<String>,
+    /// A tool call's arguments as a JSON object (`context.mcp.arguments`, as far as the
+    /// routes declare them), e.g. `{"repo": "public"}`.
+    #[serde(default)]
+    #[arg(long)]
+    pub(crate) mcp_arguments: Option<String>,
     /// Expected decision (`allow` or `deny`); required in a CASES file.
     #[serde(default)]
     #[arg(skip)]
@@ -235,11 +240,26 @@ impl<'a> Bench<'a> {
         } else {
             self.routes.find(&method, &target)
         };
+        // A tool call serves `tool:<name>` unless the request names a purpose, as on the wire.
+        let tool_purpose = match (w.mcp_method.as_deref(), w.mcp_name.as_deref()) {
+            (Some("tools/call"), Some(name)) if route.is_some_and(|r| r.mcp) => {
+                Some(format!("tool:{name}"))
+            }
+            _ => None,
+        };
         let purpose = w
             .purpose
             .as_deref()
+            .or(tool_purpose.as_deref())
             .or(route.and_then(|r| r.purpose_default.as_deref()))
             .unwrap_or(crate::identify::UNSPECIFIED_PURPOSE);
+        let arguments: Option<serde_json::Value> = w
+            .mcp_arguments
+            .as_deref()
+            .map(|a| {
+                serde_json::from_str(a).map_err(|e| format!("mcp_arguments: not JSON ({e}): {a}"))
+            })
+            .transpose()?;
         crate::identify::validate_purpose(purpose).map_err(|e| format!("purpose: {e}"))?;
         let time = match &w.time {
             None => SystemTime::now(),
@@ -276,6 +296,11 @@ impl<'a> Bench<'a> {
                 .map(|method| crate::policy::McpContext {
                     method,
                     name: w.mcp_name.as_deref().unwrap_or(""),
+                    arguments: arguments
+                        .as_ref()
+                        .map_or(crate::policy::McpArguments::None, |a| {
+                            crate::policy::McpArguments::Given(a)
+                        }),
                 }),
         });
         Ok(Explained {

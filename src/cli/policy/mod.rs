@@ -56,15 +56,26 @@ pub(crate) fn check(config: &Path, out: &mut dyn Write, err: &mut dyn Write) -> 
         _ => "the shipped schema".to_string(),
     };
     let labels: Vec<&str> = cfg.policy.label_keys.iter().map(String::as_str).collect();
+    let arguments: Vec<String> = cfg
+        .policy
+        .mcp_arguments
+        .iter()
+        .map(|(k, t)| format!("{k}: {}", t.cedar()))
+        .collect();
     let _ = writeln!(
         out,
-        "{}: ok, {} policies valid against {schema} (route labels: {})",
+        "{}: ok, {} policies valid against {schema} (route labels: {}{})",
         cfg.policy.origin,
         engine.len(),
         if labels.is_empty() {
             "none".to_string()
         } else {
             labels.join(", ")
+        },
+        if arguments.is_empty() {
+            String::new()
+        } else {
+            format!("; MCP tool arguments: {}", arguments.join(", "))
         }
     );
     for id in engine.policy_ids() {
