@@ -200,6 +200,8 @@ struct Forwarded {
     idle: Duration,
     /// The `Upgrade` the request asked for, if it did.
     upgrade: Option<HeaderValue>,
+    /// On an MCP route, the filter for the answers to the POST's `tools/list` requests.
+    listing: Option<crate::mcp::listing::Listing>,
 }
 
 /// What the authorize stage decides on, besides the caller and what strip found.
@@ -262,10 +264,11 @@ impl Pipeline {
                 response,
                 idle,
                 upgrade: Some(asked),
+                ..
             }) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
                 self.switch(x, response, &asked, idle)
             }
-            Ok(f) => Reply::Response(self.respond(x, f.response, f.idle)),
+            Ok(f) => Reply::Response(self.respond(x, f.response, f.idle, f.listing)),
             Err(rej) => Reply::Response(self.reject(x, rej)),
         }
     }
@@ -410,6 +413,15 @@ impl Pipeline {
                 })?;
         }
         x.log.decision = "allow";
+        // A `tools/list` answer will offer only the tools policy could permit this caller to
+        // call (read uncompressed, so it can be).
+        let listing = crate::mcp::listing::Listing::for_calls(
+            &mcp_calls,
+            self.tool_offer(&x.caller, &ask, &x.log.stripped),
+        );
+        if listing.is_some() {
+            parts.headers.remove(header::ACCEPT_ENCODING);
+        }
 
         // Stage: credential. Obtained for this call and injected; fail closed. An MCP tool
         // call's token is scoped to its tool where the route says.
@@ -510,6 +522,7 @@ impl Pipeline {
             response,
             idle: own.idle.unwrap_or(self.timeouts.idle),
             upgrade: asked,
+            listing,
         })
     }
 
@@ -589,6 +602,64 @@ impl Pipeline {
             mcp: mcp.map(crate::mcp::McpCall::context),
         });
         enforce(log, decision)
+    }
+
+    /// Whether a tool may be offered to this caller in a `tools/list` answer: some call to
+    /// it could be permitted (its purpose `tool:<name>` unless the app named one), decided
+    /// against the policies in force when the list was asked for.
+    fn tool_offer(
+        &self,
+        caller: &Caller,
+        ask: &Ask<'_>,
+        stripped: &[strip::Finding],
+    ) -> crate::mcp::listing::Offer {
+        let engine = arc_swap::Guard::into_inner(self.policy.current());
+        let identity = caller.identity.clone();
+        let client = caller.client.ip();
+        let named = caller.purpose.clone();
+        let target = ask.target.clone();
+        let route = ask
+            .route
+            .map(|r| (r.name.clone(), r.labels.clone(), r.credential.clone()));
+        let user = ask
+            .user
+            .map(|u| (u.issuer.clone(), u.subject.clone(), u.verified));
+        let action = ask.action.to_string();
+        let stripped: Vec<&'static str> = stripped.iter().map(|f| f.kind).collect();
+        Box::new(move |tool: &str| {
+            let purpose = named.clone().unwrap_or_else(|| format!("tool:{tool}"));
+            let (name, labels, credential) = match &route {
+                Some((n, l, c)) => (n.as_str(), Some(l), c.as_deref().unwrap_or("")),
+                None => ("", None, ""),
+            };
+            engine.may_permit(&PolicyInput {
+                identity: &identity,
+                action: &action,
+                host: &target.host,
+                scheme: target.scheme,
+                port: target.port,
+                path: &target.path,
+                purpose: &purpose,
+                route: name,
+                labels,
+                stripped_types: &stripped,
+                credential,
+                client,
+                time: SystemTime::now(),
+                guardrail: None,
+                upgrade: "",
+                on_behalf_of: user.as_ref().map(|(i, s, v)| crate::policy::OnBehalfOf {
+                    issuer: i,
+                    subject: s,
+                    verified: *v,
+                }),
+                mcp: Some(crate::policy::McpContext {
+                    method: "tools/call",
+                    name: tool,
+                    arguments: crate::policy::McpArguments::None,
+                }),
+            })
+        })
     }
 
     /// CONNECT, decided before the proxy answers 200 ([`TunnelMode`]): intercept (a CA is
@@ -792,17 +863,35 @@ impl Pipeline {
         mut x: Exchange,
         resp: Response<Incoming>,
         idle: Duration,
+        listing: Option<crate::mcp::listing::Listing>,
     ) -> Response<ProxyBody> {
+        use crate::mcp::listing::{Filtered, Framing};
         let (mut head, body) = resp.into_parts();
         self.pass_on(&mut x, &mut head, None);
-        let body = LoggedBody {
-            length: body.size_hint().exact(),
-            inner: body,
-            log: Some(x.log),
-            ended: false,
-            idle,
-            silence: None,
+        // An MCP server's answer to `tools/list`: filtered on its way, so its length changes;
+        // one that cannot be read is replaced by a JSON-RPC error.
+        let filter = match listing {
+            Some(l) if head.status == StatusCode::OK => match Framing::of(&head.headers) {
+                Ok(Some(framing)) => Some((l, framing, None)),
+                Ok(None) => None,
+                Err(why) => Some((l, Framing::Json, Some(why))),
+            },
+            _ => None,
         };
+        let Some((listing, framing, withheld)) = filter else {
+            let body = LoggedBody::new(body, x.log, idle);
+            return Response::from_parts(head, body.boxed_unsync());
+        };
+        head.headers.remove(header::CONTENT_LENGTH);
+        if withheld.is_some() {
+            head.headers.remove(header::CONTENT_ENCODING);
+            head.headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+        }
+        let filtered = Filtered::new(body, framing, listing, withheld);
+        let body = LoggedBody::new(filtered, x.log, idle);
         Response::from_parts(head, body.boxed_unsync())
     }
 
@@ -891,8 +980,8 @@ fn version_name(v: http::Version) -> &'static str {
 /// - dropped before either (the app went away, e.g. an SSE client that closes after
 ///   `[DONE]` while the stream stays open): `client_closed`, not an error, or `shutdown` when
 ///   the drain deadline cut it.
-struct LoggedBody {
-    inner: Incoming,
+struct LoggedBody<B: Relayed> {
+    inner: B,
     log: Option<LogGuard>,
     ended: bool,
     /// The body's length, when the upstream declared it.
@@ -903,7 +992,38 @@ struct LoggedBody {
     silence: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl Body for LoggedBody {
+/// A response body as the upstream sent it, or as a stage rewrote it on the way; what the
+/// rewriting did goes into the line when it is written.
+trait Relayed: Body<Data = Bytes, Error: Into<BoxError>> + Unpin {
+    /// Note in the line what was done to the body.
+    fn note(&self, _log: &mut Record) {}
+}
+
+impl Relayed for Incoming {}
+
+impl<B: Relayed> Relayed for crate::mcp::listing::Filtered<B> {
+    fn note(&self, log: &mut Record) {
+        if let Some(m) = log.mcp.as_mut() {
+            m.offered = Some(self.listing.offered);
+            m.hidden.clone_from(&self.listing.hidden);
+        }
+    }
+}
+
+impl<B: Relayed> LoggedBody<B> {
+    fn new(inner: B, log: LogGuard, idle: Duration) -> Self {
+        LoggedBody {
+            length: inner.size_hint().exact(),
+            inner,
+            log: Some(log),
+            ended: false,
+            idle,
+            silence: None,
+        }
+    }
+}
+
+impl<B: Relayed> Body for LoggedBody<B> {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -912,7 +1032,10 @@ impl Body for LoggedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        match Pin::new(&mut this.inner)
+            .poll_frame(cx)
+            .map_err(Into::<BoxError>::into)
+        {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(timer) = this.silence.as_mut() {
                     timer
@@ -932,7 +1055,7 @@ impl Body for LoggedBody {
                     log.error = Some(format!("upstream body: {e}"));
                     log.completion = Completion::ResponseIncomplete;
                 }
-                Poll::Ready(Some(Err(e.into())))
+                Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => {
                 this.ended = true;
@@ -971,9 +1094,10 @@ impl Body for LoggedBody {
     }
 }
 
-impl Drop for LoggedBody {
+impl<B: Relayed> Drop for LoggedBody<B> {
     fn drop(&mut self) {
         if let Some(mut log) = self.log.take() {
+            self.inner.note(&mut log);
             let delivered = self.length.is_some_and(|n| n == log.bytes_out);
             let unfinished = !self.ended && !delivered && !self.inner.is_end_stream();
             if unfinished && log.completion == Completion::Complete {

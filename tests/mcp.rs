@@ -1,9 +1,10 @@
 //! MCP-aware policy (issue 19) against the official MCP Python SDK: an `MCPServer` over
-//! streamable HTTP with a harmless and a dangerous tool, and the SDK's `Client` through
-//! HTTP_PROXY. Policy decides each tool call (`context.mcp`), a refused call is answered with
-//! the JSON-RPC error the client expects and never reaches the server, the allowed one does
-//! with the route's credential, a header that disagrees with the body is refused, and the
-//! line names each tool.
+//! streamable HTTP with a harmless and a dangerous tool (answering in SSE, and in JSON), and
+//! the SDK's `Client` through HTTP_PROXY. Policy decides each tool call (`context.mcp`, with
+//! the arguments the route declares), `tools/list` offers only the tools policy could permit,
+//! a refused call is answered with the JSON-RPC error the client expects and never reaches
+//! the server, the allowed one does with a token scoped to its tool, a header that disagrees
+//! with the body is refused, and the line names each tool.
 
 mod common;
 
@@ -58,9 +59,10 @@ fn each_tool_call_is_decided_logged_and_refused_as_mcp_expects() {
         .output()
         .unwrap();
     let calls = named_lines(&out);
+    // The listing offers only what policy could permit; the agent calls the hidden tool anyway.
     assert_eq!(
         calls["tools"],
-        serde_json::json!(["delete_repository", "search_docs"]),
+        serde_json::json!(["search_docs"]),
         "{calls:?}"
     );
     assert_eq!(calls["search_docs"]["error"], false, "{calls:?}");
@@ -100,10 +102,15 @@ fn each_tool_call_is_decided_logged_and_refused_as_mcp_expects() {
     assert_eq!(delete["decision"], "deny", "{delete}");
     assert_eq!(delete["policy_ids"], serde_json::json!(["never-delete"]));
     assert_eq!(delete["answered_by"], "chaperone");
-    assert!(
-        lines.iter().any(|l| l["mcp"]["method"] == "tools/list"),
-        "{lines:#?}"
+    let list = lines
+        .iter()
+        .find(|l| l["mcp"]["method"] == "tools/list")
+        .unwrap_or_else(|| panic!("{lines:#?}"));
+    assert_eq!(
+        list["mcp"]["hidden"],
+        serde_json::json!(["delete_repository"])
     );
+    assert_eq!(list["mcp"]["offered"], 1, "{list}");
 
     // A header that says one tool while the body calls another is an attack: 400.
     let (code, body) = curl(&[
@@ -125,4 +132,139 @@ fn each_tool_call_is_decided_logged_and_refused_as_mcp_expects() {
     assert!(body.contains("Mcp-Name"), "{body}");
     assert_eq!(server.lines_after("called ").len(), 1);
     sc.assert_never_shows(&[INJECTED_KEY]);
+}
+
+/// Permits read a tool call's arguments; each tool's token carries the tool's scopes.
+const ARGUMENT_POLICY: &str = r#"@id("mcp-session")
+permit(principal, action, resource) when { context has mcp && context.mcp.method != "tools/call" };
+@id("public-docs-only")
+permit(principal, action, resource) when {
+  context has mcp && context.mcp.name == "search_docs" &&
+  context.mcp has arguments && context.mcp.arguments has repo && context.mcp.arguments.repo == "public"
+};
+@id("never-delete")
+forbid(principal, action, resource) when { context has mcp && context.mcp.name == "delete_repository" };
+@id("session-end")
+permit(principal, action == Action::"DELETE", resource);
+@id("stream")
+permit(principal, action == Action::"GET", resource);
+"#;
+
+/// The JWT claims of `Bearer <jwt>` (unverified: the sidecar minted it; the test reads it).
+fn claims(authorization: &str) -> Value {
+    use base64::Engine;
+    let jwt = authorization.strip_prefix("Bearer ").expect(authorization);
+    let payload = jwt.split('.').nth(1).expect(jwt);
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+#[test]
+fn tools_list_is_filtered_arguments_decide_and_each_tool_gets_its_scopes() {
+    for framing in ["sse", "json"] {
+        let mut cmd = Command::new(python());
+        cmd.arg(support().join("mcp_server.py"));
+        if framing == "json" {
+            cmd.arg("json");
+        }
+        let server = ServerProcess::start(cmd, "the MCP server (Python SDK)");
+        let port = server.port.unwrap();
+        let cfg = Cfg::new()
+            .set("credentials", "per-call:\n  kind: jwt\n  ttl: 60s")
+            .set(
+                "routes",
+                &format!(
+                    "- name: tools
+  match: {{ host: 127.0.0.1, port: {port}, path_prefix: /mcp }}
+  credential: per-call
+  scopes: [mcp.session]
+  mcp: true
+  tools:
+    search_docs: {{ scopes: [docs.read], arguments: {{ repo: String }} }}
+    delete_repository: [repo.admin]
+"
+                ),
+            )
+            .yaml();
+        let sc = Sidecar::start(&cfg, ARGUMENT_POLICY, &[]);
+        let out = Command::new(python())
+            .arg(support().join("mcp_client.py"))
+            .arg(format!("http://127.0.0.1:{port}/mcp"))
+            .arg(
+                serde_json::json!([
+                    ["search_docs", {"query": "sidecar", "repo": "public"}],
+                    ["search_docs", {"query": "keys", "repo": "private"}],
+                    ["search_docs", {"query": "keys", "repo": ["public", "private"]}],
+                    ["delete_repository", {"name": "prod"}],
+                ])
+                .to_string(),
+            )
+            .env("HTTP_PROXY", sc.proxy_url())
+            .env("http_proxy", sc.proxy_url())
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
+            .output()
+            .unwrap();
+        let calls = named_lines(&out);
+        assert_eq!(
+            calls["tools"],
+            serde_json::json!(["search_docs"]),
+            "{framing}: a tool permitted for some arguments is offered, one forbidden whatever they are is not: {calls:?}"
+        );
+        assert_eq!(
+            calls["search_docs"]["text"], "3 results for sidecar in public",
+            "{framing}: {calls:?}"
+        );
+        // Refused as MCP errors the agent can read: no permit for a private repository or
+        // for arguments of the wrong type; the forbid for the dangerous tool.
+        for refused in ["search_docs#2", "search_docs#3"] {
+            let r = &calls[refused];
+            assert_eq!(r["raised"], "MCPError", "{framing} {refused}: {r}");
+            assert_eq!(r["message"], "no policy permits this request", "{r}");
+        }
+        assert!(
+            calls["delete_repository"]
+                .to_string()
+                .contains("never-delete")
+        );
+        let ran = server.lines_after("called ");
+        assert_eq!(
+            ran.len(),
+            1,
+            "{framing}: only the permitted call ran: {ran:?}"
+        );
+        let auth = ran[0].rsplit(' ').next().unwrap();
+        let c = claims(&format!("Bearer {auth}"));
+        let scope = c["scope"].as_str().unwrap_or_default();
+        assert!(
+            scope.split(' ').any(|s| s == "docs.read") && !scope.contains("mcp.session"),
+            "{framing}: the tool call's token has the tool's scopes, not the route's: {c}"
+        );
+        assert!(scope.contains("purpose:tool:search_docs"), "{c}");
+
+        let lines = sc.lines_where(6, |l| l["route"] == "tools" && l["method"] == "POST");
+        let list = lines
+            .iter()
+            .find(|l| l["mcp"]["method"] == "tools/list")
+            .unwrap_or_else(|| panic!("{lines:#?}"));
+        assert_eq!(
+            list["mcp"]["hidden"],
+            serde_json::json!(["delete_repository"])
+        );
+        let denied: Vec<&Value> = lines
+            .iter()
+            .filter(|l| l["mcp"]["name"] == "search_docs" && l["decision"] == "deny")
+            .collect();
+        assert_eq!(denied.len(), 2, "{framing}: {lines:#?}");
+        assert!(
+            denied
+                .iter()
+                .all(|l| l["policy_ids"] == serde_json::json!([])),
+            "denied by default: no permit applied ({denied:#?})"
+        );
+        // The arguments are never logged.
+        assert!(!sc.output().contains("\"private\""), "{}", sc.output());
+    }
 }

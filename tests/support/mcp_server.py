@@ -2,14 +2,16 @@
 requirements.txt): an MCPServer over streamable HTTP at /mcp with two tools, one harmless
 (`search_docs`) and one dangerous (`delete_repository`), for tests/mcp.rs.
 
-Usage: python3 mcp_server.py
-Prints `ready PORT`, then `called NAME ARGS AUTHORIZATION` for every tool that actually ran,
-so a test can tell a call refused by the proxy from one the server saw.
+Usage: python3 mcp_server.py [json]
+With `json`, answers each POST with one JSON body instead of an SSE stream (both are
+streamable HTTP). Prints `ready PORT`, then `called NAME ARGS AUTHORIZATION` for every tool
+that actually ran, so a test can tell a call refused by the proxy from one the server saw.
 """
 
 import asyncio
 import json
 import socket
+import sys
 
 import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
@@ -46,7 +48,8 @@ async def main():
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    app = server.streamable_http_app(host="127.0.0.1")
+    json_response = sys.argv[1:] == ["json"]
+    app = server.streamable_http_app(host="127.0.0.1", json_response=json_response)
     config = uvicorn.Config(app, log_level="warning", lifespan="on")
     print(f"ready {port}", flush=True)
     await uvicorn.Server(config).serve(sockets=[sock])

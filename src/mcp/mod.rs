@@ -7,6 +7,8 @@
 //! body: a header that says one tool while the body calls another is an attack on whatever
 //! routes or authorizes by header, and is refused (400).
 
+pub(crate) mod listing;
+
 use http::HeaderMap;
 use serde::Serialize;
 use serde_json::Value;
@@ -60,6 +62,13 @@ pub(crate) struct McpLog {
     /// Messages in the POST, when more than one (a batch).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) batch: Option<usize>,
+    /// For `tools/list`: how many tools the answer offered the caller.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) offered: Option<usize>,
+    /// For `tools/list`: the tools left out of the answer, as no call to them could be
+    /// permitted.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) hidden: Vec<String>,
 }
 
 impl McpLog {
@@ -74,6 +83,8 @@ impl McpLog {
                 .and_then(|v| v.to_str().ok())
                 .map(|s| s.chars().take(128).collect()),
             batch: (calls.len() > 1).then_some(calls.len()),
+            offered: None,
+            hidden: Vec::new(),
         })
     }
 }
