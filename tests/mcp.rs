@@ -266,5 +266,98 @@ fn tools_list_is_filtered_arguments_decide_and_each_tool_gets_its_scopes() {
         );
         // The arguments are never logged.
         assert!(!sc.output().contains("\"private\""), "{}", sc.output());
+        if framing == "sse" {
+            audit_and_review_by_tool(&sc, port);
+        }
     }
+}
+
+/// `audit` counts each tool's calls and the listings it was hidden from; `review` proposes
+/// a permit naming the tools and MCP methods used, and nothing else.
+fn audit_and_review_by_tool(sc: &Sidecar, port: u16) {
+    let (code, out, err) = chaperone("audit", &["--json", sc.stdout.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let r: Value = serde_json::from_str(&out).unwrap();
+    let tool = |name: &str| -> Value {
+        r["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["tool"] == name)
+            .unwrap_or_else(|| panic!("{name}: {}", r["tools"]))
+            .clone()
+    };
+    let search = tool("search_docs");
+    assert_eq!(
+        (&search["calls"], &search["allowed"], &search["denied"]),
+        (&Value::from(3), &Value::from(1), &Value::from(2)),
+        "{search}"
+    );
+    let delete = tool("delete_repository");
+    assert_eq!(
+        (&delete["denied"], &delete["hidden"]),
+        (&Value::from(1), &Value::from(1))
+    );
+    assert_eq!(delete["denied_by"], serde_json::json!(["never-delete"]));
+
+    let dir = sc.dir();
+    let suggested = dir.join("suggested.cedar");
+    let (code, out, err) = chaperone(
+        "review",
+        &[
+            "--json",
+            "--config",
+            dir.join("config.yaml").to_str().unwrap(),
+            "--suggest-out",
+            suggested.to_str().unwrap(),
+            sc.stdout.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let r: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        r["suggestion_check"]["allowed"], r["suggestion_check"]["decided"],
+        "{}",
+        r["suggestion_check"]
+    );
+    assert_eq!(
+        r["unused_tools"],
+        serde_json::json!([{"route": "tools", "tool": "delete_repository"}])
+    );
+    let text = std::fs::read_to_string(&suggested).unwrap();
+    assert!(
+        text.contains(
+            r#"context.mcp.method == "tools/call" && ["search_docs"].contains(context.mcp.name)"#
+        ),
+        "{text}"
+    );
+    // Under the suggestion, an MCP method the policy permitted but nobody used is refused.
+    let eval = |policy: &str, method: &str, name: &str| -> String {
+        std::fs::write(dir.join("policy.cedar"), policy).unwrap();
+        let url = format!("http://127.0.0.1:{port}/mcp");
+        let (_, out, err) = chaperone(
+            "policy",
+            &[
+                "eval",
+                "--config",
+                dir.join("config.yaml").to_str().unwrap(),
+                "--method",
+                "POST",
+                "--mcp-method",
+                method,
+                "--mcp-name",
+                name,
+                "--url",
+                &url,
+            ],
+        );
+        format!("{out}{err}")
+    };
+    let loose = eval(ARGUMENT_POLICY, "resources/read", "file:///etc");
+    assert!(loose.contains("decision:  allow"), "{loose}");
+    let tight = eval(&text, "resources/read", "file:///etc");
+    assert!(tight.contains("decision:  deny"), "{tight}");
+    let used = eval(&text, "tools/call", "search_docs");
+    assert!(used.contains("decision:  allow"), "{used}");
+    std::fs::write(dir.join("policy.cedar"), ARGUMENT_POLICY).unwrap();
 }

@@ -49,6 +49,18 @@ struct Line<'a> {
     error: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     on_behalf_of: Option<OnBehalfLine<'a>>,
+    #[serde(borrow, default)]
+    mcp: Option<McpLine<'a>>,
+}
+
+#[derive(Deserialize)]
+struct McpLine<'a> {
+    #[serde(borrow, default)]
+    method: Cow<'a, str>,
+    #[serde(borrow, default)]
+    name: Cow<'a, str>,
+    #[serde(borrow, default)]
+    hidden: Vec<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -217,6 +229,26 @@ pub(crate) struct Report {
     pub(crate) credentials: Vec<CredentialUse>,
     /// Who acted for whom, for what: requests made on behalf of users.
     pub(crate) delegations: Vec<Delegation>,
+    /// MCP tools: who called each, what was refused, how often it was hidden from a listing.
+    pub(crate) tools: Vec<ToolUse>,
+}
+
+/// Calls to one MCP tool on one route.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct ToolUse {
+    pub(crate) route: String,
+    pub(crate) tool: String,
+    /// `tools/call` requests, allowed and denied.
+    pub(crate) calls: u64,
+    pub(crate) allowed: u64,
+    pub(crate) denied: u64,
+    /// Who called it (`identity (stage)`).
+    pub(crate) callers: BTreeSet<String>,
+    /// The policies that refused calls to it.
+    pub(crate) denied_by: BTreeSet<String>,
+    /// `tools/list` answers it was left out of.
+    pub(crate) hidden: u64,
+    pub(crate) seen: Seen,
 }
 
 /// Requests one workload (identity and stage) made on behalf of one user, for one purpose.
@@ -252,6 +284,7 @@ pub(crate) struct Auditor {
     secrets: HashMap<(String, String), Secret>,
     credentials: HashMap<(String, String), (CredentialUse, HashSet<u64>)>,
     delegations: HashMap<(String, String, String, String, String), Delegation>,
+    tools: HashMap<(String, String), ToolUse>,
 }
 
 /// What is called for each non-empty line: the input's name, the 1-based line number, and
@@ -466,6 +499,29 @@ impl Auditor {
             d.seen.at(&l.ts);
         }
 
+        if let Some(m) = &l.mcp {
+            let route = l.route.as_deref().unwrap_or("");
+            if m.method == "tools/call" && !m.name.is_empty() {
+                let t = tool_use(&mut self.tools, route, &m.name);
+                t.calls += 1;
+                if denied {
+                    t.denied += 1;
+                    for p in &l.policy_ids {
+                        insert_capped(&mut t.denied_by, p);
+                    }
+                } else {
+                    t.allowed += 1;
+                }
+                insert_capped(&mut t.callers, &format!("{} ({})", l.identity, l.stage));
+                t.seen.at(&l.ts);
+            }
+            for h in &m.hidden {
+                let t = tool_use(&mut self.tools, route, h);
+                t.hidden += 1;
+                t.seen.at(&l.ts);
+            }
+        }
+
         if let Some(c) = &l.credential {
             let (u, ids) = self
                 .credentials
@@ -543,6 +599,12 @@ impl Auditor {
                 .cmp(&a.requests)
                 .then_with(|| a.name.cmp(&b.name))
         });
+        r.tools = self.tools.into_values().collect();
+        r.tools.sort_by(|a, b| {
+            (b.calls, b.hidden)
+                .cmp(&(a.calls, a.hidden))
+                .then_with(|| (&a.route, &a.tool).cmp(&(&b.route, &b.tool)))
+        });
         r.delegations = self.delegations.into_values().collect();
         r.delegations.sort_by(|a, b| {
             b.requests.cmp(&a.requests).then_with(|| {
@@ -551,6 +613,27 @@ impl Auditor {
         });
         r
     }
+}
+
+/// The row of one tool on one route.
+fn tool_use<'a>(
+    tools: &'a mut HashMap<(String, String), ToolUse>,
+    route: &str,
+    tool: &str,
+) -> &'a mut ToolUse {
+    tools
+        .entry((route.to_string(), tool.to_string()))
+        .or_insert_with(|| ToolUse {
+            route: route.to_string(),
+            tool: tool.to_string(),
+            calls: 0,
+            allowed: 0,
+            denied: 0,
+            callers: BTreeSet::new(),
+            denied_by: BTreeSet::new(),
+            hidden: 0,
+            seen: Seen::default(),
+        })
 }
 
 /// Sets in the report list at most this many values (a `...` entry says more were seen),
@@ -699,6 +782,38 @@ pub(crate) fn render(r: &Report, top: usize) -> String {
             ]
         },
     );
+    if !r.tools.is_empty() {
+        section(
+            &mut out,
+            "MCP tools: calls by tool, and listings they were hidden from",
+            &[
+                "route",
+                "tool",
+                "calls",
+                "allowed",
+                "denied",
+                "denied by",
+                "hidden from lists",
+                "callers",
+                "last seen",
+            ],
+            &r.tools,
+            top,
+            |t| {
+                vec![
+                    t.route.clone(),
+                    t.tool.clone(),
+                    t.calls.to_string(),
+                    t.allowed.to_string(),
+                    t.denied.to_string(),
+                    join(&t.denied_by),
+                    t.hidden.to_string(),
+                    join(&t.callers),
+                    t.seen.last.clone(),
+                ]
+            },
+        );
+    }
     if !r.delegations.is_empty() {
         section(
             &mut out,
@@ -854,6 +969,58 @@ mod tests {
         let text = render(&r, 20);
         assert!(text.contains("On behalf of users"), "{text}");
         assert!(text.contains("tickets.internal:443"), "{text}");
+    }
+
+    #[test]
+    fn tools_are_counted_by_call_and_by_listing() {
+        let line = |decision: &str, mcp: &str, ids: &str| {
+            format!(
+                r#"{{"ts":"2026-12-01T10:00:00.000Z","identity":"spiffe://t/agent","stage":"main","purpose":"p","host":"tools.internal","port":443,"route":"tools","decision":"{decision}","policy_ids":[{ids}],"mcp":{mcp}}}"#
+            )
+        };
+        let text = [
+            line(
+                "allow",
+                r#"{"method":"tools/list","hidden":["delete_repository"]}"#,
+                "",
+            ),
+            line(
+                "allow",
+                r#"{"method":"tools/call","name":"search_docs","id":1}"#,
+                r#""search""#,
+            ),
+            line(
+                "allow",
+                r#"{"method":"tools/call","name":"search_docs","id":2}"#,
+                r#""search""#,
+            ),
+            line(
+                "deny",
+                r#"{"method":"tools/call","name":"delete_repository","id":3}"#,
+                r#""never-delete""#,
+            ),
+            line("allow", r#"{"method":"initialize"}"#, ""),
+        ]
+        .join("\n");
+        let mut a = Auditor::new();
+        a.read("log", text.as_bytes()).unwrap();
+        let r = a.finish();
+        assert_eq!(r.tools.len(), 2, "{:?}", r.tools);
+        let search = &r.tools[0];
+        assert_eq!(
+            (
+                search.tool.as_str(),
+                search.calls,
+                search.allowed,
+                search.hidden
+            ),
+            ("search_docs", 2, 2, 0)
+        );
+        let delete = &r.tools[1];
+        assert_eq!((delete.calls, delete.denied, delete.hidden), (1, 1, 1));
+        assert!(delete.denied_by.contains("never-delete"));
+        let text = render(&r, 10);
+        assert!(text.contains("MCP tools"), "{text}");
     }
 
     #[test]

@@ -62,6 +62,16 @@ struct Line {
     client: String,
     #[serde(default)]
     on_behalf_of: Option<OnBehalfLine>,
+    #[serde(default)]
+    mcp: Option<McpLine>,
+}
+
+#[derive(Deserialize)]
+struct McpLine {
+    #[serde(default)]
+    method: String,
+    #[serde(default)]
+    name: String,
 }
 
 #[derive(Deserialize)]
@@ -94,6 +104,15 @@ pub(crate) struct UnusedScope {
     pub(crate) route: String,
     /// Scope as configured (may hold `{purpose}`).
     pub(crate) scope: String,
+}
+
+/// A tool a route gives its own scopes that no allowed call used in the window.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct UnusedTool {
+    /// Route.
+    pub(crate) route: String,
+    /// Tool (`routes[].tools`).
+    pub(crate) tool: String,
 }
 
 /// A policy that decided no request in the window.
@@ -152,6 +171,8 @@ pub(crate) struct Review {
     pub(crate) unused_credentials: Vec<String>,
     /// Scopes no token carried.
     pub(crate) unused_scopes: Vec<UnusedScope>,
+    /// Tools with their own scopes that were never called.
+    pub(crate) unused_tools: Vec<UnusedTool>,
     /// Policies that decided nothing.
     pub(crate) unused_policies: Vec<UnusedPolicy>,
     /// Stages reaching destinations outside their function.
@@ -189,6 +210,9 @@ struct Grant {
     purposes: BTreeSet<String>,
     requests: u64,
     route: Option<String>,
+    /// On an MCP route: the tools called, and the other MCP methods used.
+    tools: BTreeSet<String>,
+    mcp_methods: BTreeSet<String>,
 }
 
 /// Read the logs and review them against `cfg`.
@@ -209,6 +233,7 @@ pub(crate) fn review(
     let mut lifted: BTreeSet<String> = BTreeSet::new();
     let mut delegated: BTreeMap<String, (DelegatedRoute, BTreeSet<(String, String)>)> =
         BTreeMap::new();
+    let mut tools_called: BTreeSet<(String, String)> = BTreeSet::new();
 
     for path in logs {
         for_each_line(path, &mut |_, _, bytes| {
@@ -272,6 +297,16 @@ pub(crate) fn review(
             g.purposes.insert(l.purpose.clone());
             g.requests += 1;
             g.route = l.route.clone();
+            match &l.mcp {
+                Some(m) if m.method == "tools/call" => {
+                    g.tools.insert(m.name.clone());
+                    tools_called.insert((l.route.clone().unwrap_or_default(), m.name.clone()));
+                }
+                Some(m) => {
+                    g.mcp_methods.insert(m.method.clone());
+                }
+                None => {}
+            }
             seen_allowed.push(what_if(&l, tunnel));
         })
         .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -302,6 +337,14 @@ pub(crate) fn review(
             }
         }
     }
+    let unused_tools = cfg
+        .routes
+        .iter()
+        .filter(|r| routes_used.contains(&r.name))
+        .flat_map(|r| r.tools.keys().map(move |t| (r.name.clone(), t.clone())))
+        .filter(|k| !tools_called.contains(k))
+        .map(|(route, tool)| UnusedTool { route, tool })
+        .collect();
     let unused_policies = engine
         .policy_ids()
         .into_iter()
@@ -329,6 +372,7 @@ pub(crate) fn review(
         unused_routes,
         unused_credentials,
         unused_scopes,
+        unused_tools,
         unused_policies,
         outside_function,
         delegation,
@@ -376,6 +420,8 @@ fn what_if(l: &Line, tunnel: bool) -> WhatIf {
             .map(|a| a.ip()),
         time: Some(l.ts.clone()),
         stripped: l.stripped.iter().map(|s| s.kind.clone()).collect(),
+        mcp_method: l.mcp.as_ref().map(|m| m.method.clone()),
+        mcp_name: l.mcp.as_ref().map(|m| m.name.clone()),
         ..Default::default()
     }
 }
@@ -489,13 +535,14 @@ fn suggest(
         };
         let _ = write!(
             out,
-            "\n@id(\"seen-{n}-{}\")\npermit (\n  principal == Workload::{},\n  action in [{}],\n  resource == Destination::{}\n)\nwhen {{\n  principal.stage == {} &&\n  resource.port == {port}{scheme_cond} &&\n  [{}].contains(context.purpose)\n}};\n",
+            "\n@id(\"seen-{n}-{}\")\npermit (\n  principal == Workload::{},\n  action in [{}],\n  resource == Destination::{}\n)\nwhen {{\n  principal.stage == {} &&\n  resource.port == {port}{scheme_cond} &&\n  [{}].contains(context.purpose){}\n}};\n",
             slug(stage),
             lit(id),
             methods.join(", "),
             lit(host),
             lit(stage),
             purposes.join(", "),
+            mcp_condition(g),
         );
     }
     for id in engine.policy_ids() {
@@ -505,6 +552,33 @@ fn suggest(
         }
     }
     out
+}
+
+/// On an MCP route, the permit names the tools called and the other MCP methods used (a
+/// request that carries no MCP message, such as the stream's GET, is not limited by it).
+fn mcp_condition(g: &Grant) -> String {
+    let set =
+        |items: &BTreeSet<String>| items.iter().map(|i| lit(i)).collect::<Vec<_>>().join(", ");
+    let mut allowed = Vec::new();
+    if !g.tools.is_empty() {
+        allowed.push(format!(
+            "(context.mcp.method == \"tools/call\" && [{}].contains(context.mcp.name))",
+            set(&g.tools)
+        ));
+    }
+    if !g.mcp_methods.is_empty() {
+        allowed.push(format!(
+            "[{}].contains(context.mcp.method)",
+            set(&g.mcp_methods)
+        ));
+    }
+    if allowed.is_empty() {
+        return String::new();
+    }
+    format!(
+        " &&\n  (if context has mcp then\n    {}\n  else true)",
+        allowed.join(" ||\n    ")
+    )
 }
 
 /// Hosts that trip a guardrail as written (their lines were allowed by a lifting permit).
@@ -595,6 +669,16 @@ pub(crate) fn render(r: &Review) -> String {
             .map(|s| format!("{}: {}", s.route, s.scope))
             .collect(),
     );
+    if !r.unused_tools.is_empty() {
+        list(
+            &mut out,
+            "MCP tools with their own scopes never called",
+            r.unused_tools
+                .iter()
+                .map(|t| format!("{}: {}", t.route, t.tool))
+                .collect(),
+        );
+    }
     list(
         &mut out,
         "Policies that decided nothing",
