@@ -94,6 +94,8 @@ pub(crate) struct Pipeline {
     pub(crate) via: HeaderValue,
     /// Our `Via` pseudonym, unique per process, for loop detection.
     pub(crate) pseudonym: String,
+    /// What MCP servers said of their own authorization, per route and origin.
+    pub(crate) mcp_resources: Arc<crate::mcp::auth::Resources>,
     /// Timeouts.
     pub(crate) timeouts: Timeouts,
 }
@@ -430,7 +432,36 @@ impl Pipeline {
             .filter(|c| c.method == "tools/call")
             .map(|c| c.name.as_str())
             .collect();
-        if let Some(route) = route {
+        // An MCP server's own authorization, as found before (RFC 9728, see
+        // `crate::mcp::auth`): the token is for the resource it names, with the scopes it
+        // asked for where the route names none.
+        let server_origin = crate::mcp::auth::origin_of(&target.origin()).unwrap_or_default();
+        let mcp_auth = route
+            .filter(|r| r.mcp && r.resource.is_none())
+            .and_then(|r| {
+                let token_origin = self.credentials.token_origin(r.credential.as_deref()?)?;
+                Some((r, token_origin))
+            });
+        let found = mcp_auth
+            .as_ref()
+            .and_then(|(r, _)| self.mcp_resources.get(&r.name, &server_origin));
+        let method = parts.method.clone();
+        let call = route.map(|_| Call {
+            caller: &x.caller,
+            target: &target,
+            method: method.as_str(),
+            purpose,
+            query: match new_query.as_deref() {
+                Some(q) => Some(q),
+                None => target.query.as_deref(),
+            },
+            signed_for: signed_for.as_ref(),
+            user: user.as_ref(),
+            tools: &tools,
+            resource: found.as_ref().map(|f| f.resource.as_str()),
+            asked_scopes: found.as_ref().map_or(&[], |f| f.scopes.as_slice()),
+        });
+        if let (Some(route), Some(call)) = (route, call) {
             // A credential that signs the whole request (`aws`) needs the whole body first.
             if let Some(limit) = route.credential.as_deref().and_then(|c| {
                 self.credentials.body_to_sign(
@@ -443,19 +474,6 @@ impl Pipeline {
             }) {
                 body = self.whole_body(body, limit).await?;
             }
-            let call = Call {
-                caller: &x.caller,
-                target: &target,
-                method: parts.method.as_str(),
-                purpose,
-                query: match new_query.as_deref() {
-                    Some(q) => Some(q),
-                    None => target.query.as_deref(),
-                },
-                signed_for: signed_for.as_ref(),
-                user: user.as_ref(),
-                tools: &tools,
-            };
             let mut issued = self
                 .credentials
                 .inject(route, call, &mut parts.headers, body.buffered_mut())
@@ -465,6 +483,9 @@ impl Pipeline {
                 x.log.then(move || r.spawn());
             }
             x.log.credential = issued.map(CredentialLog::from);
+            if let (Some(c), Some(f)) = (x.log.credential.as_mut(), &found) {
+                c.resource = Some(f.resource.clone());
+            }
         }
 
         // Stage: forward, within the route's timeouts (else the global ones).
@@ -487,12 +508,15 @@ impl Pipeline {
         let htu = dpop.map(|_| {
             crate::credentials::dpop::htu(target.scheme, &target.authority(), &target.path)
         });
-        let replay = match (dpop, &body) {
-            (Some(_), OutBody::Buffered(b)) => Some(b.clone()),
-            (Some(_), OutBody::Stream(s)) if s.is_end_stream() => Some(Bytes::new()),
+        // The same, once, for an MCP server that asks for a token for itself (a 401 naming
+        // its protected-resource metadata).
+        let replayable = dpop.is_some() || mcp_auth.is_some();
+        let replay = match (replayable, &body) {
+            (true, OutBody::Buffered(b)) => Some(b.clone()),
+            (true, OutBody::Stream(s)) if s.is_end_stream() => Some(Bytes::new()),
             _ => None,
         };
-        let again = replay.map(|b| {
+        let mut again = replay.map(|b| {
             let mut head = Request::new(()).into_parts().0;
             head.method = parts.method.clone();
             head.uri = parts.uri.clone();
@@ -505,7 +529,7 @@ impl Pipeline {
             let wants_nonce =
                 self.credentials
                     .dpop_answer(r, htu, response.status(), response.headers());
-            if let (true, Some((mut head, b))) = (wants_nonce, again) {
+            if let (true, Some((mut head, b))) = (wants_nonce, again.take()) {
                 self.credentials.dpop_reproof(r, htu, &mut head)?;
                 let (second, t) = self
                     .upstream
@@ -513,6 +537,42 @@ impl Pipeline {
                     .await?;
                 self.credentials
                     .dpop_answer(r, htu, second.status(), second.headers());
+                response = second;
+                took += t;
+            }
+        }
+        if let (Some((r, token_origin)), Some(call)) = (&mcp_auth, call)
+            && let Some(challenge) =
+                crate::mcp::auth::challenge(response.status(), response.headers())
+            && let Some((mut head, b)) = again.take()
+        {
+            let discovered = self
+                .discover(&target, &server_origin, &challenge, token_origin, deadlines)
+                .await?;
+            // Asked again for what it was given: the 401 stands, as the server sent it.
+            if found.as_ref() != Some(&discovered) {
+                self.mcp_resources
+                    .put(&r.name, &server_origin, discovered.clone());
+                let call = Call {
+                    resource: Some(&discovered.resource),
+                    asked_scopes: &discovered.scopes,
+                    ..call
+                };
+                let mut issued = self
+                    .credentials
+                    .inject(r, call, &mut head.headers, None)
+                    .await?;
+                if let Some(rv) = issued.as_mut().and_then(|i| i.revoke.take()) {
+                    x.log.then(move || rv.spawn());
+                }
+                x.log.credential = issued.map(CredentialLog::from);
+                if let Some(c) = x.log.credential.as_mut() {
+                    c.resource = Some(discovered.resource.clone());
+                }
+                let (second, t) = self
+                    .upstream
+                    .send(head, OutBody::Buffered(b), deadlines)
+                    .await?;
                 response = second;
                 took += t;
             }
@@ -602,6 +662,68 @@ impl Pipeline {
             mcp: mcp.map(crate::mcp::McpCall::context),
         });
         enforce(log, decision)
+    }
+
+    /// MCP authorization: read the protected-resource metadata a 401 named (on the server's
+    /// own origin, through the forward path) and check it (`crate::mcp::auth`). A server
+    /// whose metadata cannot be read or trusted fails the request closed (503).
+    async fn discover(
+        &self,
+        target: &Target,
+        server_origin: &str,
+        challenge: &crate::mcp::auth::Challenge,
+        token_origin: &str,
+        deadlines: Deadlines,
+    ) -> Result<crate::mcp::auth::Discovered, Rejection> {
+        use crate::mcp::auth;
+        let failed = |why: String| {
+            Rejection::new(
+                ErrorCode::CredentialUnavailable,
+                format!("MCP authorization: {why}"),
+            )
+        };
+        let uri = auth::metadata_uri(challenge, server_origin).map_err(failed)?;
+        let mut head = Request::new(()).into_parts().0;
+        head.uri = uri;
+        head.headers
+            .insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        upstream::append_via(&mut head.headers, &self.via);
+        let (resp, _) = self
+            .upstream
+            .send(head, OutBody::Buffered(Bytes::new()), deadlines)
+            .await
+            .map_err(|r| failed(format!("fetching {}: {}", challenge.metadata, r.reason)))?;
+        if resp.status() != StatusCode::OK {
+            return Err(failed(format!(
+                "{} answered {}",
+                challenge.metadata,
+                resp.status()
+            )));
+        }
+        let read = tokio::time::timeout(
+            deadlines.response_head,
+            upstream::read_up_to(resp.into_body(), auth::METADATA_MAX_BYTES),
+        )
+        .await;
+        let body = match read {
+            Ok(Ok(upstream::BodyRead::Whole(b))) => b,
+            Ok(Ok(upstream::BodyRead::Partial(..))) => {
+                return Err(failed(format!(
+                    "{} is larger than {} bytes",
+                    challenge.metadata,
+                    auth::METADATA_MAX_BYTES
+                )));
+            }
+            Ok(Err(e)) => return Err(failed(format!("reading {}: {e}", challenge.metadata))),
+            Err(_) => {
+                return Err(failed(format!(
+                    "{} did not arrive in time",
+                    challenge.metadata
+                )));
+            }
+        };
+        let url = format!("{}{}", target.origin(), target.path);
+        auth::read_metadata(&body, &url, token_origin, challenge).map_err(failed)
     }
 
     /// Whether a tool may be offered to this caller in a `tools/list` answer: some call to
@@ -943,7 +1065,8 @@ impl Pipeline {
     pub(crate) fn reject(&self, mut x: Exchange, rej: Rejection) -> Response<ProxyBody> {
         let resp = rej.to_response(&x.caller.request_id);
         let rec = &mut x.log;
-        rec.status = rej.code.status().as_u16();
+        // What the client got: a refused MCP call is a JSON-RPC error in a 200.
+        rec.status = resp.status().as_u16();
         rec.answered_by = Some("chaperone");
         rec.error = Some(rej.code.as_str().to_string());
         if rej.code.is_denial() {

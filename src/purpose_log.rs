@@ -58,6 +58,10 @@ pub(crate) struct CredentialLog {
     /// when it passed them all.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub(crate) flags: Vec<&'static str>,
+    /// The RFC 8707 resource the token was obtained for, when an MCP server named it
+    /// (its protected-resource metadata).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) resource: Option<String>,
 }
 
 impl From<crate::credentials::Issued> for CredentialLog {
@@ -70,6 +74,7 @@ impl From<crate::credentials::Issued> for CredentialLog {
             expires_at: issued.expires_at,
             scopes: issued.scopes,
             flags: issued.flags,
+            resource: None,
         }
     }
 }

@@ -225,6 +225,7 @@ pub(crate) async fn start(cfg: Config) -> Result<Running, StartError> {
         },
         via: HeaderValue::from_str(&format!("1.1 {pseudonym}")).expect("ascii"),
         pseudonym,
+        mcp_resources: Arc::default(),
         timeouts: cfg.timeouts,
     });
     credentials.spawn_file_watch(Duration::from_secs(2));

@@ -101,6 +101,11 @@ fn each_tool_call_is_decided_logged_and_refused_as_mcp_expects() {
     // (MCP 2026-07-28 servers are stateless: no `Mcp-Session-Id`, so no `session`.)
     let delete = tool_line("delete_repository");
     assert_eq!(delete["decision"], "deny", "{delete}");
+    assert_eq!(
+        delete["status"], 200,
+        "the line says what the client got: {delete}"
+    );
+    assert_eq!(delete["error"], "policy_denied", "{delete}");
     assert_eq!(delete["policy_ids"], serde_json::json!(["never-delete"]));
     assert_eq!(delete["answered_by"], "chaperone");
     let list = lines
@@ -169,7 +174,7 @@ fn tools_list_is_filtered_arguments_decide_and_each_tool_gets_its_scopes() {
         let mut cmd = Command::new(python());
         cmd.arg(support().join("mcp_server.py"));
         if framing == "json" {
-            cmd.arg("json");
+            cmd.arg("--json");
         }
         let server = ServerProcess::start(cmd, "the MCP server (Python SDK)");
         let port = server.port.unwrap();
@@ -378,4 +383,133 @@ fn audit_and_review_by_tool(sc: &Sidecar, port: u16) {
     let used = eval(&text, "tools/call", "search_docs");
     assert!(used.contains("decision:  allow"), "{used}");
     std::fs::write(dir.join("policy.cedar"), ARGUMENT_POLICY).unwrap();
+}
+
+const CLIENT_SECRET: &str = "mcp-oauth-client-secret-9d2e4b";
+
+/// oidc-provider issuing tokens for the resource asked for, and an MCP server it protects.
+fn protected_server(trusts: Option<&str>) -> (ServerProcess, ServerProcess, String) {
+    let mut auth = Command::new("node");
+    auth.arg(support().join("oidc-provider.mjs"))
+        .args(["0", CLIENT_SECRET])
+        .env("RESOURCE_AUDIENCE", "1");
+    let auth = ServerProcess::start(auth, "oidc-provider");
+    let issuer = format!("http://127.0.0.1:{}", auth.port.unwrap());
+    let mut cmd = Command::new(python());
+    cmd.arg(support().join("mcp_server.py"))
+        .args(["--oauth", trusts.unwrap_or(&issuer)]);
+    let server = ServerProcess::start(cmd, "the MCP server with OAuth (Python SDK)");
+    (auth, server, issuer)
+}
+
+fn oauth_sidecar(port: u16, issuer: &str) -> Sidecar {
+    let cfg = Cfg::new()
+        .set(
+            "credentials",
+            &format!(
+                "mcp-oauth:\n  kind: client_credentials\n  token_url: {issuer}/token\n  client_id: chaperone\n  client_secret_file: {{dir}}/client-secret"
+            ),
+        )
+        .set(
+            "routes",
+            &format!(
+                "- name: tools\n  match: {{ host: 127.0.0.1, port: {port}, path_prefix: /mcp }}\n  credential: mcp-oauth\n  mcp: true\n"
+            ),
+        )
+        .yaml();
+    Sidecar::start_with(&cfg, POLICY, &[], |dir| {
+        std::fs::write(dir.join("client-secret"), CLIENT_SECRET).unwrap();
+    })
+}
+
+/// MCP's own authorization (RFC 9728 protected-resource metadata, RFC 8707 resource
+/// indicators) is done by the sidecar: the agent holds no token and knows nothing of OAuth.
+#[test]
+fn an_mcp_servers_oauth_is_answered_for_the_agent() {
+    let (auth, server, issuer) = protected_server(None);
+    let port = server.port.unwrap();
+    let resource = format!("http://127.0.0.1:{port}/mcp");
+    let sc = oauth_sidecar(port, &issuer);
+    let out = Command::new(python())
+        .arg(support().join("mcp_client.py"))
+        .arg(&resource)
+        .env("HTTP_PROXY", sc.proxy_url())
+        .env("http_proxy", sc.proxy_url())
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .output()
+        .unwrap();
+    let calls = named_lines(&out);
+    assert_eq!(
+        calls["tools"],
+        serde_json::json!(["search_docs"]),
+        "{calls:?}"
+    );
+    assert_eq!(
+        calls["search_docs"]["text"],
+        "3 results for sidecar in public"
+    );
+    let ran = server.lines_after("called ");
+    assert_eq!(ran.len(), 1, "{ran:?}");
+    let token = ran[0].rsplit(' ').next().unwrap();
+    let c = claims(&format!("Bearer {token}"));
+    assert_eq!(
+        c["aud"], resource,
+        "a token for this server (RFC 8707): {c}"
+    );
+    assert!(
+        c["scope"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("tools.read"),
+        "the scope the server's challenge asked for: {c}"
+    );
+    // One refusal taught the sidecar the resource; every later request carried the right
+    // token from the start, from the cache.
+    assert_eq!(
+        server.lines_after("rejected").len(),
+        1,
+        "{}",
+        server.stderr()
+    );
+    assert_eq!(auth.lines_after("token").len(), 2, "{}", auth.stderr());
+    // (server/discover, tools/list, tools/call: MCP 2026-07-28 needs no initialize.)
+    let lines = sc.lines_where(3, |l| l["route"] == "tools" && l["decision"] == "allow");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["status"] == 200 || l["status"] == 202 || l["method"] != "POST"),
+        "{lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["credential"]["resource"] == resource),
+        "{lines:#?}"
+    );
+    sc.assert_never_shows(&[CLIENT_SECRET, token]);
+}
+
+/// A server whose metadata names an authorization server the route's credential does not
+/// use gets no token: the request fails closed, with the reason.
+#[test]
+fn an_mcp_server_trusting_another_authorization_server_fails_closed() {
+    let (_auth, server, issuer) = protected_server(Some("https://idp.elsewhere.test"));
+    let port = server.port.unwrap();
+    let sc = oauth_sidecar(port, &issuer);
+    let (code, body) = curl(&[
+        "-x",
+        &sc.proxy_url(),
+        "-H",
+        "content-type: application/json",
+        "-H",
+        "accept: application/json, text/event-stream",
+        "--data",
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#,
+        &format!("http://127.0.0.1:{port}/mcp"),
+    ]);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("trusts authorization servers"), "{body}");
+    assert!(body.contains("idp.elsewhere.test"), "{body}");
+    assert!(server.lines_after("called ").is_empty());
 }

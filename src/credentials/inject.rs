@@ -33,6 +33,11 @@ pub(crate) struct Call<'a> {
     pub(crate) user: Option<&'a super::Delegation>,
     /// On an MCP route, the tools the request calls (their scopes replace the route's).
     pub(crate) tools: &'a [&'a str],
+    /// The RFC 8707 resource an MCP server named for itself (its protected-resource
+    /// metadata), when the route names none.
+    pub(crate) resource: Option<&'a str>,
+    /// Scopes the MCP server asked for, used when the route names none.
+    pub(crate) asked_scopes: &'a [String],
 }
 
 impl Credentials {
@@ -67,7 +72,10 @@ impl Credentials {
             .audience
             .clone()
             .unwrap_or_else(|| call.target.origin());
-        let scopes = route.scopes_for(call.purpose, call.tools);
+        let scopes = match route.scopes_for(call.purpose, call.tools) {
+            s if s.is_empty() => std::borrow::Cow::Borrowed(call.asked_scopes),
+            s => s,
+        };
         let obtained = self
             .obtain(
                 name,
@@ -75,7 +83,7 @@ impl Credentials {
                     subject: &identity.id,
                     audience: &audience,
                     requested_audience: route.audience.as_deref(),
-                    resource: route.resource.as_deref(),
+                    resource: route.resource.as_deref().or(call.resource),
                     max_ttl: route.max_ttl,
                     txn: &call.caller.request_id,
                     scopes: &scopes,

@@ -602,6 +602,17 @@ impl Credentials {
         })
     }
 
+    /// The origin (`scheme://host:port`) of `name`'s token endpoint, when it gets its tokens
+    /// from an authorization server: what an MCP server's `authorization_servers` must name.
+    pub(crate) fn token_origin(&self, name: &str) -> Option<String> {
+        match self.providers.get(name) {
+            Some(Provider::OAuth(o)) => {
+                crate::mcp::auth::origin_of(&o.endpoint.spec.token_url.to_string())
+            }
+            _ => None,
+        }
+    }
+
     /// The DPoP key of `name`, when it is a DPoP credential.
     pub(crate) fn dpop_of(&self, name: &str) -> Option<&dpop::DpopKey> {
         match self.providers.get(name) {

@@ -7,6 +7,7 @@
 //! body: a header that says one tool while the body calls another is an attack on whatever
 //! routes or authorizes by header, and is refused (400).
 
+pub(crate) mod auth;
 pub(crate) mod listing;
 
 use http::HeaderMap;

@@ -13,6 +13,8 @@
 //                      (assertions from that issuer, or tokens this server issued)
 //   OPAQUE_TOKENS=1    opaque access tokens (revocable, introspectable) instead of JWTs
 //   DPOP_NONCE=1       the token endpoint demands DPoP nonces (use_dpop_nonce, RFC 9449 §8)
+//   RESOURCE_AUDIENCE=1  tokens are for the RFC 8707 resource asked for (`aud`), not always
+//                      https://tools.test
 //   EXCHANGE_GRANTS_ALL=1  the exchange grants every scope of the client whatever was asked
 //                      (a misconfigured server, for the scope checks)
 //   TLS_CERT, TLS_KEY, TLS_CA  serve HTTPS and ask for client certificates signed by TLS_CA:
@@ -118,7 +120,10 @@ const provider = new Provider(issuer, {
       enabled: true,
       defaultResource: () => RESOURCE,
       useGrantedResource: () => true,
-      getResourceServerInfo: () => resourceServer(RESOURCE),
+      // With RESOURCE_AUDIENCE=1 a token is for the resource asked for (its `aud`), as an
+      // MCP server's authorization server issues them; else always for RESOURCE.
+      getResourceServerInfo: (_ctx, indicator) =>
+        resourceServer(env.RESOURCE_AUDIENCE ? indicator : RESOURCE),
     },
     mTLS: {
       enabled: !!tls,
