@@ -541,6 +541,9 @@ fn bench_mcp(c: &mut Criterion) {
     let mut headers = HeaderMap::new();
     headers.insert("mcp-method", HeaderValue::from_static("tools/call"));
     headers.insert("mcp-name", HeaderValue::from_static("search_docs"));
+    c.bench_function("mcp/parse_tools_call_2k", |b| {
+        b.iter(|| chaperone::mcp::calls(&headers, black_box(body.as_bytes())).unwrap())
+    });
     c.bench_function("mcp/parse_and_decide_tools_call_2k", |b| {
         b.iter(|| {
             let calls = chaperone::mcp::calls(&headers, black_box(body.as_bytes())).unwrap();
@@ -552,6 +555,25 @@ fn bench_mcp(c: &mut Criterion) {
             let d = engine.decide(&input);
             assert!(d.allow);
             d
+        })
+    });
+    // Filtering a `tools/list` answer asks this once per tool: could any call to it be
+    // permitted, whatever its arguments (Cedar partial evaluation over the policies with
+    // what they read of the arguments made unknown).
+    c.bench_function("mcp/offer_one_tool_partial_eval", |b| {
+        b.iter(|| {
+            let mut input = openai_call(&id, &labels, "tools.internal");
+            input.route = "tools";
+            input.path = "/mcp";
+            input.purpose = "tool:search_docs";
+            input.mcp = Some(chaperone::policy::McpContext {
+                method: "tools/call",
+                name: black_box("search_docs"),
+                arguments: chaperone::policy::McpArguments::None,
+            });
+            let offered = engine.may_permit(&input);
+            assert!(offered);
+            offered
         })
     });
 }

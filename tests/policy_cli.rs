@@ -45,6 +45,27 @@ fn the_example_cases_pass() {
     }
 }
 
+/// The MCP example's cases pass: tool calls decided by name and by declared arguments.
+#[test]
+fn the_mcp_example_cases_pass() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/mcp");
+    let cfg = dir.join("chaperone.yaml");
+    let (code, out, err) = policy(&[
+        "test",
+        "--config",
+        cfg.to_str().unwrap(),
+        dir.join("CASES.yaml").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.ends_with("9 cases: 9 passed, 0 failed\n"), "{out}");
+    let (code, out, err) = policy(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("MCP tool arguments: limit: Long, priority: String, repo: String"),
+        "{out}"
+    );
+}
+
 #[test]
 fn a_wrong_expectation_fails_naming_the_case_line_and_what_differs() {
     let (dir, cases) = temp_file(

@@ -2241,6 +2241,49 @@ mod tests {
     }
 
     #[test]
+    fn mcp_tools_are_checked_where_they_are_written() {
+        let text = "\
+identity: { id: 'spiffe://t/a', workload: w, environment: e }
+routes:
+  - name: tools
+    match: { host: mcp.example.org }
+    mcp: true
+    tools:
+      search: { scopes: [docs.read], arguments: { repo: String, limit: long } }
+  - name: plain
+    match: { host: api.example.org }
+    tools: { search: [docs.read] }
+";
+        let err = load(text).unwrap_err().to_string();
+        assert!(
+            err.contains("test.yaml:7:65: routes[0].tools.search.arguments.limit: `long` is not an argument type"),
+            "{err}"
+        );
+        let unknown = load("routes:\n  - name: t\n    match: { host: m.example.org }\n    mcp: true\n    tools:\n      list: { arguments: { repo: Long }, scope: [x] }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            unknown.contains("test.yaml:6:42: routes[0].tools.list.scope: Unknown field `scope`"),
+            "an unknown key in the long form, located: {unknown}"
+        );
+        assert!(
+            err.contains(
+                "routes[1].tools: `tools` names an MCP server's tools: it goes with `mcp: true`"
+            ),
+            "{err}"
+        );
+        let ok = load(
+            "identity: { id: 'spiffe://t/a', workload: w, environment: e }\nroutes:\n  - name: t\n    match: { host: m.example.org }\n    mcp: true\n    tools:\n      a: [s.a]\n      b: { arguments: { repo: String } }\n      c: { scopes: [s.c], arguments: { repo: Long } }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            ok.contains("argument `repo` is declared String elsewhere"),
+            "{ok}"
+        );
+    }
+
+    #[test]
     fn syntax_error_is_located() {
         let err = load("listen: 127.0.0.1:1\nadmin: [oops\n").unwrap_err();
         assert!(err.0[0].line >= 2, "{}", err);

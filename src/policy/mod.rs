@@ -623,20 +623,30 @@ impl PolicyEngine {
         if let Some(u) = input.on_behalf_of {
             let _ = write!(key, "\0user\0{}\0{}\0{}", u.issuer, u.subject, u.verified);
         }
-        // A call's arguments are in the key only when none of them is one policy reads
-        // (the record is then `{}`); a context with argument values is built each time, so
-        // client-chosen values never fill the memo.
+        // A call's arguments are in the key as far as policy reads them (the declared ones,
+        // as the client wrote them); a context whose read arguments are longer than
+        // ARGUMENTS_MEMO_MAX is built each time, so client-chosen values cannot make the memo
+        // large.
         let mut memo = true;
-        let arguments = match input.mcp.map(|m| m.arguments) {
+        let given = match input.mcp.map(|m| m.arguments) {
             _ if self.mcp_arguments.is_empty() => None,
             None | Some(McpArguments::None) => None,
             Some(McpArguments::Given(v)) => {
-                let read = v
-                    .as_object()
-                    .is_some_and(|m| self.mcp_arguments.keys().any(|k| m.contains_key(k)));
-                memo = !read && (v.is_object() || v.is_null());
-                key.push_str("\0args{}");
-                Some(arguments::record(&self.mcp_arguments, Some(v)))
+                let start = key.len();
+                key.push_str("\0args");
+                match v {
+                    serde_json::Value::Object(m) => {
+                        for name in self.mcp_arguments.keys() {
+                            if let Some(x) = m.get(name) {
+                                let _ = write!(key, "\0{name}={x}");
+                            }
+                        }
+                    }
+                    serde_json::Value::Null => {}
+                    _ => key.push_str("\0!"),
+                }
+                memo = key.len() - start <= ARGUMENTS_MEMO_MAX;
+                Some(v)
             }
         };
         if let Some(m) = input.mcp {
@@ -665,7 +675,9 @@ impl PolicyEngine {
         let mcp = input
             .mcp
             .map(|m| {
-                let args = arguments.flatten().map(|a| ("arguments".to_string(), a));
+                let args = given
+                    .and_then(|v| arguments::record(&self.mcp_arguments, Some(v)))
+                    .map(|a| ("arguments".to_string(), a));
                 RestrictedExpression::new_record(
                     [
                         ("method".to_string(), s(m.method)),
@@ -989,6 +1001,9 @@ fn unknown_arguments(v: &mut serde_json::Value) -> bool {
         _ => false,
     }
 }
+
+/// The longest text of a call's read arguments that a memoised context is keyed by.
+const ARGUMENTS_MEMO_MAX: usize = 256;
 
 /// The guardrails' kinds, as `@guardrail("...")` annotations and `context.guardrail` name them.
 pub(crate) const GUARDRAIL_KINDS: [&str; 3] = ["metadata", "link_local", "own_listener"];
@@ -1342,9 +1357,16 @@ permit(principal, action, resource) when { context has mcp && context.mcp.name =
         // Of another type than declared: `arguments` is absent, the permit does not apply.
         assert!(!call(serde_json::json!({"repo": ["public"]})).allow);
         assert!(!call(serde_json::json!({"repo": "public", "limit": "10"})).allow);
-        // The context memo never keeps argument values: a second ask decides afresh.
+        // The context memo is keyed by the values policy reads: asked again, the same answers;
+        // a value too long to key by is decided afresh each time.
         assert!(call(serde_json::json!({"repo": "public"})).allow);
         assert!(!call(serde_json::json!({"repo": "private"})).allow);
+        assert!(call(serde_json::json!({"repo": "public", "query": "x".repeat(4096)})).allow);
+        let long = "p".repeat(ARGUMENTS_MEMO_MAX + 1);
+        for _ in 0..2 {
+            assert!(!call(serde_json::json!({ "repo": long })).allow);
+            assert!(call(serde_json::json!({"repo": "public"})).allow);
+        }
     }
 
     #[test]
