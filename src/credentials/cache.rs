@@ -47,6 +47,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(15);
 const CAPACITY: u64 = 10_000;
 
 /// A cached token and its timers.
+/// The longest a token is cached, whatever lifetime it was issued with: it is fetched again
+/// (ahead, at three quarters) at least this often.
+pub(crate) const LONGEST_CACHED: Duration = Duration::from_secs(12 * 3600);
+
 #[derive(Debug)]
 pub(crate) struct Entry<T = Token> {
     /// The token.
@@ -57,10 +61,18 @@ pub(crate) struct Entry<T = Token> {
 }
 
 impl<T: Fetched> Entry<T> {
-    fn new(token: T) -> Self {
-        let life = token.lifetime().unwrap_or(Duration::from_secs(60));
+    pub(crate) fn new(token: T) -> Self {
+        // The lifetime is the token endpoint's word (`expires_in`, `exp`): untrusted, so held
+        // to LONGEST_CACHED, and no arithmetic on it can overflow.
+        let life = token
+            .lifetime()
+            .unwrap_or(Duration::from_secs(60))
+            .min(LONGEST_CACHED);
         let start = token.fetched_at();
-        let cache_until = (start + life.saturating_sub(skew(life))).max(start);
+        let cache_until = start
+            .checked_add(life.saturating_sub(skew(life)))
+            .unwrap_or(start)
+            .max(start);
         let refresh_at = start + cache_until.saturating_duration_since(start) * 3 / 4;
         Entry {
             token,
@@ -295,6 +307,13 @@ mod tests {
         assert_eq!(e.refresh_at - t0, Duration::from_secs(81));
         let e = Entry::new(token("x", Duration::from_secs(5), t0));
         assert_eq!(e.cache_until, t0, "shorter than the skew: never cached");
+        // An endpoint's absurd lifetime is held to LONGEST_CACHED, without overflow.
+        let e = Entry::new(token("x", Duration::from_secs(u64::MAX), t0));
+        assert_eq!(
+            e.cache_until - t0,
+            LONGEST_CACHED - LONGEST_CACHED / 10,
+            "the usual skew of the bounded lifetime"
+        );
     }
 
     #[tokio::test]

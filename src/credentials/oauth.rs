@@ -905,6 +905,10 @@ impl TokenEndpoint {
     }
 }
 
+/// The longest lifetime a token is taken to have (ten years); longer ones are flagged by
+/// `max_ttl` like any long-lived credential, and cached as long as any.
+const LONGEST_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// Interpret a successful response. A JWT's own claims fill what the response leaves out.
 fn token_from(parsed: TokenResponse, requested: &[String], started: Instant) -> Token {
     let claims = jwt_payload(&parsed.access_token);
@@ -912,7 +916,13 @@ fn token_from(parsed: TokenResponse, requested: &[String], started: Instant) -> 
     let jwt_lifetime = claim_u64("exp")
         .zip(claim_u64("iat"))
         .map(|(e, i)| Duration::from_secs(e.saturating_sub(i)));
-    let lifetime = parsed.expires_in.map(Duration::from_secs).or(jwt_lifetime);
+    // `expires_in` and `exp` are the server's word: bounded before any arithmetic (a lifetime
+    // of 2^64-1 seconds once panicked the request).
+    let lifetime = parsed
+        .expires_in
+        .map(Duration::from_secs)
+        .or(jwt_lifetime)
+        .map(|l| l.min(LONGEST_LIFETIME));
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
@@ -942,7 +952,7 @@ fn token_from(parsed: TokenResponse, requested: &[String], started: Instant) -> 
             .as_ref()
             .and_then(|c| c.get("jti")?.as_str().map(str::to_owned)),
         value: SecretString::from(parsed.access_token),
-        expires_at: claim_u64("exp").unwrap_or(now + cache_life.as_secs()),
+        expires_at: claim_u64("exp").unwrap_or(now.saturating_add(cache_life.as_secs())),
         lifetime,
         scopes,
         unrequested_scopes,
@@ -1015,6 +1025,29 @@ mod tests {
             ["admin"],
             "a broader grant is noticed"
         );
+    }
+
+    #[test]
+    fn absurd_lifetimes_are_bounded_not_panicked_on() {
+        let t = token_from(
+            response("opaque".into(), Some(u64::MAX), None),
+            &[],
+            Instant::now(),
+        );
+        assert_eq!(t.lifetime, Some(LONGEST_LIFETIME));
+        let t = token_from(
+            response(
+                jwt(serde_json::json!({"iat": 0, "exp": u64::MAX})),
+                None,
+                None,
+            ),
+            &[],
+            Instant::now(),
+        );
+        assert_eq!(t.lifetime, Some(LONGEST_LIFETIME));
+        assert_eq!(t.expires_at, u64::MAX, "logged as the server said");
+        // And cached without overflow (the cache bounds it again).
+        let _ = super::super::cache::Entry::new(t);
     }
 
     #[test]
