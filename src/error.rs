@@ -119,6 +119,9 @@ pub(crate) struct Rejection {
     /// The JSON-RPC id of the MCP request refused: the answer is then the JSON-RPC error an
     /// MCP client expects (HTTP 200), not Chaperone's own body.
     pub(crate) jsonrpc_id: Option<Box<serde_json::Value>>,
+    /// Close the client connection after the answer (`Connection: close`): what is left of
+    /// the request on it cannot be trusted to be where the next request starts.
+    pub(crate) close: bool,
 }
 
 impl Rejection {
@@ -129,6 +132,7 @@ impl Rejection {
             reason: reason.into(),
             policy_ids: Vec::new(),
             jsonrpc_id: None,
+            close: false,
         }
     }
 
@@ -178,6 +182,9 @@ impl Rejection {
         );
         if let Ok(v) = HeaderValue::from_str(request_id) {
             h.insert(REQUEST_ID_HEADER.clone(), v);
+        }
+        if self.close {
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp
     }

@@ -313,10 +313,12 @@ impl Pipeline {
         mut parts: Parts,
         body: Incoming,
     ) -> Result<Forwarded, Rejection> {
-        // Stage: target. Where the request goes; a request that looped back is refused.
+        // Stage: target. Where the request goes; a request that looped back, or whose length
+        // is ambiguous, is refused.
         let (target, userinfo) = target::resolve(&parts, origin)?;
         x.describe(&target);
         upstream::refuse_loop(&parts.headers, &self.pseudonym)?;
+        upstream::refuse_ambiguous_length(&parts)?;
 
         // Stage: route. Which route takes it, and so which purpose it serves.
         let route = self.routes.find(&parts.method, &target);

@@ -577,6 +577,71 @@ async fn garbage_and_oversized_requests_get_4xx_and_the_proxy_keeps_serving() {
     assert!(sc.output().lines().all(|l| !l.contains("panicked")));
 }
 
+/// A request with both Content-Length and Transfer-Encoding is the shape of request
+/// smuggling: refused with 400 and the connection closed, and the upstream never sees it (or
+/// what was hidden in its body); it has its line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_two_lengths_is_refused_and_its_connection_closed() {
+    use std::io::{Read, Write};
+    let up = Upstream::start().await;
+    let sc = Sidecar::start(
+        &config(up.addr.port(), "strip"),
+        PERMISSIVE_POLICY,
+        &[(STATIC_ENV, "v-static-value")],
+    );
+    let port = up.addr.port();
+    // The chunked body ends early and hides a second request that a reader going by
+    // Content-Length would take as the body, and one going by chunks as the next request.
+    let smuggled = format!(
+        "POST http://127.0.0.1:{port}/first HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 60\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET http://127.0.0.1:{port}/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+    );
+    let mut s = std::net::TcpStream::connect(sc.proxy).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    s.write_all(smuggled.as_bytes()).unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer.contains("Content-Length and Transfer-Encoding"),
+        "{answer}"
+    );
+    assert!(
+        !answer[12..].contains("HTTP/1.1 "),
+        "one answer, then the connection was closed: {answer}"
+    );
+    assert!(
+        up.requests().is_empty(),
+        "the upstream saw nothing: {:?}",
+        up.requests()
+            .iter()
+            .map(|r| r.uri.clone())
+            .collect::<Vec<_>>()
+    );
+    // The other order (hyper drops the later Content-Length without a word).
+    let reversed = format!(
+        "POST http://127.0.0.1:{port}/second HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n"
+    );
+    let (code, answer) = raw_request(sc.proxy, &reversed);
+    assert_eq!(code, 400, "{answer}");
+    assert!(up.requests().is_empty());
+    let lines = sc.lines_where(2, |l| l["status"] == 400);
+    assert_eq!(lines[0]["error"], "bad_request", "{lines:?}");
+    assert_eq!(lines[0]["path"], "/first");
+    assert_eq!(lines[1]["path"], "/second");
+    // A chunked request alone is served.
+    let (code, _) = curl(&[
+        "-x",
+        &sc.proxy_url(),
+        "-H",
+        "transfer-encoding: chunked",
+        "--data",
+        "{}",
+        &format!("http://127.0.0.1:{port}/chunked"),
+    ]);
+    assert_eq!(code, 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alive_client_and_pooled_upstream_connections() {
     let up = Upstream::start().await;

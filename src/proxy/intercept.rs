@@ -205,7 +205,9 @@ where
     let conn_client = conn.client;
     let counter = served.clone();
     let origin = Arc::new(origin);
-    let svc = service_fn(move |req| {
+    let (io, heads) = super::framing::Watched::new(io);
+    let svc = service_fn(move |mut req| {
+        heads.mark(&mut req);
         counter.fetch_add(1, Ordering::Relaxed);
         let (p, c, o) = (proxy.clone(), conn.clone(), origin.clone());
         async move { Ok::<_, std::convert::Infallible>(p.serve(c, Some(o), req).await) }

@@ -168,7 +168,9 @@ async fn serve_conn<I>(
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let label = conn.label.clone();
-    let svc = service_fn(move |req| {
+    let (io, heads) = super::framing::Watched::new(io);
+    let svc = service_fn(move |mut req| {
+        heads.mark(&mut req);
         let (p, c) = (proxy.clone(), conn.clone());
         async move { Ok::<_, Infallible>(p.serve(c, None, req).await) }
     });

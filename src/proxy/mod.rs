@@ -28,6 +28,7 @@
 pub(crate) mod attest;
 pub(crate) mod connect;
 pub(crate) mod drain;
+mod framing;
 pub(crate) mod http;
 pub(crate) mod idle;
 pub(crate) mod intercept;

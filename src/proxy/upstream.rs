@@ -99,6 +99,30 @@ pub(crate) fn refuse_loop(headers: &HeaderMap, pseudonym: &str) -> Result<(), Re
     Ok(())
 }
 
+/// A request extension the client connection's reader sets (`proxy::framing`): the head as
+/// sent had both `Content-Length` and `Transfer-Encoding`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AmbiguousLength;
+
+/// A request that says its length twice, with `Content-Length` and `Transfer-Encoding`, is
+/// refused (400) and its connection closed: a server may read either (RFC 9112 §6.1 lets one
+/// reject it, and says to close), and an upstream that reads the other is how requests are
+/// smuggled. Envoy refuses the same. hyper keeps only `Transfer-Encoding` of the two, so the
+/// connection's reader marks such a request ([`AmbiguousLength`]).
+pub(crate) fn refuse_ambiguous_length(parts: &http::request::Parts) -> Result<(), Rejection> {
+    let both = parts.headers.contains_key(header::TRANSFER_ENCODING)
+        && parts.headers.contains_key(header::CONTENT_LENGTH);
+    if both || parts.extensions.get::<AmbiguousLength>().is_some() {
+        let mut rej = Rejection::new(
+            ErrorCode::BadRequest,
+            "the request has both Content-Length and Transfer-Encoding; its length is ambiguous",
+        );
+        rej.close = true;
+        return Err(rej);
+    }
+    Ok(())
+}
+
 /// Make a request that went through the stages ready for the wire: the upstream URL from
 /// `target` (with the query the strip stage rewrote, if it did), no hop-by-hop headers, our
 /// `Via`, HTTP/1.1 on our side (the client negotiates h2 by ALPN), and for a buffered body its
