@@ -643,7 +643,7 @@ impl Pipeline {
         let decision = self.policy.current().decide(&PolicyInput {
             identity: &caller.identity,
             action,
-            host: &target.host,
+            host: target::policy_host(&target.host),
             scheme: target.scheme,
             port: target.port,
             path: &target.path,
@@ -759,7 +759,7 @@ impl Pipeline {
             engine.may_permit(&PolicyInput {
                 identity: &identity,
                 action: &action,
-                host: &target.host,
+                host: target::policy_host(&target.host),
                 scheme: target.scheme,
                 port: target.port,
                 path: &target.path,
@@ -804,7 +804,7 @@ impl Pipeline {
             self.policy.current().decide(&PolicyInput {
                 identity: &x.caller.identity,
                 action: "CONNECT",
-                host: &target.host,
+                host: target::policy_host(&target.host),
                 scheme: target.scheme,
                 port: target.port,
                 path: "",

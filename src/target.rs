@@ -65,11 +65,83 @@ fn bad(reason: impl Into<String>) -> Rejection {
     Rejection::new(ErrorCode::BadRequest, reason)
 }
 
+/// A host as the proxy names it everywhere (routes, policy, guardrails, the upstream URL):
+/// lower-case, without brackets or a trailing dot, and an IP address in its one canonical
+/// form, whichever of the forms resolvers accept the app wrote: `2130706433`, `127.1`,
+/// `0x7f000001` and `0177.0.0.1` are all `127.0.0.1` (as `inet_aton` reads them), `0` is
+/// `0.0.0.0`, and an IPv6 literal is compressed, an IPv4-mapped one (`::ffff:127.0.0.1`)
+/// written as the IPv4 address it is. Otherwise a policy on `Destination::"127.0.0.1"` could
+/// be passed by spelling the address another way.
 pub(crate) fn normalize_host(h: &str) -> String {
-    h.trim_start_matches('[')
+    let h = h
+        .trim_start_matches('[')
         .trim_end_matches(']')
         .trim_end_matches('.')
-        .to_ascii_lowercase()
+        .to_ascii_lowercase();
+    if h.contains(':') {
+        return match h.parse::<std::net::Ipv6Addr>() {
+            Ok(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => v4.to_string(),
+                None => v6.to_string(),
+            },
+            Err(_) => h,
+        };
+    }
+    match inet_aton(&h) {
+        Some(v4) => v4.to_string(),
+        None => h,
+    }
+}
+
+/// An IPv4 address in any form `inet_aton` accepts: one to four parts, each decimal, octal
+/// (leading `0`) or hexadecimal (`0x`), the last filling the remaining bytes.
+fn inet_aton(s: &str) -> Option<std::net::Ipv4Addr> {
+    let parts: Vec<&str> = s.split('.').collect();
+    if parts.is_empty() || parts.len() > 4 {
+        return None;
+    }
+    let mut values = Vec::with_capacity(parts.len());
+    for p in &parts {
+        let (digits, radix) = if let Some(h) = p.strip_prefix("0x") {
+            (h, 16)
+        } else if p.len() > 1 && p.starts_with('0') {
+            (&p[1..], 8)
+        } else {
+            (*p, 10)
+        };
+        if digits.is_empty() && radix != 16 || !digits.chars().all(|c| c.is_digit(radix)) {
+            return None;
+        }
+        let v = if digits.is_empty() {
+            0
+        } else {
+            u32::from_str_radix(digits, radix).ok()?
+        };
+        values.push(v);
+    }
+    let (last, head) = values.split_last()?;
+    if head.iter().any(|&v| v > 255) {
+        return None;
+    }
+    let room = 32 - 8 * head.len() as u32;
+    if room < 32 && *last >> room != 0 {
+        return None;
+    }
+    let mut n = 0u32;
+    for (i, v) in head.iter().enumerate() {
+        n |= v << (24 - 8 * i as u32);
+    }
+    Some(std::net::Ipv4Addr::from(n | last))
+}
+
+/// The host policy decides on: [`Target::host`], with `localhost` (and any `.localhost`
+/// name, which resolvers answer with loopback, RFC 6761) as `127.0.0.1`.
+pub(crate) fn policy_host(host: &str) -> &str {
+    if host == "localhost" || host.ends_with(".localhost") {
+        "127.0.0.1"
+    } else {
+        host
+    }
 }
 
 /// Where a (non-CONNECT) request is going, and the URL userinfo if the app put one there:
@@ -212,6 +284,37 @@ mod tests {
         assert_eq!(t.path, "/v1/x");
         assert_eq!(t.query.as_deref(), Some("a=1"));
         assert_eq!(ui.as_deref(), Some("user:pw"));
+    }
+
+    #[test]
+    fn addresses_have_one_name_however_written() {
+        for (written, canonical) in [
+            ("2130706433", "127.0.0.1"),
+            ("127.1", "127.0.0.1"),
+            ("0x7f000001", "127.0.0.1"),
+            ("0x7F.0.0.1", "127.0.0.1"),
+            ("0177.0.0.1", "127.0.0.1"),
+            ("127.0.0.1.", "127.0.0.1"),
+            ("0", "0.0.0.0"),
+            ("[::ffff:127.0.0.1]", "127.0.0.1"),
+            ("[::FFFF:7f00:1]", "127.0.0.1"),
+            ("[0:0:0:0:0:0:0:1]", "::1"),
+            ("169.254.43518", "169.254.169.254"),
+            ("Api.Example.Org.", "api.example.org"),
+            ("1.example", "1.example"),
+            ("256.1.1.1", "256.1.1.1"),
+            ("1.2.3.4.5", "1.2.3.4.5"),
+            ("08.1.1.1", "08.1.1.1"),
+            ("4294967296", "4294967296"),
+        ] {
+            assert_eq!(normalize_host(written), canonical, "{written}");
+        }
+        assert_eq!(policy_host("localhost"), "127.0.0.1");
+        assert_eq!(policy_host("app.localhost"), "127.0.0.1");
+        assert_eq!(
+            policy_host("localhost.example.org"),
+            "localhost.example.org"
+        );
     }
 
     #[test]

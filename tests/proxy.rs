@@ -642,6 +642,73 @@ async fn a_request_with_two_lengths_is_refused_and_its_connection_closed() {
     assert_eq!(code, 200);
 }
 
+/// An address has one name: however the app spells 127.0.0.1 (or the sidecar's own
+/// listeners, or 0.0.0.0, which reaches whatever listens on this host), policy, routes and
+/// guardrails see the same address, on plain requests and on CONNECT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn addresses_spelled_otherwise_meet_the_same_policy_and_guardrails() {
+    let up = Upstream::start().await;
+    let port = up.addr.port();
+    let policy = format!(
+        "{PERMISSIVE_POLICY}\n@id(\"not-loopback\")\nforbid(principal, action, resource == Destination::\"127.0.0.1\") when {{ resource.port == {port} }};\n"
+    );
+    let sc = Sidecar::start(
+        &config(port, "strip"),
+        &policy,
+        &[(STATIC_ENV, "v-static-value")],
+    );
+    for host in [
+        "127.0.0.1",
+        "2130706433",
+        "127.1",
+        "0x7f000001",
+        "0177.0.0.1",
+        "[::ffff:127.0.0.1]",
+        "localhost",
+        "app.localhost",
+    ] {
+        let (code, body) = raw_request(
+            sc.proxy,
+            &format!(
+                "GET http://{host}:{port}/x HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
+            ),
+        );
+        assert_eq!(code, 403, "{host}: {body}");
+        assert!(body.contains("not-loopback"), "{host}: {body}");
+    }
+    assert!(up.requests().is_empty());
+    // The admin port and the proxy's own listener, through a tunnel, by any name.
+    let (admin, proxy) = (sc.admin.port(), sc.proxy.port());
+    for authority in [
+        format!("0.0.0.0:{admin}"),
+        format!("0:{admin}"),
+        format!("[::ffff:0.0.0.0]:{admin}"),
+        format!("[::]:{admin}"),
+        format!("0x7f000001:{admin}"),
+        format!("2130706433:{proxy}"),
+        format!("0:{proxy}"),
+    ] {
+        let (code, body) = raw_request(
+            sc.proxy,
+            &format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n"),
+        );
+        assert_eq!(code, 403, "{authority}: {body}");
+        assert!(body.contains("own listeners"), "{authority}: {body}");
+        let (code, body) = raw_request(
+            sc.proxy,
+            &format!(
+                "GET http://{authority}/metrics HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+            ),
+        );
+        assert_eq!(code, 403, "{authority}: {body}");
+    }
+    let lines = sc.lines_where(1, |l| l["method"] == "CONNECT");
+    assert_eq!(
+        lines[0]["host"], "0.0.0.0",
+        "the line names the address: {lines:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alive_client_and_pooled_upstream_connections() {
     let up = Upstream::start().await;

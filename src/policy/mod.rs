@@ -1056,7 +1056,13 @@ impl Guardrails {
         if let Some(hit) = Self::check_ip(addr.ip()) {
             return Some(hit);
         }
-        let ip = unmapped(addr.ip());
+        // 0.0.0.0 and :: reach this host when connected to: for the sidecar's own listeners
+        // they are loopback.
+        let ip = match unmapped(addr.ip()) {
+            IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::from([127, 0, 0, 1]),
+            IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
         let port = addr.port();
         for own in &self.own {
             let same_ip = own.ip() == ip
@@ -1075,10 +1081,13 @@ impl Guardrails {
     /// Whether this address trips a guardrail whatever the port (metadata, link-local).
     pub(crate) fn check_ip(ip: IpAddr) -> Option<GuardrailHit> {
         let ip = unmapped(ip);
+        // AWS, Azure, GCP, OCI, OpenStack and most others; ECS task metadata; AWS over IPv6;
+        // Alibaba Cloud.
         let metadata = [
             IpAddr::from([169, 254, 169, 254]),
             IpAddr::from([169, 254, 170, 2]),
             "fd00:ec2::254".parse().expect("literal"),
+            IpAddr::from([100, 100, 100, 200]),
         ];
         if metadata.contains(&ip) {
             return Some(GuardrailHit {
@@ -1097,13 +1106,23 @@ impl Guardrails {
     }
 }
 
+/// The IPv4 address an IPv6 one reaches, where it embeds one: IPv4-mapped
+/// (`::ffff:a.b.c.d`), IPv4-compatible (`::a.b.c.d`, deprecated but still routed by some
+/// stacks), and NAT64 (`64:ff9b::/96`, RFC 6052, and the local-use `64:ff9b:1::/48`, RFC
+/// 8215, whose translator sends it on as IPv4).
 fn unmapped(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
+    let IpAddr::V6(v6) = ip else { return ip };
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return IpAddr::V4(v4);
+    }
+    let s = v6.segments();
+    let tail = std::net::Ipv4Addr::from((u32::from(s[6]) << 16) | u32::from(s[7]));
+    let compatible = s[..6] == [0; 6] && !(s[6] == 0 && s[7] <= 1);
+    let nat64 = s[0] == 0x64 && s[1] == 0xff9b && (s[2..6] == [0; 4] || s[2] == 1);
+    if compatible || nat64 {
+        IpAddr::V4(tail)
+    } else {
+        ip
     }
 }
 
@@ -1219,6 +1238,30 @@ forbid(principal, action, resource) when { resource.labels has sensitivity && re
         assert!(g.check("localhost", 15000).is_some());
         assert!(g.check("127.0.0.1", 8080).is_none());
         assert!(g.check("api.openai.com", 443).is_none());
+        // Every other way of writing them (the target stage canonicalises the inet_aton
+        // forms first; these are what reach the guardrails as addresses).
+        for (host, kind) in [
+            ("0.0.0.0", "own_listener"),
+            ("[::]", "own_listener"),
+            ("[::ffff:0.0.0.0]", "own_listener"),
+            ("[::1]", "own_listener"),
+            ("100.100.100.200", "metadata"),
+            ("[::169.254.169.254]", "metadata"),
+            ("[::a9fe:a9fe]", "metadata"),
+            ("[64:ff9b::a9fe:a9fe]", "metadata"),
+            ("[64:ff9b::169.254.169.254]", "metadata"),
+            ("[64:ff9b:1::a9fe:a9fe]", "metadata"),
+            ("[64:ff9b::a9fe:101]", "link_local"),
+        ] {
+            let port = if kind == "own_listener" { 15000 } else { 80 };
+            assert_eq!(g.check(host, port).map(|h| h.kind), Some(kind), "{host}");
+        }
+        assert!(g.check("0.0.0.0", 8080).is_none(), "not a listener");
+        assert!(
+            g.check("[64:ff9b::808:808]", 80).is_none(),
+            "8.8.8.8 through NAT64"
+        );
+        assert!(g.check("[2001:db8::a9fe:a9fe]", 80).is_none());
     }
 
     #[track_caller]

@@ -261,6 +261,15 @@ pub(crate) async fn dial(
             continue;
         }
         match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            // The address connected to is checked too, as the plain-HTTP connector does:
+            // `0.0.0.0` is answered by whatever listens on this host.
+            Ok(Ok(s))
+                if let Ok(peer) = s.peer_addr()
+                    && let Some(hit) = guard.check_addr(peer)
+                    && Some(hit.kind) != lifted =>
+            {
+                refused = Some(hit.why);
+            }
             Ok(Ok(s)) => {
                 let _ = s.set_nodelay(true);
                 return Ok(s);

@@ -272,7 +272,7 @@ impl<'a> Bench<'a> {
         let d: PolicyDecision = self.engine.decide(&PolicyInput {
             identity: &identity,
             action: method.as_str(),
-            host: &target.host,
+            host: crate::target::policy_host(&target.host),
             scheme: target.scheme,
             port: target.port,
             path: if connect { "" } else { &target.path },
