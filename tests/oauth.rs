@@ -1375,3 +1375,43 @@ routes:
     assert_eq!(lines[1]["credential"]["kind"], "jwt_bearer", "{}", lines[1]);
     sc.assert_never_shows(&[&federated, CLIENT_SECRET]);
 }
+
+/// A token endpoint whose error description echoes what it was sent: the client secret
+/// (form or Basic) never reaches the 503, the line or the log; the error code does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_echoing_token_endpoint_cannot_leak_the_client_secret() {
+    fn echo(mut s: std::net::TcpStream, request: String) {
+        use std::io::Write;
+        let said: String = request
+            .lines()
+            .filter(|l| l.starts_with("authorization:") || l.contains("client_secret="))
+            .collect::<Vec<_>>()
+            .join(" ")
+            .replace(['"', '\\'], "");
+        let body = format!(
+            r#"{{"error":"invalid_client","error_description":"you sent {said} and also\nline two"}}"#
+        );
+        let _ = write!(
+            s,
+            "HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    }
+    let auth_port = raw_upstream(echo);
+    let up = Upstream::start().await;
+    let sc = start_secret_sidecar(up.addr.port(), auth_port);
+    for path in ["read", "write"] {
+        let (code, body) = curl(&[
+            "-x",
+            &sc.proxy_url(),
+            &format!("http://127.0.0.1:{}/{path}/x", up.addr.port()),
+        ]);
+        assert_eq!(code, 503, "{body}");
+        assert!(body.contains("invalid_client"), "{body}");
+        assert!(body.contains("description withheld"), "{path}: {body}");
+        assert!(!body.contains(CLIENT_SECRET), "{body}");
+    }
+    sc.lines_where(2, |l| l["status"] == 503);
+    sc.assert_never_shows(&[CLIENT_SECRET]);
+    assert!(up.requests().is_empty());
+}

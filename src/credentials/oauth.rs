@@ -286,6 +286,94 @@ struct TokenResponse {
     scope: Option<String>,
 }
 
+/// The secrets a token request carried (form values that hold them, and the Basic
+/// credentials), so that nothing the server says back can relay one.
+struct Sent(Vec<SecretString>);
+
+/// Form fields whose values are secrets.
+const SECRET_FIELDS: [&str; 6] = [
+    "client_secret",
+    "client_assertion",
+    "assertion",
+    "subject_token",
+    "actor_token",
+    "token",
+];
+
+/// The longest description relayed.
+const DESCRIPTION_MAX: usize = 200;
+
+impl Sent {
+    fn of(form: &str, basic: Option<&http::HeaderValue>) -> Sent {
+        let mut out: Vec<SecretString> = form_urlencoded::parse(form.as_bytes())
+            .filter(|(k, v)| SECRET_FIELDS.contains(&k.as_ref()) && !v.is_empty())
+            .map(|(_, v)| SecretString::from(v.into_owned()))
+            .collect();
+        if let Some(b64) = basic
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Basic "))
+        {
+            out.push(SecretString::from(b64.to_string()));
+            let pair = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok());
+            if let Some((_, secret)) = pair.as_deref().and_then(|p| p.split_once(':')) {
+                out.push(SecretString::from(secret.to_string()));
+                let decoded: String = form_urlencoded::parse(format!("s={secret}").as_bytes())
+                    .map(|(_, v)| v.into_owned())
+                    .collect();
+                out.push(SecretString::from(decoded));
+            }
+        }
+        Sent(out)
+    }
+
+    /// An authorization server's `error_description` as it may be relayed: RFC 6749's
+    /// characters only (printable ASCII but `"` and `\`; anything else, newlines and escape
+    /// sequences included, becomes `?`), at most [`DESCRIPTION_MAX`] of them, and withheld
+    /// whole when it repeats any secret the request carried (a server that echoes its input)
+    /// or holds anything shaped like a credential.
+    fn relay(&self, description: &str) -> String {
+        let repeats = self.0.iter().any(|s| {
+            let s = s.expose_secret();
+            s.len() >= 6 && description.contains(s)
+        });
+        if repeats || crate::strip::holds_credential(description) {
+            return "description withheld: it repeats a secret".into();
+        }
+        let mut out: String = description
+            .chars()
+            .map(|c| match c {
+                ' '..='~' if c != '"' && c != '\\' => c,
+                _ => '?',
+            })
+            .take(DESCRIPTION_MAX)
+            .collect();
+        if description.chars().count() > DESCRIPTION_MAX {
+            out.push_str("...");
+        }
+        out
+    }
+}
+
+/// An OAuth error code as it may be relayed: RFC 6749's characters, at most 64 of them.
+fn error_code(code: &str) -> &str {
+    if code.is_empty() {
+        return code;
+    }
+    let ok = code.len() <= 64
+        && code.len() <= 64
+        && code
+            .bytes()
+            .all(|b| (0x20..=0x7e).contains(&b) && b != b'"' && b != b'\\');
+    if ok {
+        code
+    } else {
+        "(an error code that cannot be shown)"
+    }
+}
+
 #[derive(Deserialize)]
 struct ErrorResponse {
     error: String,
@@ -517,7 +605,7 @@ impl TokenEndpoint {
     }
 
     /// The form body and extra headers of one token request.
-    fn request(&self, params: &TokenParams<'_>) -> Result<Request<Full<Bytes>>, Failure> {
+    fn request(&self, params: &TokenParams<'_>) -> Result<(Request<Full<Bytes>>, Sent), Failure> {
         let spec = &self.spec;
         let mut form = form_urlencoded::Serializer::new(String::new());
         match &spec.grant {
@@ -586,10 +674,13 @@ impl TokenEndpoint {
         let mut req = Request::post(spec.token_url.clone())
             .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
             .header(header::ACCEPT, "application/json");
+        let form = form.finish();
+        let sent = Sent::of(&form, basic.as_ref());
         if let Some(v) = basic {
             req = req.header(header::AUTHORIZATION, v);
         }
-        req.body(Full::new(Bytes::from(form.finish())))
+        req.body(Full::new(Bytes::from(form)))
+            .map(|r| (r, sent))
             .map_err(|e| Failure {
                 kind: FailureKind::Local,
                 message: e.to_string(),
@@ -724,8 +815,8 @@ impl TokenEndpoint {
         let spec = &self.spec;
         let started = Instant::now();
         let mut retried = false;
-        let (status, body) = loop {
-            let mut req = self.request(params)?;
+        let (status, body, sent) = loop {
+            let (mut req, sent) = self.request(params)?;
             let htu = self.token_htu();
             if let Some(k) = &self.dpop {
                 let proof = k.proof("POST", &htu, None).map_err(|e| Failure {
@@ -755,16 +846,18 @@ impl TokenEndpoint {
                     continue;
                 }
             }
-            break (status, body);
+            break (status, body, sent);
         };
         if status != StatusCode::OK {
+            // The server's own words reach the line and the 503 only as far as they are safe
+            // to: the error code, and a bounded description that repeats nothing sent.
             let why = serde_json::from_slice::<ErrorResponse>(&body)
                 .map(|e| {
                     format!(
                         "{}{}",
-                        e.error,
+                        error_code(&e.error),
                         e.error_description
-                            .map(|d| format!(" ({d})"))
+                            .map(|d| format!(" ({})", sent.relay(&d)))
                             .unwrap_or_default()
                     )
                 })
@@ -863,15 +956,17 @@ impl TokenEndpoint {
         let (status, answer) = exchange(&self.client, req, self.spec.timeout, &what).await?;
         let v: serde_json::Value = serde_json::from_slice(&answer).unwrap_or_default();
         if !status.is_success() {
-            // Google's error shape: {"error": {"code", "message", "status"}}.
+            // Google's error shape: {"error": {"code", "message", "status"}}, relayed as an
+            // authorization server's description is.
             let e = &v["error"];
+            let sent = Sent(vec![federated.value.clone()]);
             return Err(Failure {
                 kind: FailureKind::Rejected,
                 message: format!(
                     "{what} refused generateAccessToken for {} ({status}): {} {}",
                     imp.service_account,
-                    e["status"].as_str().unwrap_or(""),
-                    e["message"].as_str().unwrap_or("")
+                    error_code(e["status"].as_str().unwrap_or("")),
+                    sent.relay(e["message"].as_str().unwrap_or(""))
                 )
                 .trim_end()
                 .to_string(),
@@ -1024,6 +1119,53 @@ mod tests {
             t.unrequested_scopes,
             ["admin"],
             "a broader grant is noticed"
+        );
+    }
+
+    #[test]
+    fn an_error_description_is_relayed_only_as_far_as_it_is_safe() {
+        let basic = http::HeaderValue::from_str(&format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("chaperone:s3cr%2Bet-value")
+        ))
+        .unwrap();
+        let sent = Sent::of(
+            "grant_type=client_credentials&client_secret=post-secret-123&subject_token=eyJhbGciOi.subject.token&scope=tools.read",
+            Some(&basic),
+        );
+        for echo in [
+            "client_secret post-secret-123 is wrong",
+            "bad subject eyJhbGciOi.subject.token",
+            "credentials chaperone:s3cr+et-value rejected",
+            "raw s3cr%2Bet-value",
+            "header Y2hhcGVyb25lOnMzY3IlMkJldC12YWx1ZQ== rejected",
+            "someone's key sk-proj-abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUV0123456789abcd",
+        ] {
+            assert_eq!(
+                sent.relay(echo),
+                "description withheld: it repeats a secret",
+                "{echo}"
+            );
+        }
+        assert_eq!(
+            sent.relay("scope tools.read is not allowed"),
+            "scope tools.read is not allowed",
+            "an ordinary description is relayed; the scope asked for is no secret"
+        );
+        assert_eq!(
+            sent.relay("line\nbreak \u{1b}[31m\"x\""),
+            "line?break ?[31m?x?"
+        );
+        let long = sent.relay(&"a".repeat(1000));
+        assert_eq!(long.len(), DESCRIPTION_MAX + 3);
+        assert_eq!(error_code("invalid_client"), "invalid_client");
+        assert_eq!(
+            error_code("bad\ncode"),
+            "(an error code that cannot be shown)"
+        );
+        assert_eq!(
+            error_code(&"e".repeat(65)),
+            "(an error code that cannot be shown)"
         );
     }
 

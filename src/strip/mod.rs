@@ -594,6 +594,14 @@ fn credential_part(v: &str) -> &str {
 }
 
 /// Render a query with every value redacted, for the log: `a=<redacted>&b=<redacted>`.
+/// Whether `text` holds anything shaped like a credential the detector knows (for text that
+/// is relayed from elsewhere, such as an authorization server's error description).
+pub(crate) fn holds_credential(text: &str) -> bool {
+    let mut hits = Vec::new();
+    formats::find_tokens(text, &mut hits);
+    !hits.is_empty()
+}
+
 pub(crate) fn redact_query(q: &str) -> String {
     q.split('&')
         .map(|pair| match pair.split_once('=') {
