@@ -267,39 +267,71 @@ impl Record {
         let stripped: Vec<String> = self
             .stripped
             .iter()
-            .map(|f| format!("{}@{}#{}", f.kind, f.location, f.fingerprint))
+            .map(|f| format!("{}@{}#{}", f.kind, esc(&f.location), f.fingerprint))
             .collect();
         format!(
             "{} {} {} {} {}://{}:{}{} route={} purpose={} identity={} stage={} credential={} stripped=[{}] {:.2}ms{}{}{}",
             self.ts,
             self.decision,
             self.status,
-            self.method,
+            esc(&self.method),
             self.scheme,
-            self.host,
+            esc(&self.host),
             self.port,
-            self.path,
-            self.route.as_deref().unwrap_or("-"),
-            self.purpose,
-            self.identity,
-            self.stage,
+            esc(&self.path),
+            esc(self.route.as_deref().unwrap_or("-")),
+            esc(&self.purpose),
+            esc(&self.identity),
+            esc(&self.stage),
             self.credential
                 .as_ref()
-                .map_or("-".to_string(), |c| format!("{}:{}", c.name, c.id)),
+                .map_or("-".to_string(), |c| format!(
+                    "{}:{}",
+                    esc(&c.name),
+                    esc(&c.id)
+                )),
             stripped.join(","),
             self.duration_ms,
             self.reason
                 .as_ref()
-                .map_or(String::new(), |r| format!(" reason=\"{r}\"")),
+                .map_or(String::new(), |r| format!(" reason=\"{}\"", esc(r))),
             self.error
                 .as_ref()
-                .map_or(String::new(), |e| format!(" error={e}")),
+                .map_or(String::new(), |e| format!(" error=\"{}\"", esc(e))),
             self.upgrade.as_ref().map_or(String::new(), |u| format!(
                 " upgrade={} in={} out={}",
-                u.protocol, u.bytes_in, u.bytes_out
+                esc(&u.protocol),
+                u.bytes_in,
+                u.bytes_out
             )),
         )
     }
+}
+
+/// A field of a `pretty` line, so that no relayed text (a path, a reason quoting an
+/// upstream, a purpose) can start a line of its own or colour the terminal: control
+/// characters (C0, DEL, C1), line and paragraph separators and bidirectional overrides are
+/// written as `\u{..}`, and `"` and `\` escaped; everything else as it is.
+fn esc(s: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        c.is_control()
+            || c == '"'
+            || c == '\\'
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !s.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if unsafe_char(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Longest a line waits in memory before it is written.
@@ -558,5 +590,33 @@ fn writer(shared: &Shared, sink: Box<dyn Write + Send>) {
             let _ = out.flush();
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pretty_line_stays_one_line_whatever_it_relays() {
+        let mut r = Record::new(SystemTime::now());
+        r.path = "/x\r\n2026-12-01T00:00:00Z allow 200 GET http://forged".into();
+        r.reason = Some("upstream said \u{1b}[31mOK\u{1b}[0m \"quoted\" \\ \u{2028}next".into());
+        r.purpose = "p\u{202e}txt.exe".into();
+        r.error = Some("a\u{85}b".into());
+        let line = r.pretty();
+        assert!(
+            !line.contains(['\n', '\r', '\u{1b}', '\u{2028}', '\u{202e}', '\u{85}']),
+            "{line}"
+        );
+        assert!(line.contains(r"/x\u{d}\u{a}2026"), "{line}");
+        assert!(
+            line.contains(
+                r#"reason="upstream said \u{1b}[31mOK\u{1b}[0m \"quoted\" \\ \u{2028}next""#
+            ),
+            "{line}"
+        );
+        assert!(line.contains(r"purpose=p\u{202e}txt.exe"), "{line}");
+        assert_eq!(esc("plain /v1/chat"), "plain /v1/chat");
     }
 }
