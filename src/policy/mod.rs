@@ -228,6 +228,9 @@ pub(crate) struct PolicyStore {
     current: arc_swap::ArcSwap<PolicyEngine>,
     source: parking_lot::Mutex<PolicySource>,
     stamps: parking_lot::Mutex<Vec<crate::files::FileStamp>>,
+    /// Changed files as last seen, not yet reloaded: they must look the same at the next
+    /// look before they are.
+    unsettled: parking_lot::Mutex<Option<Vec<crate::files::FileStamp>>>,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -250,6 +253,7 @@ impl PolicyStore {
             current: arc_swap::ArcSwap::from_pointee(engine),
             source: parking_lot::Mutex::new(source),
             stamps: parking_lot::Mutex::new(stamps),
+            unsettled: parking_lot::Mutex::new(None),
             metrics,
         }
     }
@@ -300,16 +304,28 @@ impl PolicyStore {
         outcome
     }
 
-    /// Reload when a policy or schema file changed since the last look.
+    /// Reload when a policy or schema file changed, once it has settled: the change is
+    /// taken when the files look the same at two looks in a row (a polling interval apart),
+    /// so a file written in place in steps is never enforced half-written (a permit live
+    /// before the forbid written after it). A file replaced by an atomic rename settles the
+    /// same way; SIGHUP reloads at once.
     pub(crate) fn reload_if_changed(&self) {
         let source = self.source.lock().clone();
         let now = Self::stamps(&source);
         let mut seen = self.stamps.lock();
-        if *seen != now {
-            *seen = now;
-            drop(seen);
-            let _ = self.reload("file changed");
+        let mut unsettled = self.unsettled.lock();
+        if *seen == now {
+            *unsettled = None;
+            return;
         }
+        if unsettled.as_ref() != Some(&now) {
+            *unsettled = Some(now);
+            return;
+        }
+        *unsettled = None;
+        *seen = now;
+        drop((seen, unsettled));
+        let _ = self.reload("file changed");
     }
 
     /// Poll the files every `every`, and reload on SIGHUP. The handler is installed even for
@@ -1320,6 +1336,43 @@ forbid(principal, action, resource) when { resource.labels has sensitivity && re
             .with_labels(["data-class"]),
         );
         assert!(e.is_ok(), "{e:?}");
+    }
+
+    #[test]
+    fn a_policy_file_is_reloaded_only_once_it_has_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("policy.cedar");
+        let permit = r#"@id("allow-all") permit(principal, action, resource);"#;
+        std::fs::write(&file, "").unwrap();
+        let mut src = PolicySource::inline(&file.display().to_string(), "");
+        src.files = Some((file.clone(), None));
+        let store = PolicyStore::new(
+            PolicyEngine::compile(&src).unwrap(),
+            src,
+            Arc::new(crate::metrics::Metrics::default()),
+        );
+        // Written in two steps, the first seen alone: a permit without its forbid.
+        std::fs::write(&file, permit).unwrap();
+        store.reload_if_changed();
+        assert_eq!(
+            store.current().len(),
+            0,
+            "not yet: it may still be being written"
+        );
+        let both = format!(
+            "{permit}\n@id(\"no-export\") forbid(principal, action, resource) when {{ context.purpose == \"export\" }};"
+        );
+        std::fs::write(&file, &both).unwrap();
+        store.reload_if_changed();
+        assert_eq!(
+            store.current().len(),
+            0,
+            "changed again since the last look"
+        );
+        store.reload_if_changed();
+        assert_eq!(store.current().len(), 2, "settled: both at once");
+        store.reload_if_changed();
+        assert_eq!(store.current().len(), 2);
     }
 
     #[test]
