@@ -272,7 +272,11 @@ pub fn inspect(
     let mut cookies: Option<String> = None;
     let mut subprotocols: Option<String> = None;
     for (name, value) in headers.iter() {
-        let Ok(v) = value.to_str() else { continue };
+        // Bytes, not only valid text: a value with one non-ASCII byte (`lang=José` beside a
+        // token in a Cookie) is inspected like any other. Secrets are ASCII, so what is found
+        // is the bytes sent.
+        let v = String::from_utf8_lossy(value.as_bytes());
+        let v = v.as_ref();
         let mut found: Vec<(&'static str, &str)> = Vec::new();
         match header_rule(name) {
             HeaderRule::Cookie => {
@@ -320,7 +324,7 @@ pub fn inspect(
         for (name, kept) in [(COOKIE, cookies), (SEC_WEBSOCKET_PROTOCOL, subprotocols)] {
             let Some(kept) = kept else { continue };
             headers.remove(&name);
-            if let Ok(v) = HeaderValue::from_str(&kept)
+            if let Ok(v) = HeaderValue::from_bytes(kept.as_bytes())
                 && !kept.is_empty()
             {
                 headers.insert(name, v);
@@ -359,6 +363,12 @@ pub fn inspect(
                     && !is_placeholder(&value)
                 {
                     found.push(("credential_param", &value));
+                }
+                // A bare `?glpat-...`, or a key used as a parameter's name.
+                if found.is_empty() {
+                    let mut hits = Vec::new();
+                    find_tokens(&name, &mut hits);
+                    found.extend(hits.into_iter().map(|h| (h.kind, h.of(&name))));
                 }
             }
             for &(kind, secret) in &found {
@@ -602,11 +612,22 @@ pub(crate) fn holds_credential(text: &str) -> bool {
     !hits.is_empty()
 }
 
+/// The query as the line shows it: every value redacted, and a name that holds anything
+/// credential-shaped (a bare `?glpat-...`, a key used as a parameter's name) too.
 pub(crate) fn redact_query(q: &str) -> String {
     q.split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((k, _)) => format!("{k}=<redacted>"),
-            None => pair.to_string(),
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let name = percent_decode_str(k).decode_utf8_lossy();
+            let k = if holds_credential(&name) {
+                "<redacted>"
+            } else {
+                k
+            };
+            match v.is_empty() && !pair.contains('=') {
+                true => k.to_string(),
+                false => format!("{k}=<redacted>"),
+            }
         })
         .collect::<Vec<_>>()
         .join("&")
@@ -644,6 +665,69 @@ mod tests {
         }
         assert_eq!(prints[0], prints[1]);
         assert_eq!(prints[0], fp.fingerprint(b"AKIA2OGYBAH6VQRPXU4N"));
+    }
+
+    /// A secret in the query as a bare parameter, or as a parameter's name, is found,
+    /// stripped and never logged.
+    #[test]
+    fn query_secrets_without_a_value_are_found() {
+        let fp = Fingerprinter::new(b"0123456789abcdef0123456789abcdef");
+        let gitlab = "glpat-Xk3vR8pQ2mN7wZ4tY9aB";
+        for q in [
+            format!("{gitlab}&page=2"),
+            format!("page=2&{gitlab}="),
+            format!("{}=1&page=2", key()),
+        ] {
+            let mut h = HeaderMap::new();
+            let r = inspect(&fp, StripMode::Strip, &mut h, Some(&q), None);
+            assert_eq!(r.findings.len(), 1, "{q}: {:?}", r.findings);
+            assert_eq!(r.new_path_and_query.as_deref(), Some("page=2"), "{q}");
+            let logged = redact_query(&q);
+            assert!(
+                !logged.contains("glpat-") && !logged.contains("sk-proj-"),
+                "{logged}"
+            );
+            assert!(logged.contains("page=<redacted>"), "{logged}");
+        }
+        assert_eq!(redact_query("debug&x=1"), "debug&x=<redacted>");
+    }
+
+    /// A header value with bytes beyond ASCII is inspected all the same: a Slack token in a
+    /// Cookie beside `lang=José` (UTF-8) or a Latin-1 byte, and a key in a custom header whose
+    /// value has one; the other cookies keep their bytes.
+    #[test]
+    fn values_with_non_ascii_bytes_are_inspected() {
+        let fp = Fingerprinter::new(b"0123456789abcdef0123456789abcdef");
+        let slack = "xoxb-2048193847562-3917462058134-Qw7Rt2Yp9Lk4Xz8Vb3Nm6Hs1";
+        for lang in [&b"lang=Jos\xc3\xa9"[..], &b"lang=Jos\xe9"[..]] {
+            let mut cookie = lang.to_vec();
+            cookie.extend_from_slice(format!("; session={slack}; theme=dark").as_bytes());
+            let mut h = HeaderMap::new();
+            h.insert("cookie", HeaderValue::from_bytes(&cookie).unwrap());
+            let mut note = b"caf\xc3\xa9 ".to_vec();
+            note.extend_from_slice(key().as_bytes());
+            h.insert("x-note", HeaderValue::from_bytes(&note).unwrap());
+            let r = inspect(&fp, StripMode::Strip, &mut h, None, None);
+            let kinds: Vec<&str> = r.findings.iter().map(|f| f.kind).collect();
+            assert!(kinds.contains(&"slack_bot_token"), "{kinds:?}");
+            assert!(kinds.contains(&"openai_project_key"), "{kinds:?}");
+            let kept = h.get("cookie").unwrap().as_bytes();
+            assert!(!String::from_utf8_lossy(kept).contains("xoxb-"));
+            assert!(
+                kept.ends_with(b"theme=dark"),
+                "{:?}",
+                String::from_utf8_lossy(kept)
+            );
+            assert!(h.get("x-note").is_none());
+        }
+        let utf8 = HeaderValue::from_bytes(b"lang=Jos\xc3\xa9; session=x").unwrap();
+        let mut h = HeaderMap::new();
+        h.insert("cookie", utf8.clone());
+        let mut with_key = utf8.as_bytes().to_vec();
+        with_key.extend_from_slice(format!("; k={slack}").as_bytes());
+        h.insert("cookie", HeaderValue::from_bytes(&with_key).unwrap());
+        inspect(&fp, StripMode::Strip, &mut h, None, None);
+        assert_eq!(h.get("cookie").unwrap(), &utf8, "valid UTF-8 kept as sent");
     }
 
     /// Keys browser-style WebSocket clients put in the subprotocol list, as the vendors
