@@ -129,6 +129,12 @@ pub(crate) fn identify(
             let s = s.trim();
             validate_purpose(s).map(|_| s.to_string())
         }) {
+            // A purpose is written in the line, the JWT and policy: one shaped like a
+            // credential (an app that put its key in the wrong header) is refused, and
+            // neither it nor its text goes anywhere.
+            Ok(p) if crate::strip::holds_credential(&p) => {
+                verdict = Err("the chaperone-purpose header holds something shaped like a credential; a purpose names what the call is for".to_string());
+            }
             Ok(p) => purpose = Some(p),
             Err(_) => verdict = Err("malformed chaperone-purpose header: a purpose is 1 to 64 characters from A-Z a-z 0-9 . _ : / -".to_string()),
         }
@@ -145,8 +151,12 @@ pub(crate) fn identify(
     )
 }
 
+/// An app's request id is kept (and sent on, and logged) when it is short printable text
+/// and not shaped like a credential; otherwise the request gets an id of its own.
 fn valid_request_id(v: &str) -> bool {
-    (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic())
+    (1..=128).contains(&v.len())
+        && v.bytes().all(|b| b.is_ascii_graphic())
+        && !crate::strip::holds_credential(v)
 }
 
 /// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if well formed.
@@ -221,6 +231,24 @@ mod tests {
             parse_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01").is_none()
         );
         assert!(parse_traceparent("garbage").is_none());
+    }
+
+    #[test]
+    fn token_shaped_purposes_and_request_ids_go_nowhere() {
+        let key = format!("sk-proj-{}", "Zx9_".repeat(12));
+        let mut h = HeaderMap::new();
+        h.insert(&REQUEST_ID_HEADER, HeaderValue::from_str(&key).unwrap());
+        h.insert(&PURPOSE_HEADER, HeaderValue::from_str(&key).unwrap());
+        let (c, verdict) = identify(&ident(), &mut h, "127.0.0.1:1".parse().unwrap());
+        let why = verdict.unwrap_err();
+        assert!(
+            why.contains("shaped like a credential") && !why.contains(&key),
+            "{why}"
+        );
+        assert_eq!(c.purpose, None);
+        assert_ne!(c.request_id, key);
+        assert_eq!(h.get(&REQUEST_ID_HEADER).unwrap(), c.request_id.as_str());
+        assert!(h.get(&PURPOSE_HEADER).is_none());
     }
 
     #[test]

@@ -315,7 +315,7 @@ impl Pipeline {
     ) -> Result<Forwarded, Rejection> {
         // Stage: target. Where the request goes; a request that looped back, or whose length
         // is ambiguous, is refused.
-        let (target, userinfo) = target::resolve(&parts, origin)?;
+        let (mut target, userinfo) = target::resolve(&parts, origin)?;
         x.describe(&target);
         upstream::refuse_loop(&parts.headers, &self.pseudonym)?;
         upstream::refuse_ambiguous_length(&parts)?;
@@ -349,7 +349,7 @@ impl Pipeline {
         });
 
         // Stage: strip. The app's embedded secrets: removed, reported or refused.
-        let (mut body, new_query) = self
+        let (mut body, new_query, redacted_path) = self
             .strip(
                 &mut x.log,
                 route,
@@ -359,6 +359,13 @@ impl Pipeline {
                 body,
             )
             .await?;
+        // A secret in the path (forwarded only in report mode) is seen by no later stage:
+        // policy and minted tokens get the path as the line shows it.
+        let wire = redacted_path.map(|p| {
+            let wire = target.clone();
+            target.path = p;
+            wire
+        });
 
         // Stage: MCP. On an MCP route, a POST's JSON-RPC messages: each is decided on its
         // own below, and a tool call serves `tool:<name>` unless the app named a purpose.
@@ -491,7 +498,8 @@ impl Pipeline {
         }
 
         // Stage: forward, within the route's timeouts (else the global ones).
-        upstream::prepare(&mut parts, &target, new_query.as_deref(), &self.via, &body)?;
+        let wire = wire.as_ref().unwrap_or(&target);
+        upstream::prepare(&mut parts, wire, new_query.as_deref(), &self.via, &body)?;
         if let Some(protocol) = &asked {
             upgrade::restore(&mut parts.headers, protocol);
         }
@@ -507,9 +515,8 @@ impl Pipeline {
                 .as_deref()
                 .is_some_and(|c| self.credentials.dpop_of(c).is_some())
         });
-        let htu = dpop.map(|_| {
-            crate::credentials::dpop::htu(target.scheme, &target.authority(), &target.path)
-        });
+        let htu =
+            dpop.map(|_| crate::credentials::dpop::htu(wire.scheme, &wire.authority(), &wire.path));
         // The same, once, for an MCP server that asks for a token for itself (a 401 naming
         // its protected-resource metadata).
         let replayable = dpop.is_some() || mcp_auth.is_some();
@@ -600,7 +607,7 @@ impl Pipeline {
         target: &Target,
         userinfo: Option<&str>,
         body: Incoming,
-    ) -> Result<(OutBody, Option<String>), Rejection> {
+    ) -> Result<(OutBody, Option<String>, Option<String>), Rejection> {
         let mode = route.and_then(|r| r.strip).unwrap_or(self.strip_mode);
         log.strip_mode = mode.as_str();
         let head = strip::inspect(
@@ -610,8 +617,23 @@ impl Pipeline {
             target.query.as_deref(),
             userinfo,
         );
+        let in_path = strip::path::secrets(&target.path);
+        let redacted_path =
+            (!in_path.is_empty()).then(|| strip::path::redacted(&target.path, &in_path));
+        if let Some(p) = &redacted_path {
+            log.path.clone_from(p);
+        }
         let (body, body_findings) = self.read_body(&parts.headers, body, log).await?;
         let mut findings = head.findings;
+        findings.extend(in_path.iter().map(|(kind, at)| {
+            strip::Finding {
+                kind,
+                location: "path".into(),
+                fingerprint: self
+                    .fingerprinter
+                    .fingerprint(target.path[at.clone()].as_bytes()),
+            }
+        }));
         findings.extend(body_findings.iter().map(|f| f.finding.clone()));
         self.count_findings(&findings);
         log.stripped = findings;
@@ -621,7 +643,7 @@ impl Pipeline {
             &body_findings,
             route.and_then(Route::body_field),
         )?;
-        Ok((body, head.new_path_and_query))
+        Ok((body, head.new_path_and_query, redacted_path))
     }
 
     /// The authorize stage, over what the earlier stages found (the strip stage's findings are

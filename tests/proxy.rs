@@ -642,6 +642,47 @@ async fn a_request_with_two_lengths_is_refused_and_its_connection_closed() {
     assert_eq!(code, 200);
 }
 
+/// A capability URL's secret (Telegram's `/bot<token>/`, a webhook's token) and a key in a
+/// path segment: refused in strip mode (a path cannot lose it and still mean the same),
+/// forwarded in report mode; the line, the error and the response never show it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_in_the_path_are_refused_or_reported_and_never_logged() {
+    let up = Upstream::start().await;
+    let port = up.addr.port();
+    let telegram = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw";
+    let key = fake_openai_key();
+    for mode in ["strip", "report"] {
+        let sc = Sidecar::start(
+            &config(port, mode),
+            PERMISSIVE_POLICY,
+            &[(STATIC_ENV, "v-static-value")],
+        );
+        for path in [
+            format!("/bot{telegram}/sendMessage"),
+            format!("/v1/keys/{key}"),
+        ] {
+            let (code, body) = curl(&[
+                "-x",
+                &sc.proxy_url(),
+                &format!("http://127.0.0.1:{port}{path}"),
+            ]);
+            let want = if mode == "strip" { 403 } else { 200 };
+            assert_eq!(code, want, "{mode} {path}: {body}");
+            assert!(!body.contains(telegram) && !body.contains(&key), "{body}");
+        }
+        let lines = sc.lines_where(2, |l| l["stripped"][0]["location"] == "path");
+        assert_eq!(lines.len(), 2, "{mode}: {}", sc.output());
+        assert_eq!(lines[0]["path"], "/<redacted>/sendMessage");
+        assert_eq!(lines[0]["stripped"][0]["type"], "telegram_bot_token");
+        assert_eq!(lines[1]["path"], "/v1/keys/<redacted>");
+        sc.assert_never_shows(&[telegram, &key]);
+    }
+    // Report mode forwarded the paths as the app wrote them.
+    let seen: Vec<String> = up.requests().iter().map(|r| r.uri.clone()).collect();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen[0].contains(telegram), "{seen:?}");
+}
+
 /// An address has one name: however the app spells 127.0.0.1 (or the sidecar's own
 /// listeners, or 0.0.0.0, which reaches whatever listens on this host), policy, routes and
 /// guardrails see the same address, on plain requests and on CONNECT.

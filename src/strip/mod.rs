@@ -18,6 +18,7 @@ mod formats;
 #[doc(hidden)]
 pub mod fuzzing;
 mod names;
+pub(crate) mod path;
 
 use std::borrow::Cow;
 use std::path::PathBuf;
@@ -202,10 +203,12 @@ pub(crate) fn verdict(
 ) -> Result<(), Rejection> {
     let refused: Vec<&Finding> = match mode {
         StripMode::Block => findings.iter().collect(),
+        // A secret in the path cannot be cut out either (`path`).
         StripMode::Strip => body
             .iter()
             .filter(|f| body_field != Some(f.field.as_str()))
             .map(|f| &f.finding)
+            .chain(findings.iter().filter(|f| f.location == "path"))
             .collect(),
         StripMode::Report => Vec::new(),
     };
@@ -218,6 +221,8 @@ pub(crate) fn verdict(
         .collect();
     let advice = if mode == StripMode::Block {
         "remove them and let the sidecar inject credentials"
+    } else if refused.iter().all(|f| f.location == "path") {
+        "a secret in the URL path is not forwarded; keep capability URLs out of the app, or set the route's `strip: report`"
     } else {
         "a secret in a body is not forwarded; remove it from the app, or set the route's `inject.body_field` to the field that carries the key"
     };
