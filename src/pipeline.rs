@@ -1096,14 +1096,48 @@ impl Pipeline {
         if rej.code.is_denial() {
             rec.decision = "deny";
         }
-        if rec.reason.is_none() || !rej.code.is_denial() {
-            rec.reason = Some(rej.reason);
-        }
-        if !rej.policy_ids.is_empty() {
+        // The refusal's own reason, always: a guardrail that refuses the address a permitted
+        // request resolved to must not be logged as "permitted by" (and its line names no
+        // permit; a policy denial carries the ids that decided it).
+        rec.reason = Some(rej.reason);
+        if rej.code.is_denial() || !rej.policy_ids.is_empty() {
             rec.policy_ids = rej.policy_ids;
         }
         x.log.finish();
         resp
+    }
+
+    /// The line of a request the HTTP parser refused before any stage saw it (a bad byte,
+    /// a head too large, a malformed request line): hyper answered it (400, or 431 for a head
+    /// too large) and closed the connection; it still gets its line, with the parser's reason.
+    pub(crate) fn refused_by_parser(&self, conn: &Conn, e: &hyper::Error) {
+        if !e.is_parse() && !e.is_parse_too_large() {
+            return;
+        }
+        let mut log = self.log.begin();
+        log.client = conn.label.clone();
+        log.caller_uid = conn.attestation.uid();
+        log.request_id = uuid::Uuid::new_v4().to_string();
+        log.identity = conn.identity.id.clone();
+        log.workload = conn.identity.workload.clone();
+        log.stage = conn.identity.stage.clone();
+        log.environment = conn.identity.environment.clone();
+        log.purpose = route::purpose(None, None).to_string();
+        log.strip_mode = self.strip_mode.as_str();
+        log.decision = "deny";
+        log.answered_by = Some("chaperone");
+        let too_large = e.is_parse_too_large();
+        log.status = if too_large { 431 } else { 400 };
+        log.error = Some(
+            if too_large {
+                "header_too_large"
+            } else {
+                ErrorCode::BadRequest.as_str()
+            }
+            .to_string(),
+        );
+        log.reason = Some(format!("the HTTP parser refused the request: {e}"));
+        log.finish();
     }
 }
 

@@ -102,4 +102,11 @@ permit(principal, action == Action::\"GET\", resource) when {{ context.guardrail
         ],
         "{lines:?}"
     );
+    // Refused by the guardrail after policy permitted the name: the line says so, and names
+    // no permit.
+    let rebound = &lines[3];
+    let reason = rebound["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("guardrail"), "{rebound}");
+    assert!(!reason.contains("permitted by"), "{rebound}");
+    assert_eq!(rebound["policy_ids"], serde_json::json!([]), "{rebound}");
 }

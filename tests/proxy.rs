@@ -575,6 +575,24 @@ async fn garbage_and_oversized_requests_get_4xx_and_the_proxy_keeps_serving() {
     ]);
     assert_eq!(code, 200);
     assert!(sc.output().lines().all(|l| !l.contains("panicked")));
+    // Those the parser refused before any stage saw them have their lines too.
+    let refused = sc.lines_where(3, |l| {
+        l["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("the HTTP parser refused"))
+    });
+    let statuses: Vec<&Value> = refused.iter().map(|l| &l["status"]).collect();
+    assert!(statuses.contains(&&Value::from(431)), "{refused:#?}");
+    assert_eq!(
+        statuses.iter().filter(|s| ***s == Value::from(400)).count(),
+        2,
+        "the garbage line and the bad byte: {refused:#?}"
+    );
+    assert!(
+        refused
+            .iter()
+            .all(|l| l["decision"] == "deny" && !l["request_id"].as_str().unwrap_or("").is_empty())
+    );
 }
 
 /// A request with both Content-Length and Transfer-Encoding is the shape of request

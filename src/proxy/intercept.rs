@@ -205,6 +205,7 @@ where
     let conn_client = conn.client;
     let counter = served.clone();
     let origin = Arc::new(origin);
+    let (logger, caller) = (proxy.pipeline.clone(), conn.clone());
     let (io, heads) = super::framing::Watched::new(io);
     let svc = service_fn(move |mut req| {
         heads.mark(&mut req);
@@ -224,6 +225,9 @@ where
         }
     };
     if let Err(e) = result {
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            logger.refused_by_parser(&caller, h);
+        }
         tracing::debug!(client = %conn_client, error = %e, "intercepted connection ended with an error");
     }
     served.load(Ordering::Relaxed)

@@ -169,6 +169,7 @@ async fn serve_conn<I>(
 {
     let label = conn.label.clone();
     let (io, heads) = super::framing::Watched::new(io);
+    let (logger, caller) = (proxy.pipeline.clone(), conn.clone());
     let svc = service_fn(move |mut req| {
         heads.mark(&mut req);
         let (p, c) = (proxy.clone(), conn.clone());
@@ -176,6 +177,10 @@ async fn serve_conn<I>(
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     if let Err(e) = watcher.watch(conn).await {
+        // A request the parser refused never reached a stage; it gets its line here.
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            logger.refused_by_parser(&caller, h);
+        }
         tracing::debug!(client = %label, error = %e, "client connection ended with an error");
     }
 }
