@@ -324,6 +324,14 @@ impl Pipeline {
         let route = self.routes.find(&parts.method, &target);
         let purpose = route::purpose(x.caller.purpose.as_deref(), route);
         x.log.route = route.map(|r| r.name.clone());
+        // An encoded `/` or `\` is read as a separator by some servers and not by others;
+        // only a route that expects them (`allow_encoded_slashes`) takes them.
+        if target.encoded_separators && !route.is_some_and(|r| r.allow_encoded_slashes) {
+            return Err(Rejection::new(
+                ErrorCode::BadRequest,
+                "the request path holds an encoded slash or a backslash (%2F, %5C, \\), which servers read differently; a route that expects them says `allow_encoded_slashes: true`",
+            ));
+        }
         x.log.purpose = purpose.to_string();
         // A WebSocket (or other upgrade) handshake is a request like any other; it is only
         // noted here, for policy and the line, before the forward stage drops hop-by-hop
@@ -515,8 +523,9 @@ impl Pipeline {
                 .as_deref()
                 .is_some_and(|c| self.credentials.dpop_of(c).is_some())
         });
-        let htu =
-            dpop.map(|_| crate::credentials::dpop::htu(wire.scheme, &wire.authority(), &wire.path));
+        let htu = dpop.map(|_| {
+            crate::credentials::dpop::htu(wire.scheme, &wire.authority(), wire.wire_path())
+        });
         // The same, once, for an MCP server that asks for a token for itself (a 401 naming
         // its protected-resource metadata).
         let replayable = dpop.is_some() || mcp_auth.is_some();

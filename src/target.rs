@@ -20,13 +20,49 @@ pub(crate) struct Target {
     pub(crate) host: String,
     /// Destination port.
     pub(crate) port: u16,
-    /// Path without the query.
+    /// Path without the query, normalised ([`normalize_path`]): what routes, policy, the
+    /// line and minted tokens see.
     pub(crate) path: String,
     /// Raw query, if any.
     pub(crate) query: Option<String>,
+    /// The path as forwarded, when it is not `path`: the app's own bytes with dot segments
+    /// resolved (percent-encodings kept as sent, so a signature over them still holds).
+    pub(crate) wire_path: Option<String>,
+    /// The path holds an encoded slash or backslash (`%2F`, `%5C`, `\`), which servers read
+    /// differently; refused unless the route allows them.
+    pub(crate) encoded_separators: bool,
 }
 
 impl Target {
+    /// A target with `path` as given (already normal).
+    pub(crate) fn new(scheme: &'static str, host: String, port: u16, path: String) -> Target {
+        Target {
+            scheme,
+            host,
+            port,
+            path,
+            query: None,
+            wire_path: None,
+            encoded_separators: false,
+        }
+    }
+
+    /// The path as it goes upstream.
+    pub(crate) fn wire_path(&self) -> &str {
+        self.wire_path.as_deref().unwrap_or(&self.path)
+    }
+
+    /// Set the path from a request's raw path: normalised for everyone, and the bytes to
+    /// forward when they differ.
+    fn with_raw_path(mut self, raw: &str) -> Result<Target, Rejection> {
+        let raw = if raw.is_empty() { "/" } else { raw };
+        let n = normalize_path(raw).map_err(bad)?;
+        self.path = n.path;
+        self.wire_path = n.wire.filter(|w| w != &self.path);
+        self.encoded_separators = n.encoded_separators;
+        Ok(self)
+    }
+
     /// The origin (`scheme://host[:port]`), default ports omitted; the default token audience.
     pub(crate) fn origin(&self) -> String {
         let default = matches!((self.scheme, self.port), ("http", 80) | ("https", 443));
@@ -134,6 +170,109 @@ fn inet_aton(s: &str) -> Option<std::net::Ipv4Addr> {
     Some(std::net::Ipv4Addr::from(n | last))
 }
 
+/// A path as everyone after the target stage sees it, and as it is forwarded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NormalPath {
+    /// For routes, policy and the line: unreserved characters decoded, other
+    /// percent-encodings in upper case, dot segments removed (RFC 3986 §6.2.2, §5.2.4).
+    pub(crate) path: String,
+    /// The bytes to forward when dot segments were removed: the app's own segments (and
+    /// percent-encodings) otherwise as sent.
+    pub(crate) wire: Option<String>,
+    /// An encoded `/` or `\` (or a bare `\`) in a segment.
+    pub(crate) encoded_separators: bool,
+}
+
+/// Normalise a request path, so that a route's `path_prefix` and a policy's `context.path`
+/// cannot be passed by spelling a path another way: `/public/../private/keys`,
+/// `/public/%2e%2e/private`, `/%70rivate` are all `/private/...`. A NUL (`%00`) is refused.
+pub(crate) fn normalize_path(raw: &str) -> Result<NormalPath, String> {
+    if !raw.starts_with('/') {
+        // `*` (OPTIONS) and the like: nothing to resolve.
+        return Ok(NormalPath {
+            path: raw.to_string(),
+            wire: None,
+            encoded_separators: false,
+        });
+    }
+    let mut encoded_separators = false;
+    // Each segment as policy sees it and as it was sent.
+    let mut out: Vec<(String, &str)> = Vec::new();
+    let segments: Vec<&str> = raw[1..].split('/').collect();
+    let mut dots = false;
+    let last = segments.len() - 1;
+    for (i, seg) in segments.iter().enumerate() {
+        let norm = normal_segment(seg, &mut encoded_separators)?;
+        match norm.as_str() {
+            "." | ".." => {
+                dots = true;
+                if norm == ".." {
+                    out.pop();
+                }
+                // A dot segment at the end leaves the path ending in `/`.
+                if i == last {
+                    out.push((String::new(), ""));
+                }
+            }
+            _ => out.push((norm, seg)),
+        }
+    }
+    let join = |f: &dyn Fn(&(String, &str)) -> String| {
+        let mut p = String::with_capacity(raw.len());
+        for s in &out {
+            p.push('/');
+            p.push_str(&f(s));
+        }
+        if p.is_empty() {
+            p.push('/');
+        }
+        p
+    };
+    let path = join(&|(n, _)| n.clone());
+    let wire = dots.then(|| join(&|(_, w)| (*w).to_string()));
+    Ok(NormalPath {
+        path,
+        wire,
+        encoded_separators,
+    })
+}
+
+/// One segment: `%XX` of an unreserved character decoded, other `%xx` upper-cased.
+fn normal_segment(seg: &str, encoded_separators: &mut bool) -> Result<String, String> {
+    let b = seg.as_bytes();
+    let mut out: Vec<u8> = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if c == b'\\' {
+            *encoded_separators = true;
+        }
+        if c == b'%'
+            && let Some(hex) = seg.get(i + 1..i + 3)
+            && let Ok(v) = u8::from_str_radix(hex, 16)
+        {
+            match v {
+                0 => return Err("the request path holds an encoded NUL (%00)".into()),
+                b'/' | b'\\' => *encoded_separators = true,
+                _ => {}
+            }
+            if v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~') {
+                out.push(v);
+            } else {
+                out.push(b'%');
+                out.extend_from_slice(hex.to_ascii_uppercase().as_bytes());
+            }
+            i += 3;
+            continue;
+        }
+        out.push(c);
+        i += 1;
+    }
+    // Only ASCII bytes were put in for ASCII bytes taken out: still UTF-8.
+    Ok(String::from_utf8(out)
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+}
+
 /// The host policy decides on: [`Target::host`], with `localhost` (and any `.localhost`
 /// name, which resolvers answer with loopback, RFC 6761) as `127.0.0.1`.
 pub(crate) fn policy_host(host: &str) -> &str {
@@ -190,22 +329,12 @@ pub(crate) fn target(parts: &Parts) -> Result<(Target, Option<String>), Rejectio
     if host.is_empty() {
         return Err(bad("empty host"));
     }
-    Ok((
-        Target {
-            scheme,
-            host,
-            port: authority
-                .port_u16()
-                .unwrap_or(if scheme == "https" { 443 } else { 80 }),
-            path: if uri.path().is_empty() {
-                "/".into()
-            } else {
-                uri.path().to_string()
-            },
-            query: uri.query().map(str::to_owned),
-        },
-        userinfo,
-    ))
+    let port = authority
+        .port_u16()
+        .unwrap_or(if scheme == "https" { 443 } else { 80 });
+    let mut t = Target::new(scheme, host, port, String::new()).with_raw_path(uri.path())?;
+    t.query = uri.query().map(str::to_owned);
+    Ok((t, userinfo))
 }
 
 /// The destination of a request served from a CONNECT tunnel to `origin`: always that host
@@ -230,17 +359,15 @@ pub(crate) fn intercepted_target(parts: &Parts, origin: &Target) -> Result<Targe
             origin.host
         )));
     }
-    Ok(Target {
-        scheme: origin.scheme,
-        host: origin.host.clone(),
-        port: origin.port,
-        path: if parts.uri.path().is_empty() {
-            "/".into()
-        } else {
-            parts.uri.path().to_string()
-        },
-        query: parts.uri.query().map(str::to_owned),
-    })
+    let mut t = Target::new(
+        origin.scheme,
+        origin.host.clone(),
+        origin.port,
+        String::new(),
+    )
+    .with_raw_path(parts.uri.path())?;
+    t.query = parts.uri.query().map(str::to_owned);
+    Ok(t)
 }
 
 /// The destination of a CONNECT request (`host:port`, port required).
@@ -255,13 +382,12 @@ pub(crate) fn connect_target(parts: &Parts) -> Result<Target, Rejection> {
     if a.as_str().contains('@') {
         return Err(bad("CONNECT target must not carry userinfo"));
     }
-    Ok(Target {
-        scheme: if port == 443 { "https" } else { "tcp" },
-        host: normalize_host(a.host()),
+    Ok(Target::new(
+        if port == 443 { "https" } else { "tcp" },
+        normalize_host(a.host()),
         port,
-        path: String::new(),
-        query: None,
-    })
+        String::new(),
+    ))
 }
 
 #[cfg(test)]
@@ -284,6 +410,51 @@ mod tests {
         assert_eq!(t.path, "/v1/x");
         assert_eq!(t.query.as_deref(), Some("a=1"));
         assert_eq!(ui.as_deref(), Some("user:pw"));
+    }
+
+    #[test]
+    fn paths_have_one_spelling_for_routes_and_policy() {
+        let n = |p: &str| normalize_path(p).unwrap();
+        for (raw, path, wire) in [
+            ("/v1/chat/completions", "/v1/chat/completions", None),
+            (
+                "/public/../private/keys",
+                "/private/keys",
+                Some("/private/keys"),
+            ),
+            (
+                "/public/%2e%2e/private/keys",
+                "/private/keys",
+                Some("/private/keys"),
+            ),
+            ("/public/%2E%2E/%70rivate", "/private", Some("/%70rivate")),
+            ("/public/./x", "/public/x", Some("/public/x")),
+            ("/a/b/..", "/a/", Some("/a/")),
+            ("/../../etc/passwd", "/etc/passwd", Some("/etc/passwd")),
+            ("/%7Euser/%3a%41", "/~user/%3AA", None),
+            (
+                "/model/anthropic.claude-v2%3A1/invoke",
+                "/model/anthropic.claude-v2%3A1/invoke",
+                None,
+            ),
+            ("/", "/", None),
+            ("//double", "//double", None),
+        ] {
+            let got = n(raw);
+            assert_eq!(got.path, path, "{raw}");
+            assert_eq!(got.wire.as_deref(), wire, "{raw}");
+            assert!(!got.encoded_separators, "{raw}");
+        }
+        for ambiguous in [
+            "/api/v4/projects/group%2Fproject",
+            "/a%5cb",
+            "/a\\b",
+            "/x%2f..",
+        ] {
+            assert!(n(ambiguous).encoded_separators, "{ambiguous}");
+        }
+        assert!(normalize_path("/file%00.txt").is_err());
+        assert_eq!(n("*").path, "*");
     }
 
     #[test]

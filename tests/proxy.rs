@@ -704,6 +704,56 @@ async fn secrets_in_the_path_are_refused_or_reported_and_never_logged() {
     assert!(seen[0].contains(telegram), "{seen:?}");
 }
 
+/// A path has one spelling: `..`, `%2e%2e` and encoded unreserved characters cannot pass a
+/// policy on `context.path` (or a route's prefix), and what policy decided on is what is
+/// forwarded; encoded slashes are refused unless a route expects them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_spelled_otherwise_meet_the_same_policy() {
+    let up = Upstream::start().await;
+    let port = up.addr.port();
+    let policy = format!(
+        "{PERMISSIVE_POLICY}\n@id(\"no-private\")\nforbid(principal, action, resource) when {{ context.path like \"/private/*\" }};\n"
+    );
+    let sc = Sidecar::start(
+        &config(port, "strip"),
+        &policy,
+        &[(STATIC_ENV, "v-static-value")],
+    );
+    let get = |path: &str| {
+        raw_request(
+            sc.proxy,
+            &format!(
+                "GET http://127.0.0.1:{port}{path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+            ),
+        )
+    };
+    for path in [
+        "/private/keys",
+        "/public/../private/keys",
+        "/public/%2e%2e/private/keys",
+        "/public/%2E%2E/%70rivate/keys",
+        "/./private/./keys",
+    ] {
+        let (code, body) = get(path);
+        assert_eq!(code, 403, "{path}: {body}");
+        assert!(body.contains("no-private"), "{path}: {body}");
+    }
+    let (code, body) = get("/public/a%2F..%2F..%2Fprivate/keys");
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("allow_encoded_slashes"), "{body}");
+    assert!(
+        up.requests().is_empty(),
+        "nothing refused reached the upstream"
+    );
+    let (code, _) = get("/public/./docs/../readme");
+    assert_eq!(code, 200);
+    assert_eq!(
+        up.requests()[0].uri,
+        "/public/readme",
+        "forwarded as decided"
+    );
+}
+
 /// An address has one name: however the app spells 127.0.0.1 (or the sidecar's own
 /// listeners, or 0.0.0.0, which reaches whatever listens on this host), policy, routes and
 /// guardrails see the same address, on plain requests and on CONNECT.

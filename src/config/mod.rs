@@ -1978,6 +1978,7 @@ impl Validator<'_> {
             add_headers,
             mcp: r.mcp,
             tools,
+            allow_encoded_slashes: r.allow_encoded_slashes,
         })
     }
 

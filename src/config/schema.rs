@@ -536,6 +536,10 @@ pub(crate) struct RouteConfig {
     /// `search_docs: {scopes: [docs.read]}`.
     #[serde(default)]
     pub(crate) tools: BTreeMap<String, ToolConfig>,
+    /// Take paths with encoded slashes or backslashes (`%2F`, `%5C`), which servers read
+    /// differently and are otherwise refused (GitLab's `/projects/group%2Fproject`).
+    #[serde(default)]
+    pub(crate) allow_encoded_slashes: bool,
 }
 
 /// `routes[].tools.<name>`: a list of scopes, or `{scopes, arguments}`.

@@ -130,7 +130,7 @@ impl Credentials {
                 // DPoP: a fresh proof of possession for this very request.
                 if let Some(k) = self.dpop_of(name) {
                     let t = call.target;
-                    let htu = super::dpop::htu(t.scheme, &t.authority(), &t.path);
+                    let htu = super::dpop::htu(t.scheme, &t.authority(), t.wire_path());
                     let proof = k
                         .proof(call.method, &htu, Some(issued.value.expose_secret()))
                         .ok()
@@ -215,9 +215,9 @@ impl Credentials {
         let authority = target.authority();
         let url = match call.query {
             Some(q) if !q.is_empty() => {
-                format!("{}://{authority}{}?{q}", target.scheme, target.path)
+                format!("{}://{authority}{}?{q}", target.scheme, target.wire_path())
             }
-            _ => format!("{}://{authority}{}", target.scheme, target.path),
+            _ => format!("{}://{authority}{}", target.scheme, target.wire_path()),
         };
         let s = &session.token;
         let req = super::aws::ToSign {

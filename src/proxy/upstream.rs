@@ -140,11 +140,12 @@ pub(crate) fn prepare(
     via: &HeaderValue,
     body: &OutBody,
 ) -> Result<(), Rejection> {
+    let path = target.wire_path();
     let path_and_query = match (new_query, &target.query) {
-        (Some(""), _) => target.path.clone(),
-        (Some(q), _) => format!("{}?{}", target.path, q),
-        (None, Some(q)) => format!("{}?{}", target.path, q),
-        (None, None) => target.path.clone(),
+        (Some(""), _) => path.to_string(),
+        (Some(q), _) => format!("{path}?{q}"),
+        (None, Some(q)) => format!("{path}?{q}"),
+        (None, None) => path.to_string(),
     };
     let authority = target.authority();
     parts.uri = Uri::builder()

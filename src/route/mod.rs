@@ -223,6 +223,8 @@ pub(crate) struct Route {
     pub(crate) mcp: bool,
     /// On an MCP route, the scopes of each tool's calls (instead of `scopes`).
     pub(crate) tools: BTreeMap<String, Vec<String>>,
+    /// Paths may hold encoded slashes and backslashes (`%2F`: GitLab's project ids).
+    pub(crate) allow_encoded_slashes: bool,
 }
 
 /// `routes[].sign`: what an `aws` credential signs for when the host does not say.
@@ -447,17 +449,12 @@ mod tests {
             add_headers: vec![],
             mcp: false,
             tools: BTreeMap::new(),
+            allow_encoded_slashes: false,
         }
     }
 
     fn target(host: &str, path: &str) -> Target {
-        Target {
-            scheme: "http",
-            host: host.into(),
-            port: 80,
-            path: path.into(),
-            query: None,
-        }
+        Target::new("http", host.into(), 80, path.into())
     }
 
     #[test]

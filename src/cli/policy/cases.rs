@@ -437,15 +437,13 @@ fn parse_target(url: &str, connect: bool) -> Result<Target, String> {
         (None, "http") => 80,
         (None, _) => 443,
     };
-    Ok(Target {
-        scheme,
-        host,
-        port,
-        path: if uri.path().is_empty() {
-            "/".into()
-        } else {
-            uri.path().to_string()
-        },
-        query: uri.query().map(str::to_string),
-    })
+    let raw = if uri.path().is_empty() {
+        "/"
+    } else {
+        uri.path()
+    };
+    let path = crate::target::normalize_path(raw).map_err(|e| format!("`{url}`: {e}"))?;
+    let mut t = Target::new(scheme, host, port, path.path);
+    t.query = uri.query().map(str::to_string);
+    Ok(t)
 }
