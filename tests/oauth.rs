@@ -1415,3 +1415,56 @@ async fn an_echoing_token_endpoint_cannot_leak_the_client_secret() {
     sc.assert_never_shows(&[CLIENT_SECRET]);
     assert!(up.requests().is_empty());
 }
+
+/// A secret file that would block its reader (a FIFO: nothing ever writes to it) is a
+/// config error at start, and, swapped in later, fails its own route closed at once with the
+/// reason, while other routes are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_file_that_blocks_fails_its_route_closed_and_stalls_no_other() {
+    let auth = AuthServer::start();
+    let up = Upstream::start().await;
+    let port = up.addr.port();
+    // At start: refused with the file and the reason, not hung.
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, err) = run(Command::new("mkfifo").arg(dir.path().join("client-secret")));
+    assert!(ok, "{err}");
+    std::fs::write(dir.path().join("policy.cedar"), PERMISSIVE_POLICY).unwrap();
+    let cfg = dir.path().join("config.yaml");
+    std::fs::write(
+        &cfg,
+        secret_config(port, auth.port).replace("{dir}", dir.path().to_str().unwrap()),
+    )
+    .unwrap();
+    let out = Command::new("timeout")
+        .args(["20", bin(), "check", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && text.contains("not a regular file"),
+        "{text}"
+    );
+
+    // Swapped in while running: that route fails closed at once; the other is served.
+    let sc = start_secret_sidecar(port, auth.port);
+    let secret = sc.dir().join("client-secret");
+    std::fs::remove_file(&secret).unwrap();
+    let (ok, _, err) = run(Command::new("mkfifo").arg(&secret));
+    assert!(ok, "{err}");
+    let started = Instant::now();
+    let (code, body) = curl(&[
+        "-x",
+        &sc.proxy_url(),
+        "--max-time",
+        "20",
+        &format!("http://127.0.0.1:{port}/read/x"),
+    ]);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("not a regular file"), "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refused at once, not after a hang: {:?}",
+        started.elapsed()
+    );
+    assert!(sc.output().lines().all(|l| !l.contains("panicked")));
+}

@@ -1261,7 +1261,7 @@ impl Validator<'_> {
                     }
                     (None, Some(f)) if !stored => {
                         let path = self.path(f);
-                        if let Err(e) = std::fs::read(&path) {
+                        if let Err(e) = crate::files::read_regular(&path) {
                             self.absent(
                                 &at("from_file"),
                                 format!("cannot read {}: {e}", path.display()),
@@ -1447,7 +1447,7 @@ impl Validator<'_> {
     /// Read and parse a PEM signing key now, so a bad key is a config error at `at`, not a
     /// failure on every request.
     fn signing_key(&mut self, at: &[Seg<'_>], path: &Path, allow: crate::credentials::Allow) {
-        match std::fs::read(path) {
+        match crate::files::read_regular(path) {
             Err(e) => self.absent(at, format!("cannot read {}: {e}", path.display())),
             Ok(pem) => {
                 if let Err(e) = crate::credentials::SigningKey::from_pem(&pem, allow) {
@@ -1500,7 +1500,7 @@ impl Validator<'_> {
             |v: &mut Self, key: &'static str, value: Option<&str>, needed_by: &str| match value {
                 Some(x) => {
                     let path = v.path(x);
-                    if let Err(e) = std::fs::read(&path) {
+                    if let Err(e) = crate::files::read_regular(&path) {
                         v.absent(&at(key), format!("cannot read {}: {e}", path.display()));
                     }
                     Some(path)

@@ -741,13 +741,37 @@ impl TokenEndpoint {
 
     /// Revoke `token` (RFC 7009 §2.1), authenticated as for the token endpoint. A 200 is
     /// success whatever the body (§2.2: also for a token the server no longer knows).
-    pub(crate) async fn revoke(&self, url: &Uri, token: &SecretString) -> Result<(), Failure> {
-        let (body, basic) = {
+    pub(crate) async fn revoke(
+        self: &Arc<Self>,
+        url: &Uri,
+        token: &SecretString,
+    ) -> Result<(), Failure> {
+        // Client authentication reads secret files: off the event loop, as for a fetch.
+        let (me, token) = (self.clone(), token.clone());
+        let within = self.spec.timeout;
+        let built = tokio::task::spawn_blocking(move || {
             let mut form = form_urlencoded::Serializer::new(String::new());
             form.append_pair("token", token.expose_secret());
             form.append_pair("token_type_hint", "access_token");
-            let basic = self.authenticate(&mut form)?;
-            (form.finish(), basic)
+            let basic = me.authenticate(&mut form)?;
+            Ok::<_, Failure>((form.finish(), basic))
+        });
+        let (body, basic) = match tokio::time::timeout(within, built).await {
+            Ok(Ok(r)) => r?,
+            Ok(Err(e)) => {
+                return Err(Failure {
+                    kind: FailureKind::Local,
+                    message: format!("building the revocation request failed: {e}"),
+                });
+            }
+            Err(_) => {
+                return Err(Failure {
+                    kind: FailureKind::Timeout,
+                    message: format!(
+                        "the client's secret files could not be read within {within:?}"
+                    ),
+                });
+            }
         };
         let mut req = Request::post(url.clone())
             .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
@@ -811,12 +835,42 @@ impl TokenEndpoint {
     }
 
     /// Fetch one token.
-    pub(crate) async fn fetch(&self, params: &TokenParams<'_>) -> Result<Token, Failure> {
+    /// Build the token request off the event loop, within the endpoint's timeout: it reads
+    /// secret files (client secret, key, assertion, subject and actor tokens), and a file that
+    /// blocks (a FIFO, a hung network mount) must hold up one blocking-pool thread, never a
+    /// worker's other requests, and fail this fetch closed when the deadline passes.
+    async fn request_off_loop(
+        self: &Arc<Self>,
+        params: &TokenParams<'_>,
+    ) -> Result<(Request<Full<Bytes>>, Sent), Failure> {
+        let me = self.clone();
+        let owned = OwnedParams::new(params);
+        let within = self.spec.timeout;
+        let built = tokio::task::spawn_blocking(move || me.request(&owned.borrow()));
+        match tokio::time::timeout(within, built).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(Failure {
+                kind: FailureKind::Local,
+                message: format!("building the token request failed: {e}"),
+            }),
+            Err(_) => Err(Failure {
+                kind: FailureKind::Timeout,
+                message: format!(
+                    "the token request's secret files could not be read within {within:?} (a file that blocks: a FIFO, a hung mount?)"
+                ),
+            }),
+        }
+    }
+
+    pub(crate) async fn fetch(
+        self: &Arc<Self>,
+        params: &TokenParams<'_>,
+    ) -> Result<Token, Failure> {
         let spec = &self.spec;
         let started = Instant::now();
         let mut retried = false;
         let (status, body, sent) = loop {
-            let (mut req, sent) = self.request(params)?;
+            let (mut req, sent) = self.request_off_loop(params).await?;
             let htu = self.token_htu();
             if let Some(k) = &self.dpop {
                 let proof = k.proof("POST", &htu, None).map_err(|e| Failure {
