@@ -61,6 +61,22 @@ pub(crate) struct CredentialName {
     pub(crate) credential: String,
 }
 
+/// A proxy listener, by the stage it serves.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct StageLabel {
+    /// Stage name.
+    pub(crate) stage: String,
+}
+
+/// Labels of `chaperone_connections_closed_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ClosedLabels {
+    /// Stage name.
+    pub(crate) stage: String,
+    /// `silent` (no request within header_read) or `idle` (nothing in flight, no traffic).
+    pub(crate) reason: &'static str,
+}
+
 /// Labels of `chaperone_token_fetches_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct FetchLabels {
@@ -115,6 +131,12 @@ pub struct Metrics {
     pub(crate) log_dropped: Counter,
     /// Policy reloads (file change, SIGHUP) by result.
     pub(crate) policy_reloads: Family<ResultLabel, Counter>,
+    /// Client connections open now, per listener.
+    pub(crate) connections_open: Family<StageLabel, Gauge>,
+    /// Client connections refused for the listener's cap.
+    pub(crate) connections_refused: Family<StageLabel, Counter>,
+    /// Client connections the sidecar closed, by reason.
+    pub(crate) connections_closed: Family<ClosedLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -221,6 +243,24 @@ impl Metrics {
             "Policy reloads (file change or SIGHUP) by result: ok, or rejected (the last good policy stays in force)",
             policy_reloads.clone(),
         );
+        let connections_open = Family::<StageLabel, Gauge>::default();
+        registry.register(
+            "connections_open",
+            "Client connections open now, per proxy listener (stage)",
+            connections_open.clone(),
+        );
+        let connections_refused = Family::<StageLabel, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Client connections refused because the listener had max_connections open",
+            connections_refused.clone(),
+        );
+        let connections_closed = Family::<ClosedLabels, Counter>::default();
+        registry.register(
+            "connections_closed",
+            "Client connections closed by the sidecar: silent (no request within header_read) or idle (nothing in flight, no traffic for header_read)",
+            connections_closed.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -236,6 +276,9 @@ impl Metrics {
             upgrades_open,
             log_dropped,
             policy_reloads,
+            connections_open,
+            connections_refused,
+            connections_closed,
         }
     }
 

@@ -112,8 +112,31 @@ async fn futures_join(tasks: Vec<JoinHandle<()>>) {
 }
 
 /// Build every stage and bind every listener. The sidecar is ready when this returns.
+/// Raise the soft limit on open files to the hard one (as Go does for every program; the
+/// `rlimit` crate wraps the two system calls safely): a sidecar holds a client and an
+/// upstream descriptor per connection, and the common soft default, 1024, is reached by a
+/// thousand idle sockets. Warn when the listeners' caps could still exhaust it.
+fn descriptors(listeners: usize, max_connections: usize) {
+    let soft = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => n,
+        Err(_) => return,
+    };
+    let needed = (listeners as u64)
+        .saturating_mul(max_connections as u64)
+        .saturating_mul(2)
+        .saturating_add(256);
+    if soft < needed {
+        tracing::warn!(
+            open_files = soft,
+            needed,
+            "the open-files limit is below what max_connections allows on every listener (a client and an upstream descriptor each); lower max_connections or raise the limit"
+        );
+    }
+}
+
 pub(crate) async fn start(cfg: Config) -> Result<Running, StartError> {
     let build = |e: String| StartError::Build(e);
+    descriptors(cfg.listeners.len(), cfg.max_connections);
     let metrics = Arc::new(Metrics::new());
     let fingerprinter =
         Fingerprinter::from_file_or_random(cfg.strip.fingerprint_key_file.as_deref())
@@ -256,8 +279,11 @@ pub(crate) async fn start(cfg: Config) -> Result<Running, StartError> {
             callers.map(Arc::from),
             per_worker.clone(),
             shutdown_rx.clone(),
-            cfg.timeouts.shutdown_grace,
-            cfg.timeouts.header_read,
+            crate::proxy::listener::Serving {
+                grace: cfg.timeouts.shutdown_grace,
+                header_read: cfg.timeouts.header_read,
+                max_connections: cfg.max_connections,
+            },
         )));
     }
     tasks.push(tokio::spawn(admin::serve(

@@ -188,3 +188,174 @@ fn silence_in_a_body_is_cut_and_a_stream_that_keeps_sending_is_not() {
     assert_eq!(l["completion"], "complete", "{l}");
     assert_eq!(l["error"], Value::Null, "{l}");
 }
+
+/// A client connection must get its first request in within `header_read`, and one with
+/// nothing in flight is closed after `header_read` of silence, whichever HTTP version it
+/// speaks: a connection that sends nothing, one that drips the HTTP/2 preface, and one that
+/// sits idle after its HTTP/2 SETTINGS are all closed (and counted). A CONNECT tunnel that
+/// falls quiet is the tunnel's business (`idle`), not this.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_dripping_and_idle_client_connections_are_closed() {
+    use std::io::Read;
+    let up = Upstream::start().await;
+    let cfg = Cfg::new()
+        .set("timeouts", "header_read: 1s")
+        .set(
+            "routes",
+            &format!(
+                "- name: up\n  match: {{ host: 127.0.0.1, port: {} }}",
+                up.addr.port()
+            ),
+        )
+        .yaml();
+    let sc = Sidecar::start(&cfg, PERMISSIVE_POLICY, &[]);
+    let closed_within = |mut s: std::net::TcpStream, what: &str| {
+        s.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
+        let t = Instant::now();
+        let mut buf = [0u8; 256];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => continue, // an h2 server's SETTINGS, say
+                Err(e) => panic!("{what}: still open after {:?}: {e}", t.elapsed()),
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(4),
+            "{what}: {:?}",
+            t.elapsed()
+        );
+    };
+    // Sends nothing.
+    closed_within(std::net::TcpStream::connect(sc.proxy).unwrap(), "silent");
+    // Drips the HTTP/2 preface, a byte every 300 ms.
+    let drip = std::net::TcpStream::connect(sc.proxy).unwrap();
+    let dripper = drip.try_clone().unwrap();
+    let t = std::thread::spawn(move || {
+        for b in b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" {
+            if (&dripper).write_all(&[*b]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    drip.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
+    closed_within(drip, "dripping preface");
+    let _ = t.join();
+    // A whole preface and SETTINGS, then nothing.
+    let mut h2 = std::net::TcpStream::connect(sc.proxy).unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .unwrap();
+    closed_within(h2, "idle after SETTINGS");
+    let (_, metrics) = admin_get(sc.admin, "/metrics");
+    assert!(
+        metrics.contains(r#"chaperone_connections_closed_total{stage="main",reason="silent"} 3"#),
+        "{metrics}"
+    );
+    // A keep-alive HTTP/1.1 client that made a request is closed after header_read too.
+    let mut h1 = std::net::TcpStream::connect(sc.proxy).unwrap();
+    write!(
+        h1,
+        "GET http://127.0.0.1:{}/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        up.addr.port()
+    )
+    .unwrap();
+    closed_within(h1, "idle keep-alive");
+}
+
+/// Each listener keeps at most `max_connections` open: one more gets a 503 that says why
+/// and is counted; the ones open are served, and room comes back when they close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_over_its_connection_cap_refuses_with_a_reason() {
+    let up = Upstream::start().await;
+    let cfg = Cfg::new()
+        .set("max_connections", "3")
+        .set(
+            "routes",
+            &format!(
+                "- name: up\n  match: {{ host: 127.0.0.1, port: {} }}",
+                up.addr.port()
+            ),
+        )
+        .yaml();
+    let sc = Sidecar::start(&cfg, PERMISSIVE_POLICY, &[]);
+    let held: Vec<std::net::TcpStream> = (0..3)
+        .map(|_| std::net::TcpStream::connect(sc.proxy).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, body) = raw_request(
+        sc.proxy,
+        "GET http://127.0.0.1:1/ HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("max_connections"), "{body}");
+    let (_, metrics) = admin_get(sc.admin, "/metrics");
+    assert!(
+        metrics.contains(r#"chaperone_connections_refused_total{stage="main"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"chaperone_connections_open{stage="main"} 3"#),
+        "{metrics}"
+    );
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, _) = curl(&[
+        "-x",
+        &sc.proxy_url(),
+        &format!("http://127.0.0.1:{}/ok", up.addr.port()),
+    ]);
+    assert_eq!(code, 200);
+}
+
+/// A blind CONNECT tunnel silent for longer than header_read, once it has started, stays
+/// open (its own limit is `idle`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_tunnel_outlives_header_read() {
+    use std::io::Read;
+    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = echo.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in echo.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                let mut s = s;
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let cfg = Cfg::new().set("timeouts", "header_read: 1s").yaml();
+    let sc = Sidecar::start(&cfg, PERMISSIVE_POLICY, &[]);
+    let mut s = std::net::TcpStream::connect(sc.proxy).unwrap();
+    write!(
+        s,
+        "CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n"
+    )
+    .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut status = String::new();
+    r.read_line(&mut status).unwrap();
+    assert!(status.contains(" 200"), "{status}");
+    loop {
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        if l == "\r\n" {
+            break;
+        }
+    }
+    // (What a tunnel carries is told by its first bytes, which must come within header_read.)
+    s.write_all(b"hello\n").unwrap();
+    let mut back = String::new();
+    r.read_line(&mut back).unwrap();
+    assert_eq!(back, "hello\n");
+    std::thread::sleep(Duration::from_millis(2500));
+    s.write_all(b"ping\n").unwrap();
+    back.clear();
+    r.read_line(&mut back).unwrap();
+    assert_eq!(back, "ping\n");
+}

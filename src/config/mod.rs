@@ -31,6 +31,8 @@ use crate::strip::StripSettings;
 pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:15001";
 /// Default admin listener.
 pub(crate) const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
+/// Default cap on client connections per listener.
+pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Default inspected body size for embedded secrets.
 pub(crate) const DEFAULT_BODY_MAX_BYTES: u64 = 64 * 1024;
 /// Longest lifetime a locally minted per-call token may have.
@@ -113,6 +115,8 @@ pub(crate) struct Config {
     pub(crate) timeouts: Timeouts,
     /// Proxy worker threads.
     pub(crate) workers: usize,
+    /// Client connections open at most per listener.
+    pub(crate) max_connections: usize,
     /// The corporate proxy connections out go through, if any.
     pub(crate) upstream_proxy: Option<UpstreamProxy>,
 }
@@ -721,6 +725,15 @@ impl Validator<'_> {
             }
         };
 
+        let max_connections = match raw.max_connections {
+            None => DEFAULT_MAX_CONNECTIONS,
+            Some(n @ 1..=1_000_000) => n,
+            Some(_) => {
+                self.err(&[Key("max_connections")], "between 1 and 1000000");
+                DEFAULT_MAX_CONNECTIONS
+            }
+        };
+
         Some(Config {
             source: self.file.to_string(),
             observe_mode: false,
@@ -735,6 +748,7 @@ impl Validator<'_> {
             log_output,
             timeouts,
             workers,
+            max_connections,
             upstream_proxy,
         })
     }

@@ -54,6 +54,10 @@ pub(crate) struct FileConfig {
     /// pool. Default: the number of CPUs available to the process.
     #[serde(default)]
     pub(crate) workers: Option<usize>,
+    /// Client connections each proxy listener (each stage) keeps open at most; one more is
+    /// answered 503 and closed. Default 1024.
+    #[serde(default)]
+    pub(crate) max_connections: Option<usize>,
 }
 
 /// Who the sidecar speaks for.

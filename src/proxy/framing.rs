@@ -1,3 +1,7 @@
+//! What a client connection's reader watches: request heads (below), and the connection's
+//! activity, so a connection that sends nothing, drips its first request, or sits idle with
+//! nothing in flight is closed ([`serve_watched`]), whichever HTTP version it speaks.
+//!
 //! Request smuggling's first shape: a request head with both `Content-Length` and
 //! `Transfer-Encoding`. hyper lets `Transfer-Encoding` win (RFC 9112 §6.3), drops
 //! `Content-Length` before the service sees the request, and closes the connection after it;
@@ -18,6 +22,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -26,16 +31,58 @@ use super::upstream::AmbiguousLength;
 /// The longest line prefix kept: `transfer-encoding:` is 18 bytes.
 const PREFIX: usize = 18;
 
-/// The count a connection's reader keeps, shared with its service.
-#[derive(Debug, Default)]
+/// What a connection's reader keeps, shared with its service.
+#[derive(Debug)]
 pub(crate) struct Heads {
     /// Blocks of lines seen with both headers.
     both: AtomicU64,
     /// The count when the last request was served.
     served: AtomicU64,
+    /// When the connection was accepted.
+    start: Instant,
+    /// Milliseconds after `start` of the last byte read or written.
+    last_io: AtomicU64,
+    /// Requests handed to the service so far.
+    requests: AtomicU64,
+    /// Requests whose service call has not returned yet.
+    in_flight: AtomicU64,
+}
+
+impl Default for Heads {
+    fn default() -> Self {
+        Heads {
+            both: AtomicU64::new(0),
+            served: AtomicU64::new(0),
+            start: Instant::now(),
+            last_io: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A request in the service; counted in flight until dropped.
+pub(crate) struct InFlight(Arc<Heads>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Heads {
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_io.store(ms, Ordering::Relaxed);
+    }
+
+    /// A request reached the service: it is in flight until the guard is dropped.
+    pub(crate) fn begin(self: &Arc<Self>) -> InFlight {
+        self.requests.fetch_add(1, Ordering::AcqRel);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
     /// Mark `req` when its head was one of the ambiguous ones.
     pub(crate) fn mark<B>(&self, req: &mut http::Request<B>) {
         let now = self.both.load(Ordering::Acquire);
@@ -125,7 +172,10 @@ impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
         let this = &mut *self;
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = &polled {
+        if let Poll::Ready(Ok(())) = &polled
+            && buf.filled().len() > before
+        {
+            this.heads.touch();
             this.scan(&buf.filled()[before..]);
         }
         polled
@@ -138,7 +188,13 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &polled
+            && *n > 0
+        {
+            self.heads.touch();
+        }
+        polled
     }
 
     fn poll_write_vectored(
@@ -146,7 +202,13 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &polled
+            && *n > 0
+        {
+            self.heads.touch();
+        }
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -159,6 +221,60 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Why a connection was closed by [`serve_watched`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Closed {
+    /// No request arrived within `header_read` of the connection opening (nothing sent, or
+    /// an HTTP/2 preface or first head dripped slower than that).
+    Silent,
+    /// Nothing in flight and no byte either way for `header_read`.
+    Idle,
+}
+
+impl Closed {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Closed::Silent => "silent",
+            Closed::Idle => "idle",
+        }
+    }
+}
+
+/// Serve `conn` (the HTTP server's future over a [`Watched`] stream), closing it when its
+/// first request has not arrived within `header_read`, or when it has nothing in flight and
+/// has been silent both ways for `header_read` (hyper keeps the second promise itself for
+/// HTTP/1.1, not for HTTP/2, whose pings keep a connection open). `Err` says why it was
+/// closed; otherwise the server's own result.
+pub(crate) async fn serve_watched<F, T>(
+    conn: F,
+    heads: &Heads,
+    header_read: Duration,
+) -> Result<T, Closed>
+where
+    F: std::future::Future<Output = T>,
+{
+    tokio::pin!(conn);
+    let mut deadline = tokio::time::Instant::from_std(heads.start) + header_read;
+    loop {
+        tokio::select! {
+            out = conn.as_mut() => return Ok(out),
+            () = tokio::time::sleep_until(deadline) => {
+                if heads.requests.load(Ordering::Acquire) == 0 {
+                    return Err(Closed::Silent);
+                }
+                let last = heads.start + Duration::from_millis(heads.last_io.load(Ordering::Relaxed));
+                let quiet_until = tokio::time::Instant::from_std(last) + header_read;
+                if heads.in_flight.load(Ordering::Acquire) == 0
+                    && tokio::time::Instant::now() >= quiet_until
+                {
+                    return Err(Closed::Idle);
+                }
+                deadline = quiet_until.max(tokio::time::Instant::now() + header_read / 4);
+            }
+        }
     }
 }
 

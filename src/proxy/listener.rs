@@ -65,18 +65,40 @@ pub(crate) fn bind_unix(path: &std::path::Path) -> std::io::Result<UnixListener>
     Ok(listener)
 }
 
+/// How a listener serves its connections.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Serving {
+    /// Drain deadline on shutdown.
+    pub(crate) grace: Duration,
+    /// A client's first request head must arrive within this; an idle connection is closed
+    /// after it.
+    pub(crate) header_read: Duration,
+    /// Connections open at most.
+    pub(crate) max_connections: usize,
+}
+
 pub(crate) async fn serve_proxy(
     listener: Bound,
     identity: Arc<Identity>,
     callers: Option<Arc<[u32]>>,
     workers: Arc<Vec<(tokio::runtime::Handle, Arc<Proxy>)>>,
     mut shutdown: watch::Receiver<bool>,
-    grace: Duration,
-    header_read: Duration,
+    serving: Serving,
 ) {
+    let Serving {
+        grace,
+        header_read,
+        max_connections,
+    } = serving;
     let graceful = GracefulShutdown::new();
     let builder = Arc::new(super::http::builder(header_read));
     let mut next = 0usize;
+    let metrics = workers[0].1.pipeline.metrics.clone();
+    let stage = crate::metrics::StageLabel {
+        stage: identity.stage.clone(),
+    };
+    let open_gauge = metrics.connections_open.get_or_create(&stage).clone();
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -89,11 +111,20 @@ pub(crate) async fn serve_proxy(
                         continue;
                     }
                 };
+                // Each listener keeps at most max_connections open, so one stage's (or one
+                // client's) connections cannot take the descriptors every listener needs.
+                if open.load(std::sync::atomic::Ordering::Acquire) >= max_connections {
+                    metrics.connections_refused.get_or_create(&stage).inc();
+                    refuse(accepted, max_connections);
+                    continue;
+                }
+                let held = Held::new(open.clone(), open_gauge.clone());
                 // Round-robin over the workers; the socket moves to the worker's event loop.
                 let (handle, proxy) = &workers[next % workers.len()];
                 next = next.wrapping_add(1);
                 let (identity, callers, proxy, builder, watcher) = (identity.clone(), callers.clone(), proxy.clone(), builder.clone(), graceful.watcher());
                 handle.spawn(async move {
+                    let _held = held;
                     // Attested on the worker, once per connection: reading the kernel's
                     // socket table is a few file reads, off the accept loop.
                     match accepted {
@@ -141,6 +172,54 @@ pub(crate) async fn serve_proxy(
     }
 }
 
+/// A connection counted open until it ends.
+struct Held {
+    open: Arc<std::sync::atomic::AtomicUsize>,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Held {
+    fn new(
+        open: Arc<std::sync::atomic::AtomicUsize>,
+        gauge: prometheus_client::metrics::gauge::Gauge,
+    ) -> Held {
+        open.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        gauge.inc();
+        Held { open, gauge }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.gauge.dec();
+    }
+}
+
+/// Answer a connection over the cap with a 503 that says why (best effort: written only if
+/// the socket takes it at once), and close it.
+fn refuse(accepted: Accepted, max: usize) {
+    let body = format!(
+        r#"{{"error":"too_many_connections","reason":"this listener has {max} connections open (max_connections)"}}"#
+    );
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    match accepted {
+        Accepted::Tcp(s, _) => {
+            let _ = s.set_nonblocking(true);
+            let _ = std::io::Write::write(&mut &s, answer.as_bytes());
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        Accepted::Unix(s) => {
+            let _ = s.set_nonblocking(true);
+            let _ = std::io::Write::write(&mut &s, answer.as_bytes());
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
 fn conn(
     identity: Arc<Identity>,
     client: SocketAddr,
@@ -170,17 +249,37 @@ async fn serve_conn<I>(
     let label = conn.label.clone();
     let (io, heads) = super::framing::Watched::new(io);
     let (logger, caller) = (proxy.pipeline.clone(), conn.clone());
+    let header_read = proxy.pipeline.timeouts.header_read;
+    let watched = heads.clone();
     let svc = service_fn(move |mut req| {
-        heads.mark(&mut req);
+        watched.mark(&mut req);
+        let in_flight = watched.begin();
         let (p, c) = (proxy.clone(), conn.clone());
-        async move { Ok::<_, Infallible>(p.serve(c, None, req).await) }
+        async move {
+            let _in_flight = in_flight;
+            Ok::<_, Infallible>(p.serve(c, None, req).await)
+        }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    if let Err(e) = watcher.watch(conn).await {
-        // A request the parser refused never reached a stage; it gets its line here.
-        if let Some(h) = e.downcast_ref::<hyper::Error>() {
-            logger.refused_by_parser(&caller, h);
+    match super::framing::serve_watched(watcher.watch(conn), &heads, header_read).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            // A request the parser refused never reached a stage; it gets its line here.
+            if let Some(h) = e.downcast_ref::<hyper::Error>() {
+                logger.refused_by_parser(&caller, h);
+            }
+            tracing::debug!(client = %label, error = %e, "client connection ended with an error");
         }
-        tracing::debug!(client = %label, error = %e, "client connection ended with an error");
+        Err(why) => {
+            logger
+                .metrics
+                .connections_closed
+                .get_or_create(&crate::metrics::ClosedLabels {
+                    stage: caller.identity.stage.clone(),
+                    reason: why.as_str(),
+                })
+                .inc();
+            tracing::debug!(client = %label, reason = why.as_str(), "client connection closed");
+        }
     }
 }
