@@ -486,11 +486,11 @@ impl PolicyEngine {
             slices: slice::Slices::new(&set),
             set,
             authorizer: Authorizer::new(),
-            entities: memo::Memo::new(4096),
+            entities: memo::Memo::new(4096, 16 << 20),
             warnings,
             extension_values: ExtensionValues::default(),
             // The second is part of the key, so stale entries only wait for the next clear.
-            contexts: memo::Memo::new(1024),
+            contexts: memo::Memo::new(1024, 8 << 20),
             mcp_arguments: src.mcp_arguments.clone(),
             listing,
             workload_type: ty("Workload"),
@@ -739,7 +739,9 @@ impl PolicyEngine {
         )
         .map_err(|e| e.to_string())?;
         if memo {
-            self.contexts.insert(key, context.clone());
+            // A context holds its attributes' values: about what its key spells.
+            let size = key.len() * 2 + CONTEXT_BYTES;
+            self.contexts.insert(key, context.clone(), size);
         }
         Ok(context)
     }
@@ -892,7 +894,8 @@ impl PolicyEngine {
             Entities::from_entities([principal_entity, resource_entity], None)
                 .map_err(|e| e.to_string())?,
         );
-        self.entities.insert(key, entities.clone());
+        let size = key.len() * 2 + ENTITIES_BYTES;
+        self.entities.insert(key, entities.clone(), size);
         Ok(entities)
     }
 }
@@ -1017,6 +1020,11 @@ fn unknown_arguments(v: &mut serde_json::Value) -> bool {
         _ => false,
     }
 }
+
+/// What a memoised request context and an entity pair hold beyond their text, roughly
+/// (Cedar's values, maps and extension values).
+const CONTEXT_BYTES: usize = 2048;
+const ENTITIES_BYTES: usize = 1024;
 
 /// The longest text of a call's read arguments that a memoised context is keyed by.
 const ARGUMENTS_MEMO_MAX: usize = 256;
@@ -1336,6 +1344,31 @@ forbid(principal, action, resource) when { resource.labels has sensitivity && re
             .with_labels(["data-class"]),
         );
         assert!(e.is_ok(), "{e:?}");
+    }
+
+    /// Requests to thousands of new hosts (denied, under 100 policies no scope slices) share
+    /// one policy subset, and every memo stays within its byte budget: memory does not grow
+    /// with the destinations a client names.
+    #[test]
+    fn new_destinations_do_not_grow_the_caches() {
+        let text: String = (0..100)
+            .map(|i| {
+                format!(
+                    "@id(\"p{i}\") permit(principal, action, resource) when {{ context.path like \"/only-{i}/*\" }};\n"
+                )
+            })
+            .collect();
+        let e = engine(&text);
+        let id = ident();
+        for n in 0..4000 {
+            let host = format!("h{n}-{}.example.org", "x".repeat(200));
+            let mut i = input(&id, "inference", None);
+            i.host = &host;
+            assert!(!e.decide(&i).allow);
+        }
+        assert_eq!(e.slices.subsets(), 1, "one shared subset");
+        assert!(e.entities.used() <= 16 << 20);
+        assert!(e.contexts.used() <= 8 << 20);
     }
 
     #[test]

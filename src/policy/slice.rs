@@ -25,6 +25,7 @@
 //!   policy is not satisfied without a diagnostic. Only that conjunct is used: a later one
 //!   might be preceded by one that errors, which Cedar would report.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use cedar_policy::{
@@ -102,8 +103,14 @@ pub(super) struct Slices {
     /// Which of [`INDEXED`] some policy's guard names (the others stay out of cache keys).
     keyed: [bool; INDEXED.len()],
     all: Arc<PolicySet>,
+    /// Slices by (principal, action, host, indexed values); each a shared subset.
     cache: super::memo::Memo<Arc<PolicySet>>,
+    /// The distinct subsets, by the scopes chosen.
+    subsets: parking_lot::Mutex<HashMap<Vec<u32>, Arc<PolicySet>>>,
 }
+
+/// Distinct subsets kept at most (each is a few of the policies' pointers).
+const MAX_SUBSETS: usize = 1024;
 
 /// An id no request carries (ids are never empty and never hold NUL).
 fn impossible() -> String {
@@ -187,7 +194,8 @@ impl Slices {
             scopes,
             keyed,
             all: Arc::new(set.clone()),
-            cache: super::memo::Memo::new(4096),
+            cache: super::memo::Memo::new(4096, 4 << 20),
+            subsets: parking_lot::Mutex::new(HashMap::new()),
         }
     }
 
@@ -208,8 +216,8 @@ impl Slices {
         if let Some(hit) = self.cache.get(&key) {
             return hit;
         }
-        let mut set = PolicySet::new();
-        for s in &self.scopes {
+        let mut chosen: Vec<u32> = Vec::new();
+        for (i, s) in self.scopes.iter().enumerate() {
             let principal_ok = s.principal_type.as_deref().is_none_or(|t| t == "Workload")
                 && (s.principal.is_empty() || s.principal.iter().any(|p| p == principal));
             let action_ok = s
@@ -227,15 +235,42 @@ impl Slices {
                 Some(Guard::Resource(h)) => h == host,
             };
             if principal_ok && action_ok && resource_ok && guard_ok {
-                // Ids are unique in the source set, so adding cannot fail; if it did, the
-                // whole set decides (never a subset missing a forbid).
-                if set.add(s.policy.clone()).is_err() {
-                    return self.all.clone();
-                }
+                chosen.push(i as u32);
+            }
+        }
+        // Requests to many destinations mostly choose the same policies (every new host the
+        // same unscoped ones): each distinct subset is built once and shared, so a memo
+        // entry costs its key, not a policy set.
+        let set = self.subset(chosen);
+        self.cache.insert(key, set.clone(), 0);
+        set
+    }
+
+    /// Distinct subsets built so far.
+    #[cfg(test)]
+    pub(super) fn subsets(&self) -> usize {
+        self.subsets.lock().len()
+    }
+
+    /// The policy set of these scopes, built once per distinct subset.
+    fn subset(&self, chosen: Vec<u32>) -> Arc<PolicySet> {
+        let mut subsets = self.subsets.lock();
+        if let Some(set) = subsets.get(&chosen) {
+            return set.clone();
+        }
+        let mut set = PolicySet::new();
+        for &i in &chosen {
+            // Ids are unique in the source set, so adding cannot fail; if it did, the whole
+            // set decides (never a subset missing a forbid).
+            if set.add(self.scopes[i as usize].policy.clone()).is_err() {
+                return self.all.clone();
             }
         }
         let set = Arc::new(set);
-        self.cache.insert(key, set.clone());
+        if subsets.len() >= MAX_SUBSETS {
+            subsets.clear();
+        }
+        subsets.insert(chosen, set.clone());
         set
     }
 }
