@@ -490,6 +490,11 @@ print("stream", json.dumps({"first": parts[0], "parts": len(parts),
         &format!("http://127.0.0.1:{port}/model/m/invoke"),
     ]);
     assert_eq!(code, 403);
+    // The server prints its verdict as it answers; its output is read as it comes.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while bedrock.lines_after("refused ").len() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     assert_eq!(
         bedrock.lines_after("refused ").last().map(String::as_str),
         Some("SignatureDoesNotMatch")
