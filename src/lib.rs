@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! main.rs, cli/       one module per subcommand (run, check, demo, ca, policy, scan, audit,
-//!                     review, webhook, egress-lock, providers)
+//!                     review, webhook, egress-lock, providers); fuzzing: the invariants the
+//!                     fuzz targets check
 //! sidecar             the composition root: Config -> every stage -> pipeline -> listeners
 //! config/             the loader: YAML with positions, validation; builds each stage's
 //!                     own settings type (no stage imports config)
@@ -35,6 +36,7 @@ pub mod egress;
 pub mod error;
 pub mod files;
 pub mod fingerprint;
+pub mod fuzzing;
 pub mod identify;
 pub mod mcp;
 pub mod metrics;

@@ -2,7 +2,7 @@
 //! resolved to the file it names, and a file may only reach down the map in `src/lib.rs`:
 //!
 //! ```text
-//! 6 cli, main      the subcommands
+//! 6 cli, main      the subcommands (and fuzzing: the fuzz targets' invariants)
 //! 5 sidecar        the composition root
 //! 4 config         the loader: builds each stage's settings
 //! 3 ingress        proxy (listener, http, worker, connect, intercept, attest), admin
@@ -50,7 +50,7 @@ fn modules() -> BTreeMap<String, PathBuf> {
 fn layer(module: &str) -> (u8, bool) {
     let top = module.split("::").next().unwrap();
     match (top, module) {
-        ("main" | "cli", _) => (6, false),
+        ("main" | "cli" | "fuzzing", _) => (6, false),
         ("sidecar", _) => (5, false),
         ("config", _) => (4, false),
         (
