@@ -463,6 +463,91 @@ fn context_cases(rng: &mut Rng) -> Vec<(&'static str, &'static str, Req)> {
             ..Req::default()
         };
         v.push(("url_userinfo", "userinfo", r));
+
+        // Capability URLs, as each vendor documents them, wherever an app puts them:
+        // Slack incoming webhooks, Discord webhooks, Telegram bot API URLs, Teams incoming
+        // webhooks.
+        let digits = |rng: &mut Rng, n: usize| -> String {
+            (0..n)
+                .map(|_| char::from(b'0' + (rng.next() % 10) as u8))
+                .collect()
+        };
+        let guid = |rng: &mut Rng| {
+            format!(
+                "{}-{}-{}-{}-{}",
+                rng.string(HEX, 8),
+                rng.string(HEX, 4),
+                rng.string(HEX, 4),
+                rng.string(HEX, 4),
+                rng.string(HEX, 12)
+            )
+        };
+        let slack = format!(
+            "https://hooks.slack.com/services/T{}/B{}/{}",
+            rng.string(UPPER, 10),
+            rng.string(UPPER, 10),
+            rng.string(ALNUM, 24)
+        );
+        let discord = format!(
+            "https://discord.com/api/webhooks/{}/{}",
+            digits(rng, 18),
+            rng.string(URLSAFE, 68)
+        );
+        let telegram = format!(
+            "https://api.telegram.org/bot{}:AA{}/sendMessage",
+            digits(rng, 10),
+            rng.string(URLSAFE, 33)
+        );
+        let teams = format!(
+            "https://contoso.webhook.office.com/webhookb2/{}@{}/IncomingWebhook/{}/{}",
+            guid(rng),
+            guid(rng),
+            rng.string(HEX, 32),
+            guid(rng)
+        );
+        for (kind, url) in [
+            ("slack_webhook_url", &slack),
+            ("discord_webhook_token", &discord),
+            ("telegram_bot_token", &telegram),
+            ("teams_webhook_url", &teams),
+        ] {
+            for loc in [
+                "json_field",
+                "json_prompt",
+                "form",
+                "header_custom",
+                "multipart_file",
+            ] {
+                v.push((kind, loc, place(loc, url, rng)));
+            }
+        }
+
+        // Credentials wrapped whole in custom headers: a PEM key and a service-account key
+        // file in base64, and an AWS STS session token (whose only shape is its start).
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let pem = b64.encode(pem_private_key(rng));
+        v.push((
+            "private_key_pem",
+            "header_custom",
+            Req::header("x-signing-key", pem),
+        ));
+        let sa = b64.encode(format!(
+            r#"{{"type":"service_account","project_id":"p-{}","private_key":{}}}"#,
+            rng.string(HEX, 6),
+            json_str(&pem_private_key(rng))
+        ));
+        v.push((
+            "gcp_service_account_key",
+            "header_custom",
+            Req::header("x-gcp-credentials", sa),
+        ));
+        let session = format!("IQoJb3JpZ2luX2VjE{}", rng.string(B64, 400));
+        v.push((
+            "aws_session_token",
+            "header_custom",
+            Req::header("x-upstream-session", session),
+        ));
     }
     v
 }

@@ -240,6 +240,20 @@ pub(crate) fn verdict(
 pub(crate) fn secrets_in<'v>(name: &str, value: &'v str, out: &mut Vec<(&'static str, &'v str)>) {
     let mut hits: Vec<Hit> = Vec::new();
     find_tokens(value, &mut hits);
+    // A capability URL anywhere in the value (a webhook in a JSON field, a form value, a
+    // header): its secret part, as the vendor documents the URL.
+    if memchr::memmem::find(value.as_bytes(), b"://").is_some() {
+        capability_urls(value, &mut hits);
+    }
+    // A value that is a credential wrapped whole: an AWS session token (whose shape has no
+    // prefix of its own but its base64 start), a PEM key or a service-account JSON in
+    // base64 (custom headers carry them so).
+    if hits.is_empty()
+        && let Some(kind) = wrapped(value)
+    {
+        out.push((kind, value.trim()));
+        return;
+    }
     let gcp = hits.iter().any(|h| h.kind == "private_key_pem")
         && (name == "private_key" || value.contains("\"service_account\""));
     if hits.is_empty()
@@ -259,6 +273,77 @@ pub(crate) fn secrets_in<'v>(name: &str, value: &'v str, out: &mut Vec<(&'static
         };
         out.push((kind, h.of(value)));
     }
+}
+
+/// The secret parts of capability URLs in `text` (Telegram bot URLs, Slack, Discord and
+/// Teams webhooks: [`path::secrets`]'s vendor rules), as hits in `text`.
+fn capability_urls(text: &str, hits: &mut Vec<Hit>) {
+    const VENDOR_KINDS: [&str; 4] = [
+        "telegram_bot_token",
+        "slack_webhook_url",
+        "discord_webhook_token",
+        "teams_webhook_url",
+    ];
+    let mut from = 0;
+    while let Some(at) = memchr::memmem::find(&text.as_bytes()[from..], b"://").map(|i| i + from) {
+        from = at + 3;
+        let rest = &text[from..];
+        let end = rest
+            .find(|c: char| {
+                c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | '`' | '?' | '#')
+            })
+            .unwrap_or(rest.len());
+        let url = &rest[..end];
+        let Some(slash) = url.find('/') else { continue };
+        let path_start = from + slash;
+        let path = &text[path_start..from + end];
+        for (kind, r) in path::secrets(path) {
+            if VENDOR_KINDS.contains(&kind)
+                && !hits
+                    .iter()
+                    .any(|h| h.start < path_start + r.end && path_start + r.start < h.end)
+            {
+                hits.push(Hit {
+                    start: path_start + r.start,
+                    end: path_start + r.end,
+                    kind,
+                });
+            }
+        }
+    }
+}
+
+/// A value that is a credential as a whole, though no format of its own shows it: an AWS
+/// STS session token (base64 of a binary blob that starts the same way in every token), or
+/// base64 of a PEM private key or of a GCP service-account key file.
+fn wrapped(value: &str) -> Option<&'static str> {
+    use base64::Engine;
+    let v = value.trim();
+    let base64ish = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_'))
+    };
+    if v.len() < 64 || !base64ish(v) {
+        return None;
+    }
+    if v.len() >= 100 && (v.starts_with("IQoJb3JpZ2luX2Vj") || v.starts_with("FwoGZXIvYXdzE")) {
+        return Some("aws_session_token");
+    }
+    let engines = [
+        &base64::engine::general_purpose::STANDARD,
+        &base64::engine::general_purpose::STANDARD_NO_PAD,
+        &base64::engine::general_purpose::URL_SAFE,
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+    ];
+    let decoded = engines.iter().find_map(|e| e.decode(v).ok())?;
+    let text = String::from_utf8_lossy(&decoded);
+    if text.contains("\"service_account\"") && text.contains("private_key") {
+        return Some("gcp_service_account_key");
+    }
+    if text.contains("PRIVATE KEY-----") {
+        return Some("private_key_pem");
+    }
+    None
 }
 
 /// Inspect the request head for embedded secrets; in `strip` mode remove them from `headers`
@@ -670,6 +755,81 @@ mod tests {
         }
         assert_eq!(prints[0], prints[1]);
         assert_eq!(prints[0], fp.fingerprint(b"AKIA2OGYBAH6VQRPXU4N"));
+    }
+
+    /// Capability URLs inside bodies and headers, and credentials wrapped whole in base64
+    /// (a PEM key, a service-account file) or shaped only by their start (an AWS session
+    /// token), as the held-out corpus found them missed.
+    #[test]
+    fn capability_urls_and_wrapped_credentials_are_found() {
+        use base64::Engine;
+        let fp = Fingerprinter::new(b"0123456789abcdef0123456789abcdef");
+        let slack = "https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX";
+        let discord = format!(
+            "https://discord.com/api/webhooks/123456789012345678/{}",
+            "Zx9_".repeat(17)
+        );
+        let body = format!(
+            r#"{{"notify": {{"url": "{slack}", "fallback": "{discord}?wait=true"}}, "note": "see https://example.org/docs"}}"#
+        );
+        let found = inspect_body(&fp, &BodyKind::Json, body.as_bytes());
+        let kinds: Vec<&str> = found.iter().map(|f| f.finding.kind).collect();
+        assert_eq!(
+            kinds,
+            vec!["slack_webhook_url", "discord_webhook_token"],
+            "{found:?}"
+        );
+        let form = format!(
+            "hook={}",
+            percent_encoding::utf8_percent_encode(slack, percent_encoding::NON_ALPHANUMERIC)
+        );
+        let found = inspect_body(&fp, &BodyKind::Form, form.as_bytes());
+        assert_eq!(found.len(), 1, "{found:?}");
+
+        let pem = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----\n";
+        let sa = r#"{"type": "service_account", "project_id": "p", "private_key": "x"}"#;
+        let session = format!("IQoJb3JpZ2luX2VjEJr{}", "A".repeat(300));
+        for (header, value, kind) in [
+            (
+                "x-signing-key",
+                base64::engine::general_purpose::STANDARD.encode(pem),
+                "private_key_pem",
+            ),
+            (
+                "x-gcp-creds",
+                base64::engine::general_purpose::STANDARD.encode(sa),
+                "gcp_service_account_key",
+            ),
+            ("x-upstream-session", session.clone(), "aws_session_token"),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(header, HeaderValue::from_str(&value).unwrap());
+            let r = inspect(&fp, StripMode::Strip, &mut h, None, None);
+            assert_eq!(
+                r.findings.iter().map(|f| f.kind).collect::<Vec<_>>(),
+                vec![kind],
+                "{header}"
+            );
+            assert!(h.get(header).is_none());
+        }
+        // Ordinary base64 and URLs are not.
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-trace",
+            HeaderValue::from_str(
+                &base64::engine::general_purpose::STANDARD.encode("a".repeat(90)),
+            )
+            .unwrap(),
+        );
+        h.insert(
+            "x-link",
+            HeaderValue::from_static("https://hooks.slack.com/services/billing"),
+        );
+        assert!(
+            inspect(&fp, StripMode::Strip, &mut h, None, None)
+                .findings
+                .is_empty()
+        );
     }
 
     /// A secret in the query as a bare parameter, or as a parameter's name, is found,
