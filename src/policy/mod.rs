@@ -486,11 +486,11 @@ impl PolicyEngine {
             slices: slice::Slices::new(&set),
             set,
             authorizer: Authorizer::new(),
-            entities: memo::Memo::new(4096, 16 << 20),
+            entities: memo::Memo::new(4096, 4 << 20),
             warnings,
             extension_values: ExtensionValues::default(),
             // The second is part of the key, so stale entries only wait for the next clear.
-            contexts: memo::Memo::new(1024, 8 << 20),
+            contexts: memo::Memo::new(1024, 4 << 20),
             mcp_arguments: src.mcp_arguments.clone(),
             listing,
             workload_type: ty("Workload"),
@@ -1367,8 +1367,8 @@ forbid(principal, action, resource) when { resource.labels has sensitivity && re
             assert!(!e.decide(&i).allow);
         }
         assert_eq!(e.slices.subsets(), 1, "one shared subset");
-        assert!(e.entities.used() <= 16 << 20);
-        assert!(e.contexts.used() <= 8 << 20);
+        assert!(e.entities.used() <= 4 << 20);
+        assert!(e.contexts.used() <= 4 << 20);
     }
 
     #[test]

@@ -194,7 +194,7 @@ impl Slices {
             scopes,
             keyed,
             all: Arc::new(set.clone()),
-            cache: super::memo::Memo::new(4096, 4 << 20),
+            cache: super::memo::Memo::new(4096, 2 << 20),
             subsets: parking_lot::Mutex::new(HashMap::new()),
         }
     }
