@@ -19,6 +19,24 @@ fn support() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support")
 }
 
+/// Run an agent (an MCP client command) through the sidecar as `HTTP_PROXY`.
+fn through(mut agent: Command, sc: &Sidecar) -> std::process::Output {
+    agent
+        .env("HTTP_PROXY", sc.proxy_url())
+        .env("http_proxy", sc.proxy_url())
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .output()
+        .unwrap()
+}
+
+/// The Python SDK's client, asking `url` (then `args`).
+fn python_client(url: &str) -> Command {
+    let mut c = Command::new(python());
+    c.arg(support().join("mcp_client.py")).arg(url);
+    c
+}
+
 const POLICY: &str = r#"@id("mcp-session")
 permit(principal, action, resource) when { context has mcp && context.mcp.method != "tools/call" };
 @id("search-is-fine")
@@ -50,15 +68,7 @@ fn each_tool_call_is_decided_logged_and_refused_as_mcp_expects() {
         )
         .yaml();
     let sc = Sidecar::start(&cfg, POLICY, &[(INJECTED_KEY_ENV, INJECTED_KEY)]);
-    let out = Command::new(python())
-        .arg(support().join("mcp_client.py"))
-        .arg(format!("http://127.0.0.1:{port}/mcp"))
-        .env("HTTP_PROXY", sc.proxy_url())
-        .env("http_proxy", sc.proxy_url())
-        .env_remove("NO_PROXY")
-        .env_remove("no_proxy")
-        .output()
-        .unwrap();
+    let out = through(python_client(&format!("http://127.0.0.1:{port}/mcp")), &sc);
     let calls = named_lines(&out);
     // The listing offers only what policy could permit; the agent calls the hidden tool anyway.
     assert_eq!(
@@ -196,35 +206,25 @@ fn tools_list_is_filtered_arguments_decide_and_each_tool_gets_its_scopes() {
             )
             .yaml();
         let sc = Sidecar::start(&cfg, ARGUMENT_POLICY, &[]);
+        let url = format!("http://127.0.0.1:{port}/mcp");
         let mut client = match agent {
-            "python" => {
-                let mut c = Command::new(python());
-                c.arg(support().join("mcp_client.py"));
-                c
-            }
+            "python" => python_client(&url),
             _ => {
                 let mut c = Command::new("node");
-                c.arg("mcp_client_ts.mjs").current_dir(support());
+                c.arg("mcp_client_ts.mjs").arg(&url).current_dir(support());
                 c
             }
         };
-        let out = client
-            .arg(format!("http://127.0.0.1:{port}/mcp"))
-            .arg(
-                serde_json::json!([
-                    ["search_docs", {"query": "sidecar", "repo": "public"}],
-                    ["search_docs", {"query": "keys", "repo": "private"}],
-                    ["search_docs", {"query": "keys", "repo": ["public", "private"]}],
-                    ["delete_repository", {"name": "prod"}],
-                ])
-                .to_string(),
-            )
-            .env("HTTP_PROXY", sc.proxy_url())
-            .env("http_proxy", sc.proxy_url())
-            .env_remove("NO_PROXY")
-            .env_remove("no_proxy")
-            .output()
-            .unwrap();
+        client.arg(
+            serde_json::json!([
+                ["search_docs", {"query": "sidecar", "repo": "public"}],
+                ["search_docs", {"query": "keys", "repo": "private"}],
+                ["search_docs", {"query": "keys", "repo": ["public", "private"]}],
+                ["delete_repository", {"name": "prod"}],
+            ])
+            .to_string(),
+        );
+        let out = through(client, &sc);
         let calls = named_lines(&out);
         assert_eq!(
             calls["tools"],
@@ -430,15 +430,7 @@ fn an_mcp_servers_oauth_is_answered_for_the_agent() {
     let port = server.port.unwrap();
     let resource = format!("http://127.0.0.1:{port}/mcp");
     let sc = oauth_sidecar(port, &issuer);
-    let out = Command::new(python())
-        .arg(support().join("mcp_client.py"))
-        .arg(&resource)
-        .env("HTTP_PROXY", sc.proxy_url())
-        .env("http_proxy", sc.proxy_url())
-        .env_remove("NO_PROXY")
-        .env_remove("no_proxy")
-        .output()
-        .unwrap();
+    let out = through(python_client(&resource), &sc);
     let calls = named_lines(&out);
     assert_eq!(
         calls["tools"],

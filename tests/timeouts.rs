@@ -189,6 +189,21 @@ fn silence_in_a_body_is_cut_and_a_stream_that_keeps_sending_is_not() {
     assert_eq!(l["error"], Value::Null, "{l}");
 }
 
+/// A sidecar with one route to `up` and `key: value` set.
+fn routed_sidecar(up: &Upstream, key: &str, value: &str) -> Sidecar {
+    let cfg = Cfg::new()
+        .set(key, value)
+        .set(
+            "routes",
+            &format!(
+                "- name: up\n  match: {{ host: 127.0.0.1, port: {} }}",
+                up.addr.port()
+            ),
+        )
+        .yaml();
+    Sidecar::start(&cfg, PERMISSIVE_POLICY, &[])
+}
+
 /// A client connection must get its first request in within `header_read`, and one with
 /// nothing in flight is closed after `header_read` of silence, whichever HTTP version it
 /// speaks: a connection that sends nothing, one that drips the HTTP/2 preface, and one that
@@ -198,17 +213,7 @@ fn silence_in_a_body_is_cut_and_a_stream_that_keeps_sending_is_not() {
 async fn silent_dripping_and_idle_client_connections_are_closed() {
     use std::io::Read;
     let up = Upstream::start().await;
-    let cfg = Cfg::new()
-        .set("timeouts", "header_read: 1s")
-        .set(
-            "routes",
-            &format!(
-                "- name: up\n  match: {{ host: 127.0.0.1, port: {} }}",
-                up.addr.port()
-            ),
-        )
-        .yaml();
-    let sc = Sidecar::start(&cfg, PERMISSIVE_POLICY, &[]);
+    let sc = routed_sidecar(&up, "timeouts", "header_read: 1s");
     let closed_within = |mut s: std::net::TcpStream, what: &str| {
         s.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
         let t = Instant::now();
@@ -272,17 +277,7 @@ async fn silent_dripping_and_idle_client_connections_are_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_over_its_connection_cap_refuses_with_a_reason() {
     let up = Upstream::start().await;
-    let cfg = Cfg::new()
-        .set("max_connections", "3")
-        .set(
-            "routes",
-            &format!(
-                "- name: up\n  match: {{ host: 127.0.0.1, port: {} }}",
-                up.addr.port()
-            ),
-        )
-        .yaml();
-    let sc = Sidecar::start(&cfg, PERMISSIVE_POLICY, &[]);
+    let sc = routed_sidecar(&up, "max_connections", "3");
     let held: Vec<std::net::TcpStream> = (0..3)
         .map(|_| std::net::TcpStream::connect(sc.proxy).unwrap())
         .collect();
