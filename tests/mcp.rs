@@ -19,6 +19,19 @@ fn support() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support")
 }
 
+/// The `tools/list` line says the listing offered one tool and hid the dangerous one.
+fn assert_listing_hid_the_dangerous_tool(lines: &[Value]) {
+    let list = lines
+        .iter()
+        .find(|l| l["mcp"]["method"] == "tools/list")
+        .unwrap_or_else(|| panic!("{lines:#?}"));
+    assert_eq!(
+        list["mcp"]["hidden"],
+        serde_json::json!(["delete_repository"])
+    );
+    assert_eq!(list["mcp"]["offered"], 1, "{list}");
+}
+
 /// Run an agent (an MCP client command) through the sidecar as `HTTP_PROXY`.
 fn through(mut agent: Command, sc: &Sidecar) -> std::process::Output {
     agent
@@ -118,15 +131,7 @@ fn each_tool_call_is_decided_logged_and_refused_as_mcp_expects() {
     assert_eq!(delete["error"], "policy_denied", "{delete}");
     assert_eq!(delete["policy_ids"], serde_json::json!(["never-delete"]));
     assert_eq!(delete["answered_by"], "chaperone");
-    let list = lines
-        .iter()
-        .find(|l| l["mcp"]["method"] == "tools/list")
-        .unwrap_or_else(|| panic!("{lines:#?}"));
-    assert_eq!(
-        list["mcp"]["hidden"],
-        serde_json::json!(["delete_repository"])
-    );
-    assert_eq!(list["mcp"]["offered"], 1, "{list}");
+    assert_listing_hid_the_dangerous_tool(&lines);
 
     // A header that says one tool while the body calls another is an attack: 400.
     let (code, body) = curl(&[
@@ -268,14 +273,7 @@ fn tools_list_is_filtered_arguments_decide_and_each_tool_gets_its_scopes() {
         assert!(scope.contains("purpose:tool:search_docs"), "{c}");
 
         let lines = sc.lines_where(6, |l| l["route"] == "tools" && l["method"] == "POST");
-        let list = lines
-            .iter()
-            .find(|l| l["mcp"]["method"] == "tools/list")
-            .unwrap_or_else(|| panic!("{lines:#?}"));
-        assert_eq!(
-            list["mcp"]["hidden"],
-            serde_json::json!(["delete_repository"])
-        );
+        assert_listing_hid_the_dangerous_tool(&lines);
         let denied: Vec<&Value> = lines
             .iter()
             .filter(|l| l["mcp"]["name"] == "search_docs" && l["decision"] == "deny")
