@@ -252,14 +252,40 @@ fn failure(kind: FailureKind, message: impl Into<String>) -> Failure {
 }
 
 /// A token file's content, trimmed; an error naming `what` when it cannot be read or is
-/// empty.
-fn read_token(path: &std::path::Path, what: &str) -> Result<String, Failure> {
-    let token = std::fs::read_to_string(path).map_err(|e| {
-        failure(
-            FailureKind::Local,
-            format!("cannot read the {what} {}: {e}", path.display()),
-        )
-    })?;
+/// empty. Read off the event loop within `within`, and only when it is a regular file: a
+/// FIFO or a hung mount fails this fetch, never a worker's other requests.
+async fn read_token(
+    path: &std::path::Path,
+    what: &str,
+    within: Duration,
+) -> Result<String, Failure> {
+    let owned = path.to_path_buf();
+    let read = tokio::task::spawn_blocking(move || crate::files::read_regular(&owned));
+    let bytes = match tokio::time::timeout(within, read).await {
+        Ok(Ok(Ok(b))) => b,
+        Ok(Ok(Err(e))) => {
+            return Err(failure(
+                FailureKind::Local,
+                format!("cannot read the {what} {}: {e}", path.display()),
+            ));
+        }
+        Ok(Err(e)) => {
+            return Err(failure(
+                FailureKind::Local,
+                format!("reading the {what} {} failed: {e}", path.display()),
+            ));
+        }
+        Err(_) => {
+            return Err(failure(
+                FailureKind::Timeout,
+                format!(
+                    "the {what} {} could not be read within {within:?}",
+                    path.display()
+                ),
+            ));
+        }
+    };
+    let token = String::from_utf8_lossy(&bytes);
     let token = token.trim();
     if token.is_empty() {
         return Err(failure(
@@ -299,7 +325,7 @@ async fn assume_role_with_web_identity(
     else {
         return Err(failure(FailureKind::Local, "not a web identity credential"));
     };
-    let token = read_token(web_identity_token_file, "web identity token")?;
+    let token = read_token(web_identity_token_file, "web identity token", spec.timeout).await?;
     let form = form_urlencoded::Serializer::new(String::new())
         .append_pair("Action", "AssumeRoleWithWebIdentity")
         .append_pair("Version", "2011-06-15")
@@ -361,7 +387,7 @@ async fn container_credentials(
 ) -> Result<Session, Failure> {
     let mut req = Request::get(uri.clone()).header(http::header::ACCEPT, "application/json");
     if let Some(f) = token_file {
-        let token = read_token(f, "container authorization token")?;
+        let token = read_token(f, "container authorization token", timeout).await?;
         let mut token = HeaderValue::from_str(&token).map_err(|_| {
             failure(
                 FailureKind::Local,
@@ -634,6 +660,28 @@ pub fn sign(session: &Session, req: &ToSign<'_>, headers: &mut HeaderMap) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_token_file_that_would_block_fails_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("token");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let t = std::time::Instant::now();
+        let e = read_token(&fifo, "web identity token", Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(e.message.contains("not a regular file"), "{}", e.message);
+        assert!(t.elapsed() < Duration::from_secs(1));
+        std::fs::write(dir.path().join("ok"), "tok\n").unwrap();
+        let ok = read_token(&dir.path().join("ok"), "token", Duration::from_secs(5)).await;
+        assert_eq!(ok.unwrap(), "tok");
+    }
 
     #[test]
     fn the_scope_an_app_signed_for() {
