@@ -16,26 +16,9 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 /// Samples of each type in each location.
 const PER_CELL: usize = 12;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // xorshift64*: reproducible from the seed, no dependency.
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn pick(&mut self, pool: &[u8]) -> char {
-        pool[(self.next() % pool.len() as u64) as usize] as char
-    }
-    fn string(&mut self, pool: &[u8], n: usize) -> String {
-        (0..n).map(|_| self.pick(pool)).collect()
-    }
-    fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + (self.next() % (hi - lo + 1) as u64) as usize
-    }
-}
+#[path = "common/rng.rs"]
+mod rng;
+use rng::Rng;
 
 const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
 const UPPER: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";

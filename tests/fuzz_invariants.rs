@@ -2,21 +2,9 @@
 //! pieces hostile heads and broken configs are made of, so CI checks them on stable without
 //! libFuzzer: `cargo +nightly fuzz run request_head` (or `config`) explores further.
 
-/// xorshift64*: reproducible from the seed, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn pick<'a>(&mut self, from: &[&'a str]) -> &'a str {
-        from[(self.next() % from.len() as u64) as usize]
-    }
-}
+#[path = "common/rng.rs"]
+mod rng;
+use rng::Rng;
 
 /// Splice pieces into inputs, with a byte flipped now and then.
 fn inputs(seed: u64, n: usize, pieces: &[&str], each: usize) -> Vec<Vec<u8>> {
@@ -26,7 +14,7 @@ fn inputs(seed: u64, n: usize, pieces: &[&str], each: usize) -> Vec<Vec<u8>> {
             let k = 1 + (rng.next() % each as u64) as usize;
             let mut s = String::new();
             for _ in 0..k {
-                s.push_str(rng.pick(pieces));
+                s.push_str(pieces[rng.range(0, pieces.len() - 1)]);
             }
             let mut b = s.into_bytes();
             if i % 5 == 0 && !b.is_empty() {
