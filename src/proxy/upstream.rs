@@ -107,12 +107,11 @@ pub(crate) struct AmbiguousLength;
 /// A request that says its length twice, with `Content-Length` and `Transfer-Encoding`, is
 /// refused (400) and its connection closed: a server may read either (RFC 9112 §6.1 lets one
 /// reject it, and says to close), and an upstream that reads the other is how requests are
-/// smuggled. Envoy refuses the same. hyper keeps only `Transfer-Encoding` of the two, so the
-/// connection's reader marks such a request ([`AmbiguousLength`]).
+/// smuggled. Envoy refuses the same. hyper keeps only `Transfer-Encoding` of the two (and
+/// HTTP/2 carries neither framing header), so the request never shows both: the connection's
+/// reader marks such a request instead ([`AmbiguousLength`]).
 pub(crate) fn refuse_ambiguous_length(parts: &http::request::Parts) -> Result<(), Rejection> {
-    let both = parts.headers.contains_key(header::TRANSFER_ENCODING)
-        && parts.headers.contains_key(header::CONTENT_LENGTH);
-    if both || parts.extensions.get::<AmbiguousLength>().is_some() {
+    if parts.extensions.get::<AmbiguousLength>().is_some() {
         let mut rej = Rejection::new(
             ErrorCode::BadRequest,
             "the request has both Content-Length and Transfer-Encoding; its length is ambiguous",
