@@ -275,6 +275,21 @@ impl Pipeline {
         }
     }
 
+    /// A log line for a request on `conn`: who is calling (the listener's identity) and from
+    /// where; the rest is filled in as the request goes.
+    fn begin_line(&self, conn: &Conn) -> LogGuard {
+        let mut log = self.log.begin();
+        log.client = conn.label.clone();
+        log.caller_uid = conn.attestation.uid();
+        log.identity = conn.identity.id.clone();
+        log.workload = conn.identity.workload.clone();
+        log.stage = conn.identity.stage.clone();
+        log.environment = conn.identity.environment.clone();
+        log.strip_mode = self.strip_mode.as_str();
+        log.purpose = route::purpose(None, None).to_string();
+        log
+    }
+
     /// Identify the caller of a request on `conn` and open its log line; `Err` when the
     /// listener does not admit the caller, or the request's purpose header is malformed.
     pub(crate) fn identify(
@@ -282,19 +297,12 @@ impl Pipeline {
         conn: &Conn,
         parts: &mut Parts,
     ) -> (Exchange, Result<(), Rejection>) {
-        let mut log = self.log.begin();
-        log.client = conn.label.clone();
-        log.caller_uid = conn.attestation.uid();
+        let mut log = self.begin_line(conn);
         log.method = parts.method.to_string();
-        log.strip_mode = self.strip_mode.as_str();
         let (caller, purpose_ok) =
             identify::identify(&conn.identity, &mut parts.headers, conn.client);
         log.request_id = caller.request_id.clone();
         log.trace_id = caller.trace_id.clone();
-        log.identity = caller.identity.id.clone();
-        log.workload = caller.identity.workload.clone();
-        log.stage = caller.identity.stage.clone();
-        log.environment = caller.identity.environment.clone();
         log.purpose = route::purpose(caller.purpose.as_deref(), None).to_string();
         // A caller the listener does not admit is refused before anything else is looked at.
         let admitted = match &conn.attestation {
@@ -389,10 +397,7 @@ impl Pipeline {
             _ => Vec::new(),
         };
         let tool_purpose = match mcp_calls.as_slice() {
-            [c] if x.caller.purpose.is_none() && !c.name.is_empty() => {
-                Some(format!("tool:{}", c.name))
-                    .filter(|p| crate::identify::validate_purpose(p).is_ok())
-            }
+            [c] if x.caller.purpose.is_none() => c.purpose(),
             _ => None,
         };
         if let Some(p) = &tool_purpose {
@@ -434,10 +439,9 @@ impl Pipeline {
         x.log.decision = "allow";
         // A `tools/list` answer will offer only the tools policy could permit this caller to
         // call (read uncompressed, so it can be).
-        let listing = crate::mcp::listing::Listing::for_calls(
-            &mcp_calls,
-            self.tool_offer(&x.caller, &ask, &x.log.stripped),
-        );
+        let listing = crate::mcp::listing::Listing::for_calls(&mcp_calls, || {
+            self.tool_offer(&x.caller, &ask, &x.log.stripped)
+        });
         if listing.is_some() {
             parts.headers.remove(header::ACCEPT_ENCODING);
         }
@@ -452,16 +456,16 @@ impl Pipeline {
         // An MCP server's own authorization, as found before (RFC 9728, see
         // `crate::mcp::auth`): the token is for the resource it names, with the scopes it
         // asked for where the route names none.
-        let server_origin = crate::mcp::auth::origin_of(&target.origin()).unwrap_or_default();
         let mcp_auth = route
             .filter(|r| r.mcp && r.resource.is_none())
             .and_then(|r| {
                 let token_origin = self.credentials.token_origin(r.credential.as_deref()?)?;
-                Some((r, token_origin))
+                let server_origin = crate::mcp::auth::origin_of(&target.origin())?;
+                Some((r, token_origin, server_origin))
             });
         let found = mcp_auth
             .as_ref()
-            .and_then(|(r, _)| self.mcp_resources.get(&r.name, &server_origin));
+            .and_then(|(r, _, server)| self.mcp_resources.get(&r.name, server));
         let method = parts.method.clone();
         let call = route.map(|_| Call {
             caller: &x.caller,
@@ -559,18 +563,18 @@ impl Pipeline {
                 took += t;
             }
         }
-        if let (Some((r, token_origin)), Some(call)) = (&mcp_auth, call)
+        if let (Some((r, token_origin, server_origin)), Some(call)) = (&mcp_auth, call)
             && let Some(challenge) =
                 crate::mcp::auth::challenge(response.status(), response.headers())
             && let Some((mut head, b)) = again.take()
         {
             let discovered = self
-                .discover(&target, &server_origin, &challenge, token_origin, deadlines)
+                .discover(&target, server_origin, &challenge, token_origin, deadlines)
                 .await?;
             // Asked again for what it was given: the 401 stands, as the server sent it.
             if found.as_ref() != Some(&discovered) {
                 self.mcp_resources
-                    .put(&r.name, &server_origin, discovered.clone());
+                    .put(&r.name, server_origin, discovered.clone());
                 let call = Call {
                     resource: Some(&discovered.resource),
                     asked_scopes: &discovered.scopes,
@@ -771,7 +775,9 @@ impl Pipeline {
         let engine = arc_swap::Guard::into_inner(self.policy.current());
         let identity = caller.identity.clone();
         let client = caller.client.ip();
+        // The purpose the list was asked with serves a tool whose name makes no purpose.
         let named = caller.purpose.clone();
+        let asked = ask.purpose.to_string();
         let target = ask.target.clone();
         let route = ask
             .route
@@ -782,7 +788,10 @@ impl Pipeline {
         let action = ask.action.to_string();
         let stripped: Vec<&'static str> = stripped.iter().map(|f| f.kind).collect();
         Box::new(move |tool: &str| {
-            let purpose = named.clone().unwrap_or_else(|| format!("tool:{tool}"));
+            let purpose = named
+                .clone()
+                .or_else(|| crate::mcp::tool_purpose(tool))
+                .unwrap_or_else(|| asked.clone());
             let (name, labels, credential) = match &route {
                 Some((n, l, c)) => (n.as_str(), Some(l), c.as_deref().unwrap_or("")),
                 None => ("", None, ""),
@@ -1123,16 +1132,8 @@ impl Pipeline {
         if !e.is_parse() && !e.is_parse_too_large() {
             return;
         }
-        let mut log = self.log.begin();
-        log.client = conn.label.clone();
-        log.caller_uid = conn.attestation.uid();
+        let mut log = self.begin_line(conn);
         log.request_id = uuid::Uuid::new_v4().to_string();
-        log.identity = conn.identity.id.clone();
-        log.workload = conn.identity.workload.clone();
-        log.stage = conn.identity.stage.clone();
-        log.environment = conn.identity.environment.clone();
-        log.purpose = route::purpose(None, None).to_string();
-        log.strip_mode = self.strip_mode.as_str();
         log.decision = "deny";
         log.answered_by = Some("chaperone");
         let too_large = e.is_parse_too_large();

@@ -42,16 +42,19 @@ pub(crate) struct Listing {
 
 impl Listing {
     /// A filter for the answers to `calls`' `tools/list` requests, or `None` when there are
-    /// none.
-    pub(crate) fn for_calls(calls: &[super::McpCall], offer: Offer) -> Option<Listing> {
+    /// none (and `offer` is then never built).
+    pub(crate) fn for_calls(
+        calls: &[super::McpCall],
+        offer: impl FnOnce() -> Offer,
+    ) -> Option<Listing> {
         let ids: Vec<Value> = calls
             .iter()
             .filter(|c| c.method == "tools/list")
             .filter_map(|c| c.id.clone())
             .collect();
-        (!ids.is_empty()).then_some(Listing {
+        (!ids.is_empty()).then(|| Listing {
             ids,
-            offer,
+            offer: offer(),
             hidden: Vec::new(),
             offered: 0,
         })

@@ -36,7 +36,21 @@ pub struct McpCall {
     pub arguments: Option<Value>,
 }
 
+/// The purpose a call to tool `name` serves when the app names none: `tool:<name>`, when
+/// that is a valid purpose (DESIGN §10).
+pub(crate) fn tool_purpose(name: &str) -> Option<String> {
+    let p = format!("tool:{name}");
+    (!name.is_empty() && crate::identify::validate_purpose(&p).is_ok()).then_some(p)
+}
+
 impl McpCall {
+    /// The purpose this message serves when the app names none: a tool call's `tool:<name>`.
+    pub(crate) fn purpose(&self) -> Option<String> {
+        (self.method == "tools/call")
+            .then(|| tool_purpose(&self.name))
+            .flatten()
+    }
+
     /// What policy is told of this message.
     pub fn context(&self) -> crate::policy::McpContext<'_> {
         crate::policy::McpContext {

@@ -243,7 +243,7 @@ impl<'a> Bench<'a> {
         // A tool call serves `tool:<name>` unless the request names a purpose, as on the wire.
         let tool_purpose = match (w.mcp_method.as_deref(), w.mcp_name.as_deref()) {
             (Some("tools/call"), Some(name)) if route.is_some_and(|r| r.mcp) => {
-                Some(format!("tool:{name}"))
+                crate::mcp::tool_purpose(name)
             }
             _ => None,
         };
