@@ -60,6 +60,8 @@ pub(crate) enum ErrorCode {
     UserTokenRequired,
     /// 401: the user token did not verify.
     UserTokenInvalid,
+    /// 503: too many connections are open (to the listener, or to the upstream).
+    TooManyConnections,
 }
 
 impl ErrorCode {
@@ -76,6 +78,7 @@ impl ErrorCode {
             ErrorCode::BodyTooLarge => "body_too_large",
             ErrorCode::UserTokenRequired => "user_token_required",
             ErrorCode::UserTokenInvalid => "user_token_invalid",
+            ErrorCode::TooManyConnections => "too_many_connections",
         }
     }
 
@@ -83,7 +86,9 @@ impl ErrorCode {
     pub(crate) fn status(self) -> StatusCode {
         match self {
             ErrorCode::PolicyDenied | ErrorCode::EmbeddedSecret => StatusCode::FORBIDDEN,
-            ErrorCode::CredentialUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::CredentialUnavailable | ErrorCode::TooManyConnections => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ErrorCode::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             ErrorCode::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorCode::BadRequest => StatusCode::BAD_REQUEST,

@@ -242,6 +242,7 @@ impl Pipeline {
             self.upstream_tls.clone(),
             Arc::new(self.guardrails.clone()),
             self.upstream.egress().clone(),
+            self.upstream.per_upstream(),
         );
         p
     }

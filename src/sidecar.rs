@@ -238,6 +238,7 @@ pub(crate) async fn start(cfg: Config) -> Result<Running, StartError> {
             upstream_tls.clone(),
             Arc::new(guardrails),
             egress,
+            cfg.max_connections_per_upstream,
         ),
         upstream_tls,
         interception: match &intercept {

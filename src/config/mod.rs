@@ -117,6 +117,8 @@ pub(crate) struct Config {
     pub(crate) workers: usize,
     /// Client connections open at most per listener.
     pub(crate) max_connections: usize,
+    /// Connections each worker keeps open to one upstream at most.
+    pub(crate) max_connections_per_upstream: usize,
     /// The corporate proxy connections out go through, if any.
     pub(crate) upstream_proxy: Option<UpstreamProxy>,
 }
@@ -734,6 +736,18 @@ impl Validator<'_> {
             }
         };
 
+        let max_connections_per_upstream = match raw.max_connections_per_upstream {
+            None => crate::proxy::slots::DEFAULT_PER_UPSTREAM,
+            Some(n @ 1..=100_000) => n,
+            Some(_) => {
+                self.err(
+                    &[Key("max_connections_per_upstream")],
+                    "between 1 and 100000",
+                );
+                crate::proxy::slots::DEFAULT_PER_UPSTREAM
+            }
+        };
+
         Some(Config {
             source: self.file.to_string(),
             observe_mode: false,
@@ -749,6 +763,7 @@ impl Validator<'_> {
             timeouts,
             workers,
             max_connections,
+            max_connections_per_upstream,
             upstream_proxy,
         })
     }

@@ -58,6 +58,10 @@ pub(crate) struct FileConfig {
     /// answered 503 and closed. Default 1024.
     #[serde(default)]
     pub(crate) max_connections: Option<usize>,
+    /// Connections each worker keeps open to one upstream (scheme, host and port) at most;
+    /// a request past it waits for one, up to the connect timeout. Default 256.
+    #[serde(default)]
+    pub(crate) max_connections_per_upstream: Option<usize>,
 }
 
 /// Who the sidecar speaks for.

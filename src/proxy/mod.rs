@@ -34,6 +34,7 @@ pub(crate) mod idle;
 pub(crate) mod intercept;
 pub(crate) mod listener;
 mod rewind;
+pub(crate) mod slots;
 mod sniff;
 pub(crate) mod upgrade;
 pub(crate) mod upstream;

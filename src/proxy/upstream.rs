@@ -5,6 +5,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -14,9 +15,10 @@ use http::{HeaderMap, HeaderValue, Request, Response, Uri};
 use http_body::Body;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::connect::dns::Name;
+use hyper_util::client::legacy::connect::{CaptureConnection, capture_connection};
+use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
@@ -24,6 +26,7 @@ use crate::egress::{Chain, Egress};
 use crate::error::{BoxError, ErrorCode, ProxyBody, Rejection, full};
 use crate::policy::Guardrails;
 use crate::proxy::Timeouts;
+use crate::proxy::slots::{Capped, Saturated, Slots};
 use crate::target::Target;
 
 /// Headers that describe one connection, never the message: removed in both directions.
@@ -285,7 +288,7 @@ where
     }
 }
 
-type Connector = hyper_rustls::HttpsConnector<Chain<GuardedConnector>>;
+type Connector = hyper_rustls::HttpsConnector<Capped<Chain<GuardedConnector>>>;
 
 /// Pooled clients to upstreams: HTTP/1.1, and for `https` HTTP/2 or HTTP/1.1 by ALPN, with the
 /// upstream's certificate and host name always verified. One set of pools per connect timeout
@@ -297,6 +300,10 @@ pub(crate) struct Upstream {
     clients: Vec<Pools>,
     /// Direct, or through the upstream proxy.
     egress: Egress,
+    /// `max_connections_per_upstream`: each pool's cap.
+    per_upstream: usize,
+    /// Abandoned exchanges being finished in the background ([`Exchange`]).
+    finishing: Arc<AtomicUsize>,
 }
 
 /// The pools for one connect timeout.
@@ -363,6 +370,7 @@ impl Upstream {
         tls: Arc<rustls::ClientConfig>,
         guard: Arc<Guardrails>,
         egress: Egress,
+        per_upstream: usize,
     ) -> Self {
         let mut all = vec![t.connect];
         for c in connects {
@@ -372,19 +380,50 @@ impl Upstream {
         }
         let clients = all
             .into_iter()
-            .map(|connect| Pools {
-                connect,
-                any: client(connect, &tls, &guard, &egress, Wire::Any),
-                http1: client(connect, &tls, &guard, &egress, Wire::Http1),
-                http2: client(connect, &tls, &guard, &egress, Wire::Http2),
+            .map(|connect| {
+                let client = |wire| client(connect, &tls, &guard, &egress, per_upstream, wire);
+                Pools {
+                    connect,
+                    any: client(Wire::Any),
+                    http1: client(Wire::Http1),
+                    http2: client(Wire::Http2),
+                }
             })
             .collect();
-        Upstream { clients, egress }
+        Upstream {
+            clients,
+            egress,
+            per_upstream,
+            finishing: Arc::default(),
+        }
+    }
+
+    /// `max_connections_per_upstream`.
+    pub(crate) fn per_upstream(&self) -> usize {
+        self.per_upstream
     }
 
     /// How this client reaches upstreams (for others that connect out the same way).
     pub(crate) fn egress(&self) -> &Egress {
         &self.egress
+    }
+
+    /// One exchange of `req` on `client`; see [`Exchange`].
+    fn exchange(
+        &self,
+        client: &Client<Connector, ProxyBody>,
+        mut req: Request<ProxyBody>,
+        wire: Wire,
+        deadline: tokio::time::Instant,
+    ) -> Exchange {
+        let connection = capture_connection(&mut req);
+        Exchange {
+            response: Some(client.request(req)),
+            connection,
+            http2: wire == Wire::Http2,
+            deadline,
+            finishing: self.finishing.clone(),
+        }
     }
 
     /// The pool for `connect` and the HTTP version the request needs.
@@ -415,7 +454,8 @@ impl Upstream {
         deadlines: Deadlines,
     ) -> Result<(Response<Incoming>, Duration), Rejection> {
         let start = Instant::now();
-        let client = self.client(deadlines.connect, Wire::of(&parts.headers));
+        let wire = Wire::of(&parts.headers);
+        let client = self.client(deadlines.connect, wire);
         // An `http://` request through the upstream proxy carries the proxy's credentials
         // itself (the app's own `Proxy-Authorization` was removed as hop-by-hop).
         if let Some(auth) = self.egress.authorization_for(&parts.uri) {
@@ -456,9 +496,10 @@ impl Upstream {
             Err(bytes) => bytes,
             Ok(body) => {
                 let req = Request::from_parts(parts, body);
-                return match tokio::time::timeout_at(deadline, client.request(req)).await {
+                let exchange = self.exchange(client, req, wire, deadline);
+                return match tokio::time::timeout_at(deadline, exchange).await {
                     Ok(Ok(resp)) => Ok((resp, start.elapsed())),
-                    Ok(Err(e)) => Err(Rejection::new(ErrorCode::UpstreamUnreachable, describe(&e))),
+                    Ok(Err(e)) => Err(failed(&e)),
                     Err(_) => Err(timed_out()),
                 };
             }
@@ -470,27 +511,122 @@ impl Upstream {
             *req.uri_mut() = parts.uri.clone();
             *req.version_mut() = parts.version;
             *req.headers_mut() = parts.headers.clone();
-            match tokio::time::timeout_at(deadline, client.request(req)).await {
+            let exchange = self.exchange(client, req, wire, deadline);
+            match tokio::time::timeout_at(deadline, exchange).await {
                 Ok(Ok(resp)) => return Ok((resp, start.elapsed())),
                 Ok(Err(e))
-                    if e.is_connect() && attempt < CONNECT_RETRIES.len() && !is_guardrail(&e) =>
+                    if e.is_connect()
+                        && attempt < CONNECT_RETRIES.len()
+                        && !is_guardrail(&e)
+                        && !is_saturated(&e) =>
                 {
                     tracing::debug!(error = %describe(&e), attempt, "upstream connect failed; retrying");
                     tokio::time::sleep(CONNECT_RETRIES[attempt]).await;
                     attempt += 1;
                 }
-                Ok(Err(e)) if is_guardrail(&e) => {
-                    return Err(Rejection::new(
-                        ErrorCode::PolicyDenied,
-                        crate::error::innermost(&e).to_string(),
-                    ));
-                }
-                Ok(Err(e)) => {
-                    return Err(Rejection::new(ErrorCode::UpstreamUnreachable, describe(&e)));
-                }
+                Ok(Err(e)) => return Err(failed(&e)),
                 Err(_) => return Err(timed_out()),
             }
         }
+    }
+}
+
+/// Abandoned exchanges one worker finishes at a time; past this, one is cancelled (and its
+/// HTTP/1.1 connection closed) as before.
+const FINISHING_MAX: usize = 64;
+
+/// An abandoned exchange's response body is read to its end only when it says it is at most
+/// this long; a longer one is dropped with its connection.
+const DRAIN_MAX_BYTES: u64 = 64 * 1024;
+
+/// How long an abandoned exchange's response body may take to read.
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+
+/// One request's exchange with the upstream.
+///
+/// Dropped before the response head came (the client reset its stream or closed its
+/// connection) once the request went out on an HTTP/1.1 connection, the exchange is finished
+/// in the background rather than cancelled. HTTP/1.1 cannot abandon a request midway, so
+/// cancelling closes the connection and the next request opens another: a client resetting
+/// streams at a steady pace ("paced rapid reset") would cost the upstream one new connection
+/// per stream. Finished, the connection goes back to the pool.
+///
+/// Bounded on every side: at most [`FINISHING_MAX`] at a time per worker, each within the
+/// request's own response deadline, with a body read only when it says it is at most
+/// [`DRAIN_MAX_BYTES`], within [`DRAIN_TIME`]. Dropped before a connection was handed to it
+/// (waiting for one, connecting), it is cancelled: nothing was sent. On HTTP/2 it is
+/// cancelled too: the stream's reset frees nothing but the stream.
+struct Exchange {
+    response: Option<ResponseFuture>,
+    /// Set once the pool handed the request a connection.
+    connection: CaptureConnection,
+    /// Sent on an HTTP/2-only pool.
+    http2: bool,
+    deadline: tokio::time::Instant,
+    finishing: Arc<AtomicUsize>,
+}
+
+impl Future for Exchange {
+    type Output = Result<Response<Incoming>, hyper_util::client::legacy::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(response) = self.response.as_mut() else {
+            return Poll::Pending;
+        };
+        let out = std::task::ready!(Pin::new(response).poll(cx));
+        self.response = None;
+        Poll::Ready(out)
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let Some(response) = self.response.take() else {
+            return;
+        };
+        let http1 = self
+            .connection
+            .connection_metadata()
+            .as_ref()
+            .is_some_and(|c| !c.is_negotiated_h2());
+        if !http1 || self.http2 {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.finishing.fetch_add(1, Ordering::Relaxed) >= FINISHING_MAX {
+            self.finishing.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        let finishing = Finishing(self.finishing.clone());
+        let deadline = self.deadline;
+        runtime.spawn(async move {
+            let _counted = finishing;
+            let Ok(Ok(resp)) = tokio::time::timeout_at(deadline, response).await else {
+                return;
+            };
+            let body = resp.into_body();
+            if body.is_end_stream() {
+                return;
+            }
+            if body
+                .size_hint()
+                .upper()
+                .is_some_and(|n| n <= DRAIN_MAX_BYTES)
+            {
+                let _ = tokio::time::timeout(DRAIN_TIME, body.collect()).await;
+            }
+        });
+    }
+}
+
+/// One exchange counted in [`Upstream::finishing`] until dropped.
+struct Finishing(Arc<AtomicUsize>);
+
+impl Drop for Finishing {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -504,12 +640,14 @@ impl OutBody {
     }
 }
 
-/// A pooled client whose connector gives up connecting after `connect`, speaking `wire`.
+/// A pooled client whose connector gives up connecting after `connect`, keeps at most
+/// `per_upstream` connections open to one upstream, and speaks `wire`.
 fn client(
     connect: Duration,
     tls: &Arc<rustls::ClientConfig>,
     guard: &Arc<Guardrails>,
     egress: &Egress,
+    per_upstream: usize,
     wire: Wire,
 ) -> Client<Connector, ProxyBody> {
     let mut http = HttpConnector::new_with_resolver(GuardedResolver);
@@ -518,6 +656,7 @@ fn client(
     http.set_keepalive(Some(Duration::from_secs(60)));
     http.enforce_http(false);
     let http = egress.connector(GuardedConnector::new(http, guard.clone()));
+    let http = Capped::new(http, Slots::new(per_upstream), connect);
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config((**tls).clone())
         .https_or_http()
@@ -606,6 +745,28 @@ fn is_guardrail(e: &hyper_util::client::legacy::Error) -> bool {
     crate::error::innermost(e)
         .downcast_ref::<std::io::Error>()
         .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+}
+
+/// A pool at `max_connections_per_upstream` had none free: retrying would only wait again.
+fn is_saturated(e: &hyper_util::client::legacy::Error) -> bool {
+    crate::error::innermost(e).is::<Saturated>()
+}
+
+/// The rejection for a failed upstream call.
+fn failed(e: &hyper_util::client::legacy::Error) -> Rejection {
+    if is_guardrail(e) {
+        Rejection::new(
+            ErrorCode::PolicyDenied,
+            crate::error::innermost(e).to_string(),
+        )
+    } else if is_saturated(e) {
+        Rejection::new(
+            ErrorCode::TooManyConnections,
+            crate::error::innermost(e).to_string(),
+        )
+    } else {
+        Rejection::new(ErrorCode::UpstreamUnreachable, describe(e))
+    }
 }
 
 /// A reason for a failed upstream call, from the innermost cause.
