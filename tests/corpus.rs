@@ -525,6 +525,21 @@ fn context_cases(rng: &mut Rng) -> Vec<(&'static str, &'static str, Req)> {
             "header_custom",
             Req::header("x-gcp-credentials", sa),
         ));
+        // An Azure storage account or Cosmos DB key whole in a custom header: 512 random
+        // bits in base64 (86 characters and `==`), under whatever name the app chose.
+        let names = [
+            "x-azure-storage",
+            "x-storage-account",
+            "x-cosmos-master",
+            "x-blob-auth",
+        ];
+        let name = names[rng.range(0, names.len() - 1)];
+        let key = b64.encode((0..64).map(|_| rng.next() as u8).collect::<Vec<u8>>());
+        v.push((
+            "azure_storage_account_key",
+            "header_custom",
+            Req::header(name, key),
+        ));
         let session = format!("IQoJb3JpZ2luX2VjE{}", rng.string(B64, 400));
         v.push((
             "aws_session_token",
@@ -681,6 +696,21 @@ fn negative_fields(rng: &mut Rng) -> Vec<(&'static str, Req)> {
                     "sec-websocket-key".into(),
                     format!("{}==", rng.string(B64, 22)),
                 ),
+                // SHA-512 digests and Ed25519 signatures have an Azure key's shape; their
+                // names say what they are.
+                (
+                    "x-content-sha512".into(),
+                    format!("{}==", rng.string(B64, 86)),
+                ),
+                (
+                    "x-signature-ed25519".into(),
+                    format!("{}==", rng.string(B64, 86)),
+                ),
+                (
+                    "x-payload-digest".into(),
+                    format!("{}==", rng.string(B64, 86)),
+                ),
+                ("x-hub-hmac".into(), format!("{}==", rng.string(B64, 86))),
             ],
             ..Req::default()
         };

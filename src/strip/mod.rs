@@ -346,6 +346,48 @@ fn wrapped(value: &str) -> Option<&'static str> {
     None
 }
 
+/// A custom header holding an Azure account key whole: a storage account or Cosmos DB key is
+/// 512 random bits in base64, 86 characters and `==` (Microsoft's "Manage storage account
+/// access keys"). A SHA-512 digest or an Ed25519 signature has that shape too, so a header
+/// whose name says it holds one of those (`x-content-sha512`, `x-signature`, `repr-digest`)
+/// is left alone.
+fn is_account_key(name: &str, value: &str) -> bool {
+    let v = value.trim().as_bytes();
+    let shape = v.len() == 88
+        && v.ends_with(b"==")
+        && v[..86]
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+        && formats::classes(&v[..86]) >= 3;
+    if !shape {
+        return false;
+    }
+    const NOT_A_KEY: [&str; 12] = [
+        "digest",
+        "hash",
+        "checksum",
+        "sum",
+        "sha",
+        "sig",
+        "signature",
+        "hmac",
+        "mac",
+        "integrity",
+        "nonce",
+        "fingerprint",
+    ];
+    !name
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .any(|w| {
+            let w = w.to_ascii_lowercase();
+            NOT_A_KEY.contains(&w.as_str())
+                || ["sha", "digest", "hash", "sig", "checksum", "md5", "blake"]
+                    .iter()
+                    .any(|p| w.starts_with(p))
+        })
+}
+
 /// Inspect the request head for embedded secrets; in `strip` mode remove them from `headers`
 /// and return the query without them. `block` and `report` leave the request untouched.
 pub fn inspect(
@@ -394,7 +436,12 @@ pub fn inspect(
                 }
             }
             HeaderRule::Structured => continue,
-            HeaderRule::Other => secrets_in(name.as_str(), credential_part(v), &mut found),
+            HeaderRule::Other => {
+                secrets_in(name.as_str(), credential_part(v), &mut found);
+                if found.is_empty() && is_account_key(name.as_str(), v) {
+                    found.push(("azure_storage_account_key", v.trim()));
+                }
+            }
         }
         for &(kind, secret) in &found {
             report.findings.push(Finding {
@@ -860,6 +907,35 @@ mod tests {
     /// A header value with bytes beyond ASCII is inspected all the same: a Slack token in a
     /// Cookie beside `lang=José` (UTF-8) or a Latin-1 byte, and a key in a custom header whose
     /// value has one; the other cookies keep their bytes.
+    #[test]
+    fn azure_account_keys_in_custom_headers_are_told_from_digests_by_their_names() {
+        // 64 bytes in base64, as the Azure portal shows a key.
+        let key = "BwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyAhIiMkJSYnKCkqKywtLi8wMTIzNDU2Nzg5Ojs8PT4/QEFCQ0RFRg==";
+        assert_eq!(key.len(), 88);
+        assert!(is_account_key("x-azure-storage", key));
+        assert!(is_account_key("X-Cosmos-Master", key));
+        for digest_name in [
+            "x-content-sha512",
+            "repr-digest",
+            "x-signature",
+            "X-Signature-Ed25519",
+            "x-hub-hmac",
+            "x-checksum",
+        ] {
+            assert!(!is_account_key(digest_name, key), "{digest_name}");
+        }
+        // Not the shape: a byte short, no padding, or a word.
+        assert!(!is_account_key("x-azure-storage", &key[1..]));
+        assert!(!is_account_key(
+            "x-azure-storage",
+            &format!("{}AA", &key[..86])
+        ));
+        assert!(!is_account_key(
+            "x-azure-storage",
+            &format!("{}==", "a".repeat(86))
+        ));
+    }
+
     #[test]
     fn values_with_non_ascii_bytes_are_inspected() {
         let fp = Fingerprinter::new(b"0123456789abcdef0123456789abcdef");
