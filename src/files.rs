@@ -55,3 +55,87 @@ pub(crate) fn read_secret_file(path: &Path, what: &str) -> Result<SecretString, 
         .map_err(|e| format!("cannot read the {what} file {}: {e}", path.display()))?;
     nonempty_secret(&raw, what).map_err(|e| format!("{e} ({})", path.display()))
 }
+
+/// A watcher's periodic file work (stat and read), run off the event loop and never twice at
+/// once. A read that does not return (a file on a hung network mount) then holds one
+/// blocking thread, not a runtime thread, and later checks are skipped, with a warning a
+/// minute, until it returns: the watcher stays responsive, and stuck reads cannot pile up.
+pub(crate) struct OffLoop {
+    what: &'static str,
+    running: Option<(tokio::task::JoinHandle<()>, std::time::Instant)>,
+    warned: Option<std::time::Instant>,
+}
+
+impl OffLoop {
+    /// For the watcher of `what` (named in the warning).
+    pub(crate) fn new(what: &'static str) -> OffLoop {
+        OffLoop {
+            what,
+            running: None,
+            warned: None,
+        }
+    }
+
+    /// Start `work` once the previous run has returned, waiting up to `wait` for it (a check
+    /// asked for, such as a SIGHUP reload, is not skipped for a routine one in progress).
+    pub(crate) async fn run_after(
+        &mut self,
+        wait: std::time::Duration,
+        work: impl FnOnce() + Send + 'static,
+    ) -> bool {
+        if let Some((previous, _)) = self.running.as_mut() {
+            let _ = tokio::time::timeout(wait, previous).await;
+        }
+        self.run(work)
+    }
+
+    /// Start `work` unless the previous run is still going; whether it was started.
+    pub(crate) fn run(&mut self, work: impl FnOnce() + Send + 'static) -> bool {
+        if let Some((previous, since)) = &self.running
+            && !previous.is_finished()
+        {
+            if self
+                .warned
+                .is_none_or(|w| w.elapsed() >= std::time::Duration::from_secs(60))
+            {
+                tracing::warn!(
+                    watcher = self.what,
+                    stuck_for = ?since.elapsed(),
+                    "a file check has not returned (a hung mount?); skipping checks until it does"
+                );
+                self.warned = Some(std::time::Instant::now());
+            }
+            return false;
+        }
+        self.warned = None;
+        self.running = Some((tokio::task::spawn_blocking(work), std::time::Instant::now()));
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A check that blocks holds only itself: the next is skipped, not queued, and checks
+    /// start again once it returns.
+    #[tokio::test]
+    async fn a_stuck_check_is_not_run_twice_and_does_not_hold_the_loop() {
+        let mut checks = OffLoop::new("test");
+        let (release, stuck) = std::sync::mpsc::channel::<()>();
+        assert!(checks.run(move || {
+            let _ = stuck.recv();
+        }));
+        // The event loop is free: this task goes on while the check blocks.
+        tokio::task::yield_now().await;
+        assert!(!checks.run(|| panic!("a second check while the first is stuck")));
+        release.send(()).unwrap();
+        for _ in 0..200 {
+            if checks.run(|| {}) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        panic!("checks did not start again once the stuck one returned");
+    }
+}

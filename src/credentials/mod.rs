@@ -864,10 +864,11 @@ impl Credentials {
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
+            let mut checks = crate::files::OffLoop::new("credential files");
             loop {
                 tick.tick().await;
                 let Some(c) = me.upgrade() else { break };
-                tokio::task::block_in_place(|| c.refresh_files());
+                checks.run(move || c.refresh_files());
             }
         });
     }

@@ -334,6 +334,7 @@ impl PolicyStore {
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
+            let mut checks = crate::files::OffLoop::new("policy file");
             let mut hup = match tokio::signal::unix::signal(
                 tokio::signal::unix::SignalKind::hangup(),
             ) {
@@ -353,11 +354,14 @@ impl PolicyStore {
                 tokio::select! {
                     _ = tick.tick() => {
                         let Some(store) = me.upgrade() else { break };
-                        tokio::task::block_in_place(|| store.reload_if_changed());
+                        checks.run(move || store.reload_if_changed());
                     }
                     _ = sighup => {
                         let Some(store) = me.upgrade() else { break };
-                        tokio::task::block_in_place(|| { let _ = store.reload("SIGHUP"); });
+                        let reload = move || { let _ = store.reload("SIGHUP"); };
+                        if !checks.run_after(std::time::Duration::from_secs(5), reload).await {
+                            tracing::warn!("SIGHUP: the previous policy read has not returned; not reloaded");
+                        }
                     }
                 }
             }
