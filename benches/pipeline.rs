@@ -291,6 +291,7 @@ fn openai_call<'a>(
         stripped_types: &["openai_project_key"],
         credential: "per-call",
         client: std::net::IpAddr::from([127, 0, 0, 1]),
+        address: None,
         time: std::time::SystemTime::now(),
         guardrail: None,
         upgrade: "",

@@ -121,6 +121,15 @@ impl Egress {
             .filter(|v| v.matcher.intercept(uri).is_some())
     }
 
+    /// Whether connections to `scheme://authority` go through the upstream proxy (which then
+    /// resolves the name itself).
+    pub(crate) fn covers(&self, scheme: &str, authority: &str) -> bool {
+        self.via.is_some()
+            && format!("{scheme}://{authority}/")
+                .parse::<Uri>()
+                .is_ok_and(|u| self.via(&u).is_some())
+    }
+
     /// The `Proxy-Authorization` an `http://` request to `uri` carries: it is sent to the
     /// proxy in absolute form, so the proxy reads its credentials from the request itself.
     pub(crate) fn authorization_for(&self, uri: &Uri) -> Option<HeaderValue> {

@@ -17,7 +17,8 @@
 //!                     -> strip -> mcp -> policy -> credentials -> (proxy::upstream)
 //!                     -> purpose_log
 //! foundations         error, metrics, fingerprint, tls, egress (direct or through the
-//!                     upstream proxy)
+//!                     upstream proxy), resolve (names resolved for policy, pinned for
+//!                     the connect)
 //! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -44,6 +45,7 @@ pub mod pipeline;
 pub mod policy;
 pub mod proxy;
 pub mod purpose_log;
+pub mod resolve;
 pub mod route;
 pub mod sidecar;
 pub mod strip;

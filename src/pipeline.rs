@@ -32,6 +32,7 @@
 //! ([`crate::proxy::connect`]), after [`Pipeline::decide_connect`] has decided.
 
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -171,6 +172,9 @@ pub(crate) struct ConnectPlan {
     pub(crate) mode: TunnelMode,
     /// The guardrail kind a permit lifted for this destination, if any.
     pub(crate) lifted: Option<&'static str>,
+    /// The destination's address as policy saw it; a pin holds a blind tunnel's connect to
+    /// it while this lives.
+    pub(crate) address: Address,
 }
 
 /// What a tunnel does with its bytes. Plain HTTP in a tunnel (undici's proxy agents, Python
@@ -219,6 +223,37 @@ struct Ask<'a> {
     user: Option<&'a crate::credentials::Delegation>,
     /// The MCP message decided.
     mcp: Option<&'a crate::mcp::McpCall>,
+    /// The destination's address, where known ([`Address`]).
+    address: Option<IpAddr>,
+}
+
+/// The destination's address as policy sees it ([`Pipeline::address`]).
+#[derive(Debug)]
+pub(crate) enum Address {
+    /// Not known: a name, and no policy reads the address (or an upstream proxy resolves it).
+    Unknown,
+    /// The app named an IP literal.
+    Literal(IpAddr),
+    /// The name's address, pinned for the connect while this is held.
+    Pinned(crate::resolve::Pinned),
+}
+
+impl Address {
+    fn ip(&self) -> Option<IpAddr> {
+        match self {
+            Address::Unknown => None,
+            Address::Literal(ip) => Some(*ip),
+            Address::Pinned(p) => Some(p.addr),
+        }
+    }
+
+    /// The address a name is pinned to: the only one to connect to.
+    pub(crate) fn pinned(&self) -> Option<IpAddr> {
+        match self {
+            Address::Pinned(p) => Some(p.addr),
+            _ => None,
+        }
+    }
 }
 
 /// The pipeline's answer to a request, for the proxy to send.
@@ -243,6 +278,7 @@ impl Pipeline {
             Arc::new(self.guardrails.clone()),
             self.upstream.egress().clone(),
             self.upstream.per_upstream(),
+            self.upstream.pins().clone(),
         );
         p
     }
@@ -406,6 +442,12 @@ impl Pipeline {
         }
         let purpose = tool_purpose.as_deref().unwrap_or(purpose);
 
+        // Stage: resolve. Where a policy reads `context.address`, the destination's name is
+        // resolved now and pinned until the exchange ends, so the connection goes to the
+        // address policy saw (`crate::resolve`). An IP literal is its own address.
+        let address = self.address(&target).await?;
+        x.log.address = address.ip().map(|a| a.to_string());
+
         // Stage: authorize. Guardrails, then policy (default deny); on an MCP route, every
         // message of the POST, and a refused request gets the JSON-RPC error its client
         // expects.
@@ -422,6 +464,7 @@ impl Pipeline {
             upgrade: &switch_to,
             user: user.as_ref(),
             mcp: None,
+            address: address.ip(),
         };
         if mcp_calls.is_empty() {
             self.authorize(&x.caller, &mut x.log, &ask)?;
@@ -660,6 +703,53 @@ impl Pipeline {
         Ok((body, head.new_path_and_query, redacted_path))
     }
 
+    /// The resolve stage: the destination's address for policy. An IP literal is its own; a
+    /// name is resolved and pinned ([`crate::resolve`]) only when a policy reads
+    /// `context.address` and this sidecar resolves it (not an upstream proxy). A name that
+    /// does not resolve fails the request (502); one that resolves only to guarded addresses
+    /// is refused (403), as the connector would.
+    async fn address(&self, target: &Target) -> Result<Address, Rejection> {
+        // `localhost` is 127.0.0.1 to policy as a destination, but its address is what it
+        // resolves to, like any name.
+        if let Ok(ip) = target.host.parse::<IpAddr>() {
+            return Ok(Address::Literal(ip));
+        }
+        let reads = self.policy.current().reads_address();
+        let pins = self.upstream.pins();
+        pins.set_on(reads);
+        if !reads
+            || self
+                .upstream
+                .egress()
+                .covers(target.scheme, &target.authority())
+        {
+            return Ok(Address::Unknown);
+        }
+        let name = target.host.as_str();
+        let choose = |answer: Vec<IpAddr>| {
+            let addrs = answer
+                .into_iter()
+                .map(|ip| SocketAddr::new(ip, 0))
+                .collect();
+            let allowed = upstream::screen(name, addrs).map_err(|e| e.to_string())?;
+            // One address, which policy decides on and the connect then uses alone: IPv4
+            // first where the name has both (as Envoy's `V4_PREFERRED`), most pods' network.
+            allowed
+                .iter()
+                .find(|a| a.is_ipv4())
+                .or(allowed.first())
+                .map(SocketAddr::ip)
+                .ok_or_else(|| format!("{name} has no addresses"))
+        };
+        match pins.hold(name, self.timeouts.connect, choose).await {
+            Ok(pinned) => Ok(Address::Pinned(pinned)),
+            Err(why) if why.starts_with("guardrail:") => {
+                Err(Rejection::new(ErrorCode::PolicyDenied, why))
+            }
+            Err(why) => Err(Rejection::new(ErrorCode::UpstreamUnreachable, why)),
+        }
+    }
+
     /// The authorize stage, over what the earlier stages found (the strip stage's findings are
     /// in the line already): a destination a guardrail trips is refused unless a permit
     /// annotated `@guardrail("<kind>")` allows it, so no broad permit can open the metadata
@@ -668,6 +758,7 @@ impl Pipeline {
         let Ask {
             action,
             target,
+            address: _,
             route,
             purpose,
             upgrade,
@@ -689,6 +780,7 @@ impl Pipeline {
             stripped_types: &stripped_types,
             credential: route.and_then(|r| r.credential.as_deref()).unwrap_or(""),
             client: caller.client.ip(),
+            address: ask.address,
             time: SystemTime::now(),
             guardrail: guard.as_ref(),
             upgrade,
@@ -787,6 +879,7 @@ impl Pipeline {
             .user
             .map(|u| (u.issuer.clone(), u.subject.clone(), u.verified));
         let action = ask.action.to_string();
+        let address = ask.address;
         let stripped: Vec<&'static str> = stripped.iter().map(|f| f.kind).collect();
         Box::new(move |tool: &str| {
             let purpose = named
@@ -810,6 +903,7 @@ impl Pipeline {
                 stripped_types: &stripped,
                 credential,
                 client,
+                address,
                 time: SystemTime::now(),
                 guardrail: None,
                 upgrade: "",
@@ -833,7 +927,7 @@ impl Pipeline {
     /// wants the requests: they are served if they are plain HTTP), tunnel blind (nothing to
     /// inject, or a passthrough host; decided by `Action::"CONNECT"` policy; without a CA,
     /// plain HTTP inside is still served through the pipeline), or refuse.
-    pub(crate) fn decide_connect(
+    pub(crate) async fn decide_connect(
         &self,
         x: &mut Exchange,
         parts: &Parts,
@@ -841,6 +935,10 @@ impl Pipeline {
         let target = target::connect_target(parts)?;
         x.describe(&target);
         let purpose = x.log.purpose.clone();
+        // Stage: resolve, as for a request (see `run`).
+        let address = self.address(&target).await?;
+        x.log.address = address.ip().map(|a| a.to_string());
+        let at = address.ip();
         let decide = |x: &Exchange, guard: Option<&GuardrailHit>| {
             self.policy.current().decide(&PolicyInput {
                 identity: &x.caller.identity,
@@ -855,6 +953,7 @@ impl Pipeline {
                 stripped_types: &[],
                 credential: "",
                 client: x.caller.client.ip(),
+                address: at,
                 time: SystemTime::now(),
                 guardrail: guard,
                 upgrade: "",
@@ -874,6 +973,7 @@ impl Pipeline {
             target: target.clone(),
             mode,
             lifted,
+            address,
         };
         let intercepting = self.interception.allows(&target.host);
         let wanted = self.routes.any_for(&target.host, target.port);

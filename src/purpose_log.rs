@@ -119,6 +119,10 @@ pub(crate) struct Record {
     pub(crate) host: String,
     /// Destination port.
     pub(crate) port: u16,
+    /// The destination's address as policy saw it (`context.address`): an IP literal, or
+    /// the address a name was resolved and pinned to when a policy reads it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) address: Option<String>,
     /// Path, without query.
     pub(crate) path: String,
     /// Query with every value redacted.
@@ -236,6 +240,7 @@ impl Record {
             scheme: String::new(),
             host: String::new(),
             port: 0,
+            address: None,
             path: String::new(),
             query: None,
             route: None,

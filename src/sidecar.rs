@@ -239,6 +239,7 @@ pub(crate) async fn start(cfg: Config) -> Result<Running, StartError> {
             Arc::new(guardrails),
             egress,
             cfg.max_connections_per_upstream,
+            crate::resolve::Pins::new(),
         ),
         upstream_tls,
         interception: match &intercept {

@@ -55,7 +55,8 @@ fn layer(module: &str) -> (u8, bool) {
         ("config", _) => (4, false),
         (
             "proxy",
-            "proxy" | "proxy::upstream" | "proxy::upgrade" | "proxy::drain" | "proxy::idle",
+            "proxy" | "proxy::upstream" | "proxy::slots" | "proxy::upgrade" | "proxy::drain"
+            | "proxy::idle",
         ) => (1, true),
         ("proxy" | "admin", _) => (3, false),
         ("pipeline", _) => (2, false),
@@ -64,7 +65,10 @@ fn layer(module: &str) -> (u8, bool) {
             | "mcp",
             _,
         ) => (1, false),
-        ("error" | "metrics" | "fingerprint" | "files" | "tls" | "egress" | "lib", _) => (0, false),
+        (
+            "error" | "metrics" | "fingerprint" | "files" | "tls" | "egress" | "resolve" | "lib",
+            _,
+        ) => (0, false),
         _ => panic!(
             "src/ has a module the layer map does not place: `{module}` (add it to tests/layers.rs and to the map in src/lib.rs)"
         ),

@@ -821,6 +821,72 @@ async fn addresses_spelled_otherwise_meet_the_same_policy_and_guardrails() {
     );
 }
 
+/// The address a name resolves to is a policy attribute (`context.address`) once a policy
+/// reads it: the name is resolved before deciding, the connection goes to the address policy
+/// saw, and the line says which. An IP literal is its own address; a name that does not
+/// resolve fails before policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_decides_on_the_address_a_name_resolves_to_and_the_connect_goes_there() {
+    let up = Upstream::start().await;
+    let port = up.addr.port();
+    let policy = format!(
+        r#"@id("to-loopback")
+permit (principal, action, resource)
+when {{ context has address && context.address.isLoopback() && resource.port == {port} }};
+@id("not-127-0-0-2")
+forbid (principal, action, resource)
+when {{ context has address && context.address == ip("127.0.0.2") }};
+"#
+    );
+    let sc = Sidecar::start(&Cfg::new().yaml(), &policy, &[]);
+    let get = |host: &str, path: &str| {
+        raw_request(
+            sc.proxy,
+            &format!(
+                "GET http://{host}:{port}{path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
+            ),
+        )
+    };
+    // `localhost` is permitted only by its address, which it resolves to.
+    let (code, body) = get("localhost", "/named");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(up.requests().len(), 1);
+    let line = &sc.lines_where(1, |l| l["path"] == "/named")[0];
+    assert_eq!(line["address"], "127.0.0.1", "{line}");
+    assert_eq!(
+        line["policy_ids"],
+        serde_json::json!(["to-loopback"]),
+        "{line}"
+    );
+
+    // A literal is its own address.
+    let (code, body) = get("127.0.0.2", "/literal");
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("not-127-0-0-2"), "{body}");
+
+    // Through a tunnel: the CONNECT is decided on the address, and so is the request in it.
+    let (code, body) = curl(&[
+        "-p",
+        "-x",
+        &sc.proxy_url(),
+        &format!("http://localhost:{port}/tunnelled"),
+    ]);
+    assert_eq!(code, 200, "{body}");
+    let tunnel = &sc.lines_where(1, |l| l["method"] == "CONNECT")[0];
+    assert_eq!(tunnel["address"], "127.0.0.1", "{tunnel}");
+    assert_eq!(up.requests().len(), 2);
+
+    // A name that does not resolve is an error before policy, never a permit without the
+    // address.
+    let (code, body) = get("no-such-host.invalid", "/unresolved");
+    assert_eq!(code, 502, "{body}");
+    assert!(
+        body.contains("cannot resolve no-such-host.invalid"),
+        "{body}"
+    );
+    assert_eq!(up.requests().len(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alive_client_and_pooled_upstream_connections() {
     let up = Upstream::start().await;

@@ -60,6 +60,9 @@ struct Line {
     stripped: Vec<StrippedLine>,
     #[serde(default)]
     client: String,
+    /// The destination's address as policy saw it, when it did.
+    #[serde(default)]
+    address: Option<std::net::IpAddr>,
     #[serde(default)]
     on_behalf_of: Option<OnBehalfLine>,
     #[serde(default)]
@@ -418,6 +421,7 @@ fn what_if(l: &Line, tunnel: bool) -> WhatIf {
             .parse::<std::net::SocketAddr>()
             .ok()
             .map(|a| a.ip()),
+        address: l.address,
         time: Some(l.ts.clone()),
         stripped: l.stripped.iter().map(|s| s.kind.clone()).collect(),
         mcp_method: l.mcp.as_ref().map(|m| m.method.clone()),

@@ -162,6 +162,9 @@ pub struct PolicyInput<'a> {
     pub credential: &'a str,
     /// The client's address.
     pub client: IpAddr,
+    /// The destination's address: the IP literal the app named, or, when policy reads it,
+    /// the address its name resolved to (pinned for the connect).
+    pub address: Option<IpAddr>,
     /// When the request arrived.
     pub time: SystemTime,
     /// The guardrail the destination trips, if any: the request is then allowed only by a
@@ -391,6 +394,8 @@ pub struct PolicyEngine {
     mcp_arguments: arguments::Declared,
     /// The policies as `tools/list` filtering asks them ([`listing_set`]).
     listing: PolicySet,
+    /// Some policy reads `context.address`: names are resolved before deciding.
+    reads_address: bool,
     workload_type: EntityTypeName,
     destination_type: EntityTypeName,
     action_type: EntityTypeName,
@@ -486,6 +491,7 @@ impl PolicyEngine {
                 src.origin
             ))
         })?;
+        let reads_address = reads_address(&set);
         Ok(PolicyEngine {
             slices: slice::Slices::new(&set),
             set,
@@ -497,10 +503,17 @@ impl PolicyEngine {
             contexts: memo::Memo::new(1024, 4 << 20),
             mcp_arguments: src.mcp_arguments.clone(),
             listing,
+            reads_address,
             workload_type: ty("Workload"),
             destination_type: ty("Destination"),
             action_type: ty("Action"),
         })
+    }
+
+    /// Whether some policy reads `context.address`, so a destination named by host name is
+    /// resolved before deciding ([`crate::resolve`]).
+    pub fn reads_address(&self) -> bool {
+        self.reads_address
     }
 
     /// Number of policies in force.
@@ -643,6 +656,9 @@ impl PolicyEngine {
         if let Some(u) = input.on_behalf_of {
             let _ = write!(key, "\0user\0{}\0{}\0{}", u.issuer, u.subject, u.verified);
         }
+        if let Some(a) = input.address {
+            let _ = write!(key, "\0address\0{a}");
+        }
         // A call's arguments are in the key as far as policy reads them (the declared ones,
         // as the client wrote them); a context whose read arguments are longer than
         // ARGUMENTS_MEMO_MAX is built each time, so client-chosen values cannot make the memo
@@ -710,6 +726,9 @@ impl PolicyEngine {
             })
             .transpose()
             .map_err(|e| e.to_string())?;
+        let address = input
+            .address
+            .map(|a| ("address".to_string(), self.extension_values.ip(a)));
         let context = Context::from_pairs(
             [
                 ("path".to_string(), s(input.path)),
@@ -739,7 +758,8 @@ impl PolicyEngine {
             ]
             .into_iter()
             .chain(user)
-            .chain(mcp),
+            .chain(mcp)
+            .chain(address),
         )
         .map_err(|e| e.to_string())?;
         if memo {
@@ -991,6 +1011,27 @@ fn listing_set(set: &PolicySet) -> Result<PolicySet, String> {
     Ok(out)
 }
 
+/// Whether a policy of `set` reads `context.address` (tests it with `has`, or reads it).
+fn reads_address(set: &PolicySet) -> bool {
+    fn reads(v: &serde_json::Value) -> bool {
+        use serde_json::Value;
+        match v {
+            Value::Object(m) => {
+                let here = [".", "has"].iter().any(|op| {
+                    m.get(*op).is_some_and(|inner| {
+                        inner["attr"] == "address" && inner["left"]["Var"] == "context"
+                    })
+                });
+                here || m.values().any(reads)
+            }
+            Value::Array(items) => items.iter().any(reads),
+            _ => false,
+        }
+    }
+    set.policies()
+        .any(|p| p.to_json().map_or(true, |est| reads(&est)))
+}
+
 /// Replace, in a policy's JSON form, every `context.mcp.arguments` and `context.mcp has
 /// arguments` with an unknown; whether any was.
 fn unknown_arguments(v: &mut serde_json::Value) -> bool {
@@ -1192,12 +1233,39 @@ mod tests {
             stripped_types: &["openai_project_key"],
             credential: "openai",
             client: IpAddr::from([127, 0, 0, 1]),
+            address: None,
             time: SystemTime::now(),
             guardrail: None,
             upgrade: "",
             on_behalf_of: None,
             mcp: None,
         }
+    }
+
+    /// `context.address` is read where it is given, and an engine knows whether any policy
+    /// reads it (the pipeline resolves names only then).
+    #[test]
+    fn the_destination_address_is_a_policy_attribute_when_given() {
+        let id = ident();
+        let e = engine(
+            r#"@id("allow") permit (principal, action, resource);
+            @id("no-private") forbid (principal, action, resource)
+            when { context has address && context.address.isInRange(ip("10.0.0.0/8")) };"#,
+        );
+        assert!(e.reads_address());
+        let at = |a: Option<[u8; 4]>| PolicyInput {
+            address: a.map(IpAddr::from),
+            ..input(&id, "inference", None)
+        };
+        let private = e.decide(&at(Some([10, 1, 2, 3])));
+        assert!(!private.allow);
+        assert_eq!(private.policy_ids, ["no-private"]);
+        assert!(e.decide(&at(Some([203, 0, 113, 7]))).allow);
+        // The memoised context of one address is not another's.
+        assert!(!e.decide(&at(Some([10, 1, 2, 3]))).allow);
+        assert!(e.decide(&at(None)).allow);
+        let plain = engine(r#"@id("allow") permit (principal, action, resource);"#);
+        assert!(!plain.reads_address());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! destination, answer 200, splice bytes both ways. Either way the CONNECT's own log line is
 //! written when the tunnel ends (or by its guard, if the tunnel is cut).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,7 +38,7 @@ pub(crate) async fn handle(
         return pipeline.reject(x, rej);
     }
     x.log.kind = "tunnel";
-    let plan = match pipeline.decide_connect(&mut x, &parts) {
+    let plan = match pipeline.decide_connect(&mut x, &parts).await {
         Ok(plan) => plan,
         Err(rej) => return pipeline.reject(x, rej),
     };
@@ -48,11 +48,14 @@ pub(crate) async fn handle(
         target,
         mode,
         lifted,
+        address,
     } = plan;
+    // Held until this returns, after any connect: a pinned name is reached at its pin only.
+    let at = address.pinned();
     match mode {
         TunnelMode::Intercept => open(proxy, conn, target, req, x, OnTls::Terminate),
         TunnelMode::PlainOnly => open(proxy, conn, target, req, x, OnTls::Refuse),
-        TunnelMode::Blind { sniff: false } => blind(proxy, target, lifted, req, x).await,
+        TunnelMode::Blind { sniff: false } => blind(proxy, target, lifted, at, req, x).await,
         TunnelMode::Blind { sniff: true } => {
             // Connect first, so an unreachable destination is a 502 the app can read, then
             // tell what the tunnel carries: TLS is spliced to this connection, plain HTTP
@@ -60,7 +63,14 @@ pub(crate) async fn handle(
             let pipeline = &proxy.pipeline;
             let timeouts = pipeline.timeouts;
             let way = pipeline.upstream.egress();
-            match dial(&target, &pipeline.guardrails, lifted, timeouts.connect, way).await {
+            let reach = Reach {
+                guard: &pipeline.guardrails,
+                lifted,
+                at,
+                timeout: timeouts.connect,
+                egress: way,
+            };
+            match dial(&target, reach).await {
                 Ok(upstream) => {
                     x.log.upstream_ms = Some(ms(x.log.started().elapsed()));
                     let on_tls = OnTls::Splice(upstream, timeouts.idle);
@@ -78,19 +88,19 @@ async fn blind(
     proxy: Arc<Proxy>,
     target: Target,
     lifted: Option<&'static str>,
+    at: Option<IpAddr>,
     req: Request<Incoming>,
     mut x: Exchange,
 ) -> Response<ProxyBody> {
     let pipeline = &proxy.pipeline;
-    let upstream = match dial(
-        &target,
-        &pipeline.guardrails,
+    let reach = Reach {
+        guard: &pipeline.guardrails,
         lifted,
-        pipeline.timeouts.connect,
-        pipeline.upstream.egress(),
-    )
-    .await
-    {
+        at,
+        timeout: pipeline.timeouts.connect,
+        egress: pipeline.upstream.egress(),
+    };
+    let upstream = match dial(&target, reach).await {
         Ok(s) => s,
         Err(rej) => return pipeline.reject(x, rej),
     };
@@ -203,6 +213,18 @@ fn tunnel_established(request_id: &str) -> Response<ProxyBody> {
     resp
 }
 
+/// How a tunnel reaches its destination.
+pub(crate) struct Reach<'a> {
+    pub(crate) guard: &'a Guardrails,
+    /// The guardrail kind a policy allowed for this destination as named (an IP literal or a
+    /// metadata host name); other guardrails still hold.
+    pub(crate) lifted: Option<&'a str>,
+    /// The address a name is pinned to for policy, the only one to connect to.
+    pub(crate) at: Option<IpAddr>,
+    pub(crate) timeout: Duration,
+    pub(crate) egress: &'a Egress,
+}
+
 /// Resolve once, refuse guarded addresses, connect to the first address that answers.
 ///
 /// The address checked is the address connected to, so DNS cannot rebind a name onto the
@@ -212,13 +234,14 @@ fn tunnel_established(request_id: &str) -> Response<ProxyBody> {
 ///
 /// A destination the upstream proxy covers is reached through a CONNECT tunnel of its own
 /// (the proxy resolves the name; policy decided on it as named).
-pub(crate) async fn dial(
-    target: &Target,
-    guard: &Guardrails,
-    lifted: Option<&str>,
-    timeout: Duration,
-    egress: &Egress,
-) -> Result<TcpStream, Rejection> {
+pub(crate) async fn dial(target: &Target, reach: Reach<'_>) -> Result<TcpStream, Rejection> {
+    let Reach {
+        guard,
+        lifted,
+        at,
+        timeout,
+        egress,
+    } = reach;
     let unreachable = |m: String| Rejection::new(ErrorCode::UpstreamUnreachable, m);
     // `None` at once when the destination is reached directly.
     match tokio::time::timeout(timeout, egress.tunnel(&target.host, target.port)).await {
@@ -238,19 +261,24 @@ pub(crate) async fn dial(
             ));
         }
     }
-    let addrs: Vec<SocketAddr> = tokio::time::timeout(
-        timeout,
-        tokio::net::lookup_host((target.host.as_str(), target.port)),
-    )
-    .await
-    .map_err(|_| {
-        Rejection::new(
-            ErrorCode::UpstreamTimeout,
-            format!("resolving {} timed out", target.host),
+    // A name pinned for policy is reached at its pin only (`crate::resolve`).
+    let resolved = match at {
+        Some(ip) => Ok(Ok(vec![SocketAddr::new(ip, target.port)])),
+        None => tokio::time::timeout(
+            timeout,
+            tokio::net::lookup_host((target.host.as_str(), target.port)),
         )
-    })?
-    .map_err(|e| unreachable(format!("cannot resolve {}: {e}", target.host)))?
-    .collect();
+        .await
+        .map(|r| r.map(Iterator::collect)),
+    };
+    let addrs: Vec<SocketAddr> = resolved
+        .map_err(|_| {
+            Rejection::new(
+                ErrorCode::UpstreamTimeout,
+                format!("resolving {} timed out", target.host),
+            )
+        })?
+        .map_err(|e| unreachable(format!("cannot resolve {}: {e}", target.host)))?;
     let mut refused = None;
     let mut last_err = None;
     for addr in addrs {

@@ -27,6 +27,7 @@ use crate::error::{BoxError, ErrorCode, ProxyBody, Rejection, full};
 use crate::policy::Guardrails;
 use crate::proxy::Timeouts;
 use crate::proxy::slots::{Capped, Saturated, Slots};
+use crate::resolve::{Pins, Unpinned};
 use crate::target::Target;
 
 /// Headers that describe one connection, never the message: removed in both directions.
@@ -179,8 +180,13 @@ pub(crate) fn prepare(
 /// the address that is checked is the address connected to: no DNS-rebinding bypass. The one
 /// exception is a name guarded itself (`metadata.google.internal`), whose addresses of the
 /// same kind pass: policy saw that guardrail and a permit lifted it.
+///
+/// While a policy reads `context.address`, a name is reached only at the address policy saw
+/// ([`Pins`]); a name no decision pinned is not connected to.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct GuardedResolver;
+pub(crate) struct GuardedResolver {
+    pins: Arc<Pins>,
+}
 
 impl tower::Service<Name> for GuardedResolver {
     type Response = std::vec::IntoIter<SocketAddr>;
@@ -192,7 +198,22 @@ impl tower::Service<Name> for GuardedResolver {
     }
 
     fn call(&mut self, name: Name) -> Self::Future {
+        let pinned = self.pins.for_connect(name.as_str());
         Box::pin(async move {
+            match pinned {
+                Ok(Some(ip)) => {
+                    return screen(name.as_str(), vec![SocketAddr::new(ip, 0)]).map(Vec::into_iter);
+                }
+                Ok(None) => {}
+                Err(Unpinned) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::PermissionDenied,
+                        format!(
+                            "guardrail: {name} was not resolved for a policy decision (policy reads context.address); not connected"
+                        ),
+                    ));
+                }
+            }
             let addrs: Vec<SocketAddr> =
                 tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
             screen(name.as_str(), addrs).map(Vec::into_iter)
@@ -202,7 +223,7 @@ impl tower::Service<Name> for GuardedResolver {
 
 /// The addresses of `name` that may be connected to; a `PermissionDenied` error (which
 /// `is_guardrail` recognizes) when guarded addresses were all it had.
-fn screen(name: &str, addrs: Vec<SocketAddr>) -> std::io::Result<Vec<SocketAddr>> {
+pub(crate) fn screen(name: &str, addrs: Vec<SocketAddr>) -> std::io::Result<Vec<SocketAddr>> {
     // A name that is itself guarded (`metadata.google.internal`) was decided by policy as
     // that kind, so only a permit lifting it brought the request here: its addresses of that
     // kind are what was allowed. Any other name resolving to a guarded address is refused,
@@ -304,6 +325,8 @@ pub(crate) struct Upstream {
     per_upstream: usize,
     /// Abandoned exchanges being finished in the background ([`Exchange`]).
     finishing: Arc<AtomicUsize>,
+    /// Names pinned to the address policy saw, shared by every worker.
+    pins: Arc<Pins>,
 }
 
 /// The pools for one connect timeout.
@@ -371,6 +394,7 @@ impl Upstream {
         guard: Arc<Guardrails>,
         egress: Egress,
         per_upstream: usize,
+        pins: Arc<Pins>,
     ) -> Self {
         let mut all = vec![t.connect];
         for c in connects {
@@ -381,7 +405,17 @@ impl Upstream {
         let clients = all
             .into_iter()
             .map(|connect| {
-                let client = |wire| client(connect, &tls, &guard, &egress, per_upstream, wire);
+                let client = |wire| {
+                    Reach {
+                        connect,
+                        tls: &tls,
+                        guard: &guard,
+                        egress: &egress,
+                        per_upstream,
+                        pins: &pins,
+                    }
+                    .client(wire)
+                };
                 Pools {
                     connect,
                     any: client(Wire::Any),
@@ -395,7 +429,13 @@ impl Upstream {
             egress,
             per_upstream,
             finishing: Arc::default(),
+            pins,
         }
+    }
+
+    /// The names pinned for policy ([`crate::resolve`]).
+    pub(crate) fn pins(&self) -> &Arc<Pins> {
+        &self.pins
     }
 
     /// `max_connections_per_upstream`.
@@ -640,38 +680,52 @@ impl OutBody {
     }
 }
 
-/// A pooled client whose connector gives up connecting after `connect`, keeps at most
-/// `per_upstream` connections open to one upstream, and speaks `wire`.
-fn client(
+/// How a pool reaches upstreams.
+struct Reach<'a> {
+    /// Gives up connecting after this.
     connect: Duration,
-    tls: &Arc<rustls::ClientConfig>,
-    guard: &Arc<Guardrails>,
-    egress: &Egress,
+    tls: &'a Arc<rustls::ClientConfig>,
+    guard: &'a Arc<Guardrails>,
+    egress: &'a Egress,
+    /// Keeps at most this many connections open to one upstream.
     per_upstream: usize,
-    wire: Wire,
-) -> Client<Connector, ProxyBody> {
-    let mut http = HttpConnector::new_with_resolver(GuardedResolver);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(connect));
-    http.set_keepalive(Some(Duration::from_secs(60)));
-    http.enforce_http(false);
-    let http = egress.connector(GuardedConnector::new(http, guard.clone()));
-    let http = Capped::new(http, Slots::new(per_upstream), connect);
-    let builder = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config((**tls).clone())
-        .https_or_http()
-        .enable_http1();
-    let http = match wire {
-        Wire::Http1 => builder.wrap_connector(http),
-        Wire::Any | Wire::Http2 => builder.enable_http2().wrap_connector(http),
-    };
-    Client::builder(TokioExecutor::new())
-        .http2_only(wire == Wire::Http2)
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
-        .build(http)
+    pins: &'a Arc<Pins>,
+}
+
+impl Reach<'_> {
+    /// A pooled client speaking `wire`.
+    fn client(&self, wire: Wire) -> Client<Connector, ProxyBody> {
+        let Reach {
+            connect,
+            tls,
+            guard,
+            egress,
+            per_upstream,
+            pins,
+        } = *self;
+        let mut http = HttpConnector::new_with_resolver(GuardedResolver { pins: pins.clone() });
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(connect));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        http.enforce_http(false);
+        let http = egress.connector(GuardedConnector::new(http, guard.clone()));
+        let http = Capped::new(http, Slots::new(per_upstream), connect);
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((**tls).clone())
+            .https_or_http()
+            .enable_http1();
+        let http = match wire {
+            Wire::Http1 => builder.wrap_connector(http),
+            Wire::Any | Wire::Http2 => builder.enable_http2().wrap_connector(http),
+        };
+        Client::builder(TokioExecutor::new())
+            .http2_only(wire == Wire::Http2)
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .build(http)
+    }
 }
 
 /// A request body on its way upstream.

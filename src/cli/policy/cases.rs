@@ -54,6 +54,11 @@ pub(crate) struct WhatIf {
     #[serde(default)]
     #[arg(long)]
     pub(crate) client: Option<IpAddr>,
+    /// The address the destination resolves to (`context.address`); default: the URL's host
+    /// when it is an IP literal, else absent.
+    #[serde(default)]
+    #[arg(long)]
+    pub(crate) address: Option<IpAddr>,
     /// Request time, RFC 3339 (`2026-11-24T09:00:00Z`); default now.
     #[serde(default)]
     #[arg(long)]
@@ -282,6 +287,11 @@ impl<'a> Bench<'a> {
             stripped_types: &stripped,
             credential: route.and_then(|r| r.credential.as_deref()).unwrap_or(""),
             client: w.client.unwrap_or(IpAddr::from([127, 0, 0, 1])),
+            address: w.address.or_else(|| {
+                crate::target::policy_host(&target.host)
+                    .parse::<IpAddr>()
+                    .ok()
+            }),
             time,
             guardrail: guard.as_ref(),
             upgrade: w.upgrade.as_deref().unwrap_or(""),
