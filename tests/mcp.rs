@@ -97,7 +97,7 @@ fn each_tool_call_is_decided_logged_and_refused_as_mcp_expects() {
     // The refusal reaches the agent as an MCP error naming the policy, not a dropped call.
     let refused = calls["delete_repository"].to_string();
     assert!(refused.contains("never-delete"), "{refused}");
-    let ran = server.lines_after("called ");
+    let ran = server.wait_lines_after("called ", 1);
     assert_eq!(
         ran.len(),
         1,
@@ -151,7 +151,7 @@ fn each_tool_call_is_decided_logged_and_refused_as_mcp_expects() {
     ]);
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("Mcp-Name"), "{body}");
-    assert_eq!(server.lines_after("called ").len(), 1);
+    assert_eq!(server.wait_lines_after("called ", 1).len(), 1);
     sc.assert_never_shows(&[INJECTED_KEY]);
 }
 
@@ -257,7 +257,7 @@ fn tools_list_is_filtered_arguments_decide_and_each_tool_gets_its_scopes() {
                 .to_string()
                 .contains("never-delete")
         );
-        let ran = server.lines_after("called ");
+        let ran = server.wait_lines_after("called ", 1);
         assert_eq!(
             ran.len(),
             1,
@@ -439,7 +439,7 @@ fn an_mcp_servers_oauth_is_answered_for_the_agent() {
         calls["search_docs"]["text"],
         "3 results for sidecar in public"
     );
-    let ran = server.lines_after("called ");
+    let ran = server.wait_lines_after("called ", 1);
     assert_eq!(ran.len(), 1, "{ran:?}");
     let token = ran[0].rsplit(' ').next().unwrap();
     let c = claims(&format!("Bearer {token}"));

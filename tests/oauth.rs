@@ -1143,7 +1143,7 @@ routes:
     let (code, _) = curl_via(&sc.proxy_url(), &url);
     assert_eq!(code, 200);
     assert_eq!(auth.token_requests(), 2);
-    let accepted = rs.lines_after("accepted ");
+    let accepted = rs.wait_lines_after("accepted ", 3);
     assert_eq!(accepted.len(), 3, "{accepted:?}");
     let jkts: std::collections::BTreeSet<&str> = accepted
         .iter()

@@ -90,7 +90,11 @@ log: {{ format: json, output: stdout }}
         assert_eq!(body["claims"].get("client_id"), None, "{body}");
         assert_eq!(body["authorization"], serde_json::Value::Null, "{body}");
     }
-    assert_eq!(rs.lines_after("accepted ").len(), 4, "each token once");
+    assert_eq!(
+        rs.wait_lines_after("accepted ", 4).len(),
+        4,
+        "each token once"
+    );
     assert!(
         rs.lines_after("refused ").is_empty(),
         "{:?}",

@@ -644,6 +644,20 @@ impl ServerProcess {
             .count()
     }
 
+    /// Stdout lines starting with `prefix` once there are `n` of them (or after 5 s, with
+    /// what there is): the server prints as it answers, and its output is read by another
+    /// thread, so a line can trail the response the test already has.
+    pub fn wait_lines_after(&self, prefix: &str, n: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let lines = self.lines_after(prefix);
+            if lines.len() >= n || Instant::now() > deadline {
+                return lines;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Stdout lines starting with `prefix`, with the prefix removed.
     pub fn lines_after(&self, prefix: &str) -> Vec<String> {
         self.lines
