@@ -109,6 +109,21 @@ fn bad(reason: impl Into<String>) -> Rejection {
 /// written as the IPv4 address it is. Otherwise a policy on `Destination::"127.0.0.1"` could
 /// be passed by spelling the address another way.
 pub(crate) fn normalize_host(h: &str) -> String {
+    // The common spellings, already canonical, cost no parse: a lower-case name that does
+    // not start with a digit (no inet_aton form does not), and a dotted quad as Rust reads
+    // one (strictly four decimal parts, no leading zeros: the canonical form).
+    let b = h.as_bytes();
+    if b.first().is_some_and(u8::is_ascii_lowercase)
+        && !b.ends_with(b".")
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'-' | b'.'))
+        && !h.starts_with("0x")
+    {
+        return h.to_string();
+    }
+    if h.parse::<std::net::Ipv4Addr>().is_ok() {
+        return h.to_string();
+    }
     let h = h
         .trim_start_matches('[')
         .trim_end_matches(']')

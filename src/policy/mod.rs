@@ -390,6 +390,8 @@ pub struct PolicyEngine {
     extension_values: ExtensionValues,
     /// Request contexts by exact content, for the second they describe.
     contexts: memo::Memo<Context>,
+    /// Decisions by their entities' and context's keys together ([`Self::evaluate`]).
+    decisions: memo::Memo<PolicyDecision>,
     /// The MCP tool arguments policy reads, and their types.
     mcp_arguments: arguments::Declared,
     /// The policies as `tools/list` filtering asks them ([`listing_set`]).
@@ -501,6 +503,7 @@ impl PolicyEngine {
             extension_values: ExtensionValues::default(),
             // The second is part of the key, so stale entries only wait for the next clear.
             contexts: memo::Memo::new(1024, 4 << 20),
+            decisions: memo::Memo::new(2048, 2 << 20),
             mcp_arguments: src.mcp_arguments.clone(),
             listing,
             reads_address,
@@ -592,15 +595,44 @@ impl PolicyEngine {
         partial.decision() != Some(Decision::Deny)
     }
 
+    /// A decision is a function of what its entities and context hold, and both are keyed
+    /// by exactly that (see [`Self::entities_key`], [`Self::context_key`]), so decisions are
+    /// kept by the two keys together: a sidecar repeats the same request shape many times a
+    /// second, and only its first in each second is evaluated.
     fn evaluate(&self, input: &PolicyInput<'_>) -> Result<PolicyDecision, String> {
-        let (request, entities) = self.request(input, None)?;
+        let entities_key = self.entities_key(input);
+        let context_key = self.context_key(input);
+        let decision_key = context_key.memo.then(|| {
+            let mut k = String::with_capacity(entities_key.len() + context_key.key.len() + 1);
+            k.push_str(&entities_key);
+            k.push('\u{1}');
+            k.push_str(&context_key.key);
+            k
+        });
+        if let Some(k) = &decision_key
+            && let Some(hit) = self.decisions.get(k)
+        {
+            return Ok(hit);
+        }
+        let (request, entities) = self.request_keyed(input, None, entities_key, context_key)?;
         let slice = self.slices.for_request(
             &input.identity.id,
             input.action,
             input.host,
             &indexed_values(input),
         );
-        self.conclude(input, &request, &slice, &entities)
+        let decision = self.conclude(input, &request, &slice, &entities)?;
+        if let Some(k) = decision_key {
+            let size = decision.reason.len()
+                + decision
+                    .policy_ids
+                    .iter()
+                    .map(|p| p.len() + 24)
+                    .sum::<usize>()
+                + 64;
+            self.decisions.insert(k, decision.clone(), size);
+        }
+        Ok(decision)
     }
 
     /// The Cedar request and entities for this input; with a schema, both are checked
@@ -609,6 +641,18 @@ impl PolicyEngine {
         &self,
         input: &PolicyInput<'_>,
         schema: Option<&Schema>,
+    ) -> Result<(Request, Arc<Entities>), String> {
+        let keys = (self.entities_key(input), self.context_key(input));
+        self.request_keyed(input, schema, keys.0, keys.1)
+    }
+
+    /// [`Self::request`], with the memo keys made already.
+    fn request_keyed(
+        &self,
+        input: &PolicyInput<'_>,
+        schema: Option<&Schema>,
+        entities_key: String,
+        context_key: ContextKey<'_>,
     ) -> Result<(Request, Arc<Entities>), String> {
         let id = input.identity;
         let principal =
@@ -619,8 +663,8 @@ impl PolicyEngine {
         );
         let action =
             EntityUid::from_type_name_and_id(self.action_type.clone(), EntityId::new(input.action));
-        let entities = self.entities_for(input, &principal, &resource)?;
-        let context = self.context_for(input)?;
+        let entities = self.entities_for(input, entities_key, &principal, &resource)?;
+        let context = self.context_for(input, context_key)?;
         let request = Request::new(principal, action, resource, context, schema)
             .map_err(|e| e.to_string())?;
         Ok((request, entities))
@@ -630,7 +674,7 @@ impl PolicyEngine {
     /// present in every context: see [`indexed_values`]). Building one is most of a decision's cost (Cedar evaluates each
     /// value as an expression), and a sidecar repeats the same request shape many times a
     /// second, so contexts are kept per exact content for the second they describe.
-    fn context_for(&self, input: &PolicyInput<'_>) -> Result<Context, String> {
+    fn context_key<'i>(&self, input: &PolicyInput<'i>) -> ContextKey<'i> {
         use std::fmt::Write;
         let id = input.identity;
         let secs = input
@@ -692,6 +736,13 @@ impl PolicyEngine {
             key.push('\0');
             key.push_str(t);
         }
+        ContextKey { key, memo, given }
+    }
+
+    /// The request context for `input`, whose [`Self::context_key`] is `key`.
+    fn context_for(&self, input: &PolicyInput<'_>, key: ContextKey<'_>) -> Result<Context, String> {
+        let ContextKey { key, memo, given } = key;
+        let id = input.identity;
         if memo && let Some(hit) = self.contexts.get(&key) {
             return Ok(hit);
         }
@@ -853,12 +904,7 @@ impl PolicyEngine {
 impl PolicyEngine {
     /// The principal and resource entities for this request, built once per distinct
     /// (identity, destination, route) and then shared.
-    fn entities_for(
-        &self,
-        input: &PolicyInput<'_>,
-        principal: &EntityUid,
-        resource: &EntityUid,
-    ) -> Result<Arc<Entities>, String> {
+    fn entities_key(&self, input: &PolicyInput<'_>) -> String {
         use std::fmt::Write;
         let id = input.identity;
         let mut key = String::with_capacity(128);
@@ -880,6 +926,19 @@ impl PolicyEngine {
                 let _ = write!(key, "\0{k}={v}");
             }
         }
+        key
+    }
+
+    /// The principal and resource entities for `input`, whose [`Self::entities_key`] is
+    /// `key`.
+    fn entities_for(
+        &self,
+        input: &PolicyInput<'_>,
+        key: String,
+        principal: &EntityUid,
+        resource: &EntityUid,
+    ) -> Result<Arc<Entities>, String> {
+        let id = input.identity;
         if let Some(hit) = self.entities.get(&key) {
             return Ok(hit);
         }
@@ -1064,6 +1123,14 @@ fn unknown_arguments(v: &mut serde_json::Value) -> bool {
         }
         _ => false,
     }
+}
+
+/// A request context's memo key, whether it may be memoised (a call's read arguments are
+/// short enough), and the call's arguments as given.
+struct ContextKey<'i> {
+    key: String,
+    memo: bool,
+    given: Option<&'i serde_json::Value>,
 }
 
 /// What a memoised request context and an entity pair hold beyond their text, roughly
@@ -1266,6 +1333,42 @@ mod tests {
         assert!(e.decide(&at(None)).allow);
         let plain = engine(r#"@id("allow") permit (principal, action, resource);"#);
         assert!(!plain.reads_address());
+    }
+
+    /// A decision is kept by everything Cedar reads: the same request shape is answered
+    /// from the memo, and a request that differs in any one read attribute is decided anew.
+    #[test]
+    fn decisions_are_memoised_by_everything_cedar_reads() {
+        let id = ident();
+        let e = engine(
+            r#"@id("a") permit (principal, action, resource)
+            when { context.purpose == "inference" && context.client_address.isLoopback()
+                   && resource.labels has sensitivity };"#,
+        );
+        let labels = BTreeMap::from([("sensitivity".to_string(), "high".to_string())]);
+        let base = input(&id, "inference", Some(&labels));
+        assert!(e.decide(&base).allow);
+        assert!(e.decisions.used() > 0, "kept");
+        assert!(e.decide(&base).allow, "from the memo, the same");
+        assert!(
+            !e.decide(&input(&id, "other", Some(&labels))).allow,
+            "purpose"
+        );
+        assert!(!e.decide(&input(&id, "inference", None)).allow, "labels");
+        let remote = PolicyInput {
+            client: IpAddr::from([10, 0, 0, 1]),
+            ..base
+        };
+        assert!(!e.decide(&remote).allow, "client address");
+        let elsewhere = PolicyInput {
+            host: "api.example.org",
+            ..base
+        };
+        assert!(
+            e.decide(&elsewhere).allow,
+            "another destination, decided on its own"
+        );
+        assert!(e.decide(&base).allow);
     }
 
     #[test]
