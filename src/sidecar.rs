@@ -166,7 +166,10 @@ pub(crate) async fn start(cfg: Config) -> Result<Running, StartError> {
         )
         .map_err(|e| build(e.to_string()))?,
     );
-    let policy = PolicyEngine::compile(&cfg.policy).map_err(|e| build(e.to_string()))?;
+    let policy = match &cfg.policy_engine {
+        Some(compiled) => compiled.clone(),
+        None => Arc::new(PolicyEngine::compile(&cfg.policy).map_err(|e| build(e.to_string()))?),
+    };
     let policy = Arc::new(PolicyStore::new(
         policy,
         cfg.policy.clone(),

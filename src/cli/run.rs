@@ -16,6 +16,12 @@ pub(crate) fn command(
     admin: Option<SocketAddr>,
 ) -> Exit {
     super::init_tracing("info");
+    // aws-lc seeds its random generator from CPU jitter on first use, tens of milliseconds
+    // of work; begun now on another thread, it runs beside reading the configuration and
+    // compiling the policy instead of after them (start to ready: BENCHMARKS.md).
+    std::thread::spawn(|| {
+        let _ = aws_lc_rs::rand::fill(&mut [0u8; 8]);
+    });
     let mut cfg = match config {
         Some(path) => match Config::load(path) {
             Ok(c) => c,

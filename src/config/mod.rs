@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use marked_yaml::{LoaderOptions, Marker, Node};
@@ -115,6 +116,9 @@ pub(crate) struct Config {
     pub(crate) timeouts: Timeouts,
     /// Proxy worker threads.
     pub(crate) workers: usize,
+    /// The policy compiled from `policy` when the file was validated (not for the embedded
+    /// one), so starting does not compile it a second time.
+    pub(crate) policy_engine: Option<Arc<crate::policy::PolicyEngine>>,
     /// Client connections open at most per listener.
     pub(crate) max_connections: usize,
     /// Connections each worker keeps open to one upstream at most.
@@ -229,6 +233,7 @@ fn validate(
         root: &node,
         base,
         problems: Vec::new(),
+        compiled_policy: None,
     };
     let cfg = v.build(raw, embedded);
     Ok((cfg, v.problems))
@@ -306,6 +311,8 @@ struct Validator<'a> {
     base: &'a Path,
     /// In the order found.
     problems: Vec<Problem>,
+    /// The policy as compiled to validate it, kept so starting does not compile it again.
+    compiled_policy: Option<Arc<crate::policy::PolicyEngine>>,
 }
 
 impl Validator<'_> {
@@ -762,6 +769,7 @@ impl Validator<'_> {
             log_output,
             timeouts,
             workers,
+            policy_engine: self.compiled_policy.take(),
             max_connections,
             max_connections_per_upstream,
             upstream_proxy,
@@ -2096,10 +2104,11 @@ impl Validator<'_> {
             mcp_arguments,
             files: Some((path, schema_path)),
         };
-        if !src.text.is_empty()
-            && let Err(e) = crate::policy::PolicyEngine::compile(&src)
-        {
-            self.err(&[Key("policy"), Key("file")], e.to_string());
+        if !src.text.is_empty() {
+            match crate::policy::PolicyEngine::compile(&src) {
+                Ok(engine) => self.compiled_policy = Some(Arc::new(engine)),
+                Err(e) => self.err(&[Key("policy"), Key("file")], e.to_string()),
+            }
         }
         src
     }

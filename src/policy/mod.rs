@@ -246,14 +246,14 @@ impl std::fmt::Debug for PolicyStore {
 impl PolicyStore {
     /// A store holding `engine`, compiled from `source`.
     pub(crate) fn new(
-        engine: PolicyEngine,
+        engine: Arc<PolicyEngine>,
         source: PolicySource,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> PolicyStore {
         let stamps = Self::stamps(&source);
         engine.log_warnings(&source.origin);
         PolicyStore {
-            current: arc_swap::ArcSwap::from_pointee(engine),
+            current: arc_swap::ArcSwap::new(engine),
             source: parking_lot::Mutex::new(source),
             stamps: parking_lot::Mutex::new(stamps),
             unsettled: parking_lot::Mutex::new(None),
@@ -487,15 +487,22 @@ impl PolicyEngine {
         }
         let warnings = result.validation_warnings().map(|w| render(w)).collect();
         let ty = |s: &str| EntityTypeName::from_str(s).expect("valid type name");
-        let listing = listing_set(&set).map_err(|e| {
+        // Each policy's JSON form, made once: slicing, the address check and the listing set
+        // all read it, and Cedar parses the policy's text again to make it (it was half of
+        // the start-up time with 100 policies, made three times; BENCHMARKS.md).
+        let ests: Ests = set
+            .policies()
+            .map(|p| (p.id().clone(), p.to_json().ok()))
+            .collect();
+        let listing = listing_set(&set, &ests).map_err(|e| {
             PolicyError(format!(
                 "{}: cannot prepare the policies for tools/list filtering (please report this): {e}",
                 src.origin
             ))
         })?;
-        let reads_address = reads_address(&set);
+        let reads_address = reads_address(&ests);
         Ok(PolicyEngine {
-            slices: slice::Slices::new(&set),
+            slices: slice::Slices::new(&set, &ests),
             set,
             authorizer: Authorizer::new(),
             entities: memo::Memo::new(4096, 4 << 20),
@@ -1056,12 +1063,22 @@ fn indexed_values<'a>(input: &PolicyInput<'a>) -> [&'a str; slice::INDEXED.len()
 /// (a forbid that holds whatever the arguments, or no permit that could) from one some calls
 /// could. Cedar's evaluator leaves `has` on a record holding an unknown undecided, so the
 /// unknowns go into the policies rather than into the context.
-fn listing_set(set: &PolicySet) -> Result<PolicySet, String> {
+fn listing_set(set: &PolicySet, ests: &Ests) -> Result<PolicySet, String> {
     let mut out = PolicySet::new();
     for p in set.policies() {
-        let mut est = p.to_json().map_err(|e| e.to_string())?;
-        let policy = if unknown_arguments(&mut est) {
-            cedar_policy::Policy::from_json(Some(p.id().clone()), est).map_err(|e| e.to_string())?
+        let est = ests
+            .get(p.id())
+            .and_then(Option::as_ref)
+            .ok_or_else(|| format!("policy `{}` has no JSON form", p.id()))?;
+        // Most policies read no arguments: looked at first, copied only when one does.
+        let policy = if reads_context_attr(est, "mcp") {
+            let mut est = est.clone();
+            if unknown_arguments(&mut est) {
+                cedar_policy::Policy::from_json(Some(p.id().clone()), est)
+                    .map_err(|e| e.to_string())?
+            } else {
+                p.clone()
+            }
         } else {
             p.clone()
         };
@@ -1070,25 +1087,32 @@ fn listing_set(set: &PolicySet) -> Result<PolicySet, String> {
     Ok(out)
 }
 
-/// Whether a policy of `set` reads `context.address` (tests it with `has`, or reads it).
-fn reads_address(set: &PolicySet) -> bool {
-    fn reads(v: &serde_json::Value) -> bool {
-        use serde_json::Value;
-        match v {
-            Value::Object(m) => {
-                let here = [".", "has"].iter().any(|op| {
-                    m.get(*op).is_some_and(|inner| {
-                        inner["attr"] == "address" && inner["left"]["Var"] == "context"
-                    })
-                });
-                here || m.values().any(reads)
-            }
-            Value::Array(items) => items.iter().any(reads),
-            _ => false,
+/// Each policy's JSON form (Cedar's EST), `None` where Cedar could not make one.
+type Ests = HashMap<PolicyId, Option<serde_json::Value>>;
+
+/// Whether a policy reads `context.address` (tests it with `has`, or reads it); one without
+/// a JSON form is assumed to.
+fn reads_address(ests: &Ests) -> bool {
+    ests.values().any(|est| {
+        est.as_ref()
+            .is_none_or(|e| reads_context_attr(e, "address"))
+    })
+}
+
+/// Whether a policy's JSON form reads `context.<attr>` (or tests it with `has`).
+fn reads_context_attr(v: &serde_json::Value, attr: &str) -> bool {
+    use serde_json::Value;
+    match v {
+        Value::Object(m) => {
+            let here = [".", "has"].iter().any(|op| {
+                m.get(*op)
+                    .is_some_and(|inner| inner["attr"] == attr && inner["left"]["Var"] == "context")
+            });
+            here || m.values().any(|x| reads_context_attr(x, attr))
         }
+        Value::Array(items) => items.iter().any(|x| reads_context_attr(x, attr)),
+        _ => false,
     }
-    set.policies()
-        .any(|p| p.to_json().map_or(true, |est| reads(&est)))
 }
 
 /// Replace, in a policy's JSON form, every `context.mcp.arguments` and `context.mcp has
@@ -1555,7 +1579,7 @@ forbid(principal, action, resource) when { resource.labels has sensitivity && re
         let mut src = PolicySource::inline(&file.display().to_string(), "");
         src.files = Some((file.clone(), None));
         let store = PolicyStore::new(
-            PolicyEngine::compile(&src).unwrap(),
+            Arc::new(PolicyEngine::compile(&src).unwrap()),
             src,
             Arc::new(crate::metrics::Metrics::default()),
         );

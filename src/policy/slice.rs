@@ -57,8 +57,8 @@ enum Guard {
 /// The leftmost conjunct of the first `when` condition, if it is a [`Guard`]. Read from the
 /// policy's JSON form (Cedar's EST), which keeps the source's structure: `a && b && c` is
 /// `(a && b) && c`, so the leftmost conjunct is found by following `left`.
-fn guard_of(policy: &Policy) -> Option<Guard> {
-    let json = policy.to_json().ok()?;
+fn guard_of(json: Option<&serde_json::Value>) -> Option<Guard> {
+    let json = json?;
     let first = json["conditions"].get(0)?;
     if first["kind"] != "when" {
         return None;
@@ -132,7 +132,9 @@ fn accepts(ty: &str, uid: &EntityUid) -> Option<String> {
 }
 
 impl Slices {
-    pub(super) fn new(set: &PolicySet) -> Slices {
+    /// Slices of `set`, whose policies' JSON forms are `ests` (made once per compile: Cedar
+    /// parses a policy's text again for each).
+    pub(super) fn new(set: &PolicySet, ests: &super::Ests) -> Slices {
         let scopes = set
             .policies()
             .map(|p| {
@@ -175,7 +177,7 @@ impl Slices {
                 };
                 Scope {
                     policy: p.clone(),
-                    guard: guard_of(p),
+                    guard: guard_of(ests.get(p.id()).and_then(Option::as_ref)),
                     principal,
                     principal_type,
                     actions,
