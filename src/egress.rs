@@ -192,11 +192,36 @@ pub(crate) struct Chain<C> {
 
 /// A connection made by [`Chain`]: to the destination (directly or tunnelled), or to the
 /// proxy itself, which takes `http://` requests in absolute form.
-#[derive(Debug)]
 pub(crate) struct Chained<T> {
     io: T,
     /// Connected to the proxy, not through a tunnel.
     to_proxy: bool,
+    /// Kept for as long as the connection is open (a connection cap's slot).
+    held: Option<Box<dyn Send + Sync>>,
+}
+
+impl<T> Chained<T> {
+    fn new(io: T, to_proxy: bool) -> Self {
+        Chained {
+            io,
+            to_proxy,
+            held: None,
+        }
+    }
+
+    /// Keep `guard` until this connection is dropped (closed).
+    pub(crate) fn hold(&mut self, guard: impl Send + Sync + 'static) {
+        self.held = Some(Box::new(guard));
+    }
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for Chained<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chained")
+            .field("io", &self.io)
+            .field("to_proxy", &self.to_proxy)
+            .finish()
+    }
 }
 
 impl<C> tower::Service<Uri> for Chain<C>
@@ -218,19 +243,13 @@ where
             let connecting = self.direct.call(uri);
             return Box::pin(async move {
                 let io = connecting.await.map_err(Into::into)?;
-                Ok(Chained {
-                    io,
-                    to_proxy: false,
-                })
+                Ok(Chained::new(io, false))
             });
         };
         if uri.scheme_str() == Some("https") {
             return Box::pin(async move {
                 let io = tunnel(&via, uri).await?;
-                Ok(Chained {
-                    io,
-                    to_proxy: false,
-                })
+                Ok(Chained::new(io, false))
             });
         }
         Box::pin(async move {
@@ -243,7 +262,7 @@ where
                         via.proxy
                     ))
                 })?;
-            Ok(Chained { io, to_proxy: true })
+            Ok(Chained::new(io, true))
         })
     }
 }

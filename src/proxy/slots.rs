@@ -18,11 +18,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Uri;
-use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_util::client::legacy::connect::{Connected, Connection};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+use crate::egress::Chained;
 use crate::error::BoxError;
 
 /// Default `max_connections_per_upstream`.
@@ -146,7 +145,8 @@ fn key(uri: &Uri) -> String {
     )
 }
 
-/// A connector whose connections each hold a slot of `slots` while open.
+/// A connector whose connections each hold a slot of `slots` while open
+/// ([`Chained::hold`]).
 #[derive(Clone)]
 pub(crate) struct Capped<C> {
     inner: C,
@@ -161,14 +161,14 @@ impl<C> Capped<C> {
     }
 }
 
-impl<C> tower::Service<Uri> for Capped<C>
+impl<C, T> tower::Service<Uri> for Capped<C>
 where
-    C: tower::Service<Uri> + Clone + Send + 'static,
+    C: tower::Service<Uri, Response = Chained<T>> + Clone + Send + 'static,
     C::Error: Into<BoxError>,
     C::Future: Send + 'static,
-    C::Response: Send + 'static,
+    T: Send + 'static,
 {
-    type Response = Slotted<C::Response>;
+    type Response = Chained<T>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
@@ -184,63 +184,12 @@ where
         let inner = self.inner.clone();
         Box::pin(async move {
             let slot = slots.take(&key, wait).await?;
-            let io = tower::ServiceExt::oneshot(inner, uri)
+            let mut io = tower::ServiceExt::oneshot(inner, uri)
                 .await
                 .map_err(Into::into)?;
-            Ok(Slotted { io, _slot: slot })
+            io.hold(slot);
+            Ok(io)
         })
-    }
-}
-
-/// A connection holding its slot until it is dropped (closed).
-pub(crate) struct Slotted<T> {
-    io: T,
-    _slot: Slot,
-}
-
-impl<T: Connection> Connection for Slotted<T> {
-    fn connected(&self) -> Connected {
-        self.io.connected()
-    }
-}
-
-impl<T: Read + Unpin> Read for Slotted<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<T: Write + Unpin> Write for Slotted<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 }
 
