@@ -5,7 +5,6 @@
 //! key.
 
 use aws_lc_rs::hmac;
-use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 
 /// Computes fingerprints; cheap to clone.
 #[derive(Clone)]
@@ -27,10 +26,11 @@ impl Fingerprinter {
         }
     }
 
-    /// A fingerprinter with a random key (fingerprints match within this process only).
+    /// A fingerprinter with a random key (fingerprints match within this process only), from
+    /// the kernel's CSPRNG (getrandom(2)), so the start does not wait for aws-lc to seed.
     pub fn random() -> Self {
         let mut k = [0u8; 32];
-        SystemRandom::new().fill(&mut k).expect("system randomness");
+        getrandom::getrandom(&mut k).expect("system randomness");
         Self::new(&k)
     }
 
@@ -85,5 +85,11 @@ mod tests {
         assert_ne!(a.fingerprint(b"secret"), b.fingerprint(b"secret"));
         assert_ne!(a.fingerprint(b"secret"), a.fingerprint(b"secreT"));
         assert_eq!(a.fingerprint(b"secret").len(), 12);
+    }
+
+    #[test]
+    fn random_keys_differ() {
+        let (a, b) = (Fingerprinter::random(), Fingerprinter::random());
+        assert_ne!(a.fingerprint(b"secret"), b.fingerprint(b"secret"));
     }
 }

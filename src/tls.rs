@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use rcgen::{
@@ -175,27 +175,52 @@ pub(crate) enum UpstreamRoots {
     Bundle(PathBuf),
 }
 
+/// The operating system's trust store, read once per process. Reading it is ~150 files on
+/// Debian (`rustls-native-certs` reads the bundle and then the hashed directory, which holds
+/// the same certificates again) and parsing each: `prefetch_system_roots` begins it on its
+/// own thread as `run` starts, beside the configuration and the policy compile, and
+/// `client_config` then waits for that read instead of repeating it.
+static SYSTEM_ROOTS: OnceLock<Result<RootCertStore, String>> = OnceLock::new();
+
+fn system_roots() -> &'static Result<RootCertStore, String> {
+    SYSTEM_ROOTS.get_or_init(|| {
+        let found = rustls_native_certs::load_native_certs();
+        let mut store = RootCertStore::empty();
+        let mut seen = std::collections::HashSet::new();
+        for c in &found.certs {
+            if seen.insert(c.as_ref()) {
+                let _ = store.add(c.clone());
+            }
+        }
+        if store.is_empty() {
+            return Err(format!(
+                "no system root certificates found ({}); set tls.upstream_roots to a PEM bundle",
+                found
+                    .errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ));
+        }
+        Ok(store)
+    })
+}
+
+/// Begin reading the system trust store on another thread (see `SYSTEM_ROOTS`).
+pub(crate) fn prefetch_system_roots() {
+    std::thread::spawn(|| {
+        let _ = system_roots();
+    });
+}
+
 /// Client TLS for upstreams: hostname always verified against the roots; ALPN and session
 /// resumption are set by the connector and rustls' defaults.
 pub(crate) fn client_config(roots: &UpstreamRoots) -> Result<ClientConfig, TlsError> {
     let mut store = RootCertStore::empty();
     match roots {
         UpstreamRoots::System => {
-            let found = rustls_native_certs::load_native_certs();
-            for c in found.certs {
-                let _ = store.add(c);
-            }
-            if store.is_empty() {
-                return Err(err(format!(
-                    "no system root certificates found ({}); set tls.upstream_roots to a PEM bundle",
-                    found
-                        .errors
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                )));
-            }
+            store = system_roots().clone().map_err(err)?;
         }
         UpstreamRoots::Bundle(path) => {
             let certs = CertificateDer::pem_file_iter(path)

@@ -17,11 +17,17 @@ pub(crate) fn command(
 ) -> Exit {
     super::init_tracing("info");
     // aws-lc seeds its random generator from CPU jitter on first use, tens of milliseconds
-    // of work; begun now on another thread, it runs beside reading the configuration and
-    // compiling the policy instead of after them (start to ready: BENCHMARKS.md).
+    // of one core. Nothing before ready needs it (the keys made at start come from the
+    // kernel), but the first TLS handshake or ES256 signature would: it is begun now, on its
+    // own thread at the lowest priority, so it yields the cores to the start and is done
+    // before the first request. The system trust store is read beside the configuration and
+    // the policy compile too (start to ready: BENCHMARKS.md).
     std::thread::spawn(|| {
+        // On Linux a thread id names that one thread to setpriority(2).
+        let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19);
         let _ = aws_lc_rs::rand::fill(&mut [0u8; 8]);
     });
+    crate::tls::prefetch_system_roots();
     let mut cfg = match config {
         Some(path) => match Config::load(path) {
             Ok(c) => c,

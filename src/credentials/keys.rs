@@ -63,12 +63,15 @@ pub enum KeyError {
 }
 
 impl SigningKey {
-    /// A fresh Ed25519 key.
+    /// A fresh Ed25519 key. Its private key is a 32-byte random seed (RFC 8032 §5.1.5), taken
+    /// from the kernel's CSPRNG (getrandom(2)): aws-lc's own generator first seeds itself from
+    /// CPU jitter, tens of milliseconds that a start with a `jwt` credential need not wait for.
     pub(crate) fn generate_ed25519() -> Result<Self, KeyError> {
-        let pkcs8 =
-            Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| KeyError::Generate)?;
-        let k = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|_| KeyError::Generate)?;
-        Ok(Self::build(Inner::Ed25519(k)))
+        let mut seed = [0u8; 32];
+        getrandom::getrandom(&mut seed).map_err(|_| KeyError::Generate)?;
+        let k = Ed25519KeyPair::from_seed_unchecked(&seed).map_err(|_| KeyError::Generate);
+        seed.fill(0);
+        Ok(Self::build(Inner::Ed25519(k?)))
     }
 
     /// A fresh P-256 key (ES256).
@@ -262,6 +265,15 @@ mod tests {
                 .unwrap();
             verify(&k, jalg);
         }
+    }
+
+    #[test]
+    fn each_generated_ed25519_key_is_new() {
+        // The seed comes from the kernel: two keys never share a public key.
+        let a = SigningKey::generate_ed25519().unwrap();
+        let b = SigningKey::generate_ed25519().unwrap();
+        assert_ne!(a.public_jwk()["x"], b.public_jwk()["x"]);
+        assert_eq!(a.public_jwk()["x"].as_str().unwrap().len(), 43);
     }
 
     #[test]

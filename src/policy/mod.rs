@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use cedar_policy::{
-    Authorizer, Context, Decision, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId,
-    PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
+    Authorizer, Context, Decision, Entities, Entity, EntityId, EntityTypeName, EntityUid, Policy,
+    PolicyId, PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
 };
 
 use crate::identify::Identity;
@@ -459,9 +459,25 @@ impl PolicyEngine {
             Some((_, Some(schema))) => schema.display().to_string(),
             _ => "the shipped policy.cedarschema".to_string(),
         };
-        let (schema, _warnings) = Schema::from_cedarschema_str(&src.schema_text())
+        // Each policy's JSON form (EST), made once: slicing, the address check and the
+        // listing set all read it. Cedar parses the policy's text again to make it, the
+        // largest part of compiling (BENCHMARKS.md), so two thirds are made on a second
+        // thread while this one reads the schema and validates, and the rest after.
+        let policies: Vec<&Policy> = set.policies().collect();
+        let (helped, own) = policies.split_at(policies.len() * 2 / 3);
+        let (validated, ests) = std::thread::scope(|s| {
+            let helper = s.spawn(|| json_forms(helped));
+            let validated = Schema::from_cedarschema_str(&src.schema_text())
+                .map(|(schema, _)| Validator::new(schema).validate(&set, ValidationMode::Strict));
+            let mut ests = json_forms(own);
+            match helper.join() {
+                Ok(more) => ests.extend(more),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+            (validated, ests)
+        });
+        let result = validated
             .map_err(|e| PolicyError(format!("{schema_origin} does not parse: {}", render(&e))))?;
-        let result = Validator::new(schema).validate(&set, ValidationMode::Strict);
         if !result.validation_passed() {
             let errs: Vec<String> = result.validation_errors().map(|e| render(e)).collect();
             return Err(PolicyError(format!(
@@ -487,13 +503,6 @@ impl PolicyEngine {
         }
         let warnings = result.validation_warnings().map(|w| render(w)).collect();
         let ty = |s: &str| EntityTypeName::from_str(s).expect("valid type name");
-        // Each policy's JSON form, made once: slicing, the address check and the listing set
-        // all read it, and Cedar parses the policy's text again to make it (it was half of
-        // the start-up time with 100 policies, made three times; BENCHMARKS.md).
-        let ests: Ests = set
-            .policies()
-            .map(|p| (p.id().clone(), p.to_json().ok()))
-            .collect();
         let listing = listing_set(&set, &ests).map_err(|e| {
             PolicyError(format!(
                 "{}: cannot prepare the policies for tools/list filtering (please report this): {e}",
@@ -1089,6 +1098,13 @@ fn listing_set(set: &PolicySet, ests: &Ests) -> Result<PolicySet, String> {
 
 /// Each policy's JSON form (Cedar's EST), `None` where Cedar could not make one.
 type Ests = HashMap<PolicyId, Option<serde_json::Value>>;
+
+fn json_forms(policies: &[&Policy]) -> Ests {
+    policies
+        .iter()
+        .map(|p| (p.id().clone(), p.to_json().ok()))
+        .collect()
+}
 
 /// Whether a policy reads `context.address` (tests it with `has`, or reads it); one without
 /// a JSON form is assumed to.
