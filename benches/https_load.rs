@@ -6,6 +6,11 @@
 //! `cargo bench --bench https_load -- --url https://localhost:8443/ --cacert ca.pem
 //!  [--proxy 127.0.0.1:15001] [--connections 64] [--seconds 10]`
 //! prints `requests_per_second p50_us p99_us`. Without arguments it prints usage and exits.
+//!
+//! With `--handshakes N` (and `--proxy`) it instead times N CONNECT-and-TLS handshakes, one
+//! at a time, each to a host the proxy has not seen (so the proxy issues a leaf certificate),
+//! then N to the URL's host (its leaf cached), and prints `new_p50_us warm_p50_us`; without
+//! `--proxy`, only the URL's host (`- warm_p50_us`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,11 +27,13 @@ struct Args {
     proxy: Option<String>,
     connections: usize,
     seconds: u64,
+    handshakes: usize,
 }
 
 fn args() -> Option<Args> {
     let mut it = std::env::args().skip(1).filter(|a| a != "--bench");
     let (mut url, mut cacert, mut proxy, mut connections, mut seconds) = (None, None, None, 1, 10);
+    let mut handshakes = 0;
     while let Some(a) = it.next() {
         match a.as_str() {
             "--url" => url = it.next().map(|u| u.parse().expect("url")),
@@ -34,6 +41,7 @@ fn args() -> Option<Args> {
             "--proxy" => proxy = it.next(),
             "--connections" => connections = it.next()?.parse().ok()?,
             "--seconds" => seconds = it.next()?.parse().ok()?,
+            "--handshakes" => handshakes = it.next()?.parse().ok()?,
             _ => return None,
         }
     }
@@ -43,22 +51,26 @@ fn args() -> Option<Args> {
         proxy,
         connections,
         seconds,
+        handshakes,
     })
 }
 
-async fn connect(
-    a: &Args,
+/// TCP to the host (through the proxy's CONNECT when there is one), then TLS.
+async fn tls_stream(
+    proxy: Option<&str>,
+    host: &str,
+    port: u16,
     tls: &tokio_rustls::TlsConnector,
-) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
-    let host = a.url.host().unwrap().to_string();
-    let port = a.url.port_u16().unwrap_or(443);
-    let tcp = match &a.proxy {
-        None => TcpStream::connect((host.as_str(), port)).await.unwrap(),
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = match proxy {
+        None => TcpStream::connect((host, port)).await.unwrap(),
         Some(p) => {
-            let mut s = TcpStream::connect(p.as_str()).await.unwrap();
-            s.write_all(format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\nchaperone-purpose: bench\r\n\r\n").as_bytes())
-                .await
-                .unwrap();
+            let mut s = TcpStream::connect(p).await.unwrap();
+            s.write_all(
+                format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
             let mut head = Vec::new();
             while !head.ends_with(b"\r\n\r\n") {
                 head.push(s.read_u8().await.unwrap());
@@ -72,12 +84,41 @@ async fn connect(
         }
     };
     tcp.set_nodelay(true).unwrap();
-    let stream = tls.connect(host.try_into().unwrap(), tcp).await.unwrap();
+    tls.connect(host.to_string().try_into().unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+async fn connect(
+    a: &Args,
+    tls: &tokio_rustls::TlsConnector,
+) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
+    let host = a.url.host().unwrap().to_string();
+    let port = a.url.port_u16().unwrap_or(443);
+    let stream = tls_stream(a.proxy.as_deref(), &host, port, tls).await;
     let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
         .await
         .unwrap();
     tokio::spawn(conn);
     send
+}
+
+/// The median of N handshakes, one at a time, to the hosts `host(i)` names.
+async fn handshake_p50(
+    a: &Args,
+    tls: &tokio_rustls::TlsConnector,
+    host: impl Fn(usize) -> String,
+) -> f64 {
+    let port = a.url.port_u16().unwrap_or(443);
+    let mut took = Vec::with_capacity(a.handshakes);
+    for i in 0..a.handshakes {
+        let t = Instant::now();
+        let s = tls_stream(a.proxy.as_deref(), &host(i), port, tls).await;
+        took.push(t.elapsed().as_nanos() as u64);
+        drop(s);
+    }
+    took.sort_unstable();
+    took[took.len() / 2] as f64 / 1000.0
 }
 
 fn main() {
@@ -101,6 +142,23 @@ fn main() {
             .with_root_certificates(roots)
             .with_no_client_auth();
         let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+        if a.handshakes > 0 {
+            // Hosts nobody has named before in this proxy's life: the run's nanos in the name.
+            let run = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos();
+            let known = a.url.host().unwrap().to_string();
+            let warm = handshake_p50(&a, &tls, |_| known.clone()).await;
+            if a.proxy.is_none() {
+                // Direct, only the host that resolves: the TLS handshake's own cost.
+                println!("- {warm:.0}");
+                return;
+            }
+            let new = handshake_p50(&a, &tls, |i| format!("h{i}-{run}.bench.test")).await;
+            println!("{new:.0} {warm:.0}");
+            return;
+        }
         let a = Arc::new(a);
         let mut senders = Vec::new();
         for _ in 0..a.connections {

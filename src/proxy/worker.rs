@@ -4,6 +4,8 @@
 //! request costs no cross-thread wakeups (measured: they were most of the added latency on the
 //! shared multi-threaded runtime; see BENCHMARKS.md).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use http::{Method, Request, Response};
@@ -34,7 +36,22 @@ impl Proxy {
     ///
     /// A 101 from the pipeline (a WebSocket handshake the upstream accepted) is sent, and the
     /// switched connection relayed beside it ([`upgrade::relay`]).
-    pub(crate) async fn serve(
+    ///
+    /// The request's future is boxed here, made in place for each request and freed when it
+    /// ends. hyper keeps a connection's in-flight slot, sized for the service's future, for as
+    /// long as the connection lives; the whole pipeline's future is tens of kilobytes, so an
+    /// idle keep-alive connection held that much once it had served one request
+    /// (`benches/idle-conns.sh`).
+    pub(crate) fn serve(
+        self: Arc<Self>,
+        conn: Arc<Conn>,
+        origin: Option<Arc<Target>>,
+        req: Request<Incoming>,
+    ) -> Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>> {
+        Box::pin(self.serve_one(conn, origin, req))
+    }
+
+    async fn serve_one(
         self: Arc<Self>,
         conn: Arc<Conn>,
         origin: Option<Arc<Target>>,
