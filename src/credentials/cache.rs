@@ -223,8 +223,17 @@ impl<T: Fetched> TokenCache<T> {
             ));
         }
         self.metrics.miss.inc();
-        let fetch = make_fetch();
-        // Concurrent misses for one key wait on this one fetch.
+        // The miss is boxed: its future (a token endpoint's or AWS's HTTP exchange) is ~15 KB,
+        // and inline it made every request's future that large, hits included (BENCHMARKS.md,
+        // "the request's future").
+        Box::pin(self.fetch(key, make_fetch())).await
+    }
+
+    /// A miss: fetch once for `key`; concurrent misses for it wait on this one fetch.
+    async fn fetch<F>(self: &Arc<Self>, key: String, fetch: F) -> Result<Arc<Entry<T>>, String>
+    where
+        F: Future<Output = Result<T, Failure>> + Send + 'static,
+    {
         self.entries
             .try_get_with(key.clone(), async {
                 match Self::timed(&self.metrics, fetch).await {

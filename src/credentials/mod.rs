@@ -541,7 +541,9 @@ impl Credentials {
         // `per_call`: a token for this request alone, never cached.
         let (fetched, entry);
         let t: &oauth::Token = if o.endpoint.spec.per_call {
-            let outcome = o.endpoint.fetch(&params).await;
+            // Boxed, as a cache miss is: inline, the HTTP exchange's future would make every
+            // request's future that much larger.
+            let outcome = Box::pin(o.endpoint.fetch(&params)).await;
             self.metrics
                 .token_fetches
                 .get_or_create(&FetchLabels {

@@ -37,11 +37,12 @@ impl Proxy {
     /// A 101 from the pipeline (a WebSocket handshake the upstream accepted) is sent, and the
     /// switched connection relayed beside it ([`upgrade::relay`]).
     ///
-    /// The request's future is boxed here, made in place for each request and freed when it
-    /// ends. hyper keeps a connection's in-flight slot, sized for the service's future, for as
-    /// long as the connection lives; the whole pipeline's future is tens of kilobytes, so an
-    /// idle keep-alive connection held that much once it had served one request
-    /// (`benches/idle-conns.sh`).
+    /// The request's future is boxed here, made for each request and freed when it ends.
+    /// hyper keeps a connection's in-flight slot, sized for the service's future, for as long
+    /// as the connection lives, so an idle keep-alive connection that had served one request
+    /// held the whole pipeline's future: ~24 KB while a token fetch was inline in it, ~8 KB
+    /// since that is boxed on a miss. Boxed here, an idle connection holds ~20 KB in all, not
+    /// ~28 KB, for one allocation per request (`benches/idle-conns.sh`, BENCHMARKS.md).
     pub(crate) fn serve(
         self: Arc<Self>,
         conn: Arc<Conn>,
