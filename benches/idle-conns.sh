@@ -12,16 +12,8 @@ cd "$(dirname "$0")/.."
 . benches/lib.sh
 N=${1:-10000}
 command -v nginx >/dev/null || { echo "nginx is needed (apt-get install nginx-light)" >&2; exit 2; }
-if [ -n "${CHAPERONE_BIN:-}" ]; then
-  BIN=$CHAPERONE_BIN
-else
-  cargo build --release -q --bin chaperone
-  BIN=${CARGO_TARGET_DIR:-target}/release/chaperone
-fi
-W=$(mktemp -d /tmp/chaperone-idle.XXXXXX)
-PIDS=()
-cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$W"; }
-trap cleanup EXIT
+bench_binary
+bench_workdir idle
 UP=18801; CH=18800; ADMIN=18810
 
 nginx_upstream "$W" "127.0.0.1:$UP"

@@ -18,6 +18,25 @@ bench_args() {
   done
 }
 
+# bench_binary: BIN is $CHAPERONE_BIN when set (an A/B of a binary built elsewhere, left
+# unbuilt), else the release build, built first.
+bench_binary() {
+  if [ -n "${CHAPERONE_BIN:-}" ]; then
+    BIN=$CHAPERONE_BIN
+  else
+    cargo build --release -q --bin chaperone
+    BIN=${CARGO_TARGET_DIR:-target}/release/chaperone
+  fi
+}
+
+# bench_workdir NAME: W, a fresh /tmp/chaperone-NAME.* directory, and PIDS, the background
+# processes to stop; on exit they are killed and W removed.
+bench_workdir() {
+  W=$(mktemp -d "/tmp/chaperone-$1.XXXXXX")
+  PIDS=()
+  trap 'for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$W"' EXIT
+}
+
 # nginx_upstream DIR LISTEN: DIR/upstream.conf, an nginx (one worker, no access log)
 # answering a small JSON body from memory on LISTEN.
 nginx_upstream() {

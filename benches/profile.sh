@@ -28,16 +28,8 @@ for tool in wrk nginx perf; do
   command -v $tool >/dev/null || { echo "$tool is needed: bash benches/profile.sh --install" >&2; exit 2; }
 done
 # CHAPERONE_BIN=path profiles that binary instead (an A/B of two builds, run alternately).
-if [ -n "${CHAPERONE_BIN:-}" ]; then
-  BIN=$CHAPERONE_BIN
-else
-  cargo build --release -q --bin chaperone
-  BIN=${CARGO_TARGET_DIR:-target}/release/chaperone
-fi
-W=$(mktemp -d /tmp/chaperone-profile.XXXXXX)
-PIDS=()
-cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$W"; }
-trap cleanup EXIT
+bench_binary
+bench_workdir profile
 UP=18500; CH=18501
 
 nginx_upstream "$W" "127.0.0.1:$UP"

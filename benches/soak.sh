@@ -19,16 +19,8 @@ bench_args "wrk nginx-light" "$@"
 for tool in wrk nginx; do
   command -v $tool >/dev/null || { echo "$tool is needed: bash benches/soak.sh --install" >&2; exit 2; }
 done
-if [ -n "${CHAPERONE_BIN:-}" ]; then
-  BIN=$CHAPERONE_BIN
-else
-  cargo build --release -q --bin chaperone
-  BIN=${CARGO_TARGET_DIR:-target}/release/chaperone
-fi
-W=$(mktemp -d /tmp/chaperone-soak.XXXXXX)
-PIDS=()
-cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$W"; }
-trap cleanup EXIT
+bench_binary
+bench_workdir soak
 UP=18901; CH=18900; ADMIN=18910; CONNS=64
 
 nginx_upstream "$W" "127.0.0.1:$UP"

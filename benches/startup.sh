@@ -7,15 +7,10 @@
 #        CHAPERONE_BIN=/path/to/chaperone bash benches/startup.sh [RUNS]   (that binary, unbuilt)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/lib.sh
 RUNS=${1:-20}
-if [ -n "${CHAPERONE_BIN:-}" ]; then
-  BIN=$CHAPERONE_BIN # an A/B: a binary built elsewhere
-else
-  cargo build --release -q --bin chaperone
-  BIN=${CARGO_TARGET_DIR:-target}/release/chaperone
-fi
-W=$(mktemp -d /tmp/chaperone-startup.XXXXXX)
-trap 'rm -rf "$W"' EXIT
+bench_binary
+bench_workdir startup
 
 {
   echo "listen: 127.0.0.1:18701"
