@@ -618,6 +618,7 @@ impl PolicyEngine {
     fn evaluate(&self, input: &PolicyInput<'_>) -> Result<PolicyDecision, String> {
         let entities_key = self.entities_key(input);
         let context_key = self.context_key(input);
+        let second = context_key.second;
         let decision_key = context_key.memo.then(|| {
             let mut k = String::with_capacity(entities_key.len() + context_key.key.len() + 1);
             k.push_str(&entities_key);
@@ -646,7 +647,8 @@ impl PolicyEngine {
                     .map(|p| p.len() + 24)
                     .sum::<usize>()
                 + 64;
-            self.decisions.insert(k, decision.clone(), size);
+            self.decisions
+                .insert_in_second(k, decision.clone(), size, second);
         }
         Ok(decision)
     }
@@ -752,12 +754,22 @@ impl PolicyEngine {
             key.push('\0');
             key.push_str(t);
         }
-        ContextKey { key, memo, given }
+        ContextKey {
+            key,
+            second: secs,
+            memo,
+            given,
+        }
     }
 
     /// The request context for `input`, whose [`Self::context_key`] is `key`.
     fn context_for(&self, input: &PolicyInput<'_>, key: ContextKey<'_>) -> Result<Context, String> {
-        let ContextKey { key, memo, given } = key;
+        let ContextKey {
+            key,
+            second,
+            memo,
+            given,
+        } = key;
         let id = input.identity;
         if memo && let Some(hit) = self.contexts.get(&key) {
             return Ok(hit);
@@ -832,7 +844,8 @@ impl PolicyEngine {
         if memo {
             // A context holds its attributes' values: about what its key spells.
             let size = key.len() * 2 + CONTEXT_BYTES;
-            self.contexts.insert(key, context.clone(), size);
+            self.contexts
+                .insert_in_second(key, context.clone(), size, second);
         }
         Ok(context)
     }
@@ -1169,6 +1182,8 @@ fn unknown_arguments(v: &mut serde_json::Value) -> bool {
 /// short enough), and the call's arguments as given.
 struct ContextKey<'i> {
     key: String,
+    /// The Unix second the context describes (its `request_time`).
+    second: u64,
     memo: bool,
     given: Option<&'i serde_json::Value>,
 }
