@@ -81,10 +81,25 @@ pub fn init_ca(dir: &Path, days: u32, force: bool) -> Result<(PathBuf, PathBuf),
 }
 
 /// Issues and caches leaf certificates signed by the local CA.
+///
+/// Every leaf carries one key pair, made on the first issuance and held only in memory for
+/// the process's life (as mitmproxy does). A key of its own per leaf would protect nothing
+/// more: each would sit in the same memory as the CA key, which can sign a leaf for any name
+/// anyway. Sharing it makes a new host cost one signature, not a key generation, a PKCS#8
+/// round trip and a hop to the blocking pool: issuance is cheap enough to run on the worker
+/// (BENCHMARKS.md, issue 21).
 pub struct LeafIssuer {
     issuer: Issuer<'static, KeyPair>,
     ca_der: CertificateDer<'static>,
+    /// Made on first use, so the start does not wait on aws-lc's entropy seeding.
+    leaf_key: OnceLock<LeafKey>,
     cache: moka::future::Cache<String, Arc<CertifiedKey>>,
+}
+
+/// The leaves' key pair, for signing by rcgen and for rustls' handshakes.
+struct LeafKey {
+    pair: KeyPair,
+    signing: Arc<dyn rustls::sign::SigningKey>,
 }
 
 impl std::fmt::Debug for LeafIssuer {
@@ -105,6 +120,7 @@ impl LeafIssuer {
         Ok(LeafIssuer {
             issuer,
             ca_der,
+            leaf_key: OnceLock::new(),
             cache: moka::future::Cache::builder()
                 .max_capacity(10_000)
                 .time_to_live(LEAF_VALIDITY / 2)
@@ -112,22 +128,29 @@ impl LeafIssuer {
         })
     }
 
-    /// The certificate for `host` (DNS name or IP literal): from the cache, or issued off the
-    /// runtime's threads. Concurrent misses for one host issue once.
-    pub(crate) async fn get(self: &Arc<Self>, host: &str) -> Result<Arc<CertifiedKey>, TlsError> {
-        let me = self.clone();
-        let h = host.to_string();
+    /// The certificate for `host` (DNS name or IP literal): from the cache, or issued now
+    /// (one ECDSA signature, tens of microseconds). Concurrent misses for one host issue once.
+    pub(crate) async fn get(&self, host: &str) -> Result<Arc<CertifiedKey>, TlsError> {
         self.cache
-            .try_get_with(host.to_string(), async move {
-                tokio::task::spawn_blocking(move || me.issue(&h))
-                    .await
-                    .map_err(|e| err(e.to_string()))?
-            })
+            .try_get_with_by_ref(host, async { self.issue(host) })
             .await
             .map_err(|e: Arc<TlsError>| err(e.to_string()))
     }
 
-    /// Issue a leaf now (blocking: key generation and signing, about a millisecond).
+    fn leaf_key(&self) -> Result<&LeafKey, TlsError> {
+        if let Some(k) = self.leaf_key.get() {
+            return Ok(k);
+        }
+        let pair =
+            KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| err(e.to_string()))?;
+        let der = PrivateKeyDer::from(PrivatePkcs8KeyDer::from(pair.serialize_der()));
+        let signing = rustls::crypto::aws_lc_rs::sign::any_supported_type(&der)
+            .map_err(|e| err(e.to_string()))?;
+        // Two first issuances at once may both make one; the first kept is used by all.
+        Ok(self.leaf_key.get_or_init(|| LeafKey { pair, signing }))
+    }
+
+    /// Issue a leaf now: one signature by the CA over a certificate for the shared leaf key.
     pub fn issue(&self, host: &str) -> Result<Arc<CertifiedKey>, TlsError> {
         let mut params = CertificateParams::default();
         params.subject_alt_names = vec![match host.parse::<IpAddr>() {
@@ -152,16 +175,13 @@ impl LeafIssuer {
         params.not_before = now - time::Duration::minutes(5);
         params.not_after =
             now + time::Duration::try_from(LEAF_VALIDITY).map_err(|e| err(e.to_string()))?;
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| err(e.to_string()))?;
+        let key = self.leaf_key()?;
         let cert = params
-            .signed_by(&key, &self.issuer)
-            .map_err(|e| err(e.to_string()))?;
-        let key_der = PrivateKeyDer::from(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let signing = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key_der)
+            .signed_by(&key.pair, &self.issuer)
             .map_err(|e| err(e.to_string()))?;
         Ok(Arc::new(CertifiedKey::new(
             vec![cert.der().clone(), self.ca_der.clone()],
-            signing,
+            key.signing.clone(),
         )))
     }
 }
@@ -269,7 +289,21 @@ mod tests {
         .unwrap();
         let dns = issuer.issue("api.example.org").unwrap();
         assert_eq!(dns.cert.len(), 2, "leaf and CA");
-        issuer.issue("127.0.0.1").unwrap();
+        let ip = issuer.issue("127.0.0.1").unwrap();
         assert!(issuer.issue("bad host name!").is_err());
+        // Each leaf is a certificate of its own, for the shared leaf key: the key the
+        // handshake signs with is the one the certificate names.
+        assert_ne!(dns.cert[0], ip.cert[0]);
+        for leaf in [&dns, &ip] {
+            let spki = leaf
+                .key
+                .public_key()
+                .expect("an ECDSA key has a public key");
+            let der = leaf.cert[0].as_ref();
+            assert!(
+                der.windows(spki.len()).any(|w| w == spki.as_ref()),
+                "the certificate carries the signing key's public key"
+            );
+        }
     }
 }
