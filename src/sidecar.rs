@@ -28,7 +28,7 @@ use crate::pipeline::{Interception, Pipeline};
 use crate::policy::{Guardrails, PolicyEngine, PolicyStore};
 use crate::proxy::ListenAddr;
 use crate::proxy::drain::Drain;
-use crate::proxy::listener::{Bound, bind_unix, serve_proxy};
+use crate::proxy::listener::{Bound, bind_tcp, bind_unix, serve_proxy};
 use crate::proxy::upstream::Upstream;
 use crate::proxy::worker::{Proxy, Workers};
 use crate::purpose_log::{LogWriterGuard, PurposeLog};
@@ -181,15 +181,13 @@ pub(crate) async fn start(cfg: Config) -> Result<Running, StartError> {
     for l in &cfg.listeners {
         let bound = match &l.addr {
             ListenAddr::Tcp(addr) => {
-                let sock = TcpListener::bind(*addr)
-                    .await
-                    .map_err(|source| StartError::Bind {
-                        addr: *addr,
-                        source,
-                    })?;
-                let local = sock.local_addr().map_err(|e| build(e.to_string()))?;
+                let socks = bind_tcp(*addr, cfg.workers).map_err(|source| StartError::Bind {
+                    addr: *addr,
+                    source,
+                })?;
+                let local = socks[0].local_addr().map_err(|e| build(e.to_string()))?;
                 listening.push(ListenAddr::Tcp(local));
-                Bound::Tcp(sock)
+                Bound::Tcp(socks)
             }
             ListenAddr::Unix(path) => {
                 let sock = bind_unix(path)
