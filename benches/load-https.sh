@@ -4,20 +4,20 @@
 #   strip, policy, credential, purpose log), and through mitmproxy (one header rewrite).
 # Usage: bash benches/load-https.sh [--install] [--duration SECONDS]
 #   --install   apt-get install nginx-light mitmproxy openssl first
+#   CONC=N             connections of the concurrent runs (default 32, issue 21's floor)
+#   HANDSHAKES=N       handshakes timed per kind (default 200)
+#   HANDSHAKES_ONLY=1  only the handshakes (with the proxy's CPU for each)
+#   CHAPERONE_BIN=path that binary, unbuilt (an A/B)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . benches/lib.sh
 bench_args "nginx-light mitmproxy openssl" "$@"
 for t in nginx openssl; do command -v $t >/dev/null || { echo "$t is needed: bash benches/load-https.sh --install" >&2; exit 2; }; done
 
-cargo build --release -q --bin chaperone
+bench_binary
 cargo bench --bench https_load --no-run -q 2>/dev/null
-BIN=${CARGO_TARGET_DIR:-target}/release/chaperone
 LOAD=$(ls -t ${CARGO_TARGET_DIR:-target}/release/deps/https_load-* | grep -v '\.d$' | head -1)
-W=$(mktemp -d /tmp/chaperone-https.XXXXXX)
-PIDS=()
-cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; sleep 0.3; rm -rf "$W"; }
-trap cleanup EXIT
+bench_workdir https
 UP=18600; CH=18601; MITM=18602
 
 # Upstream PKI (its own CA) and an nginx TLS upstream.
@@ -94,22 +94,30 @@ run() { # target connections
 CONC=${CONC:-32}
 echo "duration ${DUR}s per run; serial = 1 connection, concurrent = $CONC connections; warm keep-alive TLS; $(nproc) cores"
 RES="$W/results.txt"; : > "$RES"
+if [ -z "${HANDSHAKES_ONLY:-}" ]; then
+  for t in $TARGETS; do
+    s=$(run $t 1); c=$(run $t "$CONC")
+    echo "$t $s $c" | tee -a "$RES" >&2
+  done
+fi
+# New-host handshakes: CONNECT and TLS to N hosts the proxy has not seen (each a leaf
+# issued), one at a time, against N to the host it already holds a leaf for; direct, the
+# TLS handshake to nginx alone. For Chaperone, also its CPU (all threads) per handshake.
+N=${HANDSHAKES:-200}
+cpu_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{ s += $1 } END { printf "%d", s }'; }
 for t in $TARGETS; do
-  s=$(run $t 1); c=$(run $t "$CONC")
-  echo "$t $s $c" | tee -a "$RES" >&2
-done
-# New-host handshakes: CONNECT and TLS to 200 hosts the proxy has not seen (each a leaf
-# issued), one at a time, against 200 to the host it already holds a leaf for; direct, the
-# TLS handshake to nginx alone.
-for t in $TARGETS; do
+  c0=$(cpu_ns "$CH_PID")
   case "$t" in
-    direct) hs=$("$LOAD" --url "https://localhost:$UP/" --cacert "$W/up-ca.pem" --handshakes 200) ;;
-    chaperone) hs=$("$LOAD" --url "https://localhost:$UP/" --cacert "$W/ch/ca.pem" --proxy "127.0.0.1:$CH" --handshakes 200) ;;
-    mitmproxy) hs=$("$LOAD" --url "https://localhost:$UP/" --cacert "$W/mitm/mitmproxy-ca-cert.pem" --proxy "127.0.0.1:$MITM" --handshakes 200) ;;
+    direct) hs=$("$LOAD" --url "https://localhost:$UP/" --cacert "$W/up-ca.pem" --handshakes "$N") ;;
+    chaperone) hs=$("$LOAD" --url "https://localhost:$UP/" --cacert "$W/ch/ca.pem" --proxy "127.0.0.1:$CH" --handshakes "$N") ;;
+    mitmproxy) hs=$("$LOAD" --url "https://localhost:$UP/" --cacert "$W/mitm/mitmproxy-ca-cert.pem" --proxy "127.0.0.1:$MITM" --handshakes "$N") ;;
     *) continue ;;
   esac
-  echo "$t handshake p50 µs: new host $(echo "$hs" | cut -d' ' -f1), known host $(echo "$hs" | cut -d' ' -f2)"
+  cpu=""
+  [ "$t" = chaperone ] && cpu=", Chaperone's CPU per handshake $(( ($(cpu_ns "$CH_PID") - c0) / (2 * N * 1000) )) µs"
+  echo "$t handshake p50 µs: new host $(echo "$hs" | cut -d' ' -f1), known host $(echo "$hs" | cut -d' ' -f2)$cpu"
 done
+[ -n "${HANDSHAKES_ONLY:-}" ] && exit 0
 python3 - "$RES" "$CONC" <<'PY'
 import sys
 rows = [l.split() for l in open(sys.argv[1]) if l.strip()]

@@ -5,19 +5,22 @@
 #   - its CPU per request (utime + stime from /proc/PID/stat over the run),
 #   - a `perf record -e cpu-clock` profile, the top symbols by self time,
 #   - optionally (`--strace`), syscalls per request.
+# With `--new-conns`, every request asks `Connection: close`, so each is a new connection
+# (clients without a pool: curl per call, `requests.get` without a session).
 # Every response is checked: a run with non-2xx answers or socket errors fails.
 #
-# Usage: [CHAPERONE_BIN=path] bash benches/profile.sh [--install] [--duration SECONDS] [--conns N] [--strace] [--no-perf]
+# Usage: [CHAPERONE_BIN=path] bash benches/profile.sh [--install] [--duration SECONDS] [--conns N] [--new-conns] [--strace] [--no-perf]
 #   (default 5 s, 64 connections). Needs wrk, nginx and perf. Not part of CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . benches/lib.sh
-CONNS=64; STRACE=0; PERF=1; ARGS=()
+CONNS=64; STRACE=0; PERF=1; CLOSE=0; ARGS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --conns) CONNS=$2; shift ;;
     --strace) STRACE=1 ;;
     --no-perf) PERF=0 ;;
+    --new-conns) CLOSE=1 ;;
     *) ARGS+=("$1") ;;
   esac
   shift
@@ -66,6 +69,7 @@ wrk.headers["Authorization"] = "Bearer sk-proj-Ab1_Cd2-Ef3_Gh4-Ab1_Cd2-Ef3_Gh4-A
 wrk.headers["chaperone-purpose"] = "bench"
 wrk.headers["Accept"] = "application/json"
 EOF
+[ "$CLOSE" = 1 ] && echo 'wrk.headers["Connection"] = "close"' >> "$W/req.lua"
 code=$(curl -s -o /dev/null -w '%{http_code}' -x "http://127.0.0.1:$CH" -H 'chaperone-purpose: bench' "http://127.0.0.1:$UP/v1/models")
 [ "$code" = 200 ] || { echo "chaperone answered $code; not profiling" >&2; cat "$W/chaperone.err" >&2; exit 1; }
 # Warm up (pools, caches), then measure.
