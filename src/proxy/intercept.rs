@@ -29,6 +29,24 @@ pub(crate) struct Interceptor {
     issuer: Arc<LeafIssuer>,
     sessions: Arc<ServerSessionMemoryCache>,
     ticketer: Arc<dyn rustls::server::ProducesTickets>,
+    /// The default provider with AES-128-GCM-SHA256 chosen first ([`app_hop_provider`]).
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+/// The crypto the app's side of an intercepted tunnel is served with: rustls' defaults, with
+/// the server's order of cipher suites, AES-128-GCM with SHA-256 first (as Go's TLS server
+/// orders them when the CPU has AES instructions). Clients list AES-256-GCM with SHA-384
+/// first, and SHA-384 runs on SHA-512, which x86 CPUs mostly lack instructions for: the
+/// handshake's key schedule and transcript hash cost more with it than the whole signature
+/// (BENCHMARKS.md, issue 21). AES-128 is 128-bit security, on a hop that does not leave the
+/// pod. The upstream hop keeps rustls' client defaults.
+fn app_hop_provider() -> rustls::crypto::CryptoProvider {
+    use rustls::CipherSuite::TLS13_AES_128_GCM_SHA256;
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != TLS13_AES_128_GCM_SHA256);
+    provider
 }
 
 impl std::fmt::Debug for Interceptor {
@@ -59,14 +77,18 @@ impl Interceptor {
             sessions: ServerSessionMemoryCache::new(4096),
             ticketer: rustls::crypto::aws_lc_rs::Ticketer::new()
                 .map_err(|e| TlsError(e.to_string()))?,
+            provider: Arc::new(app_hop_provider()),
         }))
     }
 
     async fn server_config(&self, name: &str) -> Result<Arc<ServerConfig>, TlsError> {
         let cert = self.issuer.get(name).await?;
-        let mut cfg = ServerConfig::builder()
+        let mut cfg = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError(e.to_string()))?
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(Fixed(cert)));
+        cfg.ignore_client_order = true;
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         cfg.session_storage = self.sessions.clone();
         cfg.ticketer = self.ticketer.clone();
@@ -231,4 +253,60 @@ where
         tracing::debug!(client = %conn_client, error = %e, "intercepted connection ended with an error");
     }
     served.load(Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client that lists AES-256-GCM-SHA384 first (rustls' and OpenSSL's default order)
+    /// is served AES-128-GCM-SHA256: the server's order decides on the app's hop.
+    #[tokio::test]
+    async fn the_app_hop_prefers_aes_128_gcm_sha256() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = crate::tls::init_ca(dir.path(), 30, false).unwrap();
+        let cert = std::fs::read_to_string(cert).unwrap();
+        let settings = TlsSettings {
+            ca: Some((cert.clone(), std::fs::read_to_string(key).unwrap().into())),
+            ..TlsSettings::default()
+        };
+        let interceptor = Interceptor::new(&settings).unwrap().unwrap();
+        let server_cfg = interceptor.server_config("api.example.org").await.unwrap();
+
+        let mut roots = rustls::RootCertStore::empty();
+        use rustls::pki_types::pem::PemObject;
+        for c in rustls::pki_types::CertificateDer::pem_slice_iter(cert.as_bytes()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let client_cfg = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        assert_eq!(
+            client_cfg.crypto_provider().cipher_suites[0].suite(),
+            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+            "the client prefers AES-256"
+        );
+        let name = rustls::pki_types::ServerName::try_from("api.example.org").unwrap();
+        let mut client = rustls::ClientConnection::new(Arc::new(client_cfg), name).unwrap();
+        let mut server = rustls::ServerConnection::new(server_cfg).unwrap();
+        // Shuttle records both ways until both sides are done with the handshake.
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            client.write_tls(&mut buf).unwrap();
+            server.read_tls(&mut buf.as_slice()).unwrap();
+            server.process_new_packets().unwrap();
+            let mut buf = Vec::new();
+            server.write_tls(&mut buf).unwrap();
+            client.read_tls(&mut buf.as_slice()).unwrap();
+            client.process_new_packets().unwrap();
+            if !client.is_handshaking() && !server.is_handshaking() {
+                break;
+            }
+        }
+        assert!(!client.is_handshaking(), "the handshake completed");
+        assert_eq!(
+            client.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+        );
+    }
 }
