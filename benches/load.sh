@@ -115,6 +115,8 @@ EOF
   TARGETS="$TARGETS nginx:$NGX"
 fi
 if command -v squid >/dev/null; then
+  # request_header_add appends, so the app's Authorization is removed first: haproxy's
+  # set-header and nginx's proxy_set_header replace it. With both sent, nginx answered 400.
   cat > "$W/squid.conf" <<EOF
 http_port 127.0.0.1:$SQD
 http_access allow all
@@ -123,6 +125,7 @@ access_log none
 cache_log $W/squid-cache.log
 pid_filename $W/squid.pid
 coredump_dir $W
+request_header_access Authorization deny all
 request_header_add Authorization "Bearer injected-by-squid" all
 EOF
   squid -f "$W/squid.conf" -N >/dev/null 2>&1 & PIDS+=($!)

@@ -26,6 +26,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 bench_args "wrk nginx-light linux-perf strace" "${ARGS[@]:-}"
+THREADS=$(( CONNS < 2 ? CONNS : 2 ))  # wrk needs a connection per thread
 [ "$DUR" = 10 ] && DUR=5
 for tool in wrk nginx perf; do
   command -v $tool >/dev/null || { echo "$tool is needed: bash benches/profile.sh --install" >&2; exit 2; }
@@ -73,7 +74,7 @@ EOF
 code=$(curl -s -o /dev/null -w '%{http_code}' -x "http://127.0.0.1:$CH" -H 'chaperone-purpose: bench' "http://127.0.0.1:$UP/v1/models")
 [ "$code" = 200 ] || { echo "chaperone answered $code; not profiling" >&2; cat "$W/chaperone.err" >&2; exit 1; }
 # Warm up (pools, caches), then measure.
-wrk -t2 -c"$CONNS" -d1s -s "$W/req.lua" "http://127.0.0.1:$CH" >/dev/null 2>&1
+wrk -t"$THREADS" -c"$CONNS" -d1s -s "$W/req.lua" "http://127.0.0.1:$CH" >/dev/null 2>&1
 ticks() { awk '{print $14 + $15}' "/proc/$CH_PID/stat"; }
 T0=$(ticks)
 if [ "$PERF" = 1 ]; then
@@ -83,7 +84,7 @@ fi
 if [ "$STRACE" = 1 ]; then
   strace -c -f -p "$CH_PID" -o "$W/strace.txt" & STRACE_PID=$!
 fi
-wrk -t2 -c"$CONNS" -d"${DUR}s" --latency -s "$W/req.lua" "http://127.0.0.1:$CH" > "$W/wrk.txt" 2>&1
+wrk -t"$THREADS" -c"$CONNS" -d"${DUR}s" --latency -s "$W/req.lua" "http://127.0.0.1:$CH" > "$W/wrk.txt" 2>&1
 T1=$(ticks)
 [ "$PERF" = 1 ] && { wait $PERF_PID || true; }
 [ "$STRACE" = 1 ] && { kill -INT $STRACE_PID 2>/dev/null || true; wait $STRACE_PID 2>/dev/null || true; }
