@@ -9,18 +9,20 @@
 # (clients without a pool: curl per call, `requests.get` without a session).
 # Every response is checked: a run with non-2xx answers or socket errors fails.
 #
-# Usage: [CHAPERONE_BIN=path] bash benches/profile.sh [--install] [--duration SECONDS] [--conns N] [--new-conns] [--strace] [--no-perf]
+# Usage: [CHAPERONE_BIN=path] bash benches/profile.sh [--install] [--duration SECONDS] [--conns N] [--new-conns] [--jwt] [--strace] [--no-perf]
+#   --jwt: the route injects a JWT minted per call instead of the static key.
 #   (default 5 s, 64 connections). Needs wrk, nginx and perf. Not part of CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . benches/lib.sh
-CONNS=64; STRACE=0; PERF=1; CLOSE=0; ARGS=()
+CONNS=64; STRACE=0; PERF=1; CLOSE=0; CRED=static-key; ARGS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --conns) CONNS=$2; shift ;;
     --strace) STRACE=1 ;;
     --no-perf) PERF=0 ;;
     --new-conns) CLOSE=1 ;;
+    --jwt) CRED=per-call ;;
     *) ARGS+=("$1") ;;
   esac
   shift
@@ -50,10 +52,12 @@ admin: 127.0.0.1:18511
 identity: { id: spiffe://bench.local/ns/ml/sa/inference, workload: bench, environment: bench }
 credentials:
   static-key: { kind: static, from_env: BENCH_STATIC_KEY }
+  per-call: { kind: jwt, ttl: 60s }
 routes:
   - name: upstream
     match: { host: 127.0.0.1, port: $UP }
-    credential: static-key
+    credential: $CRED
+    scopes: [model.invoke]
 strip: { mode: strip }
 policy: { file: $W/policy.cedar }
 log: { format: json, output: $W/purpose.jsonl }
