@@ -193,9 +193,7 @@ async fn accept_tcp(
                 let (stream, peer) = match accepted {
                     Ok(x) => x,
                     Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        accept_failed(e).await;
                         continue;
                     }
                 };
@@ -235,8 +233,7 @@ async fn accept_unix(
                 let stream = match accepted.and_then(|(s, _)| s.into_std()) {
                     Ok(s) => s,
                     Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        accept_failed(e).await;
                         continue;
                     }
                 };
@@ -289,6 +286,12 @@ fn tcp_conn(listening: &Listening, stream: &TcpStream, peer: SocketAddr) -> Arc<
         peer.to_string(),
         attestation,
     )
+}
+
+/// An accept failed (out of file descriptors and the like): back off instead of spinning.
+async fn accept_failed(e: std::io::Error) {
+    tracing::warn!(error = %e, "accept failed");
+    tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
 /// On shutdown: let the connections in flight finish, until the grace period ends.
