@@ -702,10 +702,15 @@ impl Credentials {
         else {
             return Ok(None);
         };
-        u.take(headers).await.map(Some).map_err(|r| match r {
-            user::Refusal::Missing(why) => Rejection::new(ErrorCode::UserTokenRequired, why),
-            user::Refusal::Invalid(why) => Rejection::new(ErrorCode::UserTokenInvalid, why),
-        })
+        // Boxed, so the verification's future (a JWKS fetch on a key miss: ~2.4 KB) is made
+        // only for the routes that exchange a user's token, not carried by every request's.
+        Box::pin(u.take(headers))
+            .await
+            .map(Some)
+            .map_err(|r| match r {
+                user::Refusal::Missing(why) => Rejection::new(ErrorCode::UserTokenRequired, why),
+                user::Refusal::Invalid(why) => Rejection::new(ErrorCode::UserTokenInvalid, why),
+            })
     }
 
     /// For a credential that signs whole requests (`aws`), the largest body it can sign: the
