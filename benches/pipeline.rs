@@ -396,6 +396,29 @@ fn bench_mint(c: &mut Criterion) {
         b.iter(|| black_box(m.mint(&req).unwrap()))
     });
 
+    // The same token signed ES256, from a P-256 key file (`key_file`): Ed25519 hashes with
+    // SHA-512, which most x86 CPUs have no instructions for; ES256 hashes with SHA-256.
+    let dir = tempfile::tempdir().unwrap();
+    let p256 = dir.path().join("p256.pem");
+    std::fs::write(
+        &p256,
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .unwrap()
+            .serialize_pem(),
+    )
+    .unwrap();
+    let es = JwtMinter::new(&JwtSpec {
+        name: "per-call-es256".into(),
+        ttl: Duration::from_secs(60),
+        issuer: "spiffe://example.org/ns/ml/sa/inference".into(),
+        key: KeySource::File(p256),
+        profile: chaperone::credentials::Profile::AccessToken,
+    })
+    .unwrap();
+    c.bench_function("credential/mint_per_call_jwt_es256", |b| {
+        b.iter(|| black_box(es.mint(&req).unwrap()))
+    });
+
     // For comparison: jsonwebtoken::encode, which re-parses the key on every call.
     let pkcs8 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
     let key = jsonwebtoken::EncodingKey::from_ed_der(&pkcs8.serialize_der());
