@@ -24,7 +24,7 @@ pub(crate) struct AdminState {
     pub(crate) ready: Arc<AtomicBool>,
     /// Metrics to expose.
     pub(crate) metrics: Arc<Metrics>,
-    /// For the JWKS.
+    /// For the JWKS, and whether the secret stores have been read.
     pub(crate) credentials: Arc<Credentials>,
 }
 
@@ -48,10 +48,23 @@ pub(crate) fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Pro
     match req.uri().path() {
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" => {
-            if state.ready.load(Ordering::Acquire) {
+            if !state.ready.load(Ordering::Acquire) {
+                return respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n");
+            }
+            // A credential read from a secret store at start fails its routes closed until
+            // the first read: traffic should not be sent here before it.
+            let unread = state.credentials.unread_stores();
+            if unread.is_empty() {
                 respond(StatusCode::OK, "text/plain", "ready\n")
             } else {
-                respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!(
+                        "not ready: no value read yet from the secret store for {}\n",
+                        unread.join(", ")
+                    ),
+                )
             }
         }
         "/metrics" => respond(

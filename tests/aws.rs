@@ -321,8 +321,12 @@ async fn secrets_manager_and_ssm_values_are_injected_refreshed_and_kept_through_
             std::thread::sleep(std::time::Duration::from_millis(200));
         }
     };
-    // Read in the background at start; until then the route fails closed.
+    // Read in the background at start; until then the route fails closed, and the sidecar
+    // is not ready.
     until("the first read", &|| get("/openai/a").0 == 200);
+    until("ready once both are read", &|| {
+        curl(&[&format!("http://{}/readyz", sc.admin)]).0 == 200
+    });
     assert_eq!(bearer(up.requests().last().unwrap()), first);
     assert_eq!(get("/slack/a").0, 200);
     assert_eq!(bearer(up.requests().last().unwrap()), slack);
@@ -369,6 +373,40 @@ async fn secrets_manager_and_ssm_values_are_injected_refreshed_and_kept_through_
         sc.output()
     );
     sc.assert_never_shows(&[&first, &second, &slack, WEB_IDENTITY_TOKEN]);
+}
+
+/// A secret store that cannot be read at start keeps the sidecar out of readiness (its routes
+/// would only fail closed), naming the credential and nothing of the store's answer; the
+/// sidecar stays alive.
+#[test]
+fn an_unread_secret_store_keeps_the_sidecar_not_ready() {
+    let closed = "http://127.0.0.1:1";
+    let cfg = Cfg::new()
+        .set(
+            "credentials",
+            &format!(
+                "{}openai:\n  kind: static\n  from_aws_secret: {{ credential: aws-inference, secret_id: prod/openai, json_key: api_key, endpoint: '{closed}' }}\n  refresh: 1s\n",
+                aws_credential(closed, "")
+            ),
+        )
+        .set(
+            "routes",
+            "- name: openai\n  match: { host: api.openai.com }\n  credential: openai\n",
+        )
+        .yaml();
+    let sc = Sidecar::start_with(&cfg, PERMISSIVE_POLICY, &[], |dir: &Path| {
+        std::fs::write(dir.join("token"), WEB_IDENTITY_TOKEN).unwrap();
+    });
+    // Past the first attempts (each fails at once: nothing listens).
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let (code, body) = curl(&[&format!("http://{}/readyz", sc.admin)]);
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(
+        body,
+        "not ready: no value read yet from the secret store for openai\n"
+    );
+    assert_eq!(curl(&[&format!("http://{}/healthz", sc.admin)]).0, 200);
+    sc.assert_never_shows(&[WEB_IDENTITY_TOKEN]);
 }
 
 /// Bedrock Runtime as boto3 calls it, InvokeModel and InvokeModelWithResponseStream, through

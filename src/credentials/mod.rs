@@ -815,6 +815,22 @@ impl Credentials {
         }
     }
 
+    /// Store-backed credentials with no value read yet (by name, sorted): until each has
+    /// one, its routes fail closed, so the sidecar is not ready (`/readyz`). A value read
+    /// once keeps it ready through a later outage (`max_stale` governs that).
+    pub(crate) fn unread_stores(&self) -> Vec<&str> {
+        let mut unread: Vec<&str> = self
+            .providers
+            .iter()
+            .filter_map(|(name, p)| match p {
+                Provider::Stored(s) if s.current.read().is_none() => Some(name.as_str()),
+                _ => None,
+            })
+            .collect();
+        unread.sort_unstable();
+        unread
+    }
+
     /// One read of store-backed credential `name`: `Some(true)` when it succeeded.
     async fn read_store(&self, name: &str) -> Option<bool> {
         let Some(Provider::Stored(s)) = self.providers.get(name) else {
