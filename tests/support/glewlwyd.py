@@ -7,7 +7,7 @@ Creates a fresh SQLite database from the package's schema, starts glewlwyd on 12
 then, through its admin API as a user would, adds an OpenID Connect plugin instance (`oidc`,
 ES256 tokens, JWKS published) and a confidential client `chaperone` allowed the
 client_credentials grant with scopes tools.read and tools.write. Prints "ready" when done,
-then one line per line glewlwyd logs, and exits when glewlwyd does (or is killed with it).
+then one line per line glewlwyd logs, and exits when glewlwyd does; glewlwyd dies with it.
 """
 
 import gzip
@@ -24,6 +24,12 @@ import urllib.request
 
 SCHEMA = "/usr/share/doc/glewlwyd/database/init.sqlite3.sql.gz"
 BINARY = "/usr/bin/glewlwyd"
+
+
+def die_with_parent():
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def main():
@@ -81,8 +87,10 @@ secure_connection_pem_file="{work}/unused.pem"
 hash_algorithm="SHA512"
 database = {{ type = "sqlite3"; path = "{db}"; }};
 """)
+    # The test harness stops this wrapper with SIGKILL, which no handler sees: glewlwyd is
+    # told by the kernel to die with it (PR_SET_PDEATHSIG), or it outlives every test run.
     proc = subprocess.Popen([BINARY, f"--config-file={conf}"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=die_with_parent)
     signal.signal(signal.SIGTERM, lambda *_: (proc.kill(), sys.exit(0)))
     base = f"http://127.0.0.1:{port}/api"
     jar = http.cookiejar.CookieJar()
