@@ -71,6 +71,7 @@ pub(crate) fn bind_tcp(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::n
     }
     Ok(bound)
 }
+
 /// Bind a Unix-socket listener: a stale socket from an earlier run is replaced (anything
 /// else at the path is an error), and the socket is made connectable by every user, since
 /// admission is decided per connection from the kernel's peer credentials.
@@ -150,9 +151,11 @@ pub(crate) async fn serve_proxy(
     });
     match listener {
         Bound::Tcp(sockets) => {
+            // One socket per worker as bound; cycled so that no socket, whose share of new
+            // connections the kernel has already chosen, is left without an acceptor.
             let acceptors: Vec<_> = sockets
                 .into_iter()
-                .zip(workers.iter())
+                .zip(workers.iter().cycle())
                 .map(|(socket, (handle, proxy))| {
                     handle.spawn(accept_tcp(
                         socket,
