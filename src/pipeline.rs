@@ -55,6 +55,7 @@ use crate::identify::{self, Caller, Conn};
 use crate::metrics::{Metrics, StrippedLabels};
 use crate::policy::{GuardrailHit, Guardrails, PolicyDecision, PolicyInput, PolicyStore};
 use crate::proxy::Timeouts;
+use crate::proxy::pool::UpstreamBody;
 use crate::proxy::upgrade::{self, Handoff};
 use crate::proxy::upstream::{self, Deadlines, OutBody, Upstream};
 use crate::purpose_log::{Completion, CredentialLog, LogGuard, PurposeLog, Record, ms};
@@ -201,7 +202,7 @@ pub(crate) enum TunnelMode {
 /// What the forward stage got back, and what passing it on needs.
 struct Forwarded {
     /// The upstream's response.
-    response: Response<Incoming>,
+    response: Response<UpstreamBody>,
     /// How long its body (or an upgraded connection) may fall silent.
     idle: Duration,
     /// The `Upgrade` the request asked for, if it did.
@@ -1126,7 +1127,7 @@ impl Pipeline {
     fn respond(
         &self,
         mut x: Exchange,
-        resp: Response<Incoming>,
+        resp: Response<UpstreamBody>,
         idle: Duration,
         listing: Option<crate::mcp::listing::Listing>,
     ) -> Response<ProxyBody> {
@@ -1188,7 +1189,7 @@ impl Pipeline {
     fn switch(
         &self,
         mut x: Exchange,
-        mut resp: Response<Incoming>,
+        mut resp: Response<UpstreamBody>,
         asked: &HeaderValue,
         idle: Duration,
     ) -> Reply {
@@ -1291,7 +1292,7 @@ trait Relayed: Body<Data = Bytes, Error: Into<BoxError>> + Unpin {
     fn note(&self, _log: &mut Record) {}
 }
 
-impl Relayed for Incoming {}
+impl Relayed for UpstreamBody {}
 
 impl<B: Relayed> Relayed for crate::mcp::listing::Filtered<B> {
     fn note(&self, log: &mut Record) {

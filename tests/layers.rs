@@ -55,8 +55,8 @@ fn layer(module: &str) -> (u8, bool) {
         ("config", _) => (4, false),
         (
             "proxy",
-            "proxy" | "proxy::upstream" | "proxy::slots" | "proxy::upgrade" | "proxy::drain"
-            | "proxy::idle",
+            "proxy" | "proxy::upstream" | "proxy::pool" | "proxy::slots" | "proxy::upgrade"
+            | "proxy::drain" | "proxy::idle",
         ) => (1, true),
         ("proxy" | "admin", _) => (3, false),
         ("pipeline", _) => (2, false),

@@ -16,14 +16,16 @@
 //! - [`intercept`]: TLS termination with leaf certificates from the local CA;
 //! - [`upstream`]: the pooled upstream client the pipeline's forward stage sends through,
 //!   guarded against the metadata and admin addresses at connect time;
+//! - [`pool`]: each worker's connections to upstreams, on hyper's connection API;
 //! - [`upgrade`]: WebSocket and other upgrades: the upgrade headers across the hop, and the
 //!   relay of the switched connection after the pipeline passed on a 101;
 //! - [`drain`] and [`idle`]: shutdown draining and idle timers.
 //!
 //! Nothing here imports `config`: settings arrive as the types below, built by the loader.
-//! Requests reach the stages only through [`crate::pipeline`]. This file and [`upstream`],
-//! [`upgrade`], [`drain`] and [`idle`] sit below the pipeline (its forward stage sends through
-//! [`upstream`]); the rest sits above it (`tests/layers.rs` holds both sides to that).
+//! Requests reach the stages only through [`crate::pipeline`]. This file and [`upstream`]
+//! (with [`pool`] and [`slots`]), [`upgrade`], [`drain`] and [`idle`] sit below the pipeline
+//! (its forward stage sends through [`upstream`]); the rest sits above it (`tests/layers.rs`
+//! holds both sides to that).
 
 pub(crate) mod attest;
 pub(crate) mod connect;
@@ -33,6 +35,7 @@ pub(crate) mod http;
 pub(crate) mod idle;
 pub(crate) mod intercept;
 pub(crate) mod listener;
+pub(crate) mod pool;
 mod rewind;
 pub(crate) mod slots;
 mod sniff;

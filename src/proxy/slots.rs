@@ -2,7 +2,7 @@
 //! `max_connections_per_upstream`. A connect past the cap waits for one of those connections
 //! to close, up to the connect timeout, then fails with 503 `too_many_connections`. Meanwhile
 //! the pool's checkout races the wait, so a connection that comes back idle serves the waiting
-//! request (hyper-util's pool does this for every connect).
+//! request ([`crate::proxy::pool`] does this for every connect).
 //!
 //! One cap per pool, not one shared by every worker: a pool's idle connections hold slots, and
 //! only the same pool can reuse them, so a cap shared across pools could be filled by one

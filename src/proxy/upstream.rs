@@ -17,15 +17,14 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::connect::dns::Name;
-use hyper_util::client::legacy::connect::{CaptureConnection, capture_connection};
-use hyper_util::client::legacy::{Client, ResponseFuture};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::egress::{Chain, Egress};
 use crate::error::{BoxError, ErrorCode, ProxyBody, Rejection, full};
 use crate::policy::Guardrails;
 use crate::proxy::Timeouts;
+use crate::proxy::pool::{self, Abandoned, Client, UpstreamBody};
 use crate::proxy::slots::{Capped, Saturated, Slots};
 use crate::resolve::{Pins, Unpinned};
 use crate::target::Target;
@@ -341,11 +340,11 @@ pub(crate) struct Upstream {
 struct Pools {
     connect: Duration,
     /// HTTP/2 or HTTP/1.1 by ALPN for `https`, HTTP/1.1 for `http`.
-    any: Client<Connector, ProxyBody>,
+    any: Client<Connector>,
     /// HTTP/1.1 only.
-    http1: Client<Connector, ProxyBody>,
+    http1: Client<Connector>,
     /// HTTP/2 only, also for `http` (prior knowledge, h2c).
-    http2: Client<Connector, ProxyBody>,
+    http2: Client<Connector>,
 }
 
 /// Which HTTP version a request needs upstream.
@@ -455,26 +454,22 @@ impl Upstream {
         &self.egress
     }
 
-    /// One exchange of `req` on `client`; see [`Exchange`].
-    fn exchange(
+    /// One exchange of `req` on `client`, finished in the background when abandoned after
+    /// it was sent on HTTP/1.1 (see [`finish`]).
+    async fn exchange(
         &self,
-        client: &Client<Connector, ProxyBody>,
-        mut req: Request<ProxyBody>,
-        wire: Wire,
+        client: &Client<Connector>,
+        req: Request<ProxyBody>,
         deadline: tokio::time::Instant,
-    ) -> Exchange {
-        let connection = capture_connection(&mut req);
-        Exchange {
-            response: Some(client.request(req)),
-            connection,
-            http2: wire == Wire::Http2,
-            deadline,
-            finishing: self.finishing.clone(),
-        }
+    ) -> Result<Response<UpstreamBody>, pool::Error> {
+        let finishing = self.finishing.clone();
+        client
+            .request(req, move |abandoned| finish(abandoned, deadline, finishing))
+            .await
     }
 
     /// The pool for `connect` and the HTTP version the request needs.
-    fn client(&self, connect: Duration, wire: Wire) -> &Client<Connector, ProxyBody> {
+    fn client(&self, connect: Duration, wire: Wire) -> &Client<Connector> {
         let pools = self
             .clients
             .iter()
@@ -499,7 +494,7 @@ impl Upstream {
         mut parts: http::request::Parts,
         body: OutBody,
         deadlines: Deadlines,
-    ) -> Result<(Response<Incoming>, Duration), Rejection> {
+    ) -> Result<(Response<UpstreamBody>, Duration), Rejection> {
         let start = Instant::now();
         let wire = Wire::of(&parts.headers);
         let client = self.client(deadlines.connect, wire);
@@ -543,7 +538,7 @@ impl Upstream {
             Err(bytes) => bytes,
             Ok(body) => {
                 let req = Request::from_parts(parts, body);
-                let exchange = self.exchange(client, req, wire, deadline);
+                let exchange = self.exchange(client, req, deadline);
                 return match tokio::time::timeout_at(deadline, exchange).await {
                     Ok(Ok(resp)) => Ok((resp, start.elapsed())),
                     Ok(Err(e)) => Err(failed(&e)),
@@ -558,7 +553,7 @@ impl Upstream {
             *req.uri_mut() = parts.uri.clone();
             *req.version_mut() = parts.version;
             *req.headers_mut() = parts.headers.clone();
-            let exchange = self.exchange(client, req, wire, deadline);
+            let exchange = self.exchange(client, req, deadline);
             match tokio::time::timeout_at(deadline, exchange).await {
                 Ok(Ok(resp)) => return Ok((resp, start.elapsed())),
                 Ok(Err(e))
@@ -589,83 +584,47 @@ const DRAIN_MAX_BYTES: u64 = 64 * 1024;
 /// How long an abandoned exchange's response body may take to read.
 const DRAIN_TIME: Duration = Duration::from_secs(5);
 
-/// One request's exchange with the upstream.
+/// Finish an exchange abandoned after its request went out on an HTTP/1.1 connection.
 ///
 /// Dropped before the response head came (the client reset its stream or closed its
-/// connection) once the request went out on an HTTP/1.1 connection, the exchange is finished
-/// in the background rather than cancelled. HTTP/1.1 cannot abandon a request midway, so
-/// cancelling closes the connection and the next request opens another: a client resetting
-/// streams at a steady pace ("paced rapid reset") would cost the upstream one new connection
-/// per stream. Finished, the connection goes back to the pool.
+/// connection), such an exchange is finished in the background rather than cancelled.
+/// HTTP/1.1 cannot abandon a request midway, so cancelling closes the connection and the next
+/// request opens another: a client resetting streams at a steady pace ("paced rapid reset")
+/// would cost the upstream one new connection per stream. Finished, the connection goes back
+/// to the pool.
 ///
 /// Bounded on every side: at most [`FINISHING_MAX`] at a time per worker, each within the
 /// request's own response deadline, with a body read only when it says it is at most
 /// [`DRAIN_MAX_BYTES`], within [`DRAIN_TIME`]. Dropped before a connection was handed to it
-/// (waiting for one, connecting), it is cancelled: nothing was sent. On HTTP/2 it is
-/// cancelled too: the stream's reset frees nothing but the stream.
-struct Exchange {
-    response: Option<ResponseFuture>,
-    /// Set once the pool handed the request a connection.
-    connection: CaptureConnection,
-    /// Sent on an HTTP/2-only pool.
-    http2: bool,
-    deadline: tokio::time::Instant,
-    finishing: Arc<AtomicUsize>,
-}
-
-impl Future for Exchange {
-    type Output = Result<Response<Incoming>, hyper_util::client::legacy::Error>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let Some(response) = self.response.as_mut() else {
-            return Poll::Pending;
-        };
-        let out = std::task::ready!(Pin::new(response).poll(cx));
-        self.response = None;
-        Poll::Ready(out)
+/// (waiting for one, connecting), an exchange is cancelled: nothing was sent. On HTTP/2 it is
+/// cancelled too (the pool never calls this): the stream's reset frees nothing but the
+/// stream.
+fn finish(abandoned: Abandoned, deadline: tokio::time::Instant, finishing: Arc<AtomicUsize>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    if finishing.fetch_add(1, Ordering::Relaxed) >= FINISHING_MAX {
+        finishing.fetch_sub(1, Ordering::Relaxed);
+        return;
     }
-}
-
-impl Drop for Exchange {
-    fn drop(&mut self) {
-        let Some(response) = self.response.take() else {
+    let counted = Finishing(finishing);
+    runtime.spawn(async move {
+        let _counted = counted;
+        let Ok(Ok(resp)) = tokio::time::timeout_at(deadline, abandoned.response()).await else {
             return;
         };
-        let http1 = self
-            .connection
-            .connection_metadata()
-            .as_ref()
-            .is_some_and(|c| !c.is_negotiated_h2());
-        if !http1 || self.http2 {
+        let body = resp.into_body();
+        if body.is_end_stream() {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        if self.finishing.fetch_add(1, Ordering::Relaxed) >= FINISHING_MAX {
-            self.finishing.fetch_sub(1, Ordering::Relaxed);
-            return;
+        if body
+            .size_hint()
+            .upper()
+            .is_some_and(|n| n <= DRAIN_MAX_BYTES)
+        {
+            let _ = tokio::time::timeout(DRAIN_TIME, body.collect()).await;
         }
-        let finishing = Finishing(self.finishing.clone());
-        let deadline = self.deadline;
-        runtime.spawn(async move {
-            let _counted = finishing;
-            let Ok(Ok(resp)) = tokio::time::timeout_at(deadline, response).await else {
-                return;
-            };
-            let body = resp.into_body();
-            if body.is_end_stream() {
-                return;
-            }
-            if body
-                .size_hint()
-                .upper()
-                .is_some_and(|n| n <= DRAIN_MAX_BYTES)
-            {
-                let _ = tokio::time::timeout(DRAIN_TIME, body.collect()).await;
-            }
-        });
-    }
+    });
 }
 
 /// One exchange counted in [`Upstream::finishing`] until dropped.
@@ -701,7 +660,7 @@ struct Reach<'a> {
 
 impl Reach<'_> {
     /// A pooled client speaking `wire`.
-    fn client(&self, wire: Wire) -> Client<Connector, ProxyBody> {
+    fn client(&self, wire: Wire) -> Client<Connector> {
         let Reach {
             connect,
             tls,
@@ -725,13 +684,8 @@ impl Reach<'_> {
             Wire::Http1 => builder.wrap_connector(http),
             Wire::Any | Wire::Http2 => builder.enable_http2().wrap_connector(http),
         };
-        Client::builder(TokioExecutor::new())
-            .http2_only(wire == Wire::Http2)
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .build(http)
+        // Idle connections are bounded by the cap: each holds a slot while open.
+        Client::new(http, wire == Wire::Http2)
     }
 }
 
@@ -749,16 +703,19 @@ pub(crate) enum OutBody {
 
 /// What [`read_up_to`] got.
 #[derive(Debug)]
-pub(crate) enum BodyRead {
+pub(crate) enum BodyRead<B = Incoming> {
     /// The whole body, at most the limit.
     Whole(Bytes),
     /// More than the limit: what was read, and the rest of the stream.
-    Partial(Bytes, Incoming),
+    Partial(Bytes, B),
 }
 
 /// Read a request body until it ends or passes `max` bytes. Trailers are not kept (request
 /// trailers are all but unused by HTTP APIs; a buffered body is sent with a length).
-pub(crate) async fn read_up_to(mut body: Incoming, max: usize) -> Result<BodyRead, hyper::Error> {
+pub(crate) async fn read_up_to<B>(mut body: B, max: usize) -> Result<BodyRead<B>, B::Error>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
     let mut buf = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
         if let Ok(data) = frame?.into_data() {
@@ -802,19 +759,19 @@ const CONNECT_RETRIES: [Duration; 2] = [Duration::from_millis(100), Duration::fr
 
 /// [`GuardedResolver`] and [`GuardedConnector`] refuse with `PermissionDenied`: no retry can
 /// change that answer.
-fn is_guardrail(e: &hyper_util::client::legacy::Error) -> bool {
+fn is_guardrail(e: &pool::Error) -> bool {
     crate::error::innermost(e)
         .downcast_ref::<std::io::Error>()
         .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
 }
 
 /// A pool at `max_connections_per_upstream` had none free: retrying would only wait again.
-fn is_saturated(e: &hyper_util::client::legacy::Error) -> bool {
+fn is_saturated(e: &pool::Error) -> bool {
     crate::error::innermost(e).is::<Saturated>()
 }
 
 /// The rejection for a failed upstream call.
-fn failed(e: &hyper_util::client::legacy::Error) -> Rejection {
+fn failed(e: &pool::Error) -> Rejection {
     if is_guardrail(e) {
         Rejection::new(
             ErrorCode::PolicyDenied,
@@ -831,7 +788,7 @@ fn failed(e: &hyper_util::client::legacy::Error) -> Rejection {
 }
 
 /// A reason for a failed upstream call, from the innermost cause.
-fn describe(e: &hyper_util::client::legacy::Error) -> String {
+fn describe(e: &pool::Error) -> String {
     let cause = crate::error::innermost(e);
     if e.is_connect() {
         format!("cannot connect to the upstream: {cause}")
