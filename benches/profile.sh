@@ -62,6 +62,8 @@ strip: { mode: strip }
 policy: { file: $W/policy.cedar }
 log: { format: json, output: $W/purpose.jsonl }
 EOF
+# WORKERS=N sets the sidecar's worker threads (default: one per CPU).
+[ -n "${WORKERS:-}" ] && echo "workers: $WORKERS" >> "$W/chaperone.yaml"
 BENCH_STATIC_KEY=bench-static-secret-value "$BIN" run --config "$W/chaperone.yaml" 2>"$W/chaperone.err" & CH_PID=$!; PIDS+=($CH_PID)
 for port in $UP $CH; do
   for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.05; done

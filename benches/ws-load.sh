@@ -51,24 +51,31 @@ strip: { mode: strip }
 policy: { file: $W/policy.cedar }
 log: { format: json, output: $W/purpose.jsonl }
 CFG
-BENCH_STATIC_KEY=bench-static-secret-value "$BIN" run --config "$W/ch.yaml" 2>"$W/ch.err" & PIDS+=($!)
+# WORKERS=N sets the sidecar's worker threads (default: one per CPU).
+[ -n "${WORKERS:-}" ] && echo "workers: $WORKERS" >> "$W/ch.yaml"
+BENCH_STATIC_KEY=bench-static-secret-value "$BIN" run --config "$W/ch.yaml" 2>"$W/ch.err" & CH_PID=$!; PIDS+=($CH_PID)
+# The sidecar's CPU (user + system) over a run, from /proc: per message relayed.
+ticks() { awk '{print $14 + $15}' "/proc/$CH_PID/stat"; }
 for _ in $(seq 50); do curl -sf "http://127.0.0.1:18411/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
 
 status=0
-printf '%-12s %10s %10s %10s %10s %s\n' target msgs/s p50_us p99_us messages result
+printf '%-12s %10s %10s %10s %10s %12s %s\n' target msgs/s p50_us p99_us messages chaperone_cpu result
 for round in 1 2; do
   for target in direct chaperone; do
     proxy=""; [ "$target" = chaperone ] && proxy="http://127.0.0.1:$CH"
+    T0=$(ticks)
     if out=$(node benches/ws_load.mjs run "ws://127.0.0.1:$ECHO/v1/realtime" "$CONNS" "$DUR" $proxy); then
       result=ok
     else
       result="FAILED (errors: $(echo "$out" | sed -n 's/.*"errors":\([0-9]*\).*/\1/p'))"; status=1
     fi
     read -r msgs p50 p99 n < <(echo "$out" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["msgs_per_s"], d["p50_us"], d["p99_us"], d["messages"])')
+    # Each message crosses the relay twice (to the echo server and back).
+    cpu=-; [ "$target" = chaperone ] && cpu="$(awk -v t=$(( $(ticks) - T0 )) -v hz="$(getconf CLK_TCK)" -v n="$n" 'BEGIN {printf "%.1f", t / hz * 1e6 / n}')us/msg"
     if [ "$result" = ok ]; then
-      printf '%-12s %10s %10s %10s %10s %s\n' "$target#$round" "$msgs" "$p50" "$p99" "$n" ok
+      printf '%-12s %10s %10s %10s %10s %12s %s\n' "$target#$round" "$msgs" "$p50" "$p99" "$n" "$cpu" ok
     else
-      printf '%-12s %10s %10s %10s %10s %s\n' "$target#$round" - - - "$n" "$result"
+      printf '%-12s %10s %10s %10s %10s %12s %s\n' "$target#$round" - - - "$n" - "$result"
     fi
   done
 done
