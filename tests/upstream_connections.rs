@@ -34,6 +34,12 @@ struct Counting {
 
 impl Counting {
     async fn start(delay: Duration) -> Counting {
+        Counting::start_split(delay, Duration::ZERO).await
+    }
+
+    /// As [`Counting::start`], but the body's second byte comes `pause` after the head and
+    /// the first.
+    async fn start_split(delay: Duration, pause: Duration) -> Counting {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let c = Counting {
@@ -66,8 +72,14 @@ impl Counting {
                             buf.drain(..end + 4);
                             requests.fetch_add(1, Ordering::SeqCst);
                             tokio::time::sleep(delay).await;
-                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\no";
                             if sock.write_all(answer).await.is_err() {
+                                break 'conn;
+                            }
+                            if !pause.is_zero() {
+                                tokio::time::sleep(pause).await;
+                            }
+                            if sock.write_all(b"k").await.is_err() {
                                 break 'conn;
                             }
                         }
@@ -169,6 +181,37 @@ async fn paced_stream_resets_do_not_cost_an_upstream_connection_each() {
     for i in 0..STREAMS {
         assert_eq!(per_id.get(&format!("reset-{i}")), Some(&1), "reset-{i}");
     }
+}
+
+/// Each stream is reset once its response head has arrived, while the upstream still owes the
+/// body's last byte (50 ms later). Dropped mid-body, an HTTP/1.1 response closes its
+/// connection unless the rest is read: the pool reads a short rest to its end in the
+/// background, so the connections go back to the pool rather than one per stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_resets_after_the_response_head_do_not_cost_an_upstream_connection_each() {
+    const STREAMS: usize = 40;
+    let up = Counting::start_split(Duration::ZERO, Duration::from_millis(50)).await;
+    let sc = Sidecar::start(&config(up.port, &[]), PERMISSIVE_POLICY, &[]);
+    let mut send = h2_client(&sc).await;
+    for i in 0..STREAMS {
+        send.ready().await.expect("the client connection stays up");
+        let response = send
+            .send_request(get(up.port, &format!("head-{i}")))
+            .await
+            .expect("a response head");
+        assert_eq!(response.status(), 200);
+        drop(response);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(up.requests.load(Ordering::SeqCst), STREAMS);
+    let accepted = up.accepted.load(Ordering::SeqCst);
+    eprintln!("{accepted} upstream connections for {STREAMS} streams reset after the head");
+    assert!(
+        accepted <= STREAMS / 4,
+        "{accepted} upstream connections for {STREAMS} streams reset after the head"
+    );
+    let lines = sc.log_lines(STREAMS);
+    assert_eq!(lines.len(), STREAMS, "one line per stream");
 }
 
 /// With the cap at 3, nine requests at once to an upstream taking 300 ms each reach it over

@@ -25,7 +25,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -34,6 +34,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::{TrySendError, http1, http2};
 use hyper_util::client::legacy::connect::Connection;
@@ -46,6 +47,19 @@ use crate::error::{BoxError, ProxyBody};
 
 /// How long a connection may sit idle in the pool before it is closed.
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// An HTTP/1.1 response body dropped before its end (the app went away mid-response, or
+/// reset its stream) is read to its end in the background when it says it has at most this
+/// much left, so its connection serves again; a longer one is dropped with its connection.
+/// HTTP/1.1 cannot abandon a response midway: without this, a client resetting streams after
+/// each response head would cost the upstream a new connection per stream.
+pub(crate) const DRAIN_MAX_BYTES: u64 = 64 * 1024;
+
+/// How long such a body may take to read.
+pub(crate) const DRAIN_TIME: Duration = Duration::from_secs(5);
+
+/// Bodies one pool drains at a time; past this, a dropped body's connection is closed.
+const DRAINING_MAX: usize = 64;
 
 /// What a pool connects with: a URL's scheme and authority in, a connection out.
 pub(crate) trait Connect:
@@ -93,6 +107,8 @@ struct Shared {
     idle_timeout: Duration,
     /// The task closing connections idle past the timeout was started.
     reaping: AtomicBool,
+    /// Dropped bodies being read to their end.
+    draining: AtomicUsize,
 }
 
 /// The connections to one upstream not in use.
@@ -202,6 +218,7 @@ impl<C: Connect> Client<C> {
                 returned: Notify::new(),
                 idle_timeout,
                 reaping: AtomicBool::new(false),
+                draining: AtomicUsize::new(0),
             }),
         }
     }
@@ -566,7 +583,7 @@ impl Abandoned {
         let Abandoned { sending, back } = self;
         match sending.await {
             Ok(resp) => Ok(resp.map(|b| UpstreamBody {
-                inner: b,
+                inner: Some(b),
                 back: Some(back),
             })),
             Err(e) => Err(Error::send(e.into_error())),
@@ -592,7 +609,12 @@ impl<F: FnOnce(Abandoned) + Unpin> Future for InFlight<F> {
         let out = std::task::ready!(sending.as_mut().poll(cx));
         this.sending = None;
         let back = this.back.take();
-        Poll::Ready(out.map(|resp| resp.map(|inner| UpstreamBody { inner, back })))
+        Poll::Ready(out.map(|resp| {
+            resp.map(|inner| UpstreamBody {
+                inner: Some(inner),
+                back,
+            })
+        }))
     }
 }
 
@@ -606,17 +628,20 @@ impl<F: FnOnce(Abandoned)> Drop for InFlight<F> {
     }
 }
 
-/// An upstream response body; on HTTP/1.1 its connection goes back to the pool when it ends
-/// or is dropped (hyper reads a dropped body's rest, when short, before the connection is
-/// ready again, or closes it).
+/// An upstream response body; on HTTP/1.1 its connection goes back to the pool when it ends,
+/// or, dropped before its end, once the rest is read ([`DRAIN_MAX_BYTES`]).
 pub(crate) struct UpstreamBody {
-    inner: Incoming,
+    /// Taken only when dropped.
+    inner: Option<Incoming>,
     back: Option<Back>,
 }
 
 impl From<Incoming> for UpstreamBody {
     fn from(inner: Incoming) -> Self {
-        UpstreamBody { inner, back: None }
+        UpstreamBody {
+            inner: Some(inner),
+            back: None,
+        }
     }
 }
 
@@ -634,7 +659,10 @@ impl Body for UpstreamBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let out = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let out = std::task::ready!(Pin::new(inner).poll_frame(cx));
         if out.is_none()
             && let Some(back) = self.back.take()
         {
@@ -644,19 +672,75 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        if let Some(back) = self.back.take() {
-            back.give_back();
+        let Some(back) = self.back.take() else {
+            return;
+        };
+        let Some(inner) = self.inner.take() else {
+            return back.give_back();
+        };
+        if inner.is_end_stream() {
+            return back.give_back();
         }
+        let short = inner
+            .size_hint()
+            .upper()
+            .is_some_and(|n| n <= DRAIN_MAX_BYTES);
+        let runtime = tokio::runtime::Handle::try_current();
+        let Some(slot) = short.then(|| Draining::take(&back.shared)).flatten() else {
+            // Dropped unread: hyper reads what has arrived and closes the connection if
+            // the body is not over.
+            drop(inner);
+            return back.give_back();
+        };
+        let Ok(runtime) = runtime else {
+            return;
+        };
+        runtime.spawn(async move {
+            let _slot = slot;
+            let mut inner = inner;
+            let read = tokio::time::timeout(DRAIN_TIME, async {
+                while let Some(frame) = inner.frame().await {
+                    if frame.is_err() {
+                        return false;
+                    }
+                }
+                true
+            });
+            if let Ok(true) = read.await {
+                back.give_back();
+            }
+        });
+    }
+}
+
+/// One body counted in [`Shared::draining`] until dropped.
+struct Draining(Arc<Shared>);
+
+impl Draining {
+    fn take(shared: &Arc<Shared>) -> Option<Draining> {
+        if shared.draining.fetch_add(1, Ordering::Relaxed) >= DRAINING_MAX {
+            shared.draining.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Draining(shared.clone()))
+    }
+}
+
+impl Drop for Draining {
+    fn drop(&mut self) {
+        self.0.draining.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -1009,6 +1093,71 @@ mod tests {
         assert_eq!(client.shared.idle(&up.key()), (1, false));
         call(&client, up.url("/next")).await;
         assert_eq!(up.accepted(), 1);
+    }
+
+    /// An upstream that answers each request on a connection with a body of `length` bytes,
+    /// sending its first half at once and the rest `later`; it counts connections.
+    async fn slow_body_upstream(length: usize, later: Duration) -> (u16, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let a = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut sock, _) = listener.accept().await.unwrap();
+                a.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match sock.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => seen.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        seen.clear();
+                        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {length}\r\n\r\n");
+                        let body = vec![b'x'; length];
+                        let (first, rest) = body.split_at(length / 2);
+                        if sock.write_all(head.as_bytes()).await.is_err()
+                            || sock.write_all(first).await.is_err()
+                        {
+                            return;
+                        }
+                        tokio::time::sleep(later).await;
+                        if sock.write_all(rest).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (port, accepted)
+    }
+
+    /// A short body dropped midway is read to its end in the background, and its connection
+    /// serves the next request; a long one goes with its connection.
+    #[tokio::test]
+    async fn a_body_dropped_midway_is_drained_when_short_and_its_connection_reused() {
+        for (length, connections) in [(10, 1), (2 * DRAIN_MAX_BYTES as usize, 2)] {
+            let (port, accepted) = slow_body_upstream(length, Duration::from_millis(100)).await;
+            let client = Client::new(HttpConnector::new(), false);
+            let uri: Uri = format!("http://127.0.0.1:{port}/").parse().unwrap();
+            let resp = client.request(get(uri.clone()), |_| {}).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            drop(resp);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let resp = client.request(get(uri), |_| {}).await.unwrap();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body.len(), length);
+            assert_eq!(
+                accepted.load(Ordering::SeqCst),
+                connections,
+                "a body of {length} bytes"
+            );
+        }
     }
 
     /// Dropped while connecting, a request hands nothing to `finish`: nothing was sent.

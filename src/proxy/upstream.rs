@@ -577,13 +577,6 @@ impl Upstream {
 /// HTTP/1.1 connection closed) as before.
 const FINISHING_MAX: usize = 64;
 
-/// An abandoned exchange's response body is read to its end only when it says it is at most
-/// this long; a longer one is dropped with its connection.
-const DRAIN_MAX_BYTES: u64 = 64 * 1024;
-
-/// How long an abandoned exchange's response body may take to read.
-const DRAIN_TIME: Duration = Duration::from_secs(5);
-
 /// Finish an exchange abandoned after its request went out on an HTTP/1.1 connection.
 ///
 /// Dropped before the response head came (the client reset its stream or closed its
@@ -591,14 +584,14 @@ const DRAIN_TIME: Duration = Duration::from_secs(5);
 /// HTTP/1.1 cannot abandon a request midway, so cancelling closes the connection and the next
 /// request opens another: a client resetting streams at a steady pace ("paced rapid reset")
 /// would cost the upstream one new connection per stream. Finished, the connection goes back
-/// to the pool.
+/// to the pool: the response is dropped, and the pool reads a short body to its end first
+/// ([`pool::DRAIN_MAX_BYTES`]), as for a body the app stopped reading.
 ///
 /// Bounded on every side: at most [`FINISHING_MAX`] at a time per worker, each within the
-/// request's own response deadline, with a body read only when it says it is at most
-/// [`DRAIN_MAX_BYTES`], within [`DRAIN_TIME`]. Dropped before a connection was handed to it
-/// (waiting for one, connecting), an exchange is cancelled: nothing was sent. On HTTP/2 it is
-/// cancelled too (the pool never calls this): the stream's reset frees nothing but the
-/// stream.
+/// request's own response deadline, and the body as the pool bounds it. Dropped before a
+/// connection was handed to it (waiting for one, connecting), an exchange is cancelled:
+/// nothing was sent. On HTTP/2 it is cancelled too (the pool never calls this): the stream's
+/// reset frees nothing but the stream.
 fn finish(abandoned: Abandoned, deadline: tokio::time::Instant, finishing: Arc<AtomicUsize>) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
@@ -610,20 +603,7 @@ fn finish(abandoned: Abandoned, deadline: tokio::time::Instant, finishing: Arc<A
     let counted = Finishing(finishing);
     runtime.spawn(async move {
         let _counted = counted;
-        let Ok(Ok(resp)) = tokio::time::timeout_at(deadline, abandoned.response()).await else {
-            return;
-        };
-        let body = resp.into_body();
-        if body.is_end_stream() {
-            return;
-        }
-        if body
-            .size_hint()
-            .upper()
-            .is_some_and(|n| n <= DRAIN_MAX_BYTES)
-        {
-            let _ = tokio::time::timeout(DRAIN_TIME, body.collect()).await;
-        }
+        let _ = tokio::time::timeout_at(deadline, abandoned.response()).await;
     });
 }
 
