@@ -13,12 +13,18 @@
 //!   every request to its upstream.
 //! - A request that finds no idle connection connects, and meanwhile waits for one to come
 //!   back: at `max_connections_per_upstream` (the connector's [`Capped`] wait) that is how a
-//!   waiting request is served.
+//!   waiting request is served. A connect that a returned connection overtook finishes in
+//!   the background, and its connection joins the pool (cut short, it would be closed as
+//!   soon as made).
 //! - A request that an idle connection could not take (the upstream closed it as it was
 //!   picked) is sent again on another; nothing of it had been written.
 //! - HTTP/1.1 requests carry `Host` and go in origin form, or in absolute form to an upstream
 //!   proxy ([`crate::egress`]); HTTP/2 requests carry `:authority` from the URL.
 //! - An idle connection is closed after [`IDLE_TIMEOUT`].
+//!
+//! And one thing it did not do: an HTTP/1.1 response body dropped before its end, with a
+//! short rest, is read to its end in the background so its connection serves again
+//! ([`DRAIN_MAX_BYTES`]).
 //!
 //! [`Capped`]: crate::proxy::slots::Capped
 
@@ -227,9 +233,9 @@ impl<C: Connect> Client<C> {
     /// connection or a new one.
     ///
     /// Dropped before the request was handed to a connection (waiting for one, connecting),
-    /// nothing was sent. Dropped after, on HTTP/1.1, the exchange is finished in the
-    /// background by `finish` (see `upstream::Exchange`): cancelling it would close the
-    /// connection.
+    /// nothing was sent. Dropped after, on HTTP/1.1, the exchange is handed to `finish` (the
+    /// forward stage's `upstream::finish` completes it in the background): cancelling it would
+    /// close the connection.
     pub(crate) async fn request(
         &self,
         mut req: Request<ProxyBody>,
