@@ -888,26 +888,17 @@ mod tests {
     /// again and succeeds.
     #[tokio::test]
     async fn a_connection_closed_while_idle_is_not_used() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let a = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut sock, _) = listener.accept().await.unwrap();
-                a.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                    let mut buf = [0u8; 1024];
-                    let _ = sock.read(&mut buf).await;
-                    let _ = sock
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                        .await;
-                    // Keep-alive as far as the client knows; closed a moment later.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                });
-            }
-        });
+        let (port, accepted) = raw_upstream(|mut sock| async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut buf = [0u8; 1024];
+            let _ = sock.read(&mut buf).await;
+            let _ = sock
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+            // Keep-alive as far as the client knows; closed a moment later.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        })
+        .await;
         let client = Client::new(HttpConnector::new(), false);
         let uri: Uri = format!("http://127.0.0.1:{port}/").parse().unwrap();
         assert_eq!(call(&client, uri.clone()).await, "ok");
@@ -938,15 +929,26 @@ mod tests {
         assert_eq!(client.shared.idle(&up.key()), (0, false));
     }
 
-    /// A connector that makes one connection, then never finishes another connect, as one
-    /// at `max_connections_per_upstream` waits for a slot.
+    /// A connector whose first connect is immediate and whose later ones take `later`, or
+    /// never finish (`None`), as a connect at `max_connections_per_upstream` waits for a slot.
     #[derive(Clone)]
-    struct OneConnection {
+    struct FirstThen {
         http: HttpConnector,
         made: Arc<AtomicUsize>,
+        later: Option<Duration>,
     }
 
-    impl tower::Service<Uri> for OneConnection {
+    impl FirstThen {
+        fn new(made: usize, later: Option<Duration>) -> Self {
+            FirstThen {
+                http: HttpConnector::new(),
+                made: Arc::new(AtomicUsize::new(made)),
+                later,
+            }
+        }
+    }
+
+    impl tower::Service<Uri> for FirstThen {
         type Response = TokioIo<tokio::net::TcpStream>;
         type Error = BoxError;
         type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
@@ -956,11 +958,16 @@ mod tests {
         }
 
         fn call(&mut self, uri: Uri) -> Self::Future {
-            if self.made.fetch_add(1, Ordering::SeqCst) > 0 {
-                return Box::pin(std::future::pending());
-            }
+            let later = (self.made.fetch_add(1, Ordering::SeqCst) > 0).then_some(self.later);
             let connecting = self.http.call(uri);
-            Box::pin(async move { connecting.await.map_err(Into::into) })
+            Box::pin(async move {
+                match later {
+                    Some(None) => std::future::pending().await,
+                    Some(Some(wait)) => tokio::time::sleep(wait).await,
+                    None => {}
+                }
+                connecting.await.map_err(Into::into)
+            })
         }
     }
 
@@ -969,11 +976,7 @@ mod tests {
     #[tokio::test]
     async fn a_waiting_request_takes_a_connection_put_back() {
         let up = Upstream::start(Duration::from_millis(150), false).await;
-        let connector = OneConnection {
-            http: HttpConnector::new(),
-            made: Arc::default(),
-        };
-        let client = Client::new(connector, false);
+        let client = Client::new(FirstThen::new(0, None), false);
         let first = {
             let (client, uri) = (client.clone(), up.url("/first"));
             tokio::spawn(async move { call(&client, uri).await })
@@ -987,48 +990,12 @@ mod tests {
         assert_eq!(up.accepted(), 1);
     }
 
-    /// A connector whose connects after the first take `later`.
-    #[derive(Clone)]
-    struct SlowAfterFirst {
-        http: HttpConnector,
-        made: Arc<AtomicUsize>,
-        later: Duration,
-    }
-
-    impl tower::Service<Uri> for SlowAfterFirst {
-        type Response = TokioIo<tokio::net::TcpStream>;
-        type Error = BoxError;
-        type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
-
-        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn call(&mut self, uri: Uri) -> Self::Future {
-            let wait = if self.made.fetch_add(1, Ordering::SeqCst) > 0 {
-                self.later
-            } else {
-                Duration::ZERO
-            };
-            let connecting = self.http.call(uri);
-            Box::pin(async move {
-                tokio::time::sleep(wait).await;
-                connecting.await.map_err(Into::into)
-            })
-        }
-    }
-
     /// A connect that a connection put back overtook is not thrown away: it finishes in the
     /// background and its connection waits in the pool, open.
     #[tokio::test]
     async fn a_connect_overtaken_by_a_connection_put_back_joins_the_pool() {
         let up = Upstream::start(Duration::from_millis(50), false).await;
-        let connector = SlowAfterFirst {
-            http: HttpConnector::new(),
-            made: Arc::default(),
-            later: Duration::from_millis(200),
-        };
-        let client = Client::new(connector, false);
+        let client = Client::new(FirstThen::new(0, Some(Duration::from_millis(200))), false);
         let first = {
             let (client, uri) = (client.clone(), up.url("/first"));
             tokio::spawn(async move { call(&client, uri).await })
@@ -1101,46 +1068,54 @@ mod tests {
         assert_eq!(up.accepted(), 1);
     }
 
-    /// An upstream that answers each request on a connection with a body of `length` bytes,
-    /// sending its first half at once and the rest `later`; it counts connections.
-    async fn slow_body_upstream(length: usize, later: Duration) -> (u16, Arc<AtomicUsize>) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// An upstream on 127.0.0.1 that serves each connection it accepts with `serve`, and
+    /// counts them.
+    async fn raw_upstream<F, Fut>(serve: F) -> (u16, Arc<AtomicUsize>)
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let accepted = Arc::new(AtomicUsize::new(0));
         let a = accepted.clone();
         tokio::spawn(async move {
             loop {
-                let (mut sock, _) = listener.accept().await.unwrap();
+                let (sock, _) = listener.accept().await.unwrap();
                 a.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut seen = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    loop {
-                        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                            match sock.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => seen.extend_from_slice(&buf[..n]),
-                            }
-                        }
-                        seen.clear();
-                        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {length}\r\n\r\n");
-                        let body = vec![b'x'; length];
-                        let (first, rest) = body.split_at(length / 2);
-                        if sock.write_all(head.as_bytes()).await.is_err()
-                            || sock.write_all(first).await.is_err()
-                        {
-                            return;
-                        }
-                        tokio::time::sleep(later).await;
-                        if sock.write_all(rest).await.is_err() {
-                            return;
-                        }
-                    }
-                });
+                tokio::spawn(serve(sock));
             }
         });
         (port, accepted)
+    }
+
+    /// Answer each request on `sock` with a body of `length` bytes: its first half at once,
+    /// the rest `later`.
+    async fn answer_in_two_halves(mut sock: tokio::net::TcpStream, length: usize, later: Duration) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                match sock.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+            }
+            seen.clear();
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {length}\r\n\r\n");
+            let body = vec![b'x'; length];
+            let (first, rest) = body.split_at(length / 2);
+            if sock.write_all(head.as_bytes()).await.is_err()
+                || sock.write_all(first).await.is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(later).await;
+            if sock.write_all(rest).await.is_err() {
+                return;
+            }
+        }
     }
 
     /// A short body dropped midway is read to its end in the background, and its connection
@@ -1148,7 +1123,10 @@ mod tests {
     #[tokio::test]
     async fn a_body_dropped_midway_is_drained_when_short_and_its_connection_reused() {
         for (length, connections) in [(10, 1), (2 * DRAIN_MAX_BYTES as usize, 2)] {
-            let (port, accepted) = slow_body_upstream(length, Duration::from_millis(100)).await;
+            let (port, accepted) = raw_upstream(move |sock| {
+                answer_in_two_halves(sock, length, Duration::from_millis(100))
+            })
+            .await;
             let client = Client::new(HttpConnector::new(), false);
             let uri: Uri = format!("http://127.0.0.1:{port}/").parse().unwrap();
             let resp = client.request(get(uri.clone()), |_| {}).await.unwrap();
@@ -1169,11 +1147,7 @@ mod tests {
     /// Dropped while connecting, a request hands nothing to `finish`: nothing was sent.
     #[tokio::test]
     async fn a_request_dropped_before_it_was_sent_is_not_finished() {
-        let connector = OneConnection {
-            http: HttpConnector::new(),
-            made: Arc::new(AtomicUsize::new(1)),
-        };
-        let client = Client::new(connector, false);
+        let client = Client::new(FirstThen::new(1, None), false);
         let finished = Arc::new(AtomicBool::new(false));
         let f = finished.clone();
         let req = client.request(get("http://127.0.0.1:9/".parse().unwrap()), move |_| {
