@@ -177,6 +177,84 @@ for url in (https_url, http_url):
     sc.assert_never_shows(&[&app_key, KEY]);
 }
 
+/// nginx ends a connection after `keepalive_requests` requests: on HTTP/2 with GOAWAY, on
+/// HTTP/1.1 with `Connection: close` on the last answer. Through the sidecar's pool, every
+/// request past each limit goes on a new connection: 120 requests on three connections to
+/// each upstream, all answered 200 (Python httpx, one client: one tunnel, one keep-alive
+/// connection to the sidecar).
+#[test]
+fn upstream_connections_nginx_retires_are_replaced_without_a_failed_request() {
+    let pki = TestPki::new();
+    // Each answer names the upstream connection it came on.
+    let limit = "keepalive_requests 50;";
+    let conn = r#"return 200 "conn=$connection\n";"#;
+    let h2 = Nginx::start(
+        &format!(
+            "server {{\n    listen 127.0.0.1:{{port}} ssl http2;\n    {limit}\n    \
+             ssl_certificate {{dir}}/cert.pem;\n    ssl_certificate_key {{dir}}/key.pem;\n    \
+             location / {{ {conn} }}\n  }}"
+        ),
+        &[
+            ("cert.pem", &pki.server_cert_pem),
+            ("key.pem", &pki.server_key_pem),
+        ],
+    );
+    let plain = Nginx::start(
+        &format!(
+            "server {{\n    listen 127.0.0.1:{{port}};\n    {limit}\n    location / {{ {conn} }}\n  }}"
+        ),
+        &[],
+    );
+    let sc = sidecar(&[h2.port, plain.port], &pki.ca_pem);
+    let ca = sc.dir().join("ca.pem");
+    let script = r#"
+import sys, httpx
+proxy, ca = sys.argv[1:3]
+for url in sys.argv[3:5]:
+    with httpx.Client(proxy=proxy, verify=ca, timeout=10) as c:
+        replies = [c.get(url) for _ in range(120)]
+    conns = {r.text for r in replies}
+    print(url, sum(r.status_code == 200 for r in replies), len(replies), len(conns))
+"#;
+    let https_url = format!("https://localhost:{}/v1/models", h2.port);
+    let http_url = format!("http://127.0.0.1:{}/v1/models", plain.port);
+    let out = Command::new(python())
+        .args(["-c", script, &sc.proxy_url(), ca.to_str().unwrap()])
+        .args([&https_url, &http_url])
+        .env_remove("HTTP_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [
+            format!("{https_url} 120 120 3"),
+            format!("{http_url} 120 120 3")
+        ],
+        "{stdout}"
+    );
+    let lines = sc.lines_where(240, |l| l["kind"] == "http");
+    let versions: std::collections::BTreeSet<String> = lines
+        .iter()
+        .map(|l| l["upstream_version"].as_str().unwrap_or("none").to_string())
+        .collect();
+    assert_eq!(
+        versions,
+        ["HTTP/1.1".to_string(), "HTTP/2.0".to_string()].into(),
+        "both upstreams answered on their own protocol"
+    );
+    assert!(
+        lines.iter().all(|l| l["status"] == 200),
+        "every line says 200"
+    );
+}
+
 /// A 502 the upstream chose and a 502 Chaperone made are told apart: by the app (ours carry
 /// `chaperone-error` and a JSON reason) and in the line (`answered_by`, `error`). Likewise a
 /// 403 of the upstream's and a policy refusal.
