@@ -752,22 +752,25 @@ pub(crate) fn holds_credential(text: &str) -> bool {
 /// The query as the line shows it: every value redacted, and a name that holds anything
 /// credential-shaped (a bare `?glpat-...`, a key used as a parameter's name) too.
 pub(crate) fn redact_query(q: &str) -> String {
-    q.split('&')
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let name = percent_decode_str(k).decode_utf8_lossy();
-            let k = if holds_credential(&name) {
-                "<redacted>"
-            } else {
-                k
-            };
-            match v.is_empty() && !pair.contains('=') {
-                true => k.to_string(),
-                false => format!("{k}=<redacted>"),
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("&")
+    let mut out = String::with_capacity(q.len() + 16);
+    for (i, pair) in q.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        let (k, valued) = pair
+            .split_once('=')
+            .map_or((pair, false), |(k, _)| (k, true));
+        let name = percent_decode_str(k).decode_utf8_lossy();
+        out.push_str(if holds_credential(&name) {
+            "<redacted>"
+        } else {
+            k
+        });
+        if valued {
+            out.push_str("=<redacted>");
+        }
+    }
+    out
 }
 
 #[cfg(test)]
