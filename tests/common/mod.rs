@@ -443,21 +443,29 @@ impl Sidecar {
     /// Send SIGTERM and wait for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "chaperone did not exit after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        sigterm_and_wait(&mut child, Duration::from_secs(20))
+            .expect("chaperone did not exit after SIGTERM")
+    }
+}
+
+/// Send `child` SIGTERM and wait up to `within` for it to exit: its status, or `None` if it
+/// is still running.
+fn sigterm_and_wait(
+    child: &mut std::process::Child,
+    within: Duration,
+) -> Option<std::process::ExitStatus> {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
         }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -1002,15 +1010,8 @@ impl Drop for Nginx {
     /// SIGTERM, nginx's fast shutdown: the master stops its workers, then exits. A SIGKILL
     /// to the master alone left each worker running, listening, under PID 1.
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if sigterm_and_wait(&mut self.child, Duration::from_secs(5)).is_some() {
+            return;
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
