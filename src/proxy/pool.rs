@@ -299,7 +299,7 @@ impl<C: Connect> Client<C> {
         if let Some(c) = self.shared.take(key) {
             return Ok(c);
         }
-        let mut connecting = self.connect(uri);
+        let mut connecting = self.connect(key, uri);
         loop {
             let returned = self.shared.returned.notified();
             tokio::pin!(returned);
@@ -333,14 +333,17 @@ impl<C: Connect> Client<C> {
     /// it or the pool speaks only HTTP/2 (then it is shared through the pool at once),
     /// HTTP/1.1 otherwise. Boxed: the request future stays small for the usual request,
     /// which finds an idle connection.
-    fn connect(&self, uri: &Uri) -> Pin<Box<dyn Future<Output = Result<Checked, Error>> + Send>> {
+    fn connect(
+        &self,
+        key: &str,
+        uri: &Uri,
+    ) -> Pin<Box<dyn Future<Output = Result<Checked, Error>> + Send>> {
         let connector = self.connector.clone();
         let (h1, h2) = (self.h1.clone(), self.h2.clone());
         let http2_only = self.http2_only;
         let shared = self.shared.clone();
-        let dst = uri.clone();
+        let (key, dst): (Box<str>, Uri) = (key.into(), uri.clone());
         Box::pin(async move {
-            let key = key_of(&dst)?;
             let io = tower::ServiceExt::oneshot(connector, dst)
                 .await
                 .map_err(Error::connect)?;
