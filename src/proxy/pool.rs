@@ -191,18 +191,13 @@ impl std::error::Error for Error {
     }
 }
 
-/// The key connections are pooled under: `scheme://authority`, as the connector's cap counts
-/// them.
+/// The key connections are pooled under, as the connector's cap counts them
+/// ([`crate::proxy::slots::key`]); the URL must name its scheme and host.
 fn key_of(uri: &Uri) -> Result<Box<str>, Error> {
-    let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+    if uri.scheme().is_none() || uri.authority().is_none() {
         return Err(Error::send("the upstream URL has no scheme or host"));
-    };
-    let authority = authority.as_str();
-    let mut key = String::with_capacity(scheme.len() + 3 + authority.len());
-    key.push_str(scheme);
-    key.push_str("://");
-    key.push_str(authority);
-    Ok(key.into_boxed_str())
+    }
+    Ok(crate::proxy::slots::key(uri))
 }
 
 impl<C: Connect> Client<C> {

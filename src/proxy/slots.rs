@@ -136,13 +136,16 @@ impl Drop for Slot {
     }
 }
 
-/// The key a URI's connections are counted under: what the pool keys them by.
-fn key(uri: &Uri) -> String {
-    format!(
-        "{}://{}",
-        uri.scheme_str().unwrap_or("http"),
-        uri.authority().map_or("", |a| a.as_str())
-    )
+/// The key a URI's connections are counted under, and pooled under
+/// ([`crate::proxy::pool`]): `scheme://authority`.
+pub(crate) fn key(uri: &Uri) -> Box<str> {
+    let scheme = uri.scheme_str().unwrap_or("http");
+    let authority = uri.authority().map_or("", |a| a.as_str());
+    let mut key = String::with_capacity(scheme.len() + 3 + authority.len());
+    key.push_str(scheme);
+    key.push_str("://");
+    key.push_str(authority);
+    key.into_boxed_str()
 }
 
 /// A connector whose connections each hold a slot of `slots` while open
