@@ -96,6 +96,19 @@ impl Counting {
     }
 }
 
+impl Counting {
+    /// The upstream read `requests` request heads, over at most `most` connections.
+    fn served_over_at_most(&self, requests: usize, most: usize, what: &str) {
+        assert_eq!(self.requests.load(Ordering::SeqCst), requests);
+        let accepted = self.accepted.load(Ordering::SeqCst);
+        eprintln!("{accepted} upstream connections for {requests} {what}");
+        assert!(
+            accepted <= most,
+            "{accepted} upstream connections for {requests} {what}"
+        );
+    }
+}
+
 /// An HTTP/2 connection with prior knowledge to the sidecar's proxy listener.
 async fn h2_client(sc: &Sidecar) -> SendRequest<Empty<Bytes>> {
     let tcp = tokio::net::TcpStream::connect(sc.proxy).await.unwrap();
@@ -158,13 +171,7 @@ async fn paced_stream_resets_do_not_cost_an_upstream_connection_each() {
         drop(response);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert_eq!(up.requests.load(Ordering::SeqCst), STREAMS);
-    let accepted = up.accepted.load(Ordering::SeqCst);
-    eprintln!("{accepted} upstream connections for {STREAMS} reset streams");
-    assert!(
-        accepted <= STREAMS / 5,
-        "{accepted} upstream connections for {STREAMS} reset streams"
-    );
+    up.served_over_at_most(STREAMS, STREAMS / 5, "reset streams");
 
     // The client's connection still serves.
     let answer = send.send_request(get(up.port, "after")).await.unwrap();
@@ -203,13 +210,7 @@ async fn stream_resets_after_the_response_head_do_not_cost_an_upstream_connectio
         drop(response);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert_eq!(up.requests.load(Ordering::SeqCst), STREAMS);
-    let accepted = up.accepted.load(Ordering::SeqCst);
-    eprintln!("{accepted} upstream connections for {STREAMS} streams reset after the head");
-    assert!(
-        accepted <= STREAMS / 4,
-        "{accepted} upstream connections for {STREAMS} streams reset after the head"
-    );
+    up.served_over_at_most(STREAMS, STREAMS / 4, "streams reset after the head");
     let lines = sc.log_lines(STREAMS);
     assert_eq!(lines.len(), STREAMS, "one line per stream");
 }
