@@ -253,6 +253,8 @@ for url in sys.argv[3:5]:
         lines.iter().all(|l| l["status"] == 200),
         "every line says 200"
     );
+    // The injected key, across every connection retired and made again.
+    sc.assert_never_shows(&[KEY]);
 }
 
 /// A 502 the upstream chose and a 502 Chaperone made are told apart: by the app (ours carry
