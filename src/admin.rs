@@ -9,7 +9,6 @@ use std::time::Duration;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -110,8 +109,8 @@ pub(crate) async fn serve(
                     async move { Ok::<_, Infallible>(r) }
                 });
                 tokio::spawn(async move {
-                    let _ = crate::proxy::http::builder(HEADER_READ)
-                        .serve_connection(TokioIo::new(stream), svc)
+                    let _ = crate::proxy::http::Server::new(HEADER_READ)
+                        .serve(stream, svc)
                         .await;
                 });
             }

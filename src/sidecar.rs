@@ -79,16 +79,17 @@ impl Running {
         {
             tracing::warn!("listeners did not stop in time");
         }
-        // Intercepted connections were told by the same signal; give them the same grace,
-        // and a moment more: upgraded (WebSocket) relays cut themselves at the grace period
-        // and write their own lines, with the bytes each way, if they get to.
+        // Every connection was told by the same signal, and finishes the requests it has in
+        // flight (`proxy::http::Connection::until_drained`); they get the grace period and a
+        // moment more: upgraded (WebSocket) relays cut themselves at the grace period and
+        // write their own lines, with the bytes each way, if they get to.
         if !self
             .drain
             .wait_idle(self.grace + Duration::from_millis(500))
             .await
         {
             tracing::warn!(
-                "intercepted connections still open at the shutdown deadline; closing them"
+                "in-flight requests still running at the shutdown deadline; closing them"
             );
         }
         // Whatever still runs now is cut by the deadline: its line says `shutdown`.
@@ -283,7 +284,6 @@ pub(crate) async fn start(cfg: Config) -> Result<Running, StartError> {
             per_worker.clone(),
             shutdown_rx.clone(),
             crate::proxy::listener::Serving {
-                grace: cfg.timeouts.shutdown_grace,
                 header_read: cfg.timeouts.header_read,
                 max_connections: cfg.max_connections,
             },

@@ -17,7 +17,6 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -422,8 +421,8 @@ pub(crate) async fn serve(
                 let cfg = cfg.clone();
                 async move { Ok::<_, std::convert::Infallible>(handle(&cfg, req).await) }
             });
-            let _ = crate::proxy::http::builder(HEADER_READ)
-                .serve_connection(TokioIo::new(tls), svc)
+            let _ = crate::proxy::http::Server::new(HEADER_READ)
+                .serve(tls, svc)
                 .await;
         });
     }

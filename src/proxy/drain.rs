@@ -1,6 +1,6 @@
-//! Shutdown draining for connections the listeners' graceful watcher does not see (those
-//! served inside intercepted CONNECT tunnels): they learn that shutdown began, stop taking
-//! new requests, and shutdown waits until they are done or the grace period ends.
+//! Shutdown draining for every client connection (on a listener, inside a CONNECT tunnel,
+//! upgraded to a WebSocket): they learn that shutdown began, stop taking new requests, and
+//! shutdown waits until they are done or the grace period ends.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -235,17 +235,8 @@ where
         let (p, c, o) = (proxy.clone(), conn.clone(), origin.clone());
         async move { Ok::<_, std::convert::Infallible>(p.serve(c, Some(o), req).await) }
     });
-    let builder = super::http::builder(header_read);
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    tokio::pin!(conn);
-    // On shutdown: finish the requests in flight, take no new ones.
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = drain.signalled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
+    let server = super::http::Server::new(header_read);
+    let result = server.serve(io, svc).until_drained(&drain).await;
     if let Err(e) = result {
         if let Some(h) = e.downcast_ref::<hyper::Error>() {
             logger.refused_by_parser(&caller, h);

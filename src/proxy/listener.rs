@@ -22,9 +22,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::watch;
 
@@ -94,8 +91,6 @@ pub(crate) fn bind_unix(path: &std::path::Path) -> std::io::Result<UnixListener>
 /// How a listener serves its connections.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Serving {
-    /// Drain deadline on shutdown.
-    pub(crate) grace: Duration,
     /// A client's first request head must arrive within this; an idle connection is closed
     /// after it.
     pub(crate) header_read: Duration,
@@ -107,7 +102,7 @@ pub(crate) struct Serving {
 struct Listening {
     identity: Arc<Identity>,
     callers: Option<Arc<[u32]>>,
-    builder: auto::Builder<TokioExecutor>,
+    server: super::http::Server,
     serving: Serving,
     /// Connections open on this listener, across its acceptors.
     open: Arc<AtomicUsize>,
@@ -141,7 +136,7 @@ pub(crate) async fn serve_proxy(
         stage: identity.stage.clone(),
     };
     let listening = Arc::new(Listening {
-        builder: super::http::builder(serving.header_read),
+        server: super::http::Server::new(serving.header_read),
         open_gauge: metrics.connections_open.get_or_create(&stage).clone(),
         refused: metrics.connections_refused.get_or_create(&stage).clone(),
         open: Arc::default(),
@@ -189,7 +184,6 @@ async fn accept_tcp(
             return;
         }
     };
-    let graceful = GracefulShutdown::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -206,19 +200,20 @@ async fn accept_tcp(
                     }
                     continue;
                 };
-                let (listening, proxy, watcher) = (listening.clone(), proxy.clone(), graceful.watcher());
+                let (listening, proxy) = (listening.clone(), proxy.clone());
                 tokio::spawn(async move {
                     let _held = held;
                     let _ = stream.set_nodelay(true);
                     let conn = tcp_conn(&listening, &stream, peer);
-                    serve_conn(stream, conn, proxy, &listening.builder, watcher).await;
+                    serve_conn(stream, conn, proxy, &listening.server).await;
                 });
             }
             _ = shutdown.changed() => break,
         }
     }
+    // Connections already accepted finish on their own: each saw the shutdown signal
+    // through the drain ([`super::http::Connection::until_drained`]).
     drop(listener);
-    drain(graceful, listening.serving.grace).await;
 }
 
 /// A Unix-socket listener's one acceptor: each connection goes to the next worker.
@@ -228,7 +223,6 @@ async fn accept_unix(
     workers: Arc<Vec<(tokio::runtime::Handle, Arc<Proxy>)>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let graceful = GracefulShutdown::new();
     let mut next = 0usize;
     loop {
         tokio::select! {
@@ -247,7 +241,7 @@ async fn accept_unix(
                 // The socket moves to the worker's event loop.
                 let (handle, proxy) = &workers[next % workers.len()];
                 next = next.wrapping_add(1);
-                let (listening, proxy, watcher) = (listening.clone(), proxy.clone(), graceful.watcher());
+                let (listening, proxy) = (listening.clone(), proxy.clone());
                 handle.spawn(async move {
                     let _held = held;
                     let Ok(stream) = UnixStream::from_std(stream) else { return };
@@ -264,7 +258,7 @@ async fn accept_unix(
                     // A local caller: policy sees the loopback address.
                     let local = SocketAddr::from(([127, 0, 0, 1], 0));
                     let conn = conn(listening.identity.clone(), local, label, attestation);
-                    serve_conn(stream, conn, proxy, &listening.builder, watcher).await;
+                    serve_conn(stream, conn, proxy, &listening.server).await;
                 });
             }
             _ = shutdown.changed() => break,
@@ -272,7 +266,6 @@ async fn accept_unix(
     }
     drop(listener);
     drop(workers);
-    drain(graceful, listening.serving.grace).await;
 }
 
 /// The caller of a TCP connection, attested once per connection when the listener admits
@@ -295,16 +288,6 @@ fn tcp_conn(listening: &Listening, stream: &TcpStream, peer: SocketAddr) -> Arc<
 async fn accept_failed(e: std::io::Error) {
     tracing::warn!(error = %e, "accept failed");
     tokio::time::sleep(Duration::from_millis(50)).await;
-}
-
-/// On shutdown: let the connections in flight finish, until the grace period ends.
-async fn drain(graceful: GracefulShutdown, grace: Duration) {
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(grace = ?grace, "in-flight requests still running at the shutdown deadline; closing them");
-    }
 }
 
 /// A connection counted open until it ends.
@@ -388,18 +371,13 @@ fn conn(
     })
 }
 
-async fn serve_conn<I>(
-    io: I,
-    conn: Arc<Conn>,
-    proxy: Arc<Proxy>,
-    builder: &auto::Builder<TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
-) where
+async fn serve_conn<I>(io: I, conn: Arc<Conn>, proxy: Arc<Proxy>, server: &super::http::Server)
+where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let label = conn.label.clone();
     let (io, heads) = super::framing::Watched::new(io);
-    let (logger, caller) = (proxy.pipeline.clone(), conn.clone());
+    let (logger, caller, drain) = (proxy.pipeline.clone(), conn.clone(), proxy.drain.clone());
     let header_read = proxy.pipeline.timeouts.header_read;
     let watched = heads.clone();
     let svc = service_fn(move |mut req| {
@@ -411,8 +389,8 @@ async fn serve_conn<I>(
             Ok::<_, Infallible>(p.serve(c, None, req).await)
         }
     });
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    match super::framing::serve_watched(watcher.watch(conn), &heads, header_read).await {
+    let conn = server.serve(io, svc).until_drained(&drain);
+    match super::framing::serve_watched(conn, &heads, header_read).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             // A request the parser refused never reached a stage; it gets its line here.
