@@ -461,13 +461,28 @@ impl PurposeLog {
         self.emit(rec);
     }
 
-    /// Write one record.
+    /// Write one record: serialized into this thread's line buffer (no allocation once it
+    /// has grown to a line's size), then appended to the pending output under the lock.
     pub(crate) fn emit(&self, rec: &Record) {
-        let mut line = match self.format {
-            LogFormat::Json => serde_json::to_vec(rec).unwrap_or_default(),
-            LogFormat::Pretty => rec.pretty().into_bytes(),
-        };
-        line.push(b'\n');
+        LINE.with_borrow_mut(|line| {
+            line.clear();
+            match self.format {
+                LogFormat::Json => {
+                    if serde_json::to_writer(&mut *line, rec).is_err() {
+                        line.clear();
+                    }
+                }
+                LogFormat::Pretty => line.extend_from_slice(rec.pretty().as_bytes()),
+            }
+            line.push(b'\n');
+            self.append(line);
+            if line.capacity() > LINE_KEEP_BYTES {
+                *line = Vec::with_capacity(LINE_START_BYTES);
+            }
+        });
+    }
+
+    fn append(&self, line: &[u8]) {
         let mut p = self.shared.pending.lock();
         if p.buf.len() + line.len() > MAX_PENDING_BYTES {
             drop(p);
@@ -475,13 +490,24 @@ impl PurposeLog {
             return;
         }
         let was_small = p.buf.len() < WAKE_AT_BYTES;
-        p.buf.extend_from_slice(&line);
+        p.buf.extend_from_slice(line);
         let wake = was_small && p.buf.len() >= WAKE_AT_BYTES;
         drop(p);
         if wake {
             self.shared.wake.notify_one();
         }
     }
+}
+
+/// A line's buffer starts at this size (a typical line is 600-900 bytes)...
+const LINE_START_BYTES: usize = 2048;
+/// ...and is let go after a line larger than this (a long path or reason), rather than kept.
+const LINE_KEEP_BYTES: usize = 16 * 1024;
+
+thread_local! {
+    /// Each thread's line buffer, reused line after line.
+    static LINE: std::cell::RefCell<Vec<u8>> =
+        std::cell::RefCell::new(Vec::with_capacity(LINE_START_BYTES));
 }
 
 /// Milliseconds with microsecond precision, for the log.
