@@ -236,7 +236,9 @@ where
         async move { Ok::<_, std::convert::Infallible>(p.serve(c, Some(o), req).await) }
     });
     let server = super::http::Server::new(header_read);
-    let result = server.serve(io, svc).until_drained(&drain).await;
+    // Boxed, as on the listener: awaited by value, the connection's state is copied into
+    // each future on the way (`proxy::listener::serve_conn`).
+    let result = Box::pin(server.serve(io, svc).until_drained(&drain)).await;
     if let Err(e) = result {
         if let Some(h) = e.downcast_ref::<hyper::Error>() {
             logger.refused_by_parser(&caller, h);

@@ -389,7 +389,9 @@ where
             Ok::<_, Infallible>(p.serve(c, None, req).await)
         }
     });
-    let conn = server.serve(io, svc).until_drained(&drain);
+    // Boxed once here: passed down by value, the connection's state would be copied into
+    // each future that awaits it, and an idle connection's task carried every copy.
+    let conn = Box::pin(server.serve(io, svc).until_drained(&drain));
     match super::framing::serve_watched(conn, &heads, header_read).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
