@@ -21,6 +21,13 @@
 //! - HTTP/1.1 requests carry `Host` and go in origin form, or in absolute form to an upstream
 //!   proxy ([`crate::egress`]); HTTP/2 requests carry `:authority` from the URL.
 //! - An idle connection is closed after [`IDLE_TIMEOUT`].
+//! - While a connection to an HTTP/2 upstream is being made, the requests that find no
+//!   connection wait for it rather than each open their own, as the legacy client's
+//!   "connecting" lock had them do. An upstream is known to speak HTTP/2 once ALPN chose it
+//!   (kept while the pool has a connection to it), or from the start in an HTTP/2-only pool.
+//!   A request waits for one such connect at most: when it fails, the request connects
+//!   itself, so an upstream that stopped answering costs it one connect timeout, not one per
+//!   request queued before it.
 //!
 //! And one thing it did not do: an HTTP/1.1 response body dropped before its end, with a
 //! short rest, is read to its end in the background so its connection serves again
@@ -31,7 +38,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -115,6 +122,8 @@ struct Shared {
     reaping: AtomicBool,
     /// Dropped bodies being read to their end.
     draining: AtomicUsize,
+    /// Connects to HTTP/2 upstreams started so far, to tell them apart.
+    attempts: AtomicU64,
 }
 
 /// The connections to one upstream not in use.
@@ -124,6 +133,53 @@ struct Idle {
     http1: Vec<Parked>,
     /// The HTTP/2 connection, shared, and when a request last took it.
     http2: Option<(http2::SendRequest<ProxyBody>, Instant)>,
+    /// ALPN chose HTTP/2 for a connection to this upstream.
+    speaks_h2: bool,
+    /// The connect to this HTTP/2 upstream under way, which requests wait for.
+    connecting_h2: Option<u64>,
+}
+
+impl Idle {
+    /// Nothing to keep: no connection, no connect under way, nothing learned.
+    fn is_empty(&self) -> bool {
+        self.http1.is_empty()
+            && self.http2.is_none()
+            && self.connecting_h2.is_none()
+            && !self.speaks_h2
+    }
+}
+
+/// What a request that found no idle connection does.
+enum Begin {
+    /// Connect, holding the HTTP/2 attempt others may wait for, if the upstream speaks it.
+    Connect(Option<Attempt>),
+    /// Wait for this HTTP/2 attempt.
+    Wait(u64),
+}
+
+/// A connect to an HTTP/2 upstream under way. When it ends, however it ends (the connection
+/// shared, an error, the request gone), the requests waiting for it are woken.
+struct Attempt {
+    shared: Arc<Shared>,
+    key: Box<str>,
+    id: u64,
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        {
+            let mut idle = self.shared.idle.lock();
+            if let Some(e) = idle.get_mut(&*self.key) {
+                if e.connecting_h2 == Some(self.id) {
+                    e.connecting_h2 = None;
+                }
+                if e.is_empty() {
+                    idle.remove(&*self.key);
+                }
+            }
+        }
+        self.shared.returned.notify_waiters();
+    }
 }
 
 /// An idle HTTP/1.1 connection.
@@ -220,6 +276,7 @@ impl<C: Connect> Client<C> {
                 idle_timeout,
                 reaping: AtomicBool::new(false),
                 draining: AtomicUsize::new(0),
+                attempts: AtomicU64::new(0),
             }),
         }
     }
@@ -294,7 +351,21 @@ impl<C: Connect> Client<C> {
         if let Some(c) = self.shared.take(key) {
             return Ok(c);
         }
-        let mut connecting = self.connect(key, uri);
+        let mut waited_on = None;
+        let attempt = loop {
+            let returned = self.shared.returned.notified();
+            tokio::pin!(returned);
+            returned.as_mut().enable();
+            match self.shared.begin(key, self.http2_only, waited_on) {
+                Begin::Connect(attempt) => break attempt,
+                Begin::Wait(id) => waited_on = Some(id),
+            }
+            returned.await;
+            if let Some(c) = self.shared.take(key) {
+                return Ok(c);
+            }
+        };
+        let mut connecting = self.connect(key, uri, attempt);
         loop {
             let returned = self.shared.returned.notified();
             tokio::pin!(returned);
@@ -327,11 +398,13 @@ impl<C: Connect> Client<C> {
     /// Connect to `uri`'s upstream and hand the connection to hyper: HTTP/2 when ALPN chose
     /// it or the pool speaks only HTTP/2 (then it is shared through the pool at once),
     /// HTTP/1.1 otherwise. Boxed: the request future stays small for the usual request,
-    /// which finds an idle connection.
+    /// which finds an idle connection. `attempt` is held until the connection is shared or
+    /// the connect failed.
     fn connect(
         &self,
         key: &str,
         uri: &Uri,
+        attempt: Option<Attempt>,
     ) -> Pin<Box<dyn Future<Output = Result<Checked, Error>> + Send>> {
         let connector = self.connector.clone();
         let (h1, h2) = (self.h1.clone(), self.h2.clone());
@@ -339,6 +412,7 @@ impl<C: Connect> Client<C> {
         let shared = self.shared.clone();
         let (key, dst): (Box<str>, Uri) = (key.into(), uri.clone());
         Box::pin(async move {
+            let _attempt = attempt;
             let io = tower::ServiceExt::oneshot(connector, dst)
                 .await
                 .map_err(Error::connect)?;
@@ -443,10 +517,34 @@ impl Shared {
                 break;
             }
         }
-        if entry.http1.is_empty() && entry.http2.is_none() {
+        if entry.is_empty() {
             idle.remove(key);
         }
         found
+    }
+
+    /// A request found no idle connection to `key`: whether it connects, or waits for the
+    /// HTTP/2 connect under way (having waited for `waited_on` already, it waits for no
+    /// other).
+    fn begin(self: &Arc<Self>, key: &str, http2_only: bool, waited_on: Option<u64>) -> Begin {
+        let mut idle = self.idle.lock();
+        let entry = match idle.get_mut(key) {
+            Some(e) if e.speaks_h2 || http2_only => e,
+            None if http2_only => idle.entry(key.into()).or_default(),
+            _ => return Begin::Connect(None),
+        };
+        if let Some(id) = entry.connecting_h2
+            && waited_on.is_none_or(|w| w == id)
+        {
+            return Begin::Wait(id);
+        }
+        let id = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
+        entry.connecting_h2 = Some(id);
+        Begin::Connect(Some(Attempt {
+            shared: self.clone(),
+            key: key.into(),
+            id,
+        }))
     }
 
     /// Share a new HTTP/2 connection to `key`, unless one that is open already is.
@@ -454,6 +552,7 @@ impl Shared {
         {
             let mut idle = self.idle.lock();
             let entry = idle.entry(key).or_default();
+            entry.speaks_h2 = true;
             match &entry.http2 {
                 Some((open, _)) if !open.is_closed() => return,
                 _ => entry.http2 = Some((tx, Instant::now())),
@@ -511,7 +610,8 @@ impl Shared {
             {
                 e.http2 = None;
             }
-            !e.http1.is_empty() || e.http2.is_some()
+            // What was learned of an upstream goes with its last connection.
+            !e.http1.is_empty() || e.http2.is_some() || e.connecting_h2.is_some()
         });
     }
 
@@ -1014,6 +1114,168 @@ mod tests {
             "the late connection stays open"
         );
         assert_eq!(client.shared.idle(&up.key()), (2, false));
+    }
+
+    /// A connection that says ALPN chose HTTP/2 (an h2c upstream stands in for TLS).
+    struct SaysH2(TokioIo<tokio::net::TcpStream>);
+
+    impl Connection for SaysH2 {
+        fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+            self.0.connected().negotiated_h2()
+        }
+    }
+
+    impl hyper::rt::Read for SaysH2 {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: hyper::rt::ReadBufCursor<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+        }
+    }
+
+    impl hyper::rt::Write for SaysH2 {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+        }
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.get_mut().0).poll_flush(cx)
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+        }
+    }
+
+    /// Connects as ALPN would to an HTTP/2 upstream; its first connect fails after `fail_first`
+    /// when set. Counts its connects.
+    #[derive(Clone)]
+    struct AlpnH2 {
+        http: HttpConnector,
+        made: Arc<AtomicUsize>,
+        fail_first: Option<Duration>,
+    }
+
+    impl AlpnH2 {
+        fn new(fail_first: Option<Duration>) -> Self {
+            AlpnH2 {
+                http: HttpConnector::new(),
+                made: Arc::default(),
+                fail_first,
+            }
+        }
+    }
+
+    impl tower::Service<Uri> for AlpnH2 {
+        type Response = SaysH2;
+        type Error = BoxError;
+        type Future = Pin<Box<dyn Future<Output = Result<SaysH2, BoxError>> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, uri: Uri) -> Self::Future {
+            let first = self.made.fetch_add(1, Ordering::SeqCst) == 0;
+            let fail = self.fail_first.filter(|_| first);
+            let connecting = self.http.call(uri);
+            Box::pin(async move {
+                if let Some(after) = fail {
+                    tokio::time::sleep(after).await;
+                    return Err("refused, as the test has it".into());
+                }
+                connecting.await.map(SaysH2).map_err(Into::into)
+            })
+        }
+    }
+
+    async fn at_once<C: Connect>(client: &Client<C>, up: &Upstream, n: usize) -> Vec<String> {
+        let calls: Vec<_> = (0..n)
+            .map(|i| {
+                let (client, uri) = (client.clone(), up.url(&format!("/b{i}")));
+                tokio::spawn(async move {
+                    let resp = client.request(get(uri), |_| {}).await?;
+                    let body = resp.into_body().collect().await.unwrap().to_bytes();
+                    Ok::<_, Error>(String::from_utf8(body.to_vec()).unwrap())
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for c in calls {
+            out.push(match c.await.unwrap() {
+                Ok(body) => body,
+                Err(e) => format!("error: {e}"),
+            });
+        }
+        out
+    }
+
+    /// In an HTTP/2-only pool, the first requests, all at once, share the one connection the
+    /// first of them makes.
+    #[tokio::test]
+    async fn first_http2_requests_at_once_share_one_new_connection() {
+        let up = Upstream::start(Duration::from_millis(50), true).await;
+        let client = Client::new(HttpConnector::new(), true);
+        let bodies = at_once(&client, &up, 8).await;
+        assert!(
+            bodies.iter().all(|b| b.starts_with("true http")),
+            "{bodies:?}"
+        );
+        assert_eq!(up.accepted(), 1);
+    }
+
+    /// An upstream ALPN chose HTTP/2 for is remembered: when its connection is gone, the
+    /// requests at once that find none share the next one.
+    #[tokio::test]
+    async fn an_upstream_known_to_speak_http2_is_reconnected_once_for_requests_at_once() {
+        let up = Upstream::start(Duration::from_millis(50), true).await;
+        let client = Client::new(AlpnH2::new(None), false);
+        assert!(call(&client, up.url("/learn")).await.starts_with("true"));
+        assert_eq!(up.accepted(), 1);
+        // The connection goes (as on the upstream's GOAWAY), the knowledge stays.
+        let gone = client
+            .shared
+            .idle
+            .lock()
+            .get_mut(&*up.key())
+            .unwrap()
+            .http2
+            .take();
+        drop(gone);
+        let bodies = at_once(&client, &up, 8).await;
+        assert!(
+            bodies.iter().all(|b| b.starts_with("true http")),
+            "{bodies:?}"
+        );
+        assert_eq!(up.accepted(), 2, "one new connection for the eight");
+    }
+
+    /// Requests that waited for an HTTP/2 connect that failed connect themselves, at once,
+    /// rather than wait for each other's.
+    #[tokio::test]
+    async fn requests_waiting_for_a_failed_http2_connect_connect_themselves() {
+        let up = Upstream::start(Duration::from_millis(50), true).await;
+        let client = Client::new(AlpnH2::new(Some(Duration::from_millis(100))), true);
+        let bodies = at_once(&client, &up, 4).await;
+        let failed = bodies.iter().filter(|b| b.starts_with("error")).count();
+        assert_eq!(
+            failed, 1,
+            "only the request whose connect failed: {bodies:?}"
+        );
+        assert!(up.accepted() >= 1);
+        // Afterwards one shared connection serves again.
+        let before = up.accepted();
+        assert!(
+            at_once(&client, &up, 4)
+                .await
+                .iter()
+                .all(|b| b.starts_with("true"))
+        );
+        assert_eq!(up.accepted(), before);
     }
 
     /// An HTTP/2-only pool shares one connection among requests at once, and sends the URL
