@@ -115,16 +115,33 @@ where
     H2(Pin<Box<http2::Connection<Io<I>, S, TokioExecutor>>>),
 }
 
-impl<I, S, B> Connection<'_, I, S>
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: HttpService<Incoming, ResBody = B> + Unpin,
-    S::Error: Into<Error>,
-    S::Future: Send + 'static,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Error>,
+/// A client connection's stream, as the server takes it.
+pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
+
+/// What serves a connection's requests, as hyper's HTTP/1.1 and HTTP/2 servers both take it.
+pub(crate) trait Service:
+    HttpService<
+        Incoming,
+        ResBody: Body<Data: Send, Error: Into<Error>> + Send + 'static,
+        Error: Into<Error>,
+        Future: Send + 'static,
+    > + Unpin
 {
+}
+
+impl<S> Service for S where
+    S: HttpService<
+            Incoming,
+            ResBody: Body<Data: Send, Error: Into<Error>> + Send + 'static,
+            Error: Into<Error>,
+            Future: Send + 'static,
+        > + Unpin
+{
+}
+
+impl<I: Stream, S: Service> Connection<'_, I, S> {
     /// Stop taking requests: finish those in flight, then close.
     pub(crate) fn graceful_shutdown(&mut self) {
         match &mut self.state {
@@ -148,16 +165,7 @@ where
     }
 }
 
-impl<I, S, B> Future for Connection<'_, I, S>
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: HttpService<Incoming, ResBody = B> + Unpin,
-    S::Error: Into<Error>,
-    S::Future: Send + 'static,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Error>,
-{
+impl<I: Stream, S: Service> Future for Connection<'_, I, S> {
     type Output = Result<(), Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
