@@ -165,6 +165,16 @@ struct Attempt {
     id: u64,
 }
 
+impl Attempt {
+    /// ALPN chose HTTP/1.1 this time: the upstream is no longer taken to speak HTTP/2, and
+    /// requests stop waiting for its connects.
+    fn spoke_http1(&self) {
+        if let Some(e) = self.shared.idle.lock().get_mut(&*self.key) {
+            e.speaks_h2 = false;
+        }
+    }
+}
+
 impl Drop for Attempt {
     fn drop(&mut self) {
         {
@@ -412,7 +422,7 @@ impl<C: Connect> Client<C> {
         let shared = self.shared.clone();
         let (key, dst): (Box<str>, Uri) = (key.into(), uri.clone());
         Box::pin(async move {
-            let _attempt = attempt;
+            let attempt = attempt;
             let io = tower::ServiceExt::oneshot(connector, dst)
                 .await
                 .map_err(Error::connect)?;
@@ -433,6 +443,9 @@ impl<C: Connect> Client<C> {
                     reused: false,
                 })
             } else {
+                if let Some(a) = &attempt {
+                    a.spoke_http1();
+                }
                 let (mut tx, conn) = h1.handshake(io).await.map_err(Error::send)?;
                 tokio::spawn(async move {
                     if let Err(e) = conn.with_upgrades().await {
@@ -858,7 +871,8 @@ mod tests {
     use hyper_util::rt::TokioIo;
 
     /// An upstream on 127.0.0.1 answering every request `delay` after its head, over
-    /// HTTP/1.1 or (h2c) HTTP/2; it counts the connections it accepted and has open.
+    /// HTTP/1.1, or with `http2` over HTTP/2 (h2c) and HTTP/1.1 both, as the first bytes say;
+    /// it counts the connections it accepted and has open.
     struct Upstream {
         port: u16,
         accepted: Arc<AtomicUsize>,
@@ -894,16 +908,14 @@ mod tests {
                                     Bytes::from(body),
                                 )))
                             });
-                        let io = TokioIo::new(sock);
-                        let _ = if http2 {
-                            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                                .serve_connection(io, svc)
-                                .await
+                        if http2 {
+                            let server = crate::proxy::http::Server::new(Duration::from_secs(30));
+                            let _ = server.serve(sock, svc).await;
                         } else {
-                            hyper::server::conn::http1::Builder::new()
-                                .serve_connection(io, svc)
-                                .await
-                        };
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(TokioIo::new(sock), svc)
+                                .await;
+                        }
                         o.fetch_sub(1, Ordering::SeqCst);
                     });
                 }
@@ -1116,12 +1128,13 @@ mod tests {
         assert_eq!(client.shared.idle(&up.key()), (2, false));
     }
 
-    /// A connection that says ALPN chose HTTP/2 (an h2c upstream stands in for TLS).
-    struct SaysH2(TokioIo<tokio::net::TcpStream>);
+    /// A connection that says whether ALPN chose HTTP/2 (an h2c upstream stands in for TLS).
+    struct SaysH2(TokioIo<tokio::net::TcpStream>, bool);
 
     impl Connection for SaysH2 {
         fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
-            self.0.connected().negotiated_h2()
+            let c = self.0.connected();
+            if self.1 { c.negotiated_h2() } else { c }
         }
     }
 
@@ -1151,13 +1164,14 @@ mod tests {
         }
     }
 
-    /// Connects as ALPN would to an HTTP/2 upstream; its first connect fails after `fail_first`
-    /// when set. Counts its connects.
+    /// Connects as ALPN would to an HTTP/2 upstream (HTTP/1.1 once `h2` is cleared); its
+    /// first connect fails after `fail_first` when set. Counts its connects.
     #[derive(Clone)]
     struct AlpnH2 {
         http: HttpConnector,
         made: Arc<AtomicUsize>,
         fail_first: Option<Duration>,
+        h2: Arc<AtomicBool>,
     }
 
     impl AlpnH2 {
@@ -1166,6 +1180,7 @@ mod tests {
                 http: HttpConnector::new(),
                 made: Arc::default(),
                 fail_first,
+                h2: Arc::new(AtomicBool::new(true)),
             }
         }
     }
@@ -1183,12 +1198,14 @@ mod tests {
             let first = self.made.fetch_add(1, Ordering::SeqCst) == 0;
             let fail = self.fail_first.filter(|_| first);
             let connecting = self.http.call(uri);
+            let h2 = self.h2.load(Ordering::SeqCst);
             Box::pin(async move {
                 if let Some(after) = fail {
                     tokio::time::sleep(after).await;
                     return Err("refused, as the test has it".into());
                 }
-                connecting.await.map(SaysH2).map_err(Into::into)
+                let io = connecting.await?;
+                Ok(SaysH2(io, h2))
             })
         }
     }
@@ -1252,6 +1269,38 @@ mod tests {
             "{bodies:?}"
         );
         assert_eq!(up.accepted(), 2, "one new connection for the eight");
+    }
+
+    /// An upstream whose ALPN answer turned to HTTP/1.1 is no longer taken to speak HTTP/2:
+    /// requests stop waiting for its connects.
+    #[tokio::test]
+    async fn an_upstream_that_turns_to_http1_is_no_longer_taken_for_http2() {
+        let up = Upstream::start(Duration::from_millis(50), true).await;
+        let alpn = AlpnH2::new(None);
+        let client = Client::new(alpn.clone(), false);
+        assert!(call(&client, up.url("/learn")).await.starts_with("true"));
+        let known = |c: &Client<AlpnH2>| {
+            c.shared
+                .idle
+                .lock()
+                .get(&*up.key())
+                .is_some_and(|e| e.speaks_h2)
+        };
+        assert!(known(&client));
+        drop(
+            client
+                .shared
+                .idle
+                .lock()
+                .get_mut(&*up.key())
+                .unwrap()
+                .http2
+                .take(),
+        );
+        alpn.h2.store(false, Ordering::SeqCst);
+        let bodies = at_once(&client, &up, 4).await;
+        assert!(bodies.iter().all(|b| b.starts_with("false")), "{bodies:?}");
+        assert!(!known(&client), "HTTP/1.1 now");
     }
 
     /// Requests that waited for an HTTP/2 connect that failed connect themselves, at once,
