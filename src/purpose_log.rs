@@ -464,7 +464,7 @@ impl PurposeLog {
     /// Write one record: serialized into this thread's line buffer (no allocation once it
     /// has grown to a line's size), then appended to the pending output under the lock.
     pub(crate) fn emit(&self, rec: &Record) {
-        LINE.with_borrow_mut(|line| {
+        let write = |line: &mut Vec<u8>| {
             line.clear();
             match self.format {
                 LogFormat::Json => {
@@ -476,10 +476,22 @@ impl PurposeLog {
             }
             line.push(b'\n');
             self.append(line);
+        };
+        let reused = LINE.try_with(|cell| {
+            let Ok(mut line) = cell.try_borrow_mut() else {
+                return false;
+            };
+            write(&mut line);
             if line.capacity() > LINE_KEEP_BYTES {
                 *line = Vec::with_capacity(LINE_START_BYTES);
             }
+            true
         });
+        // A line written as the thread's locals are torn down (a request dropped with its
+        // runtime at exit) gets a buffer of its own: every request keeps its line.
+        if reused != Ok(true) {
+            write(&mut Vec::with_capacity(LINE_START_BYTES));
+        }
     }
 
     fn append(&self, line: &[u8]) {
@@ -627,6 +639,34 @@ fn writer(shared: &Shared, sink: Box<dyn Write + Send>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The reused buffer is a speed-up only: a line written when it cannot be had (taken,
+    /// or torn down at thread exit) is written all the same, whole.
+    #[test]
+    fn a_line_is_written_whole_when_the_threads_buffer_cannot_be_had() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("purpose.jsonl");
+        let (log, writer) = PurposeLog::start(
+            LogFormat::Json,
+            &LogOutput::File(path.clone()),
+            Arc::new(Metrics::default()),
+        )
+        .unwrap();
+        let mut r = Record::new(SystemTime::now());
+        r.request_id = "held-buffer".into();
+        LINE.with_borrow_mut(|_held| log.emit(&r));
+        r.request_id = "free-buffer".into();
+        log.emit(&r);
+        writer.finish();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let ids: Vec<String> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["request_id"].to_string()
+            })
+            .collect();
+        assert_eq!(ids, [r#""held-buffer""#, r#""free-buffer""#]);
+    }
 
     #[test]
     fn a_pretty_line_stays_one_line_whatever_it_relays() {
