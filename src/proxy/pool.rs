@@ -628,6 +628,14 @@ impl Shared {
         });
     }
 
+    /// Let the shared HTTP/2 connection to `key` go, as when the upstream ends it, keeping
+    /// what was learned of the upstream (for tests).
+    #[cfg(test)]
+    fn close_http2(&self, key: &str) {
+        let gone = self.idle.lock().get_mut(key).and_then(|e| e.http2.take());
+        assert!(gone.is_some(), "an HTTP/2 connection to close");
+    }
+
     /// Idle connections to `key` (for tests).
     #[cfg(test)]
     fn idle(&self, key: &str) -> (usize, bool) {
@@ -1254,15 +1262,7 @@ mod tests {
         assert!(call(&client, up.url("/learn")).await.starts_with("true"));
         assert_eq!(up.accepted(), 1);
         // The connection goes (as on the upstream's GOAWAY), the knowledge stays.
-        let gone = client
-            .shared
-            .idle
-            .lock()
-            .get_mut(&*up.key())
-            .unwrap()
-            .http2
-            .take();
-        drop(gone);
+        client.shared.close_http2(&up.key());
         let bodies = at_once(&client, &up, 8).await;
         assert!(
             bodies.iter().all(|b| b.starts_with("true http")),
@@ -1287,16 +1287,7 @@ mod tests {
                 .is_some_and(|e| e.speaks_h2)
         };
         assert!(known(&client));
-        drop(
-            client
-                .shared
-                .idle
-                .lock()
-                .get_mut(&*up.key())
-                .unwrap()
-                .http2
-                .take(),
-        );
+        client.shared.close_http2(&up.key());
         alpn.h2.store(false, Ordering::SeqCst);
         let bodies = at_once(&client, &up, 4).await;
         assert!(bodies.iter().all(|b| b.starts_with("false")), "{bodies:?}");
