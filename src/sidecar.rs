@@ -270,6 +270,7 @@ pub(crate) async fn start(cfg: Config) -> Result<Running, StartError> {
                     pipeline: Arc::new(pipeline.for_worker()),
                     interceptor: intercept.clone(),
                     drain: drain.clone(),
+                    server: crate::proxy::http::Server::new(cfg.timeouts.header_read),
                 };
                 (h.clone(), Arc::new(proxy))
             })
@@ -284,7 +285,6 @@ pub(crate) async fn start(cfg: Config) -> Result<Running, StartError> {
             per_worker.clone(),
             shutdown_rx.clone(),
             crate::proxy::listener::Serving {
-                header_read: cfg.timeouts.header_read,
                 max_connections: cfg.max_connections,
             },
         )));

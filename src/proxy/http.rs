@@ -41,6 +41,7 @@ pub(crate) type Error = Box<dyn StdError + Send + Sync>;
 /// An HTTP/1.1 and HTTP/2 server with Chaperone's limits: a request head of at most
 /// [`MAX_HEAD_BYTES`], read within `header_read` (also how long an idle keep-alive connection
 /// is kept), and keep-alive on.
+#[derive(Debug)]
 pub(crate) struct Server {
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,

@@ -221,8 +221,7 @@ async fn serve_http<I>(
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let drain = proxy.drain.clone();
-    let header_read = proxy.pipeline.timeouts.header_read;
+    let worker = proxy.clone();
     let served = Arc::new(AtomicU64::new(0));
     let conn_client = conn.client;
     let counter = served.clone();
@@ -235,10 +234,9 @@ where
         let (p, c, o) = (proxy.clone(), conn.clone(), origin.clone());
         async move { Ok::<_, std::convert::Infallible>(p.serve(c, Some(o), req).await) }
     });
-    let server = super::http::Server::new(header_read);
     // Boxed, as on the listener: awaited by value, the connection's state is copied into
     // each future on the way (`proxy::listener::serve_conn`).
-    let result = Box::pin(server.serve(io, svc).until_drained(&drain)).await;
+    let result = Box::pin(worker.server.serve(io, svc).until_drained(&worker.drain)).await;
     if let Err(e) = result {
         if let Some(h) = e.downcast_ref::<hyper::Error>() {
             logger.refused_by_parser(&caller, h);

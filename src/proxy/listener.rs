@@ -91,9 +91,6 @@ pub(crate) fn bind_unix(path: &std::path::Path) -> std::io::Result<UnixListener>
 /// How a listener serves its connections.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Serving {
-    /// A client's first request head must arrive within this; an idle connection is closed
-    /// after it.
-    pub(crate) header_read: Duration,
     /// Connections open at most.
     pub(crate) max_connections: usize,
 }
@@ -102,7 +99,6 @@ pub(crate) struct Serving {
 struct Listening {
     identity: Arc<Identity>,
     callers: Option<Arc<[u32]>>,
-    server: super::http::Server,
     serving: Serving,
     /// Connections open on this listener, across its acceptors.
     open: Arc<AtomicUsize>,
@@ -136,7 +132,6 @@ pub(crate) async fn serve_proxy(
         stage: identity.stage.clone(),
     };
     let listening = Arc::new(Listening {
-        server: super::http::Server::new(serving.header_read),
         open_gauge: metrics.connections_open.get_or_create(&stage).clone(),
         refused: metrics.connections_refused.get_or_create(&stage).clone(),
         open: Arc::default(),
@@ -205,7 +200,7 @@ async fn accept_tcp(
                     let _held = held;
                     let _ = stream.set_nodelay(true);
                     let conn = tcp_conn(&listening, &stream, peer);
-                    serve_conn(stream, conn, proxy, &listening.server).await;
+                    serve_conn(stream, conn, proxy).await;
                 });
             }
             _ = shutdown.changed() => break,
@@ -258,7 +253,7 @@ async fn accept_unix(
                     // A local caller: policy sees the loopback address.
                     let local = SocketAddr::from(([127, 0, 0, 1], 0));
                     let conn = conn(listening.identity.clone(), local, label, attestation);
-                    serve_conn(stream, conn, proxy, &listening.server).await;
+                    serve_conn(stream, conn, proxy).await;
                 });
             }
             _ = shutdown.changed() => break,
@@ -371,13 +366,13 @@ fn conn(
     })
 }
 
-async fn serve_conn<I>(io: I, conn: Arc<Conn>, proxy: Arc<Proxy>, server: &super::http::Server)
+async fn serve_conn<I>(io: I, conn: Arc<Conn>, proxy: Arc<Proxy>)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let label = conn.label.clone();
     let (io, heads) = super::framing::Watched::new(io);
-    let (logger, caller, drain) = (proxy.pipeline.clone(), conn.clone(), proxy.drain.clone());
+    let (logger, caller, worker) = (proxy.pipeline.clone(), conn.clone(), proxy.clone());
     let header_read = proxy.pipeline.timeouts.header_read;
     let watched = heads.clone();
     let svc = service_fn(move |mut req| {
@@ -391,7 +386,7 @@ where
     });
     // Boxed once here: passed down by value, the connection's state would be copied into
     // each future that awaits it, and an idle connection's task carried every copy.
-    let conn = Box::pin(server.serve(io, svc).until_drained(&drain));
+    let conn = Box::pin(worker.server.serve(io, svc).until_drained(&worker.drain));
     match super::framing::serve_watched(conn, &heads, header_read).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {

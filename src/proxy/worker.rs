@@ -25,8 +25,11 @@ pub(crate) struct Proxy {
     pub(crate) pipeline: Arc<Pipeline>,
     /// TLS interception, when a local CA is configured.
     pub(crate) interceptor: Option<Arc<intercept::Interceptor>>,
-    /// Shutdown draining for intercepted connections.
+    /// Shutdown draining for every client connection.
     pub(crate) drain: Arc<drain::Drain>,
+    /// The HTTP server this worker's client connections are served with, on the listeners
+    /// and inside intercepted tunnels alike.
+    pub(crate) server: super::http::Server,
 }
 
 impl Proxy {
@@ -41,8 +44,9 @@ impl Proxy {
     /// hyper keeps a connection's in-flight slot, sized for the service's future, for as long
     /// as the connection lives, so an idle keep-alive connection that had served one request
     /// held the whole pipeline's future: ~24 KB while a token fetch was inline in it, ~8 KB
-    /// since that is boxed on a miss. Boxed here, an idle connection holds ~20 KB in all, not
-    /// ~28 KB, for one allocation per request (`benches/idle-conns.sh`, BENCHMARKS.md).
+    /// since that is boxed on a miss. Boxed here, an idle connection held ~20 KB in all, not
+    /// ~28 KB, for one allocation per request (17 KB since `super::http` reads the version
+    /// itself; `benches/idle-conns.sh`, BENCHMARKS.md).
     pub(crate) fn serve(
         self: Arc<Self>,
         conn: Arc<Conn>,
